@@ -1,0 +1,282 @@
+"""The one place that decides which implementation of an op runs.
+
+Each op registers its implementations (``triton``, ``cuda``, ``eager``) in priority order. An
+implementation declares the devices it runs on and a ``check`` that answers an input with a list
+of plain-language reasons it cannot take it. ``call`` runs the first implementation with no
+reasons (eager last), records the choice for :func:`record_dispatch`, and warns once per
+(op, reasons) when a CUDA input falls back from a kernel to eager. ``use_backend`` (or the
+environment variable ``D2V_KERNELS_BACKEND``) forces a backend and raises with the reasons when
+it cannot take the input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import threading
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+BACKENDS = ("triton", "cuda", "eager")
+ENV_BACKEND = "D2V_KERNELS_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """A forced backend cannot take the input; the message lists every reason."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    """One way to run an op.
+
+    ``run(*args, **kwargs)`` computes the op; ``check(*args, **kwargs)`` returns the reasons it
+    cannot (empty when it can). ``devices`` are the torch device types it runs on natively.
+    """
+
+    op: str
+    backend: str
+    run: Callable
+    check: Callable[..., list[str]]
+    devices: tuple[str, ...]
+    available: Callable[[], list[str]] = lambda: []
+    description: str = ""
+
+
+_REGISTRY: dict[str, list[Implementation]] = {}
+_PRIORITY = {"cuda": 0, "triton": 1, "eager": 2}
+
+
+def register(
+    op: str,
+    backend: str,
+    run: Callable,
+    check: Callable[..., list[str]] | None = None,
+    *,
+    devices: Sequence[str] = ("cuda",),
+    available: Callable[[], list[str]] | None = None,
+    description: str = "",
+) -> Implementation:
+    """Register an implementation of ``op``; kernels before eager, cuda before triton."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    impl = Implementation(
+        op=op,
+        backend=backend,
+        run=run,
+        check=check or (lambda *a, **k: []),
+        devices=tuple(devices),
+        available=available or (lambda: []),
+        description=description,
+    )
+    impls = [i for i in _REGISTRY.get(op, []) if i.backend != backend]
+    impls.append(impl)
+    impls.sort(key=lambda i: _PRIORITY[i.backend])
+    _REGISTRY[op] = impls
+    return impl
+
+
+def implementations(op: str) -> list[Implementation]:
+    """The registered implementations of ``op`` in dispatch order."""
+    _ensure_ops_loaded()
+    if op not in _REGISTRY:
+        raise KeyError(f"unknown op {op!r}; known ops: {sorted(_REGISTRY)}")
+    return list(_REGISTRY[op])
+
+
+def ops() -> list[str]:
+    _ensure_ops_loaded()
+    return sorted(_REGISTRY)
+
+
+def _ensure_ops_loaded() -> None:
+    import d2v_kernels.ops  # noqa: F401  (registers every op)
+
+
+# --------------------------------------------------------------------------------------------
+# Forcing backends: use_backend() and D2V_KERNELS_BACKEND
+# --------------------------------------------------------------------------------------------
+
+_state = threading.local()
+
+
+def _parse_backend_spec(spec: str) -> tuple[str | None, dict[str, str]]:
+    """``"triton"`` or ``"attention=triton,pos_conv=eager"`` -> (global, per-op)."""
+    global_backend, per_op = None, {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        if "=" in part:
+            op, backend = (s.strip() for s in part.split("=", 1))
+            per_op[op] = backend
+        else:
+            global_backend = part
+    _validate_forced(global_backend, per_op, source=f"{ENV_BACKEND}={spec!r}")
+    return global_backend, per_op
+
+
+def _validate_forced(global_backend: str | None, per_op: dict[str, str], source: str) -> None:
+    if global_backend is not None and global_backend not in BACKENDS:
+        raise ValueError(f"{source}: backend must be one of {BACKENDS}, got {global_backend!r}")
+    for op, backend in per_op.items():
+        if backend not in BACKENDS:
+            raise ValueError(f"{source}: backend for {op!r} must be one of {BACKENDS}, got {backend!r}")
+        known = ops()
+        if op not in known:
+            raise ValueError(f"{source}: unknown op {op!r}; known ops: {known}")
+
+
+def _forced_stack() -> list[tuple[str | None, dict[str, str]]]:
+    if not hasattr(_state, "forced"):
+        _state.forced = []
+    return _state.forced
+
+
+def forced_backend(op: str) -> tuple[str | None, bool]:
+    """(backend forced for ``op`` or None, whether it was forced for this op by name)."""
+    for global_backend, per_op in reversed(_forced_stack()):
+        if op in per_op:
+            return per_op[op], True
+        if global_backend is not None:
+            return global_backend, False
+    spec = os.environ.get(ENV_BACKEND, "").strip()
+    if spec:
+        global_backend, per_op = _parse_backend_spec(spec)
+        if op in per_op:
+            return per_op[op], True
+        return global_backend, False
+    return None, False
+
+
+@contextlib.contextmanager
+def use_backend(backend: str | None = None, **per_op: str) -> Iterator[None]:
+    """Force a backend for every op that has it (``use_backend("triton")``) or per op
+    (``use_backend(attention="triton", pos_conv="eager")``).
+
+    An op forced by name must run that backend or raise :class:`BackendUnavailableError` with
+    the reasons. A global backend applies to the ops that have it; the others dispatch as usual.
+    """
+    _validate_forced(backend, per_op, source="use_backend()")
+    for op, b in per_op.items():
+        if b not in {i.backend for i in implementations(op)}:
+            raise ValueError(f"use_backend(): op {op!r} has no {b!r} implementation")
+    stack = _forced_stack()
+    stack.append((backend, dict(per_op)))
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+# --------------------------------------------------------------------------------------------
+# Recording what ran
+# --------------------------------------------------------------------------------------------
+
+_recorders: list[Counter] = []
+_warned: set[tuple[str, tuple[str, ...]]] = set()
+
+
+@contextlib.contextmanager
+def record_dispatch() -> Iterator[Counter]:
+    """Count which implementation really ran: ``Counter({(op, backend): n})``."""
+    counter: Counter = Counter()
+    _recorders.append(counter)
+    try:
+        yield counter
+    finally:
+        _recorders.remove(counter)
+
+
+def _record(op: str, backend: str) -> None:
+    for counter in _recorders:
+        counter[(op, backend)] += 1
+
+
+def reset_warnings() -> None:
+    """Forget which fallbacks were already warned about (tests use this)."""
+    _warned.clear()
+
+
+# --------------------------------------------------------------------------------------------
+# Selection
+# --------------------------------------------------------------------------------------------
+
+
+def triton_interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _device_reasons(impl: Implementation, device: torch.device, forced: bool) -> list[str]:
+    reasons = list(impl.available())
+    if reasons:
+        return reasons
+    if impl.backend == "eager" or device.type in impl.devices:
+        return []
+    if impl.backend == "triton" and device.type == "cpu":
+        if not triton_interpreter_enabled():
+            return ["inputs are on the CPU and TRITON_INTERPRET=1 is not set"]
+        if not forced:
+            return [
+                "inputs are on the CPU: the Triton interpreter runs only when the triton backend "
+                "is forced (use_backend('triton'))"
+            ]
+        return []
+    return [f"inputs are on {device.type}, {impl.backend} runs on {', '.join(impl.devices)}"]
+
+
+def reasons_for(impl: Implementation, device: torch.device, *args, forced: bool = False, **kwargs) -> list[str]:
+    """Every reason ``impl`` cannot take this input (empty when it can)."""
+    reasons = _device_reasons(impl, device, forced)
+    if reasons:
+        return reasons
+    return list(impl.check(*args, **kwargs))
+
+
+def select(op: str, device: torch.device, *args, **kwargs) -> Implementation:
+    """Pick the implementation of ``op`` for this input (see module docstring)."""
+    impls = implementations(op)
+    backend, by_name = forced_backend(op)
+    if backend is not None:
+        chosen = [i for i in impls if i.backend == backend]
+        if not chosen and by_name:
+            raise BackendUnavailableError(f"{op}: no {backend!r} implementation")
+        if chosen:
+            impl = chosen[0]
+            reasons = reasons_for(impl, device, *args, forced=True, **kwargs)
+            if reasons:
+                raise BackendUnavailableError(
+                    f"{op}: backend {backend!r} was forced but cannot take this input: " + "; ".join(reasons)
+                )
+            return impl
+    skipped: list[tuple[Implementation, list[str]]] = []
+    for impl in impls:
+        reasons = reasons_for(impl, device, *args, **kwargs)
+        if not reasons:
+            if skipped and device.type == "cuda":
+                _warn_fallback(op, impl, skipped)
+            return impl
+        skipped.append((impl, reasons))
+    raise BackendUnavailableError(
+        f"{op}: no implementation can take this input: "
+        + " | ".join(f"{i.backend}: {'; '.join(r)}" for i, r in skipped)
+    )
+
+
+def _warn_fallback(op: str, impl: Implementation, skipped: list[tuple[Implementation, list[str]]]) -> None:
+    if torch.compiler.is_compiling():
+        return
+    key = (op, tuple(r for _, rs in skipped for r in rs))
+    if key in _warned:
+        return
+    _warned.add(key)
+    why = "; ".join(f"{i.backend}: {', '.join(r)}" for i, r in skipped)
+    warnings.warn(f"d2v_kernels.{op} falls back to {impl.backend} ({why})", stacklevel=4)
+
+
+def call(op: str, device: torch.device, *args, **kwargs):
+    """Select, record and run ``op`` on this input."""
+    impl = select(op, device, *args, **kwargs)
+    if not torch.compiler.is_compiling():
+        _record(op, impl.backend)
+    return impl.run(*args, **kwargs)

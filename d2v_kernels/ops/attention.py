@@ -1,0 +1,151 @@
+"""Multi-head attention with relative position bias gathered from a table, masks and dropout.
+
+Layout: q, k, v are (batch, seq, heads, head_dim), as the transformers projections produce them
+before the transpose, so they are read through strides. The relative position bias of
+Data2VecVision/BEiT is ``bias_table[bias_index]``: ``bias_table`` (num_relative_distances, heads),
+``bias_index`` (Nq, Nk) integer. A dense additive ``bias`` broadcastable to (B, H, Nq, Nk) covers
+the general case. ``key_padding_mask`` (B, Nk) follows transformers: 1/True attends, 0 is padding.
+``causal`` masks key j for query i when j > i + (Nk - Nq) (bottom-right aligned, as when new
+queries attend to cached keys). Fully masked rows give what transformers' eager attention
+gives: uniform weights over all keys.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from d2v_kernels import dispatch
+from d2v_kernels.ops._checks import FLOAT_DTYPES, check_same_device, check_tensor
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+MASK_DTYPES = (torch.bool, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def gather_relative_bias(bias_table: torch.Tensor, bias_index: torch.Tensor) -> torch.Tensor:
+    """(R, H) table and (Nq, Nk) index -> dense (1, H, Nq, Nk) bias (the eager path only)."""
+    return bias_table[bias_index.long()].permute(2, 0, 1).unsqueeze(0)
+
+
+def attention_reference(
+    q,
+    k,
+    v,
+    *,
+    bias_table=None,
+    bias_index=None,
+    bias=None,
+    key_padding_mask=None,
+    causal=False,
+    dropout_p=0.0,
+    scale=None,
+    return_probs=False,
+):
+    """Eager PyTorch attention in the input dtype, as transformers' eager path computes it.
+
+    Returns (B, Nq, H, d), or (out, probs (B, H, Nq, Nk)) with ``return_probs``.
+    """
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, N, d)
+    scale = qh.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale
+    if bias_table is not None:
+        scores = scores + gather_relative_bias(bias_table, bias_index).to(scores.dtype)
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
+    n_q, n_k = scores.shape[-2:]
+    min_value = torch.finfo(scores.dtype).min
+    if key_padding_mask is not None:
+        keep = key_padding_mask.bool()[:, None, None, :]
+        scores = scores.masked_fill(~keep, min_value)
+    if causal:
+        rows = torch.arange(n_q, device=q.device)[:, None] + (n_k - n_q)
+        future = torch.arange(n_k, device=q.device)[None, :] > rows
+        scores = scores.masked_fill(future, min_value)
+    probs = torch.softmax(scores, dim=-1)
+    if dropout_p > 0.0:
+        probs = torch.nn.functional.dropout(probs, p=dropout_p)
+    out = torch.matmul(probs, vh).transpose(1, 2)
+    return (out, probs) if return_probs else out
+
+
+def attention(
+    q,
+    k,
+    v,
+    *,
+    bias_table=None,
+    bias_index=None,
+    bias=None,
+    key_padding_mask=None,
+    causal=False,
+    dropout_p=0.0,
+    scale=None,
+):
+    """softmax(q k^T * scale + bias + masks) v, per head.
+
+    q: (B, Nq, H, d); k, v: (B, Nk, H, d); one float dtype (fp16, bf16, fp32; fp64 runs eager).
+    bias_table: (R, H) float with bias_index: (Nq, Nk) int32/int64 in [0, R). bias: additive,
+    broadcastable to (B, H, Nq, Nk). key_padding_mask: (B, Nk) bool or integer, nonzero attends.
+    causal: bottom-right aligned. dropout_p: probability of dropping an attention weight
+    (in-kernel Philox seeded from torch's generator in the Triton path). scale: default d**-0.5.
+    Returns (B, Nq, H, d) in q's dtype.
+    """
+    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
+    check_tensor("k", k, ndim=4, dtypes=FLOAT_DTYPES)
+    check_tensor("v", v, ndim=4, dtypes=FLOAT_DTYPES)
+    b, n_q, h, d = q.shape
+    if k.shape[0] != b or k.shape[2] != h or k.shape[3] != d:
+        raise ValueError(f"k must have shape ({b}, Nk, {h}, {d}) to match q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    n_k = k.shape[1]
+    if (bias_table is None) != (bias_index is None):
+        raise ValueError("bias_table and bias_index must be given together")
+    if bias_table is not None:
+        check_tensor("bias_table", bias_table, ndim=2, dtypes=FLOAT_DTYPES)
+        if bias_table.shape[1] != h:
+            raise ValueError(f"bias_table must have shape (R, {h}) (one column per head), got {tuple(bias_table.shape)}")
+        check_tensor("bias_index", bias_index, ndim=2, dtypes=INDEX_DTYPES)
+        if tuple(bias_index.shape) != (n_q, n_k):
+            raise ValueError(f"bias_index must have shape ({n_q}, {n_k}) = (Nq, Nk), got {tuple(bias_index.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=FLOAT_DTYPES)
+        try:
+            torch.broadcast_shapes(bias.shape, (b, h, n_q, n_k))
+            if bias.dim() > 4:
+                raise RuntimeError
+        except RuntimeError:
+            raise ValueError(
+                f"bias must be broadcastable to (B, H, Nq, Nk) = {(b, h, n_q, n_k)}, got {tuple(bias.shape)}"
+            ) from None
+    if key_padding_mask is not None:
+        check_tensor("key_padding_mask", key_padding_mask, ndim=2, dtypes=MASK_DTYPES)
+        if tuple(key_padding_mask.shape) != (b, n_k):
+            raise ValueError(
+                f"key_padding_mask must have shape (B, Nk) = ({b}, {n_k}), got {tuple(key_padding_mask.shape)}"
+            )
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    device = check_same_device(
+        q=q, k=k, v=v, bias_table=bias_table, bias_index=bias_index, bias=bias, key_padding_mask=key_padding_mask
+    )
+    kwargs = dict(
+        bias_table=bias_table,
+        bias_index=bias_index,
+        bias=bias,
+        key_padding_mask=key_padding_mask,
+        causal=causal,
+        dropout_p=float(dropout_p),
+        scale=None if scale is None else float(scale),
+    )
+    if q.numel() == 0 or n_k == 0:
+        return attention_reference(q, k, v, **kwargs)
+    return dispatch.call("attention", device, q, k, v, **kwargs)
+
+
+dispatch.register("attention", "eager", attention_reference, devices=("cpu", "cuda", "meta"))

@@ -1,0 +1,57 @@
+"""Builds the optional CUDA extension ``d2v_kernels._C`` when a CUDA build of torch and nvcc
+are present (or ``D2V_KERNELS_FORCE_CUDA_BUILD=1``); otherwise installs the pure Python/Triton
+package, which works without it (the missing extension is a dispatch reason at run time)."""
+
+import os
+import shutil
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).parent
+CSRC = HERE / "csrc"
+
+
+def _cuda_build_reason() -> str | None:
+    """None when the extension can be built, else why not."""
+    if os.environ.get("D2V_KERNELS_SKIP_CUDA_BUILD", "0") == "1":
+        return "D2V_KERNELS_SKIP_CUDA_BUILD=1"
+    sources = list(CSRC.glob("*.cu")) if CSRC.is_dir() else []
+    if not sources:
+        return "no csrc/*.cu sources"
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME
+    except ImportError:
+        return "torch is not installed in the build environment"
+    if torch.version.cuda is None and os.environ.get("D2V_KERNELS_FORCE_CUDA_BUILD", "0") != "1":
+        return "torch is a CPU build"
+    if CUDA_HOME is None and shutil.which("nvcc") is None:
+        return "nvcc not found"
+    return None
+
+
+def _extensions():
+    reason = _cuda_build_reason()
+    if reason is not None:
+        print(f"d2v-kernels: not building d2v_kernels._C ({reason})")
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+    if not archs:
+        nvcc_flags += ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+    sources = sorted(str(p.relative_to(HERE)) for p in CSRC.glob("*.cu")) + sorted(
+        str(p.relative_to(HERE)) for p in CSRC.glob("*.cpp")
+    )
+    ext = CUDAExtension(
+        "d2v_kernels._C",
+        sources,
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc_flags},
+    )
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
