@@ -1,0 +1,125 @@
+"""Drop-in fused modules for Data2VecAudio: feature encoder, its conv layers, positional conv
+embedding and encoder layers (residual add + LayerNorm). Attention runs through the
+``d2v_kernels`` entry of transformers' AttentionInterface (see ``hf_attention``)."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+from transformers.models.data2vec import modeling_data2vec_audio as hf
+
+from d2v_kernels import ops
+from d2v_kernels.models._common import gelu_approximation
+
+
+class FusedData2VecAudioConvLayer(hf.Data2VecAudioConvLayer):
+    """Conv1d then fused LayerNorm + GELU read channels-first in place (no transposes)."""
+
+    def forward(self, hidden_states):
+        approximate = gelu_approximation(self.activation)
+        if approximate is None:
+            return super().forward(hidden_states)
+        hidden_states = self.conv(hidden_states)
+        return ops.layer_norm_gelu(
+            hidden_states,
+            self.layer_norm.weight,
+            self.layer_norm.bias,
+            eps=self.layer_norm.eps,
+            channels_dim=1,
+            approximate=approximate,
+        )
+
+
+class FusedData2VecAudioFeatureEncoder(hf.Data2VecAudioFeatureEncoder):
+    """The whole conv stack as one ``ops.conv_feature_extractor`` call (channels-last inside);
+    returns the (B, C, T) view transformers returns."""
+
+    def _fusable(self) -> bool:
+        layers = list(self.conv_layers)
+        eps = {layer.layer_norm.eps for layer in layers}
+        return (
+            len(eps) == 1
+            and all(gelu_approximation(layer.activation) == "none" for layer in layers)
+            and all(
+                layer.conv.padding == (0,) and layer.conv.dilation == (1,) and layer.conv.groups == 1
+                for layer in layers
+            )
+        )
+
+    def forward(self, input_values):
+        if not self._fusable():
+            return super().forward(input_values)
+        wave = input_values
+        if self._requires_grad and self.training and not wave.requires_grad:
+            wave = wave.detach().requires_grad_(True)  # as transformers does, for gradient checkpointing
+        layers = list(self.conv_layers)
+        params = dict(
+            conv_weights=[layer.conv.weight for layer in layers],
+            ln_weights=[layer.layer_norm.weight for layer in layers],
+            ln_biases=[layer.layer_norm.bias for layer in layers],
+            conv_biases=[layer.conv.bias for layer in layers] if layers[0].conv.bias is not None else None,
+        )
+        kwargs = dict(strides=[layer.conv.stride[0] for layer in layers], eps=layers[0].layer_norm.eps)
+
+        def run(wave, conv_weights, ln_weights, ln_biases, conv_biases):
+            return ops.conv_feature_extractor(
+                wave, conv_weights, ln_weights, ln_biases, conv_biases=conv_biases, **kwargs
+            )
+
+        checkpointing = self.training and any(getattr(layer, "gradient_checkpointing", False) for layer in layers)
+        if checkpointing and torch.is_grad_enabled():
+            features = checkpoint(run, wave, *params.values(), use_reentrant=False)
+        else:
+            features = run(wave, *params.values())
+        return features.transpose(1, 2)
+
+
+class FusedData2VecAudioPositionalConvEmbedding(hf.Data2VecAudioPositionalConvEmbedding):
+    """All positional conv layers through ``ops.pos_conv`` on the channels-last hidden states."""
+
+    def _fusable(self) -> bool:
+        layers = list(self.layers)
+        return (
+            len({layer.layer_norm.eps for layer in layers}) == 1
+            and all(gelu_approximation(layer.activation) == "none" for layer in layers)
+            and all(layer.layer_norm.weight is None for layer in layers)
+            and all(layer.conv.dilation == (1,) and layer.conv.stride == (1,) for layer in layers)
+            and all(layer.conv.padding == (layer.conv.kernel_size[0] // 2,) for layer in layers)
+            and all(
+                layer.padding.num_pad_remove == (1 if layer.conv.kernel_size[0] % 2 == 0 else 0) for layer in layers
+            )
+        )
+
+    def forward(self, hidden_states):
+        if not self._fusable():
+            return super().forward(hidden_states)
+        layers = list(self.layers)
+        return ops.pos_conv(
+            hidden_states,
+            [layer.conv.weight for layer in layers],
+            [layer.conv.bias for layer in layers],
+            groups=layers[0].conv.groups,
+            eps=layers[0].layer_norm.eps,
+        )
+
+
+class FusedData2VecAudioEncoderLayer(hf.Data2VecAudioEncoderLayer):
+    """Post-LN encoder layer with both residual adds fused into their LayerNorms."""
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        attn_residual = hidden_states
+        hidden_states, _ = self.attention(hidden_states, attention_mask=attention_mask, **kwargs)
+        hidden_states = self.dropout(hidden_states)
+        norm = self.layer_norm
+        hidden_states = ops.add_layer_norm(hidden_states, attn_residual, norm.weight, norm.bias, eps=norm.eps)
+        norm = self.final_layer_norm
+        return ops.add_layer_norm(self.feed_forward(hidden_states), hidden_states, norm.weight, norm.bias, eps=norm.eps)
+
+
+REPLACEMENTS = {
+    hf.Data2VecAudioConvLayer: FusedData2VecAudioConvLayer,
+    hf.Data2VecAudioFeatureEncoder: FusedData2VecAudioFeatureEncoder,
+    hf.Data2VecAudioPositionalConvEmbedding: FusedData2VecAudioPositionalConvEmbedding,
+    hf.Data2VecAudioEncoderLayer: FusedData2VecAudioEncoderLayer,
+}
+ATTENTION_CLASSES = (hf.Data2VecAudioAttention,)

@@ -1,0 +1,182 @@
+"""Drop-in fused modules for Data2VecVision: self-attention with the relative position bias
+gathered in-kernel from its table, the layer with the first residual add fused into
+``layernorm_after``, and the encoder passing the shared bias table (not a dense bias) down."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from transformers.models.data2vec import modeling_data2vec_vision as hf
+
+from d2v_kernels import dispatch, ops
+from d2v_kernels.ops.attention import gather_relative_bias
+
+
+@dataclasses.dataclass
+class TableBias:
+    """A relative position bias kept as (table, index) instead of a dense (1, H, N, N) tensor."""
+
+    table: torch.Tensor  # (num_relative_distances, H)
+    index: torch.Tensor  # (N, N) int
+
+    def dense(self) -> torch.Tensor:
+        return gather_relative_bias(self.table, self.index)
+
+
+def _table_and_index(module: hf.Data2VecVisionRelativePositionBias, window_size, interpolate, dim_size):
+    """(TableBias, None) when the stored table with the window's index is exact, else (None, dense)."""
+    window_size = tuple(int(w) for w in window_size)
+    table = module.relative_position_bias_table
+    if window_size == tuple(module.window_size) and not interpolate:
+        cache = module.__dict__.setdefault("_d2v_index_cache", {})
+        key = (window_size, table.device)
+        if key not in cache:
+            index = module.generate_relative_position_index(window_size)
+            cache[key] = index.to(device=table.device, dtype=torch.int32)
+        return TableBias(table, cache[key]), None
+    return None, module(window_size, interpolate_pos_encoding=interpolate, dim_size=dim_size)
+
+
+class FusedData2VecVisionSelfAttention(hf.Data2VecVisionSelfAttention):
+    """BEiT-style self-attention through ``ops.attention`` with the bias table gathered in-kernel.
+
+    ``output_attentions=True`` needs the probabilities: that call runs the eager module.
+    """
+
+    def forward(
+        self,
+        hidden_states,
+        output_attentions=False,
+        relative_position_bias=None,
+        interpolate_pos_encoding=False,
+        resolution=None,
+    ):
+        if isinstance(relative_position_bias, TableBias) and output_attentions:
+            relative_position_bias = relative_position_bias.dense()
+        if output_attentions:
+            dispatch._record("attention", "eager")
+            return hf.Data2VecVisionSelfAttention.forward(
+                self, hidden_states, True, relative_position_bias, interpolate_pos_encoding, resolution
+            )
+        batch, length, _ = hidden_states.shape
+        shape = (batch, length, self.num_attention_heads, self.attention_head_size)
+        query = self.query(hidden_states).view(shape)
+        key = self.key(hidden_states).view(shape)
+        value = self.value(hidden_states).view(shape)
+
+        table_bias, dense_bias = None, None
+        if self.has_relative_position_bias:
+            height, width = resolution
+            window = (height // self.config.patch_size, width // self.config.patch_size)
+            table_bias, dense_bias = _table_and_index(
+                self.relative_position_bias, window, interpolate_pos_encoding, length
+            )
+        if isinstance(relative_position_bias, TableBias):
+            if table_bias is None and dense_bias is None:
+                table_bias = relative_position_bias
+            elif table_bias is not None and table_bias.index is relative_position_bias.index:
+                table_bias = TableBias(table_bias.table + relative_position_bias.table, table_bias.index)
+            else:
+                shared = relative_position_bias.dense()
+                dense_bias = shared if dense_bias is None else dense_bias + shared
+        elif relative_position_bias is not None:
+            dense_bias = relative_position_bias if dense_bias is None else dense_bias + relative_position_bias
+
+        context = ops.attention(
+            query,
+            key,
+            value,
+            bias_table=None if table_bias is None else table_bias.table,
+            bias_index=None if table_bias is None else table_bias.index,
+            bias=dense_bias,
+            dropout_p=self.config.attention_probs_dropout_prob if self.training else 0.0,
+            scale=1.0 / math.sqrt(self.attention_head_size),
+        )
+        return (context.reshape(batch, length, self.all_head_size),)
+
+
+class FusedData2VecVisionLayer(hf.Data2VecVisionLayer):
+    """Pre-LN layer; the first residual add is fused into ``layernorm_after`` (which needs the sum back)."""
+
+    def forward(
+        self,
+        hidden_states,
+        output_attentions=False,
+        relative_position_bias=None,
+        interpolate_pos_encoding=False,
+        resolution=None,
+    ):
+        self_attention_outputs = self.attention(
+            self.layernorm_before(hidden_states),
+            output_attentions=output_attentions,
+            relative_position_bias=relative_position_bias,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            resolution=resolution,
+        )
+        attention_output = self_attention_outputs[0]
+        outputs = self_attention_outputs[1:]
+        if self.lambda_1 is not None:
+            attention_output = self.lambda_1 * attention_output
+        norm = self.layernorm_after
+        layer_output, hidden_states = ops.add_layer_norm(
+            self.drop_path(attention_output), hidden_states, norm.weight, norm.bias, eps=norm.eps, return_sum=True
+        )
+        layer_output = self.output(self.intermediate(layer_output))
+        if self.lambda_2 is not None:
+            layer_output = self.lambda_2 * layer_output
+        layer_output = self.drop_path(layer_output) + hidden_states
+        return (layer_output, *outputs)
+
+
+class FusedData2VecVisionEncoder(hf.Data2VecVisionEncoder):
+    """Passes the shared relative position bias down as (table, index) when that is exact."""
+
+    def forward(
+        self,
+        hidden_states,
+        output_attentions=False,
+        output_hidden_states=False,
+        interpolate_pos_encoding=False,
+        resolution=None,
+        return_dict=True,
+    ):
+        all_hidden_states = () if output_hidden_states else None
+        all_self_attentions = () if output_attentions else None
+        relative_position_bias = None
+        if self.has_relative_position_bias:
+            height, width = resolution
+            window = (height // self.config.patch_size, width // self.config.patch_size)
+            table_bias, dense_bias = _table_and_index(
+                self.relative_position_bias, window, interpolate_pos_encoding, hidden_states.shape[1]
+            )
+            relative_position_bias = table_bias if table_bias is not None else dense_bias
+        for layer_module in self.layer:
+            if output_hidden_states:
+                all_hidden_states = (*all_hidden_states, hidden_states)
+            layer_outputs = layer_module(
+                hidden_states,
+                output_attentions=output_attentions,
+                relative_position_bias=relative_position_bias,
+                interpolate_pos_encoding=interpolate_pos_encoding,
+                resolution=resolution,
+            )
+            hidden_states = layer_outputs[0]
+            if output_attentions:
+                all_self_attentions = (*all_self_attentions, layer_outputs[1])
+        if output_hidden_states:
+            all_hidden_states = (*all_hidden_states, hidden_states)
+        if not return_dict:
+            return tuple(v for v in [hidden_states, all_hidden_states, all_self_attentions] if v is not None)
+        return hf.BaseModelOutput(
+            last_hidden_state=hidden_states, hidden_states=all_hidden_states, attentions=all_self_attentions
+        )
+
+
+REPLACEMENTS = {
+    hf.Data2VecVisionSelfAttention: FusedData2VecVisionSelfAttention,
+    hf.Data2VecVisionSdpaSelfAttention: FusedData2VecVisionSelfAttention,
+    hf.Data2VecVisionLayer: FusedData2VecVisionLayer,
+    hf.Data2VecVisionEncoder: FusedData2VecVisionEncoder,
+}

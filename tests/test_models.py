@@ -1,0 +1,177 @@
+"""Every Data2Vec class: optimize() on a copy gives transformers' outputs and gradients (fp32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from model_configs import ALL_CLASSES, build_pair, inputs_for, randomize_, vision_config
+
+import d2v_kernels
+from d2v_kernels import models
+
+ATOL = 2e-5
+
+
+def _tensors(output) -> dict[str, torch.Tensor]:
+    """Every tensor in a model output, nested tuples flattened with their path."""
+    flat = {}
+
+    def visit(key, value):
+        if isinstance(value, torch.Tensor):
+            flat[key] = value
+        elif isinstance(value, (tuple, list)):
+            for i, v in enumerate(value):
+                visit(f"{key}[{i}]", v)
+
+    for key, value in output.items():
+        visit(key, value)
+    return flat
+
+
+def _assert_outputs_close(ref, out, atol=ATOL):
+    ref_t, out_t = _tensors(ref), _tensors(out)
+    assert ref_t.keys() == out_t.keys()
+    for key in ref_t:
+        assert ref_t[key].shape == out_t[key].shape, key
+        torch.testing.assert_close(out_t[key], ref_t[key], atol=atol, rtol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def _weighted_sum(output) -> torch.Tensor:
+    total = 0.0
+    for key, t in _tensors(output).items():
+        if t.is_floating_point() and t.requires_grad:
+            gen = torch.Generator().manual_seed(len(key))
+            total = total + (t * torch.randn(t.shape, generator=gen)).sum()
+    return total
+
+
+@pytest.mark.parametrize("class_name", ALL_CLASSES)
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_optimized_matches_transformers(class_name, mode):
+    reference, fused, config = build_pair(class_name)
+    getattr(reference, mode)()
+    getattr(fused, mode)()
+    inputs = inputs_for(class_name, config)
+    extra = {"output_hidden_states": True}
+    ref = reference(**inputs, **extra)
+    with d2v_kernels.record_dispatch() as calls:
+        out = fused(**inputs, **extra)
+    _assert_outputs_close(ref, out)
+    assert calls[("attention", "eager")] == config.num_hidden_layers or class_name.startswith("Data2VecText"), calls
+    if class_name.startswith("Data2VecAudio"):
+        assert calls[("pos_conv", "eager")] == 1 and calls[("conv_feature_extractor", "eager")] == 1, calls
+    assert sum(n for (op, _), n in calls.items() if op == "add_layer_norm") >= config.num_hidden_layers, calls
+    _weighted_sum(ref).backward()
+    _weighted_sum(out).backward()
+    ref_grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+    out_grads = {n: p.grad for n, p in fused.named_parameters() if p.grad is not None}
+    assert ref_grads.keys() == out_grads.keys()
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(out_grads[name], grad, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"grad {n}: {m}")
+
+
+@pytest.mark.parametrize(
+    "class_name", ["Data2VecAudioForCTC", "Data2VecVisionForImageClassification", "Data2VecTextForMaskedLM"]
+)
+def test_output_attentions_fall_back_to_eager(class_name):
+    reference, fused, config = build_pair(class_name)
+    reference.eval()
+    fused.eval()
+    inputs = inputs_for(class_name, config, labels=False)
+    ref = reference(**inputs, output_attentions=True)
+    with d2v_kernels.record_dispatch() as calls:
+        out = fused(**inputs, output_attentions=True)
+    assert len(out.attentions) == config.num_hidden_layers
+    _assert_outputs_close(ref, out)
+    assert calls[("attention", "eager")] == config.num_hidden_layers
+
+
+@pytest.mark.parametrize("class_name", ALL_CLASSES)
+def test_state_dict_keys_unchanged(class_name):
+    reference, fused, _ = build_pair(class_name)
+    assert list(reference.state_dict()) == list(fused.state_dict())
+    for (name, a), (_, b) in zip(reference.state_dict().items(), fused.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("class_name", ALL_CLASSES)
+def test_fused_class_save_and_load(class_name, tmp_path):
+    config = build_pair(class_name)[2]
+    fused_cls = getattr(models, class_name)
+    torch.manual_seed(0)
+    model = randomize_(fused_cls(config)).eval()
+    assert isinstance(model, getattr(transformers, class_name))
+    fused_modules = [m for m in model.modules() if type(m).__module__.startswith("d2v_kernels")]
+    assert fused_modules, "no fused module was swapped in at construction"
+    model.save_pretrained(tmp_path)
+    loaded = fused_cls.from_pretrained(tmp_path).eval()
+    plain = getattr(transformers, class_name).from_pretrained(tmp_path).eval()
+    inputs = inputs_for(class_name, config, labels=False)
+    with torch.no_grad():
+        out, out_loaded, out_plain = model(**inputs), loaded(**inputs), plain(**inputs)
+    for key, value in _tensors(out).items():
+        torch.testing.assert_close(_tensors(out_loaded)[key], value, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(_tensors(out_plain)[key], value, atol=ATOL, rtol=1e-5)
+
+
+def test_optimize_is_idempotent_and_in_place():
+    reference, fused, _ = build_pair("Data2VecAudioForCTC")
+    before = [type(m) for m in fused.modules()]
+    assert d2v_kernels.optimize(fused) is fused
+    assert [type(m) for m in fused.modules()] == before
+    assert fused.config._attn_implementation == "d2v_kernels"
+
+
+def test_optimize_rejects_non_modules():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        d2v_kernels.optimize("not a model")
+
+
+def test_shared_relative_position_bias_and_interpolation():
+    config = vision_config(use_relative_position_bias=False, use_shared_relative_position_bias=True)
+    reference = randomize_(transformers.Data2VecVisionModel(config)).eval()
+    fused = d2v_kernels.optimize(models.Data2VecVisionModel(config)).eval()
+    fused.load_state_dict(reference.state_dict())
+    pixels = torch.randn(2, 3, 56, 56)
+    torch.testing.assert_close(fused(pixels).last_hidden_state, reference(pixels).last_hidden_state, atol=ATOL, rtol=1e-5)
+    larger = torch.randn(1, 3, 72, 72)  # another resolution: transformers resizes the table
+    torch.testing.assert_close(
+        fused(larger, interpolate_pos_encoding=True).last_hidden_state,
+        reference(larger, interpolate_pos_encoding=True).last_hidden_state,
+        atol=ATOL,
+        rtol=1e-5,
+    )
+
+
+def test_text_generation_with_cache_matches():
+    reference, fused, config = build_pair("Data2VecTextForCausalLM")
+    reference.eval()
+    fused.eval()
+    inputs = inputs_for("Data2VecTextForCausalLM", config, labels=False)
+    mask = inputs["attention_mask"].flip(-1)  # left padding for generation
+    ids = inputs["input_ids"].flip(-1)
+    kwargs = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=config.pad_token_id)
+    expected = reference.generate(ids, **kwargs)
+    with d2v_kernels.record_dispatch() as calls:
+        got = fused.generate(ids, **kwargs)
+    assert torch.equal(got, expected)
+    assert calls[("attention", "eager")] == 4 * config.num_hidden_layers
+
+
+def test_attn_implementation_registry_from_pretrained(tmp_path):
+    config = build_pair("Data2VecTextForSequenceClassification")[2]
+    model = randomize_(transformers.Data2VecTextForSequenceClassification(config)).eval()
+    model.save_pretrained(tmp_path)
+    from d2v_kernels.models import hf_attention
+
+    hf_attention.register()
+    loaded = transformers.Data2VecTextForSequenceClassification.from_pretrained(
+        tmp_path, attn_implementation="d2v_kernels"
+    ).eval()
+    inputs = inputs_for("Data2VecTextForSequenceClassification", config, labels=False)
+    with d2v_kernels.record_dispatch() as calls:
+        logits = loaded(**inputs).logits
+    assert calls[("attention", "eager")] == config.num_hidden_layers
+    model.set_attn_implementation("eager")
+    torch.testing.assert_close(logits, model(**inputs).logits, atol=ATOL, rtol=1e-5)
