@@ -1,0 +1,471 @@
+"""Triton kernels for the positional convolution: grouped Conv1d, LayerNorm (no affine) + GELU.
+
+All activations are channels-last (B, T, C). One layer's forward is two launches:
+
+1. ``_grouped_conv1d_kernel``: implicit-GEMM grouped conv. A program owns BLOCK_T output frames
+   of one batch row and one group's CG output channels; its K loop runs over the taps x the group's
+   CG input channels, loading shifted x rows (zero outside [0, T), which is the conv's zero
+   padding) and calling ``tl.dot`` with fp32 accumulation. The same kernel computes the conv's
+   input gradient (a conv of dy with the flipped, group-transposed weights).
+2. ``_layer_norm_gelu_fwd_kernel``: LayerNorm over all C channels + exact GELU, a row per frame.
+   LayerNorm needs every group of a frame, which one conv program does not see; a second small
+   kernel keeps the conv grid at (frames / BLOCK_T) x groups x B programs.
+
+Backward: ``_layer_norm_gelu_bwd_kernel`` (recomputes the statistics from the saved pre-norm
+row), the conv kernel for dx, and ``_grouped_conv1d_weight_grad_kernel`` for dweight and dbias
+(one program per (tap, group), deterministic reduction over B x T).
+
+Weights are packed by :func:`pack_weight` to (K, CG, C): ``packed[j, i, g * CG + o]`` is the
+weight from input channel ``g * CG + i`` at tap ``j`` to output channel ``g * CG + o``, so the
+(input-channel x output-channel) tile of a tap is a row-major slab with contiguous output
+channels.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from d2v_kernels.kernels.aot import AotVariant
+
+# Tiles. BLOCK_T = 64 frames is the M of the conv GEMM (one wgmma M per warpgroup on H100);
+# the group's channels are padded to a power of two >= 16 (tl.dot's minimum), and the K loop
+# takes 16 input channels at a time so CG = 48 wastes nothing along K. To measure on the GPU:
+# BLOCK_T 64 vs 128, BLOCK_CI 16 vs 32, num_stages 2-4.
+CONV_BLOCK_T = 64
+CONV_BLOCK_CI = 16
+CONV_WARPS = 4
+CONV_STAGES = 3
+WGRAD_BLOCK_T = 64
+WGRAD_WARPS = 4
+WGRAD_STAGES = 3
+MAX_GROUP_CHANNELS = 64  # Data2Vec: 48 (base), 64 (large); caps the compiled variants
+# LayerNorm rows: the whole channel row in registers, about 4096 elements per program; rows are
+# padded to at least 256 channels so that few variants cover every C (tiny C only in tests).
+MAX_CHANNELS = 4096
+LN_MIN_BLOCK_C = 256
+LN_ELEMENTS_PER_PROGRAM = 4096
+
+_INV_SQRT2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _grouped_conv1d_kernel(
+    x_ptr,  # (B, T, C) any strides
+    w_ptr,  # packed (K, CG, C), contiguous
+    bias_ptr,  # (C,) (zeros for the input-gradient conv: one variant instead of two)
+    y_ptr,  # (B, T, C), channel stride 1
+    T,
+    CG,
+    K,
+    PAD_LEFT,  # output frame t reads input frames t - PAD_LEFT .. t - PAD_LEFT + K - 1
+    stride_xb,
+    stride_xt,
+    stride_xc,
+    stride_yb,
+    stride_yt,
+    C,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_CI: tl.constexpr,
+    BLOCK_CO: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    group = tl.program_id(1)
+    batch = tl.program_id(2)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_ci = tl.arange(0, BLOCK_CI)
+    offs_co = tl.arange(0, BLOCK_CO)
+    co_mask = offs_co < CG
+
+    x_group = x_ptr + batch * stride_xb + group * CG * stride_xc
+    w_group = w_ptr + group * CG
+    acc = tl.zeros((BLOCK_T, BLOCK_CO), dtype=tl.float32)
+    num_ci_blocks = tl.cdiv(CG, BLOCK_CI)
+    # One flat loop over (tap, input-channel block) so the pipeliner sees a single K loop.
+    for step in range(0, K * num_ci_blocks):
+        tap = step // num_ci_blocks
+        ci = (step % num_ci_blocks) * BLOCK_CI + offs_ci
+        ci_mask = ci < CG
+        rows = offs_t + (tap - PAD_LEFT)
+        row_mask = (rows >= 0) & (rows < T)  # zero padding of the conv
+        a = tl.load(
+            x_group + rows[:, None] * stride_xt + ci[None, :] * stride_xc,
+            mask=row_mask[:, None] & ci_mask[None, :],
+            other=0.0,
+        )
+        w = tl.load(
+            w_group + tap * (CG * C) + ci[:, None] * C + offs_co[None, :],
+            mask=ci_mask[:, None] & co_mask[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+    bias = tl.load(bias_ptr + group * CG + offs_co, mask=co_mask, other=0.0)
+    acc += bias.to(tl.float32)[None, :]
+    y_ptrs = y_ptr + batch * stride_yb + offs_t[:, None] * stride_yt + (group * CG + offs_co)[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_t < T)[:, None] & co_mask[None, :])
+
+
+@triton.jit
+def _layer_norm_gelu_fwd_kernel(
+    y_ptr,  # (rows, C) pre-norm, row stride stride_y
+    h_ptr,  # (rows, C) output, row stride stride_h (may alias y_ptr: each program reads then writes its rows)
+    n_rows,
+    C,
+    eps,
+    stride_y,
+    stride_h,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.arange(0, BLOCK_C)
+    mask = (rows < n_rows)[:, None] & (cols < C)[None, :]
+    v = tl.load(y_ptr + rows[:, None] * stride_y + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(v, axis=1) / C
+    centered = tl.where(mask, v - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / C + eps)
+    u = centered * rstd[:, None]
+    h = 0.5 * u * (1.0 + tl.math.erf(u * _INV_SQRT2))
+    tl.store(h_ptr + rows[:, None] * stride_h + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _layer_norm_gelu_bwd_kernel(
+    y_ptr,  # (rows, C) pre-norm saved by the forward
+    dh_ptr,  # (rows, C) gradient of the GELU output
+    dy_ptr,  # (rows, C) gradient of the pre-norm input (output)
+    n_rows,
+    C,
+    eps,
+    stride_y,
+    stride_dh,
+    stride_dy,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.arange(0, BLOCK_C)
+    mask = (rows < n_rows)[:, None] & (cols < C)[None, :]
+    v = tl.load(y_ptr + rows[:, None] * stride_y + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    dh = tl.load(dh_ptr + rows[:, None] * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    # Statistics recomputed from the saved row (cheaper than storing them: the row is loaded anyway).
+    mean = tl.sum(v, axis=1) / C
+    centered = tl.where(mask, v - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / C + eps)
+    u = centered * rstd[:, None]
+    # d GELU(u) / du = Phi(u) + u * phi(u)
+    gelu_grad = 0.5 * (1.0 + tl.math.erf(u * _INV_SQRT2)) + u * (_INV_SQRT_2PI * tl.exp(-0.5 * u * u))
+    g = tl.where(mask, dh * gelu_grad, 0.0)
+    mean_g = tl.sum(g, axis=1) / C
+    mean_gu = tl.sum(g * u, axis=1) / C
+    dy = rstd[:, None] * (g - mean_g[:, None] - u * mean_gu[:, None])
+    tl.store(dy_ptr + rows[:, None] * stride_dy + cols[None, :], dy.to(dy_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grouped_conv1d_weight_grad_kernel(
+    x_ptr,  # (B, T, C) layer input, any strides
+    dy_ptr,  # (B, T, C) gradient of the conv output, channel stride 1
+    dw_ptr,  # packed (K, CG, C) fp32 output
+    db_ptr,  # (C,) fp32 output, written by the tap-0 programs
+    B,
+    T,
+    CG,
+    PAD_LEFT,
+    stride_xb,
+    stride_xt,
+    stride_xc,
+    stride_dyb,
+    stride_dyt,
+    C,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_CI: tl.constexpr,
+    BLOCK_CO: tl.constexpr,
+):
+    # dw[tap, i, g*CG + o] = sum_{b, t} x[b, t + tap - PAD_LEFT, g*CG + i] * dy[b, t, g*CG + o]
+    tap = tl.program_id(0)
+    group = tl.program_id(1)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_ci = tl.arange(0, BLOCK_CI)
+    offs_co = tl.arange(0, BLOCK_CO)
+    ci_mask = offs_ci < CG
+    co_mask = offs_co < CG
+    x_group = x_ptr + group * CG * stride_xc
+    dy_group = dy_ptr + group * CG
+    acc = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=tl.float32)
+    bias_acc = tl.zeros((BLOCK_CO,), dtype=tl.float32)
+    num_t_blocks = tl.cdiv(T, BLOCK_T)
+    for step in range(0, B * num_t_blocks):
+        batch = step // num_t_blocks
+        t = (step % num_t_blocks) * BLOCK_T + offs_t
+        t_mask = t < T
+        rows = t + (tap - PAD_LEFT)
+        row_mask = (rows >= 0) & (rows < T) & t_mask
+        # x tile loaded transposed: (input channels, frames)
+        xt = tl.load(
+            x_group + batch * stride_xb + offs_ci[:, None] * stride_xc + rows[None, :] * stride_xt,
+            mask=ci_mask[:, None] & row_mask[None, :],
+            other=0.0,
+        )
+        dy = tl.load(
+            dy_group + batch * stride_dyb + t[:, None] * stride_dyt + offs_co[None, :],
+            mask=t_mask[:, None] & co_mask[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(xt, dy, acc, input_precision=DOT_PRECISION)
+        bias_acc += tl.sum(dy.to(tl.float32), axis=0)
+    dw_ptrs = dw_ptr + tap * (CG * C) + offs_ci[:, None] * C + (group * CG + offs_co)[None, :]
+    tl.store(dw_ptrs, acc, mask=ci_mask[:, None] & co_mask[None, :])
+    tl.store(db_ptr + group * CG + offs_co, bias_acc, mask=co_mask & (tap == 0))
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+
+def _group_block(group_channels: int) -> int:
+    return max(16, triton.next_power_of_2(group_channels))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs keep full precision (the fp32 contract is ~1e-5 relative); tf32 only matters for fp32.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _ln_blocks(channels: int) -> tuple[int, int]:
+    block_c = max(LN_MIN_BLOCK_C, triton.next_power_of_2(channels))
+    return max(1, LN_ELEMENTS_PER_PROGRAM // block_c), block_c
+
+
+def _ln_warps(block_c: int) -> int:
+    return 8 if block_c >= 2048 else 4
+
+
+def pack_weight(weight: torch.Tensor, groups: int, *, dtype: torch.dtype, transpose: bool = False) -> torch.Tensor:
+    """(C, CG, K) conv weight -> packed (K, CG, C) in ``dtype`` (see module docstring).
+
+    ``transpose=True`` packs the weights of the input-gradient conv: taps flipped and input /
+    output channels swapped inside each group.
+    """
+    channels, group_channels, k = weight.shape
+    w = weight.detach().to(dtype).view(groups, group_channels, group_channels, k)  # (g, out, in, tap)
+    if transpose:
+        w = w.flip(-1).transpose(1, 2)  # (g, in -> out, out -> in, flipped tap)
+    return w.permute(3, 2, 0, 1).reshape(k, group_channels, channels).contiguous()
+
+
+def unpack_weight_grad(packed: torch.Tensor, groups: int) -> torch.Tensor:
+    """Packed (K, CG, C) gradient -> (C, CG, K) in the conv weight's layout."""
+    k, group_channels, channels = packed.shape
+    return (
+        packed.view(k, group_channels, groups, group_channels).permute(2, 3, 1, 0).reshape(channels, group_channels, k)
+    )
+
+
+def grouped_conv1d(x, packed_weight, bias, *, pad_left: int, out=None):
+    """Channels-last grouped conv: x (B, T, C) any strides, packed_weight (K, CG, C) from
+    :func:`pack_weight`, bias (C,) or None. Output frame t reads input frames t - pad_left ..
+    t - pad_left + K - 1 (zero outside [0, T)). Returns (B, T, C) in x's dtype (or writes ``out``,
+    channel stride 1). fp32 accumulation."""
+    batch, frames, channels = x.shape
+    k, group_channels, _ = packed_weight.shape
+    if out is None:
+        out = torch.empty((batch, frames, channels), device=x.device, dtype=x.dtype)
+    block_co = _group_block(group_channels)
+    grid = (triton.cdiv(frames, CONV_BLOCK_T), channels // group_channels, batch)
+    _grouped_conv1d_kernel[grid](
+        x,
+        packed_weight,
+        bias if bias is not None else torch.zeros((channels,), device=x.device, dtype=x.dtype),
+        out,
+        frames,
+        group_channels,
+        k,
+        pad_left,
+        *x.stride(),
+        out.stride(0),
+        out.stride(1),
+        channels,
+        DOT_PRECISION=_dot_precision(x.dtype),
+        BLOCK_T=CONV_BLOCK_T,
+        BLOCK_CI=min(CONV_BLOCK_CI, block_co),
+        BLOCK_CO=block_co,
+        num_warps=CONV_WARPS,
+        num_stages=CONV_STAGES,
+    )
+    return out
+
+
+def grouped_conv1d_weight_grad(x, grad_y, *, group_channels: int, kernel_size: int, pad_left: int):
+    """dweight (packed (K, CG, C), fp32) and dbias ((C,), fp32) of :func:`grouped_conv1d`.
+
+    x: (B, T, C) the conv's input, any strides; grad_y: (B, T, C), channel stride 1."""
+    batch, frames, channels = x.shape
+    dw = torch.empty((kernel_size, group_channels, channels), device=x.device, dtype=torch.float32)
+    db = torch.empty((channels,), device=x.device, dtype=torch.float32)
+    block = _group_block(group_channels)
+    grid = (kernel_size, channels // group_channels)
+    _grouped_conv1d_weight_grad_kernel[grid](
+        x,
+        grad_y,
+        dw,
+        db,
+        batch,
+        frames,
+        group_channels,
+        pad_left,
+        *x.stride(),
+        grad_y.stride(0),
+        grad_y.stride(1),
+        channels,
+        DOT_PRECISION=_dot_precision(x.dtype),
+        BLOCK_T=WGRAD_BLOCK_T,
+        BLOCK_CI=block,
+        BLOCK_CO=block,
+        num_warps=WGRAD_WARPS,
+        num_stages=WGRAD_STAGES,
+    )
+    return dw, db
+
+
+def layer_norm_gelu_rows(y, eps: float, *, out=None):
+    """GELU(LayerNorm(y)) over the last dim, no affine. y: (..., C) with rows of stride C.
+    ``out`` may be ``y`` (in place). Returns a tensor like y."""
+    channels = y.shape[-1]
+    y2 = y.view(-1, channels)
+    out = torch.empty_like(y) if out is None else out
+    block_rows, block_c = _ln_blocks(channels)
+    grid = (triton.cdiv(y2.shape[0], block_rows),)
+    _layer_norm_gelu_fwd_kernel[grid](
+        y2,
+        out.view(-1, channels),
+        y2.shape[0],
+        channels,
+        eps,
+        y2.stride(0),
+        channels,
+        BLOCK_ROWS=block_rows,
+        BLOCK_C=block_c,
+        num_warps=_ln_warps(block_c),
+    )
+    return out
+
+
+def layer_norm_gelu_rows_backward(y, grad_h, eps: float):
+    """Gradient of :func:`layer_norm_gelu_rows` w.r.t. y, in y's dtype (fp32 math).
+    y, grad_h: (..., C) contiguous."""
+    channels = y.shape[-1]
+    y2 = y.view(-1, channels)
+    dh2 = grad_h.view(-1, channels)
+    dy = torch.empty_like(y)
+    block_rows, block_c = _ln_blocks(channels)
+    grid = (triton.cdiv(y2.shape[0], block_rows),)
+    _layer_norm_gelu_bwd_kernel[grid](
+        y2,
+        dh2,
+        dy.view(-1, channels),
+        y2.shape[0],
+        channels,
+        eps,
+        y2.stride(0),
+        dh2.stride(0),
+        channels,
+        BLOCK_ROWS=block_rows,
+        BLOCK_C=block_c,
+        num_warps=_ln_warps(block_c),
+    )
+    return dy
+
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time compile list
+# --------------------------------------------------------------------------------------------
+
+_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def aot_variants() -> list[AotVariant]:
+    """Every configuration the launchers above pick: dtype x group block; dtype x LN row block."""
+    variants = []
+    for dtype, ty in _TRITON_DTYPE.items():
+        precision = _dot_precision(dtype)
+        block_co = 16
+        while block_co <= max(16, MAX_GROUP_CHANNELS):
+            variants.append(
+                AotVariant(
+                    name=f"conv_{ty}_co{block_co}",
+                    fn=_grouped_conv1d_kernel,
+                    signature={"x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "y_ptr": f"*{ty}"}
+                    | dict.fromkeys(("T", "CG", "K", "PAD_LEFT", "stride_xb", "stride_xt", "stride_xc"), "i32")
+                    | dict.fromkeys(("stride_yb", "stride_yt", "C"), "i32")
+                    | dict.fromkeys(("DOT_PRECISION", "BLOCK_T", "BLOCK_CI", "BLOCK_CO"), "constexpr"),
+                    constexprs={
+                        "DOT_PRECISION": precision,
+                        "BLOCK_T": CONV_BLOCK_T,
+                        "BLOCK_CI": min(CONV_BLOCK_CI, block_co),
+                        "BLOCK_CO": block_co,
+                    },
+                    num_warps=CONV_WARPS,
+                    num_stages=CONV_STAGES,
+                )
+            )
+            variants.append(
+                AotVariant(
+                    name=f"wgrad_{ty}_c{block_co}",
+                    fn=_grouped_conv1d_weight_grad_kernel,
+                    signature={"x_ptr": f"*{ty}", "dy_ptr": f"*{ty}", "dw_ptr": "*fp32", "db_ptr": "*fp32"}
+                    | dict.fromkeys(("B", "T", "CG", "PAD_LEFT", "stride_xb", "stride_xt", "stride_xc"), "i32")
+                    | dict.fromkeys(("stride_dyb", "stride_dyt", "C"), "i32")
+                    | dict.fromkeys(("DOT_PRECISION", "BLOCK_T", "BLOCK_CI", "BLOCK_CO"), "constexpr"),
+                    constexprs={
+                        "DOT_PRECISION": precision,
+                        "BLOCK_T": WGRAD_BLOCK_T,
+                        "BLOCK_CI": block_co,
+                        "BLOCK_CO": block_co,
+                    },
+                    num_warps=WGRAD_WARPS,
+                    num_stages=WGRAD_STAGES,
+                )
+            )
+            block_co *= 2
+        block_c = LN_MIN_BLOCK_C
+        while block_c <= MAX_CHANNELS:
+            block_rows, _ = _ln_blocks(block_c)
+            blocks = {"BLOCK_ROWS": block_rows, "BLOCK_C": block_c}
+            scalars = dict.fromkeys(("n_rows", "C"), "i32") | {"eps": "fp32"}
+            variants.append(
+                AotVariant(
+                    name=f"ln_gelu_fwd_{ty}_c{block_c}",
+                    fn=_layer_norm_gelu_fwd_kernel,
+                    signature={"y_ptr": f"*{ty}", "h_ptr": f"*{ty}"}
+                    | scalars
+                    | dict.fromkeys(("stride_y", "stride_h"), "i32")
+                    | dict.fromkeys(blocks, "constexpr"),
+                    constexprs=blocks,
+                    num_warps=_ln_warps(block_c),
+                )
+            )
+            variants.append(
+                AotVariant(
+                    name=f"ln_gelu_bwd_{ty}_c{block_c}",
+                    fn=_layer_norm_gelu_bwd_kernel,
+                    signature={"y_ptr": f"*{ty}", "dh_ptr": f"*{ty}", "dy_ptr": f"*{ty}"}
+                    | scalars
+                    | dict.fromkeys(("stride_y", "stride_dh", "stride_dy"), "i32")
+                    | dict.fromkeys(blocks, "constexpr"),
+                    constexprs=blocks,
+                    num_warps=_ln_warps(block_c),
+                )
+            )
+            block_c *= 2
+    return variants
