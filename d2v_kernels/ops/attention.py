@@ -12,6 +12,8 @@ gives: uniform weights over all keys.
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from d2v_kernels import dispatch
@@ -67,6 +69,146 @@ def attention_reference(
     return (out, probs) if return_probs else out
 
 
+# --------------------------------------------------------------------------------------------
+# Triton path: torch.library ops (forward returns the per-row logsumexp the backward needs)
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("d2v_kernels::attention_fwd", mutates_args=())
+def _attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias_table: torch.Tensor | None,
+    bias_index: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    seed: torch.Tensor | None,
+    causal: bool,
+    dropout_p: float,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (out (B, Nq, H, d) contiguous, lse (B, H, Nq) fp32, log2 units)."""
+    from d2v_kernels.kernels.attention import attention_forward
+
+    return attention_forward(q, k, v, bias_table, bias_index, bias, key_padding_mask, seed, causal, dropout_p, scale)
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, bias_table, bias_index, bias, key_padding_mask, seed, causal, dropout_p, scale):
+    b, n_q, h, d = q.shape
+    return q.new_empty((b, n_q, h, d)), q.new_empty((b, h, n_q), dtype=torch.float32)
+
+
+@torch.library.custom_op("d2v_kernels::attention_bwd", mutates_args=())
+def _attention_bwd(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    bias_table: torch.Tensor | None,
+    bias_index: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    seed: torch.Tensor | None,
+    causal: bool,
+    dropout_p: float,
+    scale: float,
+    table_grad: bool,
+    bias_grad: bool,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dq, dk, dv, dbias_table, dbias); a gradient not asked for is an empty tensor."""
+    from d2v_kernels.kernels.attention import attention_backward
+
+    dq, dk, dv, dtable, dbias = attention_backward(
+        grad_out, q, k, v, out, lse, bias_table, bias_index, bias, key_padding_mask, seed, causal, dropout_p,
+        scale, table_grad, bias_grad, deterministic,
+    )  # fmt: skip
+    return dq, dk, dv, q.new_empty(0) if dtable is None else dtable, q.new_empty(0) if dbias is None else dbias
+
+
+@_attention_bwd.register_fake
+def _(grad_out, q, k, v, out, lse, bias_table, bias_index, bias, key_padding_mask, seed, causal, dropout_p,
+      scale, table_grad, bias_grad, deterministic):  # fmt: skip
+    return (
+        q.new_empty(q.shape),
+        k.new_empty(k.shape),
+        v.new_empty(v.shape),
+        torch.empty_like(bias_table) if table_grad else q.new_empty(0),
+        torch.empty_like(bias) if bias_grad else q.new_empty(0),
+    )
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, bias_table, bias_index, bias, key_padding_mask, seed, causal, dropout_p, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, bias_table, bias_index, bias, key_padding_mask, seed)
+    ctx.causal, ctx.dropout_p, ctx.scale = causal, dropout_p, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, bias_table, bias_index, bias, key_padding_mask, seed = ctx.saved_tensors
+    table_grad = bias_table is not None and ctx.needs_input_grad[3]
+    bias_grad = bias is not None and ctx.needs_input_grad[5]
+    dq, dk, dv, dtable, dbias = _attention_bwd(
+        grad_out, q, k, v, out, lse, bias_table, bias_index, bias, key_padding_mask, seed, ctx.causal,
+        ctx.dropout_p, ctx.scale, table_grad, bias_grad, torch.are_deterministic_algorithms_enabled(),
+    )  # fmt: skip
+    return (
+        dq,
+        dk,
+        dv,
+        dtable if table_grad else None,
+        None,
+        dbias if bias_grad else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+_attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+
+
+def attention_triton(
+    q,
+    k,
+    v,
+    *,
+    bias_table=None,
+    bias_index=None,
+    bias=None,
+    key_padding_mask=None,
+    causal=False,
+    dropout_p=0.0,
+    scale=None,
+):
+    """The Triton path of :func:`attention` (arguments already validated)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    seed = None
+    if dropout_p > 0.0:
+        # Drawn from torch's generator of the input's device, so torch.manual_seed repeats a run.
+        seed = torch.randint(0, 2**31 - 1, (2,), device=q.device, dtype=torch.int64)
+    out, _ = _attention_fwd(q, k, v, bias_table, bias_index, bias, key_padding_mask, seed, causal, dropout_p, scale)
+    return out
+
+
+def _triton_unavailable() -> list[str]:
+    return [] if importlib.util.find_spec("triton") is not None else ["triton is not installed"]
+
+
+def _triton_reasons(q, k, v, *, bias_table=None, bias=None, dropout_p=0.0, **_) -> list[str]:
+    from d2v_kernels.kernels.attention import unsupported_reasons
+
+    return unsupported_reasons(q, k.shape[1], dropout_p, {"bias_table": bias_table, "bias": bias})
+
+
 def attention(
     q,
     k,
@@ -105,7 +247,9 @@ def attention(
     if bias_table is not None:
         check_tensor("bias_table", bias_table, ndim=2, dtypes=FLOAT_DTYPES)
         if bias_table.shape[1] != h:
-            raise ValueError(f"bias_table must have shape (R, {h}) (one column per head), got {tuple(bias_table.shape)}")
+            raise ValueError(
+                f"bias_table must have shape (R, {h}) (one column per head), got {tuple(bias_table.shape)}"
+            )
         check_tensor("bias_index", bias_index, ndim=2, dtypes=INDEX_DTYPES)
         if tuple(bias_index.shape) != (n_q, n_k):
             raise ValueError(f"bias_index must have shape ({n_q}, {n_k}) = (Nq, Nk), got {tuple(bias_index.shape)}")
@@ -148,4 +292,13 @@ def attention(
     return dispatch.call("attention", device, q, k, v, **kwargs)
 
 
+dispatch.register(
+    "attention",
+    "triton",
+    attention_triton,
+    _triton_reasons,
+    devices=("cuda",),
+    available=_triton_unavailable,
+    description="fused FlashAttention-2 style kernels, relative position bias gathered in-kernel",
+)
 dispatch.register("attention", "eager", attention_reference, devices=("cpu", "cuda", "meta"))
