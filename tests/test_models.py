@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from model_configs import ALL_CLASSES, build_pair, inputs_for, randomize_, vision_config
 
 import d2v_kernels
 from d2v_kernels import models
+from d2v_kernels.testing import ALL_CLASSES, build_pair, inputs_for, randomize_, vision_config
 
 ATOL = 2e-5
 
@@ -116,7 +116,7 @@ def test_fused_class_save_and_load(class_name, tmp_path):
 
 
 def test_optimize_is_idempotent_and_in_place():
-    reference, fused, _ = build_pair("Data2VecAudioForCTC")
+    _, fused, _ = build_pair("Data2VecAudioForCTC")
     before = [type(m) for m in fused.modules()]
     assert d2v_kernels.optimize(fused) is fused
     assert [type(m) for m in fused.modules()] == before
@@ -124,7 +124,7 @@ def test_optimize_is_idempotent_and_in_place():
 
 
 def test_optimize_rejects_non_modules():
-    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module"):
         d2v_kernels.optimize("not a model")
 
 
@@ -134,7 +134,9 @@ def test_shared_relative_position_bias_and_interpolation():
     fused = d2v_kernels.optimize(models.Data2VecVisionModel(config)).eval()
     fused.load_state_dict(reference.state_dict())
     pixels = torch.randn(2, 3, 56, 56)
-    torch.testing.assert_close(fused(pixels).last_hidden_state, reference(pixels).last_hidden_state, atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(
+        fused(pixels).last_hidden_state, reference(pixels).last_hidden_state, atol=ATOL, rtol=1e-5
+    )
     larger = torch.randn(1, 3, 72, 72)  # another resolution: transformers resizes the table
     torch.testing.assert_close(
         fused(larger, interpolate_pos_encoding=True).last_hidden_state,

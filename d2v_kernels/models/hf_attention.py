@@ -83,15 +83,13 @@ def d2v_kernels_mask(
 
     plain = mask_function is None or mask_function in (mu.causal_mask_function, mu.bidirectional_mask_function)
     if plain:
-        return mu.flash_attention_mask(
-            batch_size=batch_size,
-            q_length=q_length,
-            kv_length=kv_length,
-            q_offset=q_offset,
-            kv_offset=kv_offset,
-            mask_function=mask_function,
-            attention_mask=attention_mask,
-        )
+        if attention_mask is None:
+            return None
+        attention_mask = attention_mask[:, -kv_length:]  # sliced from the right, as for flash attention
+        # An all-ones mask is dropped to save the kernel its loads; not under compile (data-dependent).
+        if not torch.compiler.is_compiling() and attention_mask.shape[1] == kv_length and attention_mask.all():
+            return None
+        return attention_mask
     sdpa_kwargs = {k: v for k, v in kwargs.items() if k not in ("allow_is_causal_skip", "allow_is_bidirectional_skip")}
     return mu.sdpa_mask(
         batch_size=batch_size,

@@ -1,0 +1,190 @@
+"""Small random Data2Vec configs and inputs for every class (odd sizes on purpose): used by the
+tests and by `d2v-kernels validate`."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+AUDIO_CLASSES = (
+    "Data2VecAudioModel",
+    "Data2VecAudioForCTC",
+    "Data2VecAudioForSequenceClassification",
+    "Data2VecAudioForAudioFrameClassification",
+    "Data2VecAudioForXVector",
+)
+VISION_CLASSES = (
+    "Data2VecVisionModel",
+    "Data2VecVisionForImageClassification",
+    "Data2VecVisionForSemanticSegmentation",
+)
+TEXT_CLASSES = (
+    "Data2VecTextModel",
+    "Data2VecTextForCausalLM",
+    "Data2VecTextForMaskedLM",
+    "Data2VecTextForSequenceClassification",
+    "Data2VecTextForMultipleChoice",
+    "Data2VecTextForTokenClassification",
+    "Data2VecTextForQuestionAnswering",
+)
+ALL_CLASSES = AUDIO_CLASSES + VISION_CLASSES + TEXT_CLASSES
+
+
+def audio_config(**overrides):
+    kwargs = dict(
+        hidden_size=48,
+        num_attention_heads=3,
+        num_hidden_layers=2,
+        intermediate_size=72,
+        conv_dim=(40, 40, 40),
+        conv_kernel=(10, 3, 2),
+        conv_stride=(5, 2, 2),
+        num_conv_pos_embeddings=2,
+        num_conv_pos_embedding_groups=4,
+        conv_pos_kernel_size=5,
+        vocab_size=23,
+        num_labels=3,
+        tdnn_dim=(32, 32),
+        tdnn_kernel=(3, 1),
+        tdnn_dilation=(1, 2),
+        xvector_output_dim=16,
+        classifier_proj_size=24,
+        hidden_dropout=0.0,
+        activation_dropout=0.0,
+        attention_dropout=0.0,
+        feat_proj_dropout=0.0,
+        final_dropout=0.0,
+        layerdrop=0.0,
+        mask_time_prob=0.0,
+        ctc_loss_reduction="mean",
+        pad_token_id=0,
+    )
+    kwargs.update(overrides)
+    return transformers.Data2VecAudioConfig(**kwargs)
+
+
+def vision_config(**overrides):
+    kwargs = dict(
+        hidden_size=48,
+        num_attention_heads=3,
+        num_hidden_layers=4,
+        intermediate_size=72,
+        image_size=56,
+        patch_size=8,  # 7 x 7 patches + CLS = 50 tokens
+        use_relative_position_bias=True,
+        use_shared_relative_position_bias=False,
+        layer_scale_init_value=0.1,
+        drop_path_rate=0.0,
+        num_labels=3,
+        out_indices=[0, 1, 2, 3],
+        pool_scales=(1, 2),
+        auxiliary_channels=16,
+        channels=16,
+    )
+    kwargs.update(overrides)
+    return transformers.Data2VecVisionConfig(**kwargs)
+
+
+def text_config(**overrides):
+    kwargs = dict(
+        vocab_size=99,
+        hidden_size=48,
+        num_attention_heads=3,
+        num_hidden_layers=2,
+        intermediate_size=72,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=3,
+    )
+    kwargs.update(overrides)
+    return transformers.Data2VecTextConfig(**kwargs)
+
+
+def config_for(class_name: str, **overrides):
+    if class_name.startswith("Data2VecAudio"):
+        return audio_config(**overrides)
+    if class_name.startswith("Data2VecVision"):
+        return vision_config(**overrides)
+    if class_name == "Data2VecTextForCausalLM":
+        overrides.setdefault("is_decoder", True)
+    if class_name == "Data2VecTextForQuestionAnswering":
+        overrides.setdefault("num_labels", 2)
+    return text_config(**overrides)
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Perturb every parameter so nothing is tested on zeros (bias tables start at zero)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            scale = 0.5 if "relative_position_bias_table" in name else 0.05
+            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
+    return model
+
+
+def inputs_for(class_name: str, config, *, batch: int = 2, labels: bool = True, seed: int = 1) -> dict:
+    """Inputs with padding that differs per row, and labels for the loss."""
+    gen = torch.Generator().manual_seed(seed)
+    if class_name.startswith("Data2VecAudio"):
+        samples = 1601  # -> 319 -> 159 -> 79 frames
+        wave = torch.randn(batch, samples, generator=gen)
+        mask = torch.ones(batch, samples, dtype=torch.long)
+        mask[-1, 1203:] = 0
+        wave[-1, 1203:] = 0.0
+        out = {"input_values": wave, "attention_mask": mask}
+        if labels:
+            if class_name == "Data2VecAudioForCTC":
+                lab = torch.randint(1, config.vocab_size, (batch, 9), generator=gen)
+                lab[-1, 6:] = -100
+                out["labels"] = lab
+            elif class_name == "Data2VecAudioForAudioFrameClassification":
+                pass  # its loss needs one-hot labels per frame; outputs and gradients are compared
+            elif class_name != "Data2VecAudioModel":
+                out["labels"] = torch.randint(0, config.num_labels, (batch,), generator=gen)
+        return out
+    if class_name.startswith("Data2VecVision"):
+        pixels = torch.randn(batch, 3, config.image_size, config.image_size, generator=gen)
+        out = {"pixel_values": pixels}
+        if labels and class_name == "Data2VecVisionForImageClassification":
+            out["labels"] = torch.randint(0, config.num_labels, (batch,), generator=gen)
+        if labels and class_name == "Data2VecVisionForSemanticSegmentation":
+            out["labels"] = torch.randint(
+                0, config.num_labels, (batch, config.image_size, config.image_size), generator=gen
+            )
+        return out
+    length = 13
+    shape = (batch, 3, length) if class_name == "Data2VecTextForMultipleChoice" else (batch, length)
+    ids = torch.randint(3, config.vocab_size, shape, generator=gen)
+    mask = torch.ones(shape, dtype=torch.long)
+    mask[-1, ..., 9:] = 0
+    ids[-1, ..., 9:] = config.pad_token_id
+    out = {"input_ids": ids, "attention_mask": mask}
+    if labels:
+        if class_name in ("Data2VecTextForCausalLM", "Data2VecTextForMaskedLM"):
+            out["labels"] = torch.where(mask.bool(), ids, -100)
+        elif class_name == "Data2VecTextForTokenClassification":
+            out["labels"] = torch.randint(0, config.num_labels, shape, generator=gen)
+        elif class_name == "Data2VecTextForQuestionAnswering":
+            out["start_positions"] = torch.tensor([1, 4])[:batch]
+            out["end_positions"] = torch.tensor([3, 7])[:batch]
+        elif class_name == "Data2VecTextForMultipleChoice":
+            out["labels"] = torch.randint(0, 3, (batch,), generator=gen)
+        elif class_name == "Data2VecTextForSequenceClassification":
+            out["labels"] = torch.randint(0, config.num_labels, (batch,), generator=gen)
+    return out
+
+
+def build_pair(class_name: str, **config_overrides):
+    """(transformers model with eager attention, an optimize()d deep copy), same weights."""
+    import copy
+
+    import d2v_kernels
+
+    config = config_for(class_name, **config_overrides)
+    config._attn_implementation = "eager"  # the reference that can return attention weights
+    torch.manual_seed(0)
+    reference = getattr(transformers, class_name)(config)
+    randomize_(reference)
+    fused = d2v_kernels.optimize(copy.deepcopy(reference))
+    return reference, fused, config

@@ -1,0 +1,158 @@
+"""Bad input raises a clear error naming the argument and what was expected."""
+
+import pytest
+import torch
+
+from d2v_kernels import ops
+
+
+def qkv(b=2, n=5, h=3, d=16, dtype=torch.float32):
+    return [torch.randn(b, n, h, d, dtype=dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda: ops.attention(*qkv()[:2], torch.randn(2, 5, 3)), ValueError, "v must have 4 dimensions"),
+        (lambda: ops.attention(torch.randn(2, 5, 3, 16), *qkv(dtype=torch.float16)[:2]), TypeError, "share one dtype"),
+        (lambda: ops.attention(*qkv(), bias_table=torch.randn(10, 3)), ValueError, "given together"),
+        (
+            lambda: ops.attention(
+                *qkv(), bias_table=torch.randn(10, 2), bias_index=torch.zeros(5, 5, dtype=torch.long)
+            ),
+            ValueError,
+            "bias_table must have shape",
+        ),
+        (
+            lambda: ops.attention(
+                *qkv(), bias_table=torch.randn(10, 3), bias_index=torch.zeros(5, 4, dtype=torch.long)
+            ),
+            ValueError,
+            "bias_index must have shape",
+        ),
+        (
+            lambda: ops.attention(*qkv(), bias_table=torch.randn(10, 3), bias_index=torch.zeros(5, 5)),
+            TypeError,
+            "bias_index must have dtype",
+        ),
+        (lambda: ops.attention(*qkv(), bias=torch.randn(2, 3, 5, 4)), ValueError, "bias must be broadcastable"),
+        (lambda: ops.attention(*qkv(), key_padding_mask=torch.ones(2, 4, dtype=torch.bool)), ValueError, r"\(B, Nk\)"),
+        (
+            lambda: ops.attention(*qkv(), key_padding_mask=torch.ones(2, 5)),
+            TypeError,
+            "key_padding_mask must have dtype",
+        ),
+        (lambda: ops.attention(*qkv(), dropout_p=1.0), ValueError, "dropout_p must be a float in"),
+        (lambda: ops.attention(*qkv(), causal=1), TypeError, "causal must be a bool"),
+        (lambda: ops.attention(*qkv(), scale="x"), TypeError, "scale must be a float"),
+        (lambda: ops.attention("q", *qkv()[:2]), TypeError, "q must be a torch.Tensor"),
+        (lambda: ops.attention(*[t.int() for t in qkv()]), TypeError, "q must have dtype"),
+        (
+            lambda: ops.attention(torch.randn(2, 5, 3, 16), torch.randn(2, 5, 3, 8), torch.randn(2, 5, 3, 8)),
+            ValueError,
+            "k must have shape",
+        ),
+        (lambda: ops.layer_norm_gelu(torch.randn(4, 8), torch.randn(7)), ValueError, "weight must have shape"),
+        (lambda: ops.layer_norm_gelu(torch.randn(4, 8), channels_dim=2), ValueError, "channels_dim must be in"),
+        (lambda: ops.layer_norm_gelu(torch.randn(4, 8), approximate="fast"), ValueError, "approximate must be one of"),
+        (lambda: ops.layer_norm_gelu(torch.randn(4, 8), eps=0.0), ValueError, "eps must be a positive float"),
+        (lambda: ops.layer_norm_gelu(torch.ones(4, 8, dtype=torch.long)), TypeError, "x must have dtype"),
+        (
+            lambda: ops.add_layer_norm(torch.randn(4, 8), torch.randn(4, 7), None, None),
+            ValueError,
+            "residual must have x's shape",
+        ),
+        (
+            lambda: ops.add_layer_norm(torch.randn(4, 8), torch.randn(4, 8).half(), None, None),
+            TypeError,
+            "residual must have x's dtype",
+        ),
+        (
+            lambda: ops.add_layer_norm(torch.randn(4, 8), torch.randn(4, 8), None, None, return_sum=1),
+            TypeError,
+            "return_sum",
+        ),
+        (lambda: ops.pos_conv(torch.randn(2, 9, 48), [torch.randn(48, 12, 5)], [None], groups=5), ValueError, "groups"),
+        (
+            lambda: ops.pos_conv(torch.randn(2, 9, 48), [torch.randn(48, 8, 5)], [None], groups=4),
+            ValueError,
+            r"weights\[0\]",
+        ),
+        (
+            lambda: ops.pos_conv(
+                torch.randn(2, 9, 48), [torch.randn(48, 12, 5), torch.randn(48, 12, 4)], [None, None], groups=4
+            ),
+            ValueError,
+            "one kernel size",
+        ),
+        (
+            lambda: ops.pos_conv(torch.randn(9, 48), [torch.randn(48, 12, 5)], [None], groups=4),
+            ValueError,
+            "x must have 3",
+        ),
+        (
+            lambda: ops.pos_conv(torch.randn(2, 9, 48), [torch.randn(48, 12, 5)], [None, None], groups=4),
+            ValueError,
+            "biases",
+        ),
+        (
+            lambda: ops.conv_feature_extractor(
+                torch.randn(2, 100), [torch.randn(8, 2, 10)], [None], [None], strides=[5]
+            ),
+            ValueError,
+            r"conv_weights\[0\] must have 1 input channels",
+        ),
+        (
+            lambda: ops.conv_feature_extractor(torch.randn(2, 5), [torch.randn(8, 1, 10)], [None], [None], strides=[5]),
+            ValueError,
+            "too few",
+        ),
+        (
+            lambda: ops.conv_feature_extractor(
+                torch.randn(2, 100), [torch.randn(8, 1, 10)], [None], [None], strides=[0]
+            ),
+            ValueError,
+            r"strides\[0\] must be a positive int",
+        ),
+        (
+            lambda: ops.conv_feature_extractor(
+                torch.randn(2, 100), [torch.randn(8, 1, 10)], [torch.randn(7)], [None], strides=[5]
+            ),
+            ValueError,
+            r"ln_weights\[0\] must have shape \(8,\)",
+        ),
+        (
+            lambda: ops.conv_feature_extractor(torch.randn(100), [torch.randn(8, 1, 10)], [None], [None], strides=[5]),
+            ValueError,
+            "wave must have 2",
+        ),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_bad_input_raises(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_device_mix_raises():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="one device"):
+        ops.attention(q, k, v.to("meta"))
+    with pytest.raises(ValueError, match="one device"):
+        ops.layer_norm_gelu(torch.randn(4, 8), torch.randn(8, device="meta"))
+
+
+def test_extreme_values_stay_finite():
+    q, k, v = qkv()
+    out = ops.attention(q * 1e3, k * 1e3, v)
+    assert torch.isfinite(out).all()
+    y = ops.layer_norm_gelu(torch.full((3, 8), 1e4) + torch.randn(3, 8))
+    assert torch.isfinite(y).all()
+
+
+def test_fully_masked_row_is_uniform_like_transformers():
+    q, k, v = qkv(b=2, n=6)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1] = False
+    out = ops.attention(q, k, v, key_padding_mask=mask)
+    torch.testing.assert_close(out[1], v[1].mean(0, keepdim=True).expand(6, -1, -1))

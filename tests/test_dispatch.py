@@ -1,0 +1,122 @@
+"""Dispatch: forced backends, reasons, warn-once, record_dispatch counts, the environment variable."""
+
+import warnings
+
+import pytest
+import torch
+
+import d2v_kernels
+from d2v_kernels import dispatch, ops
+
+
+def _x():
+    return torch.randn(3, 7, 48)
+
+
+def test_record_dispatch_counts_each_call():
+    x = _x()
+    with d2v_kernels.record_dispatch() as outer:
+        ops.layer_norm_gelu(x)
+        with d2v_kernels.record_dispatch() as inner:
+            ops.layer_norm_gelu(x)
+            ops.add_layer_norm(x, x, None, None)
+    assert outer[("layer_norm_gelu", "eager")] == 2
+    assert outer[("add_layer_norm", "eager")] == 1
+    assert inner == {("layer_norm_gelu", "eager"): 1, ("add_layer_norm", "eager"): 1}
+
+
+def test_every_op_registers_eager_last():
+    for op in ("attention", "layer_norm_gelu", "add_layer_norm", "pos_conv", "conv_feature_extractor"):
+        impls = dispatch.implementations(op)
+        assert impls[-1].backend == "eager"
+        assert [i.backend for i in impls] == sorted((i.backend for i in impls), key=dispatch._PRIORITY.get)
+
+
+def test_forced_backend_without_that_implementation_raises_for_named_op():
+    fake = "layer_norm_gelu"
+    backends = {i.backend for i in dispatch.implementations(fake)}
+    missing = next(b for b in ("cuda", "triton") if b not in backends)
+    with pytest.raises(ValueError, match=f"has no '{missing}' implementation"):
+        with d2v_kernels.use_backend(**{fake: missing}):
+            pass
+
+
+def test_global_cuda_backend_raises_with_reasons_for_ops_that_have_it_and_ignores_others():
+    x = _x()
+    with d2v_kernels.use_backend("cuda"):
+        ops.layer_norm_gelu(x)  # no cuda implementation: dispatches as usual
+        wave = torch.randn(1, 400)
+        ws = [torch.randn(8, 1, 10)]
+        if any(i.backend == "cuda" for i in dispatch.implementations("conv_feature_extractor")):
+            with pytest.raises(d2v_kernels.BackendUnavailableError, match="conv_feature_extractor: backend 'cuda'"):
+                ops.conv_feature_extractor(wave, ws, [None], [None], strides=[5])
+
+
+def test_use_backend_validates_names():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with d2v_kernels.use_backend("cudnn"):
+            pass
+    with pytest.raises(ValueError, match="unknown op 'atention'"):
+        with d2v_kernels.use_backend(atention="eager"):
+            pass
+
+
+def test_environment_variable(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_BACKEND, "layer_norm_gelu=eager")
+    assert dispatch.forced_backend("layer_norm_gelu") == ("eager", True)
+    assert dispatch.forced_backend("attention") == (None, False)
+    monkeypatch.setenv(dispatch.ENV_BACKEND, "triton")
+    assert dispatch.forced_backend("attention") == ("triton", False)
+    with d2v_kernels.use_backend(attention="eager"):  # the context manager wins over the environment
+        assert dispatch.forced_backend("attention") == ("eager", True)
+    monkeypatch.setenv(dispatch.ENV_BACKEND, "bogus")
+    with pytest.raises(ValueError, match="D2V_KERNELS_BACKEND"):
+        dispatch.forced_backend("attention")
+
+
+def _fake_op(name, kernel_reasons):
+    calls = []
+    dispatch.register(name, "eager", lambda x: calls.append("eager") or x, devices=("cpu", "cuda", "meta"))
+    dispatch.register(
+        name, "triton", lambda x: calls.append("triton") or x, check=lambda x: list(kernel_reasons), devices=("cuda",)
+    )
+    return calls
+
+
+def test_fallback_warns_once_per_reason_on_cuda_and_forced_backend_raises(monkeypatch):
+    calls = _fake_op("fake_op", ["head dim 200 > 128"])
+    try:
+        device = torch.device("cuda")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                impl = dispatch.select("fake_op", device, torch.empty(1))
+                assert impl.backend == "eager"
+        messages = [str(w.message) for w in caught]
+        assert len(messages) == 1 and "head dim 200 > 128" in messages[0] and "falls back to eager" in messages[0]
+        with pytest.raises(d2v_kernels.BackendUnavailableError, match="head dim 200 > 128"):
+            with d2v_kernels.use_backend(fake_op="triton"):
+                dispatch.select("fake_op", device, torch.empty(1))
+        with warnings.catch_warnings(record=True) as caught:  # CPU is the designed eager path: no warning
+            warnings.simplefilter("always")
+            dispatch.call("fake_op", torch.device("cpu"), torch.empty(1))
+        assert not caught and calls == ["eager"]
+    finally:
+        dispatch._REGISTRY.pop("fake_op")
+
+
+def test_cpu_triton_needs_interpreter_and_forcing(monkeypatch):
+    _fake_op("fake_op2", [])
+    try:
+        cpu = torch.device("cpu")
+        impl = next(i for i in dispatch.implementations("fake_op2") if i.backend == "triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        assert "TRITON_INTERPRET=1 is not set" in dispatch.reasons_for(impl, cpu, torch.empty(1), forced=True)[0]
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert "only when the triton backend is forced" in dispatch.reasons_for(impl, cpu, torch.empty(1))[0]
+        assert dispatch.reasons_for(impl, cpu, torch.empty(1), forced=True) == []
+        assert dispatch.select("fake_op2", cpu, torch.empty(1)).backend == "eager"
+        with d2v_kernels.use_backend("triton"):
+            assert dispatch.select("fake_op2", cpu, torch.empty(1)).backend == "triton"
+    finally:
+        dispatch._REGISTRY.pop("fake_op2")
