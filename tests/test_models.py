@@ -177,3 +177,44 @@ def test_attn_implementation_registry_from_pretrained(tmp_path):
     assert calls[("attention", "eager")] == config.num_hidden_layers
     model.set_attn_implementation("eager")
     torch.testing.assert_close(logits, model(**inputs).logits, atol=ATOL, rtol=1e-5)
+
+
+def _enable_checkpointing(model):
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def test_gradient_checkpointing_and_frozen_feature_encoder():
+    reference, fused, config = build_pair("Data2VecAudioForCTC")
+    for model in (reference, fused):
+        model.train()
+        _enable_checkpointing(model)
+        model.freeze_feature_encoder()
+    inputs = inputs_for("Data2VecAudioForCTC", config)
+    loss_ref = reference(**inputs).loss
+    loss = fused(**inputs).loss
+    torch.testing.assert_close(loss, loss_ref, atol=ATOL, rtol=1e-5)
+    loss_ref.backward()
+    loss.backward()
+    for (name, p_ref), (_, p) in zip(reference.named_parameters(), fused.named_parameters()):
+        if name.startswith("data2vec_audio.feature_extractor"):
+            assert p.grad is None and not p.requires_grad, name
+        elif p_ref.grad is not None:
+            torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_feature_encoder_gradient_checkpointing_without_freezing():
+    reference, fused, config = build_pair("Data2VecAudioModel")
+    for model in (reference, fused):
+        model.train()
+        _enable_checkpointing(model)
+    inputs = inputs_for("Data2VecAudioModel", config)
+    reference(**inputs).last_hidden_state.square().mean().backward()
+    fused(**inputs).last_hidden_state.square().mean().backward()
+    conv = "data2vec_audio.feature_extractor.conv_layers.0.conv.weight"
+    ref_grad = dict(reference.named_parameters())[conv.removeprefix("data2vec_audio.")].grad
+    grad = dict(fused.named_parameters())[conv.removeprefix("data2vec_audio.")].grad
+    assert ref_grad is not None
+    torch.testing.assert_close(grad, ref_grad, atol=1e-4, rtol=1e-4)
