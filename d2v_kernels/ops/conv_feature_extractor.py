@@ -3,19 +3,34 @@
 Seven layers in the base config: kernels (10, 3, 3, 3, 3, 2, 2), strides (5, 2, 2, 2, 2, 2, 2),
 512 channels, conv without bias, LayerNorm with affine (``feat_extract_norm="layer"``). The op
 takes the waveform (B, S) and returns features channels-last (B, T, C).
+
+The ``cuda`` backend is the C++/CUDA extension ``d2v_kernels._C`` (``csrc/``): each layer is one
+kernel, conv with the LayerNorm + GELU in its epilogue, channels-last between layers. Its backward
+saves nothing but the inputs: it reruns the fused forward to get every layer's input, then walks
+the layers backwards, recomputing each layer's conv output (cuDNN) and using torch's LayerNorm,
+GELU and convolution backward ops.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from d2v_kernels import dispatch
-from d2v_kernels.ops._checks import check_eps, check_param_list, check_same_device, check_tensor
+from d2v_kernels._extension import extension_reasons
+from d2v_kernels._extension import module as extension_module
+from d2v_kernels.ops._checks import KERNEL_DTYPES, check_eps, check_param_list, check_same_device, check_tensor
+
+# Limits of the CUDA kernels; they mirror csrc/conv_feature_extractor.h (a GPU test compares).
+MAX_CHANNELS = 512
+MAX_LAYER0_KERNEL = 32
+MAX_LAYER0_STRIDE = 32
+MAX_BATCH = 65535
+MIN_COMPUTE_CAPABILITY = (8, 0)
 
 
-def conv_feature_extractor_reference(
-    wave, conv_weights, ln_weights, ln_biases, *, strides, conv_biases=None, eps=1e-5
-):
+def conv_feature_extractor_reference(wave, conv_weights, ln_weights, ln_biases, *, strides, conv_biases=None, eps=1e-5):
     """Eager PyTorch: what ``Data2VecAudioFeatureEncoder`` computes, returned as (B, T, C)."""
     h = wave[:, None]
     conv_biases = conv_biases if conv_biases is not None else [None] * len(conv_weights)
@@ -31,6 +46,193 @@ def output_length(length: int, kernels, strides) -> int:
     for k, s in zip(kernels, strides):
         length = (length - k) // s + 1
     return length
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA extension: torch.library registration, backward, dispatch hooks
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("d2v_kernels::conv_feature_extractor_cuda", mutates_args=(), device_types="cuda")
+def _conv_feature_extractor_cuda(
+    wave: Tensor,
+    conv_weights: list[Tensor],
+    ln_weights: list[Tensor],
+    ln_biases: list[Tensor],
+    conv_biases: list[Tensor],
+    strides: list[int],
+    eps: float,
+) -> Tensor:
+    """Fused forward: wave (B, S) -> (B, T, C_last). ``conv_biases`` is [] for bias-free convs."""
+    ext = extension_module()
+    return ext.forward(wave, conv_weights, ln_weights, ln_biases, conv_biases, strides, eps, False)[0]
+
+
+@_conv_feature_extractor_cuda.register_fake
+def _(wave, conv_weights, ln_weights, ln_biases, conv_biases, strides, eps):
+    frames = output_length(wave.shape[1], [w.shape[2] for w in conv_weights], strides)
+    return wave.new_empty((wave.shape[0], frames, conv_weights[-1].shape[0]))
+
+
+@torch.library.custom_op("d2v_kernels::conv_feature_extractor_cuda_layers", mutates_args=(), device_types="cuda")
+def _conv_feature_extractor_cuda_layers(
+    wave: Tensor,
+    conv_weights: list[Tensor],
+    ln_weights: list[Tensor],
+    ln_biases: list[Tensor],
+    conv_biases: list[Tensor],
+    strides: list[int],
+    eps: float,
+) -> list[Tensor]:
+    """Fused forward keeping every layer's output [(B, T_i, C_i)] (the backward's recompute)."""
+    ext = extension_module()
+    return list(ext.forward(wave, conv_weights, ln_weights, ln_biases, conv_biases, strides, eps, True))
+
+
+@_conv_feature_extractor_cuda_layers.register_fake
+def _(wave, conv_weights, ln_weights, ln_biases, conv_biases, strides, eps):
+    outputs, length = [], wave.shape[1]
+    for w, stride in zip(conv_weights, strides):
+        length = (length - w.shape[2]) // stride + 1
+        outputs.append(wave.new_empty((wave.shape[0], length, w.shape[0])))
+    return outputs
+
+
+def _layers_backward(
+    grad_out, wave, layer_outputs, conv_weights, ln_weights, ln_biases, conv_biases, strides, eps, needs
+):
+    """Gradients of the stack from the output gradient (B, T, C_last) and every layer's output.
+
+    ``layer_outputs[i]`` is layer i's output (B, T_i, C_i) = layer i + 1's input (the last is not
+    used). ``needs`` = (wave, [conv_weights], [ln_weights], [ln_biases], [conv_biases]) flags
+    of what requires a gradient. Per layer, from the last: recompute the conv output z, then
+    LayerNorm + GELU backward and the conv backward with torch ops. Returns the gradients in
+    the same structure (None where not needed).
+    """
+    need_wave, need_w, need_lw, need_lb, need_cb = needs
+    n = len(conv_weights)
+    has_bias = bool(conv_biases)
+    d_w, d_lw, d_lb = [None] * n, [None] * n, [None] * n
+    d_cb = [None] * n if has_bias else []
+    layer_needs = [need_w[i] or need_lw[i] or need_lb[i] or (has_bias and need_cb[i]) for i in range(n)]
+    lowest = 0 if need_wave else next((i for i in range(n) if layer_needs[i]), n)
+    d_wave = None
+    dy = grad_out
+    for i in reversed(range(lowest, n)):
+        w, lw, lb = conv_weights[i], ln_weights[i], ln_biases[i]
+        cb = conv_biases[i] if has_bias else None
+        channels = w.shape[0]
+        x = wave[:, None] if i == 0 else layer_outputs[i - 1].transpose(1, 2)  # (B, C_in, T_in)
+        z = F.conv1d(x, w, cb, stride=strides[i]).transpose(1, 2)  # (B, T, C)
+        a, mean, rstd = torch.ops.aten.native_layer_norm(z, [channels], lw, lb, eps)
+        da = torch.ops.aten.gelu_backward(dy, a)
+        dz, d_lw[i], d_lb[i] = torch.ops.aten.native_layer_norm_backward(
+            da, z, [channels], mean, rstd, lw, lb, [True, need_lw[i], need_lb[i]]
+        )
+        need_dx = i > lowest or (i == 0 and need_wave)
+        dx, d_w[i], d_bias = torch.ops.aten.convolution_backward(
+            dz.transpose(1, 2),
+            x,
+            w,
+            [channels] if cb is not None else None,
+            [strides[i]],
+            [0],
+            [1],
+            False,
+            [0],
+            1,
+            [need_dx, need_w[i], cb is not None and need_cb[i]],
+        )
+        if has_bias:
+            d_cb[i] = d_bias
+        if need_dx:
+            if i == 0:
+                d_wave = dx[:, 0]
+            else:
+                dy = dx.transpose(1, 2)
+    return d_wave, d_w, d_lw, d_lb, d_cb
+
+
+def _setup_context(ctx, inputs, output):
+    wave, conv_weights, ln_weights, ln_biases, conv_biases, strides, eps = inputs
+    ctx.num_layers, ctx.has_bias = len(conv_weights), bool(conv_biases)
+    ctx.strides, ctx.eps = list(strides), eps
+    ctx.needs = (
+        ctx.needs_input_grad[0],
+        [w.requires_grad for w in conv_weights],
+        [p.requires_grad for p in ln_weights],
+        [p.requires_grad for p in ln_biases],
+        [p.requires_grad for p in conv_biases],
+    )
+    ctx.save_for_backward(wave, *conv_weights, *ln_weights, *ln_biases, *conv_biases)
+
+
+def _backward(ctx, grad_out):
+    n = ctx.num_layers
+    wave, *params = ctx.saved_tensors
+    conv_weights, ln_weights, ln_biases = params[:n], params[n : 2 * n], params[2 * n : 3 * n]
+    conv_biases = params[3 * n :] if ctx.has_bias else []
+    args = (conv_weights, ln_weights, ln_biases, conv_biases)
+    layer_outputs = torch.ops.d2v_kernels.conv_feature_extractor_cuda_layers(wave, *args, ctx.strides, ctx.eps)
+    d_wave, d_w, d_lw, d_lb, d_cb = _layers_backward(
+        grad_out, wave, layer_outputs, *args, ctx.strides, ctx.eps, ctx.needs
+    )
+    return d_wave, d_w, d_lw, d_lb, d_cb, None, None
+
+
+_conv_feature_extractor_cuda.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _cuda_check(wave, conv_weights, ln_weights, ln_biases, *, strides, conv_biases=None, eps=1e-5) -> list[str]:
+    """Why the cuda kernels cannot take this (already validated) input; [] when they can."""
+    reasons = []
+    dtype = str(wave.dtype).replace("torch.", "")
+    if wave.dtype not in KERNEL_DTYPES:
+        reasons.append(f"wave is {dtype}; the cuda kernels take float16, bfloat16 or float32")
+    params = [(f"conv_weights[{i}]", w) for i, w in enumerate(conv_weights)]
+    for name, values in (("ln_weights", ln_weights), ("ln_biases", ln_biases), ("conv_biases", conv_biases or [])):
+        params += [(f"{name}[{i}]", p) for i, p in enumerate(values) if p is not None]
+    other_dtype = [name for name, p in params if p.dtype != wave.dtype]
+    if other_dtype:
+        reasons.append(
+            f"{', '.join(other_dtype)} not in wave's dtype {dtype}; the cuda kernels take one dtype for all tensors"
+        )
+    other_device = [name for name, p in params if p.device != wave.device]
+    if other_device:
+        reasons.append(f"{', '.join(other_device)} not on wave's device {wave.device}")
+    for i, w in enumerate(conv_weights):
+        if w.shape[0] > MAX_CHANNELS:
+            reasons.append(
+                f"conv_weights[{i}] has {w.shape[0]} output channels; the cuda kernels take at most {MAX_CHANNELS}"
+            )
+    if conv_weights[0].shape[2] > MAX_LAYER0_KERNEL:
+        reasons.append(f"layer 0 kernel size {conv_weights[0].shape[2]} is above the cuda limit {MAX_LAYER0_KERNEL}")
+    if strides[0] > MAX_LAYER0_STRIDE:
+        reasons.append(f"layer 0 stride {strides[0]} is above the cuda limit {MAX_LAYER0_STRIDE}")
+    if wave.shape[0] > MAX_BATCH:
+        reasons.append(f"batch {wave.shape[0]} is above the cuda limit {MAX_BATCH}")
+    if wave.device.type == "cuda":
+        capability = torch.cuda.get_device_capability(wave.device)
+        if capability < MIN_COMPUTE_CAPABILITY:
+            reasons.append(
+                f"the cuda kernels need compute capability {MIN_COMPUTE_CAPABILITY[0]}.{MIN_COMPUTE_CAPABILITY[1]}"
+                f" or newer, {wave.device} has {capability[0]}.{capability[1]}"
+            )
+    return reasons
+
+
+def _run_cuda(wave, conv_weights, ln_weights, ln_biases, *, strides, conv_biases=None, eps=1e-5):
+    """The public op's arguments -> the custom op's (None LayerNorm affines become 1 / 0)."""
+    channels = [w.shape[0] for w in conv_weights]
+    ln_weights = [p if p is not None else wave.new_ones(c) for p, c in zip(ln_weights, channels)]
+    ln_biases = [p if p is not None else wave.new_zeros(c) for p, c in zip(ln_biases, channels)]
+    if conv_biases is None or all(b is None for b in conv_biases):
+        conv_biases = []
+    else:
+        conv_biases = [b if b is not None else wave.new_zeros(c) for b, c in zip(conv_biases, channels)]
+    return torch.ops.d2v_kernels.conv_feature_extractor_cuda(
+        wave, list(conv_weights), ln_weights, ln_biases, conv_biases, [int(s) for s in strides], float(eps)
+    )
 
 
 def conv_feature_extractor(wave, conv_weights, ln_weights, ln_biases, *, strides, conv_biases=None, eps=1e-5):
@@ -72,9 +274,7 @@ def conv_feature_extractor(wave, conv_weights, ln_weights, ln_biases, *, strides
     check_eps(eps)
     frames = output_length(wave.shape[1], [w.shape[2] for w in conv_weights], strides)
     if frames < 1:
-        raise ValueError(
-            f"wave has {wave.shape[1]} samples, too few for one output frame of this feature encoder"
-        )
+        raise ValueError(f"wave has {wave.shape[1]} samples, too few for one output frame of this feature encoder")
     kwargs = dict(strides=list(strides), conv_biases=conv_biases, eps=eps)
     if wave.shape[0] == 0:
         return conv_feature_extractor_reference(wave, conv_weights, ln_weights, ln_biases, **kwargs)
@@ -83,6 +283,13 @@ def conv_feature_extractor(wave, conv_weights, ln_weights, ln_biases, *, strides
     )
 
 
+dispatch.register("conv_feature_extractor", "eager", conv_feature_extractor_reference, devices=("cpu", "cuda", "meta"))
 dispatch.register(
-    "conv_feature_extractor", "eager", conv_feature_extractor_reference, devices=("cpu", "cuda", "meta")
+    "conv_feature_extractor",
+    "cuda",
+    _run_cuda,
+    _cuda_check,
+    devices=("cuda",),
+    available=extension_reasons,
+    description="C++/CUDA extension: strided conv with LayerNorm + GELU epilogue, channels-last",
 )

@@ -1,0 +1,119 @@
+"""The optional CUDA extension ``d2v_kernels._C`` (sources in ``csrc/``).
+
+A wheel built with a CUDA toolkit and a CUDA torch ships ``d2v_kernels._C``. In an editable
+install with nvcc, a CUDA build of torch and a visible GPU, the extension is instead compiled on
+first use with ``torch.utils.cpp_extension.load`` (cached by torch under
+``TORCH_EXTENSIONS_DIR``; set ``D2V_KERNELS_NO_JIT=1`` to skip). Nothing here is attempted at
+import time: the first :func:`extension_reasons` call decides, and a missing extension is a
+dispatch reason, never an ImportError.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+ENV_NO_JIT = "D2V_KERNELS_NO_JIT"
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+JIT_NAME = "d2v_kernels_C"
+NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+
+_lock = threading.Lock()
+_state: dict = {"resolved": False, "module": None, "source": None, "reasons": []}
+
+
+def _nvcc() -> str | None:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is not None and (Path(CUDA_HOME) / "bin" / "nvcc").exists():
+        return str(Path(CUDA_HOME) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def _jit_reasons() -> list[str]:
+    """Why the extension cannot be compiled here and now (empty when it can)."""
+    if torch.version.cuda is None:
+        return ["torch is a CPU build"]
+    if os.environ.get(ENV_NO_JIT, "0") == "1":
+        return [f"not prebuilt and {ENV_NO_JIT}=1"]
+    if not CSRC.is_dir() or not list(CSRC.glob("*.cu")):
+        return [f"not prebuilt and no csrc/ sources at {CSRC} (not an editable install)"]
+    if not torch.cuda.is_available():
+        return ["not prebuilt and no CUDA device is visible to build it for"]
+    if _nvcc() is None:
+        return ["not prebuilt and nvcc was not found (set CUDA_HOME)"]
+    return []
+
+
+def _jit_build() -> ModuleType:
+    from torch.utils.cpp_extension import load
+
+    sources = sorted(str(p) for p in CSRC.glob("*.cu")) + sorted(str(p) for p in CSRC.glob("*.cpp"))
+    return load(
+        name=JIT_NAME,
+        sources=sources,
+        extra_cflags=["-O3", "-std=c++17"],
+        extra_cuda_cflags=NVCC_FLAGS,
+        verbose=os.environ.get("D2V_KERNELS_JIT_VERBOSE", "0") == "1",
+    )
+
+
+def _resolve() -> None:
+    with _lock:
+        if _state["resolved"]:
+            return
+        module, source, reasons = None, None, []
+        try:
+            module, source = importlib.import_module("d2v_kernels._C"), "prebuilt"
+        except ModuleNotFoundError:
+            jit_reasons = _jit_reasons()
+            if jit_reasons:
+                reasons = [f"d2v_kernels._C not built: {r}" for r in jit_reasons]
+            else:
+                try:
+                    module, source = _jit_build(), "jit"
+                except Exception as e:  # a failed build is a dispatch reason, not a crash
+                    first_line = (str(e).strip().splitlines() or [""])[0]
+                    reasons = [f"d2v_kernels._C not built: JIT build failed ({type(e).__name__}: {first_line})"]
+        except ImportError as e:  # built, but for another torch / CUDA
+            reasons = [f"d2v_kernels._C failed to import: {e}"]
+        _state.update(resolved=True, module=module, source=source, reasons=reasons)
+
+
+def extension_reasons() -> list[str]:
+    """Why the extension cannot be used (empty when it is loaded); the dispatch ``available`` hook."""
+    if not _state["resolved"]:
+        _resolve()
+    return list(_state["reasons"])
+
+
+def module() -> ModuleType:
+    """The loaded extension; raises RuntimeError with the reasons when there is none."""
+    reasons = extension_reasons()
+    if reasons:
+        raise RuntimeError("; ".join(reasons))
+    return _state["module"]
+
+
+def build_info() -> dict:
+    """What ``d2v-kernels info`` prints: whether the extension is loaded, from where, and why not."""
+    reasons = extension_reasons()
+    mod = _state["module"]
+    info = {
+        "loaded": mod is not None,
+        "source": _state["source"],
+        "path": getattr(mod, "__file__", None),
+        "torch_cuda": torch.version.cuda,
+        "nvcc": _nvcc(),
+        "arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST"),
+        "reasons": reasons,
+    }
+    if mod is not None:
+        info["max_channels"] = mod.MAX_CHANNELS
+    return info
