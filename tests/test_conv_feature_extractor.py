@@ -1,0 +1,475 @@
+"""conv_feature_extractor: eager reference vs transformers, the cuda backend's dispatch, checks,
+fake impl and backward math (CPU), and the CUDA kernels against float64 (GPU only)."""
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from numerics import assert_close_to_reference
+from torch._subclasses.fake_tensor import FakeTensorMode
+from transformers import Data2VecAudioConfig
+from transformers.models.data2vec.modeling_data2vec_audio import Data2VecAudioFeatureEncoder
+
+import d2v_kernels
+from d2v_kernels import _extension, dispatch, ops
+
+# d2v_kernels.ops re-exports the function under the module's name: fetch the module itself.
+cfe = importlib.import_module("d2v_kernels.ops.conv_feature_extractor")
+
+SMALL = dict(conv_dim=(32, 48, 48), conv_kernel=(10, 3, 2), conv_stride=(5, 2, 2))
+BASE = dict(conv_dim=(512,) * 7, conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_stride=(5, 2, 2, 2, 2, 2, 2))
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+def make_params(conv_dim, conv_kernel, conv_stride, *, dtype=torch.float32, device="cpu", conv_bias=False, seed=0):
+    """Random weights at the scale of a trained encoder: conv ~ 1/sqrt(fan_in), LN affine near (1, 0)."""
+    g = torch.Generator().manual_seed(seed)
+    conv_weights, ln_weights, ln_biases, conv_biases = [], [], [], []
+    c_in = 1
+    for c_out, k in zip(conv_dim, conv_kernel):
+        conv_weights.append(torch.randn(c_out, c_in, k, generator=g) / (c_in * k) ** 0.5)
+        ln_weights.append(1.0 + 0.2 * torch.randn(c_out, generator=g))
+        ln_biases.append(0.2 * torch.randn(c_out, generator=g))
+        conv_biases.append(0.2 * torch.randn(c_out, generator=g))
+        c_in = c_out
+    to = lambda ts: [t.to(device=device, dtype=dtype) for t in ts]
+    return dict(
+        conv_weights=to(conv_weights),
+        ln_weights=to(ln_weights),
+        ln_biases=to(ln_biases),
+        conv_biases=to(conv_biases) if conv_bias else None,
+        strides=list(conv_stride),
+    )
+
+
+def split(params):
+    """(positional args after wave, keyword args) of the public op."""
+    p = dict(params)
+    args = (p.pop("conv_weights"), p.pop("ln_weights"), p.pop("ln_biases"))
+    return args, p
+
+
+def hf_encoder(config_kwargs, conv_bias):
+    config = Data2VecAudioConfig(**config_kwargs, conv_bias=conv_bias)
+    encoder = Data2VecAudioFeatureEncoder(config).eval()
+    with torch.no_grad():
+        for layer in encoder.conv_layers:
+            layer.layer_norm.weight.normal_(1.0, 0.2)
+            layer.layer_norm.bias.normal_(0.0, 0.2)
+            if layer.conv.bias is not None:
+                layer.conv.bias.normal_(0.0, 0.2)
+    return encoder
+
+
+def encoder_params(encoder):
+    layers = list(encoder.conv_layers)
+    return dict(
+        conv_weights=[layer.conv.weight for layer in layers],
+        ln_weights=[layer.layer_norm.weight for layer in layers],
+        ln_biases=[layer.layer_norm.bias for layer in layers],
+        conv_biases=[layer.conv.bias for layer in layers] if layers[0].conv.bias is not None else None,
+        strides=[layer.conv.stride[0] for layer in layers],
+    )
+
+
+def all_tensors(wave, params):
+    tensors = [wave, *params["conv_weights"], *params["ln_weights"], *params["ln_biases"]]
+    return tensors + list(params["conv_biases"] or [])
+
+
+# --------------------------------------------------------------------------------------------
+# CPU: the reference equals transformers
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "config_kwargs, conv_bias, samples",
+    [(SMALL, False, 1601), (SMALL, True, 977), (BASE, False, 1200)],
+    ids=["small", "small-conv-bias", "base-short-wave"],
+)
+def test_reference_equals_transformers_forward_and_gradients(config_kwargs, conv_bias, samples):
+    encoder = hf_encoder(config_kwargs, conv_bias)
+    params = encoder_params(encoder)
+    wave = torch.randn(2, samples)
+
+    wave_hf = wave.clone().requires_grad_(True)
+    expected = encoder(wave_hf).transpose(1, 2)
+    grad_out = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad(expected, [wave_hf, *encoder.parameters()], grad_out)
+
+    wave_ref = wave.clone().requires_grad_(True)
+    args, kwargs = split(params)
+    out = ops.conv_feature_extractor(wave_ref, *args, **kwargs)
+    frames = cfe.output_length(samples, config_kwargs["conv_kernel"], params["strides"])
+    assert out.shape == (2, frames, config_kwargs["conv_dim"][-1])
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(out, [wave_ref, *encoder.parameters()], grad_out)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# CPU: dispatch of the cuda backend, its checks, fake impl and backward math
+# --------------------------------------------------------------------------------------------
+
+
+def _cuda_impl():
+    return next(i for i in dispatch.implementations("conv_feature_extractor") if i.backend == "cuda")
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="this torch is a CUDA build")
+def test_cuda_backend_unavailable_on_cpu_torch_with_reason():
+    assert _cuda_impl().available() == ["d2v_kernels._C not built: torch is a CPU build"]
+    assert _extension.extension_reasons() == ["d2v_kernels._C not built: torch is a CPU build"]
+    info = _extension.build_info()
+    assert info["loaded"] is False and info["reasons"] == ["d2v_kernels._C not built: torch is a CPU build"]
+    with pytest.raises(RuntimeError, match="torch is a CPU build"):
+        _extension.module()
+
+
+def test_forcing_cuda_backend_raises_with_the_reason():
+    params = make_params(**SMALL)
+    args, kwargs = split(params)
+    wave = torch.randn(2, 400)
+    reasons = _extension.extension_reasons() or ["inputs are on cpu, cuda runs on cuda"]
+    with d2v_kernels.use_backend(conv_feature_extractor="cuda"):
+        with pytest.raises(d2v_kernels.BackendUnavailableError) as excinfo:
+            ops.conv_feature_extractor(wave, *args, **kwargs)
+    message = str(excinfo.value)
+    assert message.startswith("conv_feature_extractor: backend 'cuda' was forced but cannot take this input")
+    assert reasons[0] in message
+    with d2v_kernels.record_dispatch() as calls:
+        ops.conv_feature_extractor(wave, *args, **kwargs)
+    assert calls == {("conv_feature_extractor", "eager"): 1}
+
+
+def test_cuda_check_accepts_base_config_in_each_kernel_dtype():
+    for dtype in DTYPES:
+        params = make_params(**BASE, dtype=dtype, conv_bias=True)
+        args, kwargs = split(params)
+        assert cfe._cuda_check(torch.randn(2, 16001, dtype=dtype), *args, **kwargs) == []
+
+
+def test_cuda_check_lists_what_the_kernels_cannot_take():
+    def reasons(wave, params):
+        args, kwargs = split(params)
+        return cfe._cuda_check(wave, *args, **kwargs)
+
+    params = make_params(**SMALL, dtype=torch.float64)
+    assert reasons(torch.randn(2, 400, dtype=torch.float64), params) == [
+        "wave is float64; the cuda kernels take float16, bfloat16 or float32"
+    ]
+    params = make_params(**SMALL, dtype=torch.float16)
+    params["ln_weights"][1] = params["ln_weights"][1].float()
+    assert reasons(torch.randn(2, 400, dtype=torch.float16), params) == [
+        "ln_weights[1] not in wave's dtype float16; the cuda kernels take one dtype for all tensors"
+    ]
+    params = make_params(conv_dim=(513, 48), conv_kernel=(40, 3), conv_stride=(33, 2))
+    assert reasons(torch.randn(2, 4000), params) == [
+        "conv_weights[0] has 513 output channels; the cuda kernels take at most 512",
+        "layer 0 kernel size 40 is above the cuda limit 32",
+        "layer 0 stride 33 is above the cuda limit 32",
+    ]
+    params = make_params(**SMALL)
+    assert reasons(torch.randn(1, 400).expand(cfe.MAX_BATCH + 1, -1), params) == [
+        f"batch {cfe.MAX_BATCH + 1} is above the cuda limit {cfe.MAX_BATCH}"
+    ]
+
+
+def test_implicit_gemm_layout_equals_conv1d():
+    """The kernels' indexing: A[m, j * C_in + c] = x[b, t * stride + j, c] is a strided view of
+    channels-last x, and B is the weight permuted to (C_out, k, C_in)."""
+    batch, t_in, c_in, c_out, k, stride = 2, 23, 6, 5, 3, 2
+    x = torch.randn(batch, t_in, c_in, dtype=torch.float64)
+    w = torch.randn(c_out, c_in, k, dtype=torch.float64)
+    t_out = (t_in - k) // stride + 1
+    a = x.as_strided((batch, t_out, k * c_in), (t_in * c_in, stride * c_in, 1))
+    b = w.permute(0, 2, 1).reshape(c_out, k * c_in)
+    expected = F.conv1d(x.transpose(1, 2), w, stride=stride).transpose(1, 2)
+    torch.testing.assert_close(a @ b.T, expected)
+
+
+def _reference_layer_outputs(wave, params, eps=1e-5):
+    outputs, h = [], wave[:, None]
+    biases = params["conv_biases"] or [None] * len(params["conv_weights"])
+    for w, lw, lb, cb, s in zip(
+        params["conv_weights"], params["ln_weights"], params["ln_biases"], biases, params["strides"]
+    ):
+        h = F.gelu(F.layer_norm(F.conv1d(h, w, cb, stride=s).transpose(1, 2), (w.shape[0],), lw, lb, eps))
+        outputs.append(h)
+        h = h.transpose(1, 2)
+    return outputs
+
+
+@pytest.mark.parametrize("conv_bias", [False, True], ids=["no-conv-bias", "conv-bias"])
+@pytest.mark.parametrize("frozen", ["none", "wave", "wave-and-layer-0"])
+def test_layers_backward_matches_autograd_in_float64(conv_bias, frozen):
+    params = make_params(**SMALL, dtype=torch.float64, conv_bias=conv_bias)
+    wave = torch.randn(2, 1601, dtype=torch.float64, requires_grad=frozen == "none")
+    for name in ("conv_weights", "ln_weights", "ln_biases", "conv_biases"):
+        for i, t in enumerate(params[name] or []):
+            t.requires_grad_(not (frozen == "wave-and-layer-0" and i == 0))
+    args, kwargs = split(params)
+    out = cfe.conv_feature_extractor_reference(wave, *args, **kwargs)
+    grad_out = torch.randn_like(out)
+    wanted = [t for t in all_tensors(wave, params) if t.requires_grad]
+    expected = dict(zip(map(id, wanted), torch.autograd.grad(out, wanted, grad_out)))
+
+    with torch.no_grad():
+        layer_outputs = _reference_layer_outputs(wave, params)
+    torch.testing.assert_close(layer_outputs[-1], out.detach())
+    biases = params["conv_biases"] or []
+    needs = (
+        wave.requires_grad,
+        [t.requires_grad for t in params["conv_weights"]],
+        [t.requires_grad for t in params["ln_weights"]],
+        [t.requires_grad for t in params["ln_biases"]],
+        [t.requires_grad for t in biases],
+    )
+    d_wave, d_w, d_lw, d_lb, d_cb = cfe._layers_backward(
+        grad_out,
+        wave,
+        layer_outputs,
+        params["conv_weights"],
+        params["ln_weights"],
+        params["ln_biases"],
+        biases,
+        params["strides"],
+        1e-5,
+        needs,
+    )
+    assert len(d_cb) == len(biases)
+    got = zip(
+        [wave, *params["conv_weights"], *params["ln_weights"], *params["ln_biases"], *biases],
+        [d_wave, *d_w, *d_lw, *d_lb, *d_cb],
+    )
+    for tensor, grad in got:
+        if tensor.requires_grad:
+            torch.testing.assert_close(grad, expected[id(tensor)], rtol=1e-10, atol=1e-12)
+        else:
+            assert grad is None
+
+
+class _Ctx:
+    """Stands in for autograd's ctx (the autograd engine itself cannot run on fake CUDA tensors
+    in a CPU build of torch)."""
+
+    def __init__(self, needs_input_grad):
+        self.needs_input_grad = needs_input_grad
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+
+def _empty_params(device, dtype=torch.float16):
+    shapes = make_params(**BASE, conv_bias=True)
+    return {
+        k: [torch.empty(t.shape, dtype=dtype, device=device) for t in v] if k != "strides" else v
+        for k, v in shapes.items()
+    }
+
+
+def test_fake_impls_give_shapes_on_fake_cuda_tensors():
+    with FakeTensorMode():
+        params = _empty_params("cuda")
+        params["ln_weights"][2] = None  # no affine on one layer: the run function fills ones
+        wave = torch.empty(3, 16001, dtype=torch.float16, device="cuda")
+        args, kwargs = split(params)
+        out = cfe._run_cuda(wave, *args, **kwargs)
+        assert out.shape == (3, 49, 512) and out.dtype == torch.float16 and out.device.type == "cuda"
+        params = _empty_params("cuda")
+        op_args = [wave, params["conv_weights"], params["ln_weights"], params["ln_biases"], []]
+        layers = torch.ops.d2v_kernels.conv_feature_extractor_cuda_layers(*op_args, params["strides"], 1e-5)
+        assert [t.shape[1] for t in layers] == [3199, 1599, 799, 399, 199, 99, 49]
+        assert all(t.shape[0] == 3 and t.shape[2] == 512 and t.dtype == torch.float16 for t in layers)
+
+
+def test_backward_gives_gradient_shapes_on_meta_tensors():
+    # Meta tensors run the fake impls and torch's meta conv kernels (fake CUDA convolutions need
+    # a CUDA build); _backward is called directly because the custom op only has a CUDA kernel.
+    params = _empty_params("meta")
+    wave = torch.empty(3, 16001, dtype=torch.float16, device="meta")
+    op_args = [wave, params["conv_weights"], params["ln_weights"], params["ln_biases"], params["conv_biases"]]
+    out = torch.ops.d2v_kernels.conv_feature_extractor_cuda(*op_args, params["strides"], 1e-5)
+    assert out.shape == (3, 49, 512)
+    for t in params["conv_weights"] + params["conv_biases"]:
+        t.requires_grad_(True)  # LayerNorm affines stay frozen: their gradients must be None
+    ctx = _Ctx(needs_input_grad=(True,))
+    cfe._setup_context(ctx, (*op_args, params["strides"], 1e-5), out)
+    with torch.no_grad():  # as in autograd's backward pass
+        d_wave, d_w, d_lw, d_lb, d_cb, d_strides, d_eps = cfe._backward(ctx, torch.empty_like(out))
+    assert d_wave.shape == wave.shape and d_wave.dtype == wave.dtype
+    for got, want in zip(d_w + d_cb, params["conv_weights"] + params["conv_biases"]):
+        assert got.shape == want.shape and got.dtype == want.dtype
+    assert d_lw == [None] * 7 and d_lb == [None] * 7 and d_strides is None and d_eps is None
+
+
+# --------------------------------------------------------------------------------------------
+# GPU: the CUDA kernels against float64 eager
+# --------------------------------------------------------------------------------------------
+
+
+def _run_cuda_and_reference(wave, params, *, grads):
+    """(kernel out, float64 reference out, eager out), and each one's gradients when ``grads``."""
+    results = []
+    for backend, dtype in (("cuda", wave.dtype), ("eager", torch.float64), ("eager", wave.dtype)):
+        w = wave.detach().to(dtype).requires_grad_(grads)
+        p = {
+            k: (
+                [t.detach().to(dtype).requires_grad_(grads) for t in v]
+                if isinstance(v, list) and v and isinstance(v[0], torch.Tensor)
+                else v
+            )
+            for k, v in params.items()
+        }
+        args, kwargs = split(p)
+        with d2v_kernels.use_backend(conv_feature_extractor=backend):
+            out = ops.conv_feature_extractor(w, *args, **kwargs)
+        g = None
+        if grads:
+            torch.manual_seed(1)
+            grad_out = torch.randn(out.shape, device=out.device, dtype=torch.float64).to(dtype)
+            g = torch.autograd.grad(out, all_tensors(w, p), grad_out)
+        results.append((out.detach(), g))
+    return results
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("samples", [400, 16001, 160000])
+def test_cuda_forward_and_gradients_match_float64(dtype, samples):
+    params = make_params(**BASE, device="cuda")
+    wave = torch.randn(2, samples, device="cuda")
+    (out, g), (ref, g64), (eager, g_eager) = _run_cuda_and_reference(wave.to(dtype), params, grads=True)
+    assert_close_to_reference(out, ref, eager)
+    names = ["wave"] + [f"{n}[{i}]" for n in ("conv_weights", "ln_weights", "ln_biases") for i in range(7)]
+    for name, a, b, c in zip(names, g, g64, g_eager):
+        assert_close_to_reference(a, b, c, name=f"grad {name}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "config",
+    [SMALL, dict(conv_dim=(20, 36, 7), conv_kernel=(7, 3, 4), conv_stride=(3, 3, 1))],
+    ids=["small", "unaligned-channels"],
+)
+def test_cuda_odd_configs_with_conv_bias(dtype, config):
+    params = make_params(**config, device="cuda", conv_bias=True)
+    wave = torch.randn(3, 3001, device="cuda", dtype=dtype)
+    (out, g), (ref, g64), (eager, g_eager) = _run_cuda_and_reference(wave, params, grads=True)
+    assert_close_to_reference(out, ref, eager)
+    for i, (a, b, c) in enumerate(zip(g, g64, g_eager)):
+        assert_close_to_reference(a, b, c, name=f"grad {i}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_batch_of_different_lengths_equals_each_wave_alone(dtype):
+    params = make_params(**BASE, device="cuda", dtype=dtype)
+    args, kwargs = split(params)
+    lengths = [16001, 9377, 400]
+    wave = torch.zeros(len(lengths), max(lengths), device="cuda", dtype=dtype)
+    for b, n in enumerate(lengths):
+        wave[b, :n] = torch.randn(n, device="cuda", dtype=dtype)
+    with d2v_kernels.use_backend(conv_feature_extractor="cuda"):
+        batched = ops.conv_feature_extractor(wave, *args, **kwargs)
+        for b, n in enumerate(lengths):
+            alone = ops.conv_feature_extractor(wave[b : b + 1, :n].contiguous(), *args, **kwargs)
+            frames = cfe.output_length(n, BASE["conv_kernel"], BASE["conv_stride"])
+            # Frames inside a wave's own length see no padding: rows are independent in the kernels.
+            torch.testing.assert_close(batched[b : b + 1, :frames], alone)
+
+
+@pytest.mark.cuda
+def test_cuda_dispatch_opcheck_compile_and_limits():
+    ext = _extension.module()
+    assert (ext.MAX_CHANNELS, ext.MAX_LAYER0_KERNEL, ext.MAX_LAYER0_STRIDE, ext.MAX_BATCH) == (
+        cfe.MAX_CHANNELS,
+        cfe.MAX_LAYER0_KERNEL,
+        cfe.MAX_LAYER0_STRIDE,
+        cfe.MAX_BATCH,
+    )
+    params = make_params(**SMALL, device="cuda", dtype=torch.float16, conv_bias=True)
+    wave = torch.randn(2, 1601, device="cuda", dtype=torch.float16)
+    args, kwargs = split(params)
+    with d2v_kernels.record_dispatch() as calls:
+        ops.conv_feature_extractor(wave, *args, **kwargs)
+    assert calls == {("conv_feature_extractor", "cuda"): 1}
+
+    leaves = [t.detach().requires_grad_(True) for t in all_tensors(wave, params)]
+    n = len(params["conv_weights"])
+    op_args = (
+        leaves[0],
+        leaves[1 : n + 1],
+        leaves[n + 1 : 2 * n + 1],
+        leaves[2 * n + 1 : 3 * n + 1],
+        leaves[3 * n + 1 :],
+        params["strides"],
+        1e-5,
+    )
+    torch.library.opcheck(torch.ops.d2v_kernels.conv_feature_extractor_cuda.default, op_args)
+
+    compiled = torch.compile(lambda w: ops.conv_feature_extractor(w, *args, **kwargs), fullgraph=True)
+    out = compiled(wave)
+    torch.testing.assert_close(out, ops.conv_feature_extractor(wave, *args, **kwargs))
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input (public validation; every backend)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        (lambda a: a.update(wave=[0.0] * 400), TypeError, "wave must be a torch.Tensor, got list"),
+        (lambda a: a.update(wave=torch.randn(2, 1, 400)), ValueError, r"wave must have 2 dimensions"),
+        (lambda a: a.update(wave=torch.zeros(2, 400, dtype=torch.int64)), TypeError, "wave must have dtype in"),
+        (lambda a: a.update(conv_weights=[]), ValueError, "conv_weights must be a non-empty list"),
+        (
+            lambda a: a["conv_weights"].__setitem__(1, torch.randn(48, 31, 3)),
+            ValueError,
+            r"conv_weights\[1\] must have 32 input channels, got shape \(48, 31, 3\)",
+        ),
+        (
+            lambda a: a.update(ln_weights=a["ln_weights"][:2]),
+            ValueError,
+            r"ln_weights must have 3 entries \(one per layer\), got 2",
+        ),
+        (
+            lambda a: a["ln_biases"].__setitem__(2, torch.randn(47)),
+            ValueError,
+            r"ln_biases\[2\] must have shape \(48,\), got \(47,\)",
+        ),
+        (lambda a: a.update(strides=[5, 2.0, 2]), ValueError, r"strides\[1\] must be a positive int, got 2.0"),
+        (lambda a: a.update(eps=0.0), ValueError, "eps must be a positive float, got 0.0"),
+        (lambda a: a.update(wave=torch.randn(2, 12)), ValueError, "wave has 12 samples, too few for one output frame"),
+    ],
+    ids=[
+        "wave-list",
+        "wave-3d",
+        "wave-int",
+        "no-layers",
+        "in-channels",
+        "ln-count",
+        "ln-shape",
+        "stride-float",
+        "eps-zero",
+        "too-short",
+    ],
+)
+def test_bad_input_raises_with_message(change, error, message):
+    a = dict(wave=torch.randn(2, 400), **make_params(**SMALL))
+    change(a)
+    with pytest.raises(error, match=message):
+        ops.conv_feature_extractor(
+            a["wave"],
+            a["conv_weights"],
+            a["ln_weights"],
+            a["ln_biases"],
+            strides=a["strides"],
+            conv_biases=a["conv_biases"],
+            eps=a.get("eps", 1e-5),
+        )
