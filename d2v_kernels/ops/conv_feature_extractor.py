@@ -211,6 +211,8 @@ def _cuda_check(wave, conv_weights, ln_weights, ln_biases, *, strides, conv_bias
         reasons.append(f"layer 0 stride {strides[0]} is above the cuda limit {MAX_LAYER0_STRIDE}")
     if wave.shape[0] > MAX_BATCH:
         reasons.append(f"batch {wave.shape[0]} is above the cuda limit {MAX_BATCH}")
+    if wave.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        reasons.append("autocast is enabled: eager follows its per-op casting (cast the model to fp16/bf16 instead)")
     # Skipped while torch.compile traces (the eager call before it has checked the device).
     if wave.device.type == "cuda" and not torch.compiler.is_compiling():
         capability = torch.cuda.get_device_capability(wave.device)
