@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import transformers
 
 import d2v_kernels
-from d2v_kernels import models
+from d2v_kernels import dispatch, models
 from d2v_kernels.testing import ALL_CLASSES, build_pair, inputs_for, randomize_, vision_config
 
 ATOL = 2e-5
@@ -46,24 +48,45 @@ def _weighted_sum(output) -> torch.Tensor:
     return total
 
 
+def _ops_with_triton() -> set[str]:
+    return {op for op in dispatch.ops() if any(i.backend == "triton" for i in dispatch.implementations(op))}
+
+
+def _run(model, inputs, backend):
+    if backend is None:
+        return model(**inputs, output_hidden_states=True)
+    with d2v_kernels.use_backend(backend):
+        return model(**inputs, output_hidden_states=True)
+
+
 @pytest.mark.parametrize("class_name", ALL_CLASSES)
 @pytest.mark.parametrize("mode", ["eval", "train"])
-def test_optimized_matches_transformers(class_name, mode):
+@pytest.mark.parametrize("backend", [None, "triton"], ids=["auto", "triton"])
+def test_optimized_matches_transformers(class_name, mode, backend):
+    """Outputs, loss and gradients equal transformers' in fp32; with ``backend="triton"`` every op
+    that has a Triton kernel runs it (through the interpreter on CPU), forward and backward."""
     reference, fused, config = build_pair(class_name)
     getattr(reference, mode)()
     getattr(fused, mode)()
     inputs = inputs_for(class_name, config)
-    extra = {"output_hidden_states": True}
-    ref = reference(**inputs, **extra)
+    ref = reference(**inputs, output_hidden_states=True)
     with d2v_kernels.record_dispatch() as calls:
-        out = fused(**inputs, **extra)
+        out = _run(fused, inputs, backend)
     _assert_outputs_close(ref, out)
-    assert calls[("attention", "eager")] == config.num_hidden_layers or class_name.startswith("Data2VecText"), calls
+    per_op = {}
+    for (op, ran), n in calls.items():
+        per_op.setdefault(op, {})[ran] = n
+    expected_ops = {"attention", "add_layer_norm"}
     if class_name.startswith("Data2VecAudio"):
-        assert calls[("pos_conv", "eager")] == 1 and calls[("conv_feature_extractor", "eager")] == 1, calls
-    assert sum(n for (op, _), n in calls.items() if op == "add_layer_norm") >= config.num_hidden_layers, calls
-    _weighted_sum(ref).backward()
-    _weighted_sum(out).backward()
+        expected_ops |= {"pos_conv", "conv_feature_extractor"}
+    assert expected_ops <= per_op.keys(), calls
+    assert sum(per_op["attention"].values()) == config.num_hidden_layers, calls
+    if backend == "triton":
+        for op in _ops_with_triton() & per_op.keys():
+            assert set(per_op[op]) == {"triton"}, f"{op} did not run triton: {calls}"
+    with d2v_kernels.use_backend(backend) if backend else contextlib.nullcontext():
+        _weighted_sum(ref).backward()
+        _weighted_sum(out).backward()
     ref_grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
     out_grads = {n: p.grad for n, p in fused.named_parameters() if p.grad is not None}
     assert ref_grads.keys() == out_grads.keys()
