@@ -9,6 +9,7 @@ is not reachable through that registry). transformers' module globals are never 
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from d2v_kernels.models import audio, hf_attention, text, vision
@@ -53,4 +54,10 @@ def optimize(model: nn.Module) -> nn.Module:
             configs[id(config)] = config
     for config in configs.values():
         _set_attn_implementation(config, hf_attention.IMPLEMENTATION_NAME)
+    if torch.cuda.is_available() and any(
+        isinstance(m, audio.FusedData2VecAudioFeatureEncoder) for m in model.modules()
+    ):
+        from d2v_kernels import _extension
+
+        _extension.extension_reasons()  # load (or JIT-build) the CUDA extension now, not inside a compile trace
     return model
