@@ -225,7 +225,8 @@ def _grouped_conv1d_weight_grad_kernel(
         bias_acc += tl.sum(dy.to(tl.float32), axis=0)
     dw_ptrs = dw_ptr + tap * (CG * C) + offs_ci[:, None] * C + (group * CG + offs_co)[None, :]
     tl.store(dw_ptrs, acc, mask=ci_mask[:, None] & co_mask[None, :])
-    tl.store(db_ptr + group * CG + offs_co, bias_acc, mask=co_mask & (tap == 0))
+    if tap == 0:
+        tl.store(db_ptr + group * CG + offs_co, bias_acc, mask=co_mask)
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,10 +8,13 @@ positional embedding that the encoder adds to it.
 
 from __future__ import annotations
 
+from typing import Optional
+
+import torch
 import torch.nn.functional as F
 
 from d2v_kernels import dispatch
-from d2v_kernels.ops._checks import check_eps, check_param_list, check_same_device, check_tensor
+from d2v_kernels.ops._checks import KERNEL_DTYPES, check_eps, check_param_list, check_same_device, check_tensor
 
 
 def pos_conv_reference(x, weights, biases, *, groups, eps=1e-5):
@@ -25,6 +28,149 @@ def pos_conv_reference(x, weights, biases, *, groups, eps=1e-5):
         h = F.layer_norm(h.transpose(1, 2), (h.shape[1],), None, None, eps).transpose(1, 2)
         h = F.gelu(h)
     return h.transpose(1, 2)
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library registration: forward and backward are opaque custom ops (Triton launches)
+# --------------------------------------------------------------------------------------------
+
+
+def _kernels():
+    from d2v_kernels.kernels import pos_conv as kernels
+
+    return kernels
+
+
+@torch.library.custom_op("d2v_kernels::pos_conv", mutates_args=())
+def _pos_conv_op(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    biases: list[Optional[torch.Tensor]],  # noqa: UP045 (torch.library's schema inference needs Optional)
+    groups: int,
+    eps: float,
+    save_pre_norm: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (embedding (B, T, C), pre-norm conv outputs (L, B, T, C) or an empty (0, B, T, C)).
+
+    Per layer: conv (+ bias) written in x's dtype, then LayerNorm + GELU over the channels. With
+    ``save_pre_norm`` every layer's conv output is kept for the backward (the only activations it
+    needs besides x); without it the LayerNorm runs in place and two (B, T, C) buffers are live.
+    """
+    kernels = _kernels()
+    num_layers = len(weights)
+    kernel_size = weights[0].shape[-1]
+    pre_norm = x.new_empty((num_layers if save_pre_norm else 0, *x.shape))
+    hidden = x
+    for layer, (weight, bias) in enumerate(zip(weights, biases)):
+        packed = kernels.pack_weight(weight, groups, dtype=x.dtype)
+        bias = bias.detach().to(x.dtype) if bias is not None else None
+        conv_out = pre_norm[layer] if save_pre_norm else None
+        conv_out = kernels.grouped_conv1d(hidden, packed, bias, pad_left=kernel_size // 2, out=conv_out)
+        hidden = kernels.layer_norm_gelu_rows(conv_out, eps, out=None if save_pre_norm else conv_out)
+    return hidden, pre_norm
+
+
+@_pos_conv_op.register_fake
+def _pos_conv_op_fake(x, weights, biases, groups, eps, save_pre_norm):
+    return x.new_empty(x.shape), x.new_empty((len(weights) if save_pre_norm else 0, *x.shape))
+
+
+@torch.library.custom_op("d2v_kernels::pos_conv_backward", mutates_args=())
+def _pos_conv_backward_op(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    pre_norm: torch.Tensor,
+    weights: list[torch.Tensor],
+    groups: int,
+    eps: float,
+) -> list[torch.Tensor]:
+    """[dx, dweight per layer (weight dtype), dbias per layer (weight dtype)].
+
+    Walks the layers backwards: LayerNorm+GELU backward from the saved pre-norm output
+    (statistics recomputed), weight and bias gradients against the layer input (recomputed as
+    GELU(LayerNorm(previous pre-norm)), an elementwise pass instead of stored activations), and
+    the input gradient as a conv with flipped, group-transposed weights.
+    """
+    kernels = _kernels()
+    num_layers = len(weights)
+    group_channels, kernel_size = weights[0].shape[1], weights[0].shape[2]
+    pad_left = kernel_size // 2
+    grad_hidden = grad_out.to(x.dtype).contiguous()
+    grad_weights, grad_biases = [None] * num_layers, [None] * num_layers
+    for layer in reversed(range(num_layers)):
+        grad_conv = kernels.layer_norm_gelu_rows_backward(pre_norm[layer], grad_hidden, eps)
+        layer_input = x if layer == 0 else kernels.layer_norm_gelu_rows(pre_norm[layer - 1], eps)
+        packed_dw, db = kernels.grouped_conv1d_weight_grad(
+            layer_input, grad_conv, group_channels=group_channels, kernel_size=kernel_size, pad_left=pad_left
+        )
+        grad_weights[layer] = kernels.unpack_weight_grad(packed_dw, groups).to(weights[layer].dtype)
+        grad_biases[layer] = db.to(weights[layer].dtype)
+        transposed = kernels.pack_weight(weights[layer], groups, dtype=x.dtype, transpose=True)
+        grad_hidden = kernels.grouped_conv1d(grad_conv, transposed, None, pad_left=kernel_size - 1 - pad_left)
+    return [grad_hidden, *grad_weights, *grad_biases]
+
+
+@_pos_conv_backward_op.register_fake
+def _pos_conv_backward_op_fake(grad_out, x, pre_norm, weights, groups, eps):
+    return [
+        x.new_empty(x.shape),
+        *(w.new_empty(w.shape) for w in weights),
+        *(w.new_empty((w.shape[0],)) for w in weights),
+    ]
+
+
+def _pos_conv_setup_context(ctx, inputs, output):
+    x, weights, biases, groups, eps, _ = inputs
+    _, pre_norm = output
+    ctx.save_for_backward(x, pre_norm, *weights)
+    ctx.groups, ctx.eps = groups, eps
+    ctx.bias_dtypes = [None if b is None else b.dtype for b in biases]
+
+
+def _pos_conv_backward(ctx, grad_out, _grad_pre_norm):
+    x, pre_norm, *weights = ctx.saved_tensors
+    num_layers = len(weights)
+    if pre_norm.shape[0] != num_layers:
+        raise RuntimeError("d2v_kernels::pos_conv ran with save_pre_norm=False; it has no backward")
+    grads = torch.ops.d2v_kernels.pos_conv_backward(grad_out, x, pre_norm, weights, ctx.groups, ctx.eps)
+    grad_biases = [None if dtype is None else g.to(dtype) for g, dtype in zip(grads[1 + num_layers :], ctx.bias_dtypes)]
+    return grads[0], list(grads[1 : 1 + num_layers]), grad_biases, None, None, None
+
+
+torch.library.register_autograd("d2v_kernels::pos_conv", _pos_conv_backward, setup_context=_pos_conv_setup_context)
+
+
+def _pos_conv_triton(x, weights, biases, *, groups, eps=1e-5):
+    """Triton path: keeps the pre-norm activations only when autograd will need them."""
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *weights, *biases))
+    out, _ = torch.ops.d2v_kernels.pos_conv(x, list(weights), list(biases), groups, float(eps), needs_grad)
+    return out
+
+
+def _triton_available() -> list[str]:
+    try:
+        _kernels()
+    except Exception as e:  # triton missing or broken on this platform
+        return [f"Triton kernels unavailable: {type(e).__name__}: {e}"]
+    return []
+
+
+def _triton_reasons(x, weights, biases, *, groups, eps=1e-5) -> list[str]:
+    """Why the Triton kernels cannot take this input (empty when they can)."""
+    kernels = _kernels()
+    reasons = []
+    if x.dtype not in KERNEL_DTYPES:
+        reasons.append(f"x has dtype {str(x.dtype).replace('torch.', '')}; the kernels take float16, bfloat16, float32")
+    channels = x.shape[2]
+    group_channels = channels // groups
+    if group_channels > kernels.MAX_GROUP_CHANNELS:
+        reasons.append(f"{group_channels} channels per group; the kernels take at most {kernels.MAX_GROUP_CHANNELS}")
+    if channels > kernels.MAX_CHANNELS:
+        reasons.append(f"{channels} channels; the LayerNorm kernel takes at most {kernels.MAX_CHANNELS}")
+    largest_offset = sum((size - 1) * abs(stride) for size, stride in zip(x.shape, x.stride()))
+    if max(largest_offset, x.numel(), len(weights) * x.numel()) >= 2**31:
+        reasons.append("x is too large for the kernels' 32-bit offsets (2**31 elements)")
+    return reasons
 
 
 def pos_conv(x, weights, biases, *, groups, eps=1e-5):
@@ -65,4 +211,13 @@ def pos_conv(x, weights, biases, *, groups, eps=1e-5):
     return dispatch.call("pos_conv", x.device, x, weights, biases, groups=groups, eps=eps)
 
 
+dispatch.register(
+    "pos_conv",
+    "triton",
+    _pos_conv_triton,
+    _triton_reasons,
+    devices=("cuda",),
+    available=_triton_available,
+    description="implicit-GEMM grouped conv + LayerNorm/GELU row kernel per layer, channels-last",
+)
 dispatch.register("pos_conv", "eager", pos_conv_reference, devices=("cpu", "cuda", "meta"))
