@@ -73,6 +73,7 @@ def _grouped_conv1d_kernel(
     stride_yt,
     C,
     DOT_PRECISION: tl.constexpr,
+    UPCAST_OPERANDS: tl.constexpr,  # interpreter only: its bf16 tl.dot multiplies the raw bits
     BLOCK_T: tl.constexpr,
     BLOCK_CI: tl.constexpr,
     BLOCK_CO: tl.constexpr,
@@ -106,6 +107,8 @@ def _grouped_conv1d_kernel(
             mask=ci_mask[:, None] & co_mask[None, :],
             other=0.0,
         )
+        if UPCAST_OPERANDS:
+            a, w = a.to(tl.float32), w.to(tl.float32)
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
     bias = tl.load(bias_ptr + group * CG + offs_co, mask=co_mask, other=0.0)
     acc += bias.to(tl.float32)[None, :]
@@ -187,6 +190,7 @@ def _grouped_conv1d_weight_grad_kernel(
     stride_dyt,
     C,
     DOT_PRECISION: tl.constexpr,
+    UPCAST_OPERANDS: tl.constexpr,  # interpreter only: its bf16 tl.dot multiplies the raw bits
     BLOCK_T: tl.constexpr,
     BLOCK_CI: tl.constexpr,
     BLOCK_CO: tl.constexpr,
@@ -221,7 +225,10 @@ def _grouped_conv1d_weight_grad_kernel(
             mask=t_mask[:, None] & co_mask[None, :],
             other=0.0,
         )
-        acc = tl.dot(xt, dy, acc, input_precision=DOT_PRECISION)
+        if UPCAST_OPERANDS:
+            acc = tl.dot(xt.to(tl.float32), dy.to(tl.float32), acc, input_precision=DOT_PRECISION)
+        else:
+            acc = tl.dot(xt, dy, acc, input_precision=DOT_PRECISION)
         bias_acc += tl.sum(dy.to(tl.float32), axis=0)
     dw_ptrs = dw_ptr + tap * (CG * C) + offs_ci[:, None] * C + (group * CG + offs_co)[None, :]
     tl.store(dw_ptrs, acc, mask=ci_mask[:, None] & co_mask[None, :])
@@ -241,6 +248,13 @@ def _group_block(group_channels: int) -> int:
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs keep full precision (the fp32 contract is ~1e-5 relative); tf32 only matters for fp32.
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _upcast_operands(t: torch.Tensor) -> bool:
+    # The Triton interpreter (CPU tensors) stores bf16 as uint16 and its tl.dot multiplies the raw
+    # bits. Products of bf16 values are exact in fp32, so an fp32 dot with fp32 accumulation is
+    # the same arithmetic as the tensor-core bf16 dot. Never taken on the GPU.
+    return t.device.type == "cpu" and t.dtype == torch.bfloat16
 
 
 def _ln_blocks(channels: int) -> tuple[int, int]:
@@ -268,9 +282,8 @@ def pack_weight(weight: torch.Tensor, groups: int, *, dtype: torch.dtype, transp
 def unpack_weight_grad(packed: torch.Tensor, groups: int) -> torch.Tensor:
     """Packed (K, CG, C) gradient -> (C, CG, K) in the conv weight's layout."""
     k, group_channels, channels = packed.shape
-    return (
-        packed.view(k, group_channels, groups, group_channels).permute(2, 3, 1, 0).reshape(channels, group_channels, k)
-    )
+    grad = packed.view(k, group_channels, groups, group_channels).permute(2, 3, 1, 0)
+    return grad.reshape(channels, group_channels, k).contiguous()
 
 
 def grouped_conv1d(x, packed_weight, bias, *, pad_left: int, out=None):
@@ -298,6 +311,7 @@ def grouped_conv1d(x, packed_weight, bias, *, pad_left: int, out=None):
         out.stride(1),
         channels,
         DOT_PRECISION=_dot_precision(x.dtype),
+        UPCAST_OPERANDS=_upcast_operands(x),
         BLOCK_T=CONV_BLOCK_T,
         BLOCK_CI=min(CONV_BLOCK_CI, block_co),
         BLOCK_CO=block_co,
@@ -330,6 +344,7 @@ def grouped_conv1d_weight_grad(x, grad_y, *, group_channels: int, kernel_size: i
         grad_y.stride(1),
         channels,
         DOT_PRECISION=_dot_precision(x.dtype),
+        UPCAST_OPERANDS=_upcast_operands(x),
         BLOCK_T=WGRAD_BLOCK_T,
         BLOCK_CI=block,
         BLOCK_CO=block,
@@ -409,9 +424,12 @@ def aot_variants() -> list[AotVariant]:
                     signature={"x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "y_ptr": f"*{ty}"}
                     | dict.fromkeys(("T", "CG", "K", "PAD_LEFT", "stride_xb", "stride_xt", "stride_xc"), "i32")
                     | dict.fromkeys(("stride_yb", "stride_yt", "C"), "i32")
-                    | dict.fromkeys(("DOT_PRECISION", "BLOCK_T", "BLOCK_CI", "BLOCK_CO"), "constexpr"),
+                    | dict.fromkeys(
+                        ("DOT_PRECISION", "UPCAST_OPERANDS", "BLOCK_T", "BLOCK_CI", "BLOCK_CO"), "constexpr"
+                    ),
                     constexprs={
                         "DOT_PRECISION": precision,
+                        "UPCAST_OPERANDS": False,
                         "BLOCK_T": CONV_BLOCK_T,
                         "BLOCK_CI": min(CONV_BLOCK_CI, block_co),
                         "BLOCK_CO": block_co,
@@ -427,9 +445,12 @@ def aot_variants() -> list[AotVariant]:
                     signature={"x_ptr": f"*{ty}", "dy_ptr": f"*{ty}", "dw_ptr": "*fp32", "db_ptr": "*fp32"}
                     | dict.fromkeys(("B", "T", "CG", "PAD_LEFT", "stride_xb", "stride_xt", "stride_xc"), "i32")
                     | dict.fromkeys(("stride_dyb", "stride_dyt", "C"), "i32")
-                    | dict.fromkeys(("DOT_PRECISION", "BLOCK_T", "BLOCK_CI", "BLOCK_CO"), "constexpr"),
+                    | dict.fromkeys(
+                        ("DOT_PRECISION", "UPCAST_OPERANDS", "BLOCK_T", "BLOCK_CI", "BLOCK_CO"), "constexpr"
+                    ),
                     constexprs={
                         "DOT_PRECISION": precision,
+                        "UPCAST_OPERANDS": False,
                         "BLOCK_T": WGRAD_BLOCK_T,
                         "BLOCK_CI": block_co,
                         "BLOCK_CO": block_co,

@@ -8,8 +8,6 @@ positional embedding that the encoder adds to it.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -45,14 +43,15 @@ def _kernels():
 def _pos_conv_op(
     x: torch.Tensor,
     weights: list[torch.Tensor],
-    biases: list[Optional[torch.Tensor]],  # noqa: UP045 (torch.library's schema inference needs Optional)
+    biases: list[torch.Tensor],
     groups: int,
     eps: float,
     save_pre_norm: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (embedding (B, T, C), pre-norm conv outputs (L, B, T, C) or an empty (0, B, T, C)).
 
-    Per layer: conv (+ bias) written in x's dtype, then LayerNorm + GELU over the channels. With
+    A layer without bias gets zeros (torch.library differentiates Tensor[] inputs, not Tensor?[]).
+    Per layer: conv + bias written in x's dtype, then LayerNorm + GELU over the channels. With
     ``save_pre_norm`` every layer's conv output is kept for the backward (the only activations it
     needs besides x); without it the LayerNorm runs in place and two (B, T, C) buffers are live.
     """
@@ -63,7 +62,7 @@ def _pos_conv_op(
     hidden = x
     for layer, (weight, bias) in enumerate(zip(weights, biases)):
         packed = kernels.pack_weight(weight, groups, dtype=x.dtype)
-        bias = bias.detach().to(x.dtype) if bias is not None else None
+        bias = bias.detach().to(x.dtype)
         conv_out = pre_norm[layer] if save_pre_norm else None
         conv_out = kernels.grouped_conv1d(hidden, packed, bias, pad_left=kernel_size // 2, out=conv_out)
         hidden = kernels.layer_norm_gelu_rows(conv_out, eps, out=None if save_pre_norm else conv_out)
@@ -124,7 +123,7 @@ def _pos_conv_setup_context(ctx, inputs, output):
     _, pre_norm = output
     ctx.save_for_backward(x, pre_norm, *weights)
     ctx.groups, ctx.eps = groups, eps
-    ctx.bias_dtypes = [None if b is None else b.dtype for b in biases]
+    ctx.bias_dtypes = [b.dtype for b in biases]
 
 
 def _pos_conv_backward(ctx, grad_out, _grad_pre_norm):
@@ -133,7 +132,7 @@ def _pos_conv_backward(ctx, grad_out, _grad_pre_norm):
     if pre_norm.shape[0] != num_layers:
         raise RuntimeError("d2v_kernels::pos_conv ran with save_pre_norm=False; it has no backward")
     grads = torch.ops.d2v_kernels.pos_conv_backward(grad_out, x, pre_norm, weights, ctx.groups, ctx.eps)
-    grad_biases = [None if dtype is None else g.to(dtype) for g, dtype in zip(grads[1 + num_layers :], ctx.bias_dtypes)]
+    grad_biases = [g.to(dtype) for g, dtype in zip(grads[1 + num_layers :], ctx.bias_dtypes)]
     return grads[0], list(grads[1 : 1 + num_layers]), grad_biases, None, None, None
 
 
@@ -143,7 +142,8 @@ torch.library.register_autograd("d2v_kernels::pos_conv", _pos_conv_backward, set
 def _pos_conv_triton(x, weights, biases, *, groups, eps=1e-5):
     """Triton path: keeps the pre-norm activations only when autograd will need them."""
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *weights, *biases))
-    out, _ = torch.ops.d2v_kernels.pos_conv(x, list(weights), list(biases), groups, float(eps), needs_grad)
+    biases = [torch.zeros_like(w[:, 0, 0]) if b is None else b for w, b in zip(weights, biases)]
+    out, _ = torch.ops.d2v_kernels.pos_conv(x, list(weights), biases, groups, float(eps), needs_grad)
     return out
 
 

@@ -1,0 +1,266 @@
+"""pos_conv: Triton grouped conv + LayerNorm + GELU per layer (interpreter on CPU) against float64
+eager, against transformers' Data2VecAudioPositionalConvEmbedding, gradients, opcheck, compile,
+bad input and dispatch reasons."""
+
+import pytest
+import torch
+from numerics import assert_close_to_reference
+from transformers import Data2VecAudioConfig
+from transformers.models.data2vec.modeling_data2vec_audio import Data2VecAudioPositionalConvEmbedding
+
+import d2v_kernels
+from d2v_kernels import dispatch, ops
+from d2v_kernels.kernels import pos_conv as kernels
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["fp32", "fp16", "bf16"]
+
+
+def _params(channels, groups, kernel_size, num_layers, *, bias=True, dtype=torch.float64):
+    fan_in = channels // groups * kernel_size
+    weights = [
+        torch.randn(channels, channels // groups, kernel_size, dtype=dtype) / fan_in**0.5 for _ in range(num_layers)
+    ]
+    biases = [torch.randn(channels, dtype=dtype) * 0.5 if bias else None for _ in range(num_layers)]
+    return weights, biases
+
+
+def _cast(ts, dtype, requires_grad=False):
+    return [None if t is None else t.detach().to(dtype).requires_grad_(requires_grad) for t in ts]
+
+
+def _triton(x, weights, biases, groups, eps=1e-5):
+    with d2v_kernels.use_backend(pos_conv="triton"):
+        return ops.pos_conv(x, weights, biases, groups=groups, eps=eps)
+
+
+def _check_forward(x64, weights64, biases64, groups, dtype):
+    ref64 = ops.pos_conv_reference(x64, weights64, biases64, groups=groups)
+    x, weights, biases = x64.to(dtype), _cast(weights64, dtype), _cast(biases64, dtype)
+    eager = ops.pos_conv_reference(x, weights, biases, groups=groups)
+    out = _triton(x, weights, biases, groups)
+    assert out.dtype == dtype
+    assert_close_to_reference(out, ref64, eager)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("kernel_size", [19, 4], ids=["k19", "k4"])
+@pytest.mark.parametrize("frames", [1, 9, 50], ids=lambda t: f"T{t}")
+def test_forward_matches_float64_reference(frames, kernel_size, dtype):
+    x = torch.randn(2, frames, 48, dtype=torch.float64)
+    weights, biases = _params(48, 4, kernel_size, 2)  # 12 channels per group: tiles padded to 16
+    _check_forward(x, weights, biases, 4, dtype)
+
+
+@pytest.mark.parametrize(
+    "channels,groups,kernel_size,dtype",
+    [
+        (96, 2, 5, torch.float16),  # 48 channels per group: 3 blocks of 16 input channels, 64-wide output tile
+        (40, 8, 3, torch.float32),  # 5 channels per group
+        (36, 1, 6, torch.bfloat16),  # one group of 36: masked input-channel block
+        (120, 2, 19, torch.float32),  # 60 channels per group; 65 frames: two 64-frame tiles
+    ],
+    ids=["C96g2k5-fp16", "C40g8k3-fp32", "C36g1k6-bf16", "C120g2k19-fp32"],
+)
+def test_forward_group_shapes(channels, groups, kernel_size, dtype):
+    x = torch.randn(1, 65 if channels == 120 else 23, channels, dtype=torch.float64)
+    weights, biases = _params(channels, groups, kernel_size, 1)
+    _check_forward(x, weights, biases, groups, dtype)
+
+
+@pytest.mark.parametrize("kernel_size,num_layers", [(19, 3), (4, 2)], ids=["k19-3layers", "k4-2layers"])
+def test_matches_transformers_module_on_padded_frames(kernel_size, num_layers):
+    config = Data2VecAudioConfig(
+        hidden_size=48,
+        num_conv_pos_embedding_groups=4,
+        conv_pos_kernel_size=kernel_size,
+        num_conv_pos_embeddings=num_layers,
+    )
+    module = Data2VecAudioPositionalConvEmbedding(config).eval()
+    hidden = torch.randn(2, 50, 48)
+    hidden[1, 37:] = 0.0  # the encoder zeroes padded frames before the positional conv
+    with torch.no_grad():
+        expected = module(hidden)
+        layers = list(module.layers)
+        out = _triton(hidden, [layer.conv.weight for layer in layers], [layer.conv.bias for layer in layers], 4)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_padded_frames_half_precision(dtype):
+    x = torch.randn(2, 50, 48, dtype=torch.float64)
+    x[0, 41:] = 0.0
+    x[1, 17:] = 0.0
+    weights, biases = _params(48, 4, 19, 2)
+    _check_forward(x, weights, biases, 4, dtype)
+
+
+def _gradients(fn, x, weights, biases, grad_out):
+    x = x.detach().requires_grad_()
+    weights = [w.detach().requires_grad_() for w in weights]
+    biases = [None if b is None else b.detach().requires_grad_() for b in biases]
+    out = fn(x, weights, biases)
+    out.backward(grad_out.to(out.dtype))
+    return out, [x.grad, *(w.grad for w in weights), *(b.grad for b in biases if b is not None)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("frames,kernel_size", [(9, 19), (50, 4), (1, 19)], ids=["T9-k19", "T50-k4", "T1-k19"])
+def test_gradients_match_float64_reference(frames, kernel_size, dtype):
+    groups = 4
+    x64 = torch.randn(2, frames, 48, dtype=torch.float64)
+    weights64, biases64 = _params(48, groups, kernel_size, 2)
+    grad_out = torch.randn(2, frames, 48, dtype=torch.float64)
+
+    def reference(x, w, b):
+        return ops.pos_conv_reference(x, w, b, groups=groups)
+
+    _, ref64 = _gradients(reference, x64, weights64, biases64, grad_out)
+    x, weights, biases = x64.to(dtype), _cast(weights64, dtype), _cast(biases64, dtype)
+    _, eager = _gradients(reference, x, weights, biases, grad_out)
+    _, grads = _gradients(lambda x, w, b: _triton(x, w, b, groups), x, weights, biases, grad_out)
+    names = ["dx", "dweight0", "dweight1", "dbias0", "dbias1"]
+    for name, g, r, e in zip(names, grads, ref64, eager):
+        assert g.dtype == dtype, name
+        assert_close_to_reference(g, r, e, name=name)
+
+
+def test_gradients_without_bias_and_frozen_input():
+    x64 = torch.randn(1, 21, 40, dtype=torch.float64)
+    weights64, biases64 = _params(40, 8, 6, 2, bias=False)
+    grad_out = torch.randn(1, 21, 40, dtype=torch.float64)
+    weights64 = [w.requires_grad_() for w in weights64]
+    ops.pos_conv_reference(x64, weights64, biases64, groups=8).backward(grad_out)
+    weights = _cast(weights64, torch.float32, requires_grad=True)
+    out = _triton(x64.float(), weights, biases64, 8)
+    out.backward(grad_out.float())
+    for w, w64 in zip(weights, weights64):
+        torch.testing.assert_close(w.grad, w64.grad.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_dtype_weights_run_in_input_dtype_with_grads_in_weight_dtype():
+    x64 = torch.randn(2, 9, 48, dtype=torch.float64)
+    weights64, biases64 = _params(48, 4, 4, 1)
+    x = x64.half()
+    weights = _cast(weights64, torch.float32, requires_grad=True)
+    biases = _cast(biases64, torch.float32, requires_grad=True)
+    out = _triton(x, weights, biases, 4)
+    assert out.dtype == torch.float16
+    expected = ops.pos_conv_reference(x, _cast(weights, torch.float16), _cast(biases, torch.float16), groups=4)
+    assert_close_to_reference(out, ops.pos_conv_reference(x64, weights64, biases64, groups=4), expected)
+    out.float().sum().backward()
+    assert weights[0].grad.dtype == torch.float32 and biases[0].grad.dtype == torch.float32
+
+
+def test_inference_keeps_no_activations_and_matches_training_path():
+    x = torch.randn(2, 9, 48)
+    weights, biases = _cast(_params(48, 4, 19, 2)[0], torch.float32), _cast(_params(48, 4, 19, 2)[1], torch.float32)
+    out_inference, kept = torch.ops.d2v_kernels.pos_conv(x, weights, biases, 4, 1e-5, False)
+    out_training, pre_norm = torch.ops.d2v_kernels.pos_conv(x, weights, biases, 4, 1e-5, True)
+    assert kept.shape == (0, 2, 9, 48) and pre_norm.shape == (2, 2, 9, 48)
+    torch.testing.assert_close(out_inference, out_training, rtol=0, atol=0)
+    torch.testing.assert_close(out_training, ops.pos_conv_reference(x, weights, biases, groups=4))
+
+
+def test_opcheck():
+    x = torch.randn(1, 9, 48, requires_grad=True)
+    weights, biases = _params(48, 4, 4, 2, dtype=torch.float32)
+    weights = [w.requires_grad_() for w in weights]
+    biases = [biases[0].requires_grad_(), torch.randn(48)]
+    torch.library.opcheck(torch.ops.d2v_kernels.pos_conv.default, (x, weights, biases, 4, 1e-5, True))
+    pre_norm = torch.randn(2, 1, 9, 48)
+    torch.library.opcheck(
+        torch.ops.d2v_kernels.pos_conv_backward.default,
+        (torch.randn(1, 9, 48), x.detach(), pre_norm, [w.detach() for w in weights], 4, 1e-5),
+    )
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    x = torch.randn(2, 9, 48, requires_grad=True)
+    weights, biases = (
+        _cast(_params(48, 4, 4, 2)[0], torch.float32, True),
+        _cast(_params(48, 4, 4, 2)[1], torch.float32, True),
+    )
+
+    def fn(x, weights, biases):
+        return ops.pos_conv(x, weights, biases, groups=4)
+
+    with d2v_kernels.use_backend(pos_conv="triton"):
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        out = compiled(x, weights, biases)
+        out.square().sum().backward()
+    grads = [x.grad, *(w.grad for w in weights), *(b.grad for b in biases)]
+    x2, w2, b2 = x.detach().requires_grad_(), _cast(weights, torch.float32, True), _cast(biases, torch.float32, True)
+    expected = ops.pos_conv_reference(x2, w2, b2, groups=4)
+    expected.square().sum().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for g, e in zip(grads, [x2.grad, *(w.grad for w in w2), *(b.grad for b in b2)]):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+def test_dispatch_records_triton_and_cpu_defaults_to_eager():
+    x = torch.randn(1, 5, 48)
+    weights, biases = _cast(_params(48, 4, 3, 1)[0], torch.float32), [None]
+    with d2v_kernels.record_dispatch() as calls:
+        ops.pos_conv(x, weights, biases, groups=4)
+        _triton(x, weights, biases, 4)
+    assert calls == {("pos_conv", "eager"): 1, ("pos_conv", "triton"): 1}
+
+
+@pytest.mark.parametrize(
+    "channels,groups,dtype,reason",
+    [
+        (48, 4, torch.float64, "dtype float64"),
+        (160, 2, torch.float32, f"80 channels per group; the kernels take at most {kernels.MAX_GROUP_CHANNELS}"),
+    ],
+    ids=["float64", "group-too-wide"],
+)
+def test_forced_triton_raises_with_reasons(channels, groups, dtype, reason):
+    x = torch.randn(1, 5, channels, dtype=dtype)
+    weights = [torch.randn(channels, channels // groups, 3, dtype=dtype)]
+    impl = next(i for i in dispatch.implementations("pos_conv") if i.backend == "triton")
+    assert any(reason in r for r in impl.check(x, weights, [None], groups=groups))
+    with pytest.raises(d2v_kernels.BackendUnavailableError, match=reason):
+        _triton(x, weights, [None], groups)
+    # Without forcing, the same input runs eager.
+    with d2v_kernels.record_dispatch() as calls:
+        ops.pos_conv(x, weights, [None], groups=groups)
+    assert calls == {("pos_conv", "eager"): 1}
+
+
+@pytest.mark.parametrize(
+    "make,error,message",
+    [
+        (
+            lambda: ((torch.randn(1, 5, 48), [torch.randn(48, 12, 3)], [torch.randn(47)]), {"groups": 4}),
+            ValueError,
+            r"biases\[0\] must have shape \(48,\)",
+        ),
+        (lambda: ((torch.randn(1, 5, 48), [], []), {"groups": 4}), ValueError, "weights must be a non-empty list"),
+        (
+            lambda: ((torch.randn(1, 5, 48), [torch.randn(48, 12, 3)], [None]), {"groups": 0}),
+            ValueError,
+            "groups must be a positive int",
+        ),
+        (
+            lambda: ((torch.randn(1, 5, 48), [torch.randn(48, 12, 3)], [None]), {"groups": 4, "eps": 0.0}),
+            ValueError,
+            "eps must be a positive",
+        ),
+        (
+            lambda: ((torch.randn(1, 5, 48).int(), [torch.randn(48, 12, 3)], [None]), {"groups": 4}),
+            TypeError,
+            "x must have dtype",
+        ),
+        (
+            lambda: ((torch.randn(1, 5, 48), [torch.randn(48, 12, 3)], [None, None]), {"groups": 4}),
+            ValueError,
+            "biases must have 1 entries",
+        ),
+    ],
+    ids=["bias-shape", "no-layers", "groups-zero", "eps-zero", "int-input", "bias-count"],
+)
+def test_bad_inputs(make, error, message):
+    args, kwargs = make()
+    with pytest.raises(error, match=message):
+        _triton(*args, **kwargs)
