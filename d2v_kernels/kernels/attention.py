@@ -47,6 +47,15 @@ DS_NONE, DS_STORE, DS_ATOMIC = 0, 1, 2
 
 
 @triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """tl.dot with fp32 accumulation. UPCAST (interpreter only: its bf16 tl.dot multiplies the raw
+    bits) runs it in fp32 on the same bf16 values, whose products are exact in fp32."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
 def _masked_scores(
     q,
     k,
@@ -72,9 +81,10 @@ def _masked_scores(
     HAS_MASK: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """(BLOCK_M, BLOCK_N) fp32 scores in log2 units with every bias and mask applied."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+    s = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale_log2
     in_k = offs_n < n_k
     if HAS_TABLE or HAS_BIAS:
         in_tile = (offs_m[:, None] < n_q) & in_k[None, :]
@@ -150,6 +160,7 @@ def _fwd_key_blocks(
     IS_CAUSAL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """Online softmax over the key blocks starting in [start, stop)."""
     in_d = offs_d[None, :] < head_dim
@@ -160,7 +171,7 @@ def _fwd_key_blocks(
         s = _masked_scores(
             q, k, offs_m, offs_n, off_h, n_q, n_k, scale_log2, TABLE, INDEX, stride_tr, stride_th, stride_ii,
             stride_ij, BIAS_BH, stride_bi, stride_bj, KEEP_B, stride_mj,
-            HAS_TABLE, HAS_BIAS, HAS_MASK, IS_CAUSAL, PRECISION,
+            HAS_TABLE, HAS_BIAS, HAS_MASK, IS_CAUSAL, PRECISION, UPCAST,
         )  # fmt: skip
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.math.exp2(m_i - m_new)
@@ -170,7 +181,7 @@ def _fwd_key_blocks(
             # Dropped weights still count in the normaliser; 1/(1-p) is applied once at the end.
             p = tl.where(_dropout_keep(dropout_key, offs_m, offs_n, n_k, dropout_p), p, 0.0)
         v = tl.load(V_BH + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -232,6 +243,7 @@ def _attention_fwd_kernel(
     IS_CAUSAL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """Grid (cdiv(Nq, BLOCK_M), B * H): one query block of one (batch, head) against all its keys."""
     pid_m = tl.program_id(0)
@@ -265,7 +277,7 @@ def _attention_fwd_kernel(
         acc, l_i, m_i, q, K_BH, V_BH, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, off_h,
         n_q, n_k, head_dim, scale_log2, dropout_p, dropout_key, TABLE, INDEX, stride_tr, stride_th,
         stride_ii, stride_ij, BIAS_BH, stride_bi, stride_bj, KEEP_B, stride_mj, 0, stop,
-        BLOCK_N, HAS_TABLE, HAS_BIAS, HAS_MASK, IS_CAUSAL, HAS_DROPOUT, PRECISION,
+        BLOCK_N, HAS_TABLE, HAS_BIAS, HAS_MASK, IS_CAUSAL, HAS_DROPOUT, PRECISION, UPCAST,
     )  # fmt: skip
     if IS_CAUSAL:
         # A row with no unmasked key among those seen is uniform over all Nk keys: when the block
@@ -277,7 +289,7 @@ def _attention_fwd_kernel(
             acc, l_i, m_i, q, K_BH, V_BH, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, off_h,
             n_q, n_k, head_dim, scale_log2, dropout_p, dropout_key, TABLE, INDEX, stride_tr, stride_th,
             stride_ii, stride_ij, BIAS_BH, stride_bi, stride_bj, KEEP_B, stride_mj, start, stop_all,
-            BLOCK_N, HAS_TABLE, HAS_BIAS, HAS_MASK, IS_CAUSAL, HAS_DROPOUT, PRECISION,
+            BLOCK_N, HAS_TABLE, HAS_BIAS, HAS_MASK, IS_CAUSAL, HAS_DROPOUT, PRECISION, UPCAST,
         )  # fmt: skip
 
     out_scale = 1.0 / l_i
@@ -394,6 +406,7 @@ def _attention_bwd_dkdv_kernel(
     IS_CAUSAL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """dK, dV of one key block of one (batch, head). Grid (cdiv(Nk, BLOCK_N), B * H)."""
     pid_n = tl.program_id(0)
@@ -445,7 +458,7 @@ def _attention_bwd_dkdv_kernel(
                 p = tl.where(fully_masked[:, None] & (offs_n[None, :] < n_k), inv_n_k, 0.0)
                 if HAS_DROPOUT:
                     p = tl.where(_dropout_keep(dropout_key, offs_m, offs_n, n_k, dropout_p), p, 0.0)
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+                dv += _dot(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST)
     for block_m in range(start_m, n_q, BLOCK_M):
         offs_m = block_m + tl.arange(0, BLOCK_M)
         row_mask = (offs_m[:, None] < n_q) & in_d
@@ -456,7 +469,7 @@ def _attention_bwd_dkdv_kernel(
         s = _masked_scores(
             q, k, offs_m, offs_n, off_h, n_q, n_k, scale_log2, TABLE, INDEX, stride_tr, stride_th, stride_ii,
             stride_ij, BIAS_BH, stride_bi, stride_bj, KEEP_B, stride_mj,
-            HAS_TABLE, HAS_BIAS, HAS_MASK, IS_CAUSAL, PRECISION,
+            HAS_TABLE, HAS_BIAS, HAS_MASK, IS_CAUSAL, PRECISION, UPCAST,
         )  # fmt: skip
         p = tl.math.exp2(s - lse[:, None])
         p_ds = p
@@ -464,21 +477,18 @@ def _attention_bwd_dkdv_kernel(
             fully_masked = (lse <= -1.0e30)[:, None]
             p_ds = tl.where(fully_masked, 0.0, p)
             p = tl.where(fully_masked, p * inv_n_k, p)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
         if HAS_DROPOUT:
             keep = _dropout_keep(dropout_key, offs_m, offs_n, n_k, dropout_p)
-            p = tl.where(keep, p, 0.0)
-            dp = tl.where(keep, dp, 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+            p = tl.where(keep, p, 0.0)  # 1/(1-p) applied to dV once at the end
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        dv += _dot(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST)
         ds = p_ds * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST)
 
     if HAS_DROPOUT:
-        keep_scale = 1.0 / (1.0 - dropout_p)
-        dv *= keep_scale
-        dk *= keep_scale * scale
-    else:
-        dk *= scale
+        dv *= 1.0 / (1.0 - dropout_p)
+    dk *= scale
     # dK, dV are (B, Nk, H, d) contiguous.
     out_offs = (
         off_b * n_k * n_heads * head_dim + off_h * head_dim + offs_n[:, None] * n_heads * head_dim + offs_d[None, :]
@@ -545,6 +555,7 @@ def _attention_bwd_dq_kernel(
     HAS_DROPOUT: tl.constexpr,
     DS_MODE: tl.constexpr,
     PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """dQ of one query block of one (batch, head); with DS_MODE also dS (natural units) into the
     (G, H, Nq, Nk) fp32 scratch DS: stored at [b] (G = B) or atomically added at [0] (G = 1).
@@ -596,16 +607,16 @@ def _attention_bwd_dq_kernel(
         s = _masked_scores(
             q, k, offs_m, offs_n, off_h, n_q, n_k, scale_log2, TABLE, INDEX, stride_tr, stride_th, stride_ii,
             stride_ij, BIAS_BH, stride_bi, stride_bj, KEEP_B, stride_mj,
-            HAS_TABLE, HAS_BIAS, HAS_MASK, IS_CAUSAL, PRECISION,
+            HAS_TABLE, HAS_BIAS, HAS_MASK, IS_CAUSAL, PRECISION, UPCAST,
         )  # fmt: skip
         p = tl.math.exp2(s - lse[:, None])
         if HAS_MASK or HAS_BIAS or IS_CAUSAL:
             p = tl.where((lse <= -1.0e30)[:, None], 0.0, p)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
         if HAS_DROPOUT:
             dp = tl.where(_dropout_keep(dropout_key, offs_m, offs_n, n_k, dropout_p), dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST)
         if DS_MODE != 0:
             ds_ptrs = DS_BH + offs_m[:, None] * n_k + offs_n[None, :]
             ds_mask = (offs_m[:, None] < n_q) & (offs_n[None, :] < n_k)
@@ -676,6 +687,7 @@ def _attention_bwd_ds_kernel(
     IS_CAUSAL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """dS summed over the batch in a fixed order (deterministic), into the (H, Nq, Nk) fp32 scratch
     DS. Grid (cdiv(Nq, BLOCK_M) * cdiv(Nk, BLOCK_N), H); tiles masked by causality stay zero."""
@@ -726,12 +738,12 @@ def _attention_bwd_ds_kernel(
         s = _masked_scores(
             q, k, offs_m, offs_n, off_h, n_q, n_k, scale_log2, TABLE, INDEX, stride_tr, stride_th, stride_ii,
             stride_ij, BIAS + off_b * stride_bb + off_h * stride_bh, stride_bi, stride_bj,
-            KEEP + off_b * stride_mb, stride_mj, HAS_TABLE, HAS_BIAS, HAS_MASK, IS_CAUSAL, PRECISION,
+            KEEP + off_b * stride_mb, stride_mj, HAS_TABLE, HAS_BIAS, HAS_MASK, IS_CAUSAL, PRECISION, UPCAST,
         )  # fmt: skip
         p = tl.math.exp2(s - lse[:, None])
         if HAS_MASK or HAS_BIAS or IS_CAUSAL:
             p = tl.where((lse <= -1.0e30)[:, None], 0.0, p)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
         if HAS_DROPOUT:
             keep = _dropout_keep(_dropout_key(SEED, off_bh), offs_m, offs_n, n_k, dropout_p)
             dp = tl.where(keep, dp * keep_scale, 0.0)
@@ -814,6 +826,11 @@ def unsupported_reasons(q: torch.Tensor, n_k: int, dropout_p: float, tensors: di
     if dropout_p > 0.0 and q.shape[1] * n_k >= 2**31:
         reasons.append(f"dropout with Nq * Nk = {q.shape[1] * n_k} >= 2**31 (the Philox offset is 32-bit)")
     return reasons
+
+
+def _upcast(t: torch.Tensor) -> bool:
+    """bf16 on the CPU runs in the interpreter, whose bf16 tl.dot is wrong: dot in fp32 there."""
+    return t.device.type == "cpu" and t.dtype == torch.bfloat16
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -899,7 +916,7 @@ def attention_forward(
         q, k, v, out, lse, *pointers, seed if dropout_p > 0.0 else q.new_empty(1),
         *q.stride(), *k.stride(), *v.stride(), *out.stride()[:3], *strides,
         h, n_q, n_k, d, scale * LOG2E, dropout_p,
-        BLOCK_D=block_d, IS_CAUSAL=causal, HAS_DROPOUT=dropout_p > 0.0, PRECISION=_precision(q.dtype),
+        BLOCK_D=block_d, IS_CAUSAL=causal, HAS_DROPOUT=dropout_p > 0.0, PRECISION=_precision(q.dtype), UPCAST=_upcast(q),
         **flags, **config,
     )  # fmt: skip
     return out, lse
@@ -932,7 +949,12 @@ def attention_backward(
     pointers, strides, flags = _bias_args(q, k, bias_table, bias_index, bias, key_padding_mask)
     seed_arg = seed if dropout_p > 0.0 else q.new_empty(1)
     common_flags = dict(
-        BLOCK_D=block_d, IS_CAUSAL=causal, HAS_DROPOUT=dropout_p > 0.0, PRECISION=_precision(q.dtype), **flags
+        BLOCK_D=block_d,
+        IS_CAUSAL=causal,
+        HAS_DROPOUT=dropout_p > 0.0,
+        PRECISION=_precision(q.dtype),
+        UPCAST=_upcast(q),
+        **flags,
     )
 
     delta = torch.empty((b, h, n_q), device=q.device, dtype=torch.float32)
@@ -1066,37 +1088,45 @@ def _variant(kind: str, fn, dtype: torch.dtype, config: dict, **constexprs) -> A
 
 
 def aot_variants() -> list[AotVariant]:
-    """Forward and backward of the model configurations (vision: table bias; audio/text: padding mask)
-    in every dtype at d=64, every feature flag at once in fp16, and the other head-dim tiles (16, 32,
-    128) in fp16; the small kernels (delta, segment sum, dropout mask) as the launchers pick them."""
+    """The model configurations (vision: table bias in fp16 and fp32; audio/text: padding mask in bf16),
+    every feature flag at once in fp16, the d=128 and d=16 tiles; the small kernels once per dtype
+    they are launched with. Kept to ~25 compiles per arch for CI time."""
     features = ("HAS_TABLE", "HAS_BIAS", "HAS_MASK", "IS_CAUSAL", "HAS_DROPOUT")
 
     def flags(*on):
         return {f: f in on for f in features}
 
-    cases = []  # (dtype, BLOCK_D, flags)
-    for dtype in _TRITON_DTYPES:
-        cases.append((dtype, 64, flags("HAS_TABLE")))
-    cases.append((torch.bfloat16, 64, flags("HAS_MASK")))
-    cases.append((torch.float16, 64, flags(*features)))
-    for block_d in (16, 32, 128):
-        cases.append((torch.float16, block_d, flags("HAS_MASK")))
-
+    cases = [  # (dtype, BLOCK_D, flags, kernels)
+        (torch.float16, 64, flags("HAS_TABLE"), ("fwd", "dkdv", "dq", "ds")),
+        (torch.float32, 64, flags("HAS_TABLE"), ("fwd", "dkdv", "dq", "ds")),
+        (torch.bfloat16, 64, flags("HAS_MASK"), ("fwd", "dkdv", "dq")),
+        (torch.float16, 64, flags(*features), ("fwd", "dkdv", "dq", "ds")),
+        (torch.float16, 128, flags("HAS_MASK"), ("fwd", "dkdv", "dq")),
+        (torch.float16, 16, flags("HAS_MASK"), ("fwd", "dkdv")),
+    ]
+    kernels = {
+        "fwd": _attention_fwd_kernel,
+        "dkdv": _attention_bwd_dkdv_kernel,
+        "dq": _attention_bwd_dq_kernel,
+        "ds": _attention_bwd_ds_kernel,
+    }
     variants = []
-    for dtype, block_d, case_flags in cases:
-        common = {"BLOCK_D": block_d, "PRECISION": "ieee" if dtype == torch.float32 else "tf32", **case_flags}
-        bwd = _bwd_config(dtype, block_d)
-        variants.append(_variant("fwd", _attention_fwd_kernel, dtype, _fwd_config(dtype, block_d), **common))
-        variants.append(_variant("bwd_dkdv", _attention_bwd_dkdv_kernel, dtype, bwd, **common))
-        needs_ds = case_flags["HAS_TABLE"] or case_flags["HAS_BIAS"]
-        ds_mode = DS_STORE if case_flags["HAS_BIAS"] else DS_ATOMIC if needs_ds else DS_NONE
-        variants.append(_variant("bwd_dq", _attention_bwd_dq_kernel, dtype, bwd, DS_MODE=ds_mode, **common))
-        if needs_ds:
-            variants.append(_variant("bwd_ds", _attention_bwd_ds_kernel, dtype, bwd, **common))
-        variants.append(
-            _variant("bwd_delta", _attention_bwd_preprocess_kernel, dtype, {"BLOCK_M": 64}, BLOCK_D=block_d)
-        )
-    for dtype in _TRITON_DTYPES:
+    for dtype, block_d, case_flags, names in cases:
+        common = {
+            "BLOCK_D": block_d,
+            "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+            "UPCAST": False,
+            **case_flags,
+        }
+        for name in names:
+            config = _fwd_config(dtype, block_d) if name == "fwd" else _bwd_config(dtype, block_d)
+            extra = {}
+            if name == "dq":
+                needs_ds = case_flags["HAS_TABLE"] or case_flags["HAS_BIAS"]
+                extra["DS_MODE"] = DS_STORE if case_flags["HAS_BIAS"] else DS_ATOMIC if needs_ds else DS_NONE
+            variants.append(_variant(name, kernels[name], dtype, config, **common, **extra))
+    for dtype in (torch.float16, torch.float32):
+        variants.append(_variant("delta", _attention_bwd_preprocess_kernel, dtype, {"BLOCK_M": 64}, BLOCK_D=64))
         variants.append(_variant("segment_sum", _segment_sum_kernel, dtype, {"BLOCK_P": 64, "BLOCK_H": 16}))
     variants.append(_variant("dropout_mask", _dropout_mask_kernel, torch.float16, {"BLOCK_M": 64, "BLOCK_N": 64}))
-    return list({v.name: v for v in variants}.values())
+    return variants

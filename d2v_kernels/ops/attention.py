@@ -256,8 +256,7 @@ def attention(
     if bias is not None:
         check_tensor("bias", bias, dtypes=FLOAT_DTYPES)
         try:
-            torch.broadcast_shapes(bias.shape, (b, h, n_q, n_k))
-            if bias.dim() > 4:
+            if bias.dim() > 4 or torch.broadcast_shapes(bias.shape, (b, h, n_q, n_k)) != (b, h, n_q, n_k):
                 raise RuntimeError
         except RuntimeError:
             raise ValueError(
