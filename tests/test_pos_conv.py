@@ -138,6 +138,29 @@ def test_gradients_without_bias_and_frozen_input():
         torch.testing.assert_close(w.grad, w64.grad.float(), rtol=1e-5, atol=1e-5)
 
 
+def test_strided_input_forward_and_gradients():
+    x64 = torch.randn(2, 48, 9, dtype=torch.float64).transpose(1, 2)  # (B, T, C) view of channels-first memory
+    weights64, biases64 = _params(48, 4, 4, 2)
+    grad_out = torch.randn(2, 9, 48, dtype=torch.float64)
+
+    def reference(x, w, b):
+        return ops.pos_conv_reference(x, w, b, groups=4)
+
+    out64, ref64 = _gradients(reference, x64, weights64, biases64, grad_out)
+    x = x64.float()
+    assert not x.is_contiguous()
+    out, grads = _gradients(
+        lambda x, w, b: _triton(x, w, b, 4),
+        x,
+        _cast(weights64, torch.float32),
+        _cast(biases64, torch.float32),
+        grad_out,
+    )
+    torch.testing.assert_close(out, out64.float(), rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref64):
+        torch.testing.assert_close(g, r.float(), rtol=1e-5, atol=1e-5)
+
+
 def test_mixed_dtype_weights_run_in_input_dtype_with_grads_in_weight_dtype():
     x64 = torch.randn(2, 9, 48, dtype=torch.float64)
     weights64, biases64 = _params(48, 4, 4, 1)
@@ -154,7 +177,7 @@ def test_mixed_dtype_weights_run_in_input_dtype_with_grads_in_weight_dtype():
 
 def test_inference_keeps_no_activations_and_matches_training_path():
     x = torch.randn(2, 9, 48)
-    weights, biases = _cast(_params(48, 4, 19, 2)[0], torch.float32), _cast(_params(48, 4, 19, 2)[1], torch.float32)
+    weights, biases = (_cast(p, torch.float32) for p in _params(48, 4, 19, 2))
     out_inference, kept = torch.ops.d2v_kernels.pos_conv(x, weights, biases, 4, 1e-5, False)
     out_training, pre_norm = torch.ops.d2v_kernels.pos_conv(x, weights, biases, 4, 1e-5, True)
     assert kept.shape == (0, 2, 9, 48) and pre_norm.shape == (2, 2, 9, 48)
@@ -177,16 +200,13 @@ def test_opcheck():
 
 def test_torch_compile_fullgraph_forward_and_backward():
     x = torch.randn(2, 9, 48, requires_grad=True)
-    weights, biases = (
-        _cast(_params(48, 4, 4, 2)[0], torch.float32, True),
-        _cast(_params(48, 4, 4, 2)[1], torch.float32, True),
-    )
+    weights, biases = (_cast(p, torch.float32, requires_grad=True) for p in _params(48, 4, 4, 2))
 
     def fn(x, weights, biases):
         return ops.pos_conv(x, weights, biases, groups=4)
 
     with d2v_kernels.use_backend(pos_conv="triton"):
-        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        compiled = torch.compile(fn, fullgraph=True)
         out = compiled(x, weights, biases)
         out.square().sum().backward()
     grads = [x.grad, *(w.grad for w in weights), *(b.grad for b in biases)]
