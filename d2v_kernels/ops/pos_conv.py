@@ -140,7 +140,11 @@ torch.library.register_autograd("d2v_kernels::pos_conv", _pos_conv_backward, set
 
 
 def _pos_conv_triton(x, weights, biases, *, groups, eps=1e-5):
-    """Triton path: keeps the pre-norm activations only when autograd will need them."""
+    """Triton path: keeps the pre-norm activations only when autograd will need them.
+
+    Weights and biases of another dtype (fp32 master weights with fp16 x) run in x's dtype, as
+    autocast would; their gradients come back in their own dtype.
+    """
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *weights, *biases))
     biases = [torch.zeros_like(w[:, 0, 0]) if b is None else b for w, b in zip(weights, biases)]
     out, _ = torch.ops.d2v_kernels.pos_conv(x, list(weights), biases, groups, float(eps), needs_grad)
