@@ -6,10 +6,16 @@ vision layer (the pre-LN sum feeding ``layernorm_after``, which needs the sum ba
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from d2v_kernels import dispatch
 from d2v_kernels.ops._checks import check_eps, check_same_device, check_tensor
+
+try:
+    from d2v_kernels.kernels import add_layer_norm as _kernels
+except ImportError as _error:  # triton absent: the triton backend reports it as a reason
+    _kernels, _KERNELS_IMPORT_ERROR = None, _error
 
 
 def add_layer_norm_reference(x, residual, weight, bias, *, eps=1e-5, return_sum=False):
@@ -17,6 +23,101 @@ def add_layer_norm_reference(x, residual, weight, bias, *, eps=1e-5, return_sum=
     s = x + residual
     y = F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
     return (y, s) if return_sum else y
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library registration: forward (y, sum, mean, rstd) and backward as opaque ops
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("d2v_kernels::add_layer_norm_fwd", mutates_args=())
+def _add_layer_norm_fwd(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    return_sum: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, x + residual or an empty (0,) tensor, mean, rstd)."""
+    y, total, mean, rstd = _kernels.add_layer_norm_forward(x, residual, weight, bias, eps, return_sum)
+    return y, total if total is not None else x.new_empty(0), mean, rstd
+
+
+@_add_layer_norm_fwd.register_fake
+def _(x, residual, weight, bias, eps, return_sum):
+    mean = x.new_empty(x.shape[:-1], dtype=torch.float32)
+    total = torch.empty_like(x) if return_sum else x.new_empty(0)
+    return torch.empty_like(x), total, mean, torch.empty_like(mean)
+
+
+@torch.library.custom_op("d2v_kernels::add_layer_norm_bwd", mutates_args=())
+def _add_layer_norm_bwd(
+    dy: torch.Tensor,
+    dsum: torch.Tensor | None,
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d(x + residual), dweight, dbias); a missing parameter's gradient is an empty (0,) tensor."""
+    dtotal, dweight, dbias = _kernels.add_layer_norm_backward(dy, dsum, x, residual, weight, bias, mean, rstd)
+    empty = x.new_empty(0)
+    return dtotal, dweight if dweight is not None else empty, dbias if dbias is not None else empty.clone()
+
+
+@_add_layer_norm_bwd.register_fake
+def _(dy, dsum, x, residual, weight, bias, mean, rstd):
+    dweight = torch.empty_like(weight) if weight is not None else x.new_empty(0)
+    dbias = torch.empty_like(bias) if bias is not None else x.new_empty(0)
+    return torch.empty_like(x), dweight, dbias
+
+
+def _setup_context(ctx, inputs, output):
+    # x and residual are saved, not their sum: the backward re-adds them in fp32, exactly as the
+    # forward normalised them (the stored sum is rounded to x's dtype).
+    x, residual, weight, bias, _eps, return_sum = inputs
+    _, _, mean, rstd = output
+    ctx.save_for_backward(x, residual, weight, bias, mean, rstd)
+    ctx.return_sum = return_sum
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _backward(ctx, dy, dsum, _dmean, _drstd):
+    x, residual, weight, bias, mean, rstd = ctx.saved_tensors
+    dsum = dsum if ctx.return_sum else None
+    dtotal, dweight, dbias = _add_layer_norm_bwd(dy, dsum, x, residual, weight, bias, mean, rstd)
+    return (
+        dtotal,
+        dtotal,
+        dweight if weight is not None else None,
+        dbias if bias is not None else None,
+        None,
+        None,
+    )
+
+
+_add_layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _add_layer_norm_triton(x, residual, weight, bias, *, eps=1e-5, return_sum=False):
+    y, total, _, _ = _add_layer_norm_fwd(x, residual, weight, bias, eps, return_sum)
+    return (y, total) if return_sum else y
+
+
+def _triton_available() -> list[str]:
+    return [] if _kernels is not None else [f"triton kernels not importable: {_KERNELS_IMPORT_ERROR}"]
+
+
+def _triton_reasons(x, residual, weight, bias, *, eps=1e-5, return_sum=False) -> list[str]:
+    return _kernels.unsupported_reasons(x, -1, weight=weight, bias=bias, residual=residual)
+
+
+# --------------------------------------------------------------------------------------------
+# Public function
+# --------------------------------------------------------------------------------------------
 
 
 def add_layer_norm(x, residual, weight, bias, *, eps=1e-5, return_sum=False):
@@ -49,3 +150,11 @@ def add_layer_norm(x, residual, weight, bias, *, eps=1e-5, return_sum=False):
 
 
 dispatch.register("add_layer_norm", "eager", add_layer_norm_reference, devices=("cpu", "cuda", "meta"))
+dispatch.register(
+    "add_layer_norm",
+    "triton",
+    _add_layer_norm_triton,
+    _triton_reasons,
+    available=_triton_available,
+    description="Triton row-norm kernel: fp32 residual add + LayerNorm over the last dim, fp32 stats",
+)

@@ -13,6 +13,11 @@ import torch.nn.functional as F
 from d2v_kernels import dispatch
 from d2v_kernels.ops._checks import check_eps, check_same_device, check_tensor
 
+try:
+    from d2v_kernels.kernels import layer_norm_gelu as _kernels
+except ImportError as _error:  # triton absent: the triton backend reports it as a reason
+    _kernels, _KERNELS_IMPORT_ERROR = None, _error
+
 APPROXIMATIONS = ("none", "tanh")
 
 
@@ -21,6 +26,96 @@ def layer_norm_gelu_reference(x, weight=None, bias=None, *, eps=1e-5, channels_d
     h = x.movedim(channels_dim, -1)
     h = F.layer_norm(h, (h.shape[-1],), weight, bias, eps)
     return F.gelu(h.movedim(-1, channels_dim), approximate=approximate)
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library registration: forward (y, mean, rstd) and backward as opaque ops for torch.compile
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("d2v_kernels::layer_norm_gelu_fwd", mutates_args=())
+def _layer_norm_gelu_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    channels_dim: int,
+    approximate: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _kernels.layer_norm_gelu_forward(x, weight, bias, eps, channels_dim, approximate)
+
+
+@_layer_norm_gelu_fwd.register_fake
+def _(x, weight, bias, eps, channels_dim, approximate):
+    channels_dim %= x.dim()
+    stats_shape = x.shape[:channels_dim] + x.shape[channels_dim + 1 :]
+    mean = x.new_empty(stats_shape, dtype=torch.float32)
+    return torch.empty_like(x), mean, torch.empty_like(mean)
+
+
+@torch.library.custom_op("d2v_kernels::layer_norm_gelu_bwd", mutates_args=())
+def _layer_norm_gelu_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    channels_dim: int,
+    approximate: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias); a missing parameter's gradient is an empty (0,) tensor."""
+    dx, dweight, dbias = _kernels.layer_norm_gelu_backward(dy, x, weight, bias, mean, rstd, channels_dim, approximate)
+    empty = x.new_empty(0)
+    return dx, dweight if dweight is not None else empty, dbias if dbias is not None else empty.clone()
+
+
+@_layer_norm_gelu_bwd.register_fake
+def _(dy, x, weight, bias, mean, rstd, channels_dim, approximate):
+    dweight = torch.empty_like(weight) if weight is not None else x.new_empty(0)
+    dbias = torch.empty_like(bias) if bias is not None else x.new_empty(0)
+    return torch.empty_like(x), dweight, dbias
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, _eps, channels_dim, approximate = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.channels_dim, ctx.approximate = channels_dim, approximate
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    dx, dweight, dbias = _layer_norm_gelu_bwd(dy, x, weight, bias, mean, rstd, ctx.channels_dim, ctx.approximate)
+    return (
+        dx,
+        dweight if weight is not None else None,
+        dbias if bias is not None else None,
+        None,
+        None,
+        None,
+    )
+
+
+_layer_norm_gelu_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _layer_norm_gelu_triton(x, weight=None, bias=None, *, eps=1e-5, channels_dim=-1, approximate="none"):
+    return _layer_norm_gelu_fwd(x, weight, bias, eps, channels_dim, approximate)[0]
+
+
+def _triton_available() -> list[str]:
+    return [] if _kernels is not None else [f"triton kernels not importable: {_KERNELS_IMPORT_ERROR}"]
+
+
+def _triton_reasons(x, weight=None, bias=None, *, eps=1e-5, channels_dim=-1, approximate="none") -> list[str]:
+    return _kernels.unsupported_reasons(x, channels_dim, weight=weight, bias=bias)
+
+
+# --------------------------------------------------------------------------------------------
+# Public function
+# --------------------------------------------------------------------------------------------
 
 
 def _normalize_channels_dim(x: torch.Tensor, channels_dim) -> int:
@@ -58,5 +153,12 @@ def layer_norm_gelu(x, weight=None, bias=None, *, eps=1e-5, channels_dim=-1, app
     )
 
 
-
 dispatch.register("layer_norm_gelu", "eager", layer_norm_gelu_reference, devices=("cpu", "cuda", "meta"))
+dispatch.register(
+    "layer_norm_gelu",
+    "triton",
+    _layer_norm_gelu_triton,
+    _triton_reasons,
+    available=_triton_available,
+    description="Triton row-norm kernel: LayerNorm over channels (either layout, strided) + GELU, fp32 stats",
+)

@@ -1,0 +1,475 @@
+"""One Triton row-norm kernel pair (fwd + bwd) behind ``layer_norm_gelu`` and ``add_layer_norm``.
+
+Every input is read in place as a 3D strided view (B, C, P): B batches, C channels (the norm
+axis), P positions, each tensor with its own strides, so channels-last (..., C) and channels-first
+(B, C, T) inputs need no transposes or copies. A program owns a tile of BLOCK_P positions of one
+batch and all C channels (the whole row sits in registers). Constexpr flags select the variant:
+
+    HAS_RESIDUAL  s = x + residual (summed in fp32) is normalised instead of x
+    STORE_SUM     the forward also writes s (add_layer_norm's return_sum)
+    HAS_WEIGHT, HAS_BIAS   optional affine
+    ACTIVATION    0: none, 1: exact erf GELU, 2: tanh GELU, applied after the affine
+    HAS_DSUM      the backward adds the gradient of the stored sum into dx
+
+Statistics (mean, rstd) are fp32, one per row, saved for the backward; the normalised tensor is
+not saved (the backward recomputes it from x). The backward reduces dweight and dbias in two
+deterministic stages: each of a fixed number of programs walks its rows in a fixed order into an
+fp32 partial row, then the partials are summed with torch (no atomics).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from d2v_kernels.kernels.aot import AotVariant
+
+MAX_CHANNELS = 4096  # one row (BLOCK_C fp32 values per position) must fit in a program's registers
+ACTIVATIONS = {None: 0, "none": 1, "tanh": 2}  # None: plain LayerNorm; "none"/"tanh": GELU's approximate
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+_SQRT_HALF = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+_TANH_CUBIC = tl.constexpr(0.044715)
+
+
+@triton.jit
+def _tanh(u):
+    # 1 - 2 / (exp(2u) + 1): exact limits at +-inf (exp overflows to inf or underflows to 0).
+    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+
+
+@triton.jit
+def _activation(z, ACTIVATION: tl.constexpr):
+    # Tensors stay left of the constexpr constants: the interpreter mishandles constexpr * tensor.
+    if ACTIVATION == 1:
+        return 0.5 * z * (1.0 + tl.math.erf(z * _SQRT_HALF))
+    elif ACTIVATION == 2:
+        return 0.5 * z * (1.0 + _tanh((z + z * z * z * _TANH_CUBIC) * _SQRT_2_OVER_PI))
+    else:
+        return z
+
+
+@triton.jit
+def _activation_grad(z, ACTIVATION: tl.constexpr):
+    """d activation / dz."""
+    if ACTIVATION == 1:
+        cdf = 0.5 * (1.0 + tl.math.erf(z * _SQRT_HALF))
+        return cdf + z * _INV_SQRT_2PI * tl.exp(-0.5 * z * z)
+    elif ACTIVATION == 2:
+        t = _tanh((z + z * z * z * _TANH_CUBIC) * _SQRT_2_OVER_PI)
+        du_dz = (1.0 + z * z * (3.0 * _TANH_CUBIC)) * _SQRT_2_OVER_PI
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * du_dz
+    else:
+        return tl.full(z.shape, 1.0, tl.float32)
+
+
+@triton.jit
+def _tile_offsets(batch, pos, ch, stride_b, stride_c, stride_p):
+    """int64 element offsets of a (BLOCK_P, BLOCK_C) tile: large tensors overflow int32."""
+    return batch.to(tl.int64) * stride_b + pos.to(tl.int64)[:, None] * stride_p + ch.to(tl.int64)[None, :] * stride_c
+
+
+@triton.jit
+def row_norm_fwd_kernel(
+    X, RES, W, B, Y, SUM, MEAN, RSTD,
+    n_pos, n_channels, tiles_per_batch,
+    stride_x_b, stride_x_c, stride_x_p,
+    stride_res_b, stride_res_c, stride_res_p,
+    stride_y_b, stride_y_c, stride_y_p,
+    stride_sum_b, stride_sum_c, stride_sum_p,
+    stride_w, stride_bias, eps,
+    HAS_RESIDUAL: tl.constexpr, STORE_SUM: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    batch = pid // tiles_per_batch
+    pos = (pid % tiles_per_batch) * BLOCK_P + tl.arange(0, BLOCK_P)
+    ch = tl.arange(0, BLOCK_C)
+    pos_mask = pos < n_pos
+    ch_mask = ch < n_channels
+    mask = pos_mask[:, None] & ch_mask[None, :]
+
+    x = tl.load(X + _tile_offsets(batch, pos, ch, stride_x_b, stride_x_c, stride_x_p), mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    if HAS_RESIDUAL:
+        res_offsets = _tile_offsets(batch, pos, ch, stride_res_b, stride_res_c, stride_res_p)
+        x += tl.load(RES + res_offsets, mask=mask, other=0.0).to(tl.float32)
+    if STORE_SUM:
+        sum_offsets = _tile_offsets(batch, pos, ch, stride_sum_b, stride_sum_c, stride_sum_p)
+        tl.store(SUM + sum_offsets, x.to(SUM.dtype.element_ty), mask=mask)
+
+    mean = tl.sum(x, axis=1) / n_channels
+    centered = tl.where(mask, x - mean[:, None], 0.0)
+    var = tl.sum(centered * centered, axis=1) / n_channels
+    rstd = tl.rsqrt(var + eps)
+    z = centered * rstd[:, None]
+    if HAS_WEIGHT:
+        z *= tl.load(W + ch * stride_w, mask=ch_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        z += tl.load(B + ch * stride_bias, mask=ch_mask, other=0.0).to(tl.float32)[None, :]
+    y = _activation(z, ACTIVATION)
+    y_offsets = _tile_offsets(batch, pos, ch, stride_y_b, stride_y_c, stride_y_p)
+    tl.store(Y + y_offsets, y.to(Y.dtype.element_ty), mask=mask)
+
+    row = batch.to(tl.int64) * n_pos + pos
+    tl.store(MEAN + row, mean, mask=pos_mask)
+    tl.store(RSTD + row, rstd, mask=pos_mask)
+
+
+@triton.jit
+def row_norm_bwd_kernel(
+    X, RES, W, B, DY, DSUM, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL,
+    n_pos, n_channels, tiles_per_batch, n_tiles,
+    stride_x_b, stride_x_c, stride_x_p,
+    stride_res_b, stride_res_c, stride_res_p,
+    stride_dy_b, stride_dy_c, stride_dy_p,
+    stride_dsum_b, stride_dsum_c, stride_dsum_p,
+    stride_dx_b, stride_dx_c, stride_dx_p,
+    stride_w, stride_bias,
+    HAS_RESIDUAL: tl.constexpr, HAS_DSUM: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    n_programs = tl.num_programs(0)
+    ch = tl.arange(0, BLOCK_C)
+    ch_mask = ch < n_channels
+    if HAS_WEIGHT:
+        w = tl.load(W + ch * stride_w, mask=ch_mask, other=0.0).to(tl.float32)
+    else:
+        w = tl.where(ch_mask, 1.0, 0.0)
+    if HAS_BIAS:
+        b = tl.load(B + ch * stride_bias, mask=ch_mask, other=0.0).to(tl.float32)
+    else:
+        b = tl.zeros([BLOCK_C], tl.float32)
+    dw_acc = tl.zeros([BLOCK_C], tl.float32)
+    db_acc = tl.zeros([BLOCK_C], tl.float32)
+
+    # Program pid takes tiles pid, pid + n_programs, ...: a fixed order, so the partial sums (and
+    # dweight, dbias) are the same bits on every run with the same grid.
+    for tile in range(pid, n_tiles, n_programs):
+        batch = tile // tiles_per_batch
+        pos = (tile % tiles_per_batch) * BLOCK_P + tl.arange(0, BLOCK_P)
+        pos_mask = pos < n_pos
+        mask = pos_mask[:, None] & ch_mask[None, :]
+
+        x = tl.load(X + _tile_offsets(batch, pos, ch, stride_x_b, stride_x_c, stride_x_p), mask=mask, other=0.0)
+        x = x.to(tl.float32)
+        if HAS_RESIDUAL:
+            res_offsets = _tile_offsets(batch, pos, ch, stride_res_b, stride_res_c, stride_res_p)
+            x += tl.load(RES + res_offsets, mask=mask, other=0.0).to(tl.float32)
+        row = batch.to(tl.int64) * n_pos + pos
+        mean = tl.load(MEAN + row, mask=pos_mask, other=0.0)
+        rstd = tl.load(RSTD + row, mask=pos_mask, other=0.0)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+
+        dy_offsets = _tile_offsets(batch, pos, ch, stride_dy_b, stride_dy_c, stride_dy_p)
+        dz = tl.load(DY + dy_offsets, mask=mask, other=0.0).to(tl.float32)
+        if ACTIVATION != 0:
+            dz *= _activation_grad(xhat * w[None, :] + b[None, :], ACTIVATION)
+        if HAS_WEIGHT:
+            dw_acc += tl.sum(dz * xhat, axis=0)
+        if HAS_BIAS:
+            db_acc += tl.sum(dz, axis=0)
+
+        dxhat = dz * w[None, :]
+        mean_dxhat_xhat = tl.sum(dxhat * xhat, axis=1) / n_channels
+        mean_dxhat = tl.sum(dxhat, axis=1) / n_channels
+        dx = (dxhat - (xhat * mean_dxhat_xhat[:, None] + mean_dxhat[:, None])) * rstd[:, None]
+        if HAS_DSUM:
+            dsum_offsets = _tile_offsets(batch, pos, ch, stride_dsum_b, stride_dsum_c, stride_dsum_p)
+            dx += tl.load(DSUM + dsum_offsets, mask=mask, other=0.0).to(tl.float32)
+        dx_offsets = _tile_offsets(batch, pos, ch, stride_dx_b, stride_dx_c, stride_dx_p)
+        tl.store(DX + dx_offsets, dx.to(DX.dtype.element_ty), mask=mask)
+
+    if HAS_WEIGHT:
+        tl.store(DW_PARTIAL + pid * n_channels + ch, dw_acc, mask=ch_mask)
+    if HAS_BIAS:
+        tl.store(DB_PARTIAL + pid * n_channels + ch, db_acc, mask=ch_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Layout: which (B, C, P) view each tensor is read through
+# --------------------------------------------------------------------------------------------
+
+
+def _collapse(shape: Sequence[int], strides: Sequence[int]) -> tuple[int, int] | None:
+    """(size, stride) of consecutive dims read as one index, or None when they cannot be."""
+    size = math.prod(shape)
+    dims = [(n, s) for n, s in zip(shape, strides) if n != 1]
+    if not dims:
+        return size, 0
+    for (_, outer_stride), (inner_size, inner_stride) in zip(dims, dims[1:]):
+        if outer_stride != inner_size * inner_stride:
+            return None
+    return size, dims[-1][1]
+
+
+def _groupings(ndim: int, channels_dim: int) -> list[tuple[range, range]]:
+    """Candidate (batch dims, position dims) splits of the non-channel dims, best first."""
+    if channels_dim < ndim - 1:
+        return [(range(channels_dim), range(channels_dim + 1, ndim))]
+    splits = [(range(0), range(ndim - 1))]  # every row in one batch: the usual channels-last case
+    if ndim >= 3:
+        splits.append((range(ndim - 2), range(ndim - 2, ndim - 1)))  # e.g. a (B, T, C) view of (B, C, T)
+    return splits
+
+
+def strided_view(tensors: Sequence[torch.Tensor], channels_dim: int):
+    """(B, C, P, [(stride_b, stride_c, stride_p) per tensor]) for one split that reads every tensor
+    (all of one shape), or None when no split can."""
+    shape = tensors[0].shape
+    channels_dim %= len(shape)
+    for batch_dims, pos_dims in _groupings(len(shape), channels_dim):
+        strides = []
+        for t in tensors:
+            batch = _collapse([shape[d] for d in batch_dims], [t.stride(d) for d in batch_dims])
+            pos = _collapse([shape[d] for d in pos_dims], [t.stride(d) for d in pos_dims])
+            if batch is None or pos is None:
+                break
+            strides.append((batch[1], t.stride(channels_dim), pos[1]))
+        else:
+            n_batch = math.prod([shape[d] for d in batch_dims])
+            n_pos = math.prod([shape[d] for d in pos_dims])
+            return n_batch, shape[channels_dim], n_pos, strides
+    return None
+
+
+def unsupported_reasons(x: torch.Tensor, channels_dim: int, weight=None, bias=None, residual=None) -> list[str]:
+    """Why the row-norm kernel cannot take these inputs ([] when it can)."""
+    reasons = []
+    if x.dtype not in KERNEL_DTYPES:
+        reasons.append(f"x has dtype {str(x.dtype).replace('torch.', '')}; the kernel takes float16, bfloat16, float32")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and p.dtype not in (x.dtype, torch.float32):
+            reasons.append(
+                f"{name} has dtype {str(p.dtype).replace('torch.', '')}; the kernel takes x's dtype or float32"
+            )
+    channels = x.shape[channels_dim]
+    if channels > MAX_CHANNELS:
+        reasons.append(f"{channels} channels > {MAX_CHANNELS}: one row must fit in one program's registers")
+    tensors = [x] if residual is None else [x, residual]
+    if strided_view(tensors, channels_dim) is None:
+        names = "x" if residual is None else "x and residual"
+        reasons.append(
+            f"the strides of {names} {[tuple(t.stride()) for t in tensors]} for shape {tuple(x.shape)} cannot be "
+            "read as (batch, channel, position) with one stride each (make them contiguous)"
+        )
+    return reasons
+
+
+# --------------------------------------------------------------------------------------------
+# Launch configuration
+# --------------------------------------------------------------------------------------------
+
+
+def tile_config(n_channels: int, positions_contiguous: bool) -> tuple[int, int, int]:
+    """(BLOCK_P, BLOCK_C, num_warps) for a row length and layout.
+
+    Channels-last (channels contiguous): about 4096 elements a tile, several short rows a program.
+    Channels-first (positions contiguous): each channel row of the tile is BLOCK_P >= 16
+    contiguous elements (>= one 32-byte sector in fp16) while the tile stays <= 16384 elements.
+    BLOCK_C is at least 16 so that few tiles exist to compile. Chosen from the H100 reasoning in
+    Triton's and flash-attention's layer norms; to measure on a GPU: the tile targets (2048 to
+    16384 elements) and warps per layout, with bench/layer_norm_gelu.py.
+    """
+    block_c = max(16, triton.next_power_of_2(n_channels))
+    if positions_contiguous:
+        block_p = max(1, min(max(16, 8192 // block_c), 16384 // block_c, 64))
+    else:
+        block_p = max(1, min(4096 // block_c, 64))
+    num_warps = min(16, max(4, block_p * block_c // 1024))
+    return block_p, block_c, num_warps
+
+
+def _launch_config(n_channels: int, x_strides: tuple[int, int, int], n_pos: int) -> tuple[int, int, int]:
+    _, stride_c, stride_p = x_strides
+    return tile_config(n_channels, positions_contiguous=stride_p == 1 and stride_c != 1 and n_pos > 1)
+
+
+def _backward_programs(device: torch.device, n_tiles: int) -> int:
+    """Number of programs the backward walks its tiles with (fixed per device: deterministic)."""
+    if device.type == "cuda":
+        return min(n_tiles, 4 * torch.cuda.get_device_properties(device).multi_processor_count)
+    return min(n_tiles, 4)  # the interpreter
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+
+def row_norm_forward(
+    x: torch.Tensor,
+    channels_dim: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    activation: str | None,
+    residual: torch.Tensor | None = None,
+    store_sum: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """activation(LayerNorm(x [+ residual])) over ``channels_dim``.
+
+    Returns (y like x, x + residual like x or None, mean, rstd); mean and rstd are fp32 of x's
+    shape without the channel dim. ``unsupported_reasons`` must be empty for these inputs.
+    """
+    channels_dim %= x.dim()
+    y = torch.empty_like(x)
+    total = torch.empty_like(x) if store_sum else None
+    tensors = [x, y] + ([residual] if residual is not None else []) + ([total] if store_sum else [])
+    view = strided_view(tensors, channels_dim)
+    assert view is not None, "row_norm_forward: unreadable layout (unsupported_reasons was not checked)"
+    n_batch, n_channels, n_pos, strides = view
+    x_strides, y_strides = strides[0], strides[1]
+    res_strides = strides[2] if residual is not None else (0, 0, 0)
+    sum_strides = strides[-1] if store_sum else (0, 0, 0)
+    stats_shape = x.shape[:channels_dim] + x.shape[channels_dim + 1 :]
+    mean = torch.empty(stats_shape, device=x.device, dtype=torch.float32)
+    rstd = torch.empty(stats_shape, device=x.device, dtype=torch.float32)
+
+    block_p, block_c, num_warps = _launch_config(n_channels, x_strides, n_pos)
+    tiles_per_batch = triton.cdiv(n_pos, block_p)
+    row_norm_fwd_kernel[(n_batch * tiles_per_batch,)](
+        x, residual if residual is not None else x, weight if weight is not None else x,
+        bias if bias is not None else x, y, total if store_sum else y, mean, rstd,
+        n_pos, n_channels, tiles_per_batch,
+        *x_strides, *res_strides, *y_strides, *sum_strides,
+        weight.stride(0) if weight is not None else 0, bias.stride(0) if bias is not None else 0, eps,
+        HAS_RESIDUAL=residual is not None, STORE_SUM=store_sum, HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation], BLOCK_P=block_p, BLOCK_C=block_c,
+        num_warps=num_warps,
+    )  # fmt: skip
+    return y, total, mean, rstd
+
+
+def row_norm_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    channels_dim: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    activation: str | None,
+    residual: torch.Tensor | None = None,
+    dsum: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of :func:`row_norm_forward`: (dx like x, dweight or None, dbias or None).
+
+    dx is also the residual's gradient; ``dsum`` (the gradient of the stored sum) is added into it.
+    Upstream gradients with a layout the kernel cannot read are made contiguous first.
+    """
+    channels_dim %= x.dim()
+    dx = torch.empty_like(x)
+    inputs = [x, dx] + ([residual] if residual is not None else [])
+    grads = [dy] + ([dsum] if dsum is not None else [])
+    view = strided_view(inputs + grads, channels_dim)
+    if view is None:
+        grads = [g.contiguous() for g in grads]
+        dy, dsum = grads[0], grads[1] if dsum is not None else None
+        view = strided_view(inputs + grads, channels_dim)
+    assert view is not None, "row_norm_backward: unreadable layout (unsupported_reasons was not checked)"
+    n_batch, n_channels, n_pos, strides = view
+    x_strides, dx_strides = strides[0], strides[1]
+    res_strides = strides[2] if residual is not None else (0, 0, 0)
+    dy_strides = strides[len(inputs)]
+    dsum_strides = strides[-1] if dsum is not None else (0, 0, 0)
+
+    block_p, block_c, num_warps = _launch_config(n_channels, x_strides, n_pos)
+    tiles_per_batch = triton.cdiv(n_pos, block_p)
+    n_tiles = n_batch * tiles_per_batch
+    n_programs = _backward_programs(x.device, n_tiles)
+    dw_partial = x.new_empty((n_programs, n_channels), dtype=torch.float32) if weight is not None else None
+    db_partial = x.new_empty((n_programs, n_channels), dtype=torch.float32) if bias is not None else None
+    row_norm_bwd_kernel[(n_programs,)](
+        x, residual if residual is not None else x, weight if weight is not None else x,
+        bias if bias is not None else x, dy, dsum if dsum is not None else dy, mean, rstd, dx,
+        dw_partial if weight is not None else mean, db_partial if bias is not None else mean,
+        n_pos, n_channels, tiles_per_batch, n_tiles,
+        *x_strides, *res_strides, *dy_strides, *dsum_strides, *dx_strides,
+        weight.stride(0) if weight is not None else 0, bias.stride(0) if bias is not None else 0,
+        HAS_RESIDUAL=residual is not None, HAS_DSUM=dsum is not None, HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation], BLOCK_P=block_p, BLOCK_C=block_c,
+        num_warps=num_warps,
+    )  # fmt: skip
+    dweight = dw_partial.sum(0).to(weight.dtype) if weight is not None else None
+    dbias = db_partial.sum(0).to(bias.dtype) if bias is not None else None
+    return dx, dweight, dbias
+
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time variants
+# --------------------------------------------------------------------------------------------
+
+_TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_FWD_POINTERS = ("X", "RES", "W", "B", "Y", "SUM", "MEAN", "RSTD")
+_FWD_INTS = (
+    ("n_pos", "n_channels", "tiles_per_batch")
+    + tuple(f"stride_{t}_{a}" for t in ("x", "res", "y", "sum") for a in "bcp")
+    + ("stride_w", "stride_bias")
+)
+_BWD_POINTERS = ("X", "RES", "W", "B", "DY", "DSUM", "MEAN", "RSTD", "DX", "DW_PARTIAL", "DB_PARTIAL")
+_BWD_INTS = (
+    ("n_pos", "n_channels", "tiles_per_batch", "n_tiles")
+    + tuple(f"stride_{t}_{a}" for t in ("x", "res", "dy", "dsum", "dx") for a in "bcp")
+    + ("stride_w", "stride_bias")
+)
+
+
+def _aot_tiles() -> list[tuple[int, int, int]]:
+    """Every (BLOCK_P, BLOCK_C, num_warps) tile_config can return, over both layouts."""
+    tiles = {tile_config(2**log_c, contiguous) for log_c in range(MAX_CHANNELS.bit_length()) for contiguous in (0, 1)}
+    return sorted(tiles, key=lambda t: (t[1], t[0]))
+
+
+def row_norm_aot_variants(
+    prefix: str, feature_sets: Sequence[dict], tile: tuple[int, int, int] = (16, 512, 8)
+) -> list[AotVariant]:
+    """Coverage by axis, not the full product (CI time): the first feature set (constexpr flags
+    plus ``param_fp32``) in every dtype, every other feature set in fp16, all at the audio encoder's
+    channels-first tile; and every tile the launcher can pick in fp16 with the first feature set.
+
+    A feature set holds HAS_RESIDUAL, STORE_SUM (HAS_DSUM in the backward), HAS_WEIGHT, HAS_BIAS,
+    ACTIVATION.
+    """
+    variants = []
+    combos = [(dtype, feature_sets[0], tile) for dtype in KERNEL_DTYPES]
+    combos += [(torch.float16, features, tile) for features in feature_sets[1:]]
+    combos += [(torch.float16, feature_sets[0], t) for t in _aot_tiles() if t != tile]
+    for dtype, features, (block_p, block_c, num_warps) in combos:
+        x_type = "*" + _TRITON_TYPES[dtype]
+        param_type = "*fp32" if features.get("param_fp32") else x_type
+        flags = {k: v for k, v in features.items() if k != "param_fp32"}
+        name = f"{_TRITON_TYPES[dtype]}_{'fp32params_' if features.get('param_fp32') else ''}"
+        name += "_".join(f"{k.lower()}={int(v)}" for k, v in flags.items()) + f"_p{block_p}_c{block_c}_w{num_warps}"
+        fwd_flags = {k: flags[k] for k in ("HAS_RESIDUAL", "STORE_SUM", "HAS_WEIGHT", "HAS_BIAS", "ACTIVATION")}
+        bwd_flags = {k: flags[k] for k in ("HAS_RESIDUAL", "HAS_WEIGHT", "HAS_BIAS", "ACTIVATION")}
+        bwd_flags["HAS_DSUM"] = flags["STORE_SUM"]
+        blocks = {"BLOCK_P": block_p, "BLOCK_C": block_c}
+
+        fwd_types = dict.fromkeys(_FWD_POINTERS, x_type) | {"W": param_type, "B": param_type}
+        fwd_types |= {"MEAN": "*fp32", "RSTD": "*fp32"} | dict.fromkeys(_FWD_INTS, "i32") | {"eps": "fp32"}
+        fwd_constexprs = fwd_flags | blocks
+        fwd_types |= dict.fromkeys(fwd_constexprs, "constexpr")
+        fwd_types = {arg: fwd_types[arg] for arg in row_norm_fwd_kernel.arg_names}
+        variants.append(
+            AotVariant(f"{prefix}_fwd_{name}", row_norm_fwd_kernel, fwd_types, fwd_constexprs, num_warps, 1)
+        )
+
+        bwd_types = dict.fromkeys(_BWD_POINTERS, x_type) | {"W": param_type, "B": param_type}
+        bwd_types |= dict.fromkeys(("MEAN", "RSTD", "DW_PARTIAL", "DB_PARTIAL"), "*fp32")
+        bwd_types |= dict.fromkeys(_BWD_INTS, "i32")
+        bwd_constexprs = {k: bwd_flags[k] for k in ("HAS_RESIDUAL", "HAS_DSUM", "HAS_WEIGHT", "HAS_BIAS", "ACTIVATION")}
+        bwd_constexprs |= blocks
+        bwd_types |= dict.fromkeys(bwd_constexprs, "constexpr")
+        bwd_types = {arg: bwd_types[arg] for arg in row_norm_bwd_kernel.arg_names}
+        variants.append(
+            AotVariant(f"{prefix}_bwd_{name}", row_norm_bwd_kernel, bwd_types, bwd_constexprs, num_warps, 1)
+        )
+    return variants

@@ -1,0 +1,77 @@
+"""Triton residual add + LayerNorm over the last dimension, forward and backward.
+
+The kernels are the shared row-norm pair in :mod:`d2v_kernels.kernels._row_norm` (flags:
+HAS_RESIDUAL, STORE_SUM for ``return_sum``, no activation); this module names the launchers for
+this op. The sum is taken in fp32 and normalised unrounded; the stored sum is rounded to x's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from d2v_kernels.kernels._row_norm import (
+    MAX_CHANNELS,
+    row_norm_aot_variants,
+    row_norm_backward,
+    row_norm_forward,
+    unsupported_reasons,
+)
+
+__all__ = [
+    "MAX_CHANNELS",
+    "add_layer_norm_backward",
+    "add_layer_norm_forward",
+    "aot_variants",
+    "unsupported_reasons",
+]
+
+
+def add_layer_norm_forward(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    store_sum: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """LayerNorm(x + residual) -> (y, x + residual or None, mean, rstd), stats fp32 of shape x.shape[:-1]."""
+    return row_norm_forward(x, -1, weight, bias, eps, None, residual=residual, store_sum=store_sum)
+
+
+def add_layer_norm_backward(
+    dy: torch.Tensor,
+    dsum: torch.Tensor | None,
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(d(x + residual), dweight or None, dbias or None): the first is both x's and residual's
+    gradient, with ``dsum`` (the gradient of the returned sum) added in."""
+    return row_norm_backward(dy, x, -1, weight, bias, mean, rstd, None, residual=residual, dsum=dsum)
+
+
+def _features(store_sum: bool, weight: bool, bias: bool, param_fp32: bool = False) -> dict:
+    return {
+        "HAS_RESIDUAL": True,
+        "STORE_SUM": store_sum,
+        "HAS_WEIGHT": weight,
+        "HAS_BIAS": bias,
+        "ACTIVATION": 0,
+        "param_fp32": param_fp32,
+    }
+
+
+def aot_variants():
+    """With and without the stored sum; affine in x's dtype, in fp32, weight-only, bias-only, or none."""
+    feature_sets = [
+        _features(False, True, True),
+        _features(True, True, True),
+        _features(False, True, True, param_fp32=True),
+        _features(False, True, False),
+        _features(False, False, True),
+        _features(False, False, False),
+    ]
+    return row_norm_aot_variants("add_layer_norm", feature_sets)

@@ -1,0 +1,79 @@
+"""Triton LayerNorm over the channel dimension + GELU, forward and backward.
+
+The kernels are the shared row-norm pair in :mod:`d2v_kernels.kernels._row_norm` (flags: no
+residual, ACTIVATION = exact erf or tanh GELU); this module names the launchers for this op.
+Channels-last (..., C) and channels-first (B, C, T) inputs are read in place through strides.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from d2v_kernels.kernels._row_norm import (
+    MAX_CHANNELS,
+    row_norm_aot_variants,
+    row_norm_backward,
+    row_norm_forward,
+    unsupported_reasons,
+)
+
+__all__ = [
+    "MAX_CHANNELS",
+    "aot_variants",
+    "layer_norm_gelu_backward",
+    "layer_norm_gelu_forward",
+    "unsupported_reasons",
+]
+
+
+def layer_norm_gelu_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    channels_dim: int,
+    approximate: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GELU(LayerNorm(x)) over ``channels_dim`` -> (y like x, mean, rstd), stats fp32 of x's shape
+    without the channel dim."""
+    y, _, mean, rstd = row_norm_forward(x, channels_dim, weight, bias, eps, approximate)
+    return y, mean, rstd
+
+
+def layer_norm_gelu_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    channels_dim: int,
+    approximate: str,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(dx like x, dweight or None, dbias or None); dweight/dbias in the parameters' dtypes."""
+    return row_norm_backward(dy, x, channels_dim, weight, bias, mean, rstd, approximate)
+
+
+def _features(activation: int, weight: bool, bias: bool, param_fp32: bool = False) -> dict:
+    return {
+        "HAS_RESIDUAL": False,
+        "STORE_SUM": False,
+        "HAS_WEIGHT": weight,
+        "HAS_BIAS": bias,
+        "ACTIVATION": activation,
+        "param_fp32": param_fp32,
+    }
+
+
+def aot_variants():
+    """Exact and tanh GELU; affine in x's dtype, in fp32, weight-only, bias-only, or none."""
+    feature_sets = [
+        _features(1, True, True),
+        _features(1, False, False),
+        _features(1, True, True, param_fp32=True),
+        _features(1, True, False),
+        _features(1, False, True),
+        _features(2, True, True),
+        _features(2, False, False),
+    ]
+    return row_norm_aot_variants("layer_norm_gelu", feature_sets)
