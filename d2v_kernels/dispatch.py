@@ -44,6 +44,7 @@ class Implementation:
     devices: tuple[str, ...]
     available: Callable[[], list[str]] = lambda: []
     description: str = ""
+    opt_in: bool = False  # runs only when forced (not yet validated on hardware)
 
 
 _REGISTRY: dict[str, list[Implementation]] = {}
@@ -59,8 +60,13 @@ def register(
     devices: Sequence[str] = ("cuda",),
     available: Callable[[], list[str]] | None = None,
     description: str = "",
+    opt_in: bool = False,
 ) -> Implementation:
-    """Register an implementation of ``op``; kernels before eager, cuda before triton."""
+    """Register an implementation of ``op``; kernels before eager, cuda before triton.
+
+    ``opt_in=True`` keeps it out of default dispatch (it runs when forced with ``use_backend``, or
+    by default once ``D2V_KERNELS_ENABLE_OPT_IN=1``): for kernels not yet validated on hardware.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     impl = Implementation(
@@ -71,6 +77,7 @@ def register(
         devices=tuple(devices),
         available=available or (lambda: []),
         description=description,
+        opt_in=opt_in,
     )
     impls = [i for i in _REGISTRY.get(op, []) if i.backend != backend]
     impls.append(impl)
@@ -207,10 +214,18 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+ENV_ENABLE_OPT_IN = "D2V_KERNELS_ENABLE_OPT_IN"
+
+
 def _device_reasons(impl: Implementation, device: torch.device, forced: bool) -> list[str]:
     reasons = list(impl.available())
     if reasons:
         return reasons
+    if impl.opt_in and not forced and os.environ.get(ENV_ENABLE_OPT_IN, "0") != "1":
+        return [
+            f"the {impl.backend} {impl.op} kernel is opt-in until validated on a GPU "
+            f"(use_backend({impl.op}={impl.backend!r}) or {ENV_ENABLE_OPT_IN}=1)"
+        ]
     if impl.backend == "eager" or device.type in impl.devices:
         return []
     if impl.backend == "triton" and device.type == "cpu":

@@ -120,3 +120,22 @@ def test_cpu_triton_needs_interpreter_and_forcing(monkeypatch):
             assert dispatch.select("fake_op2", cpu, torch.empty(1)).backend == "triton"
     finally:
         dispatch._REGISTRY.pop("fake_op2")
+
+
+def test_opt_in_implementation_runs_only_when_forced_or_enabled(monkeypatch):
+    dispatch.register("fake_op3", "eager", lambda x: "eager", devices=("cpu", "cuda", "meta"))
+    dispatch.register("fake_op3", "cuda", lambda x: "cuda", devices=("cpu",), opt_in=True)
+    try:
+        cpu = torch.device("cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert dispatch.call("fake_op3", cpu, 1) == "eager"
+            with d2v_kernels.use_backend(fake_op3="cuda"):
+                assert dispatch.call("fake_op3", cpu, 1) == "cuda"
+            monkeypatch.setenv(dispatch.ENV_ENABLE_OPT_IN, "1")
+            assert dispatch.call("fake_op3", cpu, 1) == "cuda"
+        impl = next(i for i in dispatch.implementations("fake_op3") if i.backend == "cuda")
+        monkeypatch.delenv(dispatch.ENV_ENABLE_OPT_IN)
+        assert "opt-in until validated on a GPU" in dispatch.reasons_for(impl, cpu, 1)[0]
+    finally:
+        dispatch._REGISTRY.pop("fake_op3")

@@ -295,4 +295,5 @@ dispatch.register(
     devices=("cuda",),
     available=extension_reasons,
     description="C++/CUDA extension: strided conv with LayerNorm + GELU epilogue, channels-last",
+    opt_in=True,  # never run on a GPU yet: a GPU session validates it (d2v-kernels validate) and lifts this
 )
