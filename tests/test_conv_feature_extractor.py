@@ -383,7 +383,8 @@ def test_cuda_batch_of_different_lengths_equals_each_wave_alone(dtype):
 
 
 @pytest.mark.cuda
-def test_cuda_dispatch_opcheck_compile_and_limits():
+def test_cuda_dispatch_opcheck_compile_and_limits(monkeypatch):
+    monkeypatch.setenv("D2V_KERNELS_ENABLE_OPT_IN", "1")  # the cuda backend is opt-in until validated
     ext = _extension.module()
     assert (ext.MAX_CHANNELS, ext.MAX_LAYER0_KERNEL, ext.MAX_LAYER0_STRIDE, ext.MAX_BATCH) == (
         cfe.MAX_CHANNELS,
