@@ -19,6 +19,7 @@ fp32 partial row, then the partials are summed with torch (no atomics).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -70,6 +71,17 @@ def _activation_grad(z, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
+def _to_output(x, dtype: tl.constexpr):
+    """fp32 -> dtype rounding to nearest even. bf16 is rounded by hand (three integer ops, exact
+    on the GPU too) because the interpreter truncates fp32 -> bf16 where the GPU rounds."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def _tile_offsets(batch, pos, ch, stride_b, stride_c, stride_p):
     """int64 element offsets of a (BLOCK_P, BLOCK_C) tile: large tensors overflow int32."""
     return batch.to(tl.int64) * stride_b + pos.to(tl.int64)[:, None] * stride_p + ch.to(tl.int64)[None, :] * stride_c
@@ -102,7 +114,7 @@ def row_norm_fwd_kernel(
         x += tl.load(RES + res_offsets, mask=mask, other=0.0).to(tl.float32)
     if STORE_SUM:
         sum_offsets = _tile_offsets(batch, pos, ch, stride_sum_b, stride_sum_c, stride_sum_p)
-        tl.store(SUM + sum_offsets, x.to(SUM.dtype.element_ty), mask=mask)
+        tl.store(SUM + sum_offsets, _to_output(x, SUM.dtype.element_ty), mask=mask)
 
     mean = tl.sum(x, axis=1) / n_channels
     centered = tl.where(mask, x - mean[:, None], 0.0)
@@ -115,7 +127,7 @@ def row_norm_fwd_kernel(
         z += tl.load(B + ch * stride_bias, mask=ch_mask, other=0.0).to(tl.float32)[None, :]
     y = _activation(z, ACTIVATION)
     y_offsets = _tile_offsets(batch, pos, ch, stride_y_b, stride_y_c, stride_y_p)
-    tl.store(Y + y_offsets, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + y_offsets, _to_output(y, Y.dtype.element_ty), mask=mask)
 
     row = batch.to(tl.int64) * n_pos + pos
     tl.store(MEAN + row, mean, mask=pos_mask)
@@ -185,7 +197,7 @@ def row_norm_bwd_kernel(
             dsum_offsets = _tile_offsets(batch, pos, ch, stride_dsum_b, stride_dsum_c, stride_dsum_p)
             dx += tl.load(DSUM + dsum_offsets, mask=mask, other=0.0).to(tl.float32)
         dx_offsets = _tile_offsets(batch, pos, ch, stride_dx_b, stride_dx_c, stride_dx_p)
-        tl.store(DX + dx_offsets, dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DX + dx_offsets, _to_output(dx, DX.dtype.element_ty), mask=mask)
 
     if HAS_WEIGHT:
         tl.store(DW_PARTIAL + pid * n_channels + ch, dw_acc, mask=ch_mask)
@@ -204,7 +216,7 @@ def _collapse(shape: Sequence[int], strides: Sequence[int]) -> tuple[int, int] |
     dims = [(n, s) for n, s in zip(shape, strides) if n != 1]
     if not dims:
         return size, 0
-    for (_, outer_stride), (inner_size, inner_stride) in zip(dims, dims[1:]):
+    for (_, outer_stride), (inner_size, inner_stride) in itertools.pairwise(dims):
         if outer_stride != inner_size * inner_stride:
             return None
     return size, dims[-1][1]

@@ -1,0 +1,221 @@
+"""ops.add_layer_norm: the Triton kernel (interpreter on CPU) against float64 eager and transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from numerics import assert_close_to_reference
+
+import d2v_kernels
+from d2v_kernels import dispatch, ops
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+def _dtype_id(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _inputs(shape, dtype, affine=True, param_dtype=None):
+    x = torch.randn(shape).to(dtype)
+    residual = (2.0 * torch.randn(shape) + 0.5).to(dtype)
+    channels = shape[-1]
+    if not affine:
+        return x, residual, None, None
+    weight = (1.0 + 0.5 * torch.randn(channels)).to(param_dtype or dtype)
+    bias = (0.3 * torch.randn(channels)).to(param_dtype or dtype)
+    return x, residual, weight, bias
+
+
+def _run(fn, x, residual, weight, bias, grad_outs, return_sum):
+    """Outputs then gradients (x, residual, weight, bias; None where absent) of sum(out * grad_out)."""
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, residual, weight, bias)]
+    out = fn(*leaves, return_sum=return_sum)
+    outs = list(out) if return_sum else [out]
+    wanted = [t for t in leaves if t is not None]
+    grads = iter(torch.autograd.grad(outs, wanted, [g.to(o.dtype) for g, o in zip(grad_outs, outs)]))
+    return [o.detach() for o in outs] + [next(grads) if t is not None else None for t in leaves]
+
+
+def _check_against_float64(x, residual, weight, bias, return_sum=False):
+    grad_outs = [torch.randn(x.shape) for _ in range(2 if return_sum else 1)]
+    with d2v_kernels.use_backend(add_layer_norm="triton"):
+        out = _run(ops.add_layer_norm, x, residual, weight, bias, grad_outs, return_sum)
+    as64 = [t.double() if t is not None else None for t in (x, residual, weight, bias)]
+    ref64 = _run(ops.add_layer_norm_reference, *as64, [g.double() for g in grad_outs], return_sum)
+    eager = _run(ops.add_layer_norm_reference, x, residual, weight, bias, grad_outs, return_sum)
+    names = ["y", "sum"][: len(grad_outs)] + ["dx", "dresidual", "dweight", "dbias"]
+    for name, o, r, e in zip(names, out, ref64, eager):
+        if r is None:
+            assert o is None, name
+            continue
+        assert o.dtype == e.dtype, name
+        assert_close_to_reference(o, r, e, name=name)
+
+
+SHAPES = [
+    pytest.param((2, 7, 48), id="B2-T7-C48"),
+    pytest.param((9, 500), id="N9-C500"),
+    pytest.param((1, 3, 768), id="B1-T3-C768"),
+    pytest.param((3, 1), id="C1"),
+    pytest.param((1, 1, 1024), id="T1-C1024"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_float64(shape, dtype):
+    _check_against_float64(*_inputs(shape, dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("shape", [pytest.param((2, 5, 48), id="B2-T5-C48"), pytest.param((3, 768), id="N3-C768")])
+def test_return_sum_gradients_add_in(shape, dtype):
+    """(y, x + residual): the sum's own gradient adds into dx and dresidual."""
+    _check_against_float64(*_inputs(shape, dtype), return_sum=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_dtype_id)
+def test_fp32_parameters_with_half_input(dtype):
+    _check_against_float64(*_inputs((4, 48), dtype, param_dtype=torch.float32), return_sum=True)
+
+
+def test_without_affine_and_partial_affine():
+    x, residual, weight, bias = _inputs((6, 48), torch.float32)
+    _check_against_float64(x, residual, None, None)
+    _check_against_float64(x, residual, weight, None)
+    _check_against_float64(x, residual, None, bias, return_sum=True)
+
+
+def test_return_sum_is_the_sum_in_input_dtype():
+    x, residual, weight, bias = _inputs((3, 48), torch.bfloat16)
+    with d2v_kernels.use_backend(add_layer_norm="triton"):
+        _, total = ops.add_layer_norm(x, residual, weight, bias, return_sum=True)
+    assert total.dtype == torch.bfloat16
+    torch.testing.assert_close(total, x + residual, atol=0, rtol=0)
+
+
+def test_strided_inputs_read_in_place():
+    """Rows a stride apart, a residual that is a transposed view: read through strides."""
+    x_big, _, weight, bias = _inputs((2, 9, 48), torch.float32)
+    x = x_big[:, 2:7]
+    residual_t = torch.randn(2, 48, 5).transpose(1, 2)  # (2, 5, 48) with channel stride 5
+    assert not x.is_contiguous() and residual_t.stride(-1) != 1
+    impl = next(i for i in dispatch.implementations("add_layer_norm") if i.backend == "triton")
+    assert impl.check(x, residual_t, weight, bias, eps=1e-5, return_sum=True) == []
+    _check_against_float64(x, residual_t, weight, bias, return_sum=True)
+
+
+def test_unreadable_layout_is_a_dispatch_reason():
+    x = torch.randn(2, 5, 4, 48)[:, :3, :2]  # rows (2, 3, 2): no two-stride split reads them
+    residual = torch.randn_like(x)
+    impl = next(i for i in dispatch.implementations("add_layer_norm") if i.backend == "triton")
+    reasons = impl.check(x, residual, None, None, eps=1e-5, return_sum=False)
+    assert len(reasons) == 1 and "x and residual" in reasons[0]
+    with pytest.raises(d2v_kernels.BackendUnavailableError, match="cannot be read as"):
+        with d2v_kernels.use_backend(add_layer_norm="triton"):
+            ops.add_layer_norm(x, residual, None, None)
+    with d2v_kernels.record_dispatch() as calls:
+        out = ops.add_layer_norm(x, residual, None, None)
+    assert calls == {("add_layer_norm", "eager"): 1}
+    torch.testing.assert_close(out, ops.add_layer_norm_reference(x, residual, None, None))
+
+
+def test_dispatch_reasons_for_dtypes():
+    impl = next(i for i in dispatch.implementations("add_layer_norm") if i.backend == "triton")
+    x64 = torch.randn(3, 8, dtype=torch.float64)
+    assert any("float64" in r for r in impl.check(x64, x64, None, None, eps=1e-5, return_sum=False))
+    x = torch.randn(3, 8)
+    bf16_bias = torch.randn(8, dtype=torch.bfloat16)
+    reasons = impl.check(x, x, None, bf16_bias, eps=1e-5, return_sum=False)
+    assert any("bias has dtype bfloat16" in r for r in reasons)
+
+
+def test_equals_data2vec_text_self_output():
+    from transformers import Data2VecTextConfig
+    from transformers.models.data2vec.modeling_data2vec_text import Data2VecTextSelfOutput
+
+    config = Data2VecTextConfig(hidden_size=48, num_attention_heads=3, intermediate_size=96)
+    module = Data2VecTextSelfOutput(config).eval()
+    with torch.no_grad():
+        module.LayerNorm.weight.normal_(1.0, 0.3)
+        module.LayerNorm.bias.normal_(0.0, 0.3)
+        hidden, input_tensor = torch.randn(2, 7, 48), torch.randn(2, 7, 48)
+        expected = module(hidden, input_tensor)
+        with d2v_kernels.use_backend(add_layer_norm="triton"):
+            out = ops.add_layer_norm(
+                module.dense(hidden), input_tensor, module.LayerNorm.weight, module.LayerNorm.bias,
+                eps=module.LayerNorm.eps,
+            )  # fmt: skip
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"residual": torch.randn(2, 7)}, ValueError, "residual must have x's shape"),
+        ({"residual": torch.randn(2, 8, dtype=torch.float64)}, TypeError, "residual must have x's dtype"),
+        ({"weight": torch.randn(9)}, ValueError, r"weight must have shape \(8,\)"),
+        ({"eps": -1.0}, ValueError, "eps must be a positive float"),
+        ({"return_sum": 1}, TypeError, "return_sum must be a bool"),
+        ({"x": "x"}, TypeError, "x must be a torch.Tensor"),
+    ],
+    ids=["residual-shape", "residual-dtype", "weight-shape", "eps", "return-sum", "not-tensor"],
+)
+def test_bad_inputs(kwargs, error, message):
+    args = {"x": torch.randn(2, 8), "residual": torch.randn(2, 8), "weight": torch.randn(8), "bias": None} | kwargs
+    positional = [args.pop(k) for k in ("x", "residual", "weight", "bias")]
+    with pytest.raises(error, match=message):
+        ops.add_layer_norm(*positional, **args)
+
+
+@pytest.mark.parametrize("return_sum", [False, True], ids=["y", "y_and_sum"])
+def test_opcheck(return_sum):
+    x, residual, weight, bias = (t.requires_grad_() for t in _inputs((2, 3, 20), torch.float32))
+    with d2v_kernels.use_backend(add_layer_norm="triton"):
+        torch.library.opcheck(
+            torch.ops.d2v_kernels.add_layer_norm_fwd.default, (x, residual, weight, bias, 1e-5, return_sum)
+        )
+        detached = [t.detach() for t in (x, residual, weight, bias)]
+        _, _, mean, rstd = torch.ops.d2v_kernels.add_layer_norm_fwd(*detached, 1e-5, return_sum)
+        dsum = torch.randn_like(x) if return_sum else None
+        bwd_args = (torch.randn_like(x), dsum, *detached, mean, rstd)
+        torch.library.opcheck(torch.ops.d2v_kernels.add_layer_norm_bwd.default, bwd_args)
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    leaves = [t.requires_grad_() for t in _inputs((2, 5, 48), torch.float32)]
+    compiled = torch.compile(ops.add_layer_norm, fullgraph=True)
+    with d2v_kernels.use_backend(add_layer_norm="triton"):
+        y, total = compiled(*leaves, return_sum=True)
+        grads = torch.autograd.grad([y, total], leaves, [torch.ones_like(y), torch.full_like(total, 0.5)])
+    y_ref, total_ref = ops.add_layer_norm_reference(*leaves, return_sum=True)
+    expected = torch.autograd.grad([y_ref, total_ref], leaves, [torch.ones_like(y), torch.full_like(total, 0.5)])
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(total, total_ref)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+
+
+def test_records_triton_dispatch():
+    x, residual, weight, bias = _inputs((3, 48), torch.float16)
+    with d2v_kernels.use_backend(add_layer_norm="triton"), d2v_kernels.record_dispatch() as calls:
+        ops.add_layer_norm(x, residual, weight, bias)
+    assert calls == {("add_layer_norm", "triton"): 1}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("shape", [(8, 499, 768), (4, 197, 1024), (3, 50, 500)], ids=["audio", "vision-large", "odd"])
+@pytest.mark.parametrize("return_sum", [False, True], ids=["y", "y_and_sum"])
+def test_cuda_matches_float64(shape, dtype, return_sum):
+    _check_against_float64(*(t.cuda() for t in _inputs(shape, dtype)), return_sum=return_sum)
+
+
+@pytest.mark.cuda
+def test_cuda_parameter_gradients_are_deterministic():
+    x, residual, weight, bias = (t.cuda() for t in _inputs((8, 499, 768), torch.bfloat16))
+    grad_outs = [torch.randn(x.shape, device="cuda")]
+    runs = [_run(ops.add_layer_norm, x, residual, weight, bias, grad_outs, False) for _ in range(3)]
+    for run in runs[1:]:
+        assert torch.equal(run[3], runs[0][3]) and torch.equal(run[4], runs[0][4])
