@@ -1,0 +1,330 @@
+"""CPU smoke tests of bench/: argument parsing, result files, report rendering from the synthetic
+sample, the no-GPU refusal, op-module dispatch, and the end-to-end output checks on tiny models.
+Nothing here times anything."""
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+from bench import __main__ as bench_main
+from bench import common, models, report
+
+SAMPLE = common.RESULTS_DIR / "sample" / "synthetic-sample.json"
+no_gpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
+
+
+# ------------------------------------------------------------------------------------- argument parsing
+
+
+def test_main_parses_ops_models_dtype_and_passthrough():
+    args = bench_main.parse_args(["--op", "pos_conv,attention", "--model", "text_base", "--dtype", "bf16", "--quick"])
+    assert args.ops == ["pos_conv", "attention"] and args.models == ["text_base"] and args.dtypes == ["bf16"]
+    assert bench_main.op_argv(args) == ["--quick", "--dtypes", "bf16"]
+    assert bench_main.model_argv(args) == ["--model", "text_base", "--quick", "--dtype", "bf16"]
+    args = bench_main.parse_args(["--op", "pos_conv", "--", "--modes", "fwd"])
+    assert args.models == [] and bench_main.op_argv(args) == ["--modes", "fwd"]
+
+
+def test_main_defaults_to_everything():
+    args = bench_main.parse_args([])
+    assert args.ops[:4] == list(bench_main.OPS) and args.models == list(models.MODELS)
+    assert bench_main.parse_args(["--model", "all"]).ops == []
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "resnet"], "unknown ['resnet']"),
+        (["--dtype", "fp8"], "unknown ['fp8']"),
+        (["--op", "common"], "not an op benchmark"),
+        (["stray"], "put arguments for op scripts after '--'"),
+    ],
+)
+def test_main_rejects_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench_main.parse_args(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_models_parse_args():
+    args = models.parse_args(["--model", "vision_base,vision_large", "--quick"])
+    assert args.models == ["vision_base", "vision_large"] and args.dtypes == ["bf16"]
+    assert args.impls == list(models.QUICK_IMPLS) and args.modes == list(models.MODES)
+    args = models.parse_args(["--impls", "d2v,hf_flash", "--case", "b1", "--dtype", "fp16,bf16", "--mode", "train"])
+    assert args.impls == ["d2v", "hf_flash"] and args.cases == ["b1"] and args.modes == ["train"]
+    assert models.parse_args([]).impls == list(models.DEFAULT_IMPLS)
+    for bad in (["--impls", "tensorrt"], ["--case", "b7"], ["--mode", "serve"], ["--device", "cpu"]):
+        with pytest.raises(SystemExit):
+            models.parse_args(bad)
+
+
+def test_report_parser():
+    args = report.build_parser().parse_args(["--input", str(SAMPLE), "--no-readme", "--no-plots"])
+    assert args.input == [SAMPLE] and args.no_readme and args.no_plots
+
+
+def _op_modules():
+    return [op for op in bench_main.discovered_ops() if (common.BENCH_DIR / f"{op}.py").exists()]
+
+
+@pytest.mark.parametrize("op", _op_modules())
+def test_every_op_module_imports_exposes_main_and_parses_help(op, capsys):
+    module = importlib.import_module(f"bench.{op}")
+    assert callable(module.main), f"bench/{op}.py must expose main(argv)"
+    with pytest.raises(SystemExit) as exc:
+        module.main(["--help"])
+    assert exc.value.code == 0 and "usage" in capsys.readouterr().out.lower()
+
+
+# --------------------------------------------------------------------------------- GPU refusal, dispatch
+
+
+@no_gpu_only
+def test_main_refuses_without_gpu(capsys):
+    assert bench_main.main(["--model", "text_base", "--quick"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+    assert bench_main.main([]) == 2
+    assert models.main(["--model", "text_base"]) == 2
+
+
+@no_gpu_only
+def test_python_dash_m_bench_refuses_without_gpu():
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick"],
+        capture_output=True,
+        text=True,
+        cwd=common.REPO_DIR,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "no CUDA GPU" in result.stderr
+
+
+def test_list_needs_no_gpu(capsys):
+    assert bench_main.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    assert "audio_ctc" in out and "vision_large" in out and "attention" in out
+
+
+def test_dispatch_forwards_arguments_and_skips_missing_ops(monkeypatch, tmp_path, capsys):
+    calls = []
+    fake = types.ModuleType("bench.fake_op")
+    fake.main = lambda argv: calls.append(argv) or 0
+    broken = types.ModuleType("bench.broken_op")
+    broken.main = lambda argv: 1
+    monkeypatch.setitem(sys.modules, "bench.fake_op", fake)
+    monkeypatch.setitem(sys.modules, "bench.broken_op", broken)
+    monkeypatch.setattr(common, "has_gpu", lambda: True)
+    argv = ["--op", "fake_op", "--dtype", "fp16", "--quick", "--no-report", "--no-device-info", "--out", str(tmp_path)]
+    assert bench_main.main([*argv, "--", "--modes", "fwd"]) == 0
+    assert calls == [["--quick", "--dtypes", "fp16", "--out", str(tmp_path), "--modes", "fwd"]]
+    assert bench_main.main(["--op", "fake_op,broken_op", "--no-report", "--no-device-info"]) == 1
+    assert bench_main.main(["--op", "no_such_op", "--no-report", "--no-device-info"]) == 1
+    out, err = capsys.readouterr()
+    assert "bench/no_such_op.py does not exist" in err and "failed (exit status 1)" in out
+
+
+# ------------------------------------------------------------------------------------ results and report
+
+
+def test_write_results_round_trip(tmp_path):
+    env = common.environment(["--op", "x"])
+    for key in ("gpu", "torch", "triton", "transformers", "commit", "date", "command", "driver", "cuda"):
+        assert key in env
+    rows = [{"case": "c", "dtype": "bf16", "mode": "fwd", "impl": "d2v_triton", "max_err": 1e-3, "dt": torch.float16}]
+    path = common.write_results("my_op", rows, env, tmp_path, quick=True)
+    assert path.parent == tmp_path / common.gpu_slug(env["gpu"])
+    assert path.name.endswith("-my_op.json") and path.name[:8].isdigit()
+    data = json.loads(path.read_text())
+    assert data["schema"] == 1 and data["quick"] is True and data["environment"] == env
+    assert data["rows"] == [dict(rows[0], what="my_op", dt="float16")]
+    run = report.load_run(path)
+    assert run.what == "my_op" and not run.synthetic and run.rows[0]["impl"] == "d2v_triton"
+
+
+def test_gpu_slug_and_known_peaks():
+    assert common.gpu_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    expected = {
+        "NVIDIA H100 80GB HBM3": ("H100 SXM", 989.4, 3350.0),
+        "NVIDIA H100 PCIe": ("H100 PCIe", 756.0, 2000.0),
+        "NVIDIA H200": ("H200 SXM", 989.4, 4800.0),
+        "NVIDIA A100-SXM4-80GB": ("A100 80GB SXM", 312.0, 2039.0),
+        "NVIDIA A100-SXM4-40GB": ("A100 40GB SXM", 312.0, 1555.0),
+        "NVIDIA A100 80GB PCIe": ("A100 80GB PCIe", 312.0, 1935.0),
+    }
+    for gpu, (name, bf16, hbm) in expected.items():
+        peak = common.device_peak(gpu)
+        assert (peak.name, peak.tflops["bf16"], peak.hbm_gbps) == (name, bf16, hbm), gpu
+    assert common.device_peak("Tesla T4") is None
+
+
+def test_rotation_covers_twice_the_cache():
+    assert common.rotation_copies(10 << 20, cache_bytes=50 << 20) == 11
+    assert common.rotation_copies(1 << 30, cache_bytes=50 << 20) == 2
+    assert common.rotation_copies(1, cache_bytes=50 << 20, max_copies=64) == 64
+    seen = []
+    fn = common.rotate_inputs(lambda x: seen.append(x), lambda: (torch.randn(4),), cache_bytes=40)
+    assert fn.copies == 6
+    for _ in range(7):
+        fn()
+    assert seen[6] is seen[0] and len({id(t) for t in seen}) == 6
+
+
+def test_check_close_bounds_by_eager_error():
+    torch.manual_seed(0)
+    ref = torch.randn(64, 32, dtype=torch.float64)
+    eager = ref.half()
+    good = (ref + 1e-4 * torch.randn_like(ref)).half()
+    result = common.check_close("good", good, ref, eager)
+    assert 0 < result["max_err"] <= result["bound"]
+    with pytest.raises(common.CheckFailed, match=r"bad\[0\]: max error .* > bound"):
+        common.check_close("bad", (ref + 0.05).half(), ref, eager)
+    with pytest.raises(common.CheckFailed, match="nan"):
+        common.check_close("nan", torch.full_like(eager, float("nan")), ref, eager)
+    with pytest.raises(common.CheckFailed, match="shape"):
+        common.check_close("shape", eager[:3], ref, eager)
+
+
+def test_sample_is_labelled_synthetic():
+    data = json.loads(SAMPLE.read_text())
+    assert data["synthetic"] is True and "not" in data["note"] and "measured" in data["note"]
+    assert report.load_run(SAMPLE).synthetic
+
+
+def test_render_sample_table_and_plots(tmp_path):
+    assert report.main(["--input", str(SAMPLE), "--out", str(tmp_path)]) == 0
+    markdown = (tmp_path / "results.md").read_text()
+    assert markdown.startswith(f"**{report.SYNTHETIC_LABEL}")
+    assert "| what | case | dtype | mode | impl |" in markdown
+    assert "| pos_conv | base | fp16 | fwd | hf_eager | 3 (2.7-3.3) | 33.3 |  | 3% |" in markdown  # % of 989.4
+    assert "| 3.00x |" in markdown and "| 1.25x |" in markdown  # speedup of d2v over eager / sdpa
+    assert "skipped: flash_attn not importable" in markdown and "error: CheckFailed" in markdown
+    plots = sorted(tmp_path.rglob("*.png"))
+    names = {p.name for p in plots}
+    assert {"pos_conv-speedup.png", "pos_conv-efficiency.png", "text_base-speedup.png"} <= names
+    for plot in plots:
+        assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 5000
+        assert f"]({plot.relative_to(tmp_path).as_posix()})" in markdown
+
+
+def test_readme_regeneration_keeps_head_and_never_shows_the_sample(tmp_path):
+    results = tmp_path / "results"
+    (results / "sample").mkdir(parents=True)
+    (results / "sample" / SAMPLE.name).write_text(SAMPLE.read_text())
+    readme = results / "README.md"
+    readme.write_text(f"# head\n\nhow to run\n\n{report.GENERATED_MARKER}\n\nold table\n")
+    assert report.main(["--results", str(results)]) == 0
+    assert readme.read_text() == f"# head\n\nhow to run\n\n{report.GENERATED_MARKER}\n\n{report.NO_RESULTS}\n"
+    measured = json.loads(SAMPLE.read_text())
+    measured.pop("synthetic")
+    measured["environment"] = dict(measured["environment"], synthetic=False, gpu="NVIDIA H100 80GB HBM3")
+    (results / "nvidia-h100-80gb-hbm3").mkdir()
+    (results / "nvidia-h100-80gb-hbm3" / "20000101-000000-x.json").write_text(json.dumps(measured))
+    assert report.main(["--results", str(results)]) == 0
+    text = readme.read_text()
+    assert text.startswith("# head\n\nhow to run\n\n") and "## NVIDIA H100 80GB HBM3" in text
+    assert "(nvidia-h100-80gb-hbm3/plots/pos_conv-speedup.png)" in text and report.SYNTHETIC_LABEL not in text
+
+
+def test_committed_readme_is_what_the_report_renders(tmp_path):
+    readme = common.RESULTS_DIR / "README.md"
+    text = readme.read_text()
+    assert "d2v-kernels bench" in text and "What the columns mean" in text
+    copy = tmp_path / "README.md"
+    copy.write_text(text)
+    assert report.main(["--results", str(common.RESULTS_DIR), "--readme", str(copy), "--out", str(tmp_path)]) == 0
+    assert copy.read_text() == text, "bench/results/README.md is stale: run python -m bench.report"
+    assert "SYNTHETIC" not in text.split(report.GENERATED_MARKER)[1]
+
+
+def test_latest_row_wins_and_op_script_files_load(tmp_path):
+    folder = tmp_path / "NVIDIA_H100"
+    folder.mkdir()
+    row = {"case": "base", "dtype": "bf16", "mode": "fwd", "impl": "d2v_triton", "ms": 2.0}
+    old = {"environment": {"gpu": "NVIDIA H100", "time": "2030-01-01T00:00:00+00:00"}, "rows": [row]}
+    new = {"environment": {"gpu": "NVIDIA H100", "time": "2030-01-02T00:00:00+00:00"}, "rows": [dict(row, ms=1.0)]}
+    (folder / "pos_conv.json").write_text(json.dumps(new))
+    (folder / "pos_conv_quick.json").write_text(json.dumps(old))
+    runs = report.find_runs(tmp_path)
+    assert {run.what for run in runs} == {"pos_conv"}
+    ((_, rows),) = report.latest_by_gpu(runs).values()
+    assert [r["ms"] for r in rows] == [1.0] and rows[0]["run_date"] == "2030-01-02"
+
+
+# ------------------------------------------------------------------------------- end-to-end checks (CPU)
+
+
+def test_model_checks_run_on_tiny_configs_on_cpu(capsys):
+    argv = ["--model", "text_base,vision_base", "--tiny", "--check-only", "--device", "cpu", "--dtype", "bf16"]
+    assert models.main([*argv, "--impls", "d2v,hf_eager,hf_sdpa,hf_flash"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    checked = [r for r in rows if "max_err" in r]
+    assert {(r["what"], r["impl"], r["mode"]) for r in checked} == {
+        (m, i, mode)
+        for m in ("text_base", "vision_base")
+        for i in ("d2v", "hf_eager", "hf_sdpa")
+        for mode in models.MODES
+    }
+    assert all(0 <= r["max_err"] <= r["bound"] and "ms" not in r for r in checked)
+    assert all(r["loss"] > 0 for r in checked if r["mode"] == "train")
+
+
+def test_model_check_catches_a_wrong_implementation(monkeypatch):
+    real = models.infer_logits
+
+    def wrong(call, batch, dtype, **kw):
+        logits = real(call, batch, dtype, **kw)
+        return logits + 0.5 if getattr(call, "_wrong", False) else logits
+
+    real_build = models.build_variant
+
+    def build(spec, config, impl, *a, **kw):
+        model, call = real_build(spec, config, impl, *a, **kw)
+        call._wrong = impl == "hf_sdpa"
+        return model, call
+
+    monkeypatch.setattr(models, "infer_logits", wrong)
+    monkeypatch.setattr(models, "build_variant", build)
+    options = models.Options(
+        dtypes=["bf16"], modes=["inference"], impls=["hf_sdpa", "d2v"], check_only=True, tiny=True, device="cpu"
+    )
+    rows = models.bench_model(models.MODELS["text_base"], options)
+    by_impl = {r["impl"]: r for r in rows}
+    assert by_impl["hf_sdpa"]["error"].startswith("CheckFailed: hf_sdpa logits[0]: max error")
+    assert "error" not in by_impl["d2v"]
+
+
+def test_text_batch_pads_rows_and_counts_real_tokens():
+    spec = models.MODELS["text_base"]
+    config = spec.config(tiny=True)
+    batch = models.make_batch(spec, {"batch": 4, "length": 13, "min_length": 5}, config, "cpu")
+    mask = batch.inputs["attention_mask"]
+    assert mask[0].all() and batch.units == mask.sum().item() < 4 * 13
+    assert (batch.inputs["input_ids"][mask == 0] == config.pad_token_id).all()
+
+
+def test_benchmark_cases_are_lazy_and_named():
+    cases = models.benchmark_cases(quick=True)
+    ids = [c.id for c in cases]
+    assert len(ids) == len(set(ids)) and "audio_ctc-b8x10s-bf16-train-d2v" in ids
+    assert "vision_large-b64-bf16-inference-hf_compile" in ids
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pytest_benchmark") is None, reason="pytest-benchmark not installed")
+def test_pytest_bench_collects_and_skips_without_gpu():
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "bench", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "--benchmark-only"],
+        capture_output=True,
+        text=True,
+        cwd=common.REPO_DIR,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")},  # not an xdist worker
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    if not torch.cuda.is_available():
+        assert " skipped" in result.stdout and "passed" not in result.stdout
