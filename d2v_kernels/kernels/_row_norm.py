@@ -286,9 +286,10 @@ def tile_config(n_channels: int, positions_contiguous: bool) -> tuple[int, int, 
     Channels-last (channels contiguous): about 4096 elements a tile, several short rows a program.
     Channels-first (positions contiguous): each channel row of the tile is BLOCK_P >= 16
     contiguous elements (>= one 32-byte sector in fp16) while the tile stays <= 16384 elements.
-    BLOCK_C is at least 64 so that few tiles exist to compile (Data2Vec rows are 512 to 1024). Chosen from the H100 reasoning in
-    Triton's and flash-attention's layer norms; to measure on a GPU: the tile targets (2048 to
-    16384 elements) and warps per layout, with bench/layer_norm_gelu.py.
+    BLOCK_C is at least 64 so that few tiles exist to compile (Data2Vec rows are 512 to 1024).
+    Chosen from the H100 reasoning in Triton's and flash-attention's layer norms; to measure on a
+    GPU: the tile targets (2048 to 16384 elements) and warps per layout, with
+    bench/layer_norm_gelu.py.
     """
     block_c = max(64, triton.next_power_of_2(n_channels))
     if positions_contiguous:
