@@ -103,7 +103,7 @@ MODELS: dict[str, ModelSpec] = {
         "audio_ctc",
         "Data2VecAudioForCTC",
         "audio",
-        {"layerdrop": 0.0, "vocab_size": 32},
+        {"layerdrop": 0.0, "vocab_size": 32, "ctc_loss_reduction": "mean"},
         {"b8x10s": {"batch": 8, "seconds": 10.0}, "b1x30s": {"batch": 1, "seconds": 30.0}},
         {"batch": 2, "seconds": 0.1},
         "audio s/s",

@@ -328,3 +328,24 @@ def test_pytest_bench_collects_and_skips_without_gpu():
     assert result.returncode == 0, result.stdout + result.stderr
     if not torch.cuda.is_available():
         assert " skipped" in result.stdout and "passed" not in result.stdout
+
+
+def test_timed_rows_carry_throughput_and_memory(monkeypatch):
+    """The timing path of bench/models.py with the GPU timer replaced (nothing is measured here)."""
+    monkeypatch.setattr(common, "time_ms", lambda fn, **kw: fn() is not None and common.Timing(2.0, 1.5, 2.5, "stub"))
+    monkeypatch.setattr(common, "peak_memory_mb", lambda fn: 7.0)
+    options = models.Options(dtypes=["bf16"], modes=list(models.MODES), impls=["d2v"], tiny=True, device="cpu")
+    spec = models.MODELS["audio_ctc"]
+    rows = models.bench_model(spec, options)
+    assert [r["mode"] for r in rows] == ["inference", "train"]
+    for row in rows:
+        assert "error" not in row, row.get("error")
+        assert (row["ms"], row["ms_p20"], row["ms_p80"], row["timing"], row["peak_mem_mb"]) == (
+            2.0,
+            1.5,
+            2.5,
+            "stub",
+            7.0,
+        )
+        assert row["throughput"] == pytest.approx(spec.tiny_case["batch"] * spec.tiny_case["seconds"] / 2e-3)
+        assert row["throughput_unit"] == "audio s/s" and row["attn_implementation"] == "d2v_kernels"
