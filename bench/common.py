@@ -304,14 +304,24 @@ def _version(module_name: str) -> str | None:
     return getattr(module, "__version__", "unknown")
 
 
+def _command_line() -> str:
+    """How this process was started: ``python -m bench --quick``, ``d2v-kernels bench ...``, ``pytest ...``."""
+    program = Path(sys.argv[0]).name
+    if program == "__main__.py":
+        program = f"python -m {Path(sys.argv[0]).parent.name}"
+    return " ".join([program, shlex.join(sys.argv[1:])]).strip()
+
+
 def environment(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """GPU, driver, CUDA, library versions, git commit, UTC date and the command line.
+    """GPU, driver, CUDA, library versions, git commit, UTC date, the command line and ``argv``
+    (the arguments the benchmark script itself got, when a driver passed them).
 
     Works without a GPU (``gpu`` is then ``"none"``), so results code can be tested on a CPU.
     """
     env: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
+        "command": _command_line(),
+        "argv": list(sys.argv[1:] if argv is None else argv),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
