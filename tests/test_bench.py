@@ -8,9 +8,14 @@ import os
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
+
+# bench/ is not installed with the package: import it from this checkout (plain `pytest` does not
+# put the repository root on sys.path; `python -m pytest` does).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import __main__ as bench_main
 from bench import common, models, report
