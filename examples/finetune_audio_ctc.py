@@ -3,7 +3,9 @@ on speech made here: short phrases spoken by ``espeak-ng`` (text to speech, resa
 transcribed at the character level. Without ``espeak-ng`` on the PATH the script says so and uses
 synthetic tones instead (one pitch per character). The character vocabulary is built here and the
 waveform goes in as ``input_values`` directly (no tokenizer or feature-extractor download); the
-model is randomly initialised from a config.
+model is randomly initialised from a config. From random weights CTC needs thousands of steps
+to get past emitting only blanks: the tiny run shows the pipeline (loss falls from ~30 to ~3), not a
+recogniser; start from a pretrained checkpoint for that.
 
     python examples/finetune_audio_ctc.py              # tiny on a CPU, base on a GPU
     python examples/finetune_audio_ctc.py --size base  # base size, bf16 on a GPU
