@@ -94,18 +94,27 @@ def cmd_validate(args) -> int:
     return 0 if ok else 1
 
 
-def cmd_bench(args) -> int:
+def _bench_main(argv: list[str]) -> int:
+    """Run ``bench/`` (lives in the repository checkout, not in the installed package)."""
     import torch
 
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and "--list" not in argv and not {"-h", "--help"} & set(argv):
         print("d2v-kernels bench: no CUDA GPU on this machine; benchmarks need one.", file=sys.stderr)
         return 2
+    from pathlib import Path
+
+    import d2v_kernels
+
+    for root in (Path.cwd(), Path(d2v_kernels.__file__).resolve().parents[1]):
+        if (root / "bench" / "__main__.py").is_file():
+            sys.path.insert(0, str(root))
+            break
     try:
         from bench.__main__ import main as bench_main
-    except ImportError:
-        print("d2v-kernels bench: run it from a checkout of the repository (bench/ is not installed)", file=sys.stderr)
+    except ImportError as e:
+        print(f"d2v-kernels bench: run it from a checkout of the repository ({e})", file=sys.stderr)
         return 2
-    return bench_main(args.rest)
+    return bench_main(argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,13 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--quick", action="store_true", help="small sizes even on a GPU")
     v.add_argument("--op", action="append", help="only this op (repeatable)")
     v.set_defaults(fn=cmd_validate)
-    b = sub.add_parser("bench", help="run the benchmarks in bench/ (needs a GPU)")
-    b.add_argument("rest", nargs=argparse.REMAINDER)
-    b.set_defaults(fn=cmd_bench)
+    sub.add_parser("bench", help="run the benchmarks in bench/ (needs a GPU); options go to `python -m bench`")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        return _bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     _use_interpreter_without_gpu()
     return args.fn(args)
