@@ -63,11 +63,6 @@ def qkv(b=2, n=5, h=3, d=16, dtype=torch.float32):
             "residual must have x's shape",
         ),
         (
-            lambda: ops.add_layer_norm(torch.randn(4, 8), torch.randn(4, 8).half(), None, None),
-            TypeError,
-            "residual must have x's dtype",
-        ),
-        (
             lambda: ops.add_layer_norm(torch.randn(4, 8), torch.randn(4, 8), None, None, return_sum=1),
             TypeError,
             "return_sum",
@@ -156,3 +151,11 @@ def test_fully_masked_row_is_uniform_like_transformers():
     mask[1] = False
     out = ops.attention(q, k, v, key_padding_mask=mask)
     torch.testing.assert_close(out[1], v[1].mean(0, keepdim=True).expand(6, -1, -1))
+
+
+def test_add_layer_norm_promotes_mixed_dtypes_like_transformers():
+    x, residual = torch.randn(4, 8).bfloat16(), torch.randn(4, 8)
+    y, s = ops.add_layer_norm(x, residual, None, None, return_sum=True)
+    assert y.dtype == s.dtype == torch.float32
+    torch.testing.assert_close(s, x + residual)
+    torch.testing.assert_close(y, torch.nn.functional.layer_norm(x + residual, (8,)))

@@ -131,7 +131,7 @@ def test_example_without_espeak_falls_back_to_tones(tmp_path):
 @pytest.mark.parametrize("class_name", ONE_PER_MODALITY)
 def test_compile_training_with_loss_has_no_graph_breaks(class_name, one_thread):
     """Training mode with a loss: no graph break, and the compiled loss and gradients equal eager
-    transformers'. (Audio with the feature encoder frozen, as for fine-tuning; see the xfail below.)"""
+    transformers'. (Audio with the feature encoder frozen, as for fine-tuning; unfrozen below.)"""
     reference, fused, config = build_pair(class_name)
     _train_mode(class_name, reference, fused)
     inputs = inputs_for(class_name, config)
@@ -150,12 +150,6 @@ def test_compile_training_with_loss_has_no_graph_breaks(class_name, one_thread):
     _assert_grads_close(fused, reference)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FusedData2VecAudioFeatureEncoder.forward does wave.detach().requires_grad_(True) in training mode "
-    "(models/audio.py), which dynamo breaks on ('requires_grad_() intermediate leaked as output'); transformers' "
-    "own encoder breaks there too (setattr on Tensor.requires_grad). Frozen encoders are not affected.",
-)
 def test_compile_training_unfrozen_audio_has_no_graph_breaks(one_thread):
     _, fused, config = build_pair("Data2VecAudioForSequenceClassification")
     fused.train()
@@ -216,17 +210,9 @@ def test_gradient_checkpointing(class_name, one_thread):
     _assert_grads_close(fused, plain, atol=1e-6, rtol=1e-6)  # checkpointing changes nothing
 
 
-_TEXT_AUTOCAST_BUG = pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="text under autocast: FusedData2VecTextSelfOutput passes a bf16 dense output and an fp32 residual to "
-    "ops.add_layer_norm, which raises 'residual must have x's dtype' (transformers adds them with type promotion)",
-)
-
-
 @pytest.mark.parametrize(
     "class_name",
-    [*ONE_PER_MODALITY[:2], pytest.param(ONE_PER_MODALITY[2], marks=_TEXT_AUTOCAST_BUG)],
+    ONE_PER_MODALITY,
 )
 def test_bf16_autocast_cpu(class_name, one_thread):
     """Under CPU bf16 autocast the fused model runs forward and backward, and its loss and gradients

@@ -49,9 +49,9 @@ class FusedData2VecAudioFeatureEncoder(hf.Data2VecAudioFeatureEncoder):
     def forward(self, input_values):
         if not self._fusable():
             return super().forward(input_values)
+        # transformers marks the input as requiring grad for reentrant checkpointing of its conv
+        # layers; the fused op is checkpointed non-reentrantly, which needs no such input.
         wave = input_values
-        if self._requires_grad and self.training and not wave.requires_grad:
-            wave = wave.detach().requires_grad_(True)  # as transformers does, for gradient checkpointing
         layers = list(self.conv_layers)
         params = dict(
             conv_weights=[layer.conv.weight for layer in layers],

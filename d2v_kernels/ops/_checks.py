@@ -58,3 +58,11 @@ def check_param_list(name: str, values, length: int) -> list:
     if len(values) != length:
         raise ValueError(f"{name} must have {length} entries (one per layer), got {len(values)}")
     return list(values)
+
+
+def layer_norm_compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype transformers' LayerNorm would run in here: under CUDA autocast torch runs
+    layer_norm in float32 (it is on autocast's fp32 list there, not on the CPU's)."""
+    if device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        return torch.float32
+    return dtype

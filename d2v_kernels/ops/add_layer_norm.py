@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from d2v_kernels import dispatch
-from d2v_kernels.ops._checks import check_eps, check_same_device, check_tensor
+from d2v_kernels.ops._checks import check_eps, check_same_device, check_tensor, layer_norm_compute_dtype
 
 try:
     from d2v_kernels.kernels import add_layer_norm as _kernels
@@ -123,7 +123,8 @@ def _triton_reasons(x, residual, weight, bias, *, eps=1e-5, return_sum=False) ->
 def add_layer_norm(x, residual, weight, bias, *, eps=1e-5, return_sum=False):
     """LayerNorm(x + residual) over the last dimension.
 
-    x, residual: (..., C), same shape and dtype (fp16, bf16, fp32; fp64 runs eager).
+    x, residual: (..., C), same shape (fp16, bf16, fp32; fp64 runs eager); mixed dtypes promote
+    as ``x + residual`` does, and under CUDA autocast the op runs in fp32 like torch's layer_norm.
     weight, bias: (C,) or None. Statistics in fp32. Returns y (x's shape and dtype), or
     ``(y, x + residual)`` with ``return_sum=True`` (pre-LN layers need the sum as the next
     residual).
@@ -132,8 +133,11 @@ def add_layer_norm(x, residual, weight, bias, *, eps=1e-5, return_sum=False):
     check_tensor("residual", residual)
     if residual.shape != x.shape:
         raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-    if residual.dtype != x.dtype:
-        raise TypeError(f"residual must have x's dtype {x.dtype}, got {residual.dtype}")
+    # As transformers' `LayerNorm(x + residual)`: type promotion (an autocast Linear output plus an
+    # fp32 residual), and float32 under CUDA autocast.
+    dtype = layer_norm_compute_dtype(x.device, torch.promote_types(x.dtype, residual.dtype))
+    if x.dtype != dtype or residual.dtype != dtype:
+        x, residual = x.to(dtype), residual.to(dtype)
     channels = x.shape[-1]
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None:

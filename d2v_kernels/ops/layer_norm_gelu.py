@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from d2v_kernels import dispatch
-from d2v_kernels.ops._checks import check_eps, check_same_device, check_tensor
+from d2v_kernels.ops._checks import check_eps, check_same_device, check_tensor, layer_norm_compute_dtype
 
 try:
     from d2v_kernels.kernels import layer_norm_gelu as _kernels
@@ -135,6 +135,8 @@ def layer_norm_gelu(x, weight=None, bias=None, *, eps=1e-5, channels_dim=-1, app
     Statistics in fp32. Returns a tensor of x's shape and dtype.
     """
     check_tensor("x", x, ndim=range(1, 9))
+    if layer_norm_compute_dtype(x.device, x.dtype) != x.dtype:
+        x = x.float()  # under CUDA autocast, as torch's layer_norm
     cd = _normalize_channels_dim(x, channels_dim)
     channels = x.shape[cd]
     for name, p in (("weight", weight), ("bias", bias)):
