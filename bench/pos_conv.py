@@ -7,38 +7,33 @@ Cases: base (B=8, T=499 frames = 10 s, C=768, 16 groups, k=19, 5 layers) and lar
 fp16 and bf16, forward and forward+backward (gradients for the input, every weight and bias).
 Every implementation's output (and gradients) is checked against a float64 run before it is
 timed: its error may be at most twice eager's own error in the same dtype plus a small floor.
-Reports median / p20 / p80 ms, TFLOP/s of the convolutions (2 x MACs, x3 for fwd+bwd) and the
-fraction of the GPU's dense fp16/bf16 tensor-core peak, and peak memory. Writes JSON to
-``bench/results/<gpu>/pos_conv.json``.
+Reports median / p20 / p80 ms, TFLOP/s of the convolutions (2 x MACs, x3 for fwd+bwd; the report
+shows it as a share of the GPU's dense fp16/bf16 tensor-core peak), and peak memory. Writes
+``bench/results/<gpu>/<date>-pos_conv.json``.
 
-    python bench/pos_conv.py [--quick] [--cases base,large] [--dtypes fp16,bf16]
-                             [--modes fwd,fwd+bwd] [--impls d2v_triton,hf_eager,hf_compile,cudnn_channels_last]
+    python -m bench.pos_conv [--quick] [--cases base,large] [--dtypes fp16,bf16] [--modes fwd,fwd+bwd]
+                             [--impls d2v_triton,hf_eager,hf_compile,cudnn_channels_last]
+    python -m bench.pos_conv --check-only --tiny --device cpu     # the output checks on a CPU
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import datetime
-import json
-import platform
-import re
-import subprocess
+import functools
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench import common
+
 # name: (batch, frames, hidden size, groups, kernel size, layers)
 CASES = {"base": (8, 499, 768, 16, 19, 5), "large": (8, 499, 1024, 16, 19, 5)}
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-MODES = ("fwd", "fwd+bwd")
+QUICK_CASES = ("base",)
+# For --check-only --tiny (CPU; d2v_triton runs there under TRITON_INTERPRET=1).
+TINY_CASES = {"tiny": (2, 23, 48, 4, 5, 2)}
+SHAPES = {**CASES, **TINY_CASES}
 IMPLS = ("d2v_triton", "hf_eager", "hf_compile", "cudnn_channels_last")
-ABS_FLOOR = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
-# Dense (no sparsity) fp16/bf16 tensor-core peak in TFLOP/s, by a substring of the GPU name.
-DENSE_PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
 
 
 def build_module(case: str, dtype: torch.dtype, device: str = "cuda", seed: int = 0):
@@ -46,7 +41,7 @@ def build_module(case: str, dtype: torch.dtype, device: str = "cuda", seed: int 
     from transformers import Data2VecAudioConfig
     from transformers.models.data2vec.modeling_data2vec_audio import Data2VecAudioPositionalConvEmbedding
 
-    _, _, hidden, groups, kernel_size, layers = CASES[case]
+    _, _, hidden, groups, kernel_size, layers = SHAPES[case]
     config = Data2VecAudioConfig(
         hidden_size=hidden,
         num_conv_pos_embedding_groups=groups,
@@ -110,207 +105,43 @@ def embedding_fn(module, impl: str):
 
 def conv_flops(case: str) -> float:
     """Multiply-adds x 2 of the forward convolutions."""
-    batch, frames, hidden, groups, kernel_size, layers = CASES[case]
+    batch, frames, hidden, groups, kernel_size, layers = SHAPES[case]
     return 2.0 * batch * frames * hidden * (hidden // groups) * kernel_size * layers
 
 
-def dense_peak_tflops(gpu_name: str) -> float | None:
-    for key, peak in DENSE_PEAK_TFLOPS.items():
-        if key in gpu_name:
-            return peak
-    return None
-
-
-def run_once(fn, hidden, grad_out, params, mode):
-    """Forward (and backward); returns the output and the gradients (or None)."""
-    if mode == "fwd":
-        with torch.no_grad():
-            return fn(hidden), None
-    hidden = hidden.detach().requires_grad_(True)
-    out = fn(hidden)
-    grads = torch.autograd.grad(out, [hidden, *params], grad_out)
-    return out.detach(), grads
-
-
-def check(name, out, ref64, eager):
-    err = (out.double() - ref64).abs().max().item()
-    bound = 2.0 * (eager.double() - ref64).abs().max().item() + ABS_FLOOR[out.dtype]
-    if not err <= bound:
-        raise AssertionError(f"{name}: max error {err:.3e} > bound {bound:.3e} (2 x eager's + floor)")
-    return err
-
-
-def time_ms(fn, *, quick: bool = False) -> tuple[float, float, float]:
-    """(median, p20, p80) milliseconds."""
-    from triton.testing import do_bench
-
-    warmup, rep = (10, 50) if quick else (25, 200)
-    return tuple(do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8]))
-
-
-def peak_memory_bytes(fn) -> int:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - before
-
-
-def environment() -> dict:
-    def git_commit():
-        try:
-            return subprocess.run(
-                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10
-            ).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return "unknown"
-
-    import transformers
-    import triton
-
-    props = torch.cuda.get_device_properties(0)
-    return {
-        "gpu": props.name,
-        "compute_capability": f"{props.major}.{props.minor}",
-        "driver": _driver_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version(),
-        "triton": triton.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "commit": git_commit(),
-        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def _driver_version() -> str:
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        return out.stdout.strip().splitlines()[0] if out.stdout.strip() else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def bench_case(case, dtype_name, mode, impls, *, peak_tflops=None, check_outputs=True, quick=False) -> list[dict]:
-    batch, frames, hidden_size = CASES[case][:3]
-    dtype = DTYPES[dtype_name]
-    module = build_module(case, dtype)
+def setup_case(case: str, dtype_name: str, mode: str, device: str = "cuda") -> common.OpCase:
+    """Inputs of one case; steps return [out] or [out, d hidden, d every weight and bias]."""
+    batch, frames, hidden_size = SHAPES[case][:3]
+    dtype = common.DTYPES[dtype_name]
+    module = build_module(case, dtype, device)
     params = list(module.parameters())
     for p in params:
         p.requires_grad_(mode == "fwd+bwd")
-    torch.manual_seed(1)
-    hidden = torch.randn(batch, frames, hidden_size, device="cuda", dtype=dtype)
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    hidden = torch.randn(batch, frames, hidden_size, generator=gen).to(device, dtype)
     hidden[1:, frames * 3 // 4 :] = 0.0  # padded frames, zeroed as the encoder does
-    flops = conv_flops(case) * (3.0 if mode == "fwd+bwd" else 1.0)
+    grad_out = torch.randn(hidden.shape, generator=gen).to(device, dtype) if mode == "fwd+bwd" else None
 
-    rows = []
-    references = None
-    grad_out = torch.randn_like(hidden) if mode == "fwd+bwd" else None
-    if check_outputs:
+    def make_step(impl: str):
+        fn = embedding_fn(module, impl)
+        return lambda: common.forward_backward(fn, [hidden], grad_out, mode, params)
+
+    @functools.cache
+    def reference():
         # float64 reference on the very same (already rounded) weights
         module64 = copy.deepcopy(module).double()
-        out64, grads64 = run_once(
-            module64,
-            hidden.double(),
-            None if grad_out is None else grad_out.double(),
-            list(module64.parameters()),
-            mode,
-        )
-        eager_out, eager_grads = run_once(module, hidden, grad_out, params, mode)
-        references = (out64, grads64, eager_out, eager_grads)
-        del module64
+        grad64 = None if grad_out is None else grad_out.double()
+        out64 = common.forward_backward(module64, [hidden.double()], grad64, mode, list(module64.parameters()))
+        return out64, common.forward_backward(module, [hidden], grad_out, mode, params)
 
-    for impl in impls:
-        fn = embedding_fn(module, impl)
-        row = dict(case=case, batch=batch, frames=frames, channels=hidden_size, dtype=dtype_name, mode=mode, impl=impl)
-        try:
-            out, grads = run_once(fn, hidden, grad_out, params, mode)
-            if references:
-                out64, grads64, eager_out, eager_grads = references
-                row["max_err"] = check(f"{impl} output", out, out64, eager_out)
-                if grads is not None:
-                    row["max_grad_err"] = max(
-                        check(f"{impl} grad {i}", g, g64, ge)
-                        for i, (g, g64, ge) in enumerate(zip(grads, grads64, eager_grads))
-                    )
-            del out, grads
-
-            def step(fn=fn):
-                return run_once(fn, hidden, grad_out, params, mode)
-
-            median, p20, p80 = time_ms(step, quick=quick)
-            tflops = flops / (median * 1e-3) / 1e12
-            row.update(
-                ms=median,
-                ms_p20=p20,
-                ms_p80=p80,
-                tflops=tflops,
-                fraction_of_dense_peak=None if peak_tflops is None else tflops / peak_tflops,
-                peak_mem_mb=peak_memory_bytes(step) / 2**20,
-            )
-        except Exception as e:  # one implementation failing must not hide the others' numbers
-            row["error"] = f"{type(e).__name__}: {e}"
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    return rows
+    row = dict(case=case, batch=batch, frames=frames, channels=hidden_size, dtype=dtype_name, mode=mode)
+    flops = conv_flops(case) * (3.0 if mode == "fwd+bwd" else 1.0)
+    return common.OpCase(row=row, make_step=make_step, reference=lambda impl: reference(), flops=flops)
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="base case, fp16 only, shorter timing")
-    parser.add_argument("--cases", default=",".join(CASES), help=f"comma list of {list(CASES)}")
-    parser.add_argument("--dtypes", default=",".join(DTYPES), help=f"comma list of {list(DTYPES)}")
-    parser.add_argument("--modes", default=",".join(MODES), help=f"comma list of {list(MODES)}")
-    parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {list(IMPLS)}")
-    parser.add_argument("--no-check", action="store_true", help="skip the float64 output check (not recommended)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results root (default bench/results)")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.cases, args.dtypes = "base", "fp16"
-    for name, allowed in (("cases", CASES), ("dtypes", DTYPES), ("modes", MODES), ("impls", IMPLS)):
-        values = [v for v in getattr(args, name).split(",") if v]
-        unknown = [v for v in values if v not in allowed]
-        if unknown:
-            parser.error(f"--{name}: unknown {unknown}; choose from {list(allowed)}")
-        setattr(args, name, values)
-    return args
-
-
-def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    if not torch.cuda.is_available():
-        print("pos_conv benchmark needs a CUDA GPU", file=sys.stderr)
-        return 2
-    env = environment()
-    peak = dense_peak_tflops(env["gpu"])
-    env["dense_peak_tflops"] = peak
-    rows = []
-    for case in args.cases:
-        for dtype_name in args.dtypes:
-            for mode in args.modes:
-                rows += bench_case(
-                    case,
-                    dtype_name,
-                    mode,
-                    args.impls,
-                    peak_tflops=peak,
-                    check_outputs=not args.no_check,
-                    quick=args.quick,
-                )
-                torch.cuda.empty_cache()
-    out_dir = args.out / re.sub(r"[^A-Za-z0-9_.-]+", "_", env["gpu"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / ("pos_conv_quick.json" if args.quick else "pos_conv.json")
-    path.write_text(json.dumps({"environment": env, "rows": rows}, indent=2) + "\n")
-    print(f"wrote {path}")
-    return 1 if any("error" in row for row in rows) else 0
+BENCHMARK = common.OpBenchmark("pos_conv", __doc__, setup_case, tuple(CASES), QUICK_CASES, tuple(TINY_CASES), IMPLS)
+# main(argv) -> exit status; benchmark_cases(quick) for pytest-benchmark (bench/test_ops.py)
+main, parse_args, benchmark_cases = BENCHMARK.main, BENCHMARK.parse_args, BENCHMARK.benchmark_cases
 
 
 if __name__ == "__main__":

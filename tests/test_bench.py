@@ -2,6 +2,7 @@
 sample, the no-GPU refusal, op-module dispatch, and the end-to-end output checks on tiny models.
 Nothing here times anything."""
 
+import dataclasses
 import importlib
 import json
 import os
@@ -354,3 +355,132 @@ def test_timed_rows_carry_throughput_and_memory(monkeypatch):
         )
         assert row["throughput"] == pytest.approx(spec.tiny_case["batch"] * spec.tiny_case["seconds"] / 2e-3)
         assert row["throughput_unit"] == "audio s/s" and row["attn_implementation"] == "d2v_kernels"
+
+
+# ------------------------------------------------------------------------------------- op scripts
+
+OP_SCRIPTS = ("attention", "pos_conv", "conv_feature_extractor")
+
+
+@pytest.mark.parametrize("op", OP_SCRIPTS)
+def test_op_script_arguments_and_case_lists(op):
+    module = importlib.import_module(f"bench.{op}")
+    spec = module.BENCHMARK
+    args = module.parse_args([])
+    assert (args.cases, args.dtypes, args.modes, args.impls) == (
+        list(module.CASES),
+        ["fp16", "bf16"],
+        ["fwd", "fwd+bwd"],
+        list(module.IMPLS),
+    )
+    assert args.device == "cuda" and not args.check_only
+    args = module.parse_args(["--quick", "--dtype", "bf16", "--mode", "fwd"])
+    assert args.cases == list(module.QUICK_CASES) and args.dtypes == ["bf16"] and args.modes == ["fwd"]
+    assert module.parse_args(["--quick"]).dtypes == ["fp16"]
+    args = module.parse_args(["--check-only", "--tiny", "--device", "cpu"])
+    assert args.cases == list(module.TINY_CASES) and args.device == "cpu"
+    real_case = next(iter(module.CASES))
+    for bad in (
+        ["--cases", "nope"],
+        ["--device", "cpu"],
+        ["--check-only", "--no-check"],
+        ["--tiny", "--cases", real_case],
+    ):
+        with pytest.raises(SystemExit):
+            module.parse_args(bad)
+    quick, full = module.benchmark_cases(quick=True), module.benchmark_cases(quick=False)
+    ids = [c.id for c in full]
+    assert len(ids) == len(set(ids)) == len(module.CASES) * 2 * 2 * len(module.IMPLS)
+    assert len(quick) == len(module.QUICK_CASES) * 2 * len(module.IMPLS)
+    assert f"{op}-{module.QUICK_CASES[0]}-fp16-fwd+bwd-{module.IMPLS[0]}" in [c.id for c in quick]
+    assert not any(tiny in i for tiny in module.TINY_CASES for i in ids)
+    assert spec.what == op and {c.group for c in quick} == {
+        f"{op} {case} fp16 {mode}" for case in module.QUICK_CASES for mode in spec.modes
+    }
+
+
+def test_op_flop_accounting():
+    from bench import attention, conv_feature_extractor, pos_conv
+
+    assert attention.attention_flops("vision_base", "fwd") == 4 * 64 * 12 * 197 * 197 * 64
+    assert attention.attention_flops("text_base", "fwd+bwd") == 3.5 * 4 * 32 * 12 * 512 * 512 * 64
+    assert pos_conv.conv_flops("base") == 2 * 8 * 499 * 768 * 48 * 19 * 5
+    encoder = conv_feature_extractor.build_encoder("tiny", torch.float32, "cpu")
+    lengths = [799, 399, 199, 99, 49, 24, 12]  # 4000 samples through kernels (10,3,3,3,3,2,2), strides (5,2,...)
+    assert conv_feature_extractor.frames(4000, encoder) == lengths[-1]
+    channels_in = [1] + [32] * 6
+    expected = sum(2 * 2 * t * 32 * c * k for t, c, k in zip(lengths, channels_in, (10, 3, 3, 3, 3, 2, 2)))
+    assert conv_feature_extractor.conv_flops(2, 4000, encoder) == expected
+
+
+def test_attention_checks_every_baseline_on_cpu():
+    """d2v_triton runs through the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1)."""
+    from bench import attention
+
+    op_case = attention.setup_case("tiny_table", "fp16", "fwd+bwd", "cpu")
+    rows = {r["impl"]: r for r in common.bench_impls(op_case, attention.IMPLS, timed=False, device="cpu")}
+    assert rows["flex"]["skipped"] == "FlexAttention has no backward on the CPU"
+    for impl in ("d2v_triton", "eager", "sdpa_bias", "sdpa_nobias"):
+        assert "error" not in rows[impl] and 0 < rows[impl]["max_err"] <= rows[impl]["bound"], rows[impl]
+        assert "ms" not in rows[impl]
+    assert len(op_case.make_step("d2v_triton")()) == 1 + 4  # out, dq, dk, dv, dtable
+    assert len(op_case.make_step("sdpa_nobias")()) == 1 + 3
+    op_case = attention.setup_case("tiny_padding", "bf16", "fwd", "cpu")
+    rows = common.bench_impls(op_case, ["flex", "sdpa_bias"], timed=False, device="cpu")
+    assert all("error" not in r and r["max_err"] <= r["bound"] for r in rows), rows
+
+
+def test_pos_conv_and_feature_extractor_check_only_on_cpu(tmp_path, capsys):
+    from bench import conv_feature_extractor, pos_conv
+
+    cpu = ["--check-only", "--tiny", "--device", "cpu", "--modes", "fwd", "--out", str(tmp_path)]
+    assert pos_conv.main([*cpu, "--dtype", "fp32", "--impls", "d2v_triton,hf_eager,cudnn_channels_last"]) == 0
+    assert conv_feature_extractor.main([*cpu, "--dtype", "bf16", "--impls", "d2v_cuda,hf_eager"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    by_impl = {r["impl"]: r for r in rows}
+    assert set(by_impl) == {"d2v_triton", "hf_eager", "cudnn_channels_last", "d2v_cuda"} and len(rows) == 5
+    assert by_impl["d2v_cuda"]["skipped"].startswith("BackendUnavailableError: conv_feature_extractor")
+    for row in rows:
+        assert "error" not in row and ("skipped" in row or row["max_err"] <= row["bound"]), row
+    assert not list(tmp_path.iterdir())  # --check-only writes no result file
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def test_op_check_catches_a_wrong_output_or_gradient(mode):
+    from bench import pos_conv
+
+    op_case = pos_conv.setup_case("tiny", "fp32", mode, "cpu")
+
+    def wrong_step(impl):
+        step = op_case.make_step(impl)
+
+        def run():
+            outs = step()
+            return [*outs[:-1], outs[-1] * 1.01]  # the output (fwd) or the last gradient (fwd+bwd)
+
+        return run
+
+    rows = common.bench_impls(dataclasses.replace(op_case, make_step=wrong_step), ["hf_eager"], device="cpu")
+    assert rows[0]["error"].startswith("CheckFailed: hf_eager tiny fp32 " + mode), rows[0]
+    assert "ms" not in rows[0]
+
+
+def test_op_main_writes_dated_rows_with_tflops(monkeypatch, tmp_path):
+    """The timed path of an op script with the GPU replaced by stubs (nothing is measured here)."""
+    from bench import pos_conv
+
+    monkeypatch.setattr(common, "require_gpu", lambda what: None)
+    monkeypatch.setattr(common, "time_ms", lambda fn, **kw: fn() and common.Timing(2.0, 1.5, 2.5, "stub"))
+    monkeypatch.setattr(common, "peak_memory_mb", lambda fn: 7.0)
+    on_cpu = dataclasses.replace(pos_conv.BENCHMARK, setup=lambda c, d, m, device: pos_conv.setup_case(c, d, m, "cpu"))
+    argv = ["--tiny", "--dtype", "fp32", "--impls", "hf_eager", "--out", str(tmp_path)]
+    assert on_cpu.main(argv) == 0
+    [path] = (tmp_path / common.gpu_slug(common.environment()["gpu"])).glob("*-pos_conv.json")
+    assert path.name[:8].isdigit()
+    run = report.load_run(path)
+    assert run.what == "pos_conv" and run.environment["argv"] == argv
+    assert [(r["mode"], r["impl"]) for r in run.rows] == [("fwd", "hf_eager"), ("fwd+bwd", "hf_eager")]
+    for row in run.rows:
+        flops = pos_conv.conv_flops("tiny") * (3 if row["mode"] == "fwd+bwd" else 1)
+        assert row["tflops"] == pytest.approx(flops / 2e-3 / 1e12) and row["peak_mem_mb"] == 7.0
+        assert (row["ms"], row["ms_p20"], row["ms_p80"], row["what"]) == (2.0, 1.5, 2.5, "pos_conv")
