@@ -1,12 +1,15 @@
 import os
 
-# The Triton interpreter must be chosen before triton is imported: it replaces @triton.jit.
+# The CPU suite checks the Triton kernels through the interpreter, which must be chosen before
+# triton is imported (it replaces @triton.jit). On a GPU machine, `TRITON_INTERPRET=0 pytest -m cuda`
+# runs the GPU tests on the compiled kernels instead.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 os.environ.pop("D2V_KERNELS_BACKEND", None)
+INTERPRETER = os.environ["TRITON_INTERPRET"] not in ("", "0")
 
-import pytest
-import torch
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -19,9 +22,18 @@ def _seed_and_reset():
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    if not torch.cuda.is_available():
+        skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    elif INTERPRETER:
+        skip_gpu = pytest.mark.skip(reason="GPU tests run the compiled kernels: TRITON_INTERPRET=0 pytest -m cuda")
+    else:
+        skip_gpu = None
+    skip_cpu = pytest.mark.skip(
+        reason="CPU tests check the Triton kernels through the interpreter: run them with TRITON_INTERPRET=1"
+    )
     for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+        is_gpu_test = "cuda" in item.keywords
+        if is_gpu_test and skip_gpu is not None:
+            item.add_marker(skip_gpu)
+        elif not is_gpu_test and not INTERPRETER:
+            item.add_marker(skip_cpu)

@@ -128,20 +128,41 @@ def test_example_without_espeak_falls_back_to_tones(tmp_path):
 # ---------------------------------------------------------------------------------------------- compile
 
 
+def _graph_breaks(model, inputs) -> tuple[int, list]:
+    """(graph break count, the breaks whose stack passes through d2v_kernels)."""
+    with torch.no_grad():
+        model(**inputs)  # transformers installs its output-capturing hooks on the first call, under a lock
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(**inputs)
+    ours = []
+    for reason in explanation.break_reasons:
+        files = [frame.filename for frame in reason.user_stack]
+        if any("d2v_kernels" in f for f in files):
+            ours.append((str(reason.reason)[:300], files))
+    return explanation.graph_break_count, ours
+
+
+def _assert_no_graph_break_of_our_own(reference, fused, inputs) -> int:
+    """No break comes from our code and the fused model breaks no more than transformers' own
+    (0 with current transformers; older releases break in their layerdrop code in training mode).
+    Returns transformers' count."""
+    ref_count, _ = _graph_breaks(reference, inputs)
+    count, ours = _graph_breaks(fused, inputs)
+    assert not ours, ours
+    assert count <= ref_count, (count, ref_count)
+    return ref_count
+
+
 @pytest.mark.parametrize("class_name", ONE_PER_MODALITY)
 def test_compile_training_with_loss_has_no_graph_breaks(class_name, one_thread):
-    """Training mode with a loss: no graph break, and the compiled loss and gradients equal eager
-    transformers'. (Audio with the feature encoder frozen, as for fine-tuning; unfrozen below.)"""
+    """Training mode with a loss: no graph break of ours, and the compiled loss and gradients equal
+    eager transformers'. (Audio with the feature encoder frozen, as for fine-tuning; unfrozen below.)"""
     reference, fused, config = build_pair(class_name)
     _train_mode(class_name, reference, fused)
     inputs = inputs_for(class_name, config)
-    with torch.no_grad():
-        fused(**inputs)  # transformers installs its output-capturing hooks on the first call, under a lock
+    ref_breaks = _assert_no_graph_break_of_our_own(reference, fused, inputs)
     torch._dynamo.reset()
-    explanation = torch._dynamo.explain(fused)(**inputs)
-    assert explanation.graph_break_count == 0, [str(r.reason)[:300] for r in explanation.break_reasons]
-    torch._dynamo.reset()
-    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(fused, fullgraph=ref_breaks == 0, backend="aot_eager")
     loss = compiled(**inputs).loss
     ref_loss = reference(**inputs).loss
     torch.testing.assert_close(loss, ref_loss, atol=2e-5, rtol=1e-5)
@@ -151,13 +172,10 @@ def test_compile_training_with_loss_has_no_graph_breaks(class_name, one_thread):
 
 
 def test_compile_training_unfrozen_audio_has_no_graph_breaks(one_thread):
-    _, fused, config = build_pair("Data2VecAudioForSequenceClassification")
+    reference, fused, config = build_pair("Data2VecAudioForSequenceClassification")
+    reference.train()
     fused.train()
-    inputs = inputs_for("Data2VecAudioForSequenceClassification", config)
-    with torch.no_grad():
-        fused(**inputs)
-    torch._dynamo.reset()
-    assert torch._dynamo.explain(fused)(**inputs).graph_break_count == 0
+    _assert_no_graph_break_of_our_own(reference, fused, inputs_for("Data2VecAudioForSequenceClassification", config))
 
 
 def test_compile_ctc_breaks_only_in_transformers_ctc_loss(one_thread):
@@ -166,20 +184,9 @@ def test_compile_ctc_breaks_only_in_transformers_ctc_loss(one_thread):
     reference, fused, config = build_pair("Data2VecAudioForCTC")
     _train_mode("Data2VecAudioForCTC", reference, fused)
     inputs = inputs_for("Data2VecAudioForCTC", config)
-    counts = []
-    for model in (reference, fused):
-        with torch.no_grad():
-            model(**inputs)
-        torch._dynamo.reset()
-        explanation = torch._dynamo.explain(model)(**inputs)
-        counts.append(explanation.graph_break_count)
-        for reason in explanation.break_reasons:
-            files = [frame.filename for frame in reason.user_stack]
-            assert not any("d2v_kernels" in f for f in files), (str(reason.reason)[:300], files)
-    assert counts[1] == counts[0]
+    _assert_no_graph_break_of_our_own(reference, fused, inputs)
     without_labels = {k: v for k, v in inputs.items() if k != "labels"}
-    torch._dynamo.reset()
-    assert torch._dynamo.explain(fused)(**without_labels).graph_break_count == 0
+    _assert_no_graph_break_of_our_own(reference, fused, without_labels)
 
 
 # ---------------------------------------------------------------------------------------------- precision, memory
