@@ -241,3 +241,20 @@ def test_feature_encoder_gradient_checkpointing_without_freezing():
     grad = dict(fused.named_parameters())[conv.removeprefix("data2vec_audio.")].grad
     assert ref_grad is not None
     torch.testing.assert_close(grad, ref_grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", [None, "triton"], ids=["auto", "triton"])
+def test_text_decoder_cross_attention_with_padded_encoder(backend):
+    reference, fused, config = build_pair("Data2VecTextForCausalLM", add_cross_attention=True)
+    reference.eval()
+    fused.eval()
+    inputs = inputs_for("Data2VecTextForCausalLM", config, labels=False)
+    encoder_states = torch.randn(2, 7, config.hidden_size)
+    encoder_mask = torch.ones(2, 7, dtype=torch.long)
+    encoder_mask[1, 5:] = 0
+    kwargs = dict(encoder_hidden_states=encoder_states, encoder_attention_mask=encoder_mask)
+    expected = reference(**inputs, **kwargs).logits
+    with d2v_kernels.record_dispatch() as calls:
+        got = _run(fused, {**inputs, **kwargs}, backend).logits
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-5)
+    assert sum(n for (op, _), n in calls.items() if op == "attention") == 2 * config.num_hidden_layers
