@@ -20,7 +20,14 @@ from torch import Tensor
 from d2v_kernels import dispatch
 from d2v_kernels._extension import extension_reasons
 from d2v_kernels._extension import module as extension_module
-from d2v_kernels.ops._checks import KERNEL_DTYPES, check_eps, check_param_list, check_same_device, check_tensor
+from d2v_kernels.ops._checks import (
+    KERNEL_DTYPES,
+    check_eps,
+    check_param_list,
+    check_same_device,
+    check_tensor,
+    layer_norm_compute_dtype,
+)
 
 # Limits of the CUDA kernels; they mirror csrc/conv_feature_extractor.h (a GPU test compares).
 MAX_CHANNELS = 512
@@ -286,7 +293,57 @@ def conv_feature_extractor(wave, conv_weights, ln_weights, ln_biases, *, strides
     )
 
 
+# --------------------------------------------------------------------------------------------
+# Triton path: cuDNN strided conv per layer, LayerNorm + GELU by the Triton row-norm kernel
+# reading the conv output channels-first in place (no transposes). Runs where the fused CUDA
+# kernels are not available or not enabled.
+# --------------------------------------------------------------------------------------------
+
+
+def _run_conv_then_triton_norm(wave, conv_weights, ln_weights, ln_biases, *, strides, conv_biases=None, eps=1e-5):
+    from d2v_kernels.ops.layer_norm_gelu import _layer_norm_gelu_triton
+
+    h = wave[:, None]
+    conv_biases = conv_biases if conv_biases is not None else [None] * len(conv_weights)
+    for w, lw, lb, cb, stride in zip(conv_weights, ln_weights, ln_biases, conv_biases, strides):
+        h = F.conv1d(h, w, cb, stride=stride)
+        h = h.to(layer_norm_compute_dtype(h.device, h.dtype))  # fp32 under CUDA autocast, as eager
+        h = _layer_norm_gelu_triton(h, lw, lb, eps=eps, channels_dim=1)
+    return h.transpose(1, 2)
+
+
+def _triton_composite_reasons(wave, conv_weights, ln_weights, ln_biases, *, strides, conv_biases=None, eps=1e-5):
+    from d2v_kernels.ops.layer_norm_gelu import _triton_available
+
+    reasons = _triton_available()
+    if reasons:
+        return reasons
+    from d2v_kernels.kernels._row_norm import MAX_CHANNELS
+
+    if wave.dtype not in KERNEL_DTYPES:
+        reasons.append(f"wave has dtype {wave.dtype}; the Triton LayerNorm takes float16, bfloat16, float32")
+    autocast = torch.is_autocast_enabled(wave.device.type)
+    for i, w in enumerate(conv_weights):
+        if w.dtype != wave.dtype and not autocast:
+            reasons.append(f"conv_weights[{i}] has dtype {w.dtype}, wave has {wave.dtype}")
+        if w.shape[0] > MAX_CHANNELS:
+            reasons.append(f"layer {i} has {w.shape[0]} channels > {MAX_CHANNELS} (one row per program)")
+    for name, params in (("ln_weights", ln_weights), ("ln_biases", ln_biases)):
+        for i, p in enumerate(params):
+            if p is not None and p.dtype not in (wave.dtype, torch.float32):
+                reasons.append(f"{name}[{i}] has dtype {p.dtype}; the kernel takes the wave's dtype or float32")
+    return reasons
+
+
 dispatch.register("conv_feature_extractor", "eager", conv_feature_extractor_reference, devices=("cpu", "cuda", "meta"))
+dispatch.register(
+    "conv_feature_extractor",
+    "triton",
+    _run_conv_then_triton_norm,
+    _triton_composite_reasons,
+    devices=("cuda",),
+    description="cuDNN strided conv per layer + Triton LayerNorm+GELU reading channels-first in place",
+)
 dispatch.register(
     "conv_feature_extractor",
     "cuda",
