@@ -159,3 +159,37 @@ def test_add_layer_norm_promotes_mixed_dtypes_like_transformers():
     assert y.dtype == s.dtype == torch.float32
     torch.testing.assert_close(s, x + residual)
     torch.testing.assert_close(y, torch.nn.functional.layer_norm(x + residual, (8,)))
+
+
+def _misaligned(*shape, dtype=torch.float16, device="cpu"):
+    """A view whose data pointer is off 16-byte alignment (storage offset of one element)."""
+    n = 1
+    for s in shape:
+        n *= s
+    return torch.randn(n + 1).to(device=device, dtype=dtype)[1:].view(*shape)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_misaligned_and_non_contiguous_inputs_are_correct_on_the_triton_path(dtype, device):
+    import d2v_kernels
+
+    x = _misaligned(2, 9, 48, dtype=dtype, device=device)
+    residual = _misaligned(2, 9, 48, dtype=dtype, device=device)
+    q = _misaligned(2, 11, 3, 16, dtype=dtype, device=device)
+    k = torch.randn(2, 3, 11, 16).to(device=device, dtype=dtype).transpose(1, 2)  # non-contiguous view
+    v = _misaligned(2, 11, 3, 16, dtype=dtype, device=device)
+    channels_first = _misaligned(2, 48, 9, dtype=dtype, device=device)
+    cases = {
+        "layer_norm_gelu": lambda: ops.layer_norm_gelu(x),
+        "layer_norm_gelu/channels-first": lambda: ops.layer_norm_gelu(channels_first, channels_dim=1),
+        "add_layer_norm": lambda: ops.add_layer_norm(x, residual, None, None),
+        "attention": lambda: ops.attention(q, k, v),
+    }
+    for name, call in cases.items():
+        with d2v_kernels.use_backend("eager"):
+            expected = call()
+        with d2v_kernels.use_backend("triton"):
+            got = call()
+        tol = 2e-3 if dtype == torch.float16 else 1e-5
+        torch.testing.assert_close(got, expected, atol=tol, rtol=tol, msg=lambda m, n=name: f"{n}: {m}")
