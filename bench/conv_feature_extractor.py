@@ -10,7 +10,7 @@ for fwd+bwd), and peak memory (torch.cuda.max_memory_allocated above what was al
 the call). Writes ``bench/results/<gpu>/<date>-conv_feature_extractor.json``.
 
     python -m bench.conv_feature_extractor [--quick] [--cases b8x10s,b1x30s] [--dtypes fp16,bf16]
-                                           [--modes fwd,fwd+bwd] [--impls d2v_cuda,hf_eager,hf_compile]
+                                           [--modes fwd,fwd+bwd] [--impls d2v_cuda,d2v_triton,hf_eager,hf_compile]
     python -m bench.conv_feature_extractor --check-only --tiny --device cpu   # the checks on a CPU
 """
 
@@ -27,10 +27,11 @@ from bench import common
 # name: (batch, samples, conv channels)
 CASES = {"b8x10s": (8, 160_000, 512), "b1x30s": (1, 480_000, 512)}
 QUICK_CASES = ("b8x10s",)
-# For --check-only --tiny (CPU: d2v_cuda is reported as skipped there, the extension runs on CUDA only).
+# For --check-only --tiny (CPU: d2v_cuda is reported as skipped there, the extension runs on CUDA only;
+# d2v_triton runs through the interpreter when TRITON_INTERPRET=1).
 TINY_CASES = {"tiny": (2, 4_000, 32)}
 SHAPES = {**CASES, **TINY_CASES}
-IMPLS = ("d2v_cuda", "hf_eager", "hf_compile")
+IMPLS = ("d2v_cuda", "d2v_triton", "hf_eager", "hf_compile")
 
 
 def build_encoder(case: str, dtype: torch.dtype, device: str = "cuda", seed: int = 0):
@@ -52,7 +53,7 @@ def build_encoder(case: str, dtype: torch.dtype, device: str = "cuda", seed: int
 def encoder_fn(encoder, impl: str):
     """wave (B, S) -> (B, T, C) for one implementation."""
     layers = list(encoder.conv_layers)
-    if impl == "d2v_cuda":
+    if impl in ("d2v_cuda", "d2v_triton"):
         import d2v_kernels
         from d2v_kernels import ops
 
@@ -63,8 +64,10 @@ def encoder_fn(encoder, impl: str):
         )
         strides = [layer.conv.stride[0] for layer in layers]
 
+        backend = impl.removeprefix("d2v_")  # cuda: fused kernels; triton: cuDNN conv + Triton LN+GELU
+
         def run(wave):
-            with d2v_kernels.use_backend(conv_feature_extractor="cuda"):
+            with d2v_kernels.use_backend(conv_feature_extractor=backend):
                 return ops.conv_feature_extractor(wave, **params, strides=strides, eps=layers[0].layer_norm.eps)
 
         return run
