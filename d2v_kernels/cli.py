@@ -77,7 +77,7 @@ def cmd_info(args) -> int:
     for op in dispatch.ops():
         print(f"  {op}")
         for impl in dispatch.implementations(op):
-            reasons = impl.available() or dispatch._device_reasons(impl, device, forced=True)
+            reasons = dispatch.device_reasons(impl, device, forced=True)
             status = "can run" if not reasons else "cannot run: " + "; ".join(reasons)
             print(f"    {impl.backend:<7} {status}")
     return 0

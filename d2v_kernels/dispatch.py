@@ -195,7 +195,9 @@ def record_dispatch() -> Iterator[Counter]:
         _recorders.remove(counter)
 
 
-def _record(op: str, backend: str) -> None:
+def record(op: str, backend: str) -> None:
+    """Count one run of ``op`` by ``backend`` in every active :func:`record_dispatch` (for callers
+    that run an implementation themselves, e.g. eager attention when the weights are asked for)."""
     for counter in _recorders:
         counter[(op, backend)] += 1
 
@@ -217,7 +219,8 @@ def triton_interpreter_enabled() -> bool:
 ENV_ENABLE_OPT_IN = "D2V_KERNELS_ENABLE_OPT_IN"
 
 
-def _device_reasons(impl: Implementation, device: torch.device, forced: bool) -> list[str]:
+def device_reasons(impl: Implementation, device: torch.device, forced: bool) -> list[str]:
+    """Why ``impl`` cannot run on ``device`` at all, whatever the input (empty when it can)."""
     reasons = list(impl.available())
     if reasons:
         return reasons
@@ -242,7 +245,7 @@ def _device_reasons(impl: Implementation, device: torch.device, forced: bool) ->
 
 def reasons_for(impl: Implementation, device: torch.device, *args, forced: bool = False, **kwargs) -> list[str]:
     """Every reason ``impl`` cannot take this input (empty when it can)."""
-    reasons = _device_reasons(impl, device, forced)
+    reasons = device_reasons(impl, device, forced)
     if reasons:
         return reasons
     return list(impl.check(*args, **kwargs))
@@ -293,5 +296,5 @@ def call(op: str, device: torch.device, *args, **kwargs):
     """Select, record and run ``op`` on this input."""
     impl = select(op, device, *args, **kwargs)
     if not torch.compiler.is_compiling():
-        _record(op, impl.backend)
+        record(op, impl.backend)
     return impl.run(*args, **kwargs)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from d2v_kernels import ops
+from d2v_kernels import dispatch, ops
 
 IMPLEMENTATION_NAME = "d2v_kernels"
 
@@ -61,9 +61,7 @@ def d2v_kernels_attention_forward(
     )
     if kwargs.get("output_attentions", False):
         out, probs = ops.attention_reference(q, k, v, return_probs=True, **kwargs_op)
-        from d2v_kernels import dispatch
-
-        dispatch._record("attention", "eager")
+        dispatch.record("attention", "eager")
         return out, probs
     return ops.attention(q, k, v, **kwargs_op), None
 

@@ -56,7 +56,7 @@ class FusedData2VecVisionSelfAttention(hf.Data2VecVisionSelfAttention):
         if isinstance(relative_position_bias, TableBias) and output_attentions:
             relative_position_bias = relative_position_bias.dense()
         if output_attentions:
-            dispatch._record("attention", "eager")
+            dispatch.record("attention", "eager")
             return hf.Data2VecVisionSelfAttention.forward(
                 self, hidden_states, True, relative_position_bias, interpolate_pos_encoding, resolution
             )
