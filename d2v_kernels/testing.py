@@ -6,6 +6,26 @@ from __future__ import annotations
 import torch
 import transformers
 
+# The numerics rule (flash-attention's): a kernel's error against a float64 reference may be at
+# most `factor` times eager PyTorch's own error in the same dtype plus a small floor; in float32,
+# about 1e-5 relative. Used by the tests and by `d2v-kernels validate`.
+ABS_FLOOR = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-6, torch.float64: 1e-12}
+FP32_RTOL = 1e-5
+
+
+def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest absolute difference, computed in float64 (0 for empty tensors)."""
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def error_bound(dtype: torch.dtype, eager_err: float, ref_scale: float, factor: float = 2.0) -> float:
+    """The largest error allowed to a kernel in ``dtype`` whose eager counterpart is ``eager_err``
+    away from the float64 reference, whose largest magnitude is ``ref_scale``."""
+    if dtype == torch.float32:
+        return max(FP32_RTOL * max(ref_scale, 1.0), 2.0 * eager_err)
+    return factor * eager_err + ABS_FLOOR[dtype]
+
+
 AUDIO_CLASSES = (
     "Data2VecAudioModel",
     "Data2VecAudioForCTC",

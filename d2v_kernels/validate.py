@@ -17,8 +17,7 @@ from collections.abc import Callable
 import torch
 
 from d2v_kernels import dispatch
-
-ABS_FLOOR = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-6, torch.float64: 1e-12}
+from d2v_kernels.testing import error_bound, max_abs_err
 
 
 @dataclasses.dataclass
@@ -31,16 +30,6 @@ class Row:
     bound: float
     passed: bool
     note: str = ""
-
-
-def _bound(dtype: torch.dtype, eager_err: float, scale: float) -> float:
-    if dtype == torch.float32:
-        return max(1e-5 * max(scale, 1.0), 2.0 * eager_err)
-    return 2.0 * eager_err + ABS_FLOOR[dtype]
-
-
-def _err(a, b) -> float:
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
 # ----------------------------------------------------------------------------------- op cases
@@ -183,8 +172,8 @@ def validate_ops(device: str, dtypes, real: bool, only: set[str] | None = None) 
             with dispatch.use_backend(**{op: "eager"}):
                 ref = call(_to64(args), _to64(kwargs))
                 eager = call(args, kwargs)
-            eager_err = _err(eager, ref)
-            bound = _bound(dtype, eager_err, ref.abs().max().item())
+            eager_err = max_abs_err(eager, ref)
+            bound = error_bound(dtype, eager_err, ref.abs().max().item())
             for impl in dispatch.implementations(op):
                 reasons = dispatch.reasons_for(impl, torch.device(device), *args, forced=True, **kwargs)
                 if reasons:
@@ -206,7 +195,7 @@ def validate_ops(device: str, dtypes, real: bool, only: set[str] | None = None) 
                 try:
                     with dispatch.use_backend(**{op: impl.backend}):
                         out = call(args, kwargs)
-                    err = _err(out, ref)
+                    err = max_abs_err(out, ref)
                     ok = bool(torch.isfinite(out).all()) and err <= bound
                     note = f"{time.perf_counter() - t0:.1f}s"
                 except Exception as e:  # a crash is a failure with its message, not an abort
@@ -245,8 +234,8 @@ def validate_models(device: str, dtypes, backends: list[str | None]) -> list[Row
             fused = d2v_kernels.optimize(copy.deepcopy(hf_model))
             cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
             with torch.no_grad():
-                eager_err = _err(_main_output(hf_model(**cast)), expected)
-            bound = _bound(dtype, eager_err, expected.abs().max().item())
+                eager_err = max_abs_err(_main_output(hf_model(**cast)), expected)
+            bound = error_bound(dtype, eager_err, expected.abs().max().item())
             for backend in backends:
                 with torch.no_grad(), d2v_kernels.record_dispatch() as calls:
                     try:
@@ -255,7 +244,7 @@ def validate_models(device: str, dtypes, backends: list[str | None]) -> list[Row
                         else:
                             with d2v_kernels.use_backend(backend):
                                 out = _main_output(fused(**cast))
-                        err = _err(out, expected)
+                        err = max_abs_err(out, expected)
                         ok, note = bool(torch.isfinite(out).all()) and err <= bound, ""
                     except Exception as e:
                         err, ok, note = float("nan"), False, f"{type(e).__name__}: {e}"[:120]
