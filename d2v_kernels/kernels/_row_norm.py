@@ -252,19 +252,25 @@ def strided_view(tensors: Sequence[torch.Tensor], channels_dim: int):
     return None
 
 
-def unsupported_reasons(x: torch.Tensor, channels_dim: int, weight=None, bias=None, residual=None) -> list[str]:
-    """Why the row-norm kernel cannot take these inputs ([] when it can)."""
+def row_reasons(dtype: torch.dtype, channels: int, weight=None, bias=None) -> list[str]:
+    """Why the kernel cannot normalise rows of ``channels`` values of ``dtype`` with these
+    parameters, whatever the layout ([] when it can)."""
     reasons = []
-    if x.dtype not in KERNEL_DTYPES:
-        reasons.append(f"x has dtype {str(x.dtype).replace('torch.', '')}; the kernel takes float16, bfloat16, float32")
+    if dtype not in KERNEL_DTYPES:
+        reasons.append(f"x has dtype {str(dtype).replace('torch.', '')}; the kernel takes float16, bfloat16, float32")
     for name, p in (("weight", weight), ("bias", bias)):
-        if p is not None and p.dtype not in (x.dtype, torch.float32):
+        if p is not None and p.dtype not in (dtype, torch.float32):
             reasons.append(
                 f"{name} has dtype {str(p.dtype).replace('torch.', '')}; the kernel takes x's dtype or float32"
             )
-    channels = x.shape[channels_dim]
     if channels > MAX_CHANNELS:
         reasons.append(f"{channels} channels > {MAX_CHANNELS}: one row must fit in one program's registers")
+    return reasons
+
+
+def unsupported_reasons(x: torch.Tensor, channels_dim: int, weight=None, bias=None, residual=None) -> list[str]:
+    """Why the row-norm kernel cannot take these inputs ([] when it can)."""
+    reasons = row_reasons(x.dtype, x.shape[channels_dim], weight, bias)
     tensors = [x] if residual is None else [x, residual]
     if strided_view(tensors, channels_dim) is None:
         names = "x" if residual is None else "x and residual"

@@ -318,20 +318,17 @@ def _triton_composite_reasons(wave, conv_weights, ln_weights, ln_biases, *, stri
     reasons = _triton_available()
     if reasons:
         return reasons
-    from d2v_kernels.kernels._row_norm import MAX_CHANNELS
+    from d2v_kernels.kernels._row_norm import row_reasons
 
     if wave.dtype not in KERNEL_DTYPES:
-        reasons.append(f"wave has dtype {wave.dtype}; the Triton LayerNorm takes float16, bfloat16, float32")
+        return [f"wave has dtype {wave.dtype}; the Triton LayerNorm takes float16, bfloat16, float32"]
     autocast = torch.is_autocast_enabled(wave.device.type)
-    for i, w in enumerate(conv_weights):
+    for i, (w, lw, lb) in enumerate(zip(conv_weights, ln_weights, ln_biases)):
         if w.dtype != wave.dtype and not autocast:
             reasons.append(f"conv_weights[{i}] has dtype {w.dtype}, wave has {wave.dtype}")
-        if w.shape[0] > MAX_CHANNELS:
-            reasons.append(f"layer {i} has {w.shape[0]} channels > {MAX_CHANNELS} (one row per program)")
-    for name, params in (("ln_weights", ln_weights), ("ln_biases", ln_biases)):
-        for i, p in enumerate(params):
-            if p is not None and p.dtype not in (wave.dtype, torch.float32):
-                reasons.append(f"{name}[{i}] has dtype {p.dtype}; the kernel takes the wave's dtype or float32")
+        # The conv output of layer i is what the row-norm kernel normalises, channels-first.
+        norm_dtype = layer_norm_compute_dtype(wave.device, wave.dtype)
+        reasons += [f"layer {i}: {r}" for r in row_reasons(norm_dtype, w.shape[0], lw, lb)]
     return reasons
 
 
