@@ -39,7 +39,8 @@ def _extensions():
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+    # No -std flag: torch adds the C++ standard its headers need (C++20 from torch 2.10).
+    nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo"]
     if not archs:
         nvcc_flags += ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
     sources = sorted(str(p.relative_to(HERE)) for p in CSRC.glob("*.cu")) + sorted(
@@ -48,7 +49,7 @@ def _extensions():
     ext = CUDAExtension(
         "d2v_kernels._C",
         sources,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc_flags},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
     )
     return [ext], {"build_ext": BuildExtension}
 

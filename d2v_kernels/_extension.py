@@ -22,7 +22,8 @@ import torch
 ENV_NO_JIT = "D2V_KERNELS_NO_JIT"
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 JIT_NAME = "d2v_kernels_C"
-NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+# No -std flag: torch adds the C++ standard its headers need (C++20 from torch 2.10).
+NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo"]
 
 _lock = threading.Lock()
 _state: dict = {"resolved": False, "module": None, "source": None, "reasons": []}
@@ -58,7 +59,7 @@ def _jit_build() -> ModuleType:
     return load(
         name=JIT_NAME,
         sources=sources,
-        extra_cflags=["-O3", "-std=c++17"],
+        extra_cflags=["-O3"],
         extra_cuda_cflags=NVCC_FLAGS,
         verbose=os.environ.get("D2V_KERNELS_JIT_VERBOSE", "0") == "1",
     )
