@@ -3,8 +3,8 @@
     python -m bench.report                       # every bench/results/<gpu>/*.json -> README + plots
     python -m bench.report --input FILE.json --out DIR --no-readme   # render chosen files into DIR
 
-For each GPU folder the newest row of every (what, case, dtype, mode, impl) is kept. The speedup
-column is ``ms of this implementation / ms of ours`` on the same (what, case, dtype, mode): above
+For each GPU folder the newest row of every (what, case, dtype, mode, impl) is kept (and of every
+kernel and config for a tile sweep, which gets its own table). The speedup column is ``ms of this implementation / ms of ours`` on the same (what, case, dtype, mode): above
 1 means d2v_kernels is faster. Files marked ``"synthetic": true`` (the rendering sample in
 ``bench/results/sample/``) are never put into the README, and are labelled as such wherever
 rendered. Plots use matplotlib's Agg backend (no display needed).
@@ -31,7 +31,8 @@ GENERATED_MARKER = (
 )
 NO_RESULTS = "No results yet: no GPU was available in the sessions so far."
 SKIP_DIRS = {"sample", "plots"}
-KEY_FIELDS = ("what", "case", "dtype", "mode", "impl")
+# "kernel" and "config" tell apart the rows of a tile sweep (bench/tune.py); other rows have neither.
+KEY_FIELDS = ("what", "case", "dtype", "mode", "impl", "kernel", "config")
 SYNTHETIC_LABEL = "SYNTHETIC SAMPLE DATA, not measurements"
 
 
@@ -336,6 +337,11 @@ def render(runs: list[Run], out_dir: Path, *, link_base: Path | None = None, plo
         for row in rows:
             by_what[str(row.get("what", ""))].append(row)
         for what, what_rows in sorted(by_what.items()):
+            if what == "tune":  # a tile sweep: fastest configurations against the default, no plots
+                from bench import tune
+
+                sections.append(f"### tile sweep (bench/tune.py)\n\n{tune.summary_table(what_rows)}\n")
+                continue
             sections.append(f"### {what}\n\n{markdown_table(what_rows)}\n")
             if not plots:
                 continue

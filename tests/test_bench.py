@@ -484,3 +484,56 @@ def test_op_main_writes_dated_rows_with_tflops(monkeypatch, tmp_path):
         flops = pos_conv.conv_flops("tiny") * (3 if row["mode"] == "fwd+bwd" else 1)
         assert row["tflops"] == pytest.approx(flops / 2e-3 / 1e12) and row["peak_mem_mb"] == 7.0
         assert (row["ms"], row["ms_p20"], row["ms_p80"], row["what"]) == (2.0, 1.5, 2.5, "pos_conv")
+
+
+# ------------------------------------------------------------------------------------- tile sweep
+
+
+def test_tune_checks_every_candidate_on_cpu(capsys):
+    from bench import tune
+
+    argv = ["--check-only", "--tiny", "--device", "cpu", "--kernels", "attention_fwd,pos_conv_wgrad"]
+    assert tune.main(argv) == 0
+    out = capsys.readouterr().out
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    attention = [r for r in rows if r["kernel"] == "attention_fwd"]
+    expected = 1 + len(tune.KERNELS["attention_fwd"][3])  # the default, then every quick candidate
+    assert len(attention) == expected * len(importlib.import_module("bench.attention").TINY_CASES)
+    assert all(0 <= r["max_err"] <= r["bound"] for r in rows)
+    assert {r["kernel"] for r in rows} == {"attention_fwd", "pos_conv_wgrad"}
+    assert "| attention_fwd | tiny_table | bf16 | default | checked" in out
+
+
+def test_tune_reports_a_tile_that_computes_a_wrong_answer(monkeypatch, capsys):
+    from bench import tune
+    from d2v_kernels.kernels import pos_conv as pos_conv_kernels
+
+    real = pos_conv_kernels.grouped_conv1d
+
+    def wrong_with_large_tiles(*args, **kwargs):
+        out = real(*args, **kwargs)
+        from d2v_kernels.kernels._tiles import tiles
+
+        if tiles("pos_conv", {"BLOCK_T": 0})["BLOCK_T"] == 128:
+            out = out.clone()
+            out[..., 0] += 1.0  # one channel: the LayerNorm after the conv does not undo it
+        return out
+
+    monkeypatch.setattr(pos_conv_kernels, "grouped_conv1d", wrong_with_large_tiles)
+    rows = tune.tune_case("pos_conv", "tiny", "fp32", [{"BLOCK_T": 64}, {"BLOCK_T": 128}], device="cpu", timed=False)
+    assert [r["config"] for r in rows] == ["default", "BLOCK_T=64", "BLOCK_T=128"]
+    assert "error" not in rows[0] and "error" not in rows[1]
+    assert rows[2]["error"].startswith("wrong result:")
+    assert "1 configurations FAILED" in tune.summary_table(rows)
+
+
+def test_tune_arguments():
+    from bench import tune
+
+    args = tune.parse_args(["--check-only", "--device", "cpu", "--kernels", "pos_conv", "--cases", "large"])
+    assert args.kernels == ["pos_conv"] and args.dtypes == ["bf16"] and tune.cases_for("pos_conv", args) == ["large"]
+    with pytest.raises(SystemExit):
+        tune.parse_args(["--kernels", "attention"])
+    with pytest.raises(SystemExit):
+        tune.parse_args(["--device", "cpu"])  # timing needs the GPU
+    assert "tune" not in bench_main.discovered_ops()

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from d2v_kernels.kernels._tiles import tiles
 from d2v_kernels.kernels.aot import AotVariant
 
 LOG2E = 1.4426950408889634
@@ -910,7 +911,7 @@ def attention_forward(
     lse = torch.empty((b, h, n_q), device=q.device, dtype=torch.float32)
     pointers, strides, flags = _bias_args(q, k, bias_table, bias_index, bias, key_padding_mask)
     block_d = _block_d(d)
-    config = _fwd_config(q.dtype, block_d)
+    config = tiles("attention_fwd", _fwd_config(q.dtype, block_d))
     grid = (triton.cdiv(n_q, config["BLOCK_M"]), b * h)
     _attention_fwd_kernel[grid](
         q, k, v, out, lse, *pointers, seed if dropout_p > 0.0 else q.new_empty(1),
@@ -963,7 +964,7 @@ def attention_backward(
         out, grad_out, delta, *out.stride()[:3], *grad_out.stride(), h, n_q, d, BLOCK_M=pre_block_m, BLOCK_D=block_d
     )
 
-    config = _bwd_config(q.dtype, block_d)
+    config = tiles("attention_bwd", _bwd_config(q.dtype, block_d))
     dq = torch.empty((b, n_q, h, d), device=q.device, dtype=q.dtype)
     dk = torch.empty((b, n_k, h, d), device=q.device, dtype=q.dtype)
     dv = torch.empty((b, n_k, h, d), device=q.device, dtype=q.dtype)

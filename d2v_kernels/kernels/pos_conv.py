@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from d2v_kernels.kernels._tiles import tiles
 from d2v_kernels.kernels.aot import AotVariant
 
 # Tiles. BLOCK_T = 64 frames is the M of the conv GEMM (one wgmma M per warpgroup on H100);
@@ -296,7 +297,11 @@ def grouped_conv1d(x, packed_weight, bias, *, pad_left: int, out=None):
     if out is None:
         out = torch.empty((batch, frames, channels), device=x.device, dtype=x.dtype)
     block_co = _group_block(group_channels)
-    grid = (triton.cdiv(frames, CONV_BLOCK_T), channels // group_channels, batch)
+    config = tiles(
+        "pos_conv",
+        {"BLOCK_T": CONV_BLOCK_T, "BLOCK_CI": CONV_BLOCK_CI, "num_warps": CONV_WARPS, "num_stages": CONV_STAGES},
+    )
+    grid = (triton.cdiv(frames, config["BLOCK_T"]), channels // group_channels, batch)
     _grouped_conv1d_kernel[grid](
         x,
         packed_weight,
@@ -312,11 +317,11 @@ def grouped_conv1d(x, packed_weight, bias, *, pad_left: int, out=None):
         channels,
         DOT_PRECISION=_dot_precision(x.dtype),
         UPCAST_OPERANDS=_upcast_operands(x),
-        BLOCK_T=CONV_BLOCK_T,
-        BLOCK_CI=min(CONV_BLOCK_CI, block_co),
+        BLOCK_T=config["BLOCK_T"],
+        BLOCK_CI=min(config["BLOCK_CI"], block_co),
         BLOCK_CO=block_co,
-        num_warps=CONV_WARPS,
-        num_stages=CONV_STAGES,
+        num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
     )
     return out
 
@@ -329,6 +334,7 @@ def grouped_conv1d_weight_grad(x, grad_y, *, group_channels: int, kernel_size: i
     dw = torch.empty((kernel_size, group_channels, channels), device=x.device, dtype=torch.float32)
     db = torch.empty((channels,), device=x.device, dtype=torch.float32)
     block = _group_block(group_channels)
+    config = tiles("pos_conv_wgrad", {"BLOCK_T": WGRAD_BLOCK_T, "num_warps": WGRAD_WARPS, "num_stages": WGRAD_STAGES})
     grid = (kernel_size, channels // group_channels)
     _grouped_conv1d_weight_grad_kernel[grid](
         x,
@@ -345,11 +351,11 @@ def grouped_conv1d_weight_grad(x, grad_y, *, group_channels: int, kernel_size: i
         channels,
         DOT_PRECISION=_dot_precision(x.dtype),
         UPCAST_OPERANDS=_upcast_operands(x),
-        BLOCK_T=WGRAD_BLOCK_T,
+        BLOCK_T=config["BLOCK_T"],
         BLOCK_CI=block,
         BLOCK_CO=block,
-        num_warps=WGRAD_WARPS,
-        num_stages=WGRAD_STAGES,
+        num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
     )
     return dw, db
 

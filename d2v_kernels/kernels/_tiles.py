@@ -1,0 +1,64 @@
+"""Launch configurations (tile sizes, warps, pipeline stages) that a tuning run can override.
+
+A launcher asks :func:`tiles` for its kernel's configuration, passing its default; inside
+:func:`override` the given keys replace the default's. That is how ``bench/tune.py`` sweeps the
+tiles on a GPU, and how the tests check that every swept tile computes the same function. With
+no override active the defaults run unchanged (one dict lookup per launch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+
+# The kernels whose launchers read their tiles here, and the keys each one takes.
+TUNABLE: dict[str, tuple[str, ...]] = {
+    "attention_fwd": ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"),
+    "attention_bwd": ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"),
+    "pos_conv": ("BLOCK_T", "BLOCK_CI", "num_warps", "num_stages"),
+    "pos_conv_wgrad": ("BLOCK_T", "num_warps", "num_stages"),
+}
+_POWER_OF_TWO_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_T", "BLOCK_CI", "num_warps")
+
+_state = threading.local()
+
+
+def _stack() -> list[tuple[str, dict]]:
+    if not hasattr(_state, "stack"):
+        _state.stack = []
+    return _state.stack
+
+
+def tiles(kernel: str, default: dict) -> dict:
+    """``default`` with the keys of the innermost active :func:`override` of ``kernel`` replaced."""
+    stack = _stack()
+    if not stack:
+        return default
+    for name, config in reversed(stack):
+        if name == kernel:
+            return {**default, **config}
+    return default
+
+
+@contextlib.contextmanager
+def override(kernel: str, **config: int) -> Iterator[None]:
+    """Run ``kernel``'s launches with ``config`` (e.g. ``override("attention_fwd", BLOCK_M=64)``)
+    in this thread. Raises ValueError for an unknown kernel or key, or a size that is not a power
+    of two."""
+    if kernel not in TUNABLE:
+        raise ValueError(f"kernel must be one of {sorted(TUNABLE)}, got {kernel!r}")
+    unknown = sorted(set(config) - set(TUNABLE[kernel]))
+    if unknown:
+        raise ValueError(f"{kernel} takes {list(TUNABLE[kernel])}, got unknown keys {unknown}")
+    for key, value in config.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{kernel}: {key} must be a positive int, got {value!r}")
+        if key in _POWER_OF_TWO_KEYS and value & (value - 1):
+            raise ValueError(f"{kernel}: {key} must be a power of two, got {value}")
+    stack = _stack()
+    stack.append((kernel, dict(config)))
+    try:
+        yield
+    finally:
+        stack.pop()
