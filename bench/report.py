@@ -32,7 +32,8 @@ GENERATED_MARKER = (
 NO_RESULTS = "No results yet: no GPU was available in the sessions so far."
 SKIP_DIRS = {"sample", "plots"}
 # "kernel" and "config" tell apart the rows of a tile sweep (bench/tune.py); other rows have neither.
-KEY_FIELDS = ("what", "case", "dtype", "mode", "impl", "kernel", "config")
+CASE_FIELDS = ("what", "case", "dtype", "mode")
+KEY_FIELDS = (*CASE_FIELDS, "impl", "kernel", "config")
 SYNTHETIC_LABEL = "SYNTHETIC SAMPLE DATA, not measurements"
 
 
@@ -122,7 +123,7 @@ def add_derived(rows: list[dict[str, Any]], peak: dict[str, Any] | None) -> list
     """Adds ``speedup`` (this impl's ms / ours) and ``pct_peak`` (of the dtype's TFLOP/s or of HBM GB/s)."""
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
-        groups[tuple(str(row.get(k, "")) for k in KEY_FIELDS[:-1])].append(row)
+        groups[tuple(str(row.get(k, "")) for k in CASE_FIELDS)].append(row)
     out = []
     for group in groups.values():
         ours = sorted(
@@ -163,7 +164,7 @@ def _num(value, fmt: str = "{:.3g}") -> str:
 
 
 def _sort_key(row: dict[str, Any]) -> tuple:
-    return tuple(str(row.get(k, "")) for k in KEY_FIELDS[:-1]) + (
+    return tuple(str(row.get(k, "")) for k in CASE_FIELDS) + (
         not is_ours(str(row.get("impl", ""))),
         str(row.get("impl", "")),
     )

@@ -99,8 +99,17 @@ def ops() -> list[str]:
     return sorted(_REGISTRY)
 
 
+_ops_loaded = False
+
+
 def _ensure_ops_loaded() -> None:
-    import d2v_kernels.ops  # noqa: F401  (registers every op)
+    """Import every op module once (each registers itself); no import afterwards, so the hot path
+    traced by torch.compile has none."""
+    global _ops_loaded
+    if not _ops_loaded:
+        import d2v_kernels.ops  # noqa: F401
+
+        _ops_loaded = True
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,17 +229,17 @@ ENV_ENABLE_OPT_IN = "D2V_KERNELS_ENABLE_OPT_IN"
 
 
 def device_reasons(impl: Implementation, device: torch.device, forced: bool) -> list[str]:
-    """Why ``impl`` cannot run on ``device`` at all, whatever the input (empty when it can)."""
-    reasons = list(impl.available())
-    if reasons:
-        return reasons
+    """Why ``impl`` cannot run on ``device`` at all, whatever the input (empty when it can).
+
+    ``available()`` is asked last: it may load something (the CUDA extension), which only an
+    implementation that could otherwise run should pay for."""
     if impl.opt_in and not forced and os.environ.get(ENV_ENABLE_OPT_IN, "0") != "1":
         return [
             f"the {impl.backend} {impl.op} kernel is opt-in until validated on a GPU "
             f"(use_backend({impl.op}={impl.backend!r}) or {ENV_ENABLE_OPT_IN}=1)"
         ]
     if impl.backend == "eager" or device.type in impl.devices:
-        return []
+        return list(impl.available())
     if impl.backend == "triton" and device.type == "cpu":
         if not triton_interpreter_enabled():
             return ["inputs are on the CPU and TRITON_INTERPRET=1 is not set"]
@@ -239,8 +248,11 @@ def device_reasons(impl: Implementation, device: torch.device, forced: bool) -> 
                 "inputs are on the CPU: the Triton interpreter runs only when the triton backend "
                 "is forced (use_backend('triton'))"
             ]
-        return []
-    return [f"inputs are on {device.type}, {impl.backend} runs on {', '.join(impl.devices)}"]
+        return list(impl.available())
+    reasons = [f"inputs are on {device.type}, {impl.backend} runs on {', '.join(impl.devices)}"]
+    # Forced: the whole story. Not otherwise: it could load the extension, and in a compiled
+    # forward on the wrong device (torch 2.11's dynamo cannot trace its lock).
+    return reasons + list(impl.available()) if forced else reasons
 
 
 def reasons_for(impl: Implementation, device: torch.device, *args, forced: bool = False, **kwargs) -> list[str]:

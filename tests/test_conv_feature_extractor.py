@@ -474,3 +474,36 @@ def test_bad_input_raises_with_message(change, error, message):
             conv_biases=a["conv_biases"],
             eps=a.get("eps", 1e-5),
         )
+
+
+def _compute_sanitizer() -> str | None:
+    import shutil
+    from pathlib import Path
+
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME and (Path(CUDA_HOME) / "bin" / "compute-sanitizer").exists():
+        return str(Path(CUDA_HOME) / "bin" / "compute-sanitizer")
+    return shutil.which("compute-sanitizer")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck", "synccheck"])
+def test_cuda_kernels_are_compute_sanitizer_clean(tool):
+    """Out-of-bounds or misaligned accesses (memcheck), shared-memory hazards of the cp.async
+    pipeline (racecheck) and barrier misuse (synccheck) in our kernels only."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sanitizer = _compute_sanitizer()
+    if sanitizer is None:
+        pytest.skip("compute-sanitizer not found (CUDA_HOME/bin or PATH)")
+    _extension.module()  # build (or load) the extension before the sanitized process reuses it
+    script = Path(__file__).resolve().parent / "_sanitize_feature_extractor.py"
+    cmd = [sanitizer, "--tool", tool, "--error-exitcode", "3", "--kernel-name", "regex:conv.*_ln_gelu"]
+    cmd += [sys.executable, str(script)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0 and "sanitized run done" in log, log[-6000:]
+    assert "ERROR SUMMARY: 0 errors" in log or "RACECHECK SUMMARY: 0 hazards" in log, log[-6000:]

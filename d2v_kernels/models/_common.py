@@ -4,22 +4,22 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import nn
+from transformers import activations
+
+# Module level, not in the functions: they run inside compiled forwards, and torch 2.11's dynamo
+# breaks the graph on an import of a transformers module (a _LazyModule).
+_TANH_GELU_CLASSES = tuple(
+    getattr(activations, name) for name in ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation") if hasattr(activations, name)
+)
 
 
 def gelu_approximation(activation: nn.Module) -> str | None:
     """ "none" for exact GELU, "tanh" for the tanh form, None for any other activation."""
-    from transformers import activations
-
     if isinstance(activation, nn.GELU):
         return activation.approximate
     if isinstance(activation, activations.GELUActivation):
         return "none"
-    tanh_classes = tuple(
-        getattr(activations, name)
-        for name in ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation")
-        if hasattr(activations, name)
-    )
-    if isinstance(activation, tanh_classes):
+    if isinstance(activation, _TANH_GELU_CLASSES):
         return "tanh"
     if getattr(activation, "act", None) is F.gelu:
         return "none"

@@ -11,6 +11,7 @@ mask, which the attention turns into an additive bias.
 from __future__ import annotations
 
 import torch
+from transformers import masking_utils as mu
 
 from d2v_kernels import dispatch, ops
 
@@ -77,8 +78,6 @@ def d2v_kernels_mask(
     **kwargs,
 ):
     """Mask interface: a 2-D (B, Nk) bool padding mask or None for plain patterns, else 4-D bool."""
-    from transformers import masking_utils as mu
-
     plain = mask_function is None or mask_function in (mu.causal_mask_function, mu.bidirectional_mask_function)
     if plain:
         if attention_mask is None:

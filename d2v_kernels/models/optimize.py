@@ -54,6 +54,11 @@ def optimize(model: nn.Module) -> nn.Module:
             configs[id(config)] = config
     for config in configs.values():
         _set_attn_implementation(config, hf_attention.IMPLEMENTATION_NAME)
+    for module in model.modules():  # the relative position index, so a compile right after hits the cache
+        if isinstance(module, vision.hf.Data2VecVisionRelativePositionBias):
+            table = module.relative_position_bias_table
+            if table.device.type != "meta":
+                vision.relative_position_index(module, module.window_size, table.device)
     if torch.cuda.is_available() and any(
         isinstance(m, audio.FusedData2VecAudioFeatureEncoder) for m in model.modules()
     ):

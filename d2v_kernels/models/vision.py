@@ -25,17 +25,28 @@ class TableBias:
         return gather_relative_bias(self.table, self.index)
 
 
+def relative_position_index(module: hf.Data2VecVisionRelativePositionBias, window_size, device) -> torch.Tensor:
+    """The (N, N) int32 index of a window, cached on the module per (window, device) by eager calls.
+
+    A compiled forward reads the cache but never writes it (torch 2.11's dynamo cannot trace the
+    module-dict mutation): on a miss it builds the index in the graph. ``optimize()`` fills the
+    cache for the table's device, so a model compiled where it was optimized hits it."""
+    key = (tuple(window_size), device)
+    cache = module.__dict__.get("_d2v_index_cache")
+    if cache is not None and key in cache:
+        return cache[key]
+    index = module.generate_relative_position_index(tuple(window_size)).to(device=device, dtype=torch.int32)
+    if not torch.compiler.is_compiling():
+        module.__dict__.setdefault("_d2v_index_cache", {})[key] = index
+    return index
+
+
 def _table_and_index(module: hf.Data2VecVisionRelativePositionBias, window_size, interpolate, dim_size):
     """(TableBias, None) when the stored table with the window's index is exact, else (None, dense)."""
     window_size = tuple(int(w) for w in window_size)
     table = module.relative_position_bias_table
     if window_size == tuple(module.window_size) and not interpolate:
-        cache = module.__dict__.setdefault("_d2v_index_cache", {})
-        key = (window_size, table.device)
-        if key not in cache:
-            index = module.generate_relative_position_index(window_size)
-            cache[key] = index.to(device=table.device, dtype=torch.int32)
-        return TableBias(table, cache[key]), None
+        return TableBias(table, relative_position_index(module, window_size, table.device)), None
     return None, module(window_size, interpolate_pos_encoding=interpolate, dim_size=dim_size)
 
 

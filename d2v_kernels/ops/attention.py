@@ -199,12 +199,16 @@ def attention_triton(
     return out
 
 
+# Looked up once: dispatch runs inside compiled code, where find_spec and imports break the graph.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def _triton_unavailable() -> list[str]:
-    return [] if importlib.util.find_spec("triton") is not None else ["triton is not installed"]
+    return [] if _TRITON_INSTALLED else ["triton is not installed"]
 
 
 def _triton_reasons(q, k, v, *, bias_table=None, bias=None, dropout_p=0.0, **_) -> list[str]:
-    from d2v_kernels.kernels.attention import unsupported_reasons
+    from d2v_kernels.kernels.attention import unsupported_reasons  # triton is installed (checked first)
 
     return unsupported_reasons(q, k.shape[1], dropout_p, {"bias_table": bias_table, "bias": bias})
 
