@@ -9,7 +9,9 @@ from transformers import activations
 # Module level, not in the functions: they run inside compiled forwards, and torch 2.11's dynamo
 # breaks the graph on an import of a transformers module (a _LazyModule).
 _TANH_GELU_CLASSES = tuple(
-    getattr(activations, name) for name in ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation") if hasattr(activations, name)
+    getattr(activations, name)
+    for name in ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation")
+    if hasattr(activations, name)
 )
 
 
