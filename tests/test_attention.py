@@ -249,6 +249,31 @@ def test_deterministic_table_gradient_is_bitwise_repeatable():
     torch.testing.assert_close(atomic, runs[0], rtol=1e-5, atol=1e-5)
 
 
+def test_table_gradient_segments_are_cached_per_index_and_follow_in_place_changes():
+    """The sorted index is reused while the index tensor is the same object at the same version;
+    an in-place change or another index tensor gets its own segments (table gradient stays exact)."""
+    from d2v_kernels.kernels import attention as kernels
+
+    q, k, v, kwargs = _case("table", 1, 30, 30, 16, torch.float32)
+    grad_out = torch.randn(1, 30, HEADS, 16, dtype=torch.float64)
+
+    def table_grad_error(kw):
+        got = _grads(run_triton, q, k, v, kw, grad_out, ("bias_table",))[1][3]
+        want = _grads(ops.attention_reference, q.double(), k.double(), v.double(), to64(kw), grad_out, ("bias_table",))
+        return (got.double() - want[1][3]).abs().max().item()
+
+    kernels._SEGMENTS_CACHE.clear()
+    assert table_grad_error(kwargs) < 1e-5
+    first = kernels._SEGMENTS_CACHE[id(kwargs["bias_index"])]
+    assert table_grad_error(kwargs) < 1e-5
+    assert kernels._SEGMENTS_CACHE[id(kwargs["bias_index"])] is first  # reused
+    kwargs["bias_index"].copy_(kwargs["bias_index"].flip(0))  # same tensor, new values
+    assert table_grad_error(kwargs) < 1e-5
+    assert kernels._SEGMENTS_CACHE[id(kwargs["bias_index"])] is not first
+    other = dict(kwargs, bias_index=kwargs["bias_index"].flip(1).contiguous())
+    assert table_grad_error(other) < 1e-5
+
+
 # --------------------------------------------------------------------------------------------
 # Dropout
 # --------------------------------------------------------------------------------------------

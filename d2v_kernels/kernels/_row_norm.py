@@ -237,6 +237,10 @@ def strided_view(tensors: Sequence[torch.Tensor], channels_dim: int):
     (all of one shape), or None when no split can."""
     shape = tensors[0].shape
     channels_dim %= len(shape)
+    if channels_dim == len(shape) - 1 and all(t.is_contiguous() for t in tensors):
+        # The common case, without the general search: rows of C, one after another.
+        channels = shape[-1]
+        return 1, channels, math.prod(shape[:-1]), [(0, 1, channels)] * len(tensors)
     for batch_dims, pos_dims in _groupings(len(shape), channels_dim):
         strides = []
         for t in tensors:

@@ -24,6 +24,9 @@ into an fp32 (G, H, Nq, Nk) scratch: from the dQ kernel with a plain store (G = 
 
 from __future__ import annotations
 
+import collections
+import weakref
+
 import torch
 import triton
 import triton.language as tl
@@ -1004,13 +1007,36 @@ def attention_backward(
     return dq, dk, dv, dtable, dbias
 
 
+# bias_index -> (order, offsets): one index tensor serves every layer and every step of a model.
+_SEGMENTS_CACHE: collections.OrderedDict[int, tuple] = collections.OrderedDict()
+_SEGMENTS_CACHE_SIZE = 8
+
+
+def _index_segments(bias_index: torch.Tensor, n_rel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, offsets): positions of ``bias_index`` sorted by value (stable), and where each
+    value's run starts. Cached per index tensor, checked by identity (a weak reference, so a new
+    tensor at a freed address misses) and by version (an in-place change misses)."""
+    key = id(bias_index)
+    hit = _SEGMENTS_CACHE.get(key)
+    if hit is not None:
+        ref, version, cached_n_rel, order, offsets = hit
+        if ref() is bias_index and version == bias_index._version and cached_n_rel == n_rel:
+            _SEGMENTS_CACHE.move_to_end(key)
+            return order, offsets
+    sorted_index, order = torch.sort(bias_index.reshape(-1), stable=True)
+    bounds = torch.arange(n_rel + 1, device=bias_index.device, dtype=sorted_index.dtype)
+    offsets = torch.searchsorted(sorted_index, bounds)
+    _SEGMENTS_CACHE[key] = (weakref.ref(bias_index), bias_index._version, n_rel, order, offsets)
+    while len(_SEGMENTS_CACHE) > _SEGMENTS_CACHE_SIZE:
+        _SEGMENTS_CACHE.popitem(last=False)
+    return order, offsets
+
+
 def relative_bias_table_grad(ds: torch.Tensor, bias_index: torch.Tensor, bias_table: torch.Tensor) -> torch.Tensor:
     """Deterministic scatter-add of ds (H, Nq, Nk) fp32 into a table shaped like ``bias_table`` (R, H):
     out[r, h] = sum of ds[h, i, j] over bias_index[i, j] == r, by an index-sorted segment sum."""
     n_rel, h = bias_table.shape
-    sorted_index, order = torch.sort(bias_index.reshape(-1), stable=True)
-    bounds = torch.arange(n_rel + 1, device=ds.device, dtype=sorted_index.dtype)
-    offsets = torch.searchsorted(sorted_index, bounds)
+    order, offsets = _index_segments(bias_index, n_rel)
     out = torch.empty_like(bias_table)
     _segment_sum_kernel[(n_rel,)](
         ds,

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from d2v_kernels import dispatch
 from d2v_kernels.ops._checks import check_eps, check_same_device, check_tensor, layer_norm_compute_dtype
+from d2v_kernels.ops._eager import autograd_function, eager_or_compiled, pick
 
 try:
     from d2v_kernels.kernels import add_layer_norm as _kernels
@@ -30,8 +31,7 @@ def add_layer_norm_reference(x, residual, weight, bias, *, eps=1e-5, return_sum=
 # --------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("d2v_kernels::add_layer_norm_fwd", mutates_args=())
-def _add_layer_norm_fwd(
+def _add_layer_norm_fwd_impl(
     x: torch.Tensor,
     residual: torch.Tensor,
     weight: torch.Tensor | None,
@@ -44,6 +44,11 @@ def _add_layer_norm_fwd(
     return y, total if total is not None else x.new_empty(0), mean, rstd
 
 
+_add_layer_norm_fwd = torch.library.custom_op(
+    "d2v_kernels::add_layer_norm_fwd", _add_layer_norm_fwd_impl, mutates_args=()
+)
+
+
 @_add_layer_norm_fwd.register_fake
 def _(x, residual, weight, bias, eps, return_sum):
     mean = x.new_empty(x.shape[:-1], dtype=torch.float32)
@@ -51,8 +56,7 @@ def _(x, residual, weight, bias, eps, return_sum):
     return torch.empty_like(x), total, mean, torch.empty_like(mean)
 
 
-@torch.library.custom_op("d2v_kernels::add_layer_norm_bwd", mutates_args=())
-def _add_layer_norm_bwd(
+def _add_layer_norm_bwd_impl(
     dy: torch.Tensor,
     dsum: torch.Tensor | None,
     x: torch.Tensor,
@@ -66,6 +70,11 @@ def _add_layer_norm_bwd(
     dtotal, dweight, dbias = _kernels.add_layer_norm_backward(dy, dsum, x, residual, weight, bias, mean, rstd)
     empty = x.new_empty(0)
     return dtotal, dweight if dweight is not None else empty, dbias if dbias is not None else empty.clone()
+
+
+_add_layer_norm_bwd = torch.library.custom_op(
+    "d2v_kernels::add_layer_norm_bwd", _add_layer_norm_bwd_impl, mutates_args=()
+)
 
 
 @_add_layer_norm_bwd.register_fake
@@ -88,7 +97,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, dsum, _dmean, _drstd):
     x, residual, weight, bias, mean, rstd = ctx.saved_tensors
     dsum = dsum if ctx.return_sum else None
-    dtotal, dweight, dbias = _add_layer_norm_bwd(dy, dsum, x, residual, weight, bias, mean, rstd)
+    backward_op = pick(_add_layer_norm_bwd, _add_layer_norm_bwd_impl, (dy, dsum, *ctx.saved_tensors))
+    dtotal, dweight, dbias = backward_op(dy, dsum, x, residual, weight, bias, mean, rstd)
     return (
         dtotal,
         dtotal,
@@ -100,10 +110,12 @@ def _backward(ctx, dy, dsum, _dmean, _drstd):
 
 
 _add_layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+AddLayerNormFunction = autograd_function("AddLayerNormFunction", _add_layer_norm_fwd_impl, _setup_context, _backward)
+_add_layer_norm_call = eager_or_compiled(_add_layer_norm_fwd, AddLayerNormFunction)
 
 
 def _add_layer_norm_triton(x, residual, weight, bias, *, eps=1e-5, return_sum=False):
-    y, total, _, _ = _add_layer_norm_fwd(x, residual, weight, bias, eps, return_sum)
+    y, total, _, _ = _add_layer_norm_call(x, residual, weight, bias, eps, return_sum)
     return (y, total) if return_sum else y
 
 

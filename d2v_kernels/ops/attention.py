@@ -18,6 +18,7 @@ import torch
 
 from d2v_kernels import dispatch
 from d2v_kernels.ops._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from d2v_kernels.ops._eager import autograd_function, eager_or_compiled, pick
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 MASK_DTYPES = (torch.bool, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -74,8 +75,7 @@ def attention_reference(
 # --------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("d2v_kernels::attention_fwd", mutates_args=())
-def _attention_fwd(
+def _attention_fwd_impl(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -94,14 +94,16 @@ def _attention_fwd(
     return attention_forward(q, k, v, bias_table, bias_index, bias, key_padding_mask, seed, causal, dropout_p, scale)
 
 
+_attention_fwd = torch.library.custom_op("d2v_kernels::attention_fwd", _attention_fwd_impl, mutates_args=())
+
+
 @_attention_fwd.register_fake
 def _(q, k, v, bias_table, bias_index, bias, key_padding_mask, seed, causal, dropout_p, scale):
     b, n_q, h, d = q.shape
     return q.new_empty((b, n_q, h, d)), q.new_empty((b, h, n_q), dtype=torch.float32)
 
 
-@torch.library.custom_op("d2v_kernels::attention_bwd", mutates_args=())
-def _attention_bwd(
+def _attention_bwd_impl(
     grad_out: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -130,6 +132,9 @@ def _attention_bwd(
     return dq, dk, dv, q.new_empty(0) if dtable is None else dtable, q.new_empty(0) if dbias is None else dbias
 
 
+_attention_bwd = torch.library.custom_op("d2v_kernels::attention_bwd", _attention_bwd_impl, mutates_args=())
+
+
 @_attention_bwd.register_fake
 def _(grad_out, q, k, v, out, lse, bias_table, bias_index, bias, key_padding_mask, seed, causal, dropout_p,
       scale, table_grad, bias_grad, deterministic):  # fmt: skip
@@ -154,7 +159,7 @@ def _attention_backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, bias_table, bias_index, bias, key_padding_mask, seed = ctx.saved_tensors
     table_grad = bias_table is not None and ctx.needs_input_grad[3]
     bias_grad = bias is not None and ctx.needs_input_grad[5]
-    dq, dk, dv, dtable, dbias = _attention_bwd(
+    dq, dk, dv, dtable, dbias = pick(_attention_bwd, _attention_bwd_impl, (grad_out, *ctx.saved_tensors))(
         grad_out, q, k, v, out, lse, bias_table, bias_index, bias, key_padding_mask, seed, ctx.causal,
         ctx.dropout_p, ctx.scale, table_grad, bias_grad, torch.are_deterministic_algorithms_enabled(),
     )  # fmt: skip
@@ -174,6 +179,10 @@ def _attention_backward(ctx, grad_out, grad_lse):
 
 
 _attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+AttentionFunction = autograd_function(
+    "AttentionFunction", _attention_fwd_impl, _attention_setup_context, _attention_backward
+)
+_attention_call = eager_or_compiled(_attention_fwd, AttentionFunction)
 
 
 def attention_triton(
@@ -195,7 +204,7 @@ def attention_triton(
     if dropout_p > 0.0:
         # Drawn from torch's generator of the input's device, so torch.manual_seed repeats a run.
         seed = torch.randint(0, 2**31 - 1, (2,), device=q.device, dtype=torch.int64)
-    out, _ = _attention_fwd(q, k, v, bias_table, bias_index, bias, key_padding_mask, seed, causal, dropout_p, scale)
+    out, _ = _attention_call(q, k, v, bias_table, bias_index, bias, key_padding_mask, seed, causal, dropout_p, scale)
     return out
 
 

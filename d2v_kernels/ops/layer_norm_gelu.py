@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from d2v_kernels import dispatch
 from d2v_kernels.ops._checks import check_eps, check_same_device, check_tensor, layer_norm_compute_dtype
+from d2v_kernels.ops._eager import autograd_function, eager_or_compiled, pick
 
 try:
     from d2v_kernels.kernels import layer_norm_gelu as _kernels
@@ -33,8 +34,7 @@ def layer_norm_gelu_reference(x, weight=None, bias=None, *, eps=1e-5, channels_d
 # --------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("d2v_kernels::layer_norm_gelu_fwd", mutates_args=())
-def _layer_norm_gelu_fwd(
+def _layer_norm_gelu_fwd_impl(
     x: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
@@ -45,6 +45,11 @@ def _layer_norm_gelu_fwd(
     return _kernels.layer_norm_gelu_forward(x, weight, bias, eps, channels_dim, approximate)
 
 
+_layer_norm_gelu_fwd = torch.library.custom_op(
+    "d2v_kernels::layer_norm_gelu_fwd", _layer_norm_gelu_fwd_impl, mutates_args=()
+)
+
+
 @_layer_norm_gelu_fwd.register_fake
 def _(x, weight, bias, eps, channels_dim, approximate):
     channels_dim %= x.dim()
@@ -53,8 +58,7 @@ def _(x, weight, bias, eps, channels_dim, approximate):
     return torch.empty_like(x), mean, torch.empty_like(mean)
 
 
-@torch.library.custom_op("d2v_kernels::layer_norm_gelu_bwd", mutates_args=())
-def _layer_norm_gelu_bwd(
+def _layer_norm_gelu_bwd_impl(
     dy: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -68,6 +72,11 @@ def _layer_norm_gelu_bwd(
     dx, dweight, dbias = _kernels.layer_norm_gelu_backward(dy, x, weight, bias, mean, rstd, channels_dim, approximate)
     empty = x.new_empty(0)
     return dx, dweight if dweight is not None else empty, dbias if dbias is not None else empty.clone()
+
+
+_layer_norm_gelu_bwd = torch.library.custom_op(
+    "d2v_kernels::layer_norm_gelu_bwd", _layer_norm_gelu_bwd_impl, mutates_args=()
+)
 
 
 @_layer_norm_gelu_bwd.register_fake
@@ -87,7 +96,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _dmean, _drstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
-    dx, dweight, dbias = _layer_norm_gelu_bwd(dy, x, weight, bias, mean, rstd, ctx.channels_dim, ctx.approximate)
+    backward_op = pick(_layer_norm_gelu_bwd, _layer_norm_gelu_bwd_impl, (dy, *ctx.saved_tensors))
+    dx, dweight, dbias = backward_op(dy, x, weight, bias, mean, rstd, ctx.channels_dim, ctx.approximate)
     return (
         dx,
         dweight if weight is not None else None,
@@ -99,10 +109,12 @@ def _backward(ctx, dy, _dmean, _drstd):
 
 
 _layer_norm_gelu_fwd.register_autograd(_backward, setup_context=_setup_context)
+LayerNormGeluFunction = autograd_function("LayerNormGeluFunction", _layer_norm_gelu_fwd_impl, _setup_context, _backward)
+_layer_norm_gelu_call = eager_or_compiled(_layer_norm_gelu_fwd, LayerNormGeluFunction)
 
 
 def _layer_norm_gelu_triton(x, weight=None, bias=None, *, eps=1e-5, channels_dim=-1, approximate="none"):
-    return _layer_norm_gelu_fwd(x, weight, bias, eps, channels_dim, approximate)[0]
+    return _layer_norm_gelu_call(x, weight, bias, eps, channels_dim, approximate)[0]
 
 
 def _triton_available() -> list[str]:
