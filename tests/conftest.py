@@ -21,6 +21,21 @@ def _seed_and_reset():
     yield
 
 
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def on_device(request):
+    """Runs the test body with torch's default device set: "cpu" (the Triton kernels through the
+    interpreter) or "cuda" (the compiled kernels; GPU runs only). Tensors the test makes without a
+    device land there. On cuda, TF32 is off so that the fp32 eager references are fp32."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if request.param == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.device(request.param):
+            yield request.param
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
 def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available():
         skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -100,6 +100,7 @@ FORWARD_CASES = [
 ]
 
 
+@pytest.mark.usefixtures("on_device")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("name", "b", "n_q", "n_k", "d"), FORWARD_CASES, ids=[c[0] for c in FORWARD_CASES])
 def test_forward_matches_float64_reference(name, b, n_q, n_k, d, dtype):
@@ -110,6 +111,7 @@ def test_forward_matches_float64_reference(name, b, n_q, n_k, d, dtype):
     assert_close_to_reference(out, reference64(q, k, v, **kwargs), eager)
 
 
+@pytest.mark.usefixtures("on_device")
 def test_forward_vision_base_shape_fp16():
     """N = 197 (14x14 patches + CLS), d = 64, the relative position index BEiT builds."""
     from transformers import Data2VecVisionConfig
@@ -125,6 +127,7 @@ def test_forward_vision_base_shape_fp16():
     assert_close_to_reference(out, reference64(q, k, v, **kwargs), ops.attention_reference(q, k, v, **kwargs))
 
 
+@pytest.mark.usefixtures("on_device")
 def test_fully_masked_rows_are_uniform_over_all_keys():
     """A padded-out batch row, and rows that causality and padding together leave without a key
     (visited through the skipped key blocks), give the mean of v over every key, as eager does."""
@@ -140,6 +143,7 @@ def test_fully_masked_rows_are_uniform_over_all_keys():
     assert_close_to_reference(out, ref, ops.attention_reference(q, k, v, key_padding_mask=mask, causal=True))
 
 
+@pytest.mark.usefixtures("on_device")
 def test_causal_with_more_queries_than_keys():
     """Bottom-right alignment: the first Nq - Nk queries see no key and become uniform."""
     q, k, v = make_qkv(1, 70, 20, 16)
@@ -148,6 +152,7 @@ def test_causal_with_more_queries_than_keys():
     assert_close_to_reference(out, ref, ops.attention_reference(q, k, v, causal=True))
 
 
+@pytest.mark.usefixtures("on_device")
 def test_fp32_table_with_half_inputs_and_explicit_scale():
     q, k, v = make_qkv(1, 30, 30, 32, torch.float16)
     table, index = relative_bias(30, 30, torch.float32)
@@ -158,6 +163,7 @@ def test_fp32_table_with_half_inputs_and_explicit_scale():
     assert_close_to_reference(out, reference64(q, k, v, **kwargs), ops.attention_reference(q, k, v, **kwargs))
 
 
+@pytest.mark.usefixtures("on_device")
 def test_additive_fp32_min_mask_on_a_whole_row_is_uniform():
     q, k, v = make_qkv(1, 8, 12, 16)
     bias = torch.zeros(1, 1, 8, 12)
@@ -204,18 +210,21 @@ GRAD_CASES = [
 ]
 
 
+@pytest.mark.usefixtures("on_device")
 @pytest.mark.parametrize(("name", "b", "n_q", "n_k", "d", "params"), GRAD_CASES, ids=[c[0] for c in GRAD_CASES])
 def test_gradients_fp32(name, b, n_q, n_k, d, params):
     q, k, v, kwargs = _case(name, b, n_q, n_k, d, torch.float32)
     check_gradients(q, k, v, kwargs, params)
 
 
+@pytest.mark.usefixtures("on_device")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_gradients_half_with_table_and_mask(dtype):
     q, k, v, kwargs = _case("table_mask", 2, 50, 33, 32, dtype)
     check_gradients(q, k, v, kwargs, ("bias_table",))
 
 
+@pytest.mark.usefixtures("on_device")
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 def test_dense_bias_gradients_per_batch_and_broadcast(deterministic):
     """Bias with a batch dim: dS stored per batch; (1, H, 1, Nk): summed over batch and rows."""
@@ -225,6 +234,7 @@ def test_dense_bias_gradients_per_batch_and_broadcast(deterministic):
         check_gradients(q, k, v, {"bias": torch.randn(HEADS, 1, 30)}, ("bias",))
 
 
+@pytest.mark.usefixtures("on_device")
 def test_gradients_of_fully_masked_rows_in_skipped_blocks():
     """dV of rows that only see padding reaches key blocks the causal loop skips."""
     q, k, v = make_qkv(2, 90, 90, 16)
@@ -239,6 +249,7 @@ def test_gradients_vision_base_shape_fp16():
     check_gradients(q, k, v, kwargs, ("bias_table",))
 
 
+@pytest.mark.usefixtures("on_device")
 def test_deterministic_table_gradient_is_bitwise_repeatable():
     q, k, v, kwargs = _case("table_mask", 2, 45, 45, 16, torch.float32)
     grad_out = torch.randn(2, 45, HEADS, 16, dtype=torch.float64)
@@ -288,6 +299,7 @@ def _kernel_keep_mask(seed_value, b, n_q, n_k, p):
     return dropout_keep_mask(seed, b, HEADS, n_q, n_k, p)
 
 
+@pytest.mark.usefixtures("on_device")
 def test_dropout_same_seed_same_output_and_keep_rate():
     q, k, v = make_qkv(2, 40, 50, 16)
     outs = []
@@ -309,6 +321,7 @@ def _reference_with_keep(q, k, v, keep, p, **kwargs):
     return torch.matmul(dropped, v.transpose(1, 2)).transpose(1, 2)
 
 
+@pytest.mark.usefixtures("on_device")
 def test_dropout_forward_and_backward_replay_the_kernel_mask():
     b, n_q, n_k, d, p = 2, 30, 45, 16, 0.25
     q, k, v, kwargs = _case("table_mask", b, n_q, n_k, d, torch.float32)

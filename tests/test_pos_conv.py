@@ -43,6 +43,7 @@ def _check_forward(x64, weights64, biases64, groups, dtype):
     assert_close_to_reference(out, ref64, eager)
 
 
+@pytest.mark.usefixtures("on_device")
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("kernel_size", [19, 4], ids=["k19", "k4"])
 @pytest.mark.parametrize("frames", [1, 9, 50], ids=lambda t: f"T{t}")
@@ -62,12 +63,14 @@ def test_forward_matches_float64_reference(frames, kernel_size, dtype):
     ],
     ids=["C96g2k5-fp16", "C40g8k3-fp32", "C36g1k6-bf16", "C120g2k19-fp32"],
 )
+@pytest.mark.usefixtures("on_device")
 def test_forward_group_shapes(channels, groups, kernel_size, dtype):
     x = torch.randn(1, 65 if channels == 120 else 23, channels, dtype=torch.float64)
     weights, biases = _params(channels, groups, kernel_size, 1)
     _check_forward(x, weights, biases, groups, dtype)
 
 
+@pytest.mark.usefixtures("on_device")
 @pytest.mark.parametrize("kernel_size,num_layers", [(19, 3), (4, 2)], ids=["k19-3layers", "k4-2layers"])
 def test_matches_transformers_module_on_padded_frames(kernel_size, num_layers):
     config = Data2VecAudioConfig(
@@ -86,6 +89,7 @@ def test_matches_transformers_module_on_padded_frames(kernel_size, num_layers):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.usefixtures("on_device")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_padded_frames_half_precision(dtype):
     x = torch.randn(2, 50, 48, dtype=torch.float64)
@@ -104,6 +108,7 @@ def _gradients(fn, x, weights, biases, grad_out):
     return out, [x.grad, *(w.grad for w in weights), *(b.grad for b in biases if b is not None)]
 
 
+@pytest.mark.usefixtures("on_device")
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("frames,kernel_size", [(9, 19), (50, 4), (1, 19)], ids=["T9-k19", "T50-k4", "T1-k19"])
 def test_gradients_match_float64_reference(frames, kernel_size, dtype):
@@ -125,6 +130,7 @@ def test_gradients_match_float64_reference(frames, kernel_size, dtype):
         assert_close_to_reference(g, r, e, name=name)
 
 
+@pytest.mark.usefixtures("on_device")
 def test_gradients_without_bias_and_frozen_input():
     x64 = torch.randn(1, 21, 40, dtype=torch.float64)
     weights64, biases64 = _params(40, 8, 6, 2, bias=False)
@@ -138,6 +144,7 @@ def test_gradients_without_bias_and_frozen_input():
         torch.testing.assert_close(w.grad, w64.grad.float(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.usefixtures("on_device")
 def test_strided_input_forward_and_gradients():
     x64 = torch.randn(2, 48, 9, dtype=torch.float64).transpose(1, 2)  # (B, T, C) view of channels-first memory
     weights64, biases64 = _params(48, 4, 4, 2)
@@ -161,6 +168,7 @@ def test_strided_input_forward_and_gradients():
         torch.testing.assert_close(g, r.float(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.usefixtures("on_device")
 def test_mixed_dtype_weights_run_in_input_dtype_with_grads_in_weight_dtype():
     x64 = torch.randn(2, 9, 48, dtype=torch.float64)
     weights64, biases64 = _params(48, 4, 4, 1)
@@ -175,6 +183,7 @@ def test_mixed_dtype_weights_run_in_input_dtype_with_grads_in_weight_dtype():
     assert weights[0].grad.dtype == torch.float32 and biases[0].grad.dtype == torch.float32
 
 
+@pytest.mark.usefixtures("on_device")
 def test_inference_keeps_no_activations_and_matches_training_path():
     x = torch.randn(2, 9, 48)
     weights, biases = (_cast(p, torch.float32) for p in _params(48, 4, 19, 2))

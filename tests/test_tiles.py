@@ -28,6 +28,7 @@ def _attention_case(dtype):
     return q, k, v, dict(bias_table=table, bias_index=index, key_padding_mask=mask, causal=True)
 
 
+@pytest.mark.usefixtures("on_device")
 @pytest.mark.parametrize("config", ATTENTION_TILES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 def test_attention_forward_under_other_tiles(config):
     q, k, v, kwargs = _attention_case(torch.float16)
@@ -36,6 +37,7 @@ def test_attention_forward_under_other_tiles(config):
     assert_close_to_reference(out, reference64(q, k, v, **kwargs), ops.attention_reference(q, k, v, **kwargs))
 
 
+@pytest.mark.usefixtures("on_device")
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 @pytest.mark.parametrize("config", ATTENTION_TILES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 def test_attention_gradients_under_other_tiles(config, deterministic):
@@ -94,6 +96,7 @@ def _pos_conv_case(dtype):
     ],
     ids=["small", "large"],
 )
+@pytest.mark.usefixtures("on_device")
 def test_pos_conv_forward_and_gradients_under_other_tiles(conv, wgrad, monkeypatch):
     x64, weights64, biases64, groups = _pos_conv_case(torch.float32)
     grad64 = torch.randn_like(x64)
