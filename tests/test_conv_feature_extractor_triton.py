@@ -13,15 +13,16 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _params(dtype, conv_bias=False):
-    gen = torch.Generator().manual_seed(3)
+    gen = torch.Generator(device="cpu").manual_seed(3)
     c_in, conv_weights = 1, []
     for c, k in zip(DIMS, KERNELS):
-        conv_weights.append(torch.randn(c, c_in, k, generator=gen) * (c_in * k) ** -0.5)
+        conv_weights.append(torch.randn(c, c_in, k, generator=gen, device="cpu") * (c_in * k) ** -0.5)
         c_in = c
-    ln_weights = [torch.randn(c, generator=gen) * 0.2 + 1 for c in DIMS]
-    ln_biases = [torch.randn(c, generator=gen) * 0.1 for c in DIMS]
-    conv_biases = [torch.randn(c, generator=gen) * 0.1 for c in DIMS] if conv_bias else None
-    cast = lambda ts: None if ts is None else [t.to(dtype).requires_grad_(True) for t in ts]
+    ln_weights = [torch.randn(c, generator=gen, device="cpu") * 0.2 + 1 for c in DIMS]
+    ln_biases = [torch.randn(c, generator=gen, device="cpu") * 0.1 for c in DIMS]
+    conv_biases = [torch.randn(c, generator=gen, device="cpu") * 0.1 for c in DIMS] if conv_bias else None
+    device = torch.get_default_device()  # drawn on the CPU (its generator), run where the test runs
+    cast = lambda ts: None if ts is None else [t.to(device, dtype).requires_grad_(True) for t in ts]
     return cast(conv_weights), cast(ln_weights), cast(ln_biases), cast(conv_biases)
 
 
@@ -37,10 +38,18 @@ def _leaves(wave, params):
     return [wave] + [t for group in params if group is not None for t in group]
 
 
+@pytest.mark.usefixtures("on_device")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("conv_bias", [False, True], ids=["no-bias", "bias"])
 def test_forward_and_gradients_match_float64(dtype, conv_bias):
-    wave64 = torch.randn(2, 1601, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    device = torch.get_default_device()
+
+    def cpu_randn(*shape, seed):
+        """Seeded on the CPU, so both devices see the same numbers."""
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        return torch.randn(*shape, generator=gen, device="cpu", dtype=torch.float64).to(device)
+
+    wave64 = cpu_randn(2, 1601, seed=1)
     results = {}
     for name, run_dtype, backend in (
         ("kernel", dtype, "triton"),
@@ -52,7 +61,7 @@ def test_forward_and_gradients_match_float64(dtype, conv_bias):
         with d2v_kernels.record_dispatch() as calls:
             out = _run(wave, params, backend)
         assert calls == {("conv_feature_extractor", backend): 1}
-        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        grad_out = cpu_randn(*out.shape, seed=2)
         grads = torch.autograd.grad(out, _leaves(wave, params), grad_out.to(run_dtype))
         results[name] = (out, grads)
     (out, grads), (eager, eager_grads), (ref, ref_grads) = results["kernel"], results["eager"], results["ref"]
