@@ -64,7 +64,9 @@ def encoder_fn(encoder, impl: str):
         )
         strides = [layer.conv.stride[0] for layer in layers]
 
-        backend = impl.removeprefix("d2v_")  # cuda: fused kernels; triton: cuDNN conv + Triton LN+GELU
+        backend = impl.removeprefix(
+            "d2v_"
+        )  # cuda: fused kernels; triton: Triton layer 0, then cuDNN conv + Triton LN+GELU
 
         def run(wave):
             with d2v_kernels.use_backend(conv_feature_extractor=backend):

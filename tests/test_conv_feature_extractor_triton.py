@@ -91,3 +91,87 @@ def test_compiles_fullgraph_through_the_triton_path():
     torch._dynamo.reset()
     compiled = torch.compile(lambda w: _run(w, params, "triton"), fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(wave), expected)
+
+
+# --------------------------------------------------------------------------------------------
+# Layer 0 as one kernel (conv on the waveform + LayerNorm + GELU)
+# --------------------------------------------------------------------------------------------
+
+
+def _spy_conv0(monkeypatch):
+    """Record each layer-0 kernel launch: False for the forward, True for the backward's recompute."""
+    from d2v_kernels.kernels import conv_feature_extractor as kernels
+
+    calls, real = [], kernels.conv0_ln_gelu
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("pre_norm_only", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "conv0_ln_gelu", spy)
+    return calls
+
+
+def test_layer0_is_one_kernel_and_its_backward_recomputes_it(monkeypatch):
+    calls = _spy_conv0(monkeypatch)
+    params = _params(torch.float32, conv_bias=True)
+    wave = torch.randn(2, 1601, requires_grad=True)
+    out = _run(wave, params, "triton")
+    assert calls == [False]
+    out.sum().backward()
+    assert calls == [False, True]
+    assert wave.grad is not None and all(t.grad is not None for group in params for t in group)
+
+
+def test_layer0_under_autocast_takes_the_per_layer_path(monkeypatch):
+    calls = _spy_conv0(monkeypatch)
+    params = _params(torch.float32)
+    wave = torch.randn(2, 1601)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _run(wave, params, "triton")
+    assert calls == []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = _run(wave, params, "eager")
+    assert out.dtype == eager.dtype
+    torch.testing.assert_close(out.float(), eager.float(), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.usefixtures("on_device")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_layer0_reads_a_strided_wave(dtype):
+    """A wave that is a strided view (every other sample of a longer buffer) and 40 channels
+    (no power of two): forward and every gradient against float64."""
+    buffer = torch.randn(2, 3202, dtype=torch.float64)
+    results = []
+    for run_dtype, backend in ((dtype, "triton"), (dtype, "eager"), (torch.float64, "eager")):
+        wave = buffer.to(run_dtype)[:, ::2].requires_grad_(True)
+        params = _params(run_dtype, conv_bias=True)
+        out = _run(wave, params, backend)
+        grads = torch.autograd.grad(out, _leaves(wave, params), torch.ones_like(out) / out.numel() ** 0.5)
+        results.append((out, grads))
+    (out, grads), (eager, eager_grads), (ref, ref_grads) = results
+    assert_close_to_reference(out, ref, eager)
+    for i, (g, g64, ge) in enumerate(zip(grads, ref_grads, eager_grads)):
+        assert_close_to_reference(g, g64, ge, name=f"grad {i}")
+
+
+def test_layer0_tile_override_computes_the_same():
+    from d2v_kernels.kernels import _tiles
+
+    params = _params(torch.float32)
+    wave = torch.randn(1, 1201)
+    expected = _run(wave, params, "triton")
+    with _tiles.override("conv0", BLOCK_T=4, num_warps=2):
+        torch.testing.assert_close(_run(wave, params, "triton"), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_layer0_opcheck():
+    weights, ln_weights, ln_biases, conv_biases = _params(torch.float32, conv_bias=True)
+    wave = torch.randn(2, 451, requires_grad=True)
+    args = (wave, weights[0], conv_biases[0], ln_weights[0], ln_biases[0], 5, 1e-5)
+    torch.library.opcheck(torch.ops.d2v_kernels.conv0_ln_gelu.default, args)
+    y, mean, rstd = torch.ops.d2v_kernels.conv0_ln_gelu(*(a.detach() if torch.is_tensor(a) else a for a in args))
+    dy = torch.randn_like(y)
+    detached = [t.detach() for t in args[:5]]
+    bwd_args = (dy, *detached, mean, rstd, 5, 1e-5, True)
+    torch.library.opcheck(torch.ops.d2v_kernels.conv0_ln_gelu_bwd.default, bwd_args)

@@ -5,4 +5,4 @@ Every kernel module lists, in ``aot_variants()``, each configuration its launche
 compiles all of them for sm_80 and sm_90 without a GPU (``python -m d2v_kernels.kernels.aot``).
 """
 
-KERNEL_MODULES = ("layer_norm_gelu", "add_layer_norm", "attention", "pos_conv")
+KERNEL_MODULES = ("layer_norm_gelu", "add_layer_norm", "attention", "pos_conv", "conv_feature_extractor")

@@ -18,6 +18,7 @@ TUNABLE: dict[str, tuple[str, ...]] = {
     "attention_bwd": ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"),
     "pos_conv": ("BLOCK_T", "BLOCK_CI", "num_warps", "num_stages"),
     "pos_conv_wgrad": ("BLOCK_T", "num_warps", "num_stages"),
+    "conv0": ("BLOCK_T", "num_warps"),
 }
 _POWER_OF_TWO_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_T", "BLOCK_CI", "num_warps")
 

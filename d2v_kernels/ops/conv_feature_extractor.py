@@ -9,6 +9,11 @@ kernel, conv with the LayerNorm + GELU in its epilogue, channels-last between la
 saves nothing but the inputs: it reruns the fused forward to get every layer's input, then walks
 the layers backwards, recomputing each layer's conv output (cuDNN) and using torch's LayerNorm,
 GELU and convolution backward ops.
+
+The ``triton`` backend (the default on CUDA meanwhile) runs layer 0 (conv on the waveform,
+LayerNorm, GELU) as one Triton kernel, so the largest activation is written once, and is not
+saved for the backward, which recomputes it; then per layer cuDNN's strided conv and the Triton
+row-norm LayerNorm + GELU reading its output channels-first in place.
 """
 
 from __future__ import annotations
@@ -28,6 +33,15 @@ from d2v_kernels.ops._checks import (
     check_tensor,
     layer_norm_compute_dtype,
 )
+from d2v_kernels.ops._eager import autograd_function, eager_or_compiled, pick
+from d2v_kernels.ops.layer_norm_gelu import _kernels as _layer_norm_gelu_kernels
+from d2v_kernels.ops.layer_norm_gelu import _layer_norm_gelu_triton, _triton_available
+
+try:
+    from d2v_kernels.kernels import conv_feature_extractor as _conv0_kernels
+    from d2v_kernels.kernels._row_norm import row_reasons
+except ImportError:  # triton absent: _triton_available() gives the reason
+    _conv0_kernels = row_reasons = None
 
 # Limits of the CUDA kernels; they mirror csrc/conv_feature_extractor.h (a GPU test compares).
 MAX_CHANNELS = 512
@@ -294,18 +308,128 @@ def conv_feature_extractor(wave, conv_weights, ln_weights, ln_biases, *, strides
 
 
 # --------------------------------------------------------------------------------------------
-# Triton path: cuDNN strided conv per layer, LayerNorm + GELU by the Triton row-norm kernel
-# reading the conv output channels-first in place (no transposes). Runs where the fused CUDA
-# kernels are not available or not enabled.
+# Triton path: layer 0 (conv on the waveform + LayerNorm + GELU) in one Triton kernel, then per
+# layer cuDNN's strided conv and the Triton row-norm LayerNorm + GELU reading its output
+# channels-first in place (no transposes). Runs where the fused CUDA kernels are not available
+# or not enabled.
 # --------------------------------------------------------------------------------------------
 
 
-def _run_conv_then_triton_norm(wave, conv_weights, ln_weights, ln_biases, *, strides, conv_biases=None, eps=1e-5):
-    from d2v_kernels.ops.layer_norm_gelu import _layer_norm_gelu_triton
+def _conv0_fwd_impl(
+    wave: Tensor,
+    weight: Tensor,
+    conv_bias: Tensor | None,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    stride: int,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(y (B, C, T) in wave's dtype, mean (B, T) fp32, rstd (B, T) fp32)."""
+    return _conv0_kernels.conv0_ln_gelu(wave, weight, conv_bias, ln_weight, ln_bias, stride, eps)
 
-    h = wave[:, None]
+
+_conv0_fwd = torch.library.custom_op("d2v_kernels::conv0_ln_gelu", _conv0_fwd_impl, mutates_args=())
+
+
+@_conv0_fwd.register_fake
+def _(wave, weight, conv_bias, ln_weight, ln_bias, stride, eps):
+    frames = (wave.shape[1] - weight.shape[2]) // stride + 1
+    mean = wave.new_empty((wave.shape[0], frames), dtype=torch.float32)
+    return wave.new_empty((wave.shape[0], weight.shape[0], frames)), mean, torch.empty_like(mean)
+
+
+def _conv0_bwd_impl(
+    dy: Tensor,
+    wave: Tensor,
+    weight: Tensor,
+    conv_bias: Tensor | None,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    stride: int,
+    eps: float,
+    wave_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dwave or empty, dweight, dconv_bias or empty, dln_weight, dln_bias).
+
+    The conv output is recomputed (the kernel's pre-norm mode: the values the forward normalised),
+    the LayerNorm + GELU backward is the row-norm kernel's, the conv gradients are cuDNN's."""
+    h, _, _ = _conv0_kernels.conv0_ln_gelu(wave, weight, conv_bias, ln_weight, ln_bias, stride, eps, pre_norm_only=True)
+    dh, d_ln_weight, d_ln_bias = _layer_norm_gelu_kernels.layer_norm_gelu_backward(
+        dy, h, ln_weight, ln_bias, mean, rstd, 1, "none"
+    )
+    dweight = torch.nn.grad.conv1d_weight(wave[:, None], weight.shape, dh, stride=stride)
+    dwave = torch.nn.grad.conv1d_input((wave.shape[0], 1, wave.shape[1]), weight, dh, stride=stride)[:, 0]
+    dwave = dwave if wave_grad else wave.new_empty(0)
+    d_conv_bias = dh.sum(dim=(0, 2), dtype=torch.float32).to(dh.dtype) if conv_bias is not None else wave.new_empty(0)
+    return dwave, dweight, d_conv_bias, d_ln_weight, d_ln_bias
+
+
+_conv0_bwd = torch.library.custom_op("d2v_kernels::conv0_ln_gelu_bwd", _conv0_bwd_impl, mutates_args=())
+
+
+@_conv0_bwd.register_fake
+def _(dy, wave, weight, conv_bias, ln_weight, ln_bias, mean, rstd, stride, eps, wave_grad):
+    return (
+        torch.empty_like(wave) if wave_grad else wave.new_empty(0),
+        torch.empty_like(weight),
+        torch.empty_like(conv_bias) if conv_bias is not None else wave.new_empty(0),
+        torch.empty_like(ln_weight),
+        torch.empty_like(ln_bias),
+    )
+
+
+def _conv0_setup_context(ctx, inputs, output):
+    wave, weight, conv_bias, ln_weight, ln_bias, stride, eps = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(wave, weight, conv_bias, ln_weight, ln_bias, mean, rstd)  # not the (B, C, T) output
+    ctx.stride, ctx.eps = stride, eps
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _conv0_backward(ctx, dy, _dmean, _drstd):
+    wave, weight, conv_bias, ln_weight, ln_bias, mean, rstd = ctx.saved_tensors
+    wave_grad = ctx.needs_input_grad[0]
+    dwave, dweight, d_conv_bias, d_ln_weight, d_ln_bias = pick(_conv0_bwd, _conv0_bwd_impl, (dy, *ctx.saved_tensors))(
+        dy, wave, weight, conv_bias, ln_weight, ln_bias, mean, rstd, ctx.stride, ctx.eps, wave_grad
+    )
+    return (
+        dwave if wave_grad else None,
+        dweight,
+        d_conv_bias if conv_bias is not None else None,
+        d_ln_weight,
+        d_ln_bias,
+        None,
+        None,
+    )
+
+
+_conv0_fwd.register_autograd(_conv0_backward, setup_context=_conv0_setup_context)
+Conv0LayerNormGeluFunction = autograd_function(
+    "Conv0LayerNormGeluFunction", _conv0_fwd_impl, _conv0_setup_context, _conv0_backward
+)
+_conv0_call = eager_or_compiled(_conv0_fwd, Conv0LayerNormGeluFunction)
+
+
+def _conv0_fusable(wave, weight, conv_bias, ln_weight, ln_bias) -> bool:
+    """Layer 0 runs as one kernel unless autocast mixes dtypes or its shape is out of the kernel's
+    range; the per-layer path (the same backend) takes it otherwise."""
+    if _conv0_kernels is None or torch.is_autocast_enabled(wave.device.type):
+        return False
+    return not _conv0_kernels.unsupported_reasons(wave, weight, conv_bias, ln_weight, ln_bias)
+
+
+def _run_conv_then_triton_norm(wave, conv_weights, ln_weights, ln_biases, *, strides, conv_biases=None, eps=1e-5):
     conv_biases = conv_biases if conv_biases is not None else [None] * len(conv_weights)
-    for w, lw, lb, cb, stride in zip(conv_weights, ln_weights, ln_biases, conv_biases, strides):
+    layers = list(zip(conv_weights, ln_weights, ln_biases, conv_biases, strides))
+    w0, lw0, lb0, cb0, stride0 = layers[0]
+    if _conv0_fusable(wave, w0, cb0, lw0, lb0):
+        h = _conv0_call(wave, w0, cb0, lw0, lb0, int(stride0), float(eps))[0]
+        layers = layers[1:]
+    else:
+        h = wave[:, None]
+    for w, lw, lb, cb, stride in layers:
         h = F.conv1d(h, w, cb, stride=stride)
         h = h.to(layer_norm_compute_dtype(h.device, h.dtype))  # fp32 under CUDA autocast, as eager
         h = _layer_norm_gelu_triton(h, lw, lb, eps=eps, channels_dim=1)
@@ -313,13 +437,9 @@ def _run_conv_then_triton_norm(wave, conv_weights, ln_weights, ln_biases, *, str
 
 
 def _triton_composite_reasons(wave, conv_weights, ln_weights, ln_biases, *, strides, conv_biases=None, eps=1e-5):
-    from d2v_kernels.ops.layer_norm_gelu import _triton_available
-
     reasons = _triton_available()
     if reasons:
         return reasons
-    from d2v_kernels.kernels._row_norm import row_reasons
-
     if wave.dtype not in KERNEL_DTYPES:
         return [f"wave has dtype {wave.dtype}; the Triton LayerNorm takes float16, bfloat16, float32"]
     autocast = torch.is_autocast_enabled(wave.device.type)
@@ -339,7 +459,7 @@ dispatch.register(
     _run_conv_then_triton_norm,
     _triton_composite_reasons,
     devices=("cuda",),
-    description="cuDNN strided conv per layer + Triton LayerNorm+GELU reading channels-first in place",
+    description="layer 0 as one Triton kernel (conv + LayerNorm + GELU), then cuDNN conv + Triton LayerNorm+GELU per layer",
 )
 dispatch.register(
     "conv_feature_extractor",
