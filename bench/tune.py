@@ -10,7 +10,8 @@ their speed relative to the default; the JSON goes to ``bench/results/<gpu>/<dat
 
 Kernels and what is timed: ``attention_fwd`` (forward), ``attention_bwd`` (forward + backward,
 forward tiles at their default), ``pos_conv`` (the grouped conv of the forward, and of dx in the
-backward: forward timed), ``pos_conv_wgrad`` (forward + backward).
+backward: forward timed), ``pos_conv_wgrad`` (forward + backward), ``conv0`` (the feature
+extractor's fused layer 0; the whole feature extractor's forward is timed).
 
     python -m bench.tune [--kernels attention_fwd,attention_bwd] [--cases vision_base,audio_base]
                          [--dtypes bf16] [--quick]
@@ -77,9 +78,19 @@ KERNELS: dict[str, tuple[str, str, list[dict], list[dict]]] = {
         _grid(_WGRAD, (32, 64, 128), (4, 8), (2, 3, 4)),
         _grid(_WGRAD, (64, 128), (4, 8), (3,)),
     ),
+    "conv0": (
+        "conv_feature_extractor",
+        "fwd",
+        _grid(("BLOCK_T", "num_warps"), (4, 8, 16, 32), (2, 4, 8)),
+        _grid(("BLOCK_T", "num_warps"), (8, 16, 32), (4, 8)),
+    ),
 }
-CASES = {"attention": ("vision_base", "audio_base", "text_base"), "pos_conv": ("base", "large")}
-QUICK_CASES = {"attention": ("vision_base", "audio_base"), "pos_conv": ("base",)}
+CASES = {
+    "attention": ("vision_base", "audio_base", "text_base"),
+    "pos_conv": ("base", "large"),
+    "conv_feature_extractor": ("b8x10s", "b1x30s"),
+}
+QUICK_CASES = {"attention": ("vision_base", "audio_base"), "pos_conv": ("base",), "conv_feature_extractor": ("b8x10s",)}
 
 
 def config_label(config: dict[str, int]) -> str:
