@@ -97,7 +97,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, dsum, _dmean, _drstd):
     x, residual, weight, bias, mean, rstd = ctx.saved_tensors
     dsum = dsum if ctx.return_sum else None
-    backward_op = pick(_add_layer_norm_bwd, _add_layer_norm_bwd_impl, (dy, dsum, *ctx.saved_tensors))
+    backward_op = pick(_add_layer_norm_bwd, _add_layer_norm_bwd_impl, (dy, dsum, x, residual, weight, bias))
     dtotal, dweight, dbias = backward_op(dy, dsum, x, residual, weight, bias, mean, rstd)
     return (
         dtotal,

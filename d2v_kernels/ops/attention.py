@@ -159,7 +159,7 @@ def _attention_backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, bias_table, bias_index, bias, key_padding_mask, seed = ctx.saved_tensors
     table_grad = bias_table is not None and ctx.needs_input_grad[3]
     bias_grad = bias is not None and ctx.needs_input_grad[5]
-    dq, dk, dv, dtable, dbias = pick(_attention_bwd, _attention_bwd_impl, (grad_out, *ctx.saved_tensors))(
+    dq, dk, dv, dtable, dbias = pick(_attention_bwd, _attention_bwd_impl, (grad_out, q, k, v, out, lse))(
         grad_out, q, k, v, out, lse, bias_table, bias_index, bias, key_padding_mask, seed, ctx.causal,
         ctx.dropout_p, ctx.scale, table_grad, bias_grad, torch.are_deterministic_algorithms_enabled(),
     )  # fmt: skip

@@ -391,9 +391,9 @@ def _conv0_setup_context(ctx, inputs, output):
 def _conv0_backward(ctx, dy, _dmean, _drstd):
     wave, weight, conv_bias, ln_weight, ln_bias, mean, rstd = ctx.saved_tensors
     wave_grad = ctx.needs_input_grad[0]
-    dwave, dweight, d_conv_bias, d_ln_weight, d_ln_bias = pick(_conv0_bwd, _conv0_bwd_impl, (dy, *ctx.saved_tensors))(
-        dy, wave, weight, conv_bias, ln_weight, ln_bias, mean, rstd, ctx.stride, ctx.eps, wave_grad
-    )
+    dwave, dweight, d_conv_bias, d_ln_weight, d_ln_bias = pick(
+        _conv0_bwd, _conv0_bwd_impl, (dy, wave, weight, conv_bias, ln_weight, ln_bias)
+    )(dy, wave, weight, conv_bias, ln_weight, ln_bias, mean, rstd, ctx.stride, ctx.eps, wave_grad)
     return (
         dwave if wave_grad else None,
         dweight,

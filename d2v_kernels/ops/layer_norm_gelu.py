@@ -96,7 +96,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _dmean, _drstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
-    backward_op = pick(_layer_norm_gelu_bwd, _layer_norm_gelu_bwd_impl, (dy, *ctx.saved_tensors))
+    backward_op = pick(_layer_norm_gelu_bwd, _layer_norm_gelu_bwd_impl, (dy, x, weight, bias))
     dx, dweight, dbias = backward_op(dy, x, weight, bias, mean, rstd, ctx.channels_dim, ctx.approximate)
     return (
         dx,
