@@ -78,3 +78,27 @@ def test_tracing_outside_dynamo_sees_the_custom_op(op, fn, function_name, custom
         targets = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
         assert any(custom_op in t for t in targets), targets
         torch.testing.assert_close(graph(*args), fn(*args), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("op", "fn", "function_name", "custom_op"), CASES, ids=[c[0] for c in CASES])
+def test_saved_tensors_are_unpacked_once(op, fn, function_name, custom_op):
+    """Saved-tensor hooks (CPU offload, checkpointing) see each saved tensor unpacked exactly once."""
+    packed, unpacked = [], []
+
+    def pack(t):
+        packed.append(t)
+        return len(packed) - 1
+
+    def unpack(i):
+        unpacked.append(i)
+        return packed[i]
+
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    w = torch.randn(32, requires_grad=True)
+    b = torch.randn(32, requires_grad=True)
+    with d2v_kernels.use_backend(**{op: "triton"}):
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            y = fn(x, w, b)
+        y.sum().backward()
+    ours = [i for i, t in enumerate(packed) if t is not None and t.dim() >= 1]
+    assert ours and sorted(unpacked) == sorted(set(unpacked)), unpacked
