@@ -10,7 +10,7 @@ for fwd+bwd), and peak memory (torch.cuda.max_memory_allocated above what was al
 the call). Writes ``bench/results/<gpu>/<date>-conv_feature_extractor.json``.
 
     python -m bench.conv_feature_extractor [--quick] [--cases b8x10s,b1x30s] [--dtypes fp16,bf16]
-                                           [--modes fwd,fwd+bwd] [--impls d2v_cuda,d2v_triton,hf_eager,hf_compile]
+                                           [--modes fwd,fwd+bwd] [--impls d2v_cuda,d2v_triton,d2v_triton_fused01,hf_eager,hf_compile]
     python -m bench.conv_feature_extractor --check-only --tiny --device cpu   # the checks on a CPU
 """
 
@@ -31,7 +31,8 @@ QUICK_CASES = ("b8x10s",)
 # d2v_triton runs through the interpreter when TRITON_INTERPRET=1).
 TINY_CASES = {"tiny": (2, 4_000, 32)}
 SHAPES = {**CASES, **TINY_CASES}
-IMPLS = ("d2v_cuda", "d2v_triton", "hf_eager", "hf_compile")
+# d2v_triton_fused01: the triton backend with layers 0 and 1 in one kernel (opt-in, D2V_KERNELS_FUSE_CONV01=1).
+IMPLS = ("d2v_cuda", "d2v_triton", "d2v_triton_fused01", "hf_eager", "hf_compile")
 
 
 def build_encoder(case: str, dtype: torch.dtype, device: str = "cuda", seed: int = 0):
@@ -53,9 +54,12 @@ def build_encoder(case: str, dtype: torch.dtype, device: str = "cuda", seed: int
 def encoder_fn(encoder, impl: str):
     """wave (B, S) -> (B, T, C) for one implementation."""
     layers = list(encoder.conv_layers)
-    if impl in ("d2v_cuda", "d2v_triton"):
+    if impl in ("d2v_cuda", "d2v_triton", "d2v_triton_fused01"):
+        import os
+
         import d2v_kernels
         from d2v_kernels import ops
+        from d2v_kernels.ops.conv_feature_extractor import ENV_FUSE_LAYERS_0_1
 
         params = dict(
             conv_weights=[layer.conv.weight for layer in layers],
@@ -64,13 +68,22 @@ def encoder_fn(encoder, impl: str):
         )
         strides = [layer.conv.stride[0] for layer in layers]
 
-        backend = impl.removeprefix(
-            "d2v_"
-        )  # cuda: fused kernels; triton: Triton layer 0, then cuDNN conv + Triton LN+GELU
+        # cuda: the fused CUDA kernels; triton: Triton layer 0 (or layers 0 + 1), then cuDNN conv +
+        # Triton LayerNorm + GELU per layer.
+        backend = "cuda" if impl == "d2v_cuda" else "triton"
+        fuse = "1" if impl == "d2v_triton_fused01" else "0"
 
         def run(wave):
-            with d2v_kernels.use_backend(conv_feature_extractor=backend):
-                return ops.conv_feature_extractor(wave, **params, strides=strides, eps=layers[0].layer_norm.eps)
+            previous = os.environ.get(ENV_FUSE_LAYERS_0_1)
+            os.environ[ENV_FUSE_LAYERS_0_1] = fuse
+            try:
+                with d2v_kernels.use_backend(conv_feature_extractor=backend):
+                    return ops.conv_feature_extractor(wave, **params, strides=strides, eps=layers[0].layer_norm.eps)
+            finally:
+                if previous is None:
+                    del os.environ[ENV_FUSE_LAYERS_0_1]
+                else:
+                    os.environ[ENV_FUSE_LAYERS_0_1] = previous
 
         return run
     if impl == "hf_eager":

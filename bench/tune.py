@@ -11,7 +11,8 @@ their speed relative to the default; the JSON goes to ``bench/results/<gpu>/<dat
 Kernels and what is timed: ``attention_fwd`` (forward), ``attention_bwd`` (forward + backward,
 forward tiles at their default), ``pos_conv`` (the grouped conv of the forward, and of dx in the
 backward: forward timed), ``pos_conv_wgrad`` (forward + backward), ``conv0`` (the feature
-extractor's fused layer 0; the whole feature extractor's forward is timed).
+extractor's fused layer 0; the whole feature extractor's forward is timed), ``conv01`` (layers 0
+and 1 in one kernel, the opt-in ``d2v_triton_fused01``; likewise).
 
     python -m bench.tune [--kernels attention_fwd,attention_bwd] [--cases vision_base,audio_base]
                          [--dtypes bf16] [--quick]
@@ -84,7 +85,15 @@ KERNELS: dict[str, tuple[str, str, list[dict], list[dict]]] = {
         _grid(("BLOCK_T", "num_warps"), (4, 8, 16, 32), (2, 4, 8)),
         _grid(("BLOCK_T", "num_warps"), (8, 16, 32), (4, 8)),
     ),
+    "conv01": (
+        "conv_feature_extractor",
+        "fwd",
+        _grid(("BLOCK_M", "BLOCK_K", "num_warps", "num_stages"), (16, 32, 64), (32, 64), (4, 8), (2, 3)),
+        _grid(("BLOCK_M", "BLOCK_K", "num_warps", "num_stages"), (32, 64), (32, 64), (8,), (2,)),
+    ),
 }
+# The op benchmark's implementation each kernel is timed through (default: IMPL).
+KERNEL_IMPLS = {"conv01": "d2v_triton_fused01"}
 CASES = {
     "attention": ("vision_base", "audio_base", "text_base"),
     "pos_conv": ("base", "large"),
@@ -121,19 +130,20 @@ def tune_case(
     from d2v_kernels.kernels import _tiles
 
     module_name, mode, _, _ = KERNELS[kernel]
+    impl = KERNEL_IMPLS.get(kernel, IMPL)
     op_case = _op_module(module_name).setup_case(case, dtype_name, mode, device)
     rows = []
     for config in [{}, *[c for c in candidates if c]]:
-        row = dict(op_case.row, what="tune", kernel=kernel, impl=IMPL, config=config_label(config), tiles=config)
+        row = dict(op_case.row, what="tune", kernel=kernel, impl=impl, config=config_label(config), tiles=config)
         try:
             with _tiles.override(kernel, **config):
-                inner = op_case.make_step(IMPL)
+                inner = op_case.make_step(impl)
 
             def step(inner=inner, config=config):
                 with _tiles.override(kernel, **config):
                     return inner()
 
-            row.update(common.check_close(f"{kernel} {config_label(config)}", step(), *op_case.reference(IMPL)))
+            row.update(common.check_close(f"{kernel} {config_label(config)}", step(), *op_case.reference(impl)))
             if timed:
                 timing = common.time_ms(step, **(timing_kwargs or {}))
                 row.update(timing.as_row())

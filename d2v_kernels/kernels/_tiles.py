@@ -19,6 +19,7 @@ TUNABLE: dict[str, tuple[str, ...]] = {
     "pos_conv": ("BLOCK_T", "BLOCK_CI", "num_warps", "num_stages"),
     "pos_conv_wgrad": ("BLOCK_T", "num_warps", "num_stages"),
     "conv0": ("BLOCK_T", "num_warps"),
+    "conv01": ("BLOCK_M", "BLOCK_K", "num_warps", "num_stages"),
 }
 _POWER_OF_TWO_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_T", "BLOCK_CI", "num_warps")
 

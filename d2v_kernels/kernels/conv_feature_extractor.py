@@ -82,6 +82,108 @@ def conv0_ln_gelu_kernel(
         tl.store(RSTD + row, rstd, mask=t_mask)
 
 
+@triton.jit
+def _conv0_tile(
+    wave_row, first_sample, t_mask, W0, CB0, c_start, n_channels0, stride_wave_s, stride_w0_c, stride_w0_k,
+    K0: tl.constexpr, HAS_CB0: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Layer 0's conv output for BLOCK_M frames (first samples ``first_sample``) and channels
+    c_start .. c_start + BLOCK_K, rounded to OUT_DTYPE as layer 0 writes it; 0 past n_channels0."""
+    ch = c_start + tl.arange(0, BLOCK_K)
+    ch_mask = ch < n_channels0
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for j in range(K0):
+        x = tl.load(wave_row + (first_sample + j) * stride_wave_s, mask=t_mask, other=0.0).to(tl.float32)
+        w = tl.load(W0 + ch * stride_w0_c + j * stride_w0_k, mask=ch_mask, other=0.0).to(tl.float32)
+        acc += x[:, None] * w[None, :]
+    if HAS_CB0:
+        acc += tl.load(CB0 + ch, mask=ch_mask, other=0.0).to(tl.float32)[None, :]
+    return _to_output(acc, OUT_DTYPE).to(tl.float32)
+
+
+@triton.jit
+def conv01_ln_gelu_kernel(
+    WAVE, W0, CB0, G0, BETA0, W1, CB1, G1, BETA1, Y,
+    n_frames1, n_channels0, n_channels1, tiles_per_batch,
+    stride_wave_b, stride_wave_s, stride_w0_c, stride_w0_k,
+    stride_y_b, stride_y_c, stride_y_t,
+    eps0, eps1,
+    K0: tl.constexpr, S0: tl.constexpr, K1: tl.constexpr, S1: tl.constexpr,
+    HAS_CB0: tl.constexpr, HAS_CB1: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Layers 0 and 1 in one program per BLOCK_M layer-1 frames: layer 0's normalised
+    activations are formed in registers, tap by tap and BLOCK_K channels at a time, as the A
+    operand of layer 1's implicit GEMM (K = K1 x C0, N = C1 <= BLOCK_N); layer 0's output never
+    reaches memory. Per tap, a first pass over the channels gathers the layer-0 LayerNorm
+    statistics (Chan's pairwise merge of per-chunk mean and squared deviations), a second forms
+    GELU(LN(conv)) and feeds the dot. W1: (K1 * C0, C1), row j * C0 + c is tap j, channel c."""
+    dtype = Y.dtype.element_ty
+    pid = tl.program_id(0)
+    batch = pid // tiles_per_batch
+    t1 = (pid % tiles_per_batch) * BLOCK_M + tl.arange(0, BLOCK_M)
+    t_mask = t1 < n_frames1
+    n = tl.arange(0, BLOCK_N)
+    n_mask = n < n_channels1
+    wave_row = WAVE + batch.to(tl.int64) * stride_wave_b
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for tap in tl.static_range(K1):
+        first_sample = (t1.to(tl.int64) * S1 + tap) * S0  # layer-0 frame t1 * S1 + tap
+        count = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for c_start in range(0, n_channels0, BLOCK_K):
+            h = _conv0_tile(
+                wave_row, first_sample, t_mask, W0, CB0, c_start, n_channels0, stride_wave_s, stride_w0_c,
+                stride_w0_k, K0, HAS_CB0, dtype, BLOCK_M, BLOCK_K,
+            )  # fmt: skip
+            k_mask = (c_start + tl.arange(0, BLOCK_K)) < n_channels0
+            chunk_count = tl.minimum(n_channels0 - c_start, BLOCK_K).to(tl.float32)
+            chunk_mean = tl.sum(h, axis=1) / chunk_count
+            deviation = tl.where(k_mask[None, :], h - chunk_mean[:, None], 0.0)
+            chunk_m2 = tl.sum(deviation * deviation, axis=1)
+            total = count + chunk_count
+            delta = chunk_mean - mean
+            mean += delta * (chunk_count / total)
+            m2 += chunk_m2 + delta * delta * (count * chunk_count / total)
+            count = total
+        rstd = tl.rsqrt(m2 / n_channels0 + eps0)
+        for c_start in range(0, n_channels0, BLOCK_K):
+            ch = c_start + tl.arange(0, BLOCK_K)
+            k_mask = ch < n_channels0
+            h = _conv0_tile(
+                wave_row, first_sample, t_mask, W0, CB0, c_start, n_channels0, stride_wave_s, stride_w0_c,
+                stride_w0_k, K0, HAS_CB0, dtype, BLOCK_M, BLOCK_K,
+            )  # fmt: skip
+            gamma = tl.load(G0 + ch, mask=k_mask, other=0.0).to(tl.float32)
+            beta = tl.load(BETA0 + ch, mask=k_mask, other=0.0).to(tl.float32)
+            z = (h - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]
+            a = tl.where(k_mask[None, :] & t_mask[:, None], _activation(z, 1), 0.0)
+            a = _to_output(a, dtype)  # layer 0's output as it would be stored
+            rows = (tap * n_channels0 + ch).to(tl.int64)
+            w = tl.load(
+                W1 + rows[:, None] * n_channels1 + n[None, :], mask=k_mask[:, None] & n_mask[None, :], other=0.0
+            )
+            if UPCAST:
+                acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(a, w, input_precision=PRECISION)
+    if HAS_CB1:
+        acc += tl.load(CB1 + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    h1 = _to_output(acc, dtype).to(tl.float32)
+    mask = t_mask[:, None] & n_mask[None, :]
+    mean1 = tl.sum(tl.where(mask, h1, 0.0), axis=1) / n_channels1
+    centered = tl.where(mask, h1 - mean1[:, None], 0.0)
+    rstd1 = tl.rsqrt(tl.sum(centered * centered, axis=1) / n_channels1 + eps1)
+    gamma1 = tl.load(G1 + n, mask=n_mask, other=0.0).to(tl.float32)
+    beta1 = tl.load(BETA1 + n, mask=n_mask, other=0.0).to(tl.float32)
+    y = _activation(centered * rstd1[:, None] * gamma1[None, :] + beta1[None, :], 1)
+    offsets = (
+        batch.to(tl.int64) * stride_y_b + n.to(tl.int64)[None, :] * stride_y_c + t1.to(tl.int64)[:, None] * stride_y_t
+    )
+    tl.store(Y + offsets, _to_output(y, dtype), mask=mask)
+
+
 def output_frames(samples: int, kernel_size: int, stride: int) -> int:
     return (samples - kernel_size) // stride + 1
 
@@ -126,6 +228,7 @@ def conv0_ln_gelu(wave, weight, conv_bias, ln_weight, ln_bias, stride: int, eps:
     rstd = torch.empty(stats_shape, device=wave.device, dtype=torch.float32)
     config = _launch_tiles(channels)
     tiles_per_batch = triton.cdiv(frames, config["BLOCK_T"])
+    conv_bias, ln_weight, ln_bias = (None if t is None else t.contiguous() for t in (conv_bias, ln_weight, ln_bias))
     conv0_ln_gelu_kernel[(batch * tiles_per_batch,)](
         wave, weight, conv_bias if conv_bias is not None else weight, ln_weight, ln_bias, y, mean, rstd,
         frames, channels, tiles_per_batch,
@@ -136,6 +239,66 @@ def conv0_ln_gelu(wave, weight, conv_bias, ln_weight, ln_bias, stride: int, eps:
         BLOCK_T=config["BLOCK_T"], BLOCK_C=config["BLOCK_C"], num_warps=config["num_warps"],
     )  # fmt: skip
     return y, mean, rstd
+
+
+FUSED01_MAX_CHANNELS = 512  # layer 1's output row (BLOCK_N accumulators per frame) in registers
+
+
+def fused01_reasons(wave, weights, conv_biases, ln_weights, ln_biases) -> list[str]:
+    """Why layers 0 and 1 cannot run as one kernel (empty when they can). Lists of two layers."""
+    reasons = unsupported_reasons(wave, weights[0], conv_biases[0], ln_weights[0], ln_biases[0])
+    if wave.dtype not in (torch.float16, torch.bfloat16):
+        reasons.append(f"wave has dtype {wave.dtype}; the fused layers 0 + 1 take float16, bfloat16 (fp32 spills)")
+    for name, t in (("weight", weights[1]), ("conv_bias", conv_biases[1]), ("ln_weight", ln_weights[1])):
+        if t is not None and t.dtype != wave.dtype:
+            reasons.append(f"layer 1 {name} has dtype {t.dtype}, wave has {wave.dtype}")
+    if ln_biases[1].dtype != wave.dtype:
+        reasons.append(f"layer 1 ln_bias has dtype {ln_biases[1].dtype}, wave has {wave.dtype}")
+    if weights[1].shape[0] > FUSED01_MAX_CHANNELS:
+        reasons.append(f"layer 1 has {weights[1].shape[0]} channels > {FUSED01_MAX_CHANNELS}")
+    if weights[1].shape[2] > MAX_KERNEL:
+        reasons.append(f"layer 1 kernel size {weights[1].shape[2]} > {MAX_KERNEL}")
+    return reasons
+
+
+def _fused01_tiles(channels1: int) -> dict:
+    block_n = max(16, triton.next_power_of_2(channels1))
+    default = {"BLOCK_M": 32, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2}
+    return tiles("conv01", default) | {"BLOCK_N": block_n}
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def conv01_ln_gelu(wave, weights, conv_biases, ln_weights, ln_biases, strides, eps: float) -> torch.Tensor:
+    """Layers 0 and 1 in one kernel. wave (B, S); per-layer lists of two: weights (C0, 1, k0) and
+    (C1, C0, k1), conv_biases (entries may be None), ln_weights, ln_biases; strides (s0, s1); all
+    in wave's dtype -> layer 1's output (B, C1, T1) in wave's dtype. Layer 0's output is never
+    stored."""
+    batch, samples = wave.shape
+    (channels0, _, k0), (channels1, _, k1) = weights[0].shape, weights[1].shape
+    frames0 = output_frames(samples, k0, strides[0])
+    frames1 = output_frames(frames0, k1, strides[1])
+    w1 = weights[1].permute(2, 1, 0).reshape(k1 * channels0, channels1).contiguous()  # (K, N), row tap * C0 + c
+    cb0, cb1 = (None if t is None else t.contiguous() for t in conv_biases)
+    g0, g1 = (t.contiguous() for t in ln_weights)
+    b0, b1 = (t.contiguous() for t in ln_biases)
+    y = torch.empty((batch, channels1, frames1), device=wave.device, dtype=wave.dtype)
+    config = _fused01_tiles(channels1)
+    tiles_per_batch = triton.cdiv(frames1, config["BLOCK_M"])
+    conv01_ln_gelu_kernel[(batch * tiles_per_batch,)](
+        wave, weights[0], cb0 if cb0 is not None else g0, g0, b0, w1, cb1 if cb1 is not None else g1, g1, b1, y,
+        frames1, channels0, channels1, tiles_per_batch,
+        *wave.stride(), weights[0].stride(0), weights[0].stride(2),
+        *y.stride(),
+        eps, eps,
+        K0=k0, S0=strides[0], K1=k1, S1=strides[1], HAS_CB0=cb0 is not None, HAS_CB1=cb1 is not None,
+        PRECISION=_dot_precision(wave.dtype), UPCAST=wave.device.type == "cpu" and wave.dtype == torch.bfloat16,
+        BLOCK_M=config["BLOCK_M"], BLOCK_K=config["BLOCK_K"], BLOCK_N=config["BLOCK_N"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )  # fmt: skip
+    return y
 
 
 _TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -154,9 +317,26 @@ _INTS = (
 )
 
 
+_FUSED01_POINTERS = ("WAVE", "W0", "CB0", "G0", "BETA0", "W1", "CB1", "G1", "BETA1", "Y")
+_FUSED01_INTS = (
+    "n_frames1",
+    "n_channels0",
+    "n_channels1",
+    "tiles_per_batch",
+    "stride_wave_b",
+    "stride_wave_s",
+    "stride_w0_c",
+    "stride_w0_k",
+    "stride_y_b",
+    "stride_y_c",
+    "stride_y_t",
+)
+
+
 def aot_variants() -> list[AotVariant]:
     """Data2Vec's layer 0 (512 channels, k=10, stride 5): every dtype, with and without conv bias,
-    forward and pre-norm recompute; and the widest row the launcher takes, in fp16."""
+    forward and pre-norm recompute; the widest row the launcher takes, in fp16; and the fused
+    layers 0 + 1."""
     variants = []
     combos = [(dtype, 512, bias, pre) for dtype in KERNEL_DTYPES for bias in (False, True) for pre in (False, True)]
     combos += [(torch.float16, MAX_CHANNELS, False, False)]
@@ -176,4 +356,29 @@ def aot_variants() -> list[AotVariant]:
         types = {arg: types[arg] for arg in conv0_ln_gelu_kernel.arg_names}
         name = f"conv0_{_TRITON_TYPES[dtype]}_c{channels}_bias{int(bias)}_pre{int(pre_norm_only)}"
         variants.append(AotVariant(name, conv0_ln_gelu_kernel, types, constexprs, config["num_warps"], 1))
+    # Layers 0 + 1 fused: Data2Vec's (k 10, stride 5) then (k 3, stride 2), 512 channels, fp16 and
+    # bf16 without conv bias, and fp16 with both biases (sm_90: 207-254 registers, no spill).
+    for dtype, bias in [(torch.float16, False), (torch.bfloat16, False), (torch.float16, True)]:
+        config = _fused01_tiles(512)
+        types = dict.fromkeys(_FUSED01_POINTERS, "*" + _TRITON_TYPES[dtype])
+        types |= dict.fromkeys(_FUSED01_INTS, "i32") | {"eps0": "fp32", "eps1": "fp32"}
+        constexprs = {
+            "K0": 10,
+            "S0": 5,
+            "K1": 3,
+            "S1": 2,
+            "HAS_CB0": bias,
+            "HAS_CB1": bias,
+            "PRECISION": _dot_precision(dtype),
+            "UPCAST": False,
+            "BLOCK_M": config["BLOCK_M"],
+            "BLOCK_K": config["BLOCK_K"],
+            "BLOCK_N": config["BLOCK_N"],
+        }
+        types |= dict.fromkeys(constexprs, "constexpr")
+        types = {arg: types[arg] for arg in conv01_ln_gelu_kernel.arg_names}
+        name = f"conv01_{_TRITON_TYPES[dtype]}_c512_bias{int(bias)}"
+        variants.append(
+            AotVariant(name, conv01_ln_gelu_kernel, types, constexprs, config["num_warps"], config["num_stages"])
+        )
     return variants

@@ -13,10 +13,15 @@ GELU and convolution backward ops.
 The ``triton`` backend (the default on CUDA meanwhile) runs layer 0 (conv on the waveform,
 LayerNorm, GELU) as one Triton kernel, so the largest activation is written once, and is not
 saved for the backward, which recomputes it; then per layer cuDNN's strided conv and the Triton
-row-norm LayerNorm + GELU reading its output channels-first in place.
+row-norm LayerNorm + GELU reading its output channels-first in place. With
+``D2V_KERNELS_FUSE_CONV01=1`` (opt-in until a GPU has timed it) layers 0 and 1 run as one Triton
+kernel, layer 0's activations formed in registers as the A operand of layer 1's implicit GEMM, so
+the largest activation never reaches memory (fp16 / bf16).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -412,6 +417,129 @@ Conv0LayerNormGeluFunction = autograd_function(
 _conv0_call = eager_or_compiled(_conv0_fwd, Conv0LayerNormGeluFunction)
 
 
+def _conv01_fwd_impl(
+    wave: Tensor,
+    w0: Tensor,
+    w1: Tensor,
+    cb0: Tensor | None,
+    cb1: Tensor | None,
+    g0: Tensor,
+    g1: Tensor,
+    b0: Tensor,
+    b1: Tensor,
+    s0: int,
+    s1: int,
+    eps: float,
+) -> Tensor:
+    """Layer 1's output (B, C1, T1) from the wave, layers 0 and 1 in one kernel."""
+    return _conv0_kernels.conv01_ln_gelu(wave, [w0, w1], [cb0, cb1], [g0, g1], [b0, b1], (s0, s1), eps)
+
+
+def _conv01_bwd_impl(
+    dy: Tensor,
+    wave: Tensor,
+    w0: Tensor,
+    w1: Tensor,
+    cb0: Tensor | None,
+    cb1: Tensor | None,
+    g0: Tensor,
+    g1: Tensor,
+    b0: Tensor,
+    b1: Tensor,
+    s0: int,
+    s1: int,
+    eps: float,
+    wave_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dwave or empty, dw0, dw1, dcb0, dcb1 (empty when absent), dg0, dg1, db0, db1).
+
+    Recomputes layer 0's output (the layer-0 kernel, with its statistics) and layer 1's conv
+    output (cuDNN), then walks back: row-norm LayerNorm + GELU backward and cuDNN conv gradients
+    for layer 1, the layer-0 backward for layer 0."""
+    y0, mean0, rstd0 = _conv0_kernels.conv0_ln_gelu(wave, w0, cb0, g0, b0, s0, eps)
+    z1 = F.conv1d(y0, w1, cb1, stride=s1)
+    _, mean1, rstd1 = _layer_norm_gelu_kernels.layer_norm_gelu_forward(z1, g1, b1, eps, 1, "none")
+    dz1, dg1, db1 = _layer_norm_gelu_kernels.layer_norm_gelu_backward(dy, z1, g1, b1, mean1, rstd1, 1, "none")
+    dy0 = torch.nn.grad.conv1d_input(y0.shape, w1, dz1, stride=s1)
+    dw1 = torch.nn.grad.conv1d_weight(y0, w1.shape, dz1, stride=s1)
+    dcb1 = dz1.sum(dim=(0, 2), dtype=torch.float32).to(dz1.dtype) if cb1 is not None else wave.new_empty(0)
+    dwave, dw0, dcb0, dg0, db0 = _conv0_bwd_impl(dy0, wave, w0, cb0, g0, b0, mean0, rstd0, s0, eps, wave_grad)
+    return dwave, dw0, dw1, dcb0, dcb1, dg0, dg1, db0, db1
+
+
+_conv01_fwd = torch.library.custom_op("d2v_kernels::conv01_ln_gelu", _conv01_fwd_impl, mutates_args=())
+_conv01_bwd = torch.library.custom_op("d2v_kernels::conv01_ln_gelu_bwd", _conv01_bwd_impl, mutates_args=())
+
+
+@_conv01_fwd.register_fake
+def _(wave, w0, w1, cb0, cb1, g0, g1, b0, b1, s0, s1, eps):
+    frames1 = ((wave.shape[1] - w0.shape[2]) // s0 + 1 - w1.shape[2]) // s1 + 1
+    return wave.new_empty((wave.shape[0], w1.shape[0], frames1))
+
+
+@_conv01_bwd.register_fake
+def _(dy, wave, w0, w1, cb0, cb1, g0, g1, b0, b1, s0, s1, eps, wave_grad):
+    empty = wave.new_empty(0)
+    return (
+        torch.empty_like(wave) if wave_grad else empty,
+        torch.empty_like(w0),
+        torch.empty_like(w1),
+        empty if cb0 is None else torch.empty_like(cb0),
+        empty if cb1 is None else torch.empty_like(cb1),
+        torch.empty_like(g0),
+        torch.empty_like(g1),
+        torch.empty_like(b0),
+        torch.empty_like(b1),
+    )
+
+
+def _conv01_setup_context(ctx, inputs, output):
+    wave, w0, w1, cb0, cb1, g0, g1, b0, b1, s0, s1, eps = inputs
+    ctx.save_for_backward(wave, w0, w1, cb0, cb1, g0, g1, b0, b1)  # no activation: all recomputed
+    ctx.s0, ctx.s1, ctx.eps = s0, s1, eps
+
+
+def _conv01_backward(ctx, dy):
+    saved = ctx.saved_tensors
+    cb0, cb1 = saved[3], saved[4]
+    wave_grad = ctx.needs_input_grad[0]
+    grads = pick(_conv01_bwd, _conv01_bwd_impl, (dy, *saved))(dy, *saved, ctx.s0, ctx.s1, ctx.eps, wave_grad)
+    dwave, dw0, dw1, dcb0, dcb1, dg0, dg1, db0, db1 = grads
+    return (
+        dwave if wave_grad else None,
+        dw0,
+        dw1,
+        dcb0 if cb0 is not None else None,
+        dcb1 if cb1 is not None else None,
+        dg0,
+        dg1,
+        db0,
+        db1,
+        None,
+        None,
+        None,
+    )
+
+
+_conv01_fwd.register_autograd(_conv01_backward, setup_context=_conv01_setup_context)
+Conv01LayerNormGeluFunction = autograd_function(
+    "Conv01LayerNormGeluFunction", _conv01_fwd_impl, _conv01_setup_context, _conv01_backward
+)
+_conv01_call = eager_or_compiled(_conv01_fwd, Conv01LayerNormGeluFunction)
+
+# The fused layer 0 + 1 kernel is opt-in until a GPU has timed it against layer 0 alone + cuDNN
+# (bench: impl d2v_triton_fused01); its arithmetic is checked everywhere the tests run.
+ENV_FUSE_LAYERS_0_1 = "D2V_KERNELS_FUSE_CONV01"
+
+
+def _fuse_layers_0_1(wave, conv_weights, ln_weights, ln_biases, conv_biases) -> bool:
+    if len(conv_weights) < 2 or os.environ.get(ENV_FUSE_LAYERS_0_1, "0") != "1":
+        return False
+    if _conv0_kernels is None or torch.is_autocast_enabled(wave.device.type):
+        return False
+    return not _conv0_kernels.fused01_reasons(wave, conv_weights[:2], conv_biases[:2], ln_weights[:2], ln_biases[:2])
+
+
 def _conv0_fusable(wave, weight, conv_bias, ln_weight, ln_bias) -> bool:
     """Layer 0 runs as one kernel unless autocast mixes dtypes or its shape is out of the kernel's
     range; the per-layer path (the same backend) takes it otherwise."""
@@ -424,7 +552,11 @@ def _run_conv_then_triton_norm(wave, conv_weights, ln_weights, ln_biases, *, str
     conv_biases = conv_biases if conv_biases is not None else [None] * len(conv_weights)
     layers = list(zip(conv_weights, ln_weights, ln_biases, conv_biases, strides))
     w0, lw0, lb0, cb0, stride0 = layers[0]
-    if _conv0_fusable(wave, w0, cb0, lw0, lb0):
+    if _fuse_layers_0_1(wave, conv_weights, ln_weights, ln_biases, conv_biases):
+        w1, lw1, lb1, cb1, stride1 = layers[1]
+        h = _conv01_call(wave, w0, w1, cb0, cb1, lw0, lw1, lb0, lb1, int(stride0), int(stride1), float(eps))
+        layers = layers[2:]
+    elif _conv0_fusable(wave, w0, cb0, lw0, lb0):
         h = _conv0_call(wave, w0, cb0, lw0, lb0, int(stride0), float(eps))[0]
         layers = layers[1:]
     else:
