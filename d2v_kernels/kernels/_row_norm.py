@@ -29,7 +29,9 @@ import triton.language as tl
 
 from d2v_kernels.kernels.aot import AotVariant
 
-MAX_CHANNELS = 4096  # one row (BLOCK_C fp32 values per position) must fit in a program's registers
+# One row of the backward must fit 8 warps' registers without spilling (ptxas, sm_90); Data2Vec's
+# rows are 512 to 1024. Wider rows run eager, with the reason.
+MAX_CHANNELS = 2048
 ACTIVATIONS = {None: 0, "none": 1, "tanh": 2}  # None: plain LayerNorm; "none"/"tanh": GELU's approximate
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -294,8 +296,9 @@ def tile_config(n_channels: int, positions_contiguous: bool) -> tuple[int, int, 
     """(BLOCK_P, BLOCK_C, num_warps) for a row length and layout.
 
     Channels-last (channels contiguous): about 4096 elements a tile, several short rows a program.
-    Channels-first (positions contiguous): each channel row of the tile is BLOCK_P >= 16
-    contiguous elements (>= one 32-byte sector in fp16) while the tile stays <= 16384 elements.
+    Channels-first (positions contiguous): each channel row of the tile is BLOCK_P contiguous
+    elements (16, one 32-byte sector in fp16, at C = 512) while the tile stays <= 8192 elements,
+    32 per thread at 8 warps, which ptxas compiles without a spill.
     BLOCK_C is at least 64 so that few tiles exist to compile (Data2Vec rows are 512 to 1024).
     Chosen from the H100 reasoning in Triton's and flash-attention's layer norms; to measure on a
     GPU: the tile targets (2048 to 16384 elements) and warps per layout, with
@@ -303,16 +306,38 @@ def tile_config(n_channels: int, positions_contiguous: bool) -> tuple[int, int, 
     """
     block_c = max(64, triton.next_power_of_2(n_channels))
     if positions_contiguous:
-        block_p = max(1, min(max(16, 8192 // block_c), 16384 // block_c, 64))
+        block_p = max(1, min(8192 // block_c, 64))
     else:
         block_p = max(1, min(4096 // block_c, 64))
-    num_warps = min(16, max(4, block_p * block_c // 1024))
+    # At most 8 warps: 16 cap a thread at 128 registers, under what a 1024-wide tile needs.
+    num_warps = min(8, max(4, block_p * block_c // 1024))
     return block_p, block_c, num_warps
+
+
+def backward_tile_config(n_channels: int, positions_contiguous: bool, has_residual: bool) -> tuple[int, int, int]:
+    """(BLOCK_P, BLOCK_C, num_warps) of the backward: the forward's tile, narrowed until each thread
+    holds at most 16 values at up to 8 warps (16 warps cap a thread at 128 registers). The backward keeps x, dy, x-hat and the activation's
+    derivative live per element, about twice the forward's registers; 16 is what ptxas compiles
+    without a spill on sm_90 for every tile (tests/test_aot_compile.py checks them).
+    ``has_residual`` is kept for the launch signature; the budget does not depend on it."""
+    block_p, block_c, _ = tile_config(n_channels, positions_contiguous)
+    while block_p > 1 and block_p * block_c > _BWD_ELEMENTS_PER_THREAD * 32 * 8:
+        block_p //= 2
+    return block_p, block_c, min(8, max(4, block_p * block_c // (_BWD_ELEMENTS_PER_THREAD * 32)))
+
+
+_BWD_ELEMENTS_PER_THREAD = 16
 
 
 def _launch_config(n_channels: int, x_strides: tuple[int, int, int], n_pos: int) -> tuple[int, int, int]:
     _, stride_c, stride_p = x_strides
     return tile_config(n_channels, positions_contiguous=stride_p == 1 and stride_c != 1 and n_pos > 1)
+
+
+def _backward_launch_config(n_channels, x_strides, n_pos, has_residual: bool) -> tuple[int, int, int]:
+    _, stride_c, stride_p = x_strides
+    contiguous = stride_p == 1 and stride_c != 1 and n_pos > 1
+    return backward_tile_config(n_channels, contiguous, has_residual)
 
 
 def _backward_programs(device: torch.device, n_tiles: int) -> int:
@@ -404,7 +429,7 @@ def row_norm_backward(
     dy_strides = strides[len(inputs)]
     dsum_strides = strides[-1] if dsum is not None else (0, 0, 0)
 
-    block_p, block_c, num_warps = _launch_config(n_channels, x_strides, n_pos)
+    block_p, block_c, num_warps = _backward_launch_config(n_channels, x_strides, n_pos, residual is not None)
     tiles_per_batch = triton.cdiv(n_pos, block_p)
     n_tiles = n_batch * tiles_per_batch
     n_programs = _backward_programs(x.device, n_tiles)
@@ -451,50 +476,63 @@ def _aot_tiles() -> list[tuple[int, int, int]]:
     return sorted(tiles, key=lambda t: (t[1], t[0]))
 
 
-def row_norm_aot_variants(
-    prefix: str, feature_sets: Sequence[dict], tile: tuple[int, int, int] = (16, 512, 8)
-) -> list[AotVariant]:
+def _aot_bwd_tiles(has_residual: bool) -> list[tuple[int, int, int]]:
+    """Every tile backward_tile_config can return, over both layouts."""
+    tiles = {
+        backward_tile_config(2**log_c, contiguous, has_residual)
+        for log_c in range(MAX_CHANNELS.bit_length())
+        for contiguous in (0, 1)
+    }
+    return sorted(tiles, key=lambda t: (t[1], t[0]))
+
+
+def row_norm_aot_variants(prefix: str, feature_sets: Sequence[dict], channels: int = 512) -> list[AotVariant]:
     """Coverage by axis, not the full product (CI time): the first feature set (constexpr flags
-    plus ``param_fp32``) in every dtype, every other feature set in fp16, all at the audio encoder's
-    channels-first tile; and every tile the launcher can pick in fp16 with the first feature set.
-    The flags are independent constexpr branches, so the feature sets need only cover each value
-    of each flag once.
+    plus ``param_fp32``) in every dtype, every other feature set in fp16, all at the tile of a
+    ``channels``-wide channels-first row (the audio encoder's); and every tile the launchers can
+    pick in fp16 with the first feature set, forward and backward tiles each. The flags are
+    independent constexpr branches, so the feature sets need only cover each value of each flag once.
 
     A feature set holds HAS_RESIDUAL, STORE_SUM (HAS_DSUM in the backward), HAS_WEIGHT, HAS_BIAS,
     ACTIVATION.
     """
     variants = []
-    combos = [(dtype, feature_sets[0], tile) for dtype in KERNEL_DTYPES]
-    combos += [(torch.float16, features, tile) for features in feature_sets[1:]]
-    combos += [(torch.float16, feature_sets[0], t) for t in _aot_tiles() if t != tile]
-    for dtype, features, (block_p, block_c, num_warps) in combos:
-        x_type = "*" + _TRITON_TYPES[dtype]
-        param_type = "*fp32" if features.get("param_fp32") else x_type
-        flags = {k: v for k, v in features.items() if k != "param_fp32"}
-        name = f"{_TRITON_TYPES[dtype]}_{'fp32params_' if features.get('param_fp32') else ''}"
-        name += "_".join(f"{k.lower()}={int(v)}" for k, v in flags.items()) + f"_p{block_p}_c{block_c}_w{num_warps}"
-        fwd_flags = {k: flags[k] for k in ("HAS_RESIDUAL", "STORE_SUM", "HAS_WEIGHT", "HAS_BIAS", "ACTIVATION")}
-        bwd_flags = {k: flags[k] for k in ("HAS_RESIDUAL", "HAS_WEIGHT", "HAS_BIAS", "ACTIVATION")}
-        bwd_flags["HAS_DSUM"] = flags["STORE_SUM"]
-        blocks = {"BLOCK_P": block_p, "BLOCK_C": block_c}
-
-        fwd_types = dict.fromkeys(_FWD_POINTERS, x_type) | {"W": param_type, "B": param_type}
-        fwd_types |= {"MEAN": "*fp32", "RSTD": "*fp32"} | dict.fromkeys(_FWD_INTS, "i32") | {"eps": "fp32"}
-        fwd_constexprs = fwd_flags | blocks
-        fwd_types |= dict.fromkeys(fwd_constexprs, "constexpr")
-        fwd_types = {arg: fwd_types[arg] for arg in row_norm_fwd_kernel.arg_names}
-        variants.append(
-            AotVariant(f"{prefix}_fwd_{name}", row_norm_fwd_kernel, fwd_types, fwd_constexprs, num_warps, 1)
-        )
-
-        bwd_types = dict.fromkeys(_BWD_POINTERS, x_type) | {"W": param_type, "B": param_type}
-        bwd_types |= dict.fromkeys(("MEAN", "RSTD", "DW_PARTIAL", "DB_PARTIAL"), "*fp32")
-        bwd_types |= dict.fromkeys(_BWD_INTS, "i32")
-        bwd_constexprs = {k: bwd_flags[k] for k in ("HAS_RESIDUAL", "HAS_DSUM", "HAS_WEIGHT", "HAS_BIAS", "ACTIVATION")}
-        bwd_constexprs |= blocks
-        bwd_types |= dict.fromkeys(bwd_constexprs, "constexpr")
-        bwd_types = {arg: bwd_types[arg] for arg in row_norm_bwd_kernel.arg_names}
-        variants.append(
-            AotVariant(f"{prefix}_bwd_{name}", row_norm_bwd_kernel, bwd_types, bwd_constexprs, num_warps, 1)
-        )
+    for direction, model_tile, every in (
+        ("fwd", tile_config(channels, True), _aot_tiles()),
+        ("bwd", backward_tile_config(channels, True, False), _aot_bwd_tiles(False)),
+    ):
+        combos = [(dtype, feature_sets[0], model_tile) for dtype in KERNEL_DTYPES]
+        combos += [(torch.float16, features, model_tile) for features in feature_sets[1:]]
+        combos += [(torch.float16, feature_sets[0], t) for t in every if t != model_tile]
+        variants += [_row_norm_variant(prefix, direction, *combo) for combo in combos]
     return variants
+
+
+def _row_norm_variant(prefix: str, direction: str, dtype, features: dict, tile) -> AotVariant:
+    block_p, block_c, num_warps = tile
+    x_type = "*" + _TRITON_TYPES[dtype]
+    param_type = "*fp32" if features.get("param_fp32") else x_type
+    flags = {k: v for k, v in features.items() if k != "param_fp32"}
+    name = f"{_TRITON_TYPES[dtype]}_{'fp32params_' if features.get('param_fp32') else ''}"
+    name += "_".join(f"{k.lower()}={int(v)}" for k, v in flags.items()) + f"_p{block_p}_c{block_c}_w{num_warps}"
+    blocks = {"BLOCK_P": block_p, "BLOCK_C": block_c}
+    if direction == "fwd":
+        constexprs = {k: flags[k] for k in ("HAS_RESIDUAL", "STORE_SUM", "HAS_WEIGHT", "HAS_BIAS", "ACTIVATION")}
+        constexprs |= blocks
+        types = dict.fromkeys(_FWD_POINTERS, x_type) | {"W": param_type, "B": param_type}
+        types |= {"MEAN": "*fp32", "RSTD": "*fp32"} | dict.fromkeys(_FWD_INTS, "i32") | {"eps": "fp32"}
+        kernel = row_norm_fwd_kernel
+    else:
+        constexprs = {k: flags[k] for k in ("HAS_RESIDUAL", "HAS_WEIGHT", "HAS_BIAS", "ACTIVATION")}
+        constexprs = {"HAS_DSUM": flags["STORE_SUM"], **constexprs} | blocks
+        types = dict.fromkeys(_BWD_POINTERS, x_type) | {"W": param_type, "B": param_type}
+        types |= dict.fromkeys(("MEAN", "RSTD", "DW_PARTIAL", "DB_PARTIAL"), "*fp32")
+        types |= dict.fromkeys(_BWD_INTS, "i32")
+        kernel = row_norm_bwd_kernel
+    types |= dict.fromkeys(constexprs, "constexpr")
+    types = {arg: types[arg] for arg in kernel.arg_names}
+    # ptxas caps this one variant (fp32 weight, no bias, backward) at 128 registers and spills 4 bytes.
+    weight_only_fp32 = direction == "bwd" and features.get("param_fp32") and not flags["HAS_BIAS"]
+    return AotVariant(
+        f"{prefix}_{direction}_{name}", kernel, types, constexprs, num_warps, 1, 8 if weight_only_fp32 else 0
+    )

@@ -5,7 +5,12 @@ say), so CI also compiles each configuration a launcher can pick, for sm_80 and 
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``. Must run with
 ``TRITON_INTERPRET`` unset (the interpreter replaces ``@triton.jit`` functions).
 
-    python -m d2v_kernels.kernels.aot [--arch 80 90] [--op NAME]
+    python -m d2v_kernels.kernels.aot [--arch 80 90] [--op NAME] [--spills [ARCH ...]]
+
+``--spills`` also runs ptxas -v on each configuration (Triton's own ptxas) and fails on a register
+spill the variant does not allow (``AotVariant.allowed_spill_bytes``, with its reason where the
+variant is listed). CI checks sm_90, the H100 the tiles are chosen for; sm_80 only compiles (its
+mma.sync code needs more registers: a few configurations spill there).
 """
 
 from __future__ import annotations
@@ -14,8 +19,12 @@ import argparse
 import dataclasses
 import importlib
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +41,9 @@ class AotVariant:
     constexprs: dict
     num_warps: int = 4
     num_stages: int = 3
+    # Register spill bytes ptxas may report for it (0: none); a non-zero value carries its reason
+    # where the variant is listed.
+    allowed_spill_bytes: int = 0
 
 
 def compile_variant(variant: AotVariant, arch: int):
@@ -42,6 +54,30 @@ def compile_variant(variant: AotVariant, arch: int):
     src = ASTSource(fn=variant.fn, signature=variant.signature, constexprs=variant.constexprs)
     options = {"num_warps": variant.num_warps, "num_stages": variant.num_stages}
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+_PTXAS_RESOURCES = re.compile(r"(\d+) bytes spill stores.*?Used (\d+) registers", re.S)
+
+
+def resource_usage(compiled, arch: int) -> tuple[int, int] | None:
+    """(registers, spill-store bytes) of a compiled kernel, from Triton's own ptxas run with -v on its
+    PTX; None when this Triton does not say which ptxas it uses."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+    except ImportError:
+        return None
+    target = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp) / "kernel.ptx"
+        ptx.write_text(compiled.asm["ptx"])
+        result = subprocess.run(
+            [get_ptxas(arch).path, f"-arch={target}", "-v", str(ptx), "-o", str(Path(tmp) / "kernel.cubin")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    match = _PTXAS_RESOURCES.search(result.stderr)
+    return (int(match.group(2)), int(match.group(1))) if match else None
 
 
 def collect(ops: list[str] | None = None) -> list[tuple[str, AotVariant]]:
@@ -65,6 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     parser.add_argument("--op", action="append", default=None)
+    parser.add_argument(
+        "--spills",
+        type=int,
+        nargs="*",
+        default=None,
+        metavar="ARCH",
+        help="also run ptxas -v for these archs (all given with --arch when none): fail on register spills a "
+        "variant does not allow",
+    )
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: the interpreter replaces @triton.jit functions", file=sys.stderr)
@@ -80,8 +125,20 @@ def main(argv: list[str] | None = None) -> int:
                 failures += 1
                 print(f"FAIL {op}:{variant.name} sm_{arch}: {type(e).__name__}: {str(e).splitlines()[:3]}")
                 continue
-            shared = compiled.metadata.shared
-            print(f"ok   {op}:{variant.name} sm_{arch} shared={shared}B {time.perf_counter() - t0:.1f}s")
+            line = f"{op}:{variant.name} sm_{arch} shared={compiled.metadata.shared}B"
+            if args.spills is not None and (not args.spills or arch in args.spills):
+                usage = resource_usage(compiled, arch)
+                if usage is None:
+                    print(f"FAIL {line}: no ptxas resource report (this Triton has no get_ptxas)")
+                    failures += 1
+                    continue
+                registers, spilled = usage
+                line += f" registers={registers} spills={spilled}B"
+                if spilled > variant.allowed_spill_bytes:
+                    print(f"FAIL {line}: spills more than the {variant.allowed_spill_bytes}B it allows")
+                    failures += 1
+                    continue
+            print(f"ok   {line} {time.perf_counter() - t0:.1f}s")
     print(f"{len(variants)} variants x {len(args.arch)} archs, {failures} failed")
     return 1 if failures or not variants else 0
 

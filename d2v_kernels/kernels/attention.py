@@ -25,6 +25,7 @@ into an fp32 (G, H, Nq, Nk) scratch: from the dQ kernel with a plain store (G = 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import weakref
 
 import torch
@@ -847,19 +848,31 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _fwd_config(dtype: torch.dtype, block_d: int) -> dict:
-    """Tiles for H100/A100 (FA2 Triton habits): 128x64 with 4 warps up to d=64, 8 warps at d=128;
-    fp32 halves the tiles to keep K/V stages in shared memory. To be tuned on the GPU."""
+# Tiles chosen by the compiler's resource report (ptxas -v for sm_90, no GPU needed): every
+# configuration below compiles without a register spill except fp32 dK/dV (about 600 bytes; the
+# fp32 path is for precision, not speed). A (BLOCK_M, BLOCK_N) tile of the relative position
+# bias or of a dense bias is read through per-element 64-bit pointers, which doubles the tile's
+# register cost: those kernels take half as wide key blocks (forward) or 8 warps (backward).
+# To be timed on the GPU (bench/tune.py); tests/test_aot_compile.py keeps them spill-free.
+
+
+def _fwd_config(dtype: torch.dtype, block_d: int, bias_tile: bool = False) -> dict:
+    """Forward tiles: 128 x 64 with 4 warps up to d=64, 8 warps at d=128; 128 x 32 with 8 warps when
+    a bias tile is gathered; fp32 64 x 32 with 8 warps."""
     if dtype == torch.float32:
-        return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+        return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
+    if bias_tile:
+        return {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3}
     return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4 if block_d <= 64 else 8, "num_stages": 3}
 
 
 def _bwd_config(dtype: torch.dtype, block_d: int) -> dict:
-    """dK/dV and dQ tiles: 64x64 (32 query rows at d=128 or fp32, to keep dK+dV in registers)."""
-    if dtype == torch.float32 or block_d > 64:
-        return {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4 if block_d <= 64 else 8, "num_stages": 2}
-    return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+    """dK/dV, dQ and dS tiles, 8 warps: 64 x 64 up to d=64, 32 x 64 at d=128, fp32 32 x 32."""
+    if dtype == torch.float32:
+        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
+    if block_d > 64:
+        return {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
 
 
 def _bias_args(q, k, bias_table, bias_index, bias, key_padding_mask):
@@ -914,7 +927,7 @@ def attention_forward(
     lse = torch.empty((b, h, n_q), device=q.device, dtype=torch.float32)
     pointers, strides, flags = _bias_args(q, k, bias_table, bias_index, bias, key_padding_mask)
     block_d = _block_d(d)
-    config = tiles("attention_fwd", _fwd_config(q.dtype, block_d))
+    config = tiles("attention_fwd", _fwd_config(q.dtype, block_d, flags["HAS_TABLE"] or flags["HAS_BIAS"]))
     grid = (triton.cdiv(n_q, config["BLOCK_M"]), b * h)
     _attention_fwd_kernel[grid](
         q, k, v, out, lse, *pointers, seed if dropout_p > 0.0 else q.new_empty(1),
@@ -964,8 +977,9 @@ def attention_backward(
     delta = torch.empty((b, h, n_q), device=q.device, dtype=torch.float32)
     pre_block_m = 64
     _attention_bwd_preprocess_kernel[(triton.cdiv(n_q, pre_block_m), b * h)](
-        out, grad_out, delta, *out.stride()[:3], *grad_out.stride(), h, n_q, d, BLOCK_M=pre_block_m, BLOCK_D=block_d
-    )
+        out, grad_out, delta, *out.stride()[:3], *grad_out.stride(), h, n_q, d, BLOCK_M=pre_block_m, BLOCK_D=block_d,
+        num_warps=8,  # 4 warps spill (ptxas, sm_90)
+    )  # fmt: skip
 
     config = tiles("attention_bwd", _bwd_config(q.dtype, block_d))
     dq = torch.empty((b, n_q, h, d), device=q.device, dtype=q.dtype)
@@ -1146,14 +1160,24 @@ def aot_variants() -> list[AotVariant]:
             **case_flags,
         }
         for name in names:
-            config = _fwd_config(dtype, block_d) if name == "fwd" else _bwd_config(dtype, block_d)
+            bias_tile = case_flags["HAS_TABLE"] or case_flags["HAS_BIAS"]
+            config = _fwd_config(dtype, block_d, bias_tile) if name == "fwd" else _bwd_config(dtype, block_d)
             extra = {}
             if name == "dq":
                 needs_ds = case_flags["HAS_TABLE"] or case_flags["HAS_BIAS"]
                 extra["DS_MODE"] = DS_STORE if case_flags["HAS_BIAS"] else DS_ATOMIC if needs_ds else DS_NONE
-            variants.append(_variant(name, kernels[name], dtype, config, **common, **extra))
+            variant = _variant(name, kernels[name], dtype, config, **common, **extra)
+            if name != "fwd" and all(case_flags.values()):
+                # Every flag at once (table, dense bias, mask, causal, dropout): compiled for coverage,
+                # no model runs it; its backward spills ~100-300 bytes on sm_90.
+                variant = dataclasses.replace(variant, allowed_spill_bytes=320)
+            elif name == "dkdv" and dtype == torch.float32:
+                # fp32 is the precision path: its FMA (ieee) dots keep dK and dV in ~600 spilled bytes.
+                variant = dataclasses.replace(variant, allowed_spill_bytes=640)
+            variants.append(variant)
     for dtype in (torch.float16, torch.float32):
-        variants.append(_variant("delta", _attention_bwd_preprocess_kernel, dtype, {"BLOCK_M": 64}, BLOCK_D=64))
+        delta_config = {"BLOCK_M": 64, "num_warps": 8}
+        variants.append(_variant("delta", _attention_bwd_preprocess_kernel, dtype, delta_config, BLOCK_D=64))
         variants.append(_variant("segment_sum", _segment_sum_kernel, dtype, {"BLOCK_P": 64, "BLOCK_H": 16}))
     variants.append(_variant("dropout_mask", _dropout_mask_kernel, torch.float16, {"BLOCK_M": 64, "BLOCK_N": 64}))
     return variants

@@ -32,6 +32,25 @@ _GELU_EXACT = 1
 
 
 @triton.jit
+def _conv0_tile(
+    wave_row, first_sample, t_mask, W0, CB0, c_start, n_channels0, stride_wave_s, stride_w0_c, stride_w0_k,
+    K0: tl.constexpr, HAS_CB0: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Layer 0's conv output for BLOCK_M frames (first samples ``first_sample``) and channels
+    c_start .. c_start + BLOCK_K, rounded to OUT_DTYPE as layer 0 writes it; 0 past n_channels0."""
+    ch = c_start + tl.arange(0, BLOCK_K)
+    ch_mask = ch < n_channels0
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for j in range(K0):
+        x = tl.load(wave_row + (first_sample + j) * stride_wave_s, mask=t_mask, other=0.0).to(tl.float32)
+        w = tl.load(W0 + ch * stride_w0_c + j * stride_w0_k, mask=ch_mask, other=0.0).to(tl.float32)
+        acc += x[:, None] * w[None, :]
+    if HAS_CB0:
+        acc += tl.load(CB0 + ch, mask=ch_mask, other=0.0).to(tl.float32)[None, :]
+    return _to_output(acc, OUT_DTYPE).to(tl.float32)
+
+
+@triton.jit
 def conv0_ln_gelu_kernel(
     WAVE, W, CB, G, BETA, Y, MEAN, RSTD,
     n_frames, n_channels, tiles_per_batch,
@@ -49,18 +68,14 @@ def conv0_ln_gelu_kernel(
     ch_mask = ch < n_channels
     mask = t_mask[:, None] & ch_mask[None, :]
 
-    # Frame t reads samples t * STRIDE + j, j < KERNEL: all inside the wave for t < n_frames.
+    # Frame t reads samples t * STRIDE + j, j < KERNEL: all inside the wave for t < n_frames. The
+    # conv output is rounded to the output dtype (eager's conv rounds it there too).
     wave_row = WAVE + batch.to(tl.int64) * stride_wave_b
     first_sample = t.to(tl.int64) * STRIDE
-    acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
-    for j in range(KERNEL):
-        x = tl.load(wave_row + (first_sample + j) * stride_wave_s, mask=t_mask, other=0.0).to(tl.float32)
-        w = tl.load(W + ch * stride_w_c + j * stride_w_k, mask=ch_mask, other=0.0).to(tl.float32)
-        acc += x[:, None] * w[None, :]
-    if HAS_CONV_BIAS:
-        acc += tl.load(CB + ch, mask=ch_mask, other=0.0).to(tl.float32)[None, :]
-    # The conv output as the output dtype holds it (eager's conv rounds it there too).
-    h = _to_output(acc, Y.dtype.element_ty).to(tl.float32)
+    h = _conv0_tile(
+        wave_row, first_sample, t_mask, W, CB, 0, n_channels, stride_wave_s, stride_w_c, stride_w_k,
+        KERNEL, HAS_CONV_BIAS, Y.dtype.element_ty, BLOCK_T, BLOCK_C,
+    )  # fmt: skip
 
     offsets = (
         batch.to(tl.int64) * stride_y_b + ch.to(tl.int64)[None, :] * stride_y_c + t.to(tl.int64)[:, None] * stride_y_t
@@ -80,25 +95,6 @@ def conv0_ln_gelu_kernel(
         row = batch.to(tl.int64) * n_frames + t
         tl.store(MEAN + row, mean, mask=t_mask)
         tl.store(RSTD + row, rstd, mask=t_mask)
-
-
-@triton.jit
-def _conv0_tile(
-    wave_row, first_sample, t_mask, W0, CB0, c_start, n_channels0, stride_wave_s, stride_w0_c, stride_w0_k,
-    K0: tl.constexpr, HAS_CB0: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """Layer 0's conv output for BLOCK_M frames (first samples ``first_sample``) and channels
-    c_start .. c_start + BLOCK_K, rounded to OUT_DTYPE as layer 0 writes it; 0 past n_channels0."""
-    ch = c_start + tl.arange(0, BLOCK_K)
-    ch_mask = ch < n_channels0
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for j in range(K0):
-        x = tl.load(wave_row + (first_sample + j) * stride_wave_s, mask=t_mask, other=0.0).to(tl.float32)
-        w = tl.load(W0 + ch * stride_w0_c + j * stride_w0_k, mask=ch_mask, other=0.0).to(tl.float32)
-        acc += x[:, None] * w[None, :]
-    if HAS_CB0:
-        acc += tl.load(CB0 + ch, mask=ch_mask, other=0.0).to(tl.float32)[None, :]
-    return _to_output(acc, OUT_DTYPE).to(tl.float32)
 
 
 @triton.jit
