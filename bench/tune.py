@@ -50,7 +50,7 @@ KERNELS: dict[str, tuple[str, str, list[dict], list[dict]]] = {
         "attention",
         "fwd",
         _grid(_ATTN, (64, 128), (32, 64, 128), (4, 8), (2, 3, 4)),
-        _grid(_ATTN, (64, 128), (64, 128), (4, 8), (3,)) + _grid(_ATTN, (128,), (64,), (4,), (2, 4)),
+        _grid(_ATTN, (64, 128), (32, 64, 128), (4, 8), (3,)) + _grid(_ATTN, (128,), (64,), (4,), (2, 4)),
     ),
     "attention_bwd": (
         "attention",
