@@ -39,7 +39,7 @@ def _extensions():
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    # No -std flag: torch adds the C++ standard its headers need (C++20 from torch 2.10).
+    # No -std flag: torch adds the C++ standard its headers need (C++20 for torch 2.14, C++17 before).
     nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo"]
     if not archs:
         nvcc_flags += ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]

@@ -22,7 +22,7 @@ import torch
 ENV_NO_JIT = "D2V_KERNELS_NO_JIT"
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 JIT_NAME = "d2v_kernels_C"
-# No -std flag: torch adds the C++ standard its headers need (C++20 from torch 2.10).
+# No -std flag: torch adds the C++ standard its headers need (C++20 for torch 2.14, C++17 before).
 NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo"]
 
 _lock = threading.Lock()
