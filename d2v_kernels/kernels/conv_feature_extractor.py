@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from d2v_kernels.kernels._row_norm import _activation, _to_output
+from d2v_kernels.kernels._row_norm import _activation, _tile_offsets, _to_output
 from d2v_kernels.kernels._tiles import tiles
 from d2v_kernels.kernels.aot import AotVariant
 
@@ -77,9 +77,7 @@ def conv0_ln_gelu_kernel(
         KERNEL, HAS_CONV_BIAS, Y.dtype.element_ty, BLOCK_T, BLOCK_C,
     )  # fmt: skip
 
-    offsets = (
-        batch.to(tl.int64) * stride_y_b + ch.to(tl.int64)[None, :] * stride_y_c + t.to(tl.int64)[:, None] * stride_y_t
-    )
+    offsets = _tile_offsets(batch, t, ch, stride_y_b, stride_y_c, stride_y_t)
     if PRE_NORM_ONLY:
         tl.store(Y + offsets, h.to(Y.dtype.element_ty), mask=mask)
     else:
@@ -174,9 +172,7 @@ def conv01_ln_gelu_kernel(
     gamma1 = tl.load(G1 + n, mask=n_mask, other=0.0).to(tl.float32)
     beta1 = tl.load(BETA1 + n, mask=n_mask, other=0.0).to(tl.float32)
     y = _activation(centered * rstd1[:, None] * gamma1[None, :] + beta1[None, :], 1)
-    offsets = (
-        batch.to(tl.int64) * stride_y_b + n.to(tl.int64)[None, :] * stride_y_c + t1.to(tl.int64)[:, None] * stride_y_t
-    )
+    offsets = _tile_offsets(batch, t1, n, stride_y_b, stride_y_c, stride_y_t)
     tl.store(Y + offsets, _to_output(y, dtype), mask=mask)
 
 
