@@ -1167,10 +1167,10 @@ def aot_variants() -> list[AotVariant]:
                 needs_ds = case_flags["HAS_TABLE"] or case_flags["HAS_BIAS"]
                 extra["DS_MODE"] = DS_STORE if case_flags["HAS_BIAS"] else DS_ATOMIC if needs_ds else DS_NONE
             variant = _variant(name, kernels[name], dtype, config, **common, **extra)
-            if name != "fwd" and all(case_flags.values()):
+            if all(case_flags.values()):
                 # Every flag at once (table, dense bias, mask, causal, dropout): compiled for coverage,
-                # no model runs it; its backward spills ~100-300 bytes on sm_90.
-                variant = dataclasses.replace(variant, allowed_spill_bytes=320)
+                # no model runs it; its backward spills ~100-650 bytes on sm_90 (triton 3.8-3.9).
+                variant = dataclasses.replace(variant, allowed_spill_bytes=1024)
             elif name == "dkdv" and dtype == torch.float32:
                 # fp32 is the precision path: its FMA (ieee) dots keep dK and dV in ~600 spilled bytes.
                 variant = dataclasses.replace(variant, allowed_spill_bytes=640)
