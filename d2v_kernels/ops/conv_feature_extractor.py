@@ -365,8 +365,10 @@ def _conv0_bwd_impl(
         dy, h, ln_weight, ln_bias, mean, rstd, 1, "none"
     )
     dweight = torch.nn.grad.conv1d_weight(wave[:, None], weight.shape, dh, stride=stride)
-    dwave = torch.nn.grad.conv1d_input((wave.shape[0], 1, wave.shape[1]), weight, dh, stride=stride)[:, 0]
-    dwave = dwave if wave_grad else wave.new_empty(0)
+    if wave_grad:  # usually not: the waveform is an input, not a parameter
+        dwave = torch.nn.grad.conv1d_input((wave.shape[0], 1, wave.shape[1]), weight, dh, stride=stride)[:, 0]
+    else:
+        dwave = wave.new_empty(0)
     d_conv_bias = dh.sum(dim=(0, 2), dtype=torch.float32).to(dh.dtype) if conv_bias is not None else wave.new_empty(0)
     return dwave, dweight, d_conv_bias, d_ln_weight, d_ln_bias
 
