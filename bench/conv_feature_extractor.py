@@ -55,11 +55,9 @@ def encoder_fn(encoder, impl: str):
     """wave (B, S) -> (B, T, C) for one implementation."""
     layers = list(encoder.conv_layers)
     if impl in ("d2v_cuda", "d2v_triton", "d2v_triton_fused01"):
-        import os
-
         import d2v_kernels
         from d2v_kernels import ops
-        from d2v_kernels.ops.conv_feature_extractor import ENV_FUSE_LAYERS_0_1
+        from d2v_kernels.ops.conv_feature_extractor import fuse_layers_0_1
 
         params = dict(
             conv_weights=[layer.conv.weight for layer in layers],
@@ -71,19 +69,11 @@ def encoder_fn(encoder, impl: str):
         # cuda: the fused CUDA kernels; triton: Triton layer 0 (or layers 0 + 1), then cuDNN conv +
         # Triton LayerNorm + GELU per layer.
         backend = "cuda" if impl == "d2v_cuda" else "triton"
-        fuse = "1" if impl == "d2v_triton_fused01" else "0"
+        fuse = impl == "d2v_triton_fused01"
 
         def run(wave):
-            previous = os.environ.get(ENV_FUSE_LAYERS_0_1)
-            os.environ[ENV_FUSE_LAYERS_0_1] = fuse
-            try:
-                with d2v_kernels.use_backend(conv_feature_extractor=backend):
-                    return ops.conv_feature_extractor(wave, **params, strides=strides, eps=layers[0].layer_norm.eps)
-            finally:
-                if previous is None:
-                    del os.environ[ENV_FUSE_LAYERS_0_1]
-                else:
-                    os.environ[ENV_FUSE_LAYERS_0_1] = previous
+            with d2v_kernels.use_backend(conv_feature_extractor=backend), fuse_layers_0_1(fuse):
+                return ops.conv_feature_extractor(wave, **params, strides=strides, eps=layers[0].layer_norm.eps)
 
         return run
     if impl == "hf_eager":

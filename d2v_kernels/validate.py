@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 import time
 from collections.abc import Callable
 
@@ -153,17 +152,10 @@ def _op_cases(device: str, real: bool) -> list[tuple[str, str, Callable, Callabl
 
     def fe_fused01(args, kwargs):
         """The opt-in fused layers 0 + 1 of the triton backend (fp16 / bf16)."""
-        from d2v_kernels.ops.conv_feature_extractor import ENV_FUSE_LAYERS_0_1
+        from d2v_kernels.ops.conv_feature_extractor import fuse_layers_0_1
 
-        previous = os.environ.get(ENV_FUSE_LAYERS_0_1)
-        os.environ[ENV_FUSE_LAYERS_0_1] = "1"
-        try:
+        with fuse_layers_0_1():
             return ops.conv_feature_extractor(*args, **kwargs)
-        finally:
-            if previous is None:
-                del os.environ[ENV_FUSE_LAYERS_0_1]
-            else:
-                os.environ[ENV_FUSE_LAYERS_0_1] = previous
 
     cases.append(
         ("conv_feature_extractor", ("B2 S16001 base" if real else "B2 S1601 small") + " fused 0+1", fe, fe_fused01)

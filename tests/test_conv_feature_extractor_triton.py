@@ -98,22 +98,23 @@ def test_compiles_fullgraph_through_the_triton_path():
 # --------------------------------------------------------------------------------------------
 
 
-def _spy_conv0(monkeypatch):
-    """Record each layer-0 kernel launch: False for the forward, True for the backward's recompute."""
+def _spy(monkeypatch, name):
+    """Record each launch of a feature-extractor kernel: False for a forward, True for the
+    pre-norm recompute."""
     from d2v_kernels.kernels import conv_feature_extractor as kernels
 
-    calls, real = [], kernels.conv0_ln_gelu
+    calls, real = [], getattr(kernels, name)
 
     def spy(*args, **kwargs):
         calls.append(kwargs.get("pre_norm_only", False))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(kernels, "conv0_ln_gelu", spy)
+    monkeypatch.setattr(kernels, name, spy)
     return calls
 
 
 def test_layer0_is_one_kernel_and_its_backward_recomputes_it(monkeypatch):
-    calls = _spy_conv0(monkeypatch)
+    calls = _spy(monkeypatch, "conv0_ln_gelu")
     params = _params(torch.float32, conv_bias=True)
     wave = torch.randn(2, 1601, requires_grad=True)
     out = _run(wave, params, "triton")
@@ -124,7 +125,7 @@ def test_layer0_is_one_kernel_and_its_backward_recomputes_it(monkeypatch):
 
 
 def test_layer0_under_autocast_takes_the_per_layer_path(monkeypatch):
-    calls = _spy_conv0(monkeypatch)
+    calls = _spy(monkeypatch, "conv0_ln_gelu")
     params = _params(torch.float32)
     wave = torch.randn(2, 1601)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -182,19 +183,6 @@ def test_layer0_opcheck():
 # --------------------------------------------------------------------------------------------
 
 
-def _spy(monkeypatch, name):
-    from d2v_kernels.kernels import conv_feature_extractor as kernels
-
-    calls, real = [], getattr(kernels, name)
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs.get("pre_norm_only", False))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(kernels, name, spy)
-    return calls
-
-
 def test_layers_0_and_1_fuse_only_when_asked(monkeypatch):
     params = _params(torch.float16)
     wave = torch.randn(1, 1201, dtype=torch.float16)
@@ -209,6 +197,14 @@ def test_layers_0_and_1_fuse_only_when_asked(monkeypatch):
     # (cheaper than deriving one from the other: both are a read of the wave and one write).
     assert layer0 == [False, False, True]
     torch.testing.assert_close(out, expected, rtol=0, atol=4e-3)  # fp16: one rounding apart at most
+    fused.clear()
+    from d2v_kernels.ops.conv_feature_extractor import fuse_layers_0_1
+
+    with fuse_layers_0_1(False):  # the context manager overrides the environment, and is undone after
+        _run(wave.detach(), params, "triton")
+    assert fused == []
+    _run(wave.detach(), params, "triton")
+    assert fused == [False]
     fused.clear()
     _run(wave.detach().float(), _params(torch.float32), "triton")
     assert fused == []  # fp32 is not fused (its dot would spill)

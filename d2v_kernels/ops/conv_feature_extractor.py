@@ -21,7 +21,10 @@ the largest activation never reaches memory (fp16 / bf16).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -532,10 +535,27 @@ _conv01_call = eager_or_compiled(_conv01_fwd, Conv01LayerNormGeluFunction)
 # The fused layer 0 + 1 kernel is opt-in until a GPU has timed it against layer 0 alone + cuDNN
 # (bench: impl d2v_triton_fused01); its arithmetic is checked everywhere the tests run.
 ENV_FUSE_LAYERS_0_1 = "D2V_KERNELS_FUSE_CONV01"
+_fuse_override = threading.local()
+
+
+@contextlib.contextmanager
+def fuse_layers_0_1(enabled: bool = True) -> Iterator[None]:
+    """Run layers 0 and 1 as one kernel (or not) in this thread, whatever D2V_KERNELS_FUSE_CONV01 says."""
+    previous = getattr(_fuse_override, "enabled", None)
+    _fuse_override.enabled = bool(enabled)
+    try:
+        yield
+    finally:
+        _fuse_override.enabled = previous
+
+
+def _fuse_layers_0_1_enabled() -> bool:
+    enabled = getattr(_fuse_override, "enabled", None)
+    return os.environ.get(ENV_FUSE_LAYERS_0_1, "0") == "1" if enabled is None else enabled
 
 
 def _fuse_layers_0_1(wave, conv_weights, ln_weights, ln_biases, conv_biases) -> bool:
-    if len(conv_weights) < 2 or os.environ.get(ENV_FUSE_LAYERS_0_1, "0") != "1":
+    if len(conv_weights) < 2 or not _fuse_layers_0_1_enabled():
         return False
     if _conv0_kernels is None or torch.is_autocast_enabled(wave.device.type):
         return False
