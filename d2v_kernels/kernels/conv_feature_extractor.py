@@ -234,6 +234,8 @@ def conv0_ln_gelu(wave, weight, conv_bias, ln_weight, ln_bias, stride: int, eps:
 
 
 FUSED01_MAX_CHANNELS = 512  # layer 1's output row (BLOCK_N accumulators per frame) in registers
+# fp16 / bf16 operands only (fused01_reasons): the dot's input precision setting does not apply.
+_FUSED01_DOT_PRECISION = "tf32"
 
 
 def fused01_reasons(wave, weights, conv_biases, ln_weights, ln_biases) -> list[str]:
@@ -259,10 +261,6 @@ def _fused01_tiles(channels1: int) -> dict:
     return tiles("conv01", default) | {"BLOCK_N": block_n}
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def conv01_ln_gelu(wave, weights, conv_biases, ln_weights, ln_biases, strides, eps: float) -> torch.Tensor:
     """Layers 0 and 1 in one kernel. wave (B, S); per-layer lists of two: weights (C0, 1, k0) and
     (C1, C0, k1), conv_biases (entries may be None), ln_weights, ln_biases; strides (s0, s1); all
@@ -286,7 +284,7 @@ def conv01_ln_gelu(wave, weights, conv_biases, ln_weights, ln_biases, strides, e
         *y.stride(),
         eps, eps,
         K0=k0, S0=strides[0], K1=k1, S1=strides[1], HAS_CB0=cb0 is not None, HAS_CB1=cb1 is not None,
-        PRECISION=_dot_precision(wave.dtype), UPCAST=wave.device.type == "cpu" and wave.dtype == torch.bfloat16,
+        PRECISION=_FUSED01_DOT_PRECISION, UPCAST=wave.device.type == "cpu" and wave.dtype == torch.bfloat16,
         BLOCK_M=config["BLOCK_M"], BLOCK_K=config["BLOCK_K"], BLOCK_N=config["BLOCK_N"],
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
@@ -361,7 +359,7 @@ def aot_variants() -> list[AotVariant]:
             "S1": 2,
             "HAS_CB0": bias,
             "HAS_CB1": bias,
-            "PRECISION": _dot_precision(dtype),
+            "PRECISION": _FUSED01_DOT_PRECISION,
             "UPCAST": False,
             "BLOCK_M": config["BLOCK_M"],
             "BLOCK_K": config["BLOCK_K"],

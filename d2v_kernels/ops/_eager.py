@@ -67,9 +67,9 @@ def pick(custom_op: Callable, implementation: Callable, inputs) -> Callable:
     return implementation if runs_eagerly(inputs) else custom_op
 
 
-def _current_dispatch_mode():
-    try:
-        from torch.utils._python_dispatch import _get_current_dispatch_mode
-    except ImportError:  # pragma: no cover - a torch without it: always take the custom op
+try:
+    from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
+except ImportError:  # pragma: no cover - a torch without it: always take the custom op
+
+    def _current_dispatch_mode():
         return True
-    return _get_current_dispatch_mode()
