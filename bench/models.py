@@ -236,8 +236,10 @@ def instantiate(spec: ModelSpec, config, attn_implementation: str, device: str):
     import transformers
 
     cls = getattr(transformers, spec.class_name)
+    # transformers 5.x may build on the CPU whatever the device context says: move it explicitly.
     with torch.device(device):
-        return cls._from_config(copy.deepcopy(config), attn_implementation=attn_implementation, dtype=torch.float32)
+        model = cls._from_config(copy.deepcopy(config), attn_implementation=attn_implementation, dtype=torch.float32)
+    return model.to(device)
 
 
 def master_weights(spec: ModelSpec, config, device: str, seed: int = 0) -> dict[str, torch.Tensor]:

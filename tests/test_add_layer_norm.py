@@ -38,7 +38,7 @@ def _run(fn, x, residual, weight, bias, grad_outs, return_sum):
 
 
 def _check_against_float64(x, residual, weight, bias, return_sum=False):
-    grad_outs = [torch.randn(x.shape) for _ in range(2 if return_sum else 1)]
+    grad_outs = [torch.randn(x.shape, device=x.device) for _ in range(2 if return_sum else 1)]
     with d2v_kernels.use_backend(add_layer_norm="triton"):
         out = _run(ops.add_layer_norm, x, residual, weight, bias, grad_outs, return_sum)
     as64 = [t.double() if t is not None else None for t in (x, residual, weight, bias)]

@@ -38,7 +38,7 @@ def _run(fn, x, weight, bias, dy, **kwargs):
 
 def _check_against_float64(x, weight, bias, channels_dim, approximate="none"):
     kwargs = {"channels_dim": channels_dim, "approximate": approximate}
-    dy = torch.randn(x.shape)
+    dy = torch.randn(x.shape, device=x.device)
     with d2v_kernels.use_backend(layer_norm_gelu="triton"):
         out = _run(ops.layer_norm_gelu, x, weight, bias, dy, **kwargs)
     as64 = [t.double() if t is not None else None for t in (x, weight, bias)]

@@ -23,18 +23,15 @@ TUNABLE: dict[str, tuple[str, ...]] = {
 }
 _POWER_OF_TWO_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_T", "BLOCK_CI", "num_warps")
 
-_state = threading.local()
-
-
-def _stack() -> list[tuple[str, dict]]:
-    if not hasattr(_state, "stack"):
-        _state.stack = []
-    return _state.stack
+# Process-wide, not per thread: on CUDA the autograd engine runs the backward in a worker thread
+# of its own, and a backward launched there must see the override the forward ran under.
+_stack: list[tuple[str, dict]] = []
+_lock = threading.Lock()
 
 
 def tiles(kernel: str, default: dict) -> dict:
     """``default`` with the keys of the innermost active :func:`override` of ``kernel`` replaced."""
-    stack = _stack()
+    stack = _stack
     if not stack:
         return default
     for name, config in reversed(stack):
@@ -46,7 +43,8 @@ def tiles(kernel: str, default: dict) -> dict:
 @contextlib.contextmanager
 def override(kernel: str, **config: int) -> Iterator[None]:
     """Run ``kernel``'s launches with ``config`` (e.g. ``override("attention_fwd", BLOCK_M=64)``)
-    in this thread. Raises ValueError for an unknown kernel or key, or a size that is not a power
+    in every thread of the process (a CUDA backward runs in the autograd engine's own thread);
+    meant for tuning and tests, not for concurrent use. Raises ValueError for an unknown kernel or key, or a size that is not a power
     of two."""
     if kernel not in TUNABLE:
         raise ValueError(f"kernel must be one of {sorted(TUNABLE)}, got {kernel!r}")
@@ -58,9 +56,11 @@ def override(kernel: str, **config: int) -> Iterator[None]:
             raise ValueError(f"{kernel}: {key} must be a positive int, got {value!r}")
         if key in _POWER_OF_TWO_KEYS and value & (value - 1):
             raise ValueError(f"{kernel}: {key} must be a power of two, got {value}")
-    stack = _stack()
-    stack.append((kernel, dict(config)))
+    entry = (kernel, dict(config))
+    with _lock:
+        _stack.append(entry)
     try:
         yield
     finally:
-        stack.pop()
+        with _lock:
+            del _stack[max(i for i, e in enumerate(_stack) if e is entry)]

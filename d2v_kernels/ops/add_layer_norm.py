@@ -22,7 +22,15 @@ except ImportError as _error:  # triton absent: the triton backend reports it as
 def add_layer_norm_reference(x, residual, weight, bias, *, eps=1e-5, return_sum=False):
     """Eager PyTorch: ``s = x + residual; y = F.layer_norm(s)``, in x's dtype, like transformers."""
     s = x + residual
-    y = F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
+    compute = s.dtype
+    for p in (weight, bias):
+        if p is not None:
+            compute = torch.promote_types(compute, p.dtype)
+    if compute == s.dtype:
+        y = F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
+    else:  # fp32 parameters on fp16 / bf16 rows: in fp32, returned in the rows' dtype (as the kernel)
+        w, b = (None if p is None else p.to(compute) for p in (weight, bias))
+        y = F.layer_norm(s.to(compute), (s.shape[-1],), w, b, eps).to(s.dtype)
     return (y, s) if return_sum else y
 
 
