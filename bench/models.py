@@ -144,7 +144,8 @@ MODELS: dict[str, ModelSpec] = {
         "text_base",
         "Data2VecTextForSequenceClassification",
         "text",
-        {"num_labels": 2},
+        # as facebook/data2vec-text-base: RoBERTa's vocabulary and 514 positions (ids start after padding_idx)
+        {"num_labels": 2, "vocab_size": 50265, "max_position_embeddings": 514, "type_vocab_size": 1},
         {"b32x512": {"batch": 32, "length": 512, "min_length": 128}},
         {"batch": 2, "length": 13, "min_length": 7},
         "tokens/s",
@@ -184,6 +185,11 @@ def make_batch(spec: ModelSpec, case: dict[str, Any], config, device: str, seed:
         inputs, units = {"pixel_values": pixels}, float(batch)
     else:
         length, min_length = case["length"], case["min_length"]
+        if config.pad_token_id + length >= config.max_position_embeddings:  # position ids start at pad + 1
+            raise ValueError(
+                f"{spec.name}: {length} tokens need max_position_embeddings > {config.pad_token_id + length}, "
+                f"the config has {config.max_position_embeddings}"
+            )
         lengths = torch.randint(min_length, length + 1, (batch,), generator=gen)
         lengths[0] = length
         ids = torch.randint(3, config.vocab_size, (batch, length), generator=gen)
