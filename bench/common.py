@@ -156,6 +156,48 @@ def time_ms(
     return Timing(median, p20, p80, "do_bench+l2_flush")
 
 
+def graph_ms(fn: Callable[[], Any], *, calls_per_graph: int = 10, replays: int = 25) -> Timing:
+    """GPU time of ``fn()`` without the host's launch cost, on a cold L2: one CUDA graph replays
+    ``calls_per_graph`` x (L2 flush, ``fn()``), another the flushes alone; the difference per call,
+    median (p20, p80) over paired replays. An eager call of a small kernel is bound by the host's
+    Python and launch time (``time_ms``); this is what the GPU needs, which CUDA graphs (e.g.
+    ``torch.compile(mode="reduce-overhead")``) let a user get. Raises if ``fn`` cannot be captured.
+    """
+    flush = torch.empty(2 * l2_cache_bytes() // 4, dtype=torch.int32, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    with_fn, flush_only = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with torch.cuda.graph(with_fn):
+        for _ in range(calls_per_graph):
+            flush.zero_()
+            fn()
+    with torch.cuda.graph(flush_only):
+        for _ in range(calls_per_graph):
+            flush.zero_()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def replay_ms(graph: torch.cuda.CUDAGraph) -> float:
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+
+    replay_ms(with_fn), replay_ms(flush_only)
+    per_call = sorted((replay_ms(with_fn) - replay_ms(flush_only)) / calls_per_graph for _ in range(replays))
+    del with_fn, flush_only, flush
+
+    def quantile(q: float) -> float:
+        return per_call[min(len(per_call) - 1, round(q * (len(per_call) - 1)))]
+
+    return Timing(quantile(QUANTILES[0]), quantile(QUANTILES[1]), quantile(QUANTILES[2]), "cuda_graph-flush")
+
+
 def l2_cache_bytes() -> int:
     """The current GPU's L2 size (50 MB on H100 SXM); 64 MiB if torch does not report it."""
     return int(getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 0)) or 64 << 20
@@ -509,6 +551,11 @@ def bench_impls(
                 if op_case.nbytes:
                     row["gbps"] = gbps(op_case.nbytes, timing.ms)
                 row["peak_mem_mb"] = peak_memory_mb(step)
+                try:  # the same step in a CUDA graph: GPU time without the host's launch cost
+                    graph = graph_ms(step)
+                    row.update(ms_graph=graph.ms, ms_graph_p20=graph.ms_p20, ms_graph_p80=graph.ms_p80)
+                except Exception as e:  # not capturable (e.g. a host sync): the eager timing stands
+                    row["graph_error"] = f"{type(e).__name__}: {e}"[:200]
         except Skip as e:
             row["skipped"] = str(e)
         except Exception as e:  # one implementation failing must not hide the others' numbers

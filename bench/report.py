@@ -173,7 +173,7 @@ def _sort_key(row: dict[str, Any]) -> tuple:
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """One Markdown table of rows already passed through ``add_derived``; columns explained in the README."""
     header = (
-        "| what | case | dtype | mode | impl | ms (p20-p80) | TFLOP/s | GB/s | % peak | throughput | peak MiB "
+        "| what | case | dtype | mode | impl | ms (p20-p80) | graph ms | TFLOP/s | GB/s | % peak | throughput | peak MiB "
         "| speedup of d2v | max err / bound |"
     )
     lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
@@ -200,6 +200,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             str(row.get("mode", "")),
             f"**{row.get('impl', '')}**" if is_ours(str(row.get("impl", ""))) else str(row.get("impl", "")),
             timing,
+            _num(row.get("ms_graph")),
             _num(row.get("tflops")),
             _num(row.get("gbps"), "{:.0f}"),
             _num(row.get("pct_peak"), "{:.0f}%"),

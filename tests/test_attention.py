@@ -315,6 +315,22 @@ def test_dropout_same_seed_same_output_and_keep_rate():
     assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
 
 
+def test_dropout_mask_is_uniform_in_every_column_of_a_philox_group_and_uncorrelated():
+    """One Philox call feeds 4 adjacent columns (permuted): each column residue mod 4 keeps at rate
+    1 - p, and two neighbours are kept together at (1 - p)^2, within 5 standard deviations."""
+    p, n_q, n_k = 0.4, 96, 203  # n_k not a multiple of 4 or of the block: groups straddle rows
+    keep = _kernel_keep_mask(3, 2, n_q, n_k, p).double()
+    for residue in range(4):
+        column = keep[..., residue::4]
+        rate, n = column.mean().item(), column.numel()
+        assert abs(rate - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5, (residue, rate)
+    pairs = keep[..., :-1] * keep[..., 1:]
+    both, q2 = pairs.mean().item(), (1 - p) ** 2
+    assert abs(both - q2) < 5 * (q2 * (1 - q2) / pairs.numel()) ** 0.5, both
+    rows = keep.reshape(-1, n_k)
+    assert torch.unique(rows, dim=0).shape[0] == rows.shape[0]
+
+
 def _reference_with_keep(q, k, v, keep, p, **kwargs):
     _, probs = ops.attention_reference(q, k, v, return_probs=True, **kwargs)
     dropped = probs * keep.to(probs.dtype) / (1.0 - p)

@@ -207,7 +207,7 @@ def test_render_sample_table_and_plots(tmp_path):
     markdown = (tmp_path / "results.md").read_text()
     assert markdown.startswith(f"**{report.SYNTHETIC_LABEL}")
     assert "| what | case | dtype | mode | impl |" in markdown
-    assert "| pos_conv | base | fp16 | fwd | hf_eager | 3 (2.7-3.3) | 33.3 |  | 3% |" in markdown  # % of 989.4
+    assert "| pos_conv | base | fp16 | fwd | hf_eager | 3 (2.7-3.3) |  | 33.3 |  | 3% |" in markdown  # % of 989.4
     assert "| 3.00x |" in markdown and "| 1.25x |" in markdown  # speedup of d2v over eager / sdpa
     assert "skipped: flash_attn not importable" in markdown and "error: CheckFailed" in markdown
     plots = sorted(tmp_path.rglob("*.png"))
@@ -472,6 +472,7 @@ def test_op_main_writes_dated_rows_with_tflops(monkeypatch, tmp_path):
     monkeypatch.setattr(common, "require_gpu", lambda what: None)
     monkeypatch.setattr(common, "time_ms", lambda fn, **kw: fn() and common.Timing(2.0, 1.5, 2.5, "stub"))
     monkeypatch.setattr(common, "peak_memory_mb", lambda fn: 7.0)
+    monkeypatch.setattr(common, "graph_ms", lambda fn: common.Timing(0.5, 0.4, 0.6, "stub graph"))
     on_cpu = dataclasses.replace(pos_conv.BENCHMARK, setup=lambda c, d, m, device: pos_conv.setup_case(c, d, m, "cpu"))
     argv = ["--tiny", "--dtype", "fp32", "--impls", "hf_eager", "--out", str(tmp_path)]
     assert on_cpu.main(argv) == 0
@@ -484,6 +485,8 @@ def test_op_main_writes_dated_rows_with_tflops(monkeypatch, tmp_path):
         flops = pos_conv.conv_flops("tiny") * (3 if row["mode"] == "fwd+bwd" else 1)
         assert row["tflops"] == pytest.approx(flops / 2e-3 / 1e12) and row["peak_mem_mb"] == 7.0
         assert (row["ms"], row["ms_p20"], row["ms_p80"], row["what"]) == (2.0, 1.5, 2.5, "pos_conv")
+        assert (row["ms_graph"], row["ms_graph_p20"], row["ms_graph_p80"]) == (0.5, 0.4, 0.6)
+        assert "graph_error" not in row
 
 
 # ------------------------------------------------------------------------------------- tile sweep

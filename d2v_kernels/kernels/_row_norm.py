@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from d2v_kernels.kernels._tiles import cdiv, next_power_of_2
 from d2v_kernels.kernels.aot import AotVariant
 
 # One row of the backward must fit 8 warps' registers without spilling (ptxas, sm_90); Data2Vec's
@@ -34,11 +35,6 @@ from d2v_kernels.kernels.aot import AotVariant
 MAX_CHANNELS = 2048
 ACTIVATIONS = {None: 0, "none": 1, "tanh": 2}  # None: plain LayerNorm; "none"/"tanh": GELU's approximate
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-_SQRT_HALF = tl.constexpr(0.7071067811865476)
-_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
-_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
-_TANH_CUBIC = tl.constexpr(0.044715)
 
 
 @triton.jit
@@ -50,10 +46,12 @@ def _tanh(u):
 @triton.jit
 def _activation(z, ACTIVATION: tl.constexpr):
     # Tensors stay left of the constexpr constants: the interpreter mishandles constexpr * tensor.
+    # Literals 1/sqrt(2), sqrt(2/pi), 0.044715 (and 1/sqrt(2 pi) below): a module-level constexpr
+    # global would be compared by Triton's launcher on every launch (microseconds each).
     if ACTIVATION == 1:
-        return 0.5 * z * (1.0 + tl.math.erf(z * _SQRT_HALF))
+        return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
     elif ACTIVATION == 2:
-        return 0.5 * z * (1.0 + _tanh((z + z * z * z * _TANH_CUBIC) * _SQRT_2_OVER_PI))
+        return 0.5 * z * (1.0 + _tanh((z + z * z * z * 0.044715) * 0.7978845608028654))
     else:
         return z
 
@@ -62,11 +60,11 @@ def _activation(z, ACTIVATION: tl.constexpr):
 def _activation_grad(z, ACTIVATION: tl.constexpr):
     """d activation / dz."""
     if ACTIVATION == 1:
-        cdf = 0.5 * (1.0 + tl.math.erf(z * _SQRT_HALF))
-        return cdf + z * _INV_SQRT_2PI * tl.exp(-0.5 * z * z)
+        cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
+        return cdf + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
     elif ACTIVATION == 2:
-        t = _tanh((z + z * z * z * _TANH_CUBIC) * _SQRT_2_OVER_PI)
-        du_dz = (1.0 + z * z * (3.0 * _TANH_CUBIC)) * _SQRT_2_OVER_PI
+        t = _tanh((z + z * z * z * 0.044715) * 0.7978845608028654)
+        du_dz = (1.0 + z * z * (3.0 * 0.044715)) * 0.7978845608028654
         return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * du_dz
     else:
         return tl.full(z.shape, 1.0, tl.float32)
@@ -304,7 +302,7 @@ def tile_config(n_channels: int, positions_contiguous: bool) -> tuple[int, int, 
     GPU: the tile targets (2048 to 16384 elements) and warps per layout, with
     bench/layer_norm_gelu.py.
     """
-    block_c = max(64, triton.next_power_of_2(n_channels))
+    block_c = max(64, next_power_of_2(n_channels))
     if positions_contiguous:
         block_p = max(1, min(8192 // block_c, 64))
     else:
@@ -382,7 +380,7 @@ def row_norm_forward(
     rstd = torch.empty(stats_shape, device=x.device, dtype=torch.float32)
 
     block_p, block_c, num_warps = _launch_config(n_channels, x_strides, n_pos)
-    tiles_per_batch = triton.cdiv(n_pos, block_p)
+    tiles_per_batch = cdiv(n_pos, block_p)
     row_norm_fwd_kernel[(n_batch * tiles_per_batch,)](
         x, residual if residual is not None else x, weight if weight is not None else x,
         bias if bias is not None else x, y, total if store_sum else y, mean, rstd,
@@ -430,7 +428,7 @@ def row_norm_backward(
     dsum_strides = strides[-1] if dsum is not None else (0, 0, 0)
 
     block_p, block_c, num_warps = _backward_launch_config(n_channels, x_strides, n_pos, residual is not None)
-    tiles_per_batch = triton.cdiv(n_pos, block_p)
+    tiles_per_batch = cdiv(n_pos, block_p)
     n_tiles = n_batch * tiles_per_batch
     n_programs = _backward_programs(x.device, n_tiles)
     dw_partial = x.new_empty((n_programs, n_channels), dtype=torch.float32) if weight is not None else None

@@ -23,6 +23,18 @@ TUNABLE: dict[str, tuple[str, ...]] = {
 }
 _POWER_OF_TWO_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_T", "BLOCK_CI", "num_warps")
 
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for launch grids: plain Python (``triton.cdiv`` is a constexpr function in Triton
+    3.9, whose call wrapper costs microseconds on every launch)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1), as ``triton.next_power_of_2``, in plain Python."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 # Process-wide, not per thread: on CUDA the autograd engine runs the backward in a worker thread
 # of its own, and a backward launched there must see the override the forward ran under.
 _stack: list[tuple[str, dict]] = []

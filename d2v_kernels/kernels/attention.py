@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from d2v_kernels.kernels._tiles import tiles
+from d2v_kernels.kernels._tiles import cdiv, next_power_of_2, tiles
 from d2v_kernels.kernels.aot import AotVariant
 
 LOG2E = 1.4426950408889634
@@ -120,8 +120,17 @@ def _dropout_key(SEED, off_bh):
 
 @triton.jit
 def _dropout_keep(key, offs_m, offs_n, n_k, dropout_p):
-    """Keep mask of one tile: element (i, j) survives when rand(key, i * Nk + j) >= p."""
-    return tl.rand(key, offs_m[:, None] * n_k + offs_n[None, :]) >= dropout_p
+    """Keep mask of one tile (offs_n contiguous, starting at a multiple of 4): element (i, j)
+    survives when its uniform >= p. One Philox call (counter i * ceil(Nk / 4) + j // 4) gives the
+    4 uniforms of columns 4g..4g+3, outputs (0, 2, 1, 3) in that order: a quarter of the Philox
+    rounds of one call per element (``tl.rand``), which made dropout cost 4x the attention itself."""
+    BLOCK_N: tl.constexpr = offs_n.shape[0]
+    groups = tl.min(offs_n, 0) // 4 + tl.arange(0, BLOCK_N // 4)
+    counters = offs_m[:, None] * ((n_k + 3) // 4) + groups[None, :]
+    r0, r1, r2, r3 = tl.randint4x(key, counters)
+    # join(join(r0, r1), join(r2, r3)) is (M, N/4, 2, 2) with [..., a, b] = r_{2b + a}
+    bits = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (offs_m.shape[0], BLOCK_N))
+    return tl.random.uint_to_uniform_float(bits) >= dropout_p
 
 
 @triton.jit
@@ -845,7 +854,7 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 # Tiles chosen by the compiler's resource report (ptxas -v for sm_90, no GPU needed): every
@@ -856,14 +865,15 @@ def _block_d(head_dim: int) -> int:
 # To be timed on the GPU (bench/tune.py); tests/test_aot_compile.py keeps them spill-free.
 
 
-def _fwd_config(dtype: torch.dtype, block_d: int, bias_tile: bool = False) -> dict:
-    """Forward tiles: 128 x 64 with 4 warps up to d=64, 8 warps at d=128; 128 x 32 with 8 warps when
-    a bias tile is gathered; fp32 64 x 32 with 8 warps."""
+def _fwd_config(dtype: torch.dtype, block_d: int, bias_tile: bool = False, dropout: bool = False) -> dict:
+    """Forward tiles: 128 x 64 with 4 warps up to d=64, 8 warps at d=128 or with dropout (its 4
+    Philox outputs a group of columns); 128 x 32 with 8 warps when a bias tile is gathered; fp32
+    64 x 32 with 8 warps."""
     if dtype == torch.float32:
         return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
     if bias_tile:
         return {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3}
-    return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4 if block_d <= 64 else 8, "num_stages": 3}
+    return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4 if block_d <= 64 and not dropout else 8, "num_stages": 3}
 
 
 def _bwd_config(dtype: torch.dtype, block_d: int) -> dict:
@@ -927,8 +937,9 @@ def attention_forward(
     lse = torch.empty((b, h, n_q), device=q.device, dtype=torch.float32)
     pointers, strides, flags = _bias_args(q, k, bias_table, bias_index, bias, key_padding_mask)
     block_d = _block_d(d)
-    config = tiles("attention_fwd", _fwd_config(q.dtype, block_d, flags["HAS_TABLE"] or flags["HAS_BIAS"]))
-    grid = (triton.cdiv(n_q, config["BLOCK_M"]), b * h)
+    bias_tile = flags["HAS_TABLE"] or flags["HAS_BIAS"]
+    config = tiles("attention_fwd", _fwd_config(q.dtype, block_d, bias_tile, dropout_p > 0.0))
+    grid = (cdiv(n_q, config["BLOCK_M"]), b * h)
     _attention_fwd_kernel[grid](
         q, k, v, out, lse, *pointers, seed if dropout_p > 0.0 else q.new_empty(1),
         *q.stride(), *k.stride(), *v.stride(), *out.stride()[:3], *strides,
@@ -976,7 +987,7 @@ def attention_backward(
 
     delta = torch.empty((b, h, n_q), device=q.device, dtype=torch.float32)
     pre_block_m = 64
-    _attention_bwd_preprocess_kernel[(triton.cdiv(n_q, pre_block_m), b * h)](
+    _attention_bwd_preprocess_kernel[(cdiv(n_q, pre_block_m), b * h)](
         out, grad_out, delta, *out.stride()[:3], *grad_out.stride(), h, n_q, d, BLOCK_M=pre_block_m, BLOCK_D=block_d,
         num_warps=8,  # 4 warps spill (ptxas, sm_90)
     )  # fmt: skip
@@ -986,7 +997,7 @@ def attention_backward(
     dk = torch.empty((b, n_k, h, d), device=q.device, dtype=q.dtype)
     dv = torch.empty((b, n_k, h, d), device=q.device, dtype=q.dtype)
     io_strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
-    _attention_bwd_dkdv_kernel[(triton.cdiv(n_k, config["BLOCK_N"]), b * h)](
+    _attention_bwd_dkdv_kernel[(cdiv(n_k, config["BLOCK_N"]), b * h)](
         q, k, v, grad_out, lse, delta, dk, dv, *pointers, seed_arg, *io_strides, *strides,
         h, n_q, n_k, d, scale, scale * LOG2E, dropout_p, **common_flags, **config,
     )  # fmt: skip
@@ -1002,13 +1013,13 @@ def attention_backward(
         ds_mode = DS_STORE
     elif deterministic:
         ds_mode = DS_NONE
-        _attention_bwd_ds_kernel[(triton.cdiv(n_q, config["BLOCK_M"]) * triton.cdiv(n_k, config["BLOCK_N"]), h)](
+        _attention_bwd_ds_kernel[(cdiv(n_q, config["BLOCK_M"]) * cdiv(n_k, config["BLOCK_N"]), h)](
             q, k, v, grad_out, lse, delta, ds, *pointers, seed_arg, *io_strides, *strides,
             b, h, n_q, n_k, d, scale * LOG2E, dropout_p, **common_flags, **config,
         )  # fmt: skip
     else:
         ds_mode = DS_ATOMIC
-    _attention_bwd_dq_kernel[(triton.cdiv(n_q, config["BLOCK_M"]), b * h)](
+    _attention_bwd_dq_kernel[(cdiv(n_q, config["BLOCK_M"]), b * h)](
         q, k, v, grad_out, lse, delta, dq, ds, *pointers, seed_arg, *io_strides, *strides,
         h, n_q, n_k, d, scale, scale * LOG2E, dropout_p, DS_MODE=ds_mode, **common_flags, **config,
     )  # fmt: skip
@@ -1061,7 +1072,7 @@ def relative_bias_table_grad(ds: torch.Tensor, bias_index: torch.Tensor, bias_ta
         ds[0].numel(),
         *out.stride(),
         BLOCK_P=64,
-        BLOCK_H=triton.next_power_of_2(h),
+        BLOCK_H=next_power_of_2(h),
     )
     return out
 
@@ -1077,7 +1088,7 @@ def _reduce_to_shape(ds: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 def dropout_keep_mask(seed: torch.Tensor, batch: int, heads: int, n_q: int, n_k: int, dropout_p: float) -> torch.Tensor:
     """The keep mask the attention kernels draw for this seed: bool (B, H, Nq, Nk)."""
     keep = torch.empty((batch, heads, n_q, n_k), device=seed.device, dtype=torch.uint8)
-    grid = (triton.cdiv(n_q, 64), triton.cdiv(n_k, 64), batch * heads)
+    grid = (cdiv(n_q, 64), cdiv(n_k, 64), batch * heads)
     _dropout_mask_kernel[grid](seed, keep, heads, n_q, n_k, dropout_p, BLOCK_M=64, BLOCK_N=64)
     return keep.bool()
 
@@ -1131,7 +1142,7 @@ def _variant(kind: str, fn, dtype: torch.dtype, config: dict, **constexprs) -> A
 def aot_variants() -> list[AotVariant]:
     """The model configurations (vision: table bias in fp16 and fp32; audio/text: padding mask in bf16),
     every feature flag at once in fp16, the d=128 and d=16 tiles; the small kernels once per dtype
-    they are launched with. Kept to ~25 compiles per arch for CI time."""
+    they are launched with. Kept to ~30 compiles per arch for CI time."""
     features = ("HAS_TABLE", "HAS_BIAS", "HAS_MASK", "IS_CAUSAL", "HAS_DROPOUT")
 
     def flags(*on):
@@ -1141,6 +1152,7 @@ def aot_variants() -> list[AotVariant]:
         (torch.float16, 64, flags("HAS_TABLE"), ("fwd", "dkdv", "dq", "ds")),
         (torch.float32, 64, flags("HAS_TABLE"), ("fwd", "dkdv", "dq", "ds")),
         (torch.bfloat16, 64, flags("HAS_MASK"), ("fwd", "dkdv", "dq")),
+        (torch.bfloat16, 64, flags("HAS_MASK", "HAS_DROPOUT"), ("fwd", "dkdv", "dq")),  # audio/text training
         (torch.float16, 64, flags(*features), ("fwd", "dkdv", "dq", "ds")),
         (torch.float16, 128, flags("HAS_MASK"), ("fwd", "dkdv", "dq")),
         (torch.float16, 16, flags("HAS_MASK"), ("fwd", "dkdv")),
@@ -1161,7 +1173,8 @@ def aot_variants() -> list[AotVariant]:
         }
         for name in names:
             bias_tile = case_flags["HAS_TABLE"] or case_flags["HAS_BIAS"]
-            config = _fwd_config(dtype, block_d, bias_tile) if name == "fwd" else _bwd_config(dtype, block_d)
+            dropout = case_flags["HAS_DROPOUT"]
+            config = _fwd_config(dtype, block_d, bias_tile, dropout) if name == "fwd" else _bwd_config(dtype, block_d)
             extra = {}
             if name == "dq":
                 needs_ds = case_flags["HAS_TABLE"] or case_flags["HAS_BIAS"]
@@ -1171,6 +1184,9 @@ def aot_variants() -> list[AotVariant]:
                 # Every flag at once (table, dense bias, mask, causal, dropout): compiled for coverage,
                 # no model runs it; its backward spills ~100-650 bytes on sm_90 (triton 3.8-3.9).
                 variant = dataclasses.replace(variant, allowed_spill_bytes=1024)
+            elif name == "dkdv" and case_flags["HAS_DROPOUT"]:
+                # The training configuration's dK/dV: 8 bytes (2 registers) at 255, with tl.rand too.
+                variant = dataclasses.replace(variant, allowed_spill_bytes=16)
             elif name == "dkdv" and dtype == torch.float32:
                 # fp32 is the precision path: its FMA (ieee) dots keep dK and dV in ~600 spilled bytes.
                 variant = dataclasses.replace(variant, allowed_spill_bytes=640)

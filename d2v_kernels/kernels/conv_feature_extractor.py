@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from d2v_kernels.kernels._row_norm import _activation, _tile_offsets, _to_output
-from d2v_kernels.kernels._tiles import tiles
+from d2v_kernels.kernels._tiles import cdiv, next_power_of_2, tiles
 from d2v_kernels.kernels.aot import AotVariant
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -199,7 +199,7 @@ def unsupported_reasons(wave, weight, conv_bias, ln_weight, ln_bias) -> list[str
 
 
 def _launch_tiles(channels: int) -> dict:
-    block_c = max(16, triton.next_power_of_2(channels))
+    block_c = max(16, next_power_of_2(channels))
     block_t = max(1, min(64, ELEMENTS_PER_PROGRAM // block_c))
     return tiles("conv0", {"BLOCK_T": block_t, "num_warps": 8 if block_t * block_c >= 4096 else 4}) | {
         "BLOCK_C": block_c
@@ -219,7 +219,7 @@ def conv0_ln_gelu(wave, weight, conv_bias, ln_weight, ln_bias, stride: int, eps:
     mean = torch.empty(stats_shape, device=wave.device, dtype=torch.float32)
     rstd = torch.empty(stats_shape, device=wave.device, dtype=torch.float32)
     config = _launch_tiles(channels)
-    tiles_per_batch = triton.cdiv(frames, config["BLOCK_T"])
+    tiles_per_batch = cdiv(frames, config["BLOCK_T"])
     conv_bias, ln_weight, ln_bias = (None if t is None else t.contiguous() for t in (conv_bias, ln_weight, ln_bias))
     conv0_ln_gelu_kernel[(batch * tiles_per_batch,)](
         wave, weight, conv_bias if conv_bias is not None else weight, ln_weight, ln_bias, y, mean, rstd,
@@ -256,7 +256,7 @@ def fused01_reasons(wave, weights, conv_biases, ln_weights, ln_biases) -> list[s
 
 
 def _fused01_tiles(channels1: int) -> dict:
-    block_n = max(16, triton.next_power_of_2(channels1))
+    block_n = max(16, next_power_of_2(channels1))
     default = {"BLOCK_M": 32, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2}
     return tiles("conv01", default) | {"BLOCK_N": block_n}
 
@@ -276,7 +276,7 @@ def conv01_ln_gelu(wave, weights, conv_biases, ln_weights, ln_biases, strides, e
     b0, b1 = (t.contiguous() for t in ln_biases)
     y = torch.empty((batch, channels1, frames1), device=wave.device, dtype=wave.dtype)
     config = _fused01_tiles(channels1)
-    tiles_per_batch = triton.cdiv(frames1, config["BLOCK_M"])
+    tiles_per_batch = cdiv(frames1, config["BLOCK_M"])
     conv01_ln_gelu_kernel[(batch * tiles_per_batch,)](
         wave, weights[0], cb0 if cb0 is not None else g0, g0, b0, w1, cb1 if cb1 is not None else g1, g1, b1, y,
         frames1, channels0, channels1, tiles_per_batch,

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from d2v_kernels.kernels._tiles import tiles
+from d2v_kernels.kernels._tiles import cdiv, next_power_of_2, tiles
 from d2v_kernels.kernels.aot import AotVariant
 
 # Tiles. BLOCK_T = 64 frames is the M of the conv GEMM (one wgmma M per warpgroup on H100);
@@ -47,9 +47,6 @@ MAX_GROUP_CHANNELS = 64  # Data2Vec: 48 (base), 64 (large); caps the compiled va
 MAX_CHANNELS = 4096
 LN_MIN_BLOCK_C = 256
 LN_ELEMENTS_PER_PROGRAM = 4096
-
-_INV_SQRT2 = tl.constexpr(0.7071067811865476)
-_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,7 +134,8 @@ def _layer_norm_gelu_fwd_kernel(
     centered = tl.where(mask, v - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / C + eps)
     u = centered * rstd[:, None]
-    h = 0.5 * u * (1.0 + tl.math.erf(u * _INV_SQRT2))
+    # literal 1/sqrt(2) and 1/sqrt(2 pi): constexpr globals are compared on every launch
+    h = 0.5 * u * (1.0 + tl.math.erf(u * 0.7071067811865476))
     tl.store(h_ptr + rows[:, None] * stride_h + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
 
 
@@ -166,7 +164,7 @@ def _layer_norm_gelu_bwd_kernel(
     rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / C + eps)
     u = centered * rstd[:, None]
     # d GELU(u) / du = Phi(u) + u * phi(u)
-    gelu_grad = 0.5 * (1.0 + tl.math.erf(u * _INV_SQRT2)) + u * (_INV_SQRT_2PI * tl.exp(-0.5 * u * u))
+    gelu_grad = 0.5 * (1.0 + tl.math.erf(u * 0.7071067811865476)) + u * (0.3989422804014327 * tl.exp(-0.5 * u * u))
     g = tl.where(mask, dh * gelu_grad, 0.0)
     mean_g = tl.sum(g, axis=1) / C
     mean_gu = tl.sum(g * u, axis=1) / C
@@ -243,7 +241,7 @@ def _grouped_conv1d_weight_grad_kernel(
 
 
 def _group_block(group_channels: int) -> int:
-    return max(16, triton.next_power_of_2(group_channels))
+    return max(16, next_power_of_2(group_channels))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -259,7 +257,7 @@ def _upcast_operands(t: torch.Tensor) -> bool:
 
 
 def _ln_blocks(channels: int) -> tuple[int, int]:
-    block_c = max(LN_MIN_BLOCK_C, triton.next_power_of_2(channels))
+    block_c = max(LN_MIN_BLOCK_C, next_power_of_2(channels))
     return max(1, LN_ELEMENTS_PER_PROGRAM // block_c), block_c
 
 
@@ -301,7 +299,7 @@ def grouped_conv1d(x, packed_weight, bias, *, pad_left: int, out=None):
         "pos_conv",
         {"BLOCK_T": CONV_BLOCK_T, "BLOCK_CI": CONV_BLOCK_CI, "num_warps": CONV_WARPS, "num_stages": CONV_STAGES},
     )
-    grid = (triton.cdiv(frames, config["BLOCK_T"]), channels // group_channels, batch)
+    grid = (cdiv(frames, config["BLOCK_T"]), channels // group_channels, batch)
     _grouped_conv1d_kernel[grid](
         x,
         packed_weight,
@@ -367,7 +365,7 @@ def layer_norm_gelu_rows(y, eps: float, *, out=None):
     y2 = y.view(-1, channels)
     out = torch.empty_like(y) if out is None else out
     block_rows, block_c = _ln_blocks(channels)
-    grid = (triton.cdiv(y2.shape[0], block_rows),)
+    grid = (cdiv(y2.shape[0], block_rows),)
     _layer_norm_gelu_fwd_kernel[grid](
         y2,
         out.view(-1, channels),
@@ -391,7 +389,7 @@ def layer_norm_gelu_rows_backward(y, grad_h, eps: float):
     dh2 = grad_h.view(-1, channels)
     dy = torch.empty_like(y)
     block_rows, block_c = _ln_blocks(channels)
-    grid = (triton.cdiv(y2.shape[0], block_rows),)
+    grid = (cdiv(y2.shape[0], block_rows),)
     _layer_norm_gelu_bwd_kernel[grid](
         y2,
         dh2,

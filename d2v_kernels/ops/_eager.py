@@ -35,7 +35,11 @@ def autograd_function(name: str, forward: Callable, setup_context: Callable, bac
     return type(
         name,
         (torch.autograd.Function,),
-        {"forward": staticmethod(forward_with_ctx), "backward": staticmethod(once_differentiable(backward))},
+        {
+            "forward": staticmethod(forward_with_ctx),
+            "backward": staticmethod(once_differentiable(backward)),
+            "implementation": staticmethod(forward),
+        },
     )
 
 
@@ -53,11 +57,16 @@ def runs_eagerly(inputs) -> bool:
 
 
 def eager_or_compiled(custom_op: Callable, function: type) -> Callable:
-    """``call(*inputs)``: the autograd.Function on real tensors, else the custom op."""
-    apply = function.apply
+    """``call(*inputs)``: on real tensors the autograd.Function, or its forward alone when no
+    gradient is recorded (inference: no graph node, no saved tensors); else the custom op."""
+    apply, implementation = function.apply, function.implementation
 
     def call(*inputs):
-        return apply(*inputs) if runs_eagerly(inputs) else custom_op(*inputs)
+        if not runs_eagerly(inputs):
+            return custom_op(*inputs)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in inputs if isinstance(t, torch.Tensor)):
+            return apply(*inputs)
+        return implementation(*inputs)
 
     return call
 
