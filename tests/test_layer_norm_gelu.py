@@ -327,3 +327,29 @@ def test_cuda_parameter_gradients_are_deterministic():
     runs = [_run(ops.layer_norm_gelu, x, weight, bias, dy, channels_dim=1) for _ in range(3)]
     for run in runs[1:]:
         assert torch.equal(run[2], runs[0][2]) and torch.equal(run[3], runs[0][3])
+
+
+@pytest.mark.parametrize("channels_dim", [1, -1], ids=["channels_first", "channels_last"])
+def test_int64_offsets_compute_the_same_bits(channels_dim, monkeypatch):
+    """Batch slices over 2**31 elements index with int64 (WIDE_OFFSETS); forced on small tensors,
+    forward and backward give the same bits as the int32 path."""
+    from d2v_kernels.kernels import _row_norm
+
+    shape = (2, 40, 9) if channels_dim == 1 else (2, 9, 40)
+    x, weight, bias = _inputs(shape, channels_dim, torch.float16, True)
+    dy = torch.randn(x.shape)
+    with d2v_kernels.use_backend(layer_norm_gelu="triton"):
+        narrow = _run(ops.layer_norm_gelu, x, weight, bias, dy, channels_dim=channels_dim)
+        monkeypatch.setattr(_row_norm, "INT32_OFFSET_LIMIT", 0)
+        wide = _run(ops.layer_norm_gelu, x, weight, bias, dy, channels_dim=channels_dim)
+    for name, a, b in zip(("y", "dx", "dweight", "dbias"), narrow, wide):
+        assert torch.equal(a, b), name
+
+
+def test_int64_offsets_are_chosen_past_int32():
+    from d2v_kernels.kernels._row_norm import _wide_offsets
+
+    assert not _wide_offsets(512, 32_000, [(512 * 32_000, 32_000, 1)])  # layer 0, 10 s
+    assert _wide_offsets(512, 4_200_000, [(512 * 4_200_000, 4_200_000, 1)])  # layer 0, 22 minutes
+    assert _wide_offsets(768, 3_000_000, [(0, 1, 768)])  # 3M channels-last rows of 768 in one slice
+    assert not _wide_offsets(768, 2_000_000, [(0, 1, 768)])

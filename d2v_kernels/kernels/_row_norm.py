@@ -88,6 +88,17 @@ def _tile_offsets(batch, pos, ch, stride_b, stride_c, stride_p):
 
 
 @triton.jit
+def _tile_ptrs(PTR, batch, pos, ch, stride_b, stride_c, stride_p, WIDE_OFFSETS: tl.constexpr):
+    """Pointers of a (BLOCK_P, BLOCK_C) tile: a 64-bit base per batch and int32 offsets within it,
+    unless the launcher found a batch slice too large for int32 (WIDE_OFFSETS: all int64). The
+    int64 offsets of every element cost 18 to 45 registers a thread (ptxas, sm_90), which is what
+    keeps a second program off the SM."""
+    if WIDE_OFFSETS:
+        return PTR + _tile_offsets(batch, pos, ch, stride_b, stride_c, stride_p)
+    return (PTR + batch.to(tl.int64) * stride_b) + (pos[:, None] * stride_p + ch[None, :] * stride_c)
+
+
+@triton.jit
 def row_norm_fwd_kernel(
     X, RES, W, B, Y, SUM, MEAN, RSTD,
     n_pos, n_channels, tiles_per_batch,
@@ -97,7 +108,7 @@ def row_norm_fwd_kernel(
     stride_sum_b, stride_sum_c, stride_sum_p,
     stride_w, stride_bias, eps,
     HAS_RESIDUAL: tl.constexpr, STORE_SUM: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ACTIVATION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACTIVATION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     batch = pid // tiles_per_batch
@@ -107,14 +118,14 @@ def row_norm_fwd_kernel(
     ch_mask = ch < n_channels
     mask = pos_mask[:, None] & ch_mask[None, :]
 
-    x = tl.load(X + _tile_offsets(batch, pos, ch, stride_x_b, stride_x_c, stride_x_p), mask=mask, other=0.0)
+    x = tl.load(_tile_ptrs(X, batch, pos, ch, stride_x_b, stride_x_c, stride_x_p, WIDE_OFFSETS), mask=mask, other=0.0)
     x = x.to(tl.float32)
     if HAS_RESIDUAL:
-        res_offsets = _tile_offsets(batch, pos, ch, stride_res_b, stride_res_c, stride_res_p)
-        x += tl.load(RES + res_offsets, mask=mask, other=0.0).to(tl.float32)
+        res_ptrs = _tile_ptrs(RES, batch, pos, ch, stride_res_b, stride_res_c, stride_res_p, WIDE_OFFSETS)
+        x += tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)
     if STORE_SUM:
-        sum_offsets = _tile_offsets(batch, pos, ch, stride_sum_b, stride_sum_c, stride_sum_p)
-        tl.store(SUM + sum_offsets, _to_output(x, SUM.dtype.element_ty), mask=mask)
+        sum_ptrs = _tile_ptrs(SUM, batch, pos, ch, stride_sum_b, stride_sum_c, stride_sum_p, WIDE_OFFSETS)
+        tl.store(sum_ptrs, _to_output(x, SUM.dtype.element_ty), mask=mask)
 
     mean = tl.sum(x, axis=1) / n_channels
     centered = tl.where(mask, x - mean[:, None], 0.0)
@@ -126,8 +137,8 @@ def row_norm_fwd_kernel(
     if HAS_BIAS:
         z += tl.load(B + ch * stride_bias, mask=ch_mask, other=0.0).to(tl.float32)[None, :]
     y = _activation(z, ACTIVATION)
-    y_offsets = _tile_offsets(batch, pos, ch, stride_y_b, stride_y_c, stride_y_p)
-    tl.store(Y + y_offsets, _to_output(y, Y.dtype.element_ty), mask=mask)
+    y_ptrs = _tile_ptrs(Y, batch, pos, ch, stride_y_b, stride_y_c, stride_y_p, WIDE_OFFSETS)
+    tl.store(y_ptrs, _to_output(y, Y.dtype.element_ty), mask=mask)
 
     row = batch.to(tl.int64) * n_pos + pos
     tl.store(MEAN + row, mean, mask=pos_mask)
@@ -145,7 +156,7 @@ def row_norm_bwd_kernel(
     stride_dx_b, stride_dx_c, stride_dx_p,
     stride_w, stride_bias,
     HAS_RESIDUAL: tl.constexpr, HAS_DSUM: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ACTIVATION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACTIVATION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
@@ -170,18 +181,20 @@ def row_norm_bwd_kernel(
         pos_mask = pos < n_pos
         mask = pos_mask[:, None] & ch_mask[None, :]
 
-        x = tl.load(X + _tile_offsets(batch, pos, ch, stride_x_b, stride_x_c, stride_x_p), mask=mask, other=0.0)
+        x = tl.load(
+            _tile_ptrs(X, batch, pos, ch, stride_x_b, stride_x_c, stride_x_p, WIDE_OFFSETS), mask=mask, other=0.0
+        )
         x = x.to(tl.float32)
         if HAS_RESIDUAL:
-            res_offsets = _tile_offsets(batch, pos, ch, stride_res_b, stride_res_c, stride_res_p)
-            x += tl.load(RES + res_offsets, mask=mask, other=0.0).to(tl.float32)
+            res_ptrs = _tile_ptrs(RES, batch, pos, ch, stride_res_b, stride_res_c, stride_res_p, WIDE_OFFSETS)
+            x += tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)
         row = batch.to(tl.int64) * n_pos + pos
         mean = tl.load(MEAN + row, mask=pos_mask, other=0.0)
         rstd = tl.load(RSTD + row, mask=pos_mask, other=0.0)
         xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
 
-        dy_offsets = _tile_offsets(batch, pos, ch, stride_dy_b, stride_dy_c, stride_dy_p)
-        dz = tl.load(DY + dy_offsets, mask=mask, other=0.0).to(tl.float32)
+        dy_ptrs = _tile_ptrs(DY, batch, pos, ch, stride_dy_b, stride_dy_c, stride_dy_p, WIDE_OFFSETS)
+        dz = tl.load(dy_ptrs, mask=mask, other=0.0).to(tl.float32)
         if ACTIVATION != 0:
             dz *= _activation_grad(xhat * w[None, :] + b[None, :], ACTIVATION)
         if HAS_WEIGHT:
@@ -194,10 +207,10 @@ def row_norm_bwd_kernel(
         mean_dxhat = tl.sum(dxhat, axis=1) / n_channels
         dx = (dxhat - (xhat * mean_dxhat_xhat[:, None] + mean_dxhat[:, None])) * rstd[:, None]
         if HAS_DSUM:
-            dsum_offsets = _tile_offsets(batch, pos, ch, stride_dsum_b, stride_dsum_c, stride_dsum_p)
-            dx += tl.load(DSUM + dsum_offsets, mask=mask, other=0.0).to(tl.float32)
-        dx_offsets = _tile_offsets(batch, pos, ch, stride_dx_b, stride_dx_c, stride_dx_p)
-        tl.store(DX + dx_offsets, _to_output(dx, DX.dtype.element_ty), mask=mask)
+            dsum_ptrs = _tile_ptrs(DSUM, batch, pos, ch, stride_dsum_b, stride_dsum_c, stride_dsum_p, WIDE_OFFSETS)
+            dx += tl.load(dsum_ptrs, mask=mask, other=0.0).to(tl.float32)
+        dx_ptrs = _tile_ptrs(DX, batch, pos, ch, stride_dx_b, stride_dx_c, stride_dx_p, WIDE_OFFSETS)
+        tl.store(dx_ptrs, _to_output(dx, DX.dtype.element_ty), mask=mask)
 
     if HAS_WEIGHT:
         tl.store(DW_PARTIAL + pid * n_channels + ch, dw_acc, mask=ch_mask)
@@ -350,6 +363,19 @@ def _backward_programs(device: torch.device, n_tiles: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+# Within one batch slice the kernels index with int32 (``_tile_ptrs``); a slice reaching this many
+# elements (4 GB in fp16: about 22 minutes of 16 kHz audio at layer 0) takes int64 offsets.
+INT32_OFFSET_LIMIT = 2**31 - 1
+
+
+def _wide_offsets(n_channels: int, n_pos: int, strides: Sequence[tuple[int, int, int]]) -> bool:
+    """True when some tensor's largest offset within a batch slice does not fit in int32."""
+    return any(
+        (n_pos - 1) * abs(stride_p) + (n_channels - 1) * abs(stride_c) > INT32_OFFSET_LIMIT
+        for _, stride_c, stride_p in strides
+    )
+
+
 def row_norm_forward(
     x: torch.Tensor,
     channels_dim: int,
@@ -389,7 +415,7 @@ def row_norm_forward(
         weight.stride(0) if weight is not None else 0, bias.stride(0) if bias is not None else 0, eps,
         HAS_RESIDUAL=residual is not None, STORE_SUM=store_sum, HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation], BLOCK_P=block_p, BLOCK_C=block_c,
-        num_warps=num_warps,
+        WIDE_OFFSETS=_wide_offsets(n_channels, n_pos, strides), num_warps=num_warps,
     )  # fmt: skip
     return y, total, mean, rstd
 
@@ -442,7 +468,7 @@ def row_norm_backward(
         weight.stride(0) if weight is not None else 0, bias.stride(0) if bias is not None else 0,
         HAS_RESIDUAL=residual is not None, HAS_DSUM=dsum is not None, HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation], BLOCK_P=block_p, BLOCK_C=block_c,
-        num_warps=num_warps,
+        WIDE_OFFSETS=_wide_offsets(n_channels, n_pos, strides), num_warps=num_warps,
     )  # fmt: skip
     dweight = dw_partial.sum(0).to(weight.dtype) if weight is not None else None
     dbias = db_partial.sum(0).to(bias.dtype) if bias is not None else None
@@ -503,17 +529,19 @@ def row_norm_aot_variants(prefix: str, feature_sets: Sequence[dict], channels: i
         combos += [(torch.float16, features, model_tile) for features in feature_sets[1:]]
         combos += [(torch.float16, feature_sets[0], t) for t in every if t != model_tile]
         variants += [_row_norm_variant(prefix, direction, *combo) for combo in combos]
+        variants.append(_row_norm_variant(prefix, direction, torch.float16, feature_sets[0], model_tile, wide=True))
     return variants
 
 
-def _row_norm_variant(prefix: str, direction: str, dtype, features: dict, tile) -> AotVariant:
+def _row_norm_variant(prefix: str, direction: str, dtype, features: dict, tile, wide: bool = False) -> AotVariant:
     block_p, block_c, num_warps = tile
     x_type = "*" + _TRITON_TYPES[dtype]
     param_type = "*fp32" if features.get("param_fp32") else x_type
     flags = {k: v for k, v in features.items() if k != "param_fp32"}
     name = f"{_TRITON_TYPES[dtype]}_{'fp32params_' if features.get('param_fp32') else ''}"
     name += "_".join(f"{k.lower()}={int(v)}" for k, v in flags.items()) + f"_p{block_p}_c{block_c}_w{num_warps}"
-    blocks = {"BLOCK_P": block_p, "BLOCK_C": block_c}
+    name += "_wide" if wide else ""
+    blocks = {"BLOCK_P": block_p, "BLOCK_C": block_c, "WIDE_OFFSETS": wide}
     if direction == "fwd":
         constexprs = {k: flags[k] for k in ("HAS_RESIDUAL", "STORE_SUM", "HAS_WEIGHT", "HAS_BIAS", "ACTIVATION")}
         constexprs |= blocks
