@@ -48,7 +48,9 @@ def profile_variant(spec, config, state, batch, impl, dtype, mode, rows, *, devi
             fn()
         torch.cuda.synchronize()
     averages = prof.key_averages()
-    gpu_us = sum(e.self_device_time_total for e in averages) / steps
+    # Kernels only: an op's row also carries the device time of the kernels it launched.
+    kernels = [e for e in averages if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    gpu_us = sum(e.self_device_time_total for e in kernels) / steps
     head = (
         f"{spec.name} {impl} {mode} {str(dtype).removeprefix('torch.')}: wall {wall_ms:.2f} ms/step, host enqueue "
         f"{host_ms:.2f} ms/step, GPU kernels {gpu_us / 1e3:.2f} ms/step (sum of kernel times)"

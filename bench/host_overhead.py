@@ -1,0 +1,177 @@
+"""Host time of one eager op call, on any machine: Triton's real launch path (binder, cache key,
+compile to cubin for sm_90, launcher call) with a driver whose launch does nothing.
+
+An eager model step on a GPU whose host is slow is bound by this time, not by the kernels
+(bench/NOTES.md: on the H100 machine of 2026-11-25 our ops cost 150 to 180 µs of host time a call
+under the profiler). This measures it on a CPU, where CI runs, so a change can be judged without a
+GPU: microseconds per call of each op (inference, no autograd), and of Triton's own launch of the
+same kernel for comparison.
+
+    python -m bench.host_overhead [--calls 2000] [--profile OP]
+
+CPU tensors stand in for CUDA ones (only their data_ptr and strides reach the launcher); the
+Triton backend is forced. Nothing is computed: outputs are uninitialised. Run it in a process of
+its own: the kernels it compiles stay cached for the no-op driver's target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+
+
+class _NoOpUtils:
+    def load_binary(self, name, kernel, shared, device):
+        return 0, 0, 64, 0, 1024  # module, function, registers, spills, max threads
+
+    def get_device_properties(self, device):
+        return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32}
+
+
+class NoOpDriver:
+    """The parts of Triton's CUDA driver that a launch touches; ``launches`` counts kernel launches."""
+
+    def __init__(self):
+        from triton.backends.compiler import GPUTarget
+
+        self.utils = _NoOpUtils()
+        self.launches = 0
+        self._target = GPUTarget("cuda", 90, 32)
+        driver = self
+
+        class Launcher:
+            def __init__(self, src, metadata):
+                pass
+
+            def __call__(self, *args):
+                driver.launches += 1
+
+        self.launcher_cls = Launcher
+
+    def is_active(self):
+        return True
+
+    def get_current_device(self):
+        return 0
+
+    def set_current_device(self, device):
+        pass
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self._target
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def get_device_interface(self):
+        return torch.cuda
+
+    def get_benchmarker(self):
+        return None
+
+    def get_empty_cache_for_benchmark(self):
+        return None
+
+    def clear_cache(self, cache):
+        pass
+
+
+@contextlib.contextmanager
+def no_op_triton() -> Iterator[NoOpDriver]:
+    """Triton launches through a no-op driver, and the dispatcher sends CPU tensors to the Triton
+    backend, for the duration of the block."""
+    from triton.runtime import driver as triton_driver
+
+    from d2v_kernels import dispatch
+
+    previous_env = os.environ.get("TRITON_INTERPRET")
+    if previous_env == "1":
+        raise RuntimeError("bench.host_overhead needs the compiled launch path: unset TRITON_INTERPRET")
+    fake = NoOpDriver()
+    triton_driver.set_active(fake)
+    previous_check = dispatch.triton_interpreter_enabled
+    dispatch.triton_interpreter_enabled = lambda: True
+    try:
+        yield fake
+    finally:
+        dispatch.triton_interpreter_enabled = previous_check
+        try:
+            triton_driver.reset_active()
+        except RuntimeError:  # no real driver on this machine: leave none active, as before
+            triton_driver._active = None
+
+
+def per_call_us(fn: Callable[[], object], calls: int) -> float:
+    """Median over 5 rounds of the mean host time of ``calls`` calls, after a warm-up (compiles)."""
+    for _ in range(max(10, calls // 100)):
+        fn()
+    rounds = []
+    for _ in range(5):
+        started = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        rounds.append((time.perf_counter() - started) / calls * 1e6)
+    return sorted(rounds)[2]
+
+
+def op_calls() -> dict[str, Callable[[], object]]:
+    """One call of each op at an audio-base shape (fp16), under torch.no_grad by the caller."""
+    from d2v_kernels import ops
+
+    dt = torch.float16
+    rows = torch.randn(8 * 499, 768, dtype=dt)
+    residual = torch.randn_like(rows)
+    w768, b768 = torch.randn(768, dtype=dt), torch.randn(768, dtype=dt)
+    frames = torch.randn(8, 512, 3199, dtype=dt)
+    w512, b512 = torch.randn(512, dtype=dt), torch.randn(512, dtype=dt)
+    q, k, v = (torch.randn(8, 499, 12, 64, dtype=dt) for _ in range(3))
+    keep = torch.ones(8, 499, dtype=torch.bool)
+    keep[1:, 400:] = False
+    return {
+        "add_layer_norm": lambda: ops.add_layer_norm(rows, residual, w768, b768),
+        "layer_norm_gelu": lambda: ops.layer_norm_gelu(frames, w512, b512, channels_dim=1),
+        "attention": lambda: ops.attention(q, k, v, key_padding_mask=keep),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.host_overhead", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=2000, help="calls per timing round (default 2000)")
+    parser.add_argument("--profile", default=None, help="cProfile one op's calls (its name) and print the top")
+    args = parser.parse_args(argv)
+    import d2v_kernels
+
+    backends = {"add_layer_norm": "triton", "layer_norm_gelu": "triton", "attention": "triton"}
+    with no_op_triton() as driver, d2v_kernels.use_backend(**backends), torch.no_grad():
+        calls = op_calls()
+        if args.profile is not None:
+            if args.profile not in calls:
+                parser.error(f"--profile must be one of {sorted(calls)}")
+            import cProfile
+            import pstats
+
+            calls[args.profile]()
+            profiler = cProfile.Profile()
+            profiler.runcall(lambda: [calls[args.profile]() for _ in range(args.calls)])
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
+            return 0
+        print(f"{'op':<18} {'µs/call':>8}  launches/call")
+        for name, fn in calls.items():
+            before = driver.launches
+            us = per_call_us(fn, args.calls)
+            launched = (driver.launches - before) / (args.calls * 5 + max(10, args.calls // 100))
+            print(f"{name:<18} {us:8.1f}  {launched:.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
