@@ -38,6 +38,9 @@ CASES = {
     "posconv-T1499": (8, 1499, 768, False),
 }
 QUICK_CASES = ("encoder-T3199", "posconv-T499")
+# CPU-sized cases for bench.tune --check-only --tiny (name:layout, as setup_case takes them)
+TINY_SHAPES = {"tiny": (2, 37, 48, True)}
+TINY_CASES = ("tiny:channels_first", "tiny:channels_last")
 DTYPES = ("fp16", "bf16")
 MODES = ("fwd", "fwd+bwd")
 LAYOUTS = ("channels_first", "channels_last")
@@ -56,7 +59,7 @@ def liger_missing() -> str | None:
 
 def make_inputs(case: str, dtype: torch.dtype, layout: str, device: str = "cuda", seed: int = 0):
     """(x, weight or None, bias or None, channels_dim) for one case."""
-    batch, frames, channels, affine = CASES[case]
+    batch, frames, channels, affine = {**CASES, **TINY_SHAPES}[case]
     generator = torch.Generator(device=device).manual_seed(seed)
     shape = (batch, channels, frames) if layout == "channels_first" else (batch, frames, channels)
     x = (torch.randn(shape, device=device, generator=generator) * 2.0 + 0.5).to(dtype)
@@ -166,11 +169,43 @@ def bench_case(case, dtype_name, layout, mode, impls, *, copy_gbps=None, check=T
             if copy_gbps:
                 row["fraction_of_copy_bw"] = row["gbps"] / copy_gbps
             row["peak_mem_mb"] = common.peak_memory_mb(step)
+            try:  # the same step in a CUDA graph: GPU time without the host's launch cost
+                graph = common.graph_ms(step)
+                row.update(ms_graph=graph.ms, ms_graph_p20=graph.ms_p20, ms_graph_p80=graph.ms_p80)
+                row["gbps_graph"] = common.gbps(nbytes, graph.ms)
+            except Exception as e:  # not capturable: the eager timing stands
+                row["graph_error"] = f"{type(e).__name__}: {e}"[:200]
         except Exception as e:  # one implementation failing must not hide the others' numbers
             row["error"] = f"{type(e).__name__}: {e}"
         rows.append(row)
         common.print_row(row)
     return rows
+
+
+def setup_case(case: str, dtype_name: str, mode: str, device: str = "cuda") -> common.OpCase:
+    """One case as an OpCase for ``bench.tune``: ``case`` is ``NAME:LAYOUT``
+    (e.g. ``encoder-T3199:channels_first``); steps return [y] or [y, dx, dweight, dbias]."""
+    name, _, layout = case.partition(":")
+    shapes = {**CASES, **TINY_SHAPES}
+    if name not in shapes or layout not in LAYOUTS:
+        raise ValueError(f"case must be NAME:LAYOUT with NAME in {list(shapes)} and LAYOUT in {list(LAYOUTS)}")
+    dtype = common.DTYPES[dtype_name]
+    x, weight, bias, channels_dim = make_inputs(name, dtype, layout, device)
+    grad_out = torch.randn_like(x) if mode == "fwd+bwd" else None
+
+    def make_step(impl: str):
+        fn = implementation(impl)
+        return lambda: run_once(fn, x, weight, bias, channels_dim, grad_out, mode)
+
+    def reference(impl: str):
+        as64 = [t.double() if t is not None else None for t in (x, weight, bias)]
+        ref64 = run_once(hf_layer_norm_gelu, *as64, channels_dim, None if grad_out is None else grad_out.double(), mode)
+        return ref64, run_once(hf_layer_norm_gelu, x, weight, bias, channels_dim, grad_out, mode)
+
+    batch, frames, channels, affine = shapes[name]
+    row = dict(case=case, batch=batch, frames=frames, channels=channels, affine=affine, layout=layout)
+    row.update(dtype=dtype_name, mode=mode)
+    return common.OpCase(row=row, make_step=make_step, reference=reference, nbytes=bytes_moved(x, mode))
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

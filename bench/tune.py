@@ -12,7 +12,9 @@ Kernels and what is timed: ``attention_fwd`` (forward), ``attention_bwd`` (forwa
 forward tiles at their default), ``pos_conv`` (the grouped conv of the forward, and of dx in the
 backward: forward timed), ``pos_conv_wgrad`` (forward + backward), ``conv0`` (the feature
 extractor's fused layer 0; the whole feature extractor's forward is timed), ``conv01`` (layers 0
-and 1 in one kernel, the opt-in ``d2v_triton_fused01``; likewise).
+and 1 in one kernel, the opt-in ``d2v_triton_fused01``; likewise), ``row_norm_fwd`` and
+``row_norm_bwd`` (the LayerNorm (+ GELU, + residual) kernels through ``bench/layer_norm_gelu.py``,
+cases ``NAME:LAYOUT``; the backward also sweeps its persistent programs per SM).
 
     python -m bench.tune [--kernels attention_fwd,attention_bwd] [--cases vision_base,audio_base]
                          [--dtypes bf16] [--quick]
@@ -91,6 +93,18 @@ KERNELS: dict[str, tuple[str, str, list[dict], list[dict]]] = {
         _grid(("BLOCK_M", "BLOCK_K", "num_warps", "num_stages"), (16, 32, 64), (32, 64), (4, 8), (2, 3)),
         _grid(("BLOCK_M", "BLOCK_K", "num_warps", "num_stages"), (32, 64), (32, 64), (8,), (2,)),
     ),
+    "row_norm_fwd": (
+        "layer_norm_gelu",
+        "fwd",
+        _grid(("BLOCK_P", "num_warps"), (4, 8, 16, 32), (4, 8, 16)),
+        _grid(("BLOCK_P", "num_warps"), (8, 16), (4, 8)),
+    ),
+    "row_norm_bwd": (
+        "layer_norm_gelu",
+        "fwd+bwd",
+        _grid(("BLOCK_P", "num_warps", "programs_per_sm"), (2, 4, 8, 16), (4, 8), (1, 2, 3, 4)),
+        _grid(("BLOCK_P", "num_warps", "programs_per_sm"), (4, 8), (8,), (1, 2, 3)),
+    ),
 }
 # The op benchmark's implementation each kernel is timed through (default: IMPL).
 KERNEL_IMPLS = {"conv01": "d2v_triton_fused01"}
@@ -98,8 +112,19 @@ CASES = {
     "attention": ("vision_base", "audio_base", "text_base"),
     "pos_conv": ("base", "large"),
     "conv_feature_extractor": ("b8x10s", "b1x30s"),
+    "layer_norm_gelu": (
+        "encoder-T3199:channels_first",
+        "encoder-T3199:channels_last",
+        "posconv-T499:channels_last",
+        "encoder-T32000:channels_first",
+    ),
 }
-QUICK_CASES = {"attention": ("vision_base", "audio_base"), "pos_conv": ("base",), "conv_feature_extractor": ("b8x10s",)}
+QUICK_CASES = {
+    "attention": ("vision_base", "audio_base"),
+    "pos_conv": ("base",),
+    "conv_feature_extractor": ("b8x10s",),
+    "layer_norm_gelu": ("encoder-T3199:channels_first", "encoder-T3199:channels_last"),
+}
 
 
 def config_label(config: dict[str, int]) -> str:

@@ -142,3 +142,37 @@ def test_override_rejects_bad_configs(kernel, config, message):
         with _tiles.override(kernel, **config):
             pass
     assert _tiles.tiles("attention_fwd", {"BLOCK_M": 1}) == {"BLOCK_M": 1}
+
+
+def test_row_norm_tiles_and_backward_programs_are_overridable(monkeypatch):
+    """LayerNorm + GELU under other tiles and program counts: the launches take them, and the
+    forward and every gradient still match float64."""
+    from d2v_kernels.kernels import _row_norm
+
+    fwd = _spy_launches(monkeypatch, _row_norm, "row_norm_fwd_kernel", ("BLOCK_P", "num_warps"))
+    bwd = _spy_launches(monkeypatch, _row_norm, "row_norm_bwd_kernel", ("BLOCK_P", "num_warps"))
+    x64 = torch.randn(2, 48, 37, dtype=torch.float64)
+    w64, b64 = 1.0 + 0.3 * torch.randn(48, dtype=torch.float64), 0.2 * torch.randn(48, dtype=torch.float64)
+    grad64 = torch.randn_like(x64)
+
+    def run(x, w, b, force):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+        if force:
+            with d2v_kernels.use_backend(layer_norm_gelu="triton"):
+                out = ops.layer_norm_gelu(*leaves, channels_dim=1)
+        else:
+            out = ops.layer_norm_gelu_reference(*leaves, channels_dim=1)
+        out.backward(grad64.to(out.dtype))
+        return [out.detach(), *(t.grad for t in leaves)]
+
+    x32, w32, b32 = x64.float(), w64.float(), b64.float()
+    with (
+        _tiles.override("row_norm_fwd", BLOCK_P=4, num_warps=2),
+        _tiles.override("row_norm_bwd", BLOCK_P=2, num_warps=2, programs_per_sm=1),
+    ):
+        got = run(x32, w32, b32, force=True)
+    assert [launch[1:] for launch in fwd] == [(4, 2)] and fwd[0][0] == (2 * 10,)  # 2 batches x cdiv(37, 4)
+    assert [launch[1:] for launch in bwd] == [(2, 2)]
+    ref, eager = run(x64, w64, b64, force=False), run(x32, w32, b32, force=False)
+    for name, g, r, e in zip(("out", "dx", "dweight", "dbias"), got, ref, eager):
+        assert_close_to_reference(g, r, e, name=name)

@@ -19,6 +19,7 @@ fp32 partial row, then the partials are summed with torch (no atomics).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -27,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from d2v_kernels.kernels._tiles import cdiv, next_power_of_2
+from d2v_kernels.kernels._tiles import cdiv, next_power_of_2, tiles
 from d2v_kernels.kernels.aot import AotVariant
 
 # One row of the backward must fit 8 warps' registers without spilling (ptxas, sm_90); Data2Vec's
@@ -327,17 +328,18 @@ def tile_config(n_channels: int, positions_contiguous: bool) -> tuple[int, int, 
 
 def backward_tile_config(n_channels: int, positions_contiguous: bool, has_residual: bool) -> tuple[int, int, int]:
     """(BLOCK_P, BLOCK_C, num_warps) of the backward: the forward's tile, narrowed until each thread
-    holds at most 16 values at up to 8 warps (16 warps cap a thread at 128 registers). The backward keeps x, dy, x-hat and the activation's
-    derivative live per element, about twice the forward's registers; 16 is what ptxas compiles
-    without a spill on sm_90 for every tile (tests/test_aot_compile.py checks them).
-    ``has_residual`` is kept for the launch signature; the budget does not depend on it."""
+    holds at most 8 values at up to 8 warps. The backward keeps x, dy, x-hat and the activation's
+    derivative live per element; at 8 values a thread ptxas (sm_90) allocates 74 to 110
+    registers, so two or three programs share an SM. At 16 values it took 128 to 196, one program
+    an SM: 8 warps for a memory-bound loop, far too few loads in flight (the H100 profile of
+    2026-11-25 had this kernel at 9x its floor). ``has_residual`` is kept for the launch signature."""
     block_p, block_c, _ = tile_config(n_channels, positions_contiguous)
     while block_p > 1 and block_p * block_c > _BWD_ELEMENTS_PER_THREAD * 32 * 8:
         block_p //= 2
     return block_p, block_c, min(8, max(4, block_p * block_c // (_BWD_ELEMENTS_PER_THREAD * 32)))
 
 
-_BWD_ELEMENTS_PER_THREAD = 16
+_BWD_ELEMENTS_PER_THREAD = 8
 
 
 def _launch_config(n_channels: int, x_strides: tuple[int, int, int], n_pos: int) -> tuple[int, int, int]:
@@ -351,11 +353,21 @@ def _backward_launch_config(n_channels, x_strides, n_pos, has_residual: bool) ->
     return backward_tile_config(n_channels, contiguous, has_residual)
 
 
-def _backward_programs(device: torch.device, n_tiles: int) -> int:
-    """Number of programs the backward walks its tiles with (fixed per device: deterministic)."""
+def _backward_programs(device: torch.device, n_tiles: int, programs_per_sm: int = 2) -> int:
+    """Number of programs the backward walks its tiles with (fixed per device: deterministic):
+    two an SM, all resident at once (each holds at most 8 warps of at most 110 registers), so no
+    program waits for another to finish its whole loop."""
     if device.type == "cuda":
-        return min(n_tiles, 4 * torch.cuda.get_device_properties(device).multi_processor_count)
+        return min(n_tiles, programs_per_sm * _multiprocessors(device))
     return min(n_tiles, 4)  # the interpreter
+
+
+_BWD_PROGRAMS_PER_SM = 2
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 # --------------------------------------------------------------------------------------------
@@ -406,6 +418,8 @@ def row_norm_forward(
     rstd = torch.empty(stats_shape, device=x.device, dtype=torch.float32)
 
     block_p, block_c, num_warps = _launch_config(n_channels, x_strides, n_pos)
+    config = tiles("row_norm_fwd", {"BLOCK_P": block_p, "num_warps": num_warps})
+    block_p, num_warps = config["BLOCK_P"], config["num_warps"]
     tiles_per_batch = cdiv(n_pos, block_p)
     row_norm_fwd_kernel[(n_batch * tiles_per_batch,)](
         x, residual if residual is not None else x, weight if weight is not None else x,
@@ -454,9 +468,12 @@ def row_norm_backward(
     dsum_strides = strides[-1] if dsum is not None else (0, 0, 0)
 
     block_p, block_c, num_warps = _backward_launch_config(n_channels, x_strides, n_pos, residual is not None)
+    default = {"BLOCK_P": block_p, "num_warps": num_warps, "programs_per_sm": _BWD_PROGRAMS_PER_SM}
+    config = tiles("row_norm_bwd", default)
+    block_p, num_warps = config["BLOCK_P"], config["num_warps"]
     tiles_per_batch = cdiv(n_pos, block_p)
     n_tiles = n_batch * tiles_per_batch
-    n_programs = _backward_programs(x.device, n_tiles)
+    n_programs = _backward_programs(x.device, n_tiles, config["programs_per_sm"])
     dw_partial = x.new_empty((n_programs, n_channels), dtype=torch.float32) if weight is not None else None
     db_partial = x.new_empty((n_programs, n_channels), dtype=torch.float32) if bias is not None else None
     row_norm_bwd_kernel[(n_programs,)](

@@ -20,8 +20,12 @@ TUNABLE: dict[str, tuple[str, ...]] = {
     "pos_conv_wgrad": ("BLOCK_T", "num_warps", "num_stages"),
     "conv0": ("BLOCK_T", "num_warps"),
     "conv01": ("BLOCK_M", "BLOCK_K", "num_warps", "num_stages"),
+    # LayerNorm (+ GELU, + residual) rows: positions per tile (the channels fill BLOCK_C), warps,
+    # and for the backward the persistent programs per SM.
+    "row_norm_fwd": ("BLOCK_P", "num_warps"),
+    "row_norm_bwd": ("BLOCK_P", "num_warps", "programs_per_sm"),
 }
-_POWER_OF_TWO_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_T", "BLOCK_CI", "num_warps")
+_POWER_OF_TWO_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_T", "BLOCK_CI", "BLOCK_P", "num_warps")
 
 
 def cdiv(a: int, b: int) -> int:
