@@ -559,3 +559,20 @@ def test_host_overhead_runs_the_compiled_launch_path_on_a_cpu():
     assert set(lines) == {"add_layer_norm", "layer_norm_gelu", "attention"}
     for fields in lines.values():
         assert float(fields[1]) > 0 and fields[2] == "1"
+
+
+def test_cuda_graph_baselines_are_compared_with_our_cuda_graph_row():
+    base = dict(what="audio_ctc", case="b8x10s", dtype="bf16", mode="inference")
+    rows = [
+        dict(base, impl="d2v", ms=10.0),
+        dict(base, impl="d2v_compile_cudagraphs", ms=4.0),
+        dict(base, impl="hf_sdpa", ms=12.0),
+        dict(base, impl="hf_compile_cudagraphs", ms=8.0, peak_mem_mb=2.0),
+    ]
+    derived = {r["impl"]: r for r in report.add_derived(rows, None)}
+    assert derived["hf_sdpa"]["speedup"] == pytest.approx(1.2) and derived["hf_sdpa"]["speedup_over"] == "d2v"
+    assert derived["hf_compile_cudagraphs"]["speedup"] == pytest.approx(2.0)
+    assert derived["hf_compile_cudagraphs"]["speedup_over"] == "d2v_compile_cudagraphs"
+    table = report.markdown_table(list(derived.values()))
+    assert "| 2.00x (of d2v_compile_cudagraphs) |" in table and "| 1.20x |" in table
+    assert "| 2 |" not in table  # a graph replay's peak memory is not shown
