@@ -1,6 +1,8 @@
 """Benchmark d2v_kernels' fused attention against what a user would otherwise run.
 
-Implementations: ``d2v_triton`` (ops.attention, table bias gathered in-kernel), ``eager`` (the
+Implementations: ``d2v_triton`` (ops.attention, table bias gathered in-kernel),
+``d2v_triton_dense`` (ops.attention fed the table gathered once into a dense (1, H, N, N) bias),
+``eager`` (the
 reference: matmul + materialised bias + softmax, as transformers' eager path), ``sdpa_bias``
 (F.scaled_dot_product_attention with the (B|1, H, N, N) bias and padding mask materialised, as
 transformers' sdpa path), ``flex`` (compiled FlexAttention whose score_mod gathers the table and
@@ -16,7 +18,7 @@ TFLOP/s (4 B H Nq Nk d for the forward, 3.5x that for forward+backward) and peak
 ``bench/results/<gpu>/<date>-attention.json``.
 
     python -m bench.attention [--quick] [--cases vision_base,...] [--dtypes fp16,bf16] [--modes fwd,fwd+bwd]
-                              [--impls d2v_triton,eager,sdpa_bias,flex,sdpa_nobias]
+                              [--impls d2v_triton,d2v_triton_dense,eager,sdpa_bias,flex,sdpa_nobias]
     python -m bench.attention --check-only --tiny --device cpu     # the output checks on a CPU
 """
 
@@ -42,7 +44,11 @@ QUICK_CASES = ("vision_base", "text_base")
 # For --check-only --tiny (CPU; d2v_triton runs there under TRITON_INTERPRET=1): a 4 x 4 grid + CLS.
 TINY_CASES = {"tiny_table": (2, 2, 17, 16, "table"), "tiny_padding": (2, 3, 11, 16, "padding")}
 SHAPES = {**CASES, **TINY_CASES}
-IMPLS = ("d2v_triton", "eager", "sdpa_bias", "flex", "sdpa_nobias")
+# d2v_triton_dense: our kernel fed the relative position bias gathered once into a dense
+# (1, H, N, N) tensor (shared by the batch, L2-resident) instead of gathering it in the kernel
+# (an index load, then a dependent table load, per score): which is faster decides what the
+# vision model's inference passes. The same as d2v_triton for the padding cases.
+IMPLS = ("d2v_triton", "d2v_triton_dense", "eager", "sdpa_bias", "flex", "sdpa_nobias")
 
 
 def relative_position_index(window: int) -> torch.Tensor:
@@ -95,6 +101,18 @@ def attention_fn(impl: str, inputs: dict):
         def run(q, k, v, table):
             with d2v_kernels.use_backend(attention="triton"):
                 return ops.attention(q, k, v, bias_table=table, bias_index=index, key_padding_mask=mask)
+
+        return run
+    if impl == "d2v_triton_dense":
+        import d2v_kernels
+        from d2v_kernels import ops
+        from d2v_kernels.ops.attention import gather_relative_bias
+
+        def run(q, k, v, table):
+            # (1, H, N, N), contiguous so that a tile row of keys is one coalesced read
+            bias = None if table is None else gather_relative_bias(table, index).contiguous()
+            with d2v_kernels.use_backend(attention="triton"):
+                return ops.attention(q, k, v, bias=bias, key_padding_mask=mask)
 
         return run
     if impl == "eager":
