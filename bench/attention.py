@@ -70,7 +70,7 @@ def make_inputs(case: str, dtype: torch.dtype, device: str = "cuda", seed: int =
         index = relative_position_index(window)
         table = 0.5 * torch.randn(int(index.max()) + 1, heads, generator=gen)
         inputs["bias_table"] = table.to(device=device, dtype=dtype)
-        inputs["bias_index"] = index.to(device)
+        inputs["bias_index"] = index.to(device=device, dtype=torch.int32)  # as the vision model passes it
     else:
         lengths = torch.linspace(seq, seq // 2, batch).long()  # every row keeps at least half its keys
         mask = torch.arange(seq)[None, :] < lengths[:, None]
