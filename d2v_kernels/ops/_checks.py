@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -58,6 +59,20 @@ def check_param_list(name: str, values, length: int) -> list:
     if len(values) != length:
         raise ValueError(f"{name} must have {length} entries (one per layer), got {len(values)}")
     return list(values)
+
+
+def layer_norm_promoted(x: torch.Tensor, weight, bias, eps: float) -> torch.Tensor:
+    """``F.layer_norm`` over the last dim in the dtype x promotes to with the parameters' (fp32
+    weights on fp16 / bf16 rows: fp32, as the kernels compute; CUDA's layer_norm rejects mixed
+    dtypes). The eager references cast the result back to x's dtype after their own epilogue."""
+    compute = x.dtype
+    for p in (weight, bias):
+        if p is not None:
+            compute = torch.promote_types(compute, p.dtype)
+    if compute != x.dtype:
+        x = x.to(compute)
+        weight, bias = (None if p is None else p.to(compute) for p in (weight, bias))
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
 def layer_norm_compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:

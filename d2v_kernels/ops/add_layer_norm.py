@@ -7,10 +7,15 @@ vision layer (the pre-LN sum feeding ``layernorm_after``, which needs the sum ba
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from d2v_kernels import dispatch
-from d2v_kernels.ops._checks import check_eps, check_same_device, check_tensor, layer_norm_compute_dtype
+from d2v_kernels.ops._checks import (
+    check_eps,
+    check_same_device,
+    check_tensor,
+    layer_norm_compute_dtype,
+    layer_norm_promoted,
+)
 from d2v_kernels.ops._eager import autograd_function, eager_or_compiled, pick
 
 try:
@@ -22,15 +27,7 @@ except ImportError as _error:  # triton absent: the triton backend reports it as
 def add_layer_norm_reference(x, residual, weight, bias, *, eps=1e-5, return_sum=False):
     """Eager PyTorch: ``s = x + residual; y = F.layer_norm(s)``, in x's dtype, like transformers."""
     s = x + residual
-    compute = s.dtype
-    for p in (weight, bias):
-        if p is not None:
-            compute = torch.promote_types(compute, p.dtype)
-    if compute == s.dtype:
-        y = F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
-    else:  # fp32 parameters on fp16 / bf16 rows: in fp32, returned in the rows' dtype (as the kernel)
-        w, b = (None if p is None else p.to(compute) for p in (weight, bias))
-        y = F.layer_norm(s.to(compute), (s.shape[-1],), w, b, eps).to(s.dtype)
+    y = layer_norm_promoted(s, weight, bias, eps).to(s.dtype)
     return (y, s) if return_sum else y
 
 

@@ -11,7 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from d2v_kernels import dispatch
-from d2v_kernels.ops._checks import check_eps, check_same_device, check_tensor, layer_norm_compute_dtype
+from d2v_kernels.ops._checks import (
+    check_eps,
+    check_same_device,
+    check_tensor,
+    layer_norm_compute_dtype,
+    layer_norm_promoted,
+)
 from d2v_kernels.ops._eager import autograd_function, eager_or_compiled, pick
 
 try:
@@ -28,25 +34,8 @@ def layer_norm_gelu_reference(x, weight=None, bias=None, *, eps=1e-5, channels_d
     With parameters in another dtype than x (fp32 weights, fp16 activations), it computes in the
     promoted dtype and returns x's, as the kernel does (CUDA's layer_norm rejects mixed dtypes).
     """
-    h = x.movedim(channels_dim, -1)
-    compute = _compute_dtype(x, weight, bias)
-    if compute == x.dtype:
-        h = F.layer_norm(h, (h.shape[-1],), weight, bias, eps)
-        return F.gelu(h.movedim(-1, channels_dim), approximate=approximate)
-    h = F.layer_norm(h.to(compute), (h.shape[-1],), _to(weight, compute), _to(bias, compute), eps)
+    h = layer_norm_promoted(x.movedim(channels_dim, -1), weight, bias, eps)
     return F.gelu(h.movedim(-1, channels_dim), approximate=approximate).to(x.dtype)
-
-
-def _compute_dtype(x: torch.Tensor, *params: torch.Tensor | None) -> torch.dtype:
-    dtype = x.dtype
-    for p in params:
-        if p is not None:
-            dtype = torch.promote_types(dtype, p.dtype)
-    return dtype
-
-
-def _to(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return None if t is None else t.to(dtype)
 
 
 # --------------------------------------------------------------------------------------------
