@@ -198,6 +198,16 @@ def graph_ms(fn: Callable[[], Any], *, calls_per_graph: int = 10, replays: int =
     return Timing(quantile(QUANTILES[0]), quantile(QUANTILES[1]), quantile(QUANTILES[2]), "cuda_graph-flush")
 
 
+def graph_row(step: Callable[[], Any]) -> dict[str, Any]:
+    """The ``ms_graph`` fields of a row (``graph_ms`` of ``step``), or ``graph_error`` when the step
+    cannot be captured (a host sync, say): the eager timing then stands alone."""
+    try:
+        graph = graph_ms(step)
+    except Exception as e:
+        return {"graph_error": f"{type(e).__name__}: {e}"[:200]}
+    return {"ms_graph": graph.ms, "ms_graph_p20": graph.ms_p20, "ms_graph_p80": graph.ms_p80}
+
+
 def l2_cache_bytes() -> int:
     """The current GPU's L2 size (50 MB on H100 SXM); 64 MiB if torch does not report it."""
     return int(getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 0)) or 64 << 20
@@ -551,11 +561,7 @@ def bench_impls(
                 if op_case.nbytes:
                     row["gbps"] = gbps(op_case.nbytes, timing.ms)
                 row["peak_mem_mb"] = peak_memory_mb(step)
-                try:  # the same step in a CUDA graph: GPU time without the host's launch cost
-                    graph = graph_ms(step)
-                    row.update(ms_graph=graph.ms, ms_graph_p20=graph.ms_p20, ms_graph_p80=graph.ms_p80)
-                except Exception as e:  # not capturable (e.g. a host sync): the eager timing stands
-                    row["graph_error"] = f"{type(e).__name__}: {e}"[:200]
+                row.update(graph_row(step))
         except Skip as e:
             row["skipped"] = str(e)
         except Exception as e:  # one implementation failing must not hide the others' numbers

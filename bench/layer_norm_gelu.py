@@ -20,6 +20,7 @@ the device copy bandwidth measured in the same run (a large ``copy_``). Writes J
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -132,20 +133,9 @@ def bytes_moved(x: torch.Tensor, mode: str) -> int:
 
 
 def bench_case(case, dtype_name, layout, mode, impls, *, copy_gbps=None, check=True, quick=False) -> list[dict]:
-    dtype = common.DTYPES[dtype_name]
-    x, weight, bias, channels_dim = make_inputs(case, dtype, layout)
-    batch, frames, channels, affine = CASES[case]
-    grad_out = torch.randn_like(x) if mode == "fwd+bwd" else None
-    references = None
-    if check:
-        as64 = [t.double() if t is not None else None for t in (x, weight, bias)]
-        ref64 = run_once(hf_layer_norm_gelu, *as64, channels_dim, None if grad_out is None else grad_out.double(), mode)
-        eager = run_once(hf_layer_norm_gelu, x, weight, bias, channels_dim, grad_out, mode)
-        references = (ref64, eager)
-        del as64
-    nbytes = bytes_moved(x, mode)
-    base = dict(case=case, batch=batch, frames=frames, channels=channels, affine=affine, layout=layout)
-    base.update(dtype=dtype_name, mode=mode, bytes=nbytes)
+    op_case = setup_case(f"{case}:{layout}", dtype_name, mode)
+    nbytes = op_case.nbytes
+    base = dict(op_case.row, case=case, bytes=nbytes)
     rows = []
     for impl in impls:
         row = dict(base, impl=impl)
@@ -155,26 +145,18 @@ def bench_case(case, dtype_name, layout, mode, impls, *, copy_gbps=None, check=T
             common.print_row(row)
             continue
         try:
-            fn = implementation(impl)
-            out = run_once(fn, x, weight, bias, channels_dim, grad_out, mode)
-            if references is not None:
-                row.update(common.check_close(f"{impl} {case} {dtype_name} {layout} {mode}", out, *references))
-            del out
-
-            def step(fn=fn):
-                return run_once(fn, x, weight, bias, channels_dim, grad_out, mode)
-
+            step = op_case.make_step(impl)
+            if check:
+                label = f"{impl} {case} {dtype_name} {layout} {mode}"
+                row.update(common.check_close(label, step(), *op_case.reference(impl)))
             timing = common.time_ms(step, rep_ms=50.0 if quick else 200.0)
             row.update(timing.as_row(), gbps=common.gbps(nbytes, timing.ms))
             if copy_gbps:
                 row["fraction_of_copy_bw"] = row["gbps"] / copy_gbps
             row["peak_mem_mb"] = common.peak_memory_mb(step)
-            try:  # the same step in a CUDA graph: GPU time without the host's launch cost
-                graph = common.graph_ms(step)
-                row.update(ms_graph=graph.ms, ms_graph_p20=graph.ms_p20, ms_graph_p80=graph.ms_p80)
-                row["gbps_graph"] = common.gbps(nbytes, graph.ms)
-            except Exception as e:  # not capturable: the eager timing stands
-                row["graph_error"] = f"{type(e).__name__}: {e}"[:200]
+            row.update(common.graph_row(step))
+            if "ms_graph" in row:
+                row["gbps_graph"] = common.gbps(nbytes, row["ms_graph"])
         except Exception as e:  # one implementation failing must not hide the others' numbers
             row["error"] = f"{type(e).__name__}: {e}"
         rows.append(row)
@@ -197,7 +179,8 @@ def setup_case(case: str, dtype_name: str, mode: str, device: str = "cuda") -> c
         fn = implementation(impl)
         return lambda: run_once(fn, x, weight, bias, channels_dim, grad_out, mode)
 
-    def reference(impl: str):
+    @functools.cache
+    def reference():
         as64 = [t.double() if t is not None else None for t in (x, weight, bias)]
         ref64 = run_once(hf_layer_norm_gelu, *as64, channels_dim, None if grad_out is None else grad_out.double(), mode)
         return ref64, run_once(hf_layer_norm_gelu, x, weight, bias, channels_dim, grad_out, mode)
@@ -205,7 +188,7 @@ def setup_case(case: str, dtype_name: str, mode: str, device: str = "cuda") -> c
     batch, frames, channels, affine = shapes[name]
     row = dict(case=case, batch=batch, frames=frames, channels=channels, affine=affine, layout=layout)
     row.update(dtype=dtype_name, mode=mode)
-    return common.OpCase(row=row, make_step=make_step, reference=reference, nbytes=bytes_moved(x, mode))
+    return common.OpCase(row=row, make_step=make_step, reference=lambda impl: reference(), nbytes=bytes_moved(x, mode))
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

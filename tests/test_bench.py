@@ -576,3 +576,20 @@ def test_cuda_graph_baselines_are_compared_with_our_cuda_graph_row():
     table = report.markdown_table(list(derived.values()))
     assert "| 2.00x (of d2v_compile_cudagraphs) |" in table and "| 1.20x |" in table
     assert "| 2 |" not in table  # a graph replay's peak memory is not shown
+
+
+def test_layer_norm_gelu_rows_are_checked_timed_and_graph_timed(monkeypatch):
+    """bench/layer_norm_gelu.py's timed path with the GPU replaced by stubs (nothing is measured)."""
+    from bench import layer_norm_gelu as lng
+
+    cpu_setup = lng.setup_case
+    monkeypatch.setattr(lng, "setup_case", lambda case, d, m: cpu_setup(case, d, m, "cpu"))
+    monkeypatch.setattr(common, "time_ms", lambda fn, **kw: fn() and common.Timing(2.0, 1.5, 2.5, "stub"))
+    monkeypatch.setattr(common, "peak_memory_mb", lambda fn: 7.0)
+    monkeypatch.setattr(common, "graph_ms", lambda fn: common.Timing(0.5, 0.4, 0.6, "stub graph"))
+    rows = lng.bench_case("tiny", "fp32", "channels_first", "fwd+bwd", ["hf_eager", "d2v_triton"])
+    assert [r["impl"] for r in rows] == ["hf_eager", "d2v_triton"]
+    for row in rows:
+        assert "error" not in row and row["case"] == "tiny" and row["layout"] == "channels_first"
+        assert 0 <= row["max_err"] <= row["bound"] and row["ms"] == 2.0 and row["ms_graph"] == 0.5
+        assert row["gbps_graph"] == pytest.approx(4 * row["gbps"]) and row["bytes"] > 0
