@@ -353,16 +353,17 @@ def _backward_launch_config(n_channels, x_strides, n_pos, has_residual: bool) ->
     return backward_tile_config(n_channels, contiguous, has_residual)
 
 
-def _backward_programs(device: torch.device, n_tiles: int, programs_per_sm: int = 2) -> int:
-    """Number of programs the backward walks its tiles with (fixed per device: deterministic):
-    two an SM, all resident at once (each holds at most 8 warps of at most 110 registers), so no
-    program waits for another to finish its whole loop."""
+# Persistent programs of the backward per SM: all resident at once (each holds at most 8 warps
+# of at most 110 registers), so no program waits for another to finish its whole loop.
+_BWD_PROGRAMS_PER_SM = 2
+
+
+def _backward_programs(device: torch.device, n_tiles: int, programs_per_sm: int) -> int:
+    """Number of programs the backward walks its tiles with (fixed per device and configuration:
+    the partial sums, hence dweight and dbias, are the same bits on every run)."""
     if device.type == "cuda":
         return min(n_tiles, programs_per_sm * _multiprocessors(device))
     return min(n_tiles, 4)  # the interpreter
-
-
-_BWD_PROGRAMS_PER_SM = 2
 
 
 @functools.cache
