@@ -114,14 +114,59 @@ def _spy(monkeypatch, name):
 
 
 def test_layer0_is_one_kernel_and_its_backward_recomputes_it(monkeypatch):
+    """Forward: layer 0 is one kernel. Backward: its output is recomputed once (layer 1's weight
+    gradient), then its own backward is one kernel, which recomputes the conv output in registers
+    (no pre-norm recompute)."""
+    from d2v_kernels.kernels import conv_feature_extractor as kernels
+
     calls = _spy(monkeypatch, "conv0_ln_gelu")
+    backward_calls, real_backward = [], kernels.conv0_ln_gelu_backward
+    monkeypatch.setattr(
+        kernels, "conv0_ln_gelu_backward", lambda *a, **k: backward_calls.append(k) or real_backward(*a, **k)
+    )
     params = _params(torch.float32, conv_bias=True)
     wave = torch.randn(2, 1601, requires_grad=True)
     out = _run(wave, params, "triton")
-    assert calls == [False]
+    assert calls == [False] and out.is_contiguous()  # (B, T, C), channels-last all the way
     out.sum().backward()
-    assert calls == [False, True]
+    assert calls == [False, False]
+    assert backward_calls == [{"wave_grad": True}]
     assert wave.grad is not None and all(t.grad is not None for group in params for t in group)
+
+
+def _saved_activation_bytes(wave, params, backend):
+    """Bytes of the tensors the autograd graph keeps for the backward, the waveform and the
+    parameters left out."""
+    exclude = {t.untyped_storage().data_ptr() for group in params if group for t in group}
+    exclude.add(wave.untyped_storage().data_ptr())
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in exclude:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = _run(wave, params, backend)
+    return sum(saved.values()), out
+
+
+def test_backward_keeps_one_tensor_per_layer():
+    """The Triton path keeps each layer's conv output (layers 1..n-1) and fp32 row statistics,
+    nothing else: no activation (recomputed in the backward), not layer 0's output. Eager keeps
+    about six times as much."""
+    params = _params(torch.float32, conv_bias=True)
+    wave = torch.randn(2, 16001, requires_grad=True)
+    saved, out = _saved_activation_bytes(wave, params, "triton")
+    frames, expected = wave.shape[1], 0
+    for i, (channels, k, stride) in enumerate(zip(DIMS, KERNELS, STRIDES)):
+        frames = (frames - k) // stride + 1
+        stats = 2 * 2 * frames * 4  # mean and rstd, fp32, per frame
+        expected += stats + (2 * channels * frames * 4 if i > 0 else 0)
+    assert saved == expected
+    eager_saved, eager_out = _saved_activation_bytes(wave, params, "eager")
+    assert saved * 5 < eager_saved
+    torch.testing.assert_close(out, eager_out, rtol=1e-5, atol=1e-5)
 
 
 def test_layer0_under_autocast_takes_the_per_layer_path(monkeypatch):
@@ -178,6 +223,119 @@ def test_layer0_opcheck():
     torch.library.opcheck(torch.ops.d2v_kernels.conv0_ln_gelu_bwd.default, bwd_args)
 
 
+def _layer0_case(dtype, channels, kernel_size, stride, conv_bias, seed=7):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    draw = lambda *shape, scale=1.0: torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
+    wave = draw(2, 1203)
+    weight = draw(channels, 1, kernel_size, scale=kernel_size**-0.5)
+    cb = draw(channels, scale=0.1) if conv_bias else None
+    g, b = draw(channels, scale=0.2) + 1, draw(channels, scale=0.1)
+    frames = (wave.shape[1] - kernel_size) // stride + 1
+    dy = draw(2, channels, frames)
+    return [wave, weight, cb, g, b], dy
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "channels, kernel_size, stride, conv_bias, dy_layout",
+    [(40, 10, 5, True, "channels_last"), (33, 3, 2, False, "channels_first"), (48, 16, 3, True, "channels_first")],
+)
+def test_layer0_backward_kernel_matches_float64(dtype, channels, kernel_size, stride, conv_bias, dy_layout):
+    """The fused backward's five gradients (waveform, conv weight and bias, LayerNorm weight and
+    bias) against float64 autograd of the eager layer, with eager in the same dtype as the yardstick;
+    dy read channels-last or channels-first through its strides."""
+    import torch.nn.functional as F
+
+    from d2v_kernels.kernels import conv_feature_extractor as kernels
+
+    inputs64, dy64 = _layer0_case(torch.float64, channels, kernel_size, stride, conv_bias)
+
+    def eager(inputs, dy):
+        leaves = [t.clone().requires_grad_(True) for t in inputs if t is not None]
+        wave, weight, cb, g, b = (leaves.pop(0) if t is not None else None for t in inputs)
+        h = F.conv1d(wave[:, None], weight, cb, stride=stride)
+        y = F.gelu(F.layer_norm(h.transpose(1, 2), (channels,), g, b, 1e-5)).transpose(1, 2)
+        return torch.autograd.grad(y, [t for t in (wave, weight, cb, g, b) if t is not None], dy)
+
+    ref = eager(inputs64, dy64)
+    eager_grads = eager([None if t is None else t.to(dtype) for t in inputs64], dy64.to(dtype))
+    wave, weight, cb, g, b = (None if t is None else t.to(dtype) for t in inputs64)
+    dy = dy64.to(dtype)
+    if dy_layout == "channels_last":
+        dy = dy.transpose(1, 2).contiguous().transpose(1, 2)
+    _, mean, rstd = kernels.conv0_ln_gelu(wave, weight, cb, g, b, stride, 1e-5)
+    grads = kernels.conv0_ln_gelu_backward(dy, wave, weight, cb, g, b, mean, rstd, stride, wave_grad=True)
+    grads = [t for t in grads if t is not None]
+    for name, got, want, yardstick in zip(
+        ["wave", "weight", "conv bias", "ln weight", "ln bias"], grads, ref, eager_grads
+    ):
+        assert got.dtype == dtype and got.shape == want.shape
+        assert_close_to_reference(got, want, yardstick, name=name)
+
+
+def test_layer0_backward_kernel_is_deterministic_and_tiles_agree():
+    from d2v_kernels.kernels import _tiles
+    from d2v_kernels.kernels import conv_feature_extractor as kernels
+
+    (wave, weight, cb, g, b), dy = _layer0_case(torch.float32, 40, 10, 5, True)
+    wave, weight, cb, g, b, dy = (t.float() for t in (wave, weight, cb, g, b, dy))
+    _, mean, rstd = kernels.conv0_ln_gelu(wave, weight, cb, g, b, 5, 1e-5)
+    run = lambda: kernels.conv0_ln_gelu_backward(dy, wave, weight, cb, g, b, mean, rstd, 5, wave_grad=True)
+    first, second = run(), run()
+    for x, y in zip(first, second):
+        assert torch.equal(x, y)  # fixed tile order per program, partials summed by torch
+    with _tiles.override("conv0_bwd", BLOCK_T=32, num_warps=4, programs_per_sm=3):
+        for x, y in zip(run(), first):  # other partial sums: equal on the scale of each gradient
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5 * y.abs().max().item())
+    with _tiles.override("conv0_bwd", BLOCK_T=8), pytest.raises(ValueError, match="BLOCK_T must be at least 16"):
+        run()
+    assert kernels.backward_reasons(512, 10) == []
+    assert "1024 channels > 512" in kernels.backward_reasons(1024, 10)[0]
+    assert "kernel size 17 > 16" in kernels.backward_reasons(512, 17)[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_layer0_unfused_backward_for_rows_the_kernel_does_not_take(dtype, monkeypatch):
+    """Rows wider than the fused backward takes run the unfused one (pre-norm recompute, row-norm
+    backward, cuDNN conv gradients): same gradients to rounding."""
+    from d2v_kernels.kernels import conv_feature_extractor as kernels
+
+    params = _params(dtype, conv_bias=True)
+    wave = torch.randn(2, 1601, dtype=torch.float64).to(dtype).requires_grad_(True)
+    leaves = _leaves(wave, params)
+    out = _run(wave, params, "triton")
+    grad_out = torch.randn(out.shape, dtype=torch.float64).to(dtype)
+    fused = torch.autograd.grad(out, leaves, grad_out)
+    monkeypatch.setattr(kernels, "BWD_MAX_CHANNELS", DIMS[0] - 1)
+    calls = _spy(monkeypatch, "conv0_ln_gelu")
+    unfused = torch.autograd.grad(_run(wave, params, "triton"), leaves, grad_out)
+    assert calls == [False, False, True]  # forward, layer 0's output again, its pre-norm values
+    # Sums over thousands of frames in another order: compare on the scale of each gradient.
+    rel = 1e-5 if dtype == torch.float32 else 2e-2
+    for i, (x, y) in enumerate(zip(fused, unfused)):
+        torch.testing.assert_close(x, y, rtol=rel, atol=rel * y.abs().max().item(), msg=f"grad {i}")
+
+
+def test_layer_norm_gelu_conv_nodes_opcheck():
+    weights, ln_weights, ln_biases, conv_biases = _params(torch.float32, conv_bias=True)
+    wave = torch.randn(2, 451, requires_grad=True)
+    detach = lambda args: [a.detach() if torch.is_tensor(a) else a for a in args]
+    args = (wave, weights[0], conv_biases[0], ln_weights[0], ln_biases[0], weights[1], conv_biases[1], 5, 2, 1e-5)
+    torch.library.opcheck(torch.ops.d2v_kernels.conv0_ln_gelu_conv.default, args)
+    z1, mean0, rstd0 = torch.ops.d2v_kernels.conv0_ln_gelu_conv(*detach(args))
+    assert z1.stride(1) == 1  # channels-last
+    d = detach(args)
+    bwd_args = (torch.randn_like(z1), *d[:7], mean0, rstd0, 5, 2, 1e-5, True)
+    torch.library.opcheck(torch.ops.d2v_kernels.conv0_ln_gelu_conv_bwd.default, bwd_args)
+
+    z1 = z1.requires_grad_(True)
+    args = (z1, ln_weights[1], ln_biases[1], weights[2], conv_biases[2], 2, 1e-5)
+    torch.library.opcheck(torch.ops.d2v_kernels.ln_gelu_conv.default, args)
+    z2, mean1, rstd1 = torch.ops.d2v_kernels.ln_gelu_conv(*detach(args))
+    bwd_args = (torch.randn_like(z2), *detach(args)[:5], mean1, rstd1, 2, 1e-5)
+    torch.library.opcheck(torch.ops.d2v_kernels.ln_gelu_conv_bwd.default, bwd_args)
+
+
 # --------------------------------------------------------------------------------------------
 # Layers 0 and 1 as one kernel (opt-in: D2V_KERNELS_FUSE_CONV01=1)
 # --------------------------------------------------------------------------------------------
@@ -193,9 +351,9 @@ def test_layers_0_and_1_fuse_only_when_asked(monkeypatch):
     out = _run(wave.requires_grad_(True), params, "triton")
     assert (fused, layer0) == ([False], [False])
     out.sum().backward()
-    # The backward recomputes layer 0's output (layer 1's input) and then its pre-norm values
-    # (cheaper than deriving one from the other: both are a read of the wave and one write).
-    assert layer0 == [False, False, True]
+    # The backward recomputes layer 0's output (layer 1's input); layer 0's own backward kernel
+    # recomputes its conv output in registers.
+    assert layer0 == [False, False]
     torch.testing.assert_close(out, expected, rtol=0, atol=4e-3)  # fp16: one rounding apart at most
     fused.clear()
     from d2v_kernels.ops.conv_feature_extractor import fuse_layers_0_1

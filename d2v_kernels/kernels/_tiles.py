@@ -19,6 +19,8 @@ TUNABLE: dict[str, tuple[str, ...]] = {
     "pos_conv": ("BLOCK_T", "BLOCK_CI", "num_warps", "num_stages"),
     "pos_conv_wgrad": ("BLOCK_T", "num_warps", "num_stages"),
     "conv0": ("BLOCK_T", "num_warps"),
+    # layer 0's fused backward: frames per tile (at least 16), warps, persistent programs per SM
+    "conv0_bwd": ("BLOCK_T", "num_warps", "programs_per_sm"),
     "conv01": ("BLOCK_M", "BLOCK_K", "num_warps", "num_stages"),
     # LayerNorm (+ GELU, + residual) rows: positions per tile (the channels fill BLOCK_C), warps,
     # and for the backward the persistent programs per SM.

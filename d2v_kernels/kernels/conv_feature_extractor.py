@@ -7,11 +7,15 @@ program owns BLOCK_T frames of one batch and all C channels: it reads the BLOCK_
 samples it needs, forms the conv in fp32 registers, normalises and writes the output once.
 
 The conv output is rounded to the output dtype before the LayerNorm, as the eager module's conv
-writes it, so the statistics describe exactly the values that ``PRE_NORM_ONLY`` (the backward's
-recompute) stores; the backward then runs the row-norm LayerNorm + GELU backward on them and
-cuDNN's convolution backward for the weight and waveform gradients.
+writes it, so the statistics describe exactly the values the backward recomputes (in its kernel,
+or with ``PRE_NORM_ONLY`` for the unfused backward of rows wider than it takes).
 
-Output layout: channels-first (B, C, T) through strides, what the next layer's cuDNN conv reads.
+Output layout: (B, C, T) with channels-last strides (each frame's channels contiguous), written
+through strides: what the next layer's cuDNN conv reads without transposing.
+
+The backward (``conv0_ln_gelu_bwd_kernel``) is one kernel too: it recomputes the conv output in
+registers, runs the LayerNorm + GELU backward and reduces the weight, LayerNorm and (optionally)
+waveform gradients from dh held in registers; neither the conv output nor its gradient is stored.
 """
 
 from __future__ import annotations
@@ -20,7 +24,15 @@ import torch
 import triton
 import triton.language as tl
 
-from d2v_kernels.kernels._row_norm import _activation, _tile_offsets, _to_output
+from d2v_kernels.kernels._row_norm import (
+    _activation,
+    _activation_grad,
+    _backward_programs,
+    _tile_offsets,
+    _tile_ptrs,
+    _to_output,
+    _wide_offsets,
+)
 from d2v_kernels.kernels._tiles import cdiv, next_power_of_2, tiles
 from d2v_kernels.kernels.aot import AotVariant
 
@@ -93,6 +105,86 @@ def conv0_ln_gelu_kernel(
         row = batch.to(tl.int64) * n_frames + t
         tl.store(MEAN + row, mean, mask=t_mask)
         tl.store(RSTD + row, rstd, mask=t_mask)
+
+
+@triton.jit
+def conv0_ln_gelu_bwd_kernel(
+    DY, WAVE, W, CB, G, BETA, MEAN, RSTD, DW_PARTIAL, DG_PARTIAL, DB_PARTIAL, DCB_PARTIAL, DFRAME,
+    n_frames, n_channels, tiles_per_batch, n_tiles,
+    stride_dy_b, stride_dy_c, stride_dy_t,
+    stride_wave_b, stride_wave_s, stride_w_c, stride_w_k,
+    KERNEL: tl.constexpr, STRIDE: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, WAVE_GRAD: tl.constexpr,
+    UPCAST: tl.constexpr, FP32_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr,
+):  # fmt: skip
+    """Layer 0's whole backward from dy (B, C, T) alone: per tile the conv output h is recomputed
+    from the wave (K multiply-adds a value), then LayerNorm + GELU backward gives dh in fp32
+    registers, which feeds the parameter gradients and is never stored. Persistent programs walk
+    tiles pid, pid + n_programs, ... in a fixed order into fp32 partials (summed with torch: no
+    atomics, the same bits every run):
+        DW_PARTIAL (P, KERNEL, C): dweight[c, j] = sum_t dh[t, c] * wave[t * STRIDE + j]
+        DG_PARTIAL, DB_PARTIAL, DCB_PARTIAL (P, C): d ln_weight, d ln_bias, d conv_bias
+    With WAVE_GRAD, DFRAME (B, T, KERNEL) gets each frame's sample gradients
+    sum_c dh[t, c] * w[c, j]; the launcher overlap-adds them into the waveform's gradient."""
+    pid = tl.program_id(0)
+    n_programs = tl.num_programs(0)
+    ch = tl.arange(0, BLOCK_C)
+    ch_mask = ch < n_channels
+    taps = tl.arange(0, BLOCK_J)
+    tap_mask = taps < KERNEL
+    dw_acc = tl.zeros((BLOCK_J, BLOCK_C), dtype=tl.float32)
+    dg_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    dcb_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for tile in range(pid, n_tiles, n_programs):
+        batch = tile // tiles_per_batch
+        t = (tile % tiles_per_batch) * BLOCK_T + tl.arange(0, BLOCK_T)
+        t_mask = t < n_frames
+        mask = t_mask[:, None] & ch_mask[None, :]
+        # int32 offsets within a batch row / slice, 64-bit bases (int64 per element costs registers)
+        wave_row = WAVE + batch.to(tl.int64) * stride_wave_b
+        first_sample = t * STRIDE
+        h = _conv0_tile(
+            wave_row, first_sample, t_mask, W, CB, 0, n_channels, stride_wave_s, stride_w_c, stride_w_k,
+            KERNEL, HAS_CONV_BIAS, DY.dtype.element_ty, BLOCK_T, BLOCK_C,
+        )  # fmt: skip
+        row_base = batch.to(tl.int64) * n_frames
+        mean = tl.load(MEAN + row_base + t, mask=t_mask, other=0.0)
+        rstd = tl.load(RSTD + row_base + t, mask=t_mask, other=0.0)
+        xhat = tl.where(mask, (h - mean[:, None]) * rstd[:, None], 0.0)
+        # gamma, beta reloaded per tile (cache hits): registers held across the loop are the limit
+        gamma = tl.load(G + ch, mask=ch_mask, other=0.0).to(tl.float32)
+        beta = tl.load(BETA + ch, mask=ch_mask, other=0.0).to(tl.float32)
+        dy_ptrs = _tile_ptrs(DY, batch, t, ch, stride_dy_b, stride_dy_c, stride_dy_t, WIDE_OFFSETS)
+        dz = tl.load(dy_ptrs, mask=mask, other=0.0).to(tl.float32)
+        dz *= _activation_grad(xhat * gamma[None, :] + beta[None, :], 1)
+        dg_acc += tl.sum(dz * xhat, axis=0)
+        db_acc += tl.sum(dz, axis=0)
+        dxhat = dz * gamma[None, :]
+        mean_dxhat_xhat = tl.sum(dxhat * xhat, axis=1) / n_channels
+        mean_dxhat = tl.sum(dxhat, axis=1) / n_channels
+        dh = (dxhat - (xhat * mean_dxhat_xhat[:, None] + mean_dxhat[:, None])) * rstd[:, None]
+        dh = tl.where(mask, dh, 0.0)
+        if HAS_CONV_BIAS:
+            dcb_acc += tl.sum(dh, axis=0)
+        # samples[t, j] = wave[t * STRIDE + j]: the conv's im2col rows of this tile, taps padded to BLOCK_J
+        sample_mask = t_mask[:, None] & tap_mask[None, :]
+        sample_ptrs = wave_row + (first_sample[:, None] + taps[None, :]) * stride_wave_s
+        samples = tl.load(sample_ptrs, mask=sample_mask, other=0.0).to(tl.float32)
+        if UPCAST:  # fp32 operands, exact products (the interpreter's bf16 dot, or fp32 data)
+            dw_acc += tl.dot(tl.trans(samples), dh, input_precision=FP32_PRECISION)
+        else:  # dh rounded to the data's dtype (as eager's dh is), products exact, fp32 sums
+            dw_acc += tl.dot(tl.trans(samples).to(DY.dtype.element_ty), dh.to(DY.dtype.element_ty))
+        if WAVE_GRAD:  # dframe[t, j] = sum_c dh[t, c] * w[c, j], a row reduction per tap
+            for j in range(KERNEL):
+                w_j = tl.load(W + ch * stride_w_c + j * stride_w_k, mask=ch_mask, other=0.0).to(tl.float32)
+                tl.store(DFRAME + (row_base + t) * KERNEL + j, tl.sum(dh * w_j[None, :], axis=1), mask=t_mask)
+    dw_ptrs = DW_PARTIAL + (pid * KERNEL + taps[:, None]) * n_channels + ch[None, :]
+    tl.store(dw_ptrs, dw_acc, mask=tap_mask[:, None] & ch_mask[None, :])
+    tl.store(DG_PARTIAL + pid * n_channels + ch, dg_acc, mask=ch_mask)
+    tl.store(DB_PARTIAL + pid * n_channels + ch, db_acc, mask=ch_mask)
+    if HAS_CONV_BIAS:
+        tl.store(DCB_PARTIAL + pid * n_channels + ch, dcb_acc, mask=ch_mask)
 
 
 @triton.jit
@@ -208,13 +300,15 @@ def _launch_tiles(channels: int) -> dict:
 
 def conv0_ln_gelu(wave, weight, conv_bias, ln_weight, ln_bias, stride: int, eps: float, *, pre_norm_only=False):
     """wave (B, S), weight (C, 1, k), conv_bias (C,) or None, ln_weight / ln_bias (C,), all of
-    wave's dtype -> (y (B, C, T) in wave's dtype, mean (B, T) fp32, rstd (B, T) fp32), T =
-    (S - k) // stride + 1. With ``pre_norm_only`` y is the conv output (rounded to the dtype) and
+    wave's dtype -> (y (B, C, T) in wave's dtype with channels-last strides (T * C, 1, C), mean
+    (B, T) fp32, rstd (B, T) fp32), T = (S - k) // stride + 1. With ``pre_norm_only`` y is the conv output (rounded to the dtype) and
     mean / rstd are empty."""
     batch, samples = wave.shape
     channels, _, kernel_size = weight.shape
     frames = output_frames(samples, kernel_size, stride)
-    y = torch.empty((batch, channels, frames), device=wave.device, dtype=wave.dtype)
+    # (B, C, T) with channels-last strides: each frame's C values contiguous, the layout the next
+    # layer's cuDNN conv runs in without transposing, and whole rows for the LayerNorm.
+    y = torch.empty((batch, frames, channels), device=wave.device, dtype=wave.dtype).transpose(1, 2)
     stats_shape = (0,) if pre_norm_only else (batch, frames)
     mean = torch.empty(stats_shape, device=wave.device, dtype=torch.float32)
     rstd = torch.empty(stats_shape, device=wave.device, dtype=torch.float32)
@@ -231,6 +325,93 @@ def conv0_ln_gelu(wave, weight, conv_bias, ln_weight, ln_bias, stride: int, eps:
         BLOCK_T=config["BLOCK_T"], BLOCK_C=config["BLOCK_C"], num_warps=config["num_warps"],
     )  # fmt: skip
     return y, mean, rstd
+
+
+# The fused backward holds a (BLOCK_T, C) tile of several fp32 values and the (taps, C) weight
+# gradient in registers; wider rows (1024 spills 0.7 to 1.4 KB at any warp count, sm_90) or
+# longer kernels take the unfused backward (recompute h, row-norm backward, cuDNN's conv gradients).
+BWD_MAX_CHANNELS = 512
+BWD_MAX_KERNEL = 16
+BWD_MIN_BLOCK_T = 16  # BLOCK_T is the reduction length of the weight-gradient dot: at least 16
+# Persistent programs per SM of the fused backward: one, as its 8 warps of 255 registers fill the
+# register file (ptxas, sm_90).
+_BWD_PROGRAMS_PER_SM = 1
+
+
+# fp32 data: the weight gradient's dot in three tf32 passes (fp32-accurate products, tensor cores)
+_BWD_FP32_PRECISION = "tf32x3"
+
+
+def _upcast_dot(wave) -> bool:
+    """fp32 operands for the weight-gradient dot: fp32 data, or bf16 on the CPU interpreter (whose
+    dot takes no bf16)."""
+    return wave.dtype == torch.float32 or (wave.device.type == "cpu" and wave.dtype == torch.bfloat16)
+
+
+def backward_reasons(channels: int, kernel_size: int) -> list[str]:
+    """Why layer 0's backward cannot run as one kernel (empty when it can)."""
+    reasons = []
+    if channels > BWD_MAX_CHANNELS:
+        reasons.append(f"layer 0 has {channels} channels > {BWD_MAX_CHANNELS} (fused backward)")
+    if kernel_size > BWD_MAX_KERNEL:
+        reasons.append(f"layer 0 kernel size {kernel_size} > {BWD_MAX_KERNEL} (fused backward)")
+    return reasons
+
+
+def _backward_tiles(channels: int) -> dict:
+    default = {"BLOCK_T": BWD_MIN_BLOCK_T, "num_warps": 8, "programs_per_sm": _BWD_PROGRAMS_PER_SM}
+    config = tiles("conv0_bwd", default)
+    if config["BLOCK_T"] < BWD_MIN_BLOCK_T:
+        raise ValueError(f"conv0_bwd: BLOCK_T must be at least {BWD_MIN_BLOCK_T}, got {config['BLOCK_T']}")
+    return config | {"BLOCK_C": max(16, next_power_of_2(channels))}
+
+
+def conv0_ln_gelu_backward(dy, wave, weight, conv_bias, ln_weight, ln_bias, mean, rstd, stride: int, *, wave_grad):
+    """Layer 0's backward as one kernel. dy (B, C, T) any strides; wave (B, S); weight (C, 1, k);
+    conv_bias (C,) or None; ln_weight, ln_bias (C,); all in wave's dtype; mean, rstd (B, T) fp32
+    from the forward. Returns (dwave (B, S) or None, dweight, dconv_bias or None, dln_weight,
+    dln_bias), each in its parameter's dtype, reduced in fp32 in a fixed order (deterministic).
+    The conv output is recomputed in registers and neither it nor its gradient is stored."""
+    batch, samples = wave.shape
+    channels, _, kernel_size = weight.shape
+    frames = dy.shape[2]
+    config = _backward_tiles(channels)
+    block_t = config["BLOCK_T"]
+    tiles_per_batch = cdiv(frames, block_t)
+    n_tiles = batch * tiles_per_batch
+    n_programs = _backward_programs(wave.device, n_tiles, config["programs_per_sm"])
+    f32 = dict(device=wave.device, dtype=torch.float32)
+    dw_partial = torch.empty((n_programs, kernel_size, channels), **f32)
+    dg_partial = torch.empty((n_programs, channels), **f32)
+    db_partial = torch.empty((n_programs, channels), **f32)
+    dcb_partial = torch.empty((n_programs, channels), **f32) if conv_bias is not None else dg_partial
+    dframe = torch.empty((batch, frames, kernel_size), **f32) if wave_grad else dg_partial
+    mean, rstd = mean.contiguous(), rstd.contiguous()
+    conv_bias, ln_weight, ln_bias = (None if t is None else t.contiguous() for t in (conv_bias, ln_weight, ln_bias))
+    conv0_ln_gelu_bwd_kernel[(n_programs,)](
+        dy, wave, weight, conv_bias if conv_bias is not None else weight, ln_weight, ln_bias, mean, rstd,
+        dw_partial, dg_partial, db_partial, dcb_partial, dframe,
+        frames, channels, tiles_per_batch, n_tiles,
+        *dy.stride(),
+        *wave.stride(), weight.stride(0), weight.stride(2),
+        KERNEL=kernel_size, STRIDE=stride, HAS_CONV_BIAS=conv_bias is not None, WAVE_GRAD=bool(wave_grad),
+        UPCAST=_upcast_dot(wave), FP32_PRECISION=_BWD_FP32_PRECISION,
+        WIDE_OFFSETS=_wide_offsets(channels, frames, [(0, dy.stride(1), dy.stride(2))]),
+        BLOCK_T=block_t, BLOCK_C=config["BLOCK_C"], BLOCK_J=max(16, next_power_of_2(kernel_size)),
+        num_warps=config["num_warps"],
+    )  # fmt: skip
+    dweight = dw_partial.sum(0).t().contiguous().reshape(weight.shape).to(weight.dtype)
+    d_ln_weight = dg_partial.sum(0).to(ln_weight.dtype)
+    d_ln_bias = db_partial.sum(0).to(ln_bias.dtype)
+    d_conv_bias = dcb_partial.sum(0).to(conv_bias.dtype) if conv_bias is not None else None
+    dwave = None
+    if wave_grad:  # overlap-add: frame t's tap j is sample t * stride + j (fixed order: deterministic)
+        dwave = torch.zeros((batch, samples), **f32)
+        last = stride * (frames - 1) + 1
+        for j in range(kernel_size):
+            dwave[:, j : j + last : stride] += dframe[:, :, j]
+        dwave = dwave.to(wave.dtype)
+    return dwave, dweight, d_conv_bias, d_ln_weight, d_ln_bias
 
 
 FUSED01_MAX_CHANNELS = 512  # layer 1's output row (BLOCK_N accumulators per frame) in registers
@@ -307,6 +488,22 @@ _INTS = (
 )
 
 
+_BWD_POINTERS = ("DY", "WAVE", "W", "CB", "G", "BETA")
+_BWD_FP32_POINTERS = ("MEAN", "RSTD", "DW_PARTIAL", "DG_PARTIAL", "DB_PARTIAL", "DCB_PARTIAL", "DFRAME")
+_BWD_INTS = (
+    "n_frames",
+    "n_channels",
+    "tiles_per_batch",
+    "n_tiles",
+    "stride_dy_b",
+    "stride_dy_c",
+    "stride_dy_t",
+    "stride_wave_b",
+    "stride_wave_s",
+    "stride_w_c",
+    "stride_w_k",
+)
+
 _FUSED01_POINTERS = ("WAVE", "W0", "CB0", "G0", "BETA0", "W1", "CB1", "G1", "BETA1", "Y")
 _FUSED01_INTS = (
     "n_frames1",
@@ -346,6 +543,36 @@ def aot_variants() -> list[AotVariant]:
         types = {arg: types[arg] for arg in conv0_ln_gelu_kernel.arg_names}
         name = f"conv0_{_TRITON_TYPES[dtype]}_c{channels}_bias{int(bias)}_pre{int(pre_norm_only)}"
         variants.append(AotVariant(name, conv0_ln_gelu_kernel, types, constexprs, config["num_warps"], 1))
+    # The fused backward: every dtype, with and without conv bias and waveform gradient, at its
+    # widest row (512). At 255 registers (one program an SM) some variants spill a few words
+    # (sm_90: 8 B for fp16 / bf16 with a conv bias or the waveform gradient, 20 to 92 B for fp32,
+    # whose dot runs in three tf32 passes), to L1, in a loop that reads a 16 KB tile of dy per step.
+    combos = [(dtype, 512, bias, dwave) for dtype in KERNEL_DTYPES for bias in (False, True) for dwave in (False, True)]
+    for dtype, channels, bias, wave_grad in combos:
+        config = _backward_tiles(channels)
+        types = dict.fromkeys(_BWD_POINTERS, "*" + _TRITON_TYPES[dtype])
+        types |= dict.fromkeys(_BWD_FP32_POINTERS, "*fp32") | dict.fromkeys(_BWD_INTS, "i32")
+        constexprs = {
+            "KERNEL": 10,
+            "STRIDE": 5,
+            "HAS_CONV_BIAS": bias,
+            "WAVE_GRAD": wave_grad,
+            "UPCAST": dtype == torch.float32,
+            "FP32_PRECISION": _BWD_FP32_PRECISION,
+            "WIDE_OFFSETS": False,
+            "BLOCK_T": config["BLOCK_T"],
+            "BLOCK_C": config["BLOCK_C"],
+            "BLOCK_J": 16,
+        }
+        types |= dict.fromkeys(constexprs, "constexpr")
+        types = {arg: types[arg] for arg in conv0_ln_gelu_bwd_kernel.arg_names}
+        name = f"conv0_bwd_{_TRITON_TYPES[dtype]}_c{channels}_bias{int(bias)}_dwave{int(wave_grad)}"
+        spill = 92 if dtype == torch.float32 else 8
+        variants.append(
+            AotVariant(
+                name, conv0_ln_gelu_bwd_kernel, types, constexprs, config["num_warps"], 1, allowed_spill_bytes=spill
+            )
+        )
     # Layers 0 + 1 fused: Data2Vec's (k 10, stride 5) then (k 3, stride 2), 512 channels, fp16 and
     # bf16 without conv bias, and fp16 with both biases (sm_90: 207-254 registers, no spill).
     for dtype, bias in [(torch.float16, False), (torch.bfloat16, False), (torch.float16, True)]:

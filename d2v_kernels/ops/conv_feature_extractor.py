@@ -343,7 +343,7 @@ _conv0_fwd = torch.library.custom_op("d2v_kernels::conv0_ln_gelu", _conv0_fwd_im
 def _(wave, weight, conv_bias, ln_weight, ln_bias, stride, eps):
     frames = (wave.shape[1] - weight.shape[2]) // stride + 1
     mean = wave.new_empty((wave.shape[0], frames), dtype=torch.float32)
-    return wave.new_empty((wave.shape[0], weight.shape[0], frames)), mean, torch.empty_like(mean)
+    return _channels_last_empty(wave, weight.shape[0], frames), mean, torch.empty_like(mean)
 
 
 def _conv0_bwd_impl(
@@ -361,8 +361,22 @@ def _conv0_bwd_impl(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dwave or empty, dweight, dconv_bias or empty, dln_weight, dln_bias).
 
-    The conv output is recomputed (the kernel's pre-norm mode: the values the forward normalised),
-    the LayerNorm + GELU backward is the row-norm kernel's, the conv gradients are cuDNN's."""
+    One kernel where it takes the shape (it recomputes the conv output in registers and stores
+    neither it nor its gradient). Otherwise the conv output is recomputed (the kernel's pre-norm
+    mode: the values the forward normalised), the LayerNorm + GELU backward is the row-norm
+    kernel's, the conv gradients are cuDNN's."""
+    if not _conv0_kernels.backward_reasons(weight.shape[0], weight.shape[2]):
+        dwave, dweight, d_conv_bias, d_ln_weight, d_ln_bias = _conv0_kernels.conv0_ln_gelu_backward(
+            dy, wave, weight, conv_bias, ln_weight, ln_bias, mean, rstd, stride, wave_grad=wave_grad
+        )
+        empty = wave.new_empty(0)
+        return (
+            dwave if wave_grad else empty,
+            dweight,
+            d_conv_bias if conv_bias is not None else empty,
+            d_ln_weight,
+            d_ln_bias,
+        )
     h, _, _ = _conv0_kernels.conv0_ln_gelu(wave, weight, conv_bias, ln_weight, ln_bias, stride, eps, pre_norm_only=True)
     dh, d_ln_weight, d_ln_bias = _layer_norm_gelu_kernels.layer_norm_gelu_backward(
         dy, h, ln_weight, ln_bias, mean, rstd, 1, "none"
@@ -420,6 +434,239 @@ Conv0LayerNormGeluFunction = autograd_function(
     "Conv0LayerNormGeluFunction", _conv0_fwd_impl, _conv0_setup_context, _conv0_backward
 )
 _conv0_call = eager_or_compiled(_conv0_fwd, Conv0LayerNormGeluFunction)
+
+
+# --- Layer i's LayerNorm + GELU with layer i + 1's conv as one autograd node ---------------------
+# The activation between them (the conv's input) is the largest tensor of each layer. Saved, it
+# would be kept twice over (the conv output z is saved anyway, for the LayerNorm backward); the
+# node saves z alone and the backward recomputes the activation from it (one elementwise pass,
+# or for layer 0 one read of the waveform) and frees it before the input gradient is allocated.
+# So the Triton path keeps one tensor per layer for the backward, eager keeps four.
+
+
+def _channels_last_empty(like: Tensor, channels: int, frames: int) -> Tensor:
+    return like.new_empty((like.shape[0], frames, channels)).transpose(1, 2)
+
+
+def _channels_last(z: Tensor) -> Tensor:
+    """(B, C, T) with channels-last strides (T * C, 1, C): cuDNN returns that layout for a
+    channels-last input on the GPU; a copy only where a backend (the CPU's) returned another."""
+    return z if z.stride(1) == 1 or z.shape[1] == 1 else z.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _conv_output(x: Tensor, weight: Tensor, conv_bias: Tensor | None, stride: int) -> Tensor:
+    return _channels_last(F.conv1d(x, weight, conv_bias, stride=stride))
+
+
+def _conv_weight_grads(x, weight, conv_bias, dz, stride):
+    """(dweight, dconv_bias or empty) of z = conv1d(x, weight, conv_bias, stride)."""
+    dweight = torch.nn.grad.conv1d_weight(x, weight.shape, dz, stride=stride)
+    d_conv_bias = dz.sum(dim=(0, 2), dtype=torch.float32).to(dz.dtype) if conv_bias is not None else x.new_empty(0)
+    return dweight, d_conv_bias
+
+
+def _conv_input_grad(input_shape, weight, dz, stride):
+    """d input of conv1d from dz without the input itself (it may be freed already). The weight is
+    passed in channels-last strides, so cuDNN writes the gradient channels-last, like dz."""
+    weight = weight.transpose(1, 2).contiguous().transpose(1, 2)
+    placeholder = dz.new_empty(1).expand(input_shape)
+    return torch.ops.aten.convolution_backward(
+        dz, placeholder, weight, None, [stride], [0], [1], False, [0], 1, [True, False, False]
+    )[0]
+
+
+def _conv0_conv_fwd_impl(
+    wave: Tensor,
+    w0: Tensor,
+    cb0: Tensor | None,
+    g0: Tensor,
+    b0: Tensor,
+    w1: Tensor,
+    cb1: Tensor | None,
+    s0: int,
+    s1: int,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Layer 0 (one kernel) then layer 1's conv: (z1 (B, C1, T1) channels-last strides, layer 0's
+    mean (B, T0) and rstd fp32)."""
+    y0, mean0, rstd0 = _conv0_kernels.conv0_ln_gelu(wave, w0, cb0, g0, b0, s0, eps)
+    return _conv_output(y0, w1, cb1, s1), mean0, rstd0
+
+
+def _conv0_conv_bwd_impl(
+    dz1: Tensor,
+    wave: Tensor,
+    w0: Tensor,
+    cb0: Tensor | None,
+    g0: Tensor,
+    b0: Tensor,
+    w1: Tensor,
+    cb1: Tensor | None,
+    mean0: Tensor,
+    rstd0: Tensor,
+    s0: int,
+    s1: int,
+    eps: float,
+    wave_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dwave or empty, dw0, dcb0 or empty, dg0, db0, dw1, dcb1 or empty): layer 0's output is
+    recomputed for layer 1's weight gradient and freed before its input gradient is formed."""
+    y0 = _conv0_kernels.conv0_ln_gelu(wave, w0, cb0, g0, b0, s0, eps)[0]
+    dw1, dcb1 = _conv_weight_grads(y0, w1, cb1, dz1, s1)
+    y0_shape = y0.shape
+    del y0
+    dy0 = _conv_input_grad(y0_shape, w1, dz1, s1)
+    dwave, dw0, dcb0, dg0, db0 = _conv0_bwd_impl(dy0, wave, w0, cb0, g0, b0, mean0, rstd0, s0, eps, wave_grad)
+    return dwave, dw0, dcb0, dg0, db0, dw1, dcb1
+
+
+_conv0_conv_fwd = torch.library.custom_op("d2v_kernels::conv0_ln_gelu_conv", _conv0_conv_fwd_impl, mutates_args=())
+_conv0_conv_bwd = torch.library.custom_op("d2v_kernels::conv0_ln_gelu_conv_bwd", _conv0_conv_bwd_impl, mutates_args=())
+
+
+@_conv0_conv_fwd.register_fake
+def _(wave, w0, cb0, g0, b0, w1, cb1, s0, s1, eps):
+    frames0 = (wave.shape[1] - w0.shape[2]) // s0 + 1
+    frames1 = (frames0 - w1.shape[2]) // s1 + 1
+    mean = wave.new_empty((wave.shape[0], frames0), dtype=torch.float32)
+    return _channels_last_empty(wave, w1.shape[0], frames1), mean, torch.empty_like(mean)
+
+
+@_conv0_conv_bwd.register_fake
+def _(dz1, wave, w0, cb0, g0, b0, w1, cb1, mean0, rstd0, s0, s1, eps, wave_grad):
+    empty = wave.new_empty(0)
+    return (
+        torch.empty_like(wave) if wave_grad else empty,
+        torch.empty_like(w0),
+        empty if cb0 is None else torch.empty_like(cb0),
+        torch.empty_like(g0),
+        torch.empty_like(b0),
+        torch.empty_like(w1),
+        empty if cb1 is None else torch.empty_like(cb1),
+    )
+
+
+def _conv0_conv_setup_context(ctx, inputs, output):
+    wave, w0, cb0, g0, b0, w1, cb1, s0, s1, eps = inputs
+    _, mean0, rstd0 = output
+    ctx.save_for_backward(wave, w0, cb0, g0, b0, w1, cb1, mean0, rstd0)  # no activation
+    ctx.s0, ctx.s1, ctx.eps = s0, s1, eps
+    ctx.mark_non_differentiable(mean0, rstd0)
+
+
+def _conv0_conv_backward(ctx, dz1, _dmean, _drstd):
+    saved = ctx.saved_tensors
+    cb0, cb1 = saved[2], saved[6]
+    wave_grad = ctx.needs_input_grad[0]
+    dwave, dw0, dcb0, dg0, db0, dw1, dcb1 = pick(_conv0_conv_bwd, _conv0_conv_bwd_impl, (dz1, *saved))(
+        dz1, *saved, ctx.s0, ctx.s1, ctx.eps, wave_grad
+    )
+    return (
+        dwave if wave_grad else None,
+        dw0,
+        dcb0 if cb0 is not None else None,
+        dg0,
+        db0,
+        dw1,
+        dcb1 if cb1 is not None else None,
+        None,
+        None,
+        None,
+    )
+
+
+_conv0_conv_fwd.register_autograd(_conv0_conv_backward, setup_context=_conv0_conv_setup_context)
+Conv0LayerNormGeluConvFunction = autograd_function(
+    "Conv0LayerNormGeluConvFunction", _conv0_conv_fwd_impl, _conv0_conv_setup_context, _conv0_conv_backward
+)
+_conv0_conv_call = eager_or_compiled(_conv0_conv_fwd, Conv0LayerNormGeluConvFunction)
+
+
+def _norm_conv_fwd_impl(
+    z: Tensor, g: Tensor | None, b: Tensor | None, w: Tensor, cb: Tensor | None, stride: int, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """GELU(LayerNorm(z)) over the channels of z (B, C, T), then the next layer's conv: (z_next
+    (B, C', T') channels-last strides, mean (B, T) and rstd fp32 of z)."""
+    y, mean, rstd = _layer_norm_gelu_kernels.layer_norm_gelu_forward(z, g, b, eps, 1, "none")
+    return _conv_output(y, w, cb, stride), mean, rstd
+
+
+def _norm_conv_bwd_impl(
+    dz_next: Tensor,
+    z: Tensor,
+    g: Tensor | None,
+    b: Tensor | None,
+    w: Tensor,
+    cb: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    stride: int,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dz, dg or empty, db or empty, dw, dcb or empty): the activation is recomputed from z for
+    the weight gradient and freed before its gradient is formed."""
+    y = _layer_norm_gelu_kernels.layer_norm_gelu_forward(z, g, b, eps, 1, "none")[0]
+    dw, dcb = _conv_weight_grads(y, w, cb, dz_next, stride)
+    del y
+    dy = _conv_input_grad(z.shape, w, dz_next, stride)
+    dz, dg, db = _layer_norm_gelu_kernels.layer_norm_gelu_backward(dy, z, g, b, mean, rstd, 1, "none")
+    empty = z.new_empty(0)
+    return dz, dg if dg is not None else empty, db if db is not None else empty, dw, dcb
+
+
+_norm_conv_fwd = torch.library.custom_op("d2v_kernels::ln_gelu_conv", _norm_conv_fwd_impl, mutates_args=())
+_norm_conv_bwd = torch.library.custom_op("d2v_kernels::ln_gelu_conv_bwd", _norm_conv_bwd_impl, mutates_args=())
+
+
+@_norm_conv_fwd.register_fake
+def _(z, g, b, w, cb, stride, eps):
+    frames = (z.shape[2] - w.shape[2]) // stride + 1
+    mean = z.new_empty((z.shape[0], z.shape[2]), dtype=torch.float32)
+    return _channels_last_empty(z, w.shape[0], frames), mean, torch.empty_like(mean)
+
+
+@_norm_conv_bwd.register_fake
+def _(dz_next, z, g, b, w, cb, mean, rstd, stride, eps):
+    empty = z.new_empty(0)
+    return (
+        torch.empty_like(z),
+        empty if g is None else torch.empty_like(g),
+        empty if b is None else torch.empty_like(b),
+        torch.empty_like(w),
+        empty if cb is None else torch.empty_like(cb),
+    )
+
+
+def _norm_conv_setup_context(ctx, inputs, output):
+    z, g, b, w, cb, stride, eps = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(z, g, b, w, cb, mean, rstd)  # z, not the activation: recomputed
+    ctx.stride, ctx.eps = stride, eps
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _norm_conv_backward(ctx, dz_next, _dmean, _drstd):
+    saved = ctx.saved_tensors
+    g, b, cb = saved[1], saved[2], saved[4]
+    dz, dg, db, dw, dcb = pick(_norm_conv_bwd, _norm_conv_bwd_impl, (dz_next, *saved))(
+        dz_next, *saved, ctx.stride, ctx.eps
+    )
+    return (
+        dz,
+        dg if g is not None else None,
+        db if b is not None else None,
+        dw,
+        dcb if cb is not None else None,
+        None,
+        None,
+    )
+
+
+_norm_conv_fwd.register_autograd(_norm_conv_backward, setup_context=_norm_conv_setup_context)
+LayerNormGeluConvFunction = autograd_function(
+    "LayerNormGeluConvFunction", _norm_conv_fwd_impl, _norm_conv_setup_context, _norm_conv_backward
+)
+_norm_conv_call = eager_or_compiled(_norm_conv_fwd, LayerNormGeluConvFunction)
 
 
 def _conv01_fwd_impl(
@@ -571,19 +818,36 @@ def _conv0_fusable(wave, weight, conv_bias, ln_weight, ln_bias) -> bool:
 
 
 def _run_conv_then_triton_norm(wave, conv_weights, ln_weights, ln_biases, *, strides, conv_biases=None, eps=1e-5):
-    conv_biases = conv_biases if conv_biases is not None else [None] * len(conv_weights)
-    layers = list(zip(conv_weights, ln_weights, ln_biases, conv_biases, strides))
-    w0, lw0, lb0, cb0, stride0 = layers[0]
+    n = len(conv_weights)
+    conv_biases = conv_biases if conv_biases is not None else [None] * n
+    strides, eps = [int(s) for s in strides], float(eps)
+    if torch.is_autocast_enabled(wave.device.type):
+        return _run_per_layer(wave[:, None], conv_weights, ln_weights, ln_biases, strides, conv_biases, eps)
+    w0, lw0, lb0, cb0 = conv_weights[0], ln_weights[0], ln_biases[0], conv_biases[0]
     if _fuse_layers_0_1(wave, conv_weights, ln_weights, ln_biases, conv_biases):
-        w1, lw1, lb1, cb1, stride1 = layers[1]
-        h = _conv01_call(wave, w0, w1, cb0, cb1, lw0, lw1, lb0, lb1, int(stride0), int(stride1), float(eps))
-        layers = layers[2:]
+        w1, lw1, lb1, cb1 = conv_weights[1], ln_weights[1], ln_biases[1], conv_biases[1]
+        h = _conv01_call(wave, w0, w1, cb0, cb1, lw0, lw1, lb0, lb1, strides[0], strides[1], eps)
+        if n == 2:
+            return h.transpose(1, 2)
+        z, first = _conv_output(h, conv_weights[2], conv_biases[2], strides[2]), 2
     elif _conv0_fusable(wave, w0, cb0, lw0, lb0):
-        h = _conv0_call(wave, w0, cb0, lw0, lb0, int(stride0), float(eps))[0]
-        layers = layers[1:]
+        if n == 1:
+            return _conv0_call(wave, w0, cb0, lw0, lb0, strides[0], eps)[0].transpose(1, 2)
+        w1, cb1 = conv_weights[1], conv_biases[1]
+        z, first = _conv0_conv_call(wave, w0, cb0, lw0, lb0, w1, cb1, strides[0], strides[1], eps)[0], 1
     else:
-        h = wave[:, None]
-    for w, lw, lb, cb, stride in layers:
+        z, first = _conv_output(wave[:, None], w0, cb0, strides[0]), 0
+    # z is layer `first`'s conv output: each node normalises one layer and runs the next conv.
+    for i in range(first, n - 1):
+        z = _norm_conv_call(
+            z, ln_weights[i], ln_biases[i], conv_weights[i + 1], conv_biases[i + 1], strides[i + 1], eps
+        )[0]
+    return _layer_norm_gelu_triton(z, ln_weights[-1], ln_biases[-1], eps=eps, channels_dim=1).transpose(1, 2)
+
+
+def _run_per_layer(h, conv_weights, ln_weights, ln_biases, strides, conv_biases, eps):
+    """Under autocast: each conv as autocast runs it, LayerNorm + GELU in the dtype eager's would use."""
+    for w, lw, lb, cb, stride in zip(conv_weights, ln_weights, ln_biases, conv_biases, strides):
         h = F.conv1d(h, w, cb, stride=stride)
         h = h.to(layer_norm_compute_dtype(h.device, h.dtype))  # fp32 under CUDA autocast, as eager
         h = _layer_norm_gelu_triton(h, lw, lb, eps=eps, channels_dim=1)
