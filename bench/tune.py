@@ -11,7 +11,8 @@ their speed relative to the default; the JSON goes to ``bench/results/<gpu>/<dat
 Kernels and what is timed: ``attention_fwd`` (forward), ``attention_bwd`` (forward + backward,
 forward tiles at their default), ``pos_conv`` (the grouped conv of the forward, and of dx in the
 backward: forward timed), ``pos_conv_wgrad`` (forward + backward), ``conv0`` (the feature
-extractor's fused layer 0; the whole feature extractor's forward is timed), ``conv01`` (layers 0
+extractor's fused layer 0; the whole feature extractor's forward is timed), ``conv0_bwd`` (its
+backward kernel; the feature extractor's forward + backward), ``conv01`` (layers 0
 and 1 in one kernel, the opt-in ``d2v_triton_fused01``; likewise), ``row_norm_fwd`` and
 ``row_norm_bwd`` (the LayerNorm (+ GELU, + residual) kernels through ``bench/layer_norm_gelu.py``,
 cases ``NAME:LAYOUT``; the backward also sweeps its persistent programs per SM).
@@ -86,6 +87,12 @@ KERNELS: dict[str, tuple[str, str, list[dict], list[dict]]] = {
         "fwd",
         _grid(("BLOCK_T", "num_warps"), (4, 8, 16, 32), (2, 4, 8)),
         _grid(("BLOCK_T", "num_warps"), (8, 16, 32), (4, 8)),
+    ),
+    "conv0_bwd": (
+        "conv_feature_extractor",
+        "fwd+bwd",
+        _grid(("BLOCK_T", "num_warps", "programs_per_sm"), (16, 32), (4, 8, 16), (1, 2)),
+        _grid(("BLOCK_T", "num_warps", "programs_per_sm"), (16, 32), (8, 16), (1,)),
     ),
     "conv01": (
         "conv_feature_extractor",

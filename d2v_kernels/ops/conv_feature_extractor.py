@@ -11,9 +11,12 @@ the layers backwards, recomputing each layer's conv output (cuDNN) and using tor
 GELU and convolution backward ops.
 
 The ``triton`` backend (the default on CUDA meanwhile) runs layer 0 (conv on the waveform,
-LayerNorm, GELU) as one Triton kernel, so the largest activation is written once, and is not
-saved for the backward, which recomputes it; then per layer cuDNN's strided conv and the Triton
-row-norm LayerNorm + GELU reading its output channels-first in place. With
+LayerNorm, GELU) as one Triton kernel, so the largest activation is written once; then per layer
+cuDNN's strided conv and the Triton row-norm LayerNorm + GELU, every activation (B, C, T) in
+channels-last strides, so cuDNN runs without transposes. For the backward it keeps one tensor a
+layer, the conv output (the LayerNorm's input), and recomputes each activation where a conv's
+weight gradient needs it (an elementwise pass; for layer 0 a read of the waveform); layer 0's
+backward is one kernel, which recomputes its conv output in registers. With
 ``D2V_KERNELS_FUSE_CONV01=1`` (opt-in until a GPU has timed it) layers 0 and 1 run as one Triton
 kernel, layer 0's activations formed in registers as the A operand of layer 1's implicit GEMM, so
 the largest activation never reaches memory (fp16 / bf16).
