@@ -310,10 +310,11 @@ def test_backward_gives_gradient_shapes_on_meta_tensors():
 # --------------------------------------------------------------------------------------------
 
 
-def _run_cuda_and_reference(wave, params, *, grads):
-    """(kernel out, float64 reference out, eager out), and each one's gradients when ``grads``."""
+def _run_cuda_and_reference(wave, params, *, grads, backend="cuda"):
+    """(kernel out, float64 reference out, eager out), and each one's gradients when ``grads``;
+    the kernels of ``backend`` ("cuda": the extension, or "triton")."""
     results = []
-    for backend, dtype in (("cuda", wave.dtype), ("eager", torch.float64), ("eager", wave.dtype)):
+    for run_backend, dtype in ((backend, wave.dtype), ("eager", torch.float64), ("eager", wave.dtype)):
         w = wave.detach().to(dtype).requires_grad_(grads)
         p = {
             k: (
@@ -324,7 +325,7 @@ def _run_cuda_and_reference(wave, params, *, grads):
             for k, v in params.items()
         }
         args, kwargs = split(p)
-        with d2v_kernels.use_backend(conv_feature_extractor=backend):
+        with d2v_kernels.use_backend(conv_feature_extractor=run_backend):
             out = ops.conv_feature_extractor(w, *args, **kwargs)
         g = None
         if grads:
@@ -346,6 +347,57 @@ def test_cuda_forward_and_gradients_match_float64(dtype, samples):
     names = ["wave"] + [f"{n}[{i}]" for n in ("conv_weights", "ln_weights", "ln_biases") for i in range(7)]
     for name, a, b, c in zip(names, g, g64, g_eager):
         assert_close_to_reference(a, b, c, name=f"grad {name}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("samples", [16001, 160000])
+def test_triton_path_forward_and_gradients_match_float64_on_gpu(dtype, samples):
+    """The default CUDA path (Triton layer 0 and its one-kernel backward, cuDNN, Triton LayerNorm +
+    GELU, activations recomputed in the backward) at Data2Vec's size."""
+    params = make_params(**BASE, device="cuda")
+    wave = torch.randn(2, samples, device="cuda")
+    (out, g), (ref, g64), (eager, g_eager) = _run_cuda_and_reference(
+        wave.to(dtype), params, grads=True, backend="triton"
+    )
+    assert out.is_contiguous()
+    assert_close_to_reference(out, ref, eager)
+    names = ["wave"] + [f"{n}[{i}]" for n in ("conv_weights", "ln_weights", "ln_biases") for i in range(7)]
+    for name, a, b, c in zip(names, g, g64, g_eager):
+        assert_close_to_reference(a, b, c, name=f"grad {name}")
+
+
+def _training_peak_bytes(wave, params, backend):
+    """Peak memory of forward + backward above what was allocated before (the waveform is an input,
+    not trained, as in fine-tuning)."""
+    leaves = [t.detach().requires_grad_(True) for t in all_tensors(wave, params)[1:]]
+    p = dict(params)
+    n = len(p["conv_weights"])
+    p["conv_weights"], p["ln_weights"], p["ln_biases"] = leaves[:n], leaves[n : 2 * n], leaves[2 * n : 3 * n]
+    args, kwargs = split(p)
+    frames = cfe.output_length(wave.shape[1], BASE["conv_kernel"], BASE["conv_stride"])
+    grad_out = torch.randn(wave.shape[0], frames, BASE["conv_dim"][-1], device="cuda", dtype=wave.dtype)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    with d2v_kernels.use_backend(conv_feature_extractor=backend):
+        out = ops.conv_feature_extractor(wave, *args, **kwargs)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    del out, grads
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_triton_path_training_peak_memory_is_at_most_half_of_eager(dtype):
+    """#7's memory target, B=4 x 10 s: the Triton path keeps one conv output a layer for the
+    backward and recomputes the activations; eager keeps four tensors a layer."""
+    params = make_params(**BASE, device="cuda", dtype=dtype)
+    wave = torch.randn(4, 160000, device="cuda", dtype=dtype)
+    eager = _training_peak_bytes(wave, params, "eager")
+    triton = _training_peak_bytes(wave, params, "triton")
+    assert triton <= 0.5 * eager, f"peak {triton / 2**20:.0f} MiB, eager {eager / 2**20:.0f} MiB"
 
 
 @pytest.mark.cuda

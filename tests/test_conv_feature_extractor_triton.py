@@ -232,9 +232,11 @@ def _layer0_case(dtype, channels, kernel_size, stride, conv_bias, seed=7):
     g, b = draw(channels, scale=0.2) + 1, draw(channels, scale=0.1)
     frames = (wave.shape[1] - kernel_size) // stride + 1
     dy = draw(2, channels, frames)
-    return [wave, weight, cb, g, b], dy
+    device = torch.get_default_device()  # drawn on the CPU, run where the test runs
+    return [None if t is None else t.to(device) for t in (wave, weight, cb, g, b)], dy.to(device)
 
 
+@pytest.mark.usefixtures("on_device")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
     "channels, kernel_size, stride, conv_bias, dy_layout",
