@@ -283,10 +283,15 @@ def unsupported_reasons(wave, weight, conv_bias, ln_weight, ln_bias) -> list[str
     channels, in_channels, kernel_size = weight.shape
     if in_channels != 1:
         reasons.append(f"layer 0 has {in_channels} input channels; the kernel reads a waveform (1)")
-    if channels > MAX_CHANNELS:
-        reasons.append(f"layer 0 has {channels} channels > {MAX_CHANNELS}")
-    if kernel_size > MAX_KERNEL:
-        reasons.append(f"layer 0 kernel size {kernel_size} > {MAX_KERNEL}")
+    return reasons + _size_reasons(channels, kernel_size, MAX_CHANNELS, MAX_KERNEL)
+
+
+def _size_reasons(channels: int, kernel_size: int, max_channels: int, max_kernel: int, what: str = "") -> list[str]:
+    reasons = []
+    if channels > max_channels:
+        reasons.append(f"layer 0 has {channels} channels > {max_channels}{what}")
+    if kernel_size > max_kernel:
+        reasons.append(f"layer 0 kernel size {kernel_size} > {max_kernel}{what}")
     return reasons
 
 
@@ -350,12 +355,7 @@ def _upcast_dot(wave) -> bool:
 
 def backward_reasons(channels: int, kernel_size: int) -> list[str]:
     """Why layer 0's backward cannot run as one kernel (empty when it can)."""
-    reasons = []
-    if channels > BWD_MAX_CHANNELS:
-        reasons.append(f"layer 0 has {channels} channels > {BWD_MAX_CHANNELS} (fused backward)")
-    if kernel_size > BWD_MAX_KERNEL:
-        reasons.append(f"layer 0 kernel size {kernel_size} > {BWD_MAX_KERNEL} (fused backward)")
-    return reasons
+    return _size_reasons(channels, kernel_size, BWD_MAX_CHANNELS, BWD_MAX_KERNEL, " (fused backward)")
 
 
 def _backward_tiles(channels: int) -> dict:
