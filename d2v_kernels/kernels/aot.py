@@ -44,6 +44,11 @@ class AotVariant:
     # Register spill bytes ptxas may report for it (0: none); a non-zero value carries its reason
     # where the variant is listed.
     allowed_spill_bytes: int = 0
+    # Arguments the launch path specialises as multiples of 16 (pointers, sizes, strides), as
+    # Triton's launcher does at run time; arguments it specialises as 1 (unit strides) are given
+    # as constexprs of value 1. Together they make the compiled program the one that runs: a
+    # unit stride decides which axis a load is contiguous along, hence the layouts and registers.
+    divisible_by_16: tuple[str, ...] = ()
 
 
 def compile_variant(variant: AotVariant, arch: int):
@@ -51,7 +56,9 @@ def compile_variant(variant: AotVariant, arch: int):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(fn=variant.fn, signature=variant.signature, constexprs=variant.constexprs)
+    names = list(variant.fn.arg_names)
+    attrs = {(names.index(arg),): [["tt.divisibility", 16]] for arg in variant.divisible_by_16}
+    src = ASTSource(fn=variant.fn, signature=variant.signature, constexprs=variant.constexprs, attrs=attrs)
     options = {"num_warps": variant.num_warps, "num_stages": variant.num_stages}
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 

@@ -20,6 +20,8 @@ waveform gradients from dh held in registers; neither the conv output nor its gr
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -544,12 +546,12 @@ def aot_variants() -> list[AotVariant]:
         name = f"conv0_{_TRITON_TYPES[dtype]}_c{channels}_bias{int(bias)}_pre{int(pre_norm_only)}"
         variants.append(AotVariant(name, conv0_ln_gelu_kernel, types, constexprs, config["num_warps"], 1))
     # The fused backward: every dtype, with and without conv bias and waveform gradient, at its
-    # widest row (512). At 255 registers (one program an SM) some variants spill a few words
-    # (sm_90: 8 B for fp16 / bf16 with a conv bias or the waveform gradient, 20 to 92 B for fp32,
-    # whose dot runs in three tf32 passes), to L1, in a loop that reads a 16 KB tile of dy per step.
-    combos = [(dtype, 512, bias, dwave) for dtype in KERNEL_DTYPES for bias in (False, True) for dwave in (False, True)]
-    for dtype, channels, bias, wave_grad in combos:
-        config = _backward_tiles(channels)
+    # widest row (512), specialised as it runs: dy channels-last (the op passes it so), unit
+    # sample and tap strides, 16-divisible pointers and row strides (sm_90: 222 to 255 registers at
+    # 8 warps, no spill; dy channels-first would spill 0.5 to 1.5 KB).
+    unit_strides = ("stride_dy_c", "stride_wave_s", "stride_w_k")
+    for dtype, bias, wave_grad in itertools.product(KERNEL_DTYPES, (False, True), (False, True)):
+        config = _backward_tiles(512)
         types = dict.fromkeys(_BWD_POINTERS, "*" + _TRITON_TYPES[dtype])
         types |= dict.fromkeys(_BWD_FP32_POINTERS, "*fp32") | dict.fromkeys(_BWD_INTS, "i32")
         constexprs = {
@@ -563,14 +565,20 @@ def aot_variants() -> list[AotVariant]:
             "BLOCK_T": config["BLOCK_T"],
             "BLOCK_C": config["BLOCK_C"],
             "BLOCK_J": 16,
-        }
+        } | dict.fromkeys(unit_strides, 1)
         types |= dict.fromkeys(constexprs, "constexpr")
         types = {arg: types[arg] for arg in conv0_ln_gelu_bwd_kernel.arg_names}
-        name = f"conv0_bwd_{_TRITON_TYPES[dtype]}_c{channels}_bias{int(bias)}_dwave{int(wave_grad)}"
-        spill = 92 if dtype == torch.float32 else 8
+        divisible = (*_BWD_POINTERS, *_BWD_FP32_POINTERS, "n_channels", "stride_dy_b", "stride_dy_t", "stride_wave_b")
+        name = f"conv0_bwd_{_TRITON_TYPES[dtype]}_c512_bias{int(bias)}_dwave{int(wave_grad)}"
         variants.append(
             AotVariant(
-                name, conv0_ln_gelu_bwd_kernel, types, constexprs, config["num_warps"], 1, allowed_spill_bytes=spill
+                name,
+                conv0_ln_gelu_bwd_kernel,
+                types,
+                constexprs,
+                config["num_warps"],
+                1,
+                divisible_by_16=divisible,
             )
         )
     # Layers 0 + 1 fused: Data2Vec's (k 10, stride 5) then (k 3, stride 2), 512 channels, fp16 and

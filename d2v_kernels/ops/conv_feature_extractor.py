@@ -326,6 +326,16 @@ def conv_feature_extractor(wave, conv_weights, ln_weights, ln_biases, *, strides
 # --------------------------------------------------------------------------------------------
 
 
+def _channels_last_empty(like: Tensor, channels: int, frames: int) -> Tensor:
+    return like.new_empty((like.shape[0], frames, channels)).transpose(1, 2)
+
+
+def _channels_last(z: Tensor) -> Tensor:
+    """(B, C, T) with channels-last strides (T * C, 1, C): cuDNN returns that layout for a
+    channels-last input on the GPU; a copy only where a backend (the CPU's) returned another."""
+    return z if z.stride(1) == 1 or z.shape[1] == 1 else z.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def _conv0_fwd_impl(
     wave: Tensor,
     weight: Tensor,
@@ -369,6 +379,10 @@ def _conv0_bwd_impl(
     mode: the values the forward normalised), the LayerNorm + GELU backward is the row-norm
     kernel's, the conv gradients are cuDNN's."""
     if not _conv0_kernels.backward_reasons(weight.shape[0], weight.shape[2]):
+        # The kernel's tiles are laid out for channels-last dy (what cuDNN's input gradient and
+        # the op's output give): a channels-first one compiles to a program that spills 0.5 to
+        # 1.5 KB a thread (ptxas, sm_90), so it is copied instead (never, on the GPU path).
+        dy = _channels_last(dy)
         dwave, dweight, d_conv_bias, d_ln_weight, d_ln_bias = _conv0_kernels.conv0_ln_gelu_backward(
             dy, wave, weight, conv_bias, ln_weight, ln_bias, mean, rstd, stride, wave_grad=wave_grad
         )
@@ -445,16 +459,6 @@ _conv0_call = eager_or_compiled(_conv0_fwd, Conv0LayerNormGeluFunction)
 # node saves z alone and the backward recomputes the activation from it (one elementwise pass,
 # or for layer 0 one read of the waveform) and frees it before the input gradient is allocated.
 # So the Triton path keeps one tensor per layer for the backward, eager keeps four.
-
-
-def _channels_last_empty(like: Tensor, channels: int, frames: int) -> Tensor:
-    return like.new_empty((like.shape[0], frames, channels)).transpose(1, 2)
-
-
-def _channels_last(z: Tensor) -> Tensor:
-    """(B, C, T) with channels-last strides (T * C, 1, C): cuDNN returns that layout for a
-    channels-last input on the GPU; a copy only where a backend (the CPU's) returned another."""
-    return z if z.stride(1) == 1 or z.shape[1] == 1 else z.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def _conv_output(x: Tensor, weight: Tensor, conv_bias: Tensor | None, stride: int) -> Tensor:
