@@ -211,6 +211,7 @@ def test_layer0_tile_override_computes_the_same():
         torch.testing.assert_close(_run(wave, params, "triton"), expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.usefixtures("on_device")
 def test_layer0_opcheck():
     weights, ln_weights, ln_biases, conv_biases = _params(torch.float32, conv_bias=True)
     wave = torch.randn(2, 451, requires_grad=True)
@@ -318,6 +319,7 @@ def test_layer0_unfused_backward_for_rows_the_kernel_does_not_take(dtype, monkey
         torch.testing.assert_close(x, y, rtol=rel, atol=rel * y.abs().max().item(), msg=f"grad {i}")
 
 
+@pytest.mark.usefixtures("on_device")
 def test_layer_norm_gelu_conv_nodes_opcheck():
     weights, ln_weights, ln_biases, conv_biases = _params(torch.float32, conv_bias=True)
     wave = torch.randn(2, 451, requires_grad=True)

@@ -466,8 +466,10 @@ def _conv_output(x: Tensor, weight: Tensor, conv_bias: Tensor | None, stride: in
 
 
 def _conv_weight_grads(x, weight, conv_bias, dz, stride):
-    """(dweight, dconv_bias or empty) of z = conv1d(x, weight, conv_bias, stride)."""
-    dweight = torch.nn.grad.conv1d_weight(x, weight.shape, dz, stride=stride)
+    """(dweight, dconv_bias or empty) of z = conv1d(x, weight, conv_bias, stride). dweight is made
+    contiguous: cuDNN may return it channels-last for channels-last x, and a custom op's outputs
+    must have the strides its fake implementation gives (torch.compile plans with those)."""
+    dweight = torch.nn.grad.conv1d_weight(x, weight.shape, dz, stride=stride).contiguous()
     d_conv_bias = dz.sum(dim=(0, 2), dtype=torch.float32).to(dz.dtype) if conv_bias is not None else x.new_empty(0)
     return dweight, d_conv_bias
 
