@@ -11,6 +11,10 @@ say), so CI also compiles each configuration a launcher can pick, for sm_80 and 
 spill the variant does not allow (``AotVariant.allowed_spill_bytes``, with its reason where the
 variant is listed). CI checks sm_90, the H100 the tiles are chosen for; sm_80 only compiles (its
 mma.sync code needs more registers: a few configurations spill there).
+
+A variant is compiled as it runs where its module says how it is called (``as_run``): the unit
+strides and 16-divisible arguments that Triton's launcher specialises at run time change the
+layouts the compiler picks, and so the registers ptxas reports.
 """
 
 from __future__ import annotations
@@ -49,6 +53,22 @@ class AotVariant:
     # as constexprs of value 1. Together they make the compiled program the one that runs: a
     # unit stride decides which axis a load is contiguous along, hence the layouts and registers.
     divisible_by_16: tuple[str, ...] = ()
+
+
+def as_run(variant: AotVariant, unit_strides=(), divisible_by_16=(), *, pointers_divisible: bool = True) -> AotVariant:
+    """``variant`` specialised as Triton's launcher specialises it for the usual call: arguments of
+    ``unit_strides`` (equal to 1 there) become constexprs of value 1, those of ``divisible_by_16``
+    (and every pointer, unless told otherwise) carry the 16-divisibility attribute. Names the
+    kernel does not take are skipped."""
+    names = set(variant.fn.arg_names)
+    ones = [a for a in unit_strides if a in names and variant.signature.get(a) == "i32"]
+    signature = {**variant.signature, **dict.fromkeys(ones, "constexpr")}
+    constexprs = {**variant.constexprs, **dict.fromkeys(ones, 1)}
+    pointers = [a for a, t in signature.items() if t.startswith("*")] if pointers_divisible else []
+    divisible = [a for a in (*pointers, *divisible_by_16) if a in names and signature[a] != "constexpr"]
+    return dataclasses.replace(
+        variant, signature=signature, constexprs=constexprs, divisible_by_16=tuple(dict.fromkeys(divisible))
+    )
 
 
 def compile_variant(variant: AotVariant, arch: int):

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from d2v_kernels.kernels._tiles import cdiv, next_power_of_2, tiles
-from d2v_kernels.kernels.aot import AotVariant
+from d2v_kernels.kernels.aot import AotVariant, as_run
 
 LOG2E = 1.4426950408889634
 MASK_VALUE = -1.0e30  # log2 units; exp2(MASK_VALUE - any real score) == 0 in fp32
@@ -1196,4 +1196,10 @@ def aot_variants() -> list[AotVariant]:
         variants.append(_variant("delta", _attention_bwd_preprocess_kernel, dtype, delta_config, BLOCK_D=64))
         variants.append(_variant("segment_sum", _segment_sum_kernel, dtype, {"BLOCK_P": 64, "BLOCK_H": 16}))
     variants.append(_variant("dropout_mask", _dropout_mask_kernel, torch.float16, {"BLOCK_M": 64, "BLOCK_N": 64}))
-    return variants
+    # Compiled as Data2Vec's calls run: head dim, index, bias and mask rows contiguous (unit
+    # strides), the other strides multiples of the 768-wide hidden size, head_dim 16 to 128.
+    return [as_run(v, _UNIT_STRIDES, _DIVISIBLE_BY_16) for v in variants]
+
+
+_UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_dod", "stride_ij", "stride_bj", "stride_mj")
+_DIVISIBLE_BY_16 = tuple(f"stride_{t}{a}" for t in ("q", "k", "v", "o", "do") for a in ("b", "n", "h")) + ("head_dim",)

@@ -36,7 +36,7 @@ from d2v_kernels.kernels._row_norm import (
     _wide_offsets,
 )
 from d2v_kernels.kernels._tiles import cdiv, next_power_of_2, tiles
-from d2v_kernels.kernels.aot import AotVariant
+from d2v_kernels.kernels.aot import AotVariant, as_run
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_CHANNELS = 2048  # one frame's channels per program row, BLOCK_T rows in registers
@@ -549,7 +549,6 @@ def aot_variants() -> list[AotVariant]:
     # widest row (512), specialised as it runs: dy channels-last (the op passes it so), unit
     # sample and tap strides, 16-divisible pointers and row strides (sm_90: 222 to 255 registers at
     # 8 warps, no spill; dy channels-first would spill 0.5 to 1.5 KB).
-    unit_strides = ("stride_dy_c", "stride_wave_s", "stride_w_k")
     for dtype, bias, wave_grad in itertools.product(KERNEL_DTYPES, (False, True), (False, True)):
         config = _backward_tiles(512)
         types = dict.fromkeys(_BWD_POINTERS, "*" + _TRITON_TYPES[dtype])
@@ -565,22 +564,13 @@ def aot_variants() -> list[AotVariant]:
             "BLOCK_T": config["BLOCK_T"],
             "BLOCK_C": config["BLOCK_C"],
             "BLOCK_J": 16,
-        } | dict.fromkeys(unit_strides, 1)
+        }
         types |= dict.fromkeys(constexprs, "constexpr")
         types = {arg: types[arg] for arg in conv0_ln_gelu_bwd_kernel.arg_names}
-        divisible = (*_BWD_POINTERS, *_BWD_FP32_POINTERS, "n_channels", "stride_dy_b", "stride_dy_t", "stride_wave_b")
         name = f"conv0_bwd_{_TRITON_TYPES[dtype]}_c512_bias{int(bias)}_dwave{int(wave_grad)}"
-        variants.append(
-            AotVariant(
-                name,
-                conv0_ln_gelu_bwd_kernel,
-                types,
-                constexprs,
-                config["num_warps"],
-                1,
-                divisible_by_16=divisible,
-            )
-        )
+        variant = AotVariant(name, conv0_ln_gelu_bwd_kernel, types, constexprs, config["num_warps"], 1)
+        unit_strides = ("stride_dy_c", "stride_wave_s", "stride_w_k")
+        variants.append(as_run(variant, unit_strides, ("n_channels", "stride_dy_b", "stride_dy_t", "stride_wave_b")))
     # Layers 0 + 1 fused: Data2Vec's (k 10, stride 5) then (k 3, stride 2), 512 channels, fp16 and
     # bf16 without conv bias, and fp16 with both biases (sm_90: 207-254 registers, no spill).
     for dtype, bias in [(torch.float16, False), (torch.bfloat16, False), (torch.float16, True)]:

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from d2v_kernels.kernels._tiles import cdiv, next_power_of_2, tiles
-from d2v_kernels.kernels.aot import AotVariant
+from d2v_kernels.kernels.aot import AotVariant, as_run
 
 # Tiles. BLOCK_T = 64 frames is the M of the conv GEMM (one wgmma M per warpgroup on H100);
 # the group's channels are padded to a power of two >= 16 (tl.dot's minimum), and the K loop
@@ -494,4 +494,8 @@ def aot_variants() -> list[AotVariant]:
                 )
             )
             block_c *= 2
-    return variants
+    # Compiled as the channels-last (B, T, C) calls run: unit channel stride, the other strides
+    # and the group width multiples of 16.
+    divisible = ("stride_xb", "stride_xt", "stride_yb", "stride_yt", "stride_dyb", "stride_dyt", "C", "CG")
+    divisible += ("stride_y", "stride_h", "stride_dh", "stride_dy")
+    return [as_run(v, ("stride_xc",), divisible) for v in variants]
