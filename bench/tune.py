@@ -60,7 +60,7 @@ KERNELS: dict[str, tuple[str, str, list[dict], list[dict]]] = {
         "fwd+bwd",
         [
             dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
-            for (m, n) in ((32, 64), (64, 64), (64, 128), (128, 64), (32, 128), (128, 128), (64, 32))
+            for (m, n) in ((32, 64), (64, 64), (64, 128), (128, 64), (32, 128), (128, 128), (64, 32), (32, 32))
             for w in (4, 8)
             for s in (1, 2, 3)
         ],
@@ -68,7 +68,10 @@ KERNELS: dict[str, tuple[str, str, list[dict], list[dict]]] = {
             dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=2)
             for (m, n) in ((32, 64), (64, 64), (64, 128), (128, 64))
             for w in (4, 8)
-        ],
+        ]
+        # 32 x 32 at 4 warps: 120 registers for dK/dV (ptxas sm_90, as run), 4 programs (16 warps) an
+        # SM where the 64 x 64 default (214) holds one of 8 warps.
+        + [dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)],
     ),
     "pos_conv": (
         "pos_conv",
