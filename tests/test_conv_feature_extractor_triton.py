@@ -410,7 +410,8 @@ def test_layers_0_and_1_fused_opcheck_compile_and_tiles(monkeypatch):
     wave = torch.randn(2, 801, dtype=torch.float16)
     expected = _run(wave, params, "triton")
     with _tiles.override("conv01", BLOCK_M=16, BLOCK_K=16, num_warps=2):
-        torch.testing.assert_close(_run(wave, params, "triton"), expected, rtol=1e-6, atol=1e-6)
+        # BLOCK_K regroups the dot's fp32 sums: layer 1's fp16 output may round one ulp apart
+        torch.testing.assert_close(_run(wave, params, "triton"), expected, rtol=0, atol=4e-3)
     torch._dynamo.reset()
     compiled = torch.compile(lambda w: _run(w, params, "triton"), fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(wave), expected)

@@ -447,8 +447,8 @@ def _fused01_tiles(channels1: int) -> dict:
 def conv01_ln_gelu(wave, weights, conv_biases, ln_weights, ln_biases, strides, eps: float) -> torch.Tensor:
     """Layers 0 and 1 in one kernel. wave (B, S); per-layer lists of two: weights (C0, 1, k0) and
     (C1, C0, k1), conv_biases (entries may be None), ln_weights, ln_biases; strides (s0, s1); all
-    in wave's dtype -> layer 1's output (B, C1, T1) in wave's dtype. Layer 0's output is never
-    stored."""
+    in wave's dtype -> layer 1's output (B, C1, T1) in wave's dtype, channels-last strides. Layer
+    0's output is never stored."""
     batch, samples = wave.shape
     (channels0, _, k0), (channels1, _, k1) = weights[0].shape, weights[1].shape
     frames0 = output_frames(samples, k0, strides[0])
@@ -457,7 +457,8 @@ def conv01_ln_gelu(wave, weights, conv_biases, ln_weights, ln_biases, strides, e
     cb0, cb1 = (None if t is None else t.contiguous() for t in conv_biases)
     g0, g1 = (t.contiguous() for t in ln_weights)
     b0, b1 = (t.contiguous() for t in ln_biases)
-    y = torch.empty((batch, channels1, frames1), device=wave.device, dtype=wave.dtype)
+    # channels-last strides, as the layer-0 kernel's output
+    y = torch.empty((batch, frames1, channels1), device=wave.device, dtype=wave.dtype).transpose(1, 2)
     config = _fused01_tiles(channels1)
     tiles_per_batch = cdiv(frames1, config["BLOCK_M"])
     conv01_ln_gelu_kernel[(batch * tiles_per_batch,)](

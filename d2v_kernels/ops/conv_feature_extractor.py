@@ -735,7 +735,7 @@ _conv01_bwd = torch.library.custom_op("d2v_kernels::conv01_ln_gelu_bwd", _conv01
 @_conv01_fwd.register_fake
 def _(wave, w0, w1, cb0, cb1, g0, g1, b0, b1, s0, s1, eps):
     frames1 = ((wave.shape[1] - w0.shape[2]) // s0 + 1 - w1.shape[2]) // s1 + 1
-    return wave.new_empty((wave.shape[0], w1.shape[0], frames1))
+    return _channels_last_empty(wave, w1.shape[0], frames1)
 
 
 @_conv01_bwd.register_fake
