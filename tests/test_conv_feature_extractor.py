@@ -391,10 +391,11 @@ def _training_peak_bytes(wave, params, backend):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_triton_path_training_peak_memory_is_at_most_half_of_eager(dtype):
-    """#7's memory target, B=4 x 10 s: the Triton path keeps one conv output a layer for the
-    backward and recomputes the activations; eager keeps four tensors a layer."""
+    """#7's memory target at its case, B=8 x 10 s: the Triton path keeps one conv output a layer
+    for the backward and recomputes the activations; eager keeps four tensors a layer. Both peaks
+    include cuDNN's workspaces (a smaller batch would weigh them more)."""
     params = make_params(**BASE, device="cuda", dtype=dtype)
-    wave = torch.randn(4, 160000, device="cuda", dtype=dtype)
+    wave = torch.randn(8, 160000, device="cuda", dtype=dtype)
     eager = _training_peak_bytes(wave, params, "eager")
     triton = _training_peak_bytes(wave, params, "triton")
     assert triton <= 0.5 * eager, f"peak {triton / 2**20:.0f} MiB, eager {eager / 2**20:.0f} MiB"
