@@ -71,6 +71,16 @@ def eager_or_compiled(custom_op: Callable, function: type) -> Callable:
     return call
 
 
+def register_autograd(
+    custom_op, name: str, forward: Callable, setup_context: Callable, backward: Callable
+) -> tuple[type, Callable]:
+    """Give ``custom_op`` its ``backward`` and return (the twin autograd.Function named ``name``,
+    the op's eager-or-compiled call): one registration for the traced path and the eager one."""
+    custom_op.register_autograd(backward, setup_context=setup_context)
+    function = autograd_function(name, forward, setup_context, backward)
+    return function, eager_or_compiled(custom_op, function)
+
+
 def pick(custom_op: Callable, implementation: Callable, inputs) -> Callable:
     """For a backward: its implementation on real tensors, else the custom op (being traced)."""
     return implementation if runs_eagerly(inputs) else custom_op

@@ -16,7 +16,7 @@ from d2v_kernels.ops._checks import (
     layer_norm_compute_dtype,
     layer_norm_promoted,
 )
-from d2v_kernels.ops._eager import autograd_function, eager_or_compiled, pick
+from d2v_kernels.ops._eager import pick, register_autograd
 
 try:
     from d2v_kernels.kernels import add_layer_norm as _kernels
@@ -114,9 +114,9 @@ def _backward(ctx, dy, dsum, _dmean, _drstd):
     )
 
 
-_add_layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
-AddLayerNormFunction = autograd_function("AddLayerNormFunction", _add_layer_norm_fwd_impl, _setup_context, _backward)
-_add_layer_norm_call = eager_or_compiled(_add_layer_norm_fwd, AddLayerNormFunction)
+AddLayerNormFunction, _add_layer_norm_call = register_autograd(
+    _add_layer_norm_fwd, "AddLayerNormFunction", _add_layer_norm_fwd_impl, _setup_context, _backward
+)
 
 
 def _add_layer_norm_triton(x, residual, weight, bias, *, eps=1e-5, return_sum=False):

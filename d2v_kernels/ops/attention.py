@@ -18,7 +18,7 @@ import torch
 
 from d2v_kernels import dispatch
 from d2v_kernels.ops._checks import FLOAT_DTYPES, check_same_device, check_tensor
-from d2v_kernels.ops._eager import autograd_function, eager_or_compiled, pick
+from d2v_kernels.ops._eager import pick, register_autograd
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 MASK_DTYPES = (torch.bool, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -178,11 +178,9 @@ def _attention_backward(ctx, grad_out, grad_lse):
     )
 
 
-_attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup_context)
-AttentionFunction = autograd_function(
-    "AttentionFunction", _attention_fwd_impl, _attention_setup_context, _attention_backward
+AttentionFunction, _attention_call = register_autograd(
+    _attention_fwd, "AttentionFunction", _attention_fwd_impl, _attention_setup_context, _attention_backward
 )
-_attention_call = eager_or_compiled(_attention_fwd, AttentionFunction)
 
 
 def attention_triton(

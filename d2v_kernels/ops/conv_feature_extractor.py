@@ -44,7 +44,7 @@ from d2v_kernels.ops._checks import (
     check_tensor,
     layer_norm_compute_dtype,
 )
-from d2v_kernels.ops._eager import autograd_function, eager_or_compiled, pick
+from d2v_kernels.ops._eager import pick, register_autograd
 from d2v_kernels.ops.layer_norm_gelu import _kernels as _layer_norm_gelu_kernels
 from d2v_kernels.ops.layer_norm_gelu import _layer_norm_gelu_triton, _triton_available
 
@@ -446,11 +446,9 @@ def _conv0_backward(ctx, dy, _dmean, _drstd):
     )
 
 
-_conv0_fwd.register_autograd(_conv0_backward, setup_context=_conv0_setup_context)
-Conv0LayerNormGeluFunction = autograd_function(
-    "Conv0LayerNormGeluFunction", _conv0_fwd_impl, _conv0_setup_context, _conv0_backward
+Conv0LayerNormGeluFunction, _conv0_call = register_autograd(
+    _conv0_fwd, "Conv0LayerNormGeluFunction", _conv0_fwd_impl, _conv0_setup_context, _conv0_backward
 )
-_conv0_call = eager_or_compiled(_conv0_fwd, Conv0LayerNormGeluFunction)
 
 
 # --- Layer i's LayerNorm + GELU with layer i + 1's conv as one autograd node ---------------------
@@ -584,11 +582,13 @@ def _conv0_conv_backward(ctx, dz1, _dmean, _drstd):
     )
 
 
-_conv0_conv_fwd.register_autograd(_conv0_conv_backward, setup_context=_conv0_conv_setup_context)
-Conv0LayerNormGeluConvFunction = autograd_function(
-    "Conv0LayerNormGeluConvFunction", _conv0_conv_fwd_impl, _conv0_conv_setup_context, _conv0_conv_backward
+Conv0LayerNormGeluConvFunction, _conv0_conv_call = register_autograd(
+    _conv0_conv_fwd,
+    "Conv0LayerNormGeluConvFunction",
+    _conv0_conv_fwd_impl,
+    _conv0_conv_setup_context,
+    _conv0_conv_backward,
 )
-_conv0_conv_call = eager_or_compiled(_conv0_conv_fwd, Conv0LayerNormGeluConvFunction)
 
 
 def _norm_conv_fwd_impl(
@@ -671,11 +671,9 @@ def _norm_conv_backward(ctx, dz_next, _dmean, _drstd):
     )
 
 
-_norm_conv_fwd.register_autograd(_norm_conv_backward, setup_context=_norm_conv_setup_context)
-LayerNormGeluConvFunction = autograd_function(
-    "LayerNormGeluConvFunction", _norm_conv_fwd_impl, _norm_conv_setup_context, _norm_conv_backward
+LayerNormGeluConvFunction, _norm_conv_call = register_autograd(
+    _norm_conv_fwd, "LayerNormGeluConvFunction", _norm_conv_fwd_impl, _norm_conv_setup_context, _norm_conv_backward
 )
-_norm_conv_call = eager_or_compiled(_norm_conv_fwd, LayerNormGeluConvFunction)
 
 
 def _conv01_fwd_impl(
@@ -782,11 +780,9 @@ def _conv01_backward(ctx, dy):
     )
 
 
-_conv01_fwd.register_autograd(_conv01_backward, setup_context=_conv01_setup_context)
-Conv01LayerNormGeluFunction = autograd_function(
-    "Conv01LayerNormGeluFunction", _conv01_fwd_impl, _conv01_setup_context, _conv01_backward
+Conv01LayerNormGeluFunction, _conv01_call = register_autograd(
+    _conv01_fwd, "Conv01LayerNormGeluFunction", _conv01_fwd_impl, _conv01_setup_context, _conv01_backward
 )
-_conv01_call = eager_or_compiled(_conv01_fwd, Conv01LayerNormGeluFunction)
 
 # The fused layer 0 + 1 kernel is opt-in until a GPU has timed it against layer 0 alone + cuDNN
 # (bench: impl d2v_triton_fused01); its arithmetic is checked everywhere the tests run.

@@ -18,7 +18,7 @@ from d2v_kernels.ops._checks import (
     layer_norm_compute_dtype,
     layer_norm_promoted,
 )
-from d2v_kernels.ops._eager import autograd_function, eager_or_compiled, pick
+from d2v_kernels.ops._eager import pick, register_autograd
 
 try:
     from d2v_kernels.kernels import layer_norm_gelu as _kernels
@@ -117,9 +117,9 @@ def _backward(ctx, dy, _dmean, _drstd):
     )
 
 
-_layer_norm_gelu_fwd.register_autograd(_backward, setup_context=_setup_context)
-LayerNormGeluFunction = autograd_function("LayerNormGeluFunction", _layer_norm_gelu_fwd_impl, _setup_context, _backward)
-_layer_norm_gelu_call = eager_or_compiled(_layer_norm_gelu_fwd, LayerNormGeluFunction)
+LayerNormGeluFunction, _layer_norm_gelu_call = register_autograd(
+    _layer_norm_gelu_fwd, "LayerNormGeluFunction", _layer_norm_gelu_fwd_impl, _setup_context, _backward
+)
 
 
 def _layer_norm_gelu_triton(x, weight=None, bias=None, *, eps=1e-5, channels_dim=-1, approximate="none"):
