@@ -336,6 +336,33 @@ def _channels_last(z: Tensor) -> Tensor:
     return z if z.stride(1) == 1 or z.shape[1] == 1 else z.transpose(1, 2).contiguous().transpose(1, 2)
 
 
+def _conv_output(x: Tensor, weight: Tensor, conv_bias: Tensor | None, stride: int) -> Tensor:
+    return _channels_last(F.conv1d(x, weight, conv_bias, stride=stride))
+
+
+def _conv_backward(x, weight, conv_bias, dz, stride, *, input_grad=True):
+    """(dx or None, dweight, dconv_bias or empty) of z = conv1d(x, weight, conv_bias, stride).
+
+    The weight gradient comes first, and x is dropped before dx is allocated: a caller that
+    passes a recomputed x without keeping it (``_conv_backward(recompute(), ...)``) frees it
+    there. dweight is made contiguous: cuDNN may return it channels-last for channels-last x, and
+    a custom op's outputs must have the strides its fake implementation gives (torch.compile
+    plans with those). The weight goes to the input gradient in channels-last strides, so cuDNN
+    writes dx channels-last, like dz."""
+    dweight = torch.nn.grad.conv1d_weight(x, weight.shape, dz, stride=stride).contiguous()
+    d_conv_bias = dz.sum(dim=(0, 2), dtype=torch.float32).to(dz.dtype) if conv_bias is not None else x.new_empty(0)
+    input_shape = x.shape
+    del x
+    dx = None
+    if input_grad:
+        weight = weight.transpose(1, 2).contiguous().transpose(1, 2)
+        placeholder = dz.new_empty(1).expand(input_shape)
+        dx = torch.ops.aten.convolution_backward(
+            dz, placeholder, weight, None, [stride], [0], [1], False, [0], 1, [True, False, False]
+        )[0]
+    return dx, dweight, d_conv_bias
+
+
 def _conv0_fwd_impl(
     wave: Tensor,
     weight: Tensor,
@@ -398,12 +425,9 @@ def _conv0_bwd_impl(
     dh, d_ln_weight, d_ln_bias = _layer_norm_gelu_kernels.layer_norm_gelu_backward(
         dy, h, ln_weight, ln_bias, mean, rstd, 1, "none"
     )
-    dweight = torch.nn.grad.conv1d_weight(wave[:, None], weight.shape, dh, stride=stride)
-    if wave_grad:  # usually not: the waveform is an input, not a parameter
-        dwave = torch.nn.grad.conv1d_input((wave.shape[0], 1, wave.shape[1]), weight, dh, stride=stride)[:, 0]
-    else:
-        dwave = wave.new_empty(0)
-    d_conv_bias = dh.sum(dim=(0, 2), dtype=torch.float32).to(dh.dtype) if conv_bias is not None else wave.new_empty(0)
+    # usually no waveform gradient: the waveform is an input, not a parameter
+    dwave, dweight, d_conv_bias = _conv_backward(wave[:, None], weight, conv_bias, dh, stride, input_grad=wave_grad)
+    dwave = dwave[:, 0] if wave_grad else wave.new_empty(0)
     return dwave, dweight, d_conv_bias, d_ln_weight, d_ln_bias
 
 
@@ -459,29 +483,6 @@ Conv0LayerNormGeluFunction, _conv0_call = register_autograd(
 # So the Triton path keeps one tensor per layer for the backward, eager keeps four.
 
 
-def _conv_output(x: Tensor, weight: Tensor, conv_bias: Tensor | None, stride: int) -> Tensor:
-    return _channels_last(F.conv1d(x, weight, conv_bias, stride=stride))
-
-
-def _conv_weight_grads(x, weight, conv_bias, dz, stride):
-    """(dweight, dconv_bias or empty) of z = conv1d(x, weight, conv_bias, stride). dweight is made
-    contiguous: cuDNN may return it channels-last for channels-last x, and a custom op's outputs
-    must have the strides its fake implementation gives (torch.compile plans with those)."""
-    dweight = torch.nn.grad.conv1d_weight(x, weight.shape, dz, stride=stride).contiguous()
-    d_conv_bias = dz.sum(dim=(0, 2), dtype=torch.float32).to(dz.dtype) if conv_bias is not None else x.new_empty(0)
-    return dweight, d_conv_bias
-
-
-def _conv_input_grad(input_shape, weight, dz, stride):
-    """d input of conv1d from dz without the input itself (it may be freed already). The weight is
-    passed in channels-last strides, so cuDNN writes the gradient channels-last, like dz."""
-    weight = weight.transpose(1, 2).contiguous().transpose(1, 2)
-    placeholder = dz.new_empty(1).expand(input_shape)
-    return torch.ops.aten.convolution_backward(
-        dz, placeholder, weight, None, [stride], [0], [1], False, [0], 1, [True, False, False]
-    )[0]
-
-
 def _conv0_conv_fwd_impl(
     wave: Tensor,
     w0: Tensor,
@@ -518,11 +519,8 @@ def _conv0_conv_bwd_impl(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dwave or empty, dw0, dcb0 or empty, dg0, db0, dw1, dcb1 or empty): layer 0's output is
     recomputed for layer 1's weight gradient and freed before its input gradient is formed."""
-    y0 = _conv0_kernels.conv0_ln_gelu(wave, w0, cb0, g0, b0, s0, eps)[0]
-    dw1, dcb1 = _conv_weight_grads(y0, w1, cb1, dz1, s1)
-    y0_shape = y0.shape
-    del y0
-    dy0 = _conv_input_grad(y0_shape, w1, dz1, s1)
+    # y0 passed without a name: _conv_backward frees it before dy0 is allocated
+    dy0, dw1, dcb1 = _conv_backward(_conv0_kernels.conv0_ln_gelu(wave, w0, cb0, g0, b0, s0, eps)[0], w1, cb1, dz1, s1)
     dwave, dw0, dcb0, dg0, db0 = _conv0_bwd_impl(dy0, wave, w0, cb0, g0, b0, mean0, rstd0, s0, eps, wave_grad)
     return dwave, dw0, dcb0, dg0, db0, dw1, dcb1
 
@@ -614,10 +612,9 @@ def _norm_conv_bwd_impl(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dz, dg or empty, db or empty, dw, dcb or empty): the activation is recomputed from z for
     the weight gradient and freed before its gradient is formed."""
-    y = _layer_norm_gelu_kernels.layer_norm_gelu_forward(z, g, b, eps, 1, "none")[0]
-    dw, dcb = _conv_weight_grads(y, w, cb, dz_next, stride)
-    del y
-    dy = _conv_input_grad(z.shape, w, dz_next, stride)
+    # the activation passed without a name: _conv_backward frees it before dy is allocated
+    norm_gelu = _layer_norm_gelu_kernels.layer_norm_gelu_forward
+    dy, dw, dcb = _conv_backward(norm_gelu(z, g, b, eps, 1, "none")[0], w, cb, dz_next, stride)
     dz, dg, db = _layer_norm_gelu_kernels.layer_norm_gelu_backward(dy, z, g, b, mean, rstd, 1, "none")
     empty = z.new_empty(0)
     return dz, dg if dg is not None else empty, db if db is not None else empty, dw, dcb
@@ -719,9 +716,7 @@ def _conv01_bwd_impl(
     z1 = F.conv1d(y0, w1, cb1, stride=s1)
     _, mean1, rstd1 = _layer_norm_gelu_kernels.layer_norm_gelu_forward(z1, g1, b1, eps, 1, "none")
     dz1, dg1, db1 = _layer_norm_gelu_kernels.layer_norm_gelu_backward(dy, z1, g1, b1, mean1, rstd1, 1, "none")
-    dy0 = torch.nn.grad.conv1d_input(y0.shape, w1, dz1, stride=s1)
-    dw1 = torch.nn.grad.conv1d_weight(y0, w1.shape, dz1, stride=s1)
-    dcb1 = dz1.sum(dim=(0, 2), dtype=torch.float32).to(dz1.dtype) if cb1 is not None else wave.new_empty(0)
+    dy0, dw1, dcb1 = _conv_backward(y0, w1, cb1, dz1, s1)
     dwave, dw0, dcb0, dg0, db0 = _conv0_bwd_impl(dy0, wave, w0, cb0, g0, b0, mean0, rstd0, s0, eps, wave_grad)
     return dwave, dw0, dw1, dcb0, dcb1, dg0, dg1, db0, db1
 
