@@ -545,7 +545,10 @@ def aot_variants() -> list[AotVariant]:
         types |= dict.fromkeys(constexprs, "constexpr")
         types = {arg: types[arg] for arg in conv0_ln_gelu_kernel.arg_names}
         name = f"conv0_{_TRITON_TYPES[dtype]}_c{channels}_bias{int(bias)}_pre{int(pre_norm_only)}"
-        variants.append(AotVariant(name, conv0_ln_gelu_kernel, types, constexprs, config["num_warps"], 1))
+        variant = AotVariant(name, conv0_ln_gelu_kernel, types, constexprs, config["num_warps"], 1)
+        # as it runs: output channels-last, unit sample and tap strides
+        unit_strides = ("stride_y_c", "stride_wave_s", "stride_w_k")
+        variants.append(as_run(variant, unit_strides, ("n_channels", "stride_y_b", "stride_y_t", "stride_wave_b")))
     # The fused backward: every dtype, with and without conv bias and waveform gradient, at its
     # widest row (512), specialised as it runs: dy channels-last (the op passes it so), unit
     # sample and tap strides, 16-divisible pointers and row strides (sm_90: 222 to 255 registers at
