@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import itertools
 import json
 import math
 import os
@@ -648,32 +649,40 @@ class OpBenchmark:
         env = environment(argv)
         timing_kwargs = {"rep_ms": 50.0 if args.quick else 200.0}
         rows: list[dict[str, Any]] = []
-        for case in args.cases:
-            for dtype_name in args.dtypes:
-                for mode in args.modes:
-                    try:
-                        op_case = self.setup(case, dtype_name, mode, args.device)
-                    except Exception as e:  # e.g. out of memory: the other cases still run
-                        error = f"setup: {type(e).__name__}: {e}"
-                        failed = [dict(case=case, dtype=dtype_name, mode=mode, impl=i, error=error) for i in args.impls]
-                        rows += failed
-                        for row in failed:
-                            print_row(row)
-                        continue
-                    rows += bench_impls(
-                        op_case,
-                        args.impls,
-                        check=not args.no_check,
-                        timed=not args.check_only,
-                        timing_kwargs=timing_kwargs,
-                        device=args.device,
-                    )
-                    del op_case
-                    if args.device == "cuda":
-                        torch.cuda.empty_cache()
-        if not args.check_only:
-            path = write_results(self.what, rows, env, args.out, quick=args.quick)
-            print(f"wrote {path}")
+
+        def save(complete: bool) -> None:
+            # rewritten after every case, so a run stopped at a time limit keeps what it measured
+            if not args.check_only:
+                path = write_results(self.what, rows, env, args.out, quick=args.quick, complete=complete)
+                print(f"wrote {path}" + ("" if complete else f" ({len(rows)} rows so far)"), flush=True)
+
+        try:
+            for case, dtype_name, mode in itertools.product(args.cases, args.dtypes, args.modes):
+                try:
+                    op_case = self.setup(case, dtype_name, mode, args.device)
+                except Exception as e:  # e.g. out of memory: the other cases still run
+                    error = f"setup: {type(e).__name__}: {e}"
+                    failed = [dict(case=case, dtype=dtype_name, mode=mode, impl=i, error=error) for i in args.impls]
+                    rows += failed
+                    for row in failed:
+                        print_row(row)
+                    continue
+                rows += bench_impls(
+                    op_case,
+                    args.impls,
+                    check=not args.no_check,
+                    timed=not args.check_only,
+                    timing_kwargs=timing_kwargs,
+                    device=args.device,
+                )
+                del op_case
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()
+                save(complete=False)
+        except KeyboardInterrupt:  # `timeout --signal=INT` (scripts/gpu_session): the finished cases stay written
+            print("interrupted: the result file holds the cases that finished", flush=True)
+            return 130
+        save(complete=True)
         return 1 if any("error" in row for row in rows) else 0
 
     def benchmark_cases(self, quick: bool = True) -> list[BenchCase]:

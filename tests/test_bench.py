@@ -487,6 +487,30 @@ def test_op_main_writes_dated_rows_with_tflops(monkeypatch, tmp_path):
         assert (row["ms"], row["ms_p20"], row["ms_p80"], row["what"]) == (2.0, 1.5, 2.5, "pos_conv")
         assert (row["ms_graph"], row["ms_graph_p20"], row["ms_graph_p80"]) == (0.5, 0.4, 0.6)
         assert "graph_error" not in row
+    assert json.loads(path.read_text())["complete"] is True
+
+
+def test_op_main_keeps_finished_cases_when_interrupted(monkeypatch, tmp_path):
+    """scripts/gpu_session stops a stage at its time limit with SIGINT: the cases that finished
+    are already in the result file, marked incomplete."""
+    from bench import pos_conv
+
+    monkeypatch.setattr(common, "require_gpu", lambda what: None)
+    monkeypatch.setattr(common, "time_ms", lambda fn, **kw: fn() and common.Timing(2.0, 1.5, 2.5, "stub"))
+    monkeypatch.setattr(common, "peak_memory_mb", lambda fn: 7.0)
+    monkeypatch.setattr(common, "graph_ms", lambda fn: common.Timing(0.5, 0.4, 0.6, "stub graph"))
+
+    def setup(case, dtype_name, mode, device):
+        if mode == "fwd+bwd":
+            raise KeyboardInterrupt
+        return pos_conv.setup_case(case, dtype_name, mode, "cpu")
+
+    on_cpu = dataclasses.replace(pos_conv.BENCHMARK, setup=setup)
+    assert on_cpu.main(["--tiny", "--dtype", "fp32", "--impls", "hf_eager", "--out", str(tmp_path)]) == 130
+    [path] = (tmp_path / common.gpu_slug(common.environment()["gpu"])).glob("*-pos_conv.json")
+    data = json.loads(path.read_text())
+    assert data["complete"] is False
+    assert [(r["mode"], r["impl"], r["ms"]) for r in data["rows"]] == [("fwd", "hf_eager", 2.0)]
 
 
 # ------------------------------------------------------------------------------------- tile sweep
