@@ -2,6 +2,7 @@
 fake impl and backward math (CPU), and the CUDA kernels against float64 (GPU only)."""
 
 import importlib
+import warnings
 
 import pytest
 import torch
@@ -285,6 +286,23 @@ def test_fake_impls_give_shapes_on_fake_cuda_tensors():
         assert all(t.shape[0] == 3 and t.shape[2] == 512 and t.dtype == torch.float16 for t in layers)
 
 
+def test_a_channels_first_conv_output_on_the_gpu_is_copied_with_one_warning(monkeypatch):
+    # the CPU stands in for the GPU here (fake CUDA tensors cannot be copied on a CPU build)
+    monkeypatch.setattr(cfe, "_LAYOUT_COPY_WARNED_ON", ("cpu",))
+    monkeypatch.setattr(cfe, "_warned_layout_copy", False)
+    channels_last = torch.randn(2, 40, 512).transpose(1, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cfe._channels_last(channels_last) is channels_last
+    channels_first = torch.randn(2, 512, 40)
+    with pytest.warns(UserWarning, match=r"strides \(20480, 40, 1\) .* where channels-last was expected"):
+        copied = cfe._channels_last(channels_first)
+    assert copied.stride() == (20480, 1, 512) and torch.equal(copied, channels_first)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once a process
+        cfe._channels_last(channels_first)
+
+
 def test_backward_gives_gradient_shapes_on_meta_tensors():
     # Meta tensors run the fake impls and torch's meta conv kernels (fake CUDA convolutions need
     # a CUDA build); _backward is called directly because the custom op only has a CUDA kernel.
@@ -352,14 +370,19 @@ def test_cuda_forward_and_gradients_match_float64(dtype, samples):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("samples", [16001, 160000])
-def test_triton_path_forward_and_gradients_match_float64_on_gpu(dtype, samples):
+def test_triton_path_forward_and_gradients_match_float64_on_gpu(dtype, samples, monkeypatch):
     """The default CUDA path (Triton layer 0 and its one-kernel backward, cuDNN, Triton LayerNorm +
     GELU, activations recomputed in the backward) at Data2Vec's size."""
     params = make_params(**BASE, device="cuda")
     wave = torch.randn(2, samples, device="cuda")
-    (out, g), (ref, g64), (eager, g_eager) = _run_cuda_and_reference(
-        wave.to(dtype), params, grads=True, backend="triton"
-    )
+    monkeypatch.setattr(cfe, "_warned_layout_copy", False)  # it warns once a process
+    with warnings.catch_warnings():
+        # cuDNN must return channels-last conv outputs for channels-last inputs (the path's premise:
+        # no transpose between layers); a copy would warn
+        warnings.filterwarnings("error", message=".*where channels-last was expected")
+        (out, g), (ref, g64), (eager, g_eager) = _run_cuda_and_reference(
+            wave.to(dtype), params, grads=True, backend="triton"
+        )
     assert out.is_contiguous()
     assert_close_to_reference(out, ref, eager)
     names = ["wave"] + [f"{n}[{i}]" for n in ("conv_weights", "ln_weights", "ln_biases") for i in range(7)]

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -330,10 +331,25 @@ def _channels_last_empty(like: Tensor, channels: int, frames: int) -> Tensor:
     return like.new_empty((like.shape[0], frames, channels)).transpose(1, 2)
 
 
+_warned_layout_copy = False
+_LAYOUT_COPY_WARNED_ON = ("cuda",)  # devices whose convs return channels-last for channels-last inputs
+
+
 def _channels_last(z: Tensor) -> Tensor:
     """(B, C, T) with channels-last strides (T * C, 1, C): cuDNN returns that layout for a
-    channels-last input on the GPU; a copy only where a backend (the CPU's) returned another."""
-    return z if z.stride(1) == 1 or z.shape[1] == 1 else z.transpose(1, 2).contiguous().transpose(1, 2)
+    channels-last input on the GPU; a copy only where a backend (the CPU's) returned another,
+    warned once on the GPU, where it costs a transpose a layer."""
+    global _warned_layout_copy
+    if z.stride(1) == 1 or z.shape[1] == 1:
+        return z
+    if z.device.type in _LAYOUT_COPY_WARNED_ON and not _warned_layout_copy:
+        _warned_layout_copy = True
+        warnings.warn(
+            f"d2v_kernels.conv_feature_extractor: the conv returned strides {z.stride()} for shape"
+            f" {tuple(z.shape)} where channels-last was expected; copying it (a transpose per layer)",
+            stacklevel=2,
+        )
+    return z.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def _conv_output(x: Tensor, weight: Tensor, conv_bias: Tensor | None, stride: int) -> Tensor:
@@ -887,5 +903,5 @@ dispatch.register(
     devices=("cuda",),
     available=extension_reasons,
     description="C++/CUDA extension: strided conv with LayerNorm + GELU epilogue, channels-last",
-    opt_in=True,  # never run on a GPU yet: a GPU session validates it (d2v-kernels validate) and lifts this
+    opt_in=True,  # correct on the GPU (tests, compute-sanitizer) but slower than the triton backend there
 )
