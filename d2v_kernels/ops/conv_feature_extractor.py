@@ -345,8 +345,9 @@ def _channels_last(z: Tensor) -> Tensor:
     if z.device.type in _LAYOUT_COPY_WARNED_ON and not _warned_layout_copy:
         _warned_layout_copy = True
         warnings.warn(
-            f"d2v_kernels.conv_feature_extractor: the conv returned strides {z.stride()} for shape"
-            f" {tuple(z.shape)} where channels-last was expected; copying it (a transpose per layer)",
+            f"d2v_kernels.conv_feature_extractor: a (B, C, T) activation or gradient of shape {tuple(z.shape)}"
+            f" has strides {z.stride()} where channels-last was expected (what cuDNN returns for"
+            " channels-last inputs); copying it, a transpose each time",
             stacklevel=2,
         )
     return z.transpose(1, 2).contiguous().transpose(1, 2)
