@@ -79,7 +79,7 @@ def encoder_fn(encoder, impl: str):
     if impl == "hf_eager":
         return lambda wave: encoder(wave).transpose(1, 2)
     if impl == "hf_compile":
-        compiled = torch.compile(encoder)
+        compiled = torch.compile(encoder, dynamic=False)  # a graph per shape, as each case is timed
         return lambda wave: compiled(wave).transpose(1, 2)
     raise ValueError(f"unknown impl {impl!r}; choose from {IMPLS}")
 

@@ -108,7 +108,7 @@ def implementation(impl: str):
     if impl == "hf_eager":
         return hf_layer_norm_gelu
     if impl == "hf_compile":
-        return torch.compile(hf_layer_norm_gelu)
+        return torch.compile(hf_layer_norm_gelu, dynamic=False)  # a graph per shape
     if impl == "liger":
         return liger_layer_norm_gelu
     raise ValueError(f"unknown impl {impl!r}; choose from {IMPLS}")

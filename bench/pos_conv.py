@@ -83,7 +83,7 @@ def embedding_fn(module, impl: str):
     if impl == "hf_eager":
         return module
     if impl == "hf_compile":
-        return torch.compile(module)
+        return torch.compile(module, dynamic=False)  # a graph per shape
     if impl == "cudnn_channels_last":
         # The (B, T, C) memory seen as NHWC (B, C, 1, T): cuDNN's channels-last kernels read and
         # write it directly, and LayerNorm runs on the contiguous last dim. No transposed copies.
