@@ -379,9 +379,12 @@ def selected_cases(spec: ModelSpec, options: Options) -> dict[str, dict[str, Any
     return cases
 
 
-def bench_model(spec: ModelSpec, options: Options) -> list[dict[str, Any]]:
-    """Every (case, dtype, implementation, mode) of one model; a row each, printed as it comes."""
-    rows: list[dict[str, Any]] = []
+def bench_model(
+    spec: ModelSpec, options: Options, rows: list[dict[str, Any]] | None = None, saved: Callable[[], Any] = lambda: None
+) -> list[dict[str, Any]]:
+    """Every (case, dtype, implementation, mode) of one model; a row each, printed as it comes,
+    appended to ``rows``, and ``saved()`` called after each implementation."""
+    rows = [] if rows is None else rows
     config = spec.config(tiny=options.tiny)
     device = options.device
     for case_name, case in selected_cases(spec, options).items():
@@ -406,6 +409,7 @@ def bench_model(spec: ModelSpec, options: Options) -> list[dict[str, Any]]:
             for impl in options.impls:
                 rows += bench_variant(spec, config, state, batch, ref64, eager_logits, impl, dtype, base, options)
                 _free(device)
+                saved()
         del state, ref64
         _free(device)
     return rows
@@ -606,14 +610,24 @@ def main(argv: list[str] | None = None) -> int:
     env = common.environment(argv)
     status = 0
     for name in args.models:
-        rows = bench_model(MODELS[name], options)
+        rows: list[dict[str, Any]] = []
+        what = f"model-{name}" + ("-quick" if args.quick else "")
+
+        def save(complete: bool = False, rows=rows, what=what) -> None:
+            # rewritten after every implementation, so a run stopped at a time limit keeps what it measured
+            if not args.check_only and rows:
+                extra = dict(quick=args.quick, impls=IMPL_DESCRIPTIONS, complete=complete)
+                path = common.write_results(what, rows, env, args.out, **extra)
+                print(f"wrote {path}" + ("" if complete else f" ({len(rows)} rows so far)"), flush=True)
+
+        try:
+            bench_model(MODELS[name], options, rows, save)
+        except KeyboardInterrupt:  # `timeout --signal=INT` (scripts/gpu_session)
+            print("interrupted: the result file holds the implementations that finished", flush=True)
+            return 130
+        save(complete=True)
         if any("error" in row for row in rows):
             status = 1
-        if args.check_only:
-            continue
-        what = f"model-{name}" + ("-quick" if args.quick else "")
-        path = common.write_results(what, rows, env, args.out, quick=args.quick, impls=IMPL_DESCRIPTIONS)
-        print(f"wrote {path}")
     return status
 
 

@@ -280,6 +280,23 @@ def test_model_checks_run_on_tiny_configs_on_cpu(capsys):
     assert all(r["loss"] > 0 for r in checked if r["mode"] == "train")
 
 
+def test_model_main_keeps_finished_implementations_when_interrupted(monkeypatch, tmp_path):
+    monkeypatch.setattr(common, "require_gpu", lambda what: None)
+
+    def two_impls_then_stopped(spec, options, rows, saved):
+        for impl in ("d2v", "hf_sdpa"):
+            rows.append(dict(what=spec.name, case="tiny", dtype="bf16", mode="inference", impl=impl, ms=1.0))
+            saved()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(models, "bench_model", two_impls_then_stopped)
+    assert models.main(["--model", "text_base,vision_base", "--tiny", "--out", str(tmp_path)]) == 130
+    [path] = (tmp_path / common.gpu_slug(common.environment()["gpu"])).glob("*-model-text_base.json")
+    data = json.loads(path.read_text())
+    assert data["complete"] is False and [r["impl"] for r in data["rows"]] == ["d2v", "hf_sdpa"]
+    assert not list(tmp_path.rglob("*vision_base*"))  # stopped before the next model
+
+
 def test_model_check_catches_a_wrong_implementation(monkeypatch):
     real = models.infer_logits
 
