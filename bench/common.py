@@ -424,6 +424,20 @@ def write_results(
     return path
 
 
+def progress_saver(what: str, env: dict[str, Any], out_root: Path = RESULTS_DIR, **extra) -> Callable[..., None]:
+    """``save(rows, complete=False)``: (re)writes the run's result file, marked ``"complete"`` or not.
+    A long run saves after every case, so one stopped at a time limit keeps what it measured."""
+
+    def save(rows: list[dict[str, Any]], complete: bool = False) -> None:
+        path = write_results(what, rows, env, out_root, **extra, complete=complete)
+        print(f"wrote {path}" + ("" if complete else f" ({len(rows)} rows so far)"), flush=True)
+
+    return save
+
+
+INTERRUPTED = 130  # exit status of a run stopped by SIGINT (`timeout --signal=INT` in scripts/gpu_session)
+
+
 def _json_default(value):
     if isinstance(value, torch.dtype):
         return str(value).removeprefix("torch.")
@@ -649,13 +663,7 @@ class OpBenchmark:
         env = environment(argv)
         timing_kwargs = {"rep_ms": 50.0 if args.quick else 200.0}
         rows: list[dict[str, Any]] = []
-
-        def save(complete: bool) -> None:
-            # rewritten after every case, so a run stopped at a time limit keeps what it measured
-            if not args.check_only:
-                path = write_results(self.what, rows, env, args.out, quick=args.quick, complete=complete)
-                print(f"wrote {path}" + ("" if complete else f" ({len(rows)} rows so far)"), flush=True)
-
+        save = progress_saver(self.what, env, args.out, quick=args.quick)
         try:
             for case, dtype_name, mode in itertools.product(args.cases, args.dtypes, args.modes):
                 try:
@@ -678,11 +686,13 @@ class OpBenchmark:
                 del op_case
                 if args.device == "cuda":
                     torch.cuda.empty_cache()
-                save(complete=False)
-        except KeyboardInterrupt:  # `timeout --signal=INT` (scripts/gpu_session): the finished cases stay written
+                if not args.check_only:
+                    save(rows)
+        except KeyboardInterrupt:
             print("interrupted: the result file holds the cases that finished", flush=True)
-            return 130
-        save(complete=True)
+            return INTERRUPTED
+        if not args.check_only:
+            save(rows, complete=True)
         return 1 if any("error" in row for row in rows) else 0
 
     def benchmark_cases(self, quick: bool = True) -> list[BenchCase]:

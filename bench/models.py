@@ -380,10 +380,13 @@ def selected_cases(spec: ModelSpec, options: Options) -> dict[str, dict[str, Any
 
 
 def bench_model(
-    spec: ModelSpec, options: Options, rows: list[dict[str, Any]] | None = None, saved: Callable[[], Any] = lambda: None
+    spec: ModelSpec,
+    options: Options,
+    rows: list[dict[str, Any]] | None = None,
+    saved: Callable[[list[dict[str, Any]]], Any] = lambda rows: None,
 ) -> list[dict[str, Any]]:
     """Every (case, dtype, implementation, mode) of one model; a row each, printed as it comes,
-    appended to ``rows``, and ``saved()`` called after each implementation."""
+    appended to ``rows``, and ``saved(rows)`` called after each implementation."""
     rows = [] if rows is None else rows
     config = spec.config(tiny=options.tiny)
     device = options.device
@@ -409,7 +412,7 @@ def bench_model(
             for impl in options.impls:
                 rows += bench_variant(spec, config, state, batch, ref64, eager_logits, impl, dtype, base, options)
                 _free(device)
-                saved()
+                saved(rows)
         del state, ref64
         _free(device)
     return rows
@@ -612,20 +615,14 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models:
         rows: list[dict[str, Any]] = []
         what = f"model-{name}" + ("-quick" if args.quick else "")
-
-        def save(complete: bool = False, rows=rows, what=what) -> None:
-            # rewritten after every implementation, so a run stopped at a time limit keeps what it measured
-            if not args.check_only and rows:
-                extra = dict(quick=args.quick, impls=IMPL_DESCRIPTIONS, complete=complete)
-                path = common.write_results(what, rows, env, args.out, **extra)
-                print(f"wrote {path}" + ("" if complete else f" ({len(rows)} rows so far)"), flush=True)
-
+        save = common.progress_saver(what, env, args.out, quick=args.quick, impls=IMPL_DESCRIPTIONS)
         try:
-            bench_model(MODELS[name], options, rows, save)
-        except KeyboardInterrupt:  # `timeout --signal=INT` (scripts/gpu_session)
+            bench_model(MODELS[name], options, rows, (lambda rows: None) if args.check_only else save)
+        except KeyboardInterrupt:
             print("interrupted: the result file holds the implementations that finished", flush=True)
-            return 130
-        save(complete=True)
+            return common.INTERRUPTED
+        if not args.check_only:
+            save(rows, complete=True)
         if any("error" in row for row in rows):
             status = 1
     return status

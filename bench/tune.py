@@ -278,10 +278,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = common.environment(argv)
     timing_kwargs = {"rep_ms": 50.0 if args.quick else 200.0}
     rows: list[dict[str, Any]] = []
-    for kernel in args.kernels:
-        _, _, full, quick = KERNELS[kernel]
-        for case in cases_for(kernel, args):
-            for dtype_name in args.dtypes:
+    save = common.progress_saver("tune" + ("-quick" if args.quick else ""), env, args.out, quick=args.quick)
+    try:
+        for kernel in args.kernels:
+            _, _, full, quick = KERNELS[kernel]
+            for case, dtype_name in itertools.product(cases_for(kernel, args), args.dtypes):
                 rows += tune_case(
                     kernel,
                     case,
@@ -293,11 +294,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 if args.device == "cuda":
                     torch.cuda.empty_cache()
+                if not args.check_only:
+                    save(rows)
+    except KeyboardInterrupt:
+        print("interrupted: the result file holds the cases that finished", flush=True)
+        return common.INTERRUPTED
     print()
     print(summary_table(rows))
     if not args.check_only:
-        path = common.write_results("tune" + ("-quick" if args.quick else ""), rows, env, args.out, quick=args.quick)
-        print(f"wrote {path}")
+        save(rows, complete=True)
     return 1 if any("error" in row for row in rows) else 0
 
 

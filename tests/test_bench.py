@@ -286,7 +286,7 @@ def test_model_main_keeps_finished_implementations_when_interrupted(monkeypatch,
     def two_impls_then_stopped(spec, options, rows, saved):
         for impl in ("d2v", "hf_sdpa"):
             rows.append(dict(what=spec.name, case="tiny", dtype="bf16", mode="inference", impl=impl, ms=1.0))
-            saved()
+            saved(rows)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(models, "bench_model", two_impls_then_stopped)
