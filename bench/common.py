@@ -424,11 +424,16 @@ def write_results(
     return path
 
 
-def progress_saver(what: str, env: dict[str, Any], out_root: Path = RESULTS_DIR, **extra) -> Callable[..., None]:
-    """``save(rows, complete=False)``: (re)writes the run's result file, marked ``"complete"`` or not.
-    A long run saves after every case, so one stopped at a time limit keeps what it measured."""
+def progress_saver(
+    what: str, env: dict[str, Any], out_root: Path = RESULTS_DIR, *, enabled: bool = True, **extra
+) -> Callable[..., None]:
+    """``save(rows, complete=False)``: (re)writes the run's result file, marked ``"complete"`` or not
+    (nothing when not ``enabled``: a check-only run). A long run saves after every case, so one
+    stopped at a time limit keeps what it measured."""
 
     def save(rows: list[dict[str, Any]], complete: bool = False) -> None:
+        if not enabled:
+            return
         path = write_results(what, rows, env, out_root, **extra, complete=complete)
         print(f"wrote {path}" + ("" if complete else f" ({len(rows)} rows so far)"), flush=True)
 
@@ -663,7 +668,7 @@ class OpBenchmark:
         env = environment(argv)
         timing_kwargs = {"rep_ms": 50.0 if args.quick else 200.0}
         rows: list[dict[str, Any]] = []
-        save = progress_saver(self.what, env, args.out, quick=args.quick)
+        save = progress_saver(self.what, env, args.out, enabled=not args.check_only, quick=args.quick)
         try:
             for case, dtype_name, mode in itertools.product(args.cases, args.dtypes, args.modes):
                 try:
@@ -686,13 +691,11 @@ class OpBenchmark:
                 del op_case
                 if args.device == "cuda":
                     torch.cuda.empty_cache()
-                if not args.check_only:
-                    save(rows)
+                save(rows)
         except KeyboardInterrupt:
             print("interrupted: the result file holds the cases that finished", flush=True)
             return INTERRUPTED
-        if not args.check_only:
-            save(rows, complete=True)
+        save(rows, complete=True)
         return 1 if any("error" in row for row in rows) else 0
 
     def benchmark_cases(self, quick: bool = True) -> list[BenchCase]:

@@ -615,14 +615,14 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models:
         rows: list[dict[str, Any]] = []
         what = f"model-{name}" + ("-quick" if args.quick else "")
-        save = common.progress_saver(what, env, args.out, quick=args.quick, impls=IMPL_DESCRIPTIONS)
+        extra = dict(quick=args.quick, impls=IMPL_DESCRIPTIONS)
+        save = common.progress_saver(what, env, args.out, enabled=not args.check_only, **extra)
         try:
-            bench_model(MODELS[name], options, rows, (lambda rows: None) if args.check_only else save)
+            bench_model(MODELS[name], options, rows, save)
         except KeyboardInterrupt:
             print("interrupted: the result file holds the implementations that finished", flush=True)
             return common.INTERRUPTED
-        if not args.check_only:
-            save(rows, complete=True)
+        save(rows, complete=True)
         if any("error" in row for row in rows):
             status = 1
     return status

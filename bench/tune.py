@@ -278,7 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = common.environment(argv)
     timing_kwargs = {"rep_ms": 50.0 if args.quick else 200.0}
     rows: list[dict[str, Any]] = []
-    save = common.progress_saver("tune" + ("-quick" if args.quick else ""), env, args.out, quick=args.quick)
+    what = "tune" + ("-quick" if args.quick else "")
+    save = common.progress_saver(what, env, args.out, enabled=not args.check_only, quick=args.quick)
     try:
         for kernel in args.kernels:
             _, _, full, quick = KERNELS[kernel]
@@ -294,15 +295,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 if args.device == "cuda":
                     torch.cuda.empty_cache()
-                if not args.check_only:
-                    save(rows)
+                save(rows)
     except KeyboardInterrupt:
         print("interrupted: the result file holds the cases that finished", flush=True)
         return common.INTERRUPTED
     print()
     print(summary_table(rows))
-    if not args.check_only:
-        save(rows, complete=True)
+    save(rows, complete=True)
     return 1 if any("error" in row for row in rows) else 0
 
 
