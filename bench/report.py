@@ -7,7 +7,9 @@ For each GPU folder the newest row of every (what, case, dtype, mode, impl) is k
 kernel and config for a tile sweep, which gets its own table). The speedup column is ``ms of this implementation / ms of ours`` on the same (what, case, dtype, mode): above
 1 means d2v_kernels is faster. Files marked ``"synthetic": true`` (the rendering sample in
 ``bench/results/sample/``) are never put into the README, and are labelled as such wherever
-rendered. Plots use matplotlib's Agg backend (no display needed).
+rendered. A file marked ``"complete": false`` (a run stopped at its time limit: its cases so far)
+has its rows shown with a dagger and a note under the table naming the file. Plots use
+matplotlib's Agg backend (no display needed).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ SKIP_DIRS = {"sample", "plots"}
 CASE_FIELDS = ("what", "case", "dtype", "mode")
 KEY_FIELDS = (*CASE_FIELDS, "impl", "kernel", "config")
 SYNTHETIC_LABEL = "SYNTHETIC SAMPLE DATA, not measurements"
+INCOMPLETE_MARK = "†"
 
 
 @dataclasses.dataclass
@@ -46,6 +49,9 @@ class Run:
     environment: dict[str, Any]
     rows: list[dict[str, Any]]
     synthetic: bool
+    # False: the run stopped before its last case (``"complete": false``); files written before
+    # the field existed were written once, at the end, so they count as complete.
+    complete: bool = True
 
     @property
     def date(self) -> str:
@@ -69,7 +75,8 @@ def load_run(path: Path) -> Run:
     what = data.get("what") or _what_from_filename(Path(path))
     rows = [dict(row, what=row.get("what") or what) for row in data["rows"] if isinstance(row, dict)]
     synthetic = bool(data.get("synthetic")) or bool(data.get("environment", {}).get("synthetic"))
-    return Run(Path(path), what, dict(data.get("environment") or {}), rows, synthetic)
+    complete = data.get("complete", True) is not False
+    return Run(Path(path), what, dict(data.get("environment") or {}), rows, synthetic, complete)
 
 
 def find_runs(results_dir: Path = common.RESULTS_DIR) -> list[Run]:
@@ -98,7 +105,10 @@ def latest_by_gpu(runs: Iterable[Run]) -> dict[str, tuple[list[Run], list[dict[s
         latest: dict[tuple, dict[str, Any]] = {}
         for run in gpu_runs:  # oldest first: newer rows overwrite older ones
             for row in run.rows:
-                latest[tuple(str(row.get(k, "")) for k in KEY_FIELDS)] = dict(row, run_date=run.date[:10])
+                shown = dict(row, run_date=run.date[:10])
+                if not run.complete:
+                    shown["incomplete_run"] = run.path.name
+                latest[tuple(str(row.get(k, "")) for k in KEY_FIELDS)] = shown
         out[gpu] = (gpu_runs, list(latest.values()))
     return out
 
@@ -193,6 +203,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             timing = f"{_num(row['ms'])} ({_num(row.get('ms_p20'))}-{_num(row.get('ms_p80'))})"
         else:
             timing = ""
+        if row.get("incomplete_run"):
+            timing += f" {INCOMPLETE_MARK}"
         throughput = _num(row.get("throughput"), "{:,.0f}")
         if throughput and row.get("throughput_unit"):
             throughput += f" {row['throughput_unit']}"
@@ -220,7 +232,19 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             errors,
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    note = incomplete_note(rows)
+    return "\n".join(lines) + (f"\n\n{note}" if note else "")
+
+
+def incomplete_note(rows: list[dict[str, Any]]) -> str:
+    """The line under a table naming the files of its rows from runs stopped short; "" if none."""
+    cut_short = sorted({str(row["incomplete_run"]) for row in rows if row.get("incomplete_run")})
+    if not cut_short:
+        return ""
+    return (
+        f"{INCOMPLETE_MARK} from a run stopped before its last case ({', '.join(f'`{n}`' for n in cut_short)},"
+        ' `"complete": false`): these rows were measured; the cases after them were not run.'
+    )
 
 
 def environment_line(runs: list[Run]) -> str:
@@ -352,7 +376,11 @@ def render(runs: list[Run], out_dir: Path, *, link_base: Path | None = None, plo
             if what == "tune":  # a tile sweep: fastest configurations against the default, no plots
                 from bench import tune
 
-                sections.append(f"### tile sweep (bench/tune.py)\n\n{tune.summary_table(what_rows)}\n")
+                note = incomplete_note(what_rows)
+                sections.append(
+                    f"### tile sweep (bench/tune.py)\n\n{tune.summary_table(what_rows)}\n"
+                    + (f"\n{note}\n" if note else "")
+                )
                 continue
             sections.append(f"### {what}\n\n{markdown_table(what_rows)}\n")
             if not plots:

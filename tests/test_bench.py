@@ -634,3 +634,27 @@ def test_layer_norm_gelu_rows_are_checked_timed_and_graph_timed(monkeypatch):
         assert "error" not in row and row["case"] == "tiny" and row["layout"] == "channels_first"
         assert 0 <= row["max_err"] <= row["bound"] and row["ms"] == 2.0 and row["ms_graph"] == 0.5
         assert row["gbps_graph"] == pytest.approx(4 * row["gbps"]) and row["bytes"] > 0
+
+
+def test_report_marks_rows_of_a_run_stopped_short(tmp_path):
+    folder = tmp_path / "nvidia-h200"
+    folder.mkdir()
+    env = {"gpu": "NVIDIA H200", "date": "2030-01-01T00:00:00+00:00"}
+    row = {"what": "pos_conv", "case": "base", "dtype": "bf16", "mode": "fwd", "impl": "d2v_triton", "ms": 2.0}
+    cut = {"what": "pos_conv", "complete": False, "environment": env, "rows": [row]}
+    whole = {"what": "pos_conv", "complete": True, "environment": env, "rows": [dict(row, case="large")]}
+    (folder / "20300101-000000-pos_conv.json").write_text(json.dumps(cut))
+    (folder / "20300101-000001-pos_conv.json").write_text(json.dumps(whole))
+    runs = report.find_runs(tmp_path)
+    assert [run.complete for run in runs] == [False, True]
+    ((_, rows),) = report.latest_by_gpu(runs).values()
+    table = report.markdown_table(report.add_derived(rows, None))
+    lines = table.splitlines()
+    assert any("| base |" in line and f"2 (-) {report.INCOMPLETE_MARK} |" in line for line in lines), table
+    assert any("| large |" in line and "| 2 (-) |" in line for line in lines), table
+    assert lines[-1].startswith(report.INCOMPLETE_MARK) and "`20300101-000000-pos_conv.json`" in lines[-1]
+    assert "000001" not in lines[-1]
+    # a newer complete run of the same case replaces the mark
+    (folder / "20300101-000002-pos_conv.json").write_text(json.dumps(dict(cut, complete=True)))
+    ((_, rows),) = report.latest_by_gpu(report.find_runs(tmp_path)).values()
+    assert report.INCOMPLETE_MARK not in report.markdown_table(report.add_derived(rows, None))
