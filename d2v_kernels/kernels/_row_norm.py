@@ -389,6 +389,41 @@ def _wide_offsets(n_channels: int, n_pos: int, strides: Sequence[tuple[int, int,
     )
 
 
+# The forward's launch plan depends only on the layout: x's (shape, strides), the residual's
+# strides, whether the sum is stored (y and the sum are empty_like(x), so their strides follow x's).
+# Kept per layout so that a repeated call skips the layout search (microseconds of host time a
+# launch; an eager model step makes dozens). Bounded: variable-length inputs add a plan a length.
+_forward_plans: dict[tuple, tuple] = {}
+_MAX_PLANS = 1024
+
+
+def _forward_plan(x, y, residual, total, channels_dim: int) -> tuple:
+    """(n_batch, n_channels, n_pos, stats shape, the x/res/y/sum stride arguments, BLOCK_P, BLOCK_C,
+    num_warps, WIDE_OFFSETS) of row_norm_fwd_kernel for these tensors (default tiles)."""
+    key = (x.shape, x.stride(), channels_dim, None if residual is None else residual.stride(), total is not None)
+    plan = _forward_plans.get(key)
+    if plan is not None:
+        return plan
+    tensors = [x, y] + ([residual] if residual is not None else []) + ([total] if total is not None else [])
+    view = strided_view(tensors, channels_dim)
+    assert view is not None, "row_norm_forward: unreadable layout (unsupported_reasons was not checked)"
+    n_batch, n_channels, n_pos, strides = view
+    x_strides, y_strides = strides[0], strides[1]
+    res_strides = strides[2] if residual is not None else (0, 0, 0)
+    sum_strides = strides[-1] if total is not None else (0, 0, 0)
+    stats_shape = x.shape[:channels_dim] + x.shape[channels_dim + 1 :]
+    block_p, block_c, num_warps = _launch_config(n_channels, x_strides, n_pos)
+    wide = _wide_offsets(n_channels, n_pos, strides)
+    plan = (
+        n_batch, n_channels, n_pos, stats_shape, x_strides + res_strides + y_strides + sum_strides,
+        block_p, block_c, num_warps, wide,
+    )  # fmt: skip
+    if len(_forward_plans) >= _MAX_PLANS:
+        _forward_plans.clear()
+    _forward_plans[key] = plan
+    return plan
+
+
 def row_norm_forward(
     x: torch.Tensor,
     channels_dim: int,
@@ -407,30 +442,22 @@ def row_norm_forward(
     channels_dim %= x.dim()
     y = torch.empty_like(x)
     total = torch.empty_like(x) if store_sum else None
-    tensors = [x, y] + ([residual] if residual is not None else []) + ([total] if store_sum else [])
-    view = strided_view(tensors, channels_dim)
-    assert view is not None, "row_norm_forward: unreadable layout (unsupported_reasons was not checked)"
-    n_batch, n_channels, n_pos, strides = view
-    x_strides, y_strides = strides[0], strides[1]
-    res_strides = strides[2] if residual is not None else (0, 0, 0)
-    sum_strides = strides[-1] if store_sum else (0, 0, 0)
-    stats_shape = x.shape[:channels_dim] + x.shape[channels_dim + 1 :]
+    n_batch, n_channels, n_pos, stats_shape, stride_args, block_p, block_c, num_warps, wide = _forward_plan(
+        x, y, residual, total, channels_dim
+    )
     mean = torch.empty(stats_shape, device=x.device, dtype=torch.float32)
     rstd = torch.empty(stats_shape, device=x.device, dtype=torch.float32)
-
-    block_p, block_c, num_warps = _launch_config(n_channels, x_strides, n_pos)
     config = tiles("row_norm_fwd", {"BLOCK_P": block_p, "num_warps": num_warps})
     block_p, num_warps = config["BLOCK_P"], config["num_warps"]
     tiles_per_batch = cdiv(n_pos, block_p)
     row_norm_fwd_kernel[(n_batch * tiles_per_batch,)](
         x, residual if residual is not None else x, weight if weight is not None else x,
         bias if bias is not None else x, y, total if store_sum else y, mean, rstd,
-        n_pos, n_channels, tiles_per_batch,
-        *x_strides, *res_strides, *y_strides, *sum_strides,
+        n_pos, n_channels, tiles_per_batch, *stride_args,
         weight.stride(0) if weight is not None else 0, bias.stride(0) if bias is not None else 0, eps,
         HAS_RESIDUAL=residual is not None, STORE_SUM=store_sum, HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation], BLOCK_P=block_p, BLOCK_C=block_c,
-        WIDE_OFFSETS=_wide_offsets(n_channels, n_pos, strides), num_warps=num_warps,
+        WIDE_OFFSETS=wide, num_warps=num_warps,
     )  # fmt: skip
     return y, total, mean, rstd
 
