@@ -326,13 +326,13 @@ def tile_config(n_channels: int, positions_contiguous: bool) -> tuple[int, int, 
     return block_p, block_c, num_warps
 
 
-def backward_tile_config(n_channels: int, positions_contiguous: bool, has_residual: bool) -> tuple[int, int, int]:
+def backward_tile_config(n_channels: int, positions_contiguous: bool) -> tuple[int, int, int]:
     """(BLOCK_P, BLOCK_C, num_warps) of the backward: the forward's tile, narrowed until each thread
     holds at most 8 values at up to 8 warps. The backward keeps x, dy, x-hat and the activation's
     derivative live per element; at 8 values a thread ptxas (sm_90) allocates 74 to 110
     registers, so two or three programs share an SM. At 16 values it took 128 to 196, one program
     an SM: 8 warps for a memory-bound loop, far too few loads in flight (the H100 profile of
-    2026-11-25 had this kernel at 9x its floor). ``has_residual`` is kept for the launch signature."""
+    2026-11-25 had this kernel at 9x its floor)."""
     block_p, block_c, _ = tile_config(n_channels, positions_contiguous)
     while block_p > 1 and block_p * block_c > _BWD_ELEMENTS_PER_THREAD * 32 * 8:
         block_p //= 2
@@ -347,10 +347,10 @@ def _launch_config(n_channels: int, x_strides: tuple[int, int, int], n_pos: int)
     return tile_config(n_channels, positions_contiguous=stride_p == 1 and stride_c != 1 and n_pos > 1)
 
 
-def _backward_launch_config(n_channels, x_strides, n_pos, has_residual: bool) -> tuple[int, int, int]:
+def _backward_launch_config(n_channels: int, x_strides: tuple[int, int, int], n_pos: int) -> tuple[int, int, int]:
     _, stride_c, stride_p = x_strides
     contiguous = stride_p == 1 and stride_c != 1 and n_pos > 1
-    return backward_tile_config(n_channels, contiguous, has_residual)
+    return backward_tile_config(n_channels, contiguous)
 
 
 # Persistent programs of the backward per SM: all resident at once (each holds at most 8 warps
@@ -389,38 +389,33 @@ def _wide_offsets(n_channels: int, n_pos: int, strides: Sequence[tuple[int, int,
     )
 
 
-# The forward's launch plan depends only on the layout: x's (shape, strides), the residual's
-# strides, whether the sum is stored (y and the sum are empty_like(x), so their strides follow x's).
-# Kept per layout so that a repeated call skips the layout search (microseconds of host time a
-# launch; an eager model step makes dozens). Bounded: variable-length inputs add a plan a length.
-_forward_plans: dict[tuple, tuple] = {}
+# A launch plan depends only on the layout: the shape and every tensor's strides. Kept per layout,
+# so that a repeated call skips the strided-view search and the tile choice (microseconds of host
+# time a launch; an eager model step makes dozens). Bounded: each input length adds a plan.
+_plans: dict[tuple, tuple | None] = {}
 _MAX_PLANS = 1024
+_TILE_CONFIGS = {"fwd": _launch_config, "bwd": _backward_launch_config}
 
 
-def _forward_plan(x, y, residual, total, channels_dim: int) -> tuple:
-    """(n_batch, n_channels, n_pos, stats shape, the x/res/y/sum stride arguments, BLOCK_P, BLOCK_C,
-    num_warps, WIDE_OFFSETS) of row_norm_fwd_kernel for these tensors (default tiles)."""
-    key = (x.shape, x.stride(), channels_dim, None if residual is None else residual.stride(), total is not None)
-    plan = _forward_plans.get(key)
-    if plan is not None:
-        return plan
-    tensors = [x, y] + ([residual] if residual is not None else []) + ([total] if total is not None else [])
-    view = strided_view(tensors, channels_dim)
-    assert view is not None, "row_norm_forward: unreadable layout (unsupported_reasons was not checked)"
-    n_batch, n_channels, n_pos, strides = view
-    x_strides, y_strides = strides[0], strides[1]
-    res_strides = strides[2] if residual is not None else (0, 0, 0)
-    sum_strides = strides[-1] if total is not None else (0, 0, 0)
-    stats_shape = x.shape[:channels_dim] + x.shape[channels_dim + 1 :]
-    block_p, block_c, num_warps = _launch_config(n_channels, x_strides, n_pos)
-    wide = _wide_offsets(n_channels, n_pos, strides)
-    plan = (
-        n_batch, n_channels, n_pos, stats_shape, x_strides + res_strides + y_strides + sum_strides,
-        block_p, block_c, num_warps, wide,
-    )  # fmt: skip
-    if len(_forward_plans) >= _MAX_PLANS:
-        _forward_plans.clear()
-    _forward_plans[key] = plan
+def _launch_plan(direction: str, tensors: Sequence[torch.Tensor | None], channels_dim: int) -> tuple | None:
+    """(n_batch, n_channels, n_pos, stride arguments, (BLOCK_P, BLOCK_C, num_warps), WIDE_OFFSETS) of
+    the ``direction`` ("fwd" / "bwd") kernel reading ``tensors`` (in its argument order, x first,
+    None for an absent one: its strides are passed as 0), or None when one strided view cannot read
+    them all. Default tiles; the caller applies any override."""
+    key = (direction, channels_dim, tensors[0].shape, *(None if t is None else t.stride() for t in tensors))
+    if key in _plans:
+        return _plans[key]
+    view = strided_view([t for t in tensors if t is not None], channels_dim)
+    plan = None
+    if view is not None:
+        n_batch, n_channels, n_pos, strides = view
+        present = iter(strides)
+        args = tuple(itertools.chain.from_iterable(next(present) if t is not None else (0, 0, 0) for t in tensors))
+        tile = _TILE_CONFIGS[direction](n_channels, strides[0], n_pos)
+        plan = (n_batch, n_channels, n_pos, args, tile, _wide_offsets(n_channels, n_pos, strides))
+    if len(_plans) >= _MAX_PLANS:
+        _plans.clear()
+    _plans[key] = plan
     return plan
 
 
@@ -442,9 +437,10 @@ def row_norm_forward(
     channels_dim %= x.dim()
     y = torch.empty_like(x)
     total = torch.empty_like(x) if store_sum else None
-    n_batch, n_channels, n_pos, stats_shape, stride_args, block_p, block_c, num_warps, wide = _forward_plan(
-        x, y, residual, total, channels_dim
-    )
+    plan = _launch_plan("fwd", (x, residual, y, total), channels_dim)
+    assert plan is not None, "row_norm_forward: unreadable layout (unsupported_reasons was not checked)"
+    n_batch, n_channels, n_pos, stride_args, (block_p, block_c, num_warps), wide = plan
+    stats_shape = x.shape[:channels_dim] + x.shape[channels_dim + 1 :]
     mean = torch.empty(stats_shape, device=x.device, dtype=torch.float32)
     rstd = torch.empty(stats_shape, device=x.device, dtype=torch.float32)
     config = tiles("row_norm_fwd", {"BLOCK_P": block_p, "num_warps": num_warps})
@@ -481,21 +477,12 @@ def row_norm_backward(
     """
     channels_dim %= x.dim()
     dx = torch.empty_like(x)
-    inputs = [x, dx] + ([residual] if residual is not None else [])
-    grads = [dy] + ([dsum] if dsum is not None else [])
-    view = strided_view(inputs + grads, channels_dim)
-    if view is None:
-        grads = [g.contiguous() for g in grads]
-        dy, dsum = grads[0], grads[1] if dsum is not None else None
-        view = strided_view(inputs + grads, channels_dim)
-    assert view is not None, "row_norm_backward: unreadable layout (unsupported_reasons was not checked)"
-    n_batch, n_channels, n_pos, strides = view
-    x_strides, dx_strides = strides[0], strides[1]
-    res_strides = strides[2] if residual is not None else (0, 0, 0)
-    dy_strides = strides[len(inputs)]
-    dsum_strides = strides[-1] if dsum is not None else (0, 0, 0)
-
-    block_p, block_c, num_warps = _backward_launch_config(n_channels, x_strides, n_pos, residual is not None)
+    plan = _launch_plan("bwd", (x, residual, dy, dsum, dx), channels_dim)
+    if plan is None:
+        dy, dsum = dy.contiguous(), None if dsum is None else dsum.contiguous()
+        plan = _launch_plan("bwd", (x, residual, dy, dsum, dx), channels_dim)
+    assert plan is not None, "row_norm_backward: unreadable layout (unsupported_reasons was not checked)"
+    n_batch, n_channels, n_pos, stride_args, (block_p, block_c, num_warps), wide = plan
     default = {"BLOCK_P": block_p, "num_warps": num_warps, "programs_per_sm": _BWD_PROGRAMS_PER_SM}
     config = tiles("row_norm_bwd", default)
     block_p, num_warps = config["BLOCK_P"], config["num_warps"]
@@ -508,12 +495,11 @@ def row_norm_backward(
         x, residual if residual is not None else x, weight if weight is not None else x,
         bias if bias is not None else x, dy, dsum if dsum is not None else dy, mean, rstd, dx,
         dw_partial if weight is not None else mean, db_partial if bias is not None else mean,
-        n_pos, n_channels, tiles_per_batch, n_tiles,
-        *x_strides, *res_strides, *dy_strides, *dsum_strides, *dx_strides,
+        n_pos, n_channels, tiles_per_batch, n_tiles, *stride_args,
         weight.stride(0) if weight is not None else 0, bias.stride(0) if bias is not None else 0,
         HAS_RESIDUAL=residual is not None, HAS_DSUM=dsum is not None, HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation], BLOCK_P=block_p, BLOCK_C=block_c,
-        WIDE_OFFSETS=_wide_offsets(n_channels, n_pos, strides), num_warps=num_warps,
+        WIDE_OFFSETS=wide, num_warps=num_warps,
     )  # fmt: skip
     dweight = dw_partial.sum(0).to(weight.dtype) if weight is not None else None
     dbias = db_partial.sum(0).to(bias.dtype) if bias is not None else None
@@ -545,10 +531,10 @@ def _aot_tiles() -> list[tuple[int, int, int]]:
     return sorted(tiles, key=lambda t: (t[1], t[0]))
 
 
-def _aot_bwd_tiles(has_residual: bool) -> list[tuple[int, int, int]]:
+def _aot_bwd_tiles() -> list[tuple[int, int, int]]:
     """Every tile backward_tile_config can return, over both layouts."""
     tiles = {
-        backward_tile_config(2**log_c, contiguous, has_residual)
+        backward_tile_config(2**log_c, contiguous)
         for log_c in range(MAX_CHANNELS.bit_length())
         for contiguous in (0, 1)
     }
@@ -568,7 +554,7 @@ def row_norm_aot_variants(prefix: str, feature_sets: Sequence[dict], channels: i
     variants = []
     for direction, model_tile, every in (
         ("fwd", tile_config(channels, True), _aot_tiles()),
-        ("bwd", backward_tile_config(channels, True, False), _aot_bwd_tiles(False)),
+        ("bwd", backward_tile_config(channels, True), _aot_bwd_tiles()),
     ):
         combos = [(dtype, feature_sets[0], model_tile) for dtype in KERNEL_DTYPES]
         combos += [(torch.float16, features, model_tile) for features in feature_sets[1:]]
