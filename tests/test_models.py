@@ -110,6 +110,34 @@ def test_output_attentions_fall_back_to_eager(class_name):
     assert calls[("attention", "eager")] == config.num_hidden_layers
 
 
+@pytest.mark.parametrize(
+    ("overrides", "change_layer", "per_layer_op"),
+    [
+        pytest.param({"feat_extract_activation": "relu"}, None, None, id="relu"),
+        pytest.param({"feat_extract_activation": "gelu_new"}, None, "layer_norm_gelu", id="tanh-gelu"),
+        pytest.param({}, lambda layer: setattr(layer.layer_norm, "eps", 1e-3), "layer_norm_gelu", id="per-layer-eps"),
+        pytest.param({}, lambda layer: setattr(layer.conv, "padding", (1,)), "layer_norm_gelu", id="padded-conv"),
+    ],
+)
+def test_feature_encoder_the_op_does_not_compute_runs_per_layer(overrides, change_layer, per_layer_op):
+    """A feature encoder whose layers are not what conv_feature_extractor computes (another
+    activation, one layer's eps, a padded conv) runs transformers' layers, each conv layer fused
+    where its activation is a GELU; never the whole-stack op with the wrong layer."""
+    reference, fused, config = build_pair("Data2VecAudioModel", **overrides)
+    if change_layer is not None:
+        for model in (reference, fused):
+            change_layer(model.feature_extractor.conv_layers[1])
+    reference.eval()
+    fused.eval()
+    inputs = inputs_for("Data2VecAudioModel", config, labels=False)
+    with torch.no_grad(), d2v_kernels.record_dispatch() as calls:
+        out = fused(**inputs)
+    _assert_outputs_close(reference(**inputs), out)
+    assert not any(op == "conv_feature_extractor" for op, _ in calls), calls
+    ran = sum(n for (op, _), n in calls.items() if op == "layer_norm_gelu")
+    assert ran == (len(config.conv_dim) if per_layer_op else 0), calls
+
+
 @pytest.mark.parametrize("class_name", ALL_CLASSES)
 def test_state_dict_keys_unchanged(class_name):
     reference, fused, _ = build_pair(class_name)

@@ -34,43 +34,56 @@ class FusedData2VecAudioFeatureEncoder(hf.Data2VecAudioFeatureEncoder):
     """The whole conv stack as one ``ops.conv_feature_extractor`` call (channels-last inside);
     returns the (B, C, T) view transformers returns."""
 
-    def _fusable(self) -> bool:
-        layers = list(self.conv_layers)
-        eps = {layer.layer_norm.eps for layer in layers}
-        return (
-            len(eps) == 1
-            and all(gelu_approximation(layer.activation) == "none" for layer in layers)
-            and all(
-                layer.conv.padding == (0,) and layer.conv.dilation == (1,) and layer.conv.groups == 1
-                for layer in layers
-            )
+    def _op_arguments(self) -> dict | None:
+        """``ops.conv_feature_extractor``'s parameters and options for these layers, or None when a
+        layer is not what the op computes (padding, dilation, groups, another activation, per-layer
+        eps). Read on every call, in one pass (module attribute reads are host time)."""
+        conv_weights, ln_weights, ln_biases, conv_biases, strides, eps = [], [], [], [], [], set()
+        for layer in self.conv_layers:
+            conv, norm = layer.conv, layer.layer_norm
+            if (
+                gelu_approximation(layer.activation) != "none"
+                or conv.padding != (0,)
+                or conv.dilation != (1,)
+                or conv.groups != 1
+            ):
+                return None
+            conv_weights.append(conv.weight)
+            conv_biases.append(conv.bias)
+            ln_weights.append(norm.weight)
+            ln_biases.append(norm.bias)
+            strides.append(conv.stride[0])
+            eps.add(norm.eps)
+        if len(eps) != 1:
+            return None
+        return dict(
+            conv_weights=conv_weights,
+            ln_weights=ln_weights,
+            ln_biases=ln_biases,
+            conv_biases=conv_biases if conv_biases[0] is not None else None,
+            strides=strides,
+            eps=eps.pop(),
         )
 
     def forward(self, input_values):
-        if not self._fusable():
+        arguments = self._op_arguments()
+        if arguments is None:
             return super().forward(input_values)
         # transformers marks the input as requiring grad for reentrant checkpointing of its conv
         # layers; the fused op is checkpointed non-reentrantly, which needs no such input.
-        wave = input_values
-        layers = list(self.conv_layers)
-        params = dict(
-            conv_weights=[layer.conv.weight for layer in layers],
-            ln_weights=[layer.layer_norm.weight for layer in layers],
-            ln_biases=[layer.layer_norm.bias for layer in layers],
-            conv_biases=[layer.conv.bias for layer in layers] if layers[0].conv.bias is not None else None,
-        )
-        kwargs = dict(strides=[layer.conv.stride[0] for layer in layers], eps=layers[0].layer_norm.eps)
+        options = {name: arguments.pop(name) for name in ("strides", "eps")}
 
         def run(wave, conv_weights, ln_weights, ln_biases, conv_biases):
             return ops.conv_feature_extractor(
-                wave, conv_weights, ln_weights, ln_biases, conv_biases=conv_biases, **kwargs
+                wave, conv_weights, ln_weights, ln_biases, conv_biases=conv_biases, **options
             )
 
+        layers = self.conv_layers
         checkpointing = self.training and any(getattr(layer, "gradient_checkpointing", False) for layer in layers)
         if checkpointing and torch.is_grad_enabled():
-            features = checkpoint(run, wave, *params.values(), use_reentrant=False)
+            features = checkpoint(run, input_values, *arguments.values(), use_reentrant=False)
         else:
-            features = run(wave, *params.values())
+            features = run(input_values, *arguments.values())
         return features.transpose(1, 2)
 
 
