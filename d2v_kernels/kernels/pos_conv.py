@@ -15,13 +15,15 @@ Backward: ``_layer_norm_gelu_bwd_kernel`` (recomputes the statistics from the sa
 row), the conv kernel for dx, and ``_grouped_conv1d_weight_grad_kernel`` for dweight and dbias
 (one program per (tap, group), deterministic reduction over B x T).
 
-Weights are packed by :func:`pack_weight` to (K, CG, C): ``packed[j, i, g * CG + o]`` is the
+Weights are packed by :func:`pack_weights` to (K, CG, C): ``packed[j, i, g * CG + o]`` is the
 weight from input channel ``g * CG + i`` at tap ``j`` to output channel ``g * CG + o``, so the
 (input-channel x output-channel) tile of a tap is a row-major slab with contiguous output
 channels.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -265,29 +267,35 @@ def _ln_warps(block_c: int) -> int:
     return 8 if block_c >= 2048 else 4
 
 
-def pack_weight(weight: torch.Tensor, groups: int, *, dtype: torch.dtype, transpose: bool = False) -> torch.Tensor:
-    """(C, CG, K) conv weight -> packed (K, CG, C) in ``dtype`` (see module docstring).
+def pack_weights(
+    weights: Sequence[torch.Tensor], groups: int, *, dtype: torch.dtype, transpose: bool = False
+) -> torch.Tensor:
+    """Layers' (C, CG, K) conv weights (one shape) -> packed (L, K, CG, C) in ``dtype`` (see module
+    docstring); layer l's packed weight is ``[l]``. All layers in one copy: a handful of tensor ops a
+    call, not a handful a layer (each costs host time on the eager path). Called inside the custom
+    ops, below autograd.
 
     ``transpose=True`` packs the weights of the input-gradient conv: taps flipped and input /
     output channels swapped inside each group.
     """
-    channels, group_channels, k = weight.shape
-    w = weight.detach().to(dtype).view(groups, group_channels, group_channels, k)  # (g, out, in, tap)
+    channels, group_channels, k = weights[0].shape
+    w = torch.stack(list(weights)).to(dtype)
+    w = w.view(len(weights), groups, group_channels, group_channels, k)  # (layer, g, out, in, tap)
     if transpose:
-        w = w.flip(-1).transpose(1, 2)  # (g, in -> out, out -> in, flipped tap)
-    return w.permute(3, 2, 0, 1).reshape(k, group_channels, channels).contiguous()
+        w = w.flip(-1).transpose(2, 3)  # (layer, g, in -> out, out -> in, flipped tap)
+    return w.permute(0, 4, 3, 1, 2).reshape(len(weights), k, group_channels, channels).contiguous()
 
 
-def unpack_weight_grad(packed: torch.Tensor, groups: int) -> torch.Tensor:
-    """Packed (K, CG, C) gradient -> (C, CG, K) in the conv weight's layout."""
-    k, group_channels, channels = packed.shape
-    grad = packed.view(k, group_channels, groups, group_channels).permute(2, 3, 1, 0)
-    return grad.reshape(channels, group_channels, k).contiguous()
+def unpack_weight_grads(packed: torch.Tensor, groups: int) -> torch.Tensor:
+    """Layers' packed (L, K, CG, C) gradients -> (L, C, CG, K) in the conv weights' layout."""
+    layers, k, group_channels, channels = packed.shape
+    grad = packed.view(layers, k, group_channels, groups, group_channels).permute(0, 3, 4, 2, 1)
+    return grad.reshape(layers, channels, group_channels, k).contiguous()
 
 
 def grouped_conv1d(x, packed_weight, bias, *, pad_left: int, out=None):
     """Channels-last grouped conv: x (B, T, C) any strides, packed_weight (K, CG, C) from
-    :func:`pack_weight`, bias (C,) or None. Output frame t reads input frames t - pad_left ..
+    :func:`pack_weights` (one layer's), bias (C,) or None. Output frame t reads input frames t - pad_left ..
     t - pad_left + K - 1 (zero outside [0, T)). Returns (B, T, C) in x's dtype (or writes ``out``,
     channel stride 1). fp32 accumulation."""
     batch, frames, channels = x.shape
@@ -324,13 +332,18 @@ def grouped_conv1d(x, packed_weight, bias, *, pad_left: int, out=None):
     return out
 
 
-def grouped_conv1d_weight_grad(x, grad_y, *, group_channels: int, kernel_size: int, pad_left: int):
-    """dweight (packed (K, CG, C), fp32) and dbias ((C,), fp32) of :func:`grouped_conv1d`.
+def grouped_conv1d_weight_grad(x, grad_y, *, group_channels: int, kernel_size: int, pad_left: int, out=None):
+    """dweight (packed (K, CG, C), fp32) and dbias ((C,), fp32) of :func:`grouped_conv1d`, or
+    written into ``out`` = (dweight, dbias), contiguous fp32 of those shapes.
 
     x: (B, T, C) the conv's input, any strides; grad_y: (B, T, C), channel stride 1."""
     batch, frames, channels = x.shape
-    dw = torch.empty((kernel_size, group_channels, channels), device=x.device, dtype=torch.float32)
-    db = torch.empty((channels,), device=x.device, dtype=torch.float32)
+    if out is None:
+        out = (
+            torch.empty((kernel_size, group_channels, channels), device=x.device, dtype=torch.float32),
+            torch.empty((channels,), device=x.device, dtype=torch.float32),
+        )
+    dw, db = out
     block = _group_block(group_channels)
     config = tiles("pos_conv_wgrad", {"BLOCK_T": WGRAD_BLOCK_T, "num_warps": WGRAD_WARPS, "num_stages": WGRAD_STAGES})
     grid = (kernel_size, channels // group_channels)

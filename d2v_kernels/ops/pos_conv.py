@@ -59,12 +59,14 @@ def _pos_conv_op(
     num_layers = len(weights)
     kernel_size = weights[0].shape[-1]
     pre_norm = x.new_empty((num_layers if save_pre_norm else 0, *x.shape))
+    packed = kernels.pack_weights(weights, groups, dtype=x.dtype).unbind()
+    biases = torch.stack(biases).to(x.dtype).unbind()
+    conv_outs = pre_norm.unbind() if save_pre_norm else [None] * num_layers
     hidden = x
-    for layer, (weight, bias) in enumerate(zip(weights, biases)):
-        packed = kernels.pack_weight(weight, groups, dtype=x.dtype)
-        bias = bias.detach().to(x.dtype)
-        conv_out = pre_norm[layer] if save_pre_norm else None
-        conv_out = kernels.grouped_conv1d(hidden, packed, bias, pad_left=kernel_size // 2, out=conv_out)
+    for layer in range(num_layers):
+        conv_out = kernels.grouped_conv1d(
+            hidden, packed[layer], biases[layer], pad_left=kernel_size // 2, out=conv_outs[layer]
+        )
         hidden = kernels.layer_norm_gelu_rows(conv_out, eps, out=None if save_pre_norm else conv_out)
     return hidden, pre_norm
 
@@ -82,8 +84,9 @@ def _pos_conv_backward_op(
     weights: list[torch.Tensor],
     groups: int,
     eps: float,
-) -> list[torch.Tensor]:
-    """[dx, dweight per layer (weight dtype), dbias per layer (weight dtype)].
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweights (L, C, CG, K) fp32, dbiases (L, C) fp32): the layers' parameter gradients
+    stacked (one unpacking copy for all layers; the autograd formula casts and splits them).
 
     Walks the layers backwards: LayerNorm+GELU backward from the saved pre-norm output
     (statistics recomputed), weight and bias gradients against the layer input (recomputed as
@@ -95,27 +98,40 @@ def _pos_conv_backward_op(
     group_channels, kernel_size = weights[0].shape[1], weights[0].shape[2]
     pad_left = kernel_size // 2
     grad_hidden = grad_out.to(x.dtype).contiguous()
-    grad_weights, grad_biases = [None] * num_layers, [None] * num_layers
+    packed_dw = x.new_empty((num_layers, kernel_size, group_channels, x.shape[2]), dtype=torch.float32)
+    dbias = x.new_empty((num_layers, x.shape[2]), dtype=torch.float32)
+    transposed = kernels.pack_weights(weights, groups, dtype=x.dtype, transpose=True).unbind()
+    no_bias = x.new_zeros(x.shape[2])
     for layer in reversed(range(num_layers)):
         grad_conv = kernels.layer_norm_gelu_rows_backward(pre_norm[layer], grad_hidden, eps)
         layer_input = x if layer == 0 else kernels.layer_norm_gelu_rows(pre_norm[layer - 1], eps)
-        packed_dw, db = kernels.grouped_conv1d_weight_grad(
-            layer_input, grad_conv, group_channels=group_channels, kernel_size=kernel_size, pad_left=pad_left
+        kernels.grouped_conv1d_weight_grad(
+            layer_input,
+            grad_conv,
+            group_channels=group_channels,
+            kernel_size=kernel_size,
+            pad_left=pad_left,
+            out=(packed_dw[layer], dbias[layer]),
         )
-        grad_weights[layer] = kernels.unpack_weight_grad(packed_dw, groups).to(weights[layer].dtype)
-        grad_biases[layer] = db.to(weights[layer].dtype)
-        transposed = kernels.pack_weight(weights[layer], groups, dtype=x.dtype, transpose=True)
-        grad_hidden = kernels.grouped_conv1d(grad_conv, transposed, None, pad_left=kernel_size - 1 - pad_left)
-    return [grad_hidden, *grad_weights, *grad_biases]
+        grad_hidden = kernels.grouped_conv1d(grad_conv, transposed[layer], no_bias, pad_left=kernel_size - 1 - pad_left)
+    return grad_hidden, kernels.unpack_weight_grads(packed_dw, groups), dbias
+
+
+def _in_dtypes(stacked: torch.Tensor, dtypes: list[torch.dtype]) -> list[torch.Tensor]:
+    """[stacked[l] in dtypes[l]]: one cast when the layers share a dtype."""
+    if len(set(dtypes)) == 1:
+        return list(stacked.to(dtypes[0]).unbind())
+    return [s.to(dtype) for s, dtype in zip(stacked.unbind(), dtypes)]
 
 
 @_pos_conv_backward_op.register_fake
 def _pos_conv_backward_op_fake(grad_out, x, pre_norm, weights, groups, eps):
-    return [
+    stacked = (len(weights), *weights[0].shape)
+    return (
         x.new_empty(x.shape),
-        *(w.new_empty(w.shape) for w in weights),
-        *(w.new_empty((w.shape[0],)) for w in weights),
-    ]
+        x.new_empty(stacked, dtype=torch.float32),
+        x.new_empty(stacked[:2], dtype=torch.float32),
+    )
 
 
 def _pos_conv_setup_context(ctx, inputs, output):
@@ -131,9 +147,11 @@ def _pos_conv_backward(ctx, grad_out, _grad_pre_norm):
     num_layers = len(weights)
     if pre_norm.shape[0] != num_layers:
         raise RuntimeError("d2v_kernels::pos_conv ran with save_pre_norm=False; it has no backward")
-    grads = torch.ops.d2v_kernels.pos_conv_backward(grad_out, x, pre_norm, weights, ctx.groups, ctx.eps)
-    grad_biases = [g.to(dtype) for g, dtype in zip(grads[1 + num_layers :], ctx.bias_dtypes)]
-    return grads[0], list(grads[1 : 1 + num_layers]), grad_biases, None, None, None
+    grad_x, grad_weights, grad_biases = torch.ops.d2v_kernels.pos_conv_backward(
+        grad_out, x, pre_norm, weights, ctx.groups, ctx.eps
+    )
+    grad_weights = _in_dtypes(grad_weights, [w.dtype for w in weights])
+    return grad_x, grad_weights, _in_dtypes(grad_biases, ctx.bias_dtypes), None, None, None
 
 
 torch.library.register_autograd("d2v_kernels::pos_conv", _pos_conv_backward, setup_context=_pos_conv_setup_context)
