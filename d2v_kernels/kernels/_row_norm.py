@@ -394,6 +394,7 @@ def _wide_offsets(n_channels: int, n_pos: int, strides: Sequence[tuple[int, int,
 # time a launch; an eager model step makes dozens). Bounded: each input length adds a plan.
 _plans: dict[tuple, tuple | None] = {}
 _MAX_PLANS = 1024
+_UNPLANNED = object()
 _TILE_CONFIGS = {"fwd": _launch_config, "bwd": _backward_launch_config}
 
 
@@ -403,8 +404,9 @@ def _launch_plan(direction: str, tensors: Sequence[torch.Tensor | None], channel
     None for an absent one: its strides are passed as 0), or None when one strided view cannot read
     them all. Default tiles; the caller applies any override."""
     key = (direction, channels_dim, tensors[0].shape, *(None if t is None else t.stride() for t in tensors))
-    if key in _plans:
-        return _plans[key]
+    plan = _plans.get(key, _UNPLANNED)  # one lookup: another thread may clear the dict
+    if plan is not _UNPLANNED:
+        return plan
     view = strided_view([t for t in tensors if t is not None], channels_dim)
     plan = None
     if view is not None:
