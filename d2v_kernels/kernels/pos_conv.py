@@ -294,10 +294,10 @@ def unpack_weight_grads(packed: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def grouped_conv1d(x, packed_weight, bias, *, pad_left: int, out=None):
-    """Channels-last grouped conv: x (B, T, C) any strides, packed_weight (K, CG, C) from
-    :func:`pack_weights` (one layer's), bias (C,) or None. Output frame t reads input frames t - pad_left ..
-    t - pad_left + K - 1 (zero outside [0, T)). Returns (B, T, C) in x's dtype (or writes ``out``,
-    channel stride 1). fp32 accumulation."""
+    """Channels-last grouped conv: x (B, T, C) any strides, packed_weight (K, CG, C) (one layer's
+    from :func:`pack_weights`), bias (C,) or None. Output frame t reads input frames t - pad_left
+    .. t - pad_left + K - 1 (zero outside [0, T)). Returns (B, T, C) in x's dtype (or writes
+    ``out``, channel stride 1). fp32 accumulation."""
     batch, frames, channels = x.shape
     k, group_channels, _ = packed_weight.shape
     if out is None:
