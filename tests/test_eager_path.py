@@ -102,3 +102,48 @@ def test_saved_tensors_are_unpacked_once(op, fn, function_name, custom_op):
         y.sum().backward()
     ours = [i for i, t in enumerate(packed) if t is not None and t.dim() >= 1]
     assert ours and sorted(unpacked) == sorted(set(unpacked)), unpacked
+
+
+def _pos_conv(x, w, b):
+    weights = [w.view(32, 1, 1).expand(32, 16, 3) * 0.1, w.view(32, 1, 1).expand(32, 16, 3).flip(0) * 0.1]
+    return ops.pos_conv(x, weights, [b, None], groups=2)
+
+
+def _conv_feature_extractor(x, w, b):
+    wave = x.detach().reshape(1, -1)[:, :200]  # a waveform: no gradient (its overlap-add starts from zeros)
+    conv_weights = [w.view(32, 1, 1).expand(32, 1, 10) * 0.1, b.view(32, 1, 1).expand(32, 32, 3) * 0.1]
+    return ops.conv_feature_extractor(wave, conv_weights, [w, b], [b, w], strides=[5, 2])
+
+
+@pytest.mark.parametrize(
+    ("op", "fn"),
+    [(c[0], c[1]) for c in CASES] + [("pos_conv", _pos_conv), ("conv_feature_extractor", _conv_feature_extractor)],
+    ids=[c[0] for c in CASES] + ["pos_conv", "conv_feature_extractor"],
+)
+def test_backward_materialises_no_zero_gradients(op, fn):
+    """Outputs without a gradient (the statistics, pos_conv's pre-norm activations) reach the
+    backward as None: autograd would otherwise allocate and fill a zero tensor for each, a memset
+    launch each on a GPU, on every backward."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    w = torch.randn(32, requires_grad=True)
+    b = torch.randn(32, requires_grad=True)
+    with d2v_kernels.use_backend(**{op: "triton"}):
+        y = fn(x, w, b)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            torch.autograd.grad(y, (w, b), torch.randn_like(y))
+    names = [event.name for event in profile.events()]
+    assert not [n for n in names if n in ("aten::zeros", "aten::zeros_like")], names
+
+
+def test_only_the_returned_sum_has_a_gradient():
+    """add_layer_norm(return_sum=True) with y unused: the sum's gradient alone reaches x and residual."""
+    x = torch.randn(3, 16, requires_grad=True)
+    residual = torch.randn(3, 16, requires_grad=True)
+    w, b = torch.randn(16, requires_grad=True), torch.randn(16, requires_grad=True)
+    d_total = torch.randn(3, 16)
+    with d2v_kernels.use_backend(add_layer_norm="triton"):
+        _, total = ops.add_layer_norm(x, residual, w, b, return_sum=True)
+        gx, gres = torch.autograd.grad(total, (x, residual), d_total)
+    torch.testing.assert_close(gx, d_total)
+    torch.testing.assert_close(gres, d_total)

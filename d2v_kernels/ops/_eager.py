@@ -71,11 +71,31 @@ def eager_or_compiled(custom_op: Callable, function: type) -> Callable:
     return call
 
 
+def without_zero_grads(setup_context: Callable, backward: Callable) -> tuple[Callable, Callable]:
+    """(setup_context, backward) for which autograd hands the backward None, not a tensor of zeros,
+    for an output that got no gradient: the statistics outputs (marked non-differentiable, never
+    used downstream) would otherwise each cost an allocation and a fill, a memset launch on a GPU,
+    on every backward. A backward whose every gradient is None returns None for every input."""
+
+    def setup(ctx, inputs, output):
+        ctx.set_materialize_grads(False)
+        setup_context(ctx, inputs, output)
+
+    def backward_of_given_grads(ctx, *grads):
+        if all(g is None for g in grads):
+            return (None,) * len(ctx.needs_input_grad)
+        return backward(ctx, *grads)
+
+    return setup, backward_of_given_grads
+
+
 def register_autograd(
     custom_op, name: str, forward: Callable, setup_context: Callable, backward: Callable
 ) -> tuple[type, Callable]:
     """Give ``custom_op`` its ``backward`` and return (the twin autograd.Function named ``name``,
-    the op's eager-or-compiled call): one registration for the traced path and the eager one."""
+    the op's eager-or-compiled call): one registration for the traced path and the eager one.
+    ``backward`` gets None for an output without a gradient (:func:`without_zero_grads`)."""
+    setup_context, backward = without_zero_grads(setup_context, backward)
     custom_op.register_autograd(backward, setup_context=setup_context)
     function = autograd_function(name, forward, setup_context, backward)
     return function, eager_or_compiled(custom_op, function)

@@ -102,6 +102,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, dsum, _dmean, _drstd):
     x, residual, weight, bias, mean, rstd = ctx.saved_tensors
     dsum = dsum if ctx.return_sum else None
+    if dy is None:  # only the returned sum was used
+        dy = torch.zeros_like(x)
     backward_op = pick(_add_layer_norm_bwd, _add_layer_norm_bwd_impl, (dy, dsum, x, residual, weight, bias))
     dtotal, dweight, dbias = backward_op(dy, dsum, x, residual, weight, bias, mean, rstd)
     return (

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from d2v_kernels import dispatch
 from d2v_kernels.ops._checks import KERNEL_DTYPES, check_eps, check_param_list, check_same_device, check_tensor
+from d2v_kernels.ops._eager import without_zero_grads
 
 
 def pos_conv_reference(x, weights, biases, *, groups, eps=1e-5):
@@ -154,6 +155,8 @@ def _pos_conv_backward(ctx, grad_out, _grad_pre_norm):
     return grad_x, grad_weights, _in_dtypes(grad_biases, ctx.bias_dtypes), None, None, None
 
 
+# The pre-norm output has no gradient: without_zero_grads spares a zero (L, B, T, C) tensor each backward.
+_pos_conv_setup_context, _pos_conv_backward = without_zero_grads(_pos_conv_setup_context, _pos_conv_backward)
 torch.library.register_autograd("d2v_kernels::pos_conv", _pos_conv_backward, setup_context=_pos_conv_setup_context)
 
 
