@@ -371,21 +371,27 @@ def grouped_conv1d_weight_grad(x, grad_y, *, group_channels: int, kernel_size: i
     return dw, db
 
 
+def _rows(t: torch.Tensor) -> int:
+    """Rows of C of a contiguous (..., C) tensor, read in place (row stride C): no view to make."""
+    assert t.is_contiguous(), "pos_conv row kernels read contiguous (..., C) tensors"
+    return t.numel() // t.shape[-1]
+
+
 def layer_norm_gelu_rows(y, eps: float, *, out=None):
-    """GELU(LayerNorm(y)) over the last dim, no affine. y: (..., C) with rows of stride C.
-    ``out`` may be ``y`` (in place). Returns a tensor like y."""
+    """GELU(LayerNorm(y)) over the last dim, no affine. y: (..., C) contiguous. ``out`` may be
+    ``y`` (in place). Returns a tensor like y."""
     channels = y.shape[-1]
-    y2 = y.view(-1, channels)
+    n_rows = _rows(y)
     out = torch.empty_like(y) if out is None else out
     block_rows, block_c = _ln_blocks(channels)
-    grid = (cdiv(y2.shape[0], block_rows),)
+    grid = (cdiv(n_rows, block_rows),)
     _layer_norm_gelu_fwd_kernel[grid](
-        y2,
-        out.view(-1, channels),
-        y2.shape[0],
+        y,
+        out,
+        n_rows,
         channels,
         eps,
-        y2.stride(0),
+        channels,
         channels,
         BLOCK_ROWS=block_rows,
         BLOCK_C=block_c,
@@ -398,20 +404,20 @@ def layer_norm_gelu_rows_backward(y, grad_h, eps: float):
     """Gradient of :func:`layer_norm_gelu_rows` w.r.t. y, in y's dtype (fp32 math).
     y, grad_h: (..., C) contiguous."""
     channels = y.shape[-1]
-    y2 = y.view(-1, channels)
-    dh2 = grad_h.view(-1, channels)
+    n_rows = _rows(y)
+    _rows(grad_h)
     dy = torch.empty_like(y)
     block_rows, block_c = _ln_blocks(channels)
-    grid = (cdiv(y2.shape[0], block_rows),)
+    grid = (cdiv(n_rows, block_rows),)
     _layer_norm_gelu_bwd_kernel[grid](
-        y2,
-        dh2,
-        dy.view(-1, channels),
-        y2.shape[0],
+        y,
+        grad_h,
+        dy,
+        n_rows,
         channels,
         eps,
-        y2.stride(0),
-        dh2.stride(0),
+        channels,
+        channels,
         channels,
         BLOCK_ROWS=block_rows,
         BLOCK_C=block_c,

@@ -103,16 +103,17 @@ def _pos_conv_backward_op(
     dbias = x.new_empty((num_layers, x.shape[2]), dtype=torch.float32)
     transposed = kernels.pack_weights(weights, groups, dtype=x.dtype, transpose=True).unbind()
     no_bias = x.new_zeros(x.shape[2])
+    pre_norms, packed_dws, dbiases = pre_norm.unbind(), packed_dw.unbind(), dbias.unbind()
     for layer in reversed(range(num_layers)):
-        grad_conv = kernels.layer_norm_gelu_rows_backward(pre_norm[layer], grad_hidden, eps)
-        layer_input = x if layer == 0 else kernels.layer_norm_gelu_rows(pre_norm[layer - 1], eps)
+        grad_conv = kernels.layer_norm_gelu_rows_backward(pre_norms[layer], grad_hidden, eps)
+        layer_input = x if layer == 0 else kernels.layer_norm_gelu_rows(pre_norms[layer - 1], eps)
         kernels.grouped_conv1d_weight_grad(
             layer_input,
             grad_conv,
             group_channels=group_channels,
             kernel_size=kernel_size,
             pad_left=pad_left,
-            out=(packed_dw[layer], dbias[layer]),
+            out=(packed_dws[layer], dbiases[layer]),
         )
         grad_hidden = kernels.grouped_conv1d(grad_conv, transposed[layer], no_bias, pad_left=kernel_size - 1 - pad_left)
     return grad_hidden, kernels.unpack_weight_grads(packed_dw, groups), dbias
