@@ -41,7 +41,13 @@ from d2v_kernels.kernels.aot import AotVariant, as_run
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_CHANNELS = 2048  # one frame's channels per program row, BLOCK_T rows in registers
 MAX_KERNEL = 64  # the taps are unrolled
-ELEMENTS_PER_PROGRAM = 8192  # BLOCK_T * BLOCK_C: 32 fp32 per thread at 8 warps
+# The forward's tile: BLOCK_T * BLOCK_C = 4096 values, 32 fp32 a thread at 4 warps. Its two row
+# reductions (LayerNorm mean and variance over the channels) cost fewer shuffles a value the fewer
+# warps share a tile (ptxas + cuobjdump, sm_90, bf16, 512 channels, per value: 16 x 512 at 8 warps
+# 8.0 SHFL and 30.7 FP32 instructions, 30 barriers; 8 x 512 at 4 warps 3.5 SHFL, 25.2 FP32, 18
+# barriers; 95 registers both, no spill). Not yet timed: bench.tune --kernels conv0 sweeps both.
+ELEMENTS_PER_PROGRAM = 4096
+_FORWARD_WARPS = 4
 _GELU_EXACT = 1
 
 
@@ -300,9 +306,7 @@ def _size_reasons(channels: int, kernel_size: int, max_channels: int, max_kernel
 def _launch_tiles(channels: int) -> dict:
     block_c = max(16, next_power_of_2(channels))
     block_t = max(1, min(64, ELEMENTS_PER_PROGRAM // block_c))
-    return tiles("conv0", {"BLOCK_T": block_t, "num_warps": 8 if block_t * block_c >= 4096 else 4}) | {
-        "BLOCK_C": block_c
-    }
+    return tiles("conv0", {"BLOCK_T": block_t, "num_warps": _FORWARD_WARPS}) | {"BLOCK_C": block_c}
 
 
 def conv0_ln_gelu(wave, weight, conv_bias, ln_weight, ln_bias, stride: int, eps: float, *, pre_norm_only=False):
