@@ -41,13 +41,9 @@ from d2v_kernels.kernels.aot import AotVariant, as_run
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_CHANNELS = 2048  # one frame's channels per program row, BLOCK_T rows in registers
 MAX_KERNEL = 64  # the taps are unrolled
-# The forward's tile: BLOCK_T * BLOCK_C = 4096 values, 32 fp32 a thread at 4 warps. Its two row
-# reductions (LayerNorm mean and variance over the channels) cost fewer shuffles a value the fewer
-# warps share a tile (ptxas + cuobjdump, sm_90, bf16, 512 channels, per value: 16 x 512 at 8 warps
-# 8.0 SHFL and 30.7 FP32 instructions, 30 barriers; 8 x 512 at 4 warps 3.5 SHFL, 25.2 FP32, 18
-# barriers; 95 registers both, no spill). Not yet timed: bench.tune --kernels conv0 sweeps both.
-ELEMENTS_PER_PROGRAM = 4096
-_FORWARD_WARPS = 4
+# Forward tile: 4096 values, 32 fp32 a thread at 4 warps. Fewer warps a tile, fewer shuffles in the
+# row reductions (sm_90 SASS a value: 8 x 512 at 4 warps 3.5, 16 x 512 at 8 warps 8.0; bench/NOTES.md).
+ELEMENTS_PER_PROGRAM, _FORWARD_WARPS = 4096, 4
 _GELU_EXACT = 1
 
 
