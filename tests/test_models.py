@@ -138,6 +138,29 @@ def test_feature_encoder_the_op_does_not_compute_runs_per_layer(overrides, chang
     assert ran == (len(config.conv_dim) if per_layer_op else 0), calls
 
 
+@pytest.mark.parametrize(
+    "change_layer",
+    [
+        pytest.param(lambda layer: setattr(layer.layer_norm, "eps", 1e-3), id="per-layer-eps"),
+        pytest.param(lambda layer: setattr(layer, "activation", torch.nn.ReLU()), id="relu"),
+    ],
+)
+def test_positional_conv_the_op_does_not_compute_runs_transformers_layers(change_layer):
+    """A positional conv embedding with a layer pos_conv does not compute (its own eps, another
+    activation) runs transformers' layers: same outputs, no pos_conv call."""
+    reference, fused, config = build_pair("Data2VecAudioModel")
+    for model in (reference, fused):
+        change_layer(model.encoder.pos_conv_embed.layers[1])
+    reference.eval()
+    fused.eval()
+    inputs = inputs_for("Data2VecAudioModel", config, labels=False)
+    with torch.no_grad(), d2v_kernels.record_dispatch() as calls:
+        out = fused(**inputs)
+    _assert_outputs_close(reference(**inputs), out)
+    assert not any(op == "pos_conv" for op, _ in calls), calls
+    assert any(op == "conv_feature_extractor" for op, _ in calls), calls
+
+
 @pytest.mark.parametrize("class_name", ALL_CLASSES)
 def test_state_dict_keys_unchanged(class_name):
     reference, fused, _ = build_pair(class_name)

@@ -90,30 +90,36 @@ class FusedData2VecAudioFeatureEncoder(hf.Data2VecAudioFeatureEncoder):
 class FusedData2VecAudioPositionalConvEmbedding(hf.Data2VecAudioPositionalConvEmbedding):
     """All positional conv layers through ``ops.pos_conv`` on the channels-last hidden states."""
 
-    def _fusable(self) -> bool:
-        layers = list(self.layers)
-        return (
-            len({layer.layer_norm.eps for layer in layers}) == 1
-            and all(gelu_approximation(layer.activation) == "none" for layer in layers)
-            and all(layer.layer_norm.weight is None for layer in layers)
-            and all(layer.conv.dilation == (1,) and layer.conv.stride == (1,) for layer in layers)
-            and all(layer.conv.padding == (layer.conv.kernel_size[0] // 2,) for layer in layers)
-            and all(
-                layer.padding.num_pad_remove == (1 if layer.conv.kernel_size[0] % 2 == 0 else 0) for layer in layers
-            )
-        )
+    def _op_arguments(self) -> dict | None:
+        """``ops.pos_conv``'s weights, biases and options for these layers, or None when a layer is
+        not what the op computes (stride, dilation, padding other than "same", an affine
+        LayerNorm, another activation, per-layer groups or eps). One pass over the layers, on every call."""
+        weights, biases, eps, groups = [], [], set(), self.layers[0].conv.groups
+        for layer in self.layers:
+            conv, norm = layer.conv, layer.layer_norm
+            kernel_size = conv.kernel_size[0]
+            if (
+                gelu_approximation(layer.activation) != "none"
+                or conv.groups != groups
+                or norm.weight is not None
+                or conv.dilation != (1,)
+                or conv.stride != (1,)
+                or conv.padding != (kernel_size // 2,)
+                or layer.padding.num_pad_remove != (1 if kernel_size % 2 == 0 else 0)
+            ):
+                return None
+            weights.append(conv.weight)
+            biases.append(conv.bias)
+            eps.add(norm.eps)
+        if len(eps) != 1:
+            return None
+        return dict(weights=weights, biases=biases, groups=groups, eps=eps.pop())
 
     def forward(self, hidden_states):
-        if not self._fusable():
+        arguments = self._op_arguments()
+        if arguments is None:
             return super().forward(hidden_states)
-        layers = list(self.layers)
-        return ops.pos_conv(
-            hidden_states,
-            [layer.conv.weight for layer in layers],
-            [layer.conv.bias for layer in layers],
-            groups=layers[0].conv.groups,
-            eps=layers[0].layer_norm.eps,
-        )
+        return ops.pos_conv(hidden_states, **arguments)
 
 
 class FusedData2VecAudioEncoderLayer(hf.Data2VecAudioEncoderLayer):
