@@ -110,6 +110,23 @@ def test_output_attentions_fall_back_to_eager(class_name):
     assert calls[("attention", "eager")] == config.num_hidden_layers
 
 
+def _audio_model_calls_with_a_changed_layer(layer_of, change_layer, **overrides):
+    """(record_dispatch counts, config) of an optimized Data2VecAudioModel whose layer
+    ``layer_of(model)`` was changed by ``change_layer`` (in it and in the reference), after checking
+    its outputs equal transformers'."""
+    reference, fused, config = build_pair("Data2VecAudioModel", **overrides)
+    if change_layer is not None:
+        for model in (reference, fused):
+            change_layer(layer_of(model))
+    reference.eval()
+    fused.eval()
+    inputs = inputs_for("Data2VecAudioModel", config, labels=False)
+    with torch.no_grad(), d2v_kernels.record_dispatch() as calls:
+        out = fused(**inputs)
+    _assert_outputs_close(reference(**inputs), out)
+    return calls, config
+
+
 @pytest.mark.parametrize(
     ("overrides", "change_layer", "per_layer_op"),
     [
@@ -123,16 +140,9 @@ def test_feature_encoder_the_op_does_not_compute_runs_per_layer(overrides, chang
     """A feature encoder whose layers are not what conv_feature_extractor computes (another
     activation, one layer's eps, a padded conv) runs transformers' layers, each conv layer fused
     where its activation is a GELU; never the whole-stack op with the wrong layer."""
-    reference, fused, config = build_pair("Data2VecAudioModel", **overrides)
-    if change_layer is not None:
-        for model in (reference, fused):
-            change_layer(model.feature_extractor.conv_layers[1])
-    reference.eval()
-    fused.eval()
-    inputs = inputs_for("Data2VecAudioModel", config, labels=False)
-    with torch.no_grad(), d2v_kernels.record_dispatch() as calls:
-        out = fused(**inputs)
-    _assert_outputs_close(reference(**inputs), out)
+    calls, config = _audio_model_calls_with_a_changed_layer(
+        lambda model: model.feature_extractor.conv_layers[1], change_layer, **overrides
+    )
     assert not any(op == "conv_feature_extractor" for op, _ in calls), calls
     ran = sum(n for (op, _), n in calls.items() if op == "layer_norm_gelu")
     assert ran == (len(config.conv_dim) if per_layer_op else 0), calls
@@ -148,15 +158,9 @@ def test_feature_encoder_the_op_does_not_compute_runs_per_layer(overrides, chang
 def test_positional_conv_the_op_does_not_compute_runs_transformers_layers(change_layer):
     """A positional conv embedding with a layer pos_conv does not compute (its own eps, another
     activation) runs transformers' layers: same outputs, no pos_conv call."""
-    reference, fused, config = build_pair("Data2VecAudioModel")
-    for model in (reference, fused):
-        change_layer(model.encoder.pos_conv_embed.layers[1])
-    reference.eval()
-    fused.eval()
-    inputs = inputs_for("Data2VecAudioModel", config, labels=False)
-    with torch.no_grad(), d2v_kernels.record_dispatch() as calls:
-        out = fused(**inputs)
-    _assert_outputs_close(reference(**inputs), out)
+    calls, _ = _audio_model_calls_with_a_changed_layer(
+        lambda model: model.encoder.pos_conv_embed.layers[1], change_layer
+    )
     assert not any(op == "pos_conv" for op, _ in calls), calls
     assert any(op == "conv_feature_extractor" for op, _ in calls), calls
 
