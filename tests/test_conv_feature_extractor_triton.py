@@ -1,12 +1,17 @@
 """The Triton path of conv_feature_extractor: cuDNN conv per layer + the Triton LayerNorm+GELU
 kernel reading the conv output channels-first in place (interpreter on CPU)."""
 
+import importlib
+
 import pytest
 import torch
 from numerics import assert_close_to_reference
 
 import d2v_kernels
 from d2v_kernels import dispatch, ops
+
+# d2v_kernels.ops re-exports the function under the module's name: fetch the module itself.
+cfe = importlib.import_module("d2v_kernels.ops.conv_feature_extractor")
 
 DIMS, KERNELS, STRIDES = (40, 48, 36), (10, 3, 2), (5, 2, 2)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -27,10 +32,14 @@ def _params(dtype, conv_bias=False):
 
 
 def _run(wave, params, backend):
+    return _run_layers(wave, params, backend, STRIDES)
+
+
+def _run_layers(wave, params, backend, strides):
     conv_weights, ln_weights, ln_biases, conv_biases = params
     with d2v_kernels.use_backend(conv_feature_extractor=backend):
         return ops.conv_feature_extractor(
-            wave, conv_weights, ln_weights, ln_biases, strides=list(STRIDES), conv_biases=conv_biases
+            wave, conv_weights, ln_weights, ln_biases, strides=list(strides), conv_biases=conv_biases
         )
 
 
@@ -338,6 +347,134 @@ def test_layer_norm_gelu_conv_nodes_opcheck():
     z2, mean1, rstd1 = torch.ops.d2v_kernels.ln_gelu_conv(*detach(args))
     bwd_args = (torch.randn_like(z2), *detach(args)[:5], mean1, rstd1, 2, 1e-5)
     torch.library.opcheck(torch.ops.d2v_kernels.ln_gelu_conv_bwd.default, bwd_args)
+
+
+# --------------------------------------------------------------------------------------------
+# The CUDA extension's backward: the Triton path's nodes rerun from the waveform
+# --------------------------------------------------------------------------------------------
+
+
+class _Ctx:
+    """Stands in for autograd's ctx: the extension's custom op has only a CUDA kernel, so its
+    backward formula is called directly."""
+
+    def __init__(self, needs_wave):
+        self.needs_input_grad = (needs_wave,)
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+
+def _extension_backward(wave, params, grad_out, strides=STRIDES):
+    """The CUDA extension's backward formula on these inputs, gradients by what requires one."""
+    conv_weights, ln_weights, ln_biases, conv_biases = params
+    ctx = _Ctx(wave.requires_grad)
+    inputs = (wave, conv_weights, ln_weights, ln_biases, conv_biases or [], list(strides), 1e-5)
+    cfe._setup_context(ctx, inputs, None)
+    with torch.no_grad():  # as in autograd's backward pass
+        d_wave, d_w, d_lw, d_lb, d_cb, *rest = cfe._backward(ctx, grad_out)
+    assert rest == [None, None]
+    return [d_wave, *d_w, *d_lw, *d_lb, *d_cb]
+
+
+_FROZEN = {  # which leaves train, by name: wave, then conv_weights[i], ln_weights[i], ... as _leaves
+    "none": lambda name, i: True,
+    "wave": lambda name, i: name != "wave",
+    "wave-and-layer-0": lambda name, i: name != "wave" and i != 0,
+    "last-layer-only": lambda name, i: i == len(DIMS) - 1,
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "frozen, conv_bias, layer0_kernel",
+    [
+        ("none", True, True),
+        ("none", False, False),
+        ("wave", False, True),
+        ("wave-and-layer-0", True, True),
+        ("wave-and-layer-0", False, False),
+        ("last-layer-only", True, True),
+    ],
+)
+def test_extension_backward_reruns_the_triton_nodes(dtype, frozen, conv_bias, layer0_kernel, monkeypatch):
+    """The extension's forward saves only its inputs; its backward reruns the forward through the
+    Triton path's nodes (layer 0 as one kernel, or as a conv where the kernel cannot take it) and
+    runs their backwards: every gradient that is asked for against float64 autograd of eager, with
+    eager in the same dtype as the yardstick, None for the rest, and the layers below the lowest
+    trained one not walked."""
+    if not layer0_kernel:
+        monkeypatch.setattr(cfe, "_conv0_fusable", lambda *args: False)
+    calls = _spy(monkeypatch, "conv0_ln_gelu")
+    wave64 = torch.randn(2, 1601, dtype=torch.float64)
+    grad64 = None
+    results = []
+    for run_dtype in (torch.float64, dtype):
+        params = _params(run_dtype, conv_bias)
+        wave = wave64.to(run_dtype)
+        names = ["wave"] + [f"{group}[{i}]" for group in ("w", "g", "b", "cb") for i in range(len(DIMS))]
+        for name, leaf in zip(names, _leaves(wave, params)):
+            leaf.requires_grad_(_FROZEN[frozen](name.split("[")[0], int(name[-2]) if "[" in name else None))
+        out = _run(wave, params, "eager")
+        grad64 = torch.randn(out.shape, dtype=torch.float64) if grad64 is None else grad64
+        trained = [t for t in _leaves(wave, params) if t.requires_grad]
+        eager = dict(zip(map(id, trained), torch.autograd.grad(out, trained, grad64.to(run_dtype))))
+        results.append([eager.get(id(t)) for t in _leaves(wave, params)])
+    kernel = _extension_backward(wave, params, grad64.to(dtype))
+    assert calls == ([] if not layer0_kernel else [False] if frozen == "last-layer-only" else [False, False])
+    for name, got, want, yardstick, leaf in zip(names, kernel, *results, _leaves(wave, params)):
+        if not leaf.requires_grad:
+            assert got is None, name
+            continue
+        assert got.dtype == dtype and got.shape == leaf.shape, name
+        assert_close_to_reference(got, want, yardstick, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("layer0_kernel", [True, False], ids=["layer0-kernel", "layer0-conv"])
+def test_extension_backward_of_one_layer(layer0_kernel, monkeypatch):
+    if not layer0_kernel:
+        monkeypatch.setattr(cfe, "_conv0_fusable", lambda *args: False)
+    params = [[group[0]] for group in _params(torch.float32, conv_bias=True)]
+    wave = torch.randn(2, 1601, requires_grad=True)
+    out = _run_layers(wave, params, "eager", STRIDES[:1])
+    grad_out = torch.randn_like(out)
+    expected = torch.autograd.grad(out, _leaves(wave, params), grad_out)
+    for got, want in zip(_extension_backward(wave, params, grad_out, STRIDES[:1]), expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_extension_backward_traces_to_the_triton_nodes_custom_ops():
+    """Under tracing (torch.compile's backward, make_fx) the formula calls the nodes' custom ops,
+    with arguments their schemas take; the traced graph computes what the eager call does."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    conv_weights, ln_weights, ln_biases, conv_biases = _params(torch.float32, conv_bias=True)
+    n = len(DIMS)
+    needs = (True, [True] * n, [True] * n, [True] * n, [True] * n)
+
+    def backward(grad_out, wave, *flat):
+        groups = [list(flat[i * n : (i + 1) * n]) for i in range(4)]
+        grads = cfe._triton_nodes_backward(grad_out, wave, *groups, list(STRIDES), 1e-5, needs)
+        return [grads[0], *[g for group in grads[1:] for g in group]]
+
+    wave = torch.randn(2, 1601)
+    flat = [t.detach() for group in (conv_weights, ln_weights, ln_biases, conv_biases) for t in group]
+    grad_out = torch.randn(2, 79, DIMS[-1])
+    graph = make_fx(backward, tracing_mode="fake")(grad_out, wave, *flat)
+    targets = {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
+    for op in ("conv0_ln_gelu_conv", "conv0_ln_gelu_conv_bwd", "ln_gelu_conv", "ln_gelu_conv_bwd"):
+        assert f"d2v_kernels.{op}.default" in targets, op
+    assert {"d2v_kernels.layer_norm_gelu_fwd.default", "d2v_kernels.layer_norm_gelu_bwd.default"} <= targets
+    for got, want in zip(graph(grad_out, wave, *flat), backward(grad_out, wave, *flat)):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_extension_backward_takes_the_triton_path_only_where_it_can():
+    reasons = lambda wave, params: cfe._triton_nodes_reasons(wave, *params[:3], [], list(STRIDES), 1e-5)
+    assert reasons(torch.randn(2, 1601), _params(torch.float32)) == []  # CPU: the interpreter, as if forced
+    meta = [[t.to("meta") for t in group] for group in _params(torch.float32)[:3]]
+    assert "inputs are on meta" in reasons(torch.randn(2, 1601, device="meta"), meta)[0]
+    assert any("float64" in r for r in reasons(torch.randn(2, 1601, dtype=torch.float64), _params(torch.float64)))
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,10 +5,12 @@ Seven layers in the base config: kernels (10, 3, 3, 3, 3, 2, 2), strides (5, 2, 
 takes the waveform (B, S) and returns features channels-last (B, T, C).
 
 The ``cuda`` backend is the C++/CUDA extension ``d2v_kernels._C`` (``csrc/``): each layer is one
-kernel, conv with the LayerNorm + GELU in its epilogue, channels-last between layers. Its backward
-saves nothing but the inputs: it reruns the fused forward to get every layer's input, then walks
-the layers backwards, recomputing each layer's conv output (cuDNN) and using torch's LayerNorm,
-GELU and convolution backward ops.
+kernel, conv with the LayerNorm + GELU in its epilogue, channels-last between layers. Its forward
+saves nothing but the inputs for the backward, so between a training step's forward and backward
+the encoder holds no activation. The backward reruns the forward through the Triton path's nodes
+(below), keeping what they keep, and runs their backwards. Where the Triton path cannot take the
+input, it reruns the fused forward keeping every layer's output instead and walks the layers down
+with torch's convolution, LayerNorm and GELU backward ops.
 
 The ``triton`` backend (the default on CUDA meanwhile) runs layer 0 (conv on the waveform,
 LayerNorm, GELU) as one Triton kernel, so the largest activation is written once; then per layer
@@ -47,7 +49,14 @@ from d2v_kernels.ops._checks import (
 )
 from d2v_kernels.ops._eager import pick, register_autograd
 from d2v_kernels.ops.layer_norm_gelu import _kernels as _layer_norm_gelu_kernels
-from d2v_kernels.ops.layer_norm_gelu import _layer_norm_gelu_triton, _triton_available
+from d2v_kernels.ops.layer_norm_gelu import (
+    _layer_norm_gelu_bwd,
+    _layer_norm_gelu_bwd_impl,
+    _layer_norm_gelu_fwd,
+    _layer_norm_gelu_fwd_impl,
+    _layer_norm_gelu_triton,
+    _triton_available,
+)
 
 try:
     from d2v_kernels.kernels import conv_feature_extractor as _conv0_kernels
@@ -206,10 +215,13 @@ def _backward(ctx, grad_out):
     conv_weights, ln_weights, ln_biases = params[:n], params[n : 2 * n], params[2 * n : 3 * n]
     conv_biases = params[3 * n :] if ctx.has_bias else []
     args = (conv_weights, ln_weights, ln_biases, conv_biases)
-    layer_outputs = torch.ops.d2v_kernels.conv_feature_extractor_cuda_layers(wave, *args, ctx.strides, ctx.eps)
-    d_wave, d_w, d_lw, d_lb, d_cb = _layers_backward(
-        grad_out, wave, layer_outputs, *args, ctx.strides, ctx.eps, ctx.needs
-    )
+    if not _triton_nodes_reasons(wave, *args, ctx.strides, ctx.eps):
+        d_wave, d_w, d_lw, d_lb, d_cb = _triton_nodes_backward(grad_out, wave, *args, ctx.strides, ctx.eps, ctx.needs)
+    else:
+        layer_outputs = torch.ops.d2v_kernels.conv_feature_extractor_cuda_layers(wave, *args, ctx.strides, ctx.eps)
+        d_wave, d_w, d_lw, d_lb, d_cb = _layers_backward(
+            grad_out, wave, layer_outputs, *args, ctx.strides, ctx.eps, ctx.needs
+        )
     return d_wave, d_w, d_lw, d_lb, d_cb, None, None
 
 
@@ -860,6 +872,86 @@ def _run_conv_then_triton_norm(wave, conv_weights, ln_weights, ln_biases, *, str
             z, ln_weights[i], ln_biases[i], conv_weights[i + 1], conv_biases[i + 1], strides[i + 1], eps
         )[0]
     return _layer_norm_gelu_triton(z, ln_weights[-1], ln_biases[-1], eps=eps, channels_dim=1).transpose(1, 2)
+
+
+def _triton_nodes_backward(grad_out, wave, conv_weights, ln_weights, ln_biases, conv_biases, strides, eps, needs):
+    """Gradients of the stack as :func:`_layers_backward` returns them, by the Triton path's nodes:
+    their forwards rerun from the waveform, keeping what their autograd nodes keep (each layer's
+    conv output and fp32 row statistics), then their backwards from the last layer down.
+
+    The CUDA extension's backward: its forward saves nothing but the inputs. ``ln_weights`` and
+    ``ln_biases`` are tensors (the extension fills None affines); ``conv_biases`` is [] or one per
+    layer. Layers below the lowest one with a parameter that needs a gradient are not walked
+    unless the waveform needs one. :func:`_triton_nodes_reasons` must be empty for these inputs.
+    """
+    need_wave, need_w, need_lw, need_lb, need_cb = needs
+    n = len(conv_weights)
+    has_bias = bool(conv_biases)
+    cbs, gs, bs, ss = list(conv_biases) if has_bias else [None] * n, ln_weights, ln_biases, strides
+    layer_needs = [need_w[i] or need_lw[i] or need_lb[i] or (has_bias and need_cb[i]) for i in range(n)]
+    lowest = 0 if need_wave else next((i for i in range(n) if layer_needs[i]), n)
+    run = lambda op, impl: pick(op, impl, (wave, *conv_weights))
+    d_w, d_lw, d_lb, d_cb = [None] * n, [None] * n, [None] * n, [None] * n
+    dy = grad_out.transpose(1, 2)  # (B, C, T), as the last layer's LayerNorm + GELU gave it
+    d_wave = None
+    if n == 1 and _conv0_fusable(wave, conv_weights[0], cbs[0], gs[0], bs[0]):
+        _, mean, rstd = run(_conv0_fwd, _conv0_fwd_impl)(wave, conv_weights[0], cbs[0], gs[0], bs[0], ss[0], eps)
+        d_wave, d_w[0], d_cb[0], d_lw[0], d_lb[0] = run(_conv0_bwd, _conv0_bwd_impl)(
+            dy, wave, conv_weights[0], cbs[0], gs[0], bs[0], mean, rstd, ss[0], eps, need_wave
+        )
+    else:
+        # Forward: zs[i] is layer i's conv output (B, C, T) channels-last, stats[i] its (mean, rstd).
+        layer0_node = n > 1 and _conv0_fusable(wave, conv_weights[0], cbs[0], gs[0], bs[0])
+        if layer0_node:
+            z, mean0, rstd0 = run(_conv0_conv_fwd, _conv0_conv_fwd_impl)(
+                wave, conv_weights[0], cbs[0], gs[0], bs[0], conv_weights[1], cbs[1], ss[0], ss[1], eps
+            )
+            first = 1
+        else:
+            z, first = _conv_output(wave[:, None], conv_weights[0], cbs[0], ss[0]), 0
+        zs, stats = {first: z}, {}
+        for i in range(first, n - 1):
+            z, *stats[i] = run(_norm_conv_fwd, _norm_conv_fwd_impl)(
+                zs[i], gs[i], bs[i], conv_weights[i + 1], cbs[i + 1], ss[i + 1], eps
+            )
+            zs[i + 1] = z
+        del z
+        _, mean, rstd = run(_layer_norm_gelu_fwd, _layer_norm_gelu_fwd_impl)(zs[n - 1], gs[-1], bs[-1], eps, 1, "none")
+        # Backward: each node's gradients, its conv output dropped once used.
+        dz, d_lw[-1], d_lb[-1] = run(_layer_norm_gelu_bwd, _layer_norm_gelu_bwd_impl)(
+            dy, zs.pop(n - 1), gs[-1], bs[-1], mean, rstd, 1, "none"
+        )
+        del dy
+        for i in reversed(range(max(first, lowest - 1), n - 1)):
+            dz, d_lw[i], d_lb[i], d_w[i + 1], d_cb[i + 1] = run(_norm_conv_bwd, _norm_conv_bwd_impl)(
+                dz, zs.pop(i), gs[i], bs[i], conv_weights[i + 1], cbs[i + 1], *stats.pop(i), ss[i + 1], eps
+            )
+        if layer0_node and lowest <= 1:
+            d_wave, d_w[0], d_cb[0], d_lw[0], d_lb[0], d_w[1], d_cb[1] = run(_conv0_conv_bwd, _conv0_conv_bwd_impl)(
+                dz, wave, conv_weights[0], cbs[0], gs[0], bs[0], conv_weights[1], cbs[1], mean0, rstd0,
+                ss[0], ss[1], eps, need_wave,
+            )  # fmt: skip
+        elif not layer0_node and lowest == 0:
+            d_wave, d_w[0], d_cb[0] = _conv_backward(
+                wave[:, None], conv_weights[0], cbs[0], dz, ss[0], input_grad=need_wave
+            )
+            d_wave = d_wave[:, 0] if need_wave else None
+    keep = lambda grads, flags: [g if flag else None for g, flag in zip(grads, flags)]
+    return (
+        d_wave if need_wave else None,
+        keep(d_w, need_w),
+        keep(d_lw, need_lw),
+        keep(d_lb, need_lb),
+        keep(d_cb, need_cb) if has_bias else [],
+    )
+
+
+def _triton_nodes_reasons(wave, conv_weights, ln_weights, ln_biases, conv_biases, strides, eps) -> list[str]:
+    """Why :func:`_triton_nodes_backward` cannot take these inputs (the triton backend's reasons,
+    as if forced); [] when it can."""
+    impl = next(i for i in dispatch.implementations("conv_feature_extractor") if i.backend == "triton")
+    kwargs = dict(strides=strides, conv_biases=conv_biases or None, eps=eps)
+    return dispatch.reasons_for(impl, wave.device, wave, conv_weights, ln_weights, ln_biases, forced=True, **kwargs)
 
 
 def _run_per_layer(h, conv_weights, ln_weights, ln_biases, strides, conv_biases, eps):
