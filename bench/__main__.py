@@ -25,7 +25,18 @@ from bench import common
 
 # The kernel benchmarks, one module each (bench/<op>.py with main(argv) and --quick).
 OPS = ("attention", "pos_conv", "layer_norm_gelu", "conv_feature_extractor")
-NOT_OPS = {"__init__", "__main__", "common", "models", "report", "conftest", "tune", "profile", "host_overhead"}
+NOT_OPS = {
+    "__init__",
+    "__main__",
+    "common",
+    "models",
+    "report",
+    "conftest",
+    "tune",
+    "profile",
+    "host_overhead",
+    "activation_memory",
+}
 
 
 def discovered_ops() -> list[str]:

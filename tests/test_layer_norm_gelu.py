@@ -374,3 +374,31 @@ def test_int64_offsets_are_chosen_past_int32():
     assert _wide_offsets(512, 4_200_000, [(512 * 4_200_000, 4_200_000, 1)])  # layer 0, 22 minutes
     assert _wide_offsets(768, 3_000_000, [(0, 1, 768)])  # 3M channels-last rows of 768 in one slice
     assert not _wide_offsets(768, 2_000_000, [(0, 1, 768)])
+
+
+@pytest.mark.parametrize("channels_dim", [1, -1], ids=["channels_first", "channels_last"])
+@pytest.mark.parametrize("into", ["dy", "x"])
+def test_backward_written_over_dy_or_x_computes_the_same_bits(channels_dim, into):
+    """The backward may write dx over its dy or its x (the feature extractor's backward does, with
+    buffers of its own): every tile's rows are read whole before they are written. Two tiles a
+    batch row at least (139 positions), so programs sit side by side in each buffer."""
+    shape = (2, 40, 139) if channels_dim == 1 else (2, 139, 40)
+    x, weight, bias = _inputs(shape, channels_dim, torch.float32, True)
+    dy = torch.randn(x.shape)
+    _, mean, rstd = kernels.layer_norm_gelu_forward(x, weight, bias, 1e-5, channels_dim, "none")
+    expected = kernels.layer_norm_gelu_backward(dy, x, weight, bias, mean, rstd, channels_dim, "none")
+    x_copy, dy_copy = x.clone(), dy.clone()
+    out = dy_copy if into == "dy" else x_copy
+    got = kernels.layer_norm_gelu_backward(dy_copy, x_copy, weight, bias, mean, rstd, channels_dim, "none", out=out)
+    assert got[0] is out
+    for name, a, b in zip(("dx", "dweight", "dbias"), got, expected):
+        assert torch.equal(a, b), name
+
+
+def test_backward_out_must_have_the_input_layout():
+    x, weight, bias = _inputs((2, 40, 9), 1, torch.float32, True)
+    _, mean, rstd = kernels.layer_norm_gelu_forward(x, weight, bias, 1e-5, 1, "none")
+    dy = torch.randn(x.shape)
+    channels_last = torch.empty(2, 9, 40).transpose(1, 2)
+    with pytest.raises(ValueError, match=r"out must have x's shape \(2, 40, 9\) and strides \(360, 9, 1\)"):
+        kernels.layer_norm_gelu_backward(dy, x, weight, bias, mean, rstd, 1, "none", out=channels_last)

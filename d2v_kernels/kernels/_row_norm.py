@@ -471,14 +471,23 @@ def row_norm_backward(
     activation: str | None,
     residual: torch.Tensor | None = None,
     dsum: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of :func:`row_norm_forward`: (dx like x, dweight or None, dbias or None).
 
     dx is also the residual's gradient; ``dsum`` (the gradient of the stored sum) is added into it.
-    Upstream gradients with a layout the kernel cannot read are made contiguous first.
+    Upstream gradients with a layout the kernel cannot read are made contiguous first. ``out``:
+    where to write dx, with x's shape and strides. It may be dy or x themselves (a program reads
+    a tile's whole rows before it writes them, and no other program touches those rows): a
+    caller's own buffer it no longer needs, never one autograd keeps.
     """
     channels_dim %= x.dim()
-    dx = torch.empty_like(x)
+    if out is not None and (out.shape != x.shape or out.stride() != x.stride()):
+        raise ValueError(
+            f"row_norm_backward: out must have x's shape {tuple(x.shape)} and strides {x.stride()},"
+            f" got {tuple(out.shape)} and {out.stride()}"
+        )
+    dx = torch.empty_like(x) if out is None else out
     plan = _launch_plan("bwd", (x, residual, dy, dsum, dx), channels_dim)
     if plan is None:
         dy, dsum = dy.contiguous(), None if dsum is None else dsum.contiguous()

@@ -49,9 +49,11 @@ def layer_norm_gelu_backward(
     rstd: torch.Tensor,
     channels_dim: int,
     approximate: str,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(dx like x, dweight or None, dbias or None); dweight/dbias in the parameters' dtypes."""
-    return row_norm_backward(dy, x, channels_dim, weight, bias, mean, rstd, approximate)
+    """(dx like x, or written into ``out`` (see row_norm_backward: it may be dy or x), dweight or
+    None, dbias or None); dweight/dbias in the parameters' dtypes."""
+    return row_norm_backward(dy, x, channels_dim, weight, bias, mean, rstd, approximate, out=out)
 
 
 def _features(activation: int, weight: bool, bias: bool, param_fp32: bool = False) -> dict:

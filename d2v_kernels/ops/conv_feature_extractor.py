@@ -644,7 +644,9 @@ def _norm_conv_bwd_impl(
     # the activation passed without a name: _conv_backward frees it before dy is allocated
     norm_gelu = _layer_norm_gelu_kernels.layer_norm_gelu_forward
     dy, dw, dcb = _conv_backward(norm_gelu(z, g, b, eps, 1, "none")[0], w, cb, dz_next, stride)
-    dz, dg, db = _layer_norm_gelu_kernels.layer_norm_gelu_backward(dy, z, g, b, mean, rstd, 1, "none")
+    # dz over dy (this function's own): one activation-sized buffer less at the backward's peak
+    out = dy if dy.stride() == z.stride() else None
+    dz, dg, db = _layer_norm_gelu_kernels.layer_norm_gelu_backward(dy, z, g, b, mean, rstd, 1, "none", out=out)
     empty = z.new_empty(0)
     return dz, dg if dg is not None else empty, db if db is not None else empty, dw, dcb
 
@@ -742,10 +744,14 @@ def _conv01_bwd_impl(
     output (cuDNN), then walks back: row-norm LayerNorm + GELU backward and cuDNN conv gradients
     for layer 1, the layer-0 backward for layer 0."""
     y0, mean0, rstd0 = _conv0_kernels.conv0_ln_gelu(wave, w0, cb0, g0, b0, s0, eps)
-    z1 = F.conv1d(y0, w1, cb1, stride=s1)
-    _, mean1, rstd1 = _layer_norm_gelu_kernels.layer_norm_gelu_forward(z1, g1, b1, eps, 1, "none")
-    dz1, dg1, db1 = _layer_norm_gelu_kernels.layer_norm_gelu_backward(dy, z1, g1, b1, mean1, rstd1, 1, "none")
-    dy0, dw1, dcb1 = _conv_backward(y0, w1, cb1, dz1, s1)
+    z1 = _conv_output(y0, w1, cb1, s1)
+    mean1, rstd1 = _layer_norm_gelu_kernels.layer_norm_gelu_forward(z1, g1, b1, eps, 1, "none")[1:]
+    # dz1 over z1, this function's own recompute
+    dz1, dg1, db1 = _layer_norm_gelu_kernels.layer_norm_gelu_backward(dy, z1, g1, b1, mean1, rstd1, 1, "none", out=z1)
+    del z1
+    # y0 handed over, not kept here: _conv_backward frees it before dy0 is allocated
+    conv_input, y0 = [y0], None
+    dy0, dw1, dcb1 = _conv_backward(conv_input.pop(), w1, cb1, dz1, s1)
     dwave, dw0, dcb0, dg0, db0 = _conv0_bwd_impl(dy0, wave, w0, cb0, g0, b0, mean0, rstd0, s0, eps, wave_grad)
     return dwave, dw0, dw1, dcb0, dcb1, dg0, dg1, db0, db1
 
