@@ -41,16 +41,17 @@ def _channels_last_like(reference: torch.Tensor, shape) -> torch.Tensor:
     return reference.new_empty(shape)
 
 
-def _conv_output_shape(x: torch.Tensor, weight: torch.Tensor, stride: int) -> tuple[int, int, int]:
-    return x.shape[0], weight.shape[0], (x.shape[2] - weight.shape[2]) // stride + 1
+def _conv_output_shape(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, dilation: int):
+    frames = (x.shape[2] + 2 * padding - dilation * (weight.shape[2] - 1) - 1) // stride + 1
+    return x.shape[0], weight.shape[0], frames
 
 
 class _ShapeOnlyConv1d(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, stride):
+    def forward(ctx, x, weight, bias, stride, padding, dilation):
         ctx.save_for_backward(x, weight)  # what ConvolutionBackward0 keeps
         ctx.has_bias = bias is not None
-        return _channels_last_like(x, _conv_output_shape(x, weight, stride))
+        return _channels_last_like(x, _conv_output_shape(x, weight, stride, padding, dilation))
 
     @staticmethod
     def backward(ctx, dz):
@@ -58,7 +59,7 @@ class _ShapeOnlyConv1d(torch.autograd.Function):
         dx = _channels_last_like(dz, x.shape) if ctx.needs_input_grad[0] else None
         dweight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
         dbias = dz.new_empty(weight.shape[0]) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dweight, dbias, None
+        return dx, dweight, dbias, None, None, None
 
 
 def _shape_only_convolution_backward(dz, x, weight, bias_sizes, stride, padding, dilation, *rest):
@@ -71,19 +72,20 @@ def _shape_only_convolution_backward(dz, x, weight, bias_sizes, stride, padding,
 
 @contextlib.contextmanager
 def shape_only_conv_autograd() -> Iterator[None]:
-    """``F.conv1d`` (no padding, dilation or groups: the feature encoder's) and
-    ``torch.ops.aten.convolution_backward`` (our backward's conv gradients) allocate their results
-    without computing them, for the duration of the block."""
+    """``F.conv1d`` and ``torch.ops.aten.convolution_backward`` (our backward's conv gradients)
+    allocate their results without computing them, for the duration of the block."""
     import torch.nn.functional as F
 
     real_conv1d = F.conv1d
     real_backward = torch.ops.aten.convolution_backward
 
     def conv1d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-        stride = stride[0] if isinstance(stride, (tuple, list)) else stride
-        if (padding not in (0, (0,), "valid")) or (dilation not in (1, (1,))) or groups != 1:
-            raise NotImplementedError("shape_only_conv_autograd: padding, dilation and groups are not modelled")
-        return _ShapeOnlyConv1d.apply(x, weight, bias, stride)
+        if isinstance(padding, str):
+            if padding != "valid":
+                raise NotImplementedError(f"shape_only_conv_autograd: padding={padding!r} is not modelled")
+            padding = 0
+        first = lambda value: value[0] if isinstance(value, (tuple, list)) else value
+        return _ShapeOnlyConv1d.apply(x, weight, bias, first(stride), first(padding), first(dilation))
 
     F.conv1d = conv1d
     torch.ops.aten.convolution_backward = _shape_only_convolution_backward
