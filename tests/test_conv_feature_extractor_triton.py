@@ -443,9 +443,11 @@ def test_extension_backward_of_one_layer(layer0_kernel, monkeypatch):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
-def test_extension_backward_traces_to_the_triton_nodes_custom_ops():
-    """Under tracing (torch.compile's backward, make_fx) the formula calls the nodes' custom ops,
-    with arguments their schemas take; the traced graph computes what the eager call does."""
+@pytest.mark.parametrize("tracing_mode", ["fake", "symbolic"])
+def test_extension_backward_traces_to_the_triton_nodes_custom_ops(tracing_mode):
+    """Under tracing (torch.compile's backward, make_fx; symbolic: dynamic shapes, as opcheck's
+    test_aot_dispatch_dynamic) the formula calls the nodes' custom ops, with arguments their
+    schemas take; the traced graph computes what the eager call does."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     conv_weights, ln_weights, ln_biases, conv_biases = _params(torch.float32, conv_bias=True)
@@ -460,7 +462,7 @@ def test_extension_backward_traces_to_the_triton_nodes_custom_ops():
     wave = torch.randn(2, 1601)
     flat = [t.detach() for group in (conv_weights, ln_weights, ln_biases, conv_biases) for t in group]
     grad_out = torch.randn(2, 79, DIMS[-1])
-    graph = make_fx(backward, tracing_mode="fake")(grad_out, wave, *flat)
+    graph = make_fx(backward, tracing_mode=tracing_mode)(grad_out, wave, *flat)
     targets = {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
     for op in ("conv0_ln_gelu_conv", "conv0_ln_gelu_conv_bwd", "ln_gelu_conv", "ln_gelu_conv_bwd"):
         assert f"d2v_kernels.{op}.default" in targets, op
