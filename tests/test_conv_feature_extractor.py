@@ -17,6 +17,7 @@ from d2v_kernels import _extension, dispatch, ops
 
 # d2v_kernels.ops re-exports the function under the module's name: fetch the module itself.
 cfe = importlib.import_module("d2v_kernels.ops.conv_feature_extractor")
+triton_path = importlib.import_module("d2v_kernels.ops._conv_feature_extractor_triton")
 
 SMALL = dict(conv_dim=(32, 48, 48), conv_kernel=(10, 3, 2), conv_stride=(5, 2, 2))
 BASE = dict(conv_dim=(512,) * 7, conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_stride=(5, 2, 2, 2, 2, 2, 2))
@@ -288,19 +289,19 @@ def test_fake_impls_give_shapes_on_fake_cuda_tensors():
 
 def test_a_channels_first_conv_output_on_the_gpu_is_copied_with_one_warning(monkeypatch):
     # the CPU stands in for the GPU here (fake CUDA tensors cannot be copied on a CPU build)
-    monkeypatch.setattr(cfe, "_LAYOUT_COPY_WARNED_ON", ("cpu",))
-    monkeypatch.setattr(cfe, "_warned_layout_copy", False)
+    monkeypatch.setattr(triton_path, "_LAYOUT_COPY_WARNED_ON", ("cpu",))
+    monkeypatch.setattr(triton_path, "_warned_layout_copy", False)
     channels_last = torch.randn(2, 40, 512).transpose(1, 2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert cfe._channels_last(channels_last) is channels_last
+        assert triton_path._channels_last(channels_last) is channels_last
     channels_first = torch.randn(2, 512, 40)
     with pytest.warns(UserWarning, match=r"has strides \(20480, 40, 1\) where channels-last was expected"):
-        copied = cfe._channels_last(channels_first)
+        copied = triton_path._channels_last(channels_first)
     assert copied.stride() == (20480, 1, 512) and torch.equal(copied, channels_first)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once a process
-        cfe._channels_last(channels_first)
+        triton_path._channels_last(channels_first)
 
 
 def test_backward_gives_gradient_shapes_on_meta_tensors():
@@ -375,7 +376,7 @@ def test_triton_path_forward_and_gradients_match_float64_on_gpu(dtype, samples, 
     GELU, activations recomputed in the backward) at Data2Vec's size."""
     params = make_params(**BASE, device="cuda")
     wave = torch.randn(2, samples, device="cuda")
-    monkeypatch.setattr(cfe, "_warned_layout_copy", False)  # it warns once a process
+    monkeypatch.setattr(triton_path, "_warned_layout_copy", False)  # it warns once a process
     with warnings.catch_warnings():
         # cuDNN must return channels-last conv outputs for channels-last inputs (the path's premise:
         # no transpose between layers); a copy would warn

@@ -12,6 +12,7 @@ from d2v_kernels import dispatch, ops
 
 # d2v_kernels.ops re-exports the function under the module's name: fetch the module itself.
 cfe = importlib.import_module("d2v_kernels.ops.conv_feature_extractor")
+triton_path = importlib.import_module("d2v_kernels.ops._conv_feature_extractor_triton")
 
 DIMS, KERNELS, STRIDES = (40, 48, 36), (10, 3, 2), (5, 2, 2)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -404,7 +405,7 @@ def test_extension_backward_reruns_the_triton_nodes(dtype, frozen, conv_bias, la
     eager in the same dtype as the yardstick, None for the rest, and the layers below the lowest
     trained one not walked."""
     if not layer0_kernel:
-        monkeypatch.setattr(cfe, "_conv0_fusable", lambda *args: False)
+        monkeypatch.setattr(triton_path, "_conv0_fusable", lambda *args: False)
     calls = _spy(monkeypatch, "conv0_ln_gelu")
     wave64 = torch.randn(2, 1601, dtype=torch.float64)
     grad64 = None
@@ -433,7 +434,7 @@ def test_extension_backward_reruns_the_triton_nodes(dtype, frozen, conv_bias, la
 @pytest.mark.parametrize("layer0_kernel", [True, False], ids=["layer0-kernel", "layer0-conv"])
 def test_extension_backward_of_one_layer(layer0_kernel, monkeypatch):
     if not layer0_kernel:
-        monkeypatch.setattr(cfe, "_conv0_fusable", lambda *args: False)
+        monkeypatch.setattr(triton_path, "_conv0_fusable", lambda *args: False)
     params = [[group[0]] for group in _params(torch.float32, conv_bias=True)]
     wave = torch.randn(2, 1601, requires_grad=True)
     out = _run_layers(wave, params, "eager", STRIDES[:1])
@@ -456,7 +457,7 @@ def test_extension_backward_traces_to_the_triton_nodes_custom_ops(tracing_mode):
 
     def backward(grad_out, wave, *flat):
         groups = [list(flat[i * n : (i + 1) * n]) for i in range(4)]
-        grads = cfe._triton_nodes_backward(grad_out, wave, *groups, list(STRIDES), 1e-5, needs)
+        grads = triton_path._triton_nodes_backward(grad_out, wave, *groups, list(STRIDES), 1e-5, needs)
         return [grads[0], *[g for group in grads[1:] for g in group]]
 
     wave = torch.randn(2, 1601)

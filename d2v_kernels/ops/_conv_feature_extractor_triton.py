@@ -1,0 +1,677 @@
+"""The Triton path of :func:`d2v_kernels.ops.conv_feature_extractor` (its ``triton`` backend), and
+the nodes the CUDA extension's backward reruns.
+
+Layer 0 (conv on the waveform + LayerNorm + GELU) is one Triton kernel; then per layer cuDNN's
+strided conv and the Triton row-norm LayerNorm + GELU reading its output in place, every
+activation (B, C, T) in channels-last strides (no transposes). Each autograd node is layer i's
+LayerNorm + GELU with layer i + 1's conv, a ``torch.library`` custom op (forward and backward) for
+torch.compile and an autograd.Function twin for eager calls (``ops/_eager.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import warnings
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from d2v_kernels.ops._checks import KERNEL_DTYPES, layer_norm_compute_dtype
+from d2v_kernels.ops._eager import pick, register_autograd
+from d2v_kernels.ops.layer_norm_gelu import _kernels as _layer_norm_gelu_kernels
+from d2v_kernels.ops.layer_norm_gelu import (
+    _layer_norm_gelu_bwd,
+    _layer_norm_gelu_bwd_impl,
+    _layer_norm_gelu_fwd,
+    _layer_norm_gelu_fwd_impl,
+    _layer_norm_gelu_triton,
+    _triton_available,
+)
+
+try:
+    from d2v_kernels.kernels import conv_feature_extractor as _conv0_kernels
+    from d2v_kernels.kernels._row_norm import row_reasons
+except ImportError:  # triton absent: _triton_available() gives the reason
+    _conv0_kernels = row_reasons = None
+
+
+def _channels_last_empty(like: Tensor, channels: int, frames: int) -> Tensor:
+    return like.new_empty((like.shape[0], frames, channels)).transpose(1, 2)
+
+
+_warned_layout_copy = False
+_LAYOUT_COPY_WARNED_ON = ("cuda",)  # devices whose convs return channels-last for channels-last inputs
+
+
+def _channels_last(z: Tensor) -> Tensor:
+    """(B, C, T) with channels-last strides (T * C, 1, C): cuDNN returns that layout for a
+    channels-last input on the GPU; a copy only where a backend (the CPU's) returned another,
+    warned once on the GPU, where it costs a transpose a layer."""
+    global _warned_layout_copy
+    if z.stride(1) == 1 or z.shape[1] == 1:
+        return z
+    if z.device.type in _LAYOUT_COPY_WARNED_ON and not _warned_layout_copy:
+        _warned_layout_copy = True
+        warnings.warn(
+            f"d2v_kernels.conv_feature_extractor: a (B, C, T) activation or gradient of shape {tuple(z.shape)}"
+            f" has strides {z.stride()} where channels-last was expected (what cuDNN returns for"
+            " channels-last inputs); copying it, a transpose each time",
+            stacklevel=2,
+        )
+    return z.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _conv_output(x: Tensor, weight: Tensor, conv_bias: Tensor | None, stride: int) -> Tensor:
+    return _channels_last(F.conv1d(x, weight, conv_bias, stride=stride))
+
+
+def _conv_backward(x, weight, conv_bias, dz, stride, *, input_grad=True):
+    """(dx or None, dweight, dconv_bias or empty) of z = conv1d(x, weight, conv_bias, stride).
+
+    The weight gradient comes first, and x is dropped before dx is allocated: a caller that
+    passes a recomputed x without keeping it (``_conv_backward(recompute(), ...)``) frees it
+    there. dweight is made contiguous: cuDNN may return it channels-last for channels-last x, and
+    a custom op's outputs must have the strides its fake implementation gives (torch.compile
+    plans with those). The weight goes to the input gradient in channels-last strides, so cuDNN
+    writes dx channels-last, like dz."""
+    dweight = torch.nn.grad.conv1d_weight(x, weight.shape, dz, stride=stride).contiguous()
+    d_conv_bias = dz.sum(dim=(0, 2), dtype=torch.float32).to(dz.dtype) if conv_bias is not None else x.new_empty(0)
+    input_shape = x.shape
+    del x
+    dx = None
+    if input_grad:
+        weight = weight.transpose(1, 2).contiguous().transpose(1, 2)
+        placeholder = dz.new_empty(1).expand(input_shape)
+        dx = torch.ops.aten.convolution_backward(
+            dz, placeholder, weight, None, [stride], [0], [1], False, [0], 1, [True, False, False]
+        )[0]
+    return dx, dweight, d_conv_bias
+
+
+def _conv0_fwd_impl(
+    wave: Tensor,
+    weight: Tensor,
+    conv_bias: Tensor | None,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    stride: int,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(y (B, C, T) in wave's dtype, mean (B, T) fp32, rstd (B, T) fp32)."""
+    return _conv0_kernels.conv0_ln_gelu(wave, weight, conv_bias, ln_weight, ln_bias, stride, eps)
+
+
+_conv0_fwd = torch.library.custom_op("d2v_kernels::conv0_ln_gelu", _conv0_fwd_impl, mutates_args=())
+
+
+@_conv0_fwd.register_fake
+def _(wave, weight, conv_bias, ln_weight, ln_bias, stride, eps):
+    frames = (wave.shape[1] - weight.shape[2]) // stride + 1
+    mean = wave.new_empty((wave.shape[0], frames), dtype=torch.float32)
+    return _channels_last_empty(wave, weight.shape[0], frames), mean, torch.empty_like(mean)
+
+
+def _conv0_bwd_impl(
+    dy: Tensor,
+    wave: Tensor,
+    weight: Tensor,
+    conv_bias: Tensor | None,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    stride: int,
+    eps: float,
+    wave_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dwave or empty, dweight, dconv_bias or empty, dln_weight, dln_bias).
+
+    One kernel where it takes the shape (it recomputes the conv output in registers and stores
+    neither it nor its gradient). Otherwise the conv output is recomputed (the kernel's pre-norm
+    mode: the values the forward normalised), the LayerNorm + GELU backward is the row-norm
+    kernel's, the conv gradients are cuDNN's."""
+    if not _conv0_kernels.backward_reasons(weight.shape[0], weight.shape[2]):
+        # The kernel's tiles are laid out for channels-last dy (what cuDNN's input gradient and
+        # the op's output give): a channels-first one compiles to a program that spills 0.5 to
+        # 1.5 KB a thread (ptxas, sm_90), so it is copied instead (never, on the GPU path).
+        dy = _channels_last(dy)
+        dwave, dweight, d_conv_bias, d_ln_weight, d_ln_bias = _conv0_kernels.conv0_ln_gelu_backward(
+            dy, wave, weight, conv_bias, ln_weight, ln_bias, mean, rstd, stride, wave_grad=wave_grad
+        )
+        empty = wave.new_empty(0)
+        return (
+            dwave if wave_grad else empty,
+            dweight,
+            d_conv_bias if conv_bias is not None else empty,
+            d_ln_weight,
+            d_ln_bias,
+        )
+    h, _, _ = _conv0_kernels.conv0_ln_gelu(wave, weight, conv_bias, ln_weight, ln_bias, stride, eps, pre_norm_only=True)
+    dh, d_ln_weight, d_ln_bias = _layer_norm_gelu_kernels.layer_norm_gelu_backward(
+        dy, h, ln_weight, ln_bias, mean, rstd, 1, "none"
+    )
+    # usually no waveform gradient: the waveform is an input, not a parameter
+    dwave, dweight, d_conv_bias = _conv_backward(wave[:, None], weight, conv_bias, dh, stride, input_grad=wave_grad)
+    dwave = dwave[:, 0] if wave_grad else wave.new_empty(0)
+    return dwave, dweight, d_conv_bias, d_ln_weight, d_ln_bias
+
+
+_conv0_bwd = torch.library.custom_op("d2v_kernels::conv0_ln_gelu_bwd", _conv0_bwd_impl, mutates_args=())
+
+
+@_conv0_bwd.register_fake
+def _(dy, wave, weight, conv_bias, ln_weight, ln_bias, mean, rstd, stride, eps, wave_grad):
+    return (
+        torch.empty_like(wave) if wave_grad else wave.new_empty(0),
+        torch.empty_like(weight),
+        torch.empty_like(conv_bias) if conv_bias is not None else wave.new_empty(0),
+        torch.empty_like(ln_weight),
+        torch.empty_like(ln_bias),
+    )
+
+
+def _conv0_setup_context(ctx, inputs, output):
+    wave, weight, conv_bias, ln_weight, ln_bias, stride, eps = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(wave, weight, conv_bias, ln_weight, ln_bias, mean, rstd)  # not the (B, C, T) output
+    ctx.stride, ctx.eps = stride, eps
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _conv0_backward(ctx, dy, _dmean, _drstd):
+    wave, weight, conv_bias, ln_weight, ln_bias, mean, rstd = ctx.saved_tensors
+    wave_grad = ctx.needs_input_grad[0]
+    dwave, dweight, d_conv_bias, d_ln_weight, d_ln_bias = pick(
+        _conv0_bwd, _conv0_bwd_impl, (dy, wave, weight, conv_bias, ln_weight, ln_bias)
+    )(dy, wave, weight, conv_bias, ln_weight, ln_bias, mean, rstd, ctx.stride, ctx.eps, wave_grad)
+    return (
+        dwave if wave_grad else None,
+        dweight,
+        d_conv_bias if conv_bias is not None else None,
+        d_ln_weight,
+        d_ln_bias,
+        None,
+        None,
+    )
+
+
+Conv0LayerNormGeluFunction, _conv0_call = register_autograd(
+    _conv0_fwd, "Conv0LayerNormGeluFunction", _conv0_fwd_impl, _conv0_setup_context, _conv0_backward
+)
+
+
+# --- Layer i's LayerNorm + GELU with layer i + 1's conv as one autograd node ---------------------
+# The activation between them (the conv's input) is the largest tensor of each layer. Saved, it
+# would be kept twice over (the conv output z is saved anyway, for the LayerNorm backward); the
+# node saves z alone and the backward recomputes the activation from it (one elementwise pass,
+# or for layer 0 one read of the waveform) and frees it before the input gradient is allocated.
+# So the Triton path keeps one tensor per layer for the backward, eager keeps four.
+
+
+def _conv0_conv_fwd_impl(
+    wave: Tensor,
+    w0: Tensor,
+    cb0: Tensor | None,
+    g0: Tensor,
+    b0: Tensor,
+    w1: Tensor,
+    cb1: Tensor | None,
+    s0: int,
+    s1: int,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Layer 0 (one kernel) then layer 1's conv: (z1 (B, C1, T1) channels-last strides, layer 0's
+    mean (B, T0) and rstd fp32)."""
+    y0, mean0, rstd0 = _conv0_kernels.conv0_ln_gelu(wave, w0, cb0, g0, b0, s0, eps)
+    return _conv_output(y0, w1, cb1, s1), mean0, rstd0
+
+
+def _conv0_conv_bwd_impl(
+    dz1: Tensor,
+    wave: Tensor,
+    w0: Tensor,
+    cb0: Tensor | None,
+    g0: Tensor,
+    b0: Tensor,
+    w1: Tensor,
+    cb1: Tensor | None,
+    mean0: Tensor,
+    rstd0: Tensor,
+    s0: int,
+    s1: int,
+    eps: float,
+    wave_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dwave or empty, dw0, dcb0 or empty, dg0, db0, dw1, dcb1 or empty): layer 0's output is
+    recomputed for layer 1's weight gradient and freed before its input gradient is formed."""
+    # y0 passed without a name: _conv_backward frees it before dy0 is allocated
+    dy0, dw1, dcb1 = _conv_backward(_conv0_kernels.conv0_ln_gelu(wave, w0, cb0, g0, b0, s0, eps)[0], w1, cb1, dz1, s1)
+    dwave, dw0, dcb0, dg0, db0 = _conv0_bwd_impl(dy0, wave, w0, cb0, g0, b0, mean0, rstd0, s0, eps, wave_grad)
+    return dwave, dw0, dcb0, dg0, db0, dw1, dcb1
+
+
+_conv0_conv_fwd = torch.library.custom_op("d2v_kernels::conv0_ln_gelu_conv", _conv0_conv_fwd_impl, mutates_args=())
+_conv0_conv_bwd = torch.library.custom_op("d2v_kernels::conv0_ln_gelu_conv_bwd", _conv0_conv_bwd_impl, mutates_args=())
+
+
+@_conv0_conv_fwd.register_fake
+def _(wave, w0, cb0, g0, b0, w1, cb1, s0, s1, eps):
+    frames0 = (wave.shape[1] - w0.shape[2]) // s0 + 1
+    frames1 = (frames0 - w1.shape[2]) // s1 + 1
+    mean = wave.new_empty((wave.shape[0], frames0), dtype=torch.float32)
+    return _channels_last_empty(wave, w1.shape[0], frames1), mean, torch.empty_like(mean)
+
+
+@_conv0_conv_bwd.register_fake
+def _(dz1, wave, w0, cb0, g0, b0, w1, cb1, mean0, rstd0, s0, s1, eps, wave_grad):
+    empty = wave.new_empty(0)
+    return (
+        torch.empty_like(wave) if wave_grad else empty,
+        torch.empty_like(w0),
+        empty if cb0 is None else torch.empty_like(cb0),
+        torch.empty_like(g0),
+        torch.empty_like(b0),
+        torch.empty_like(w1),
+        empty if cb1 is None else torch.empty_like(cb1),
+    )
+
+
+def _conv0_conv_setup_context(ctx, inputs, output):
+    wave, w0, cb0, g0, b0, w1, cb1, s0, s1, eps = inputs
+    _, mean0, rstd0 = output
+    ctx.save_for_backward(wave, w0, cb0, g0, b0, w1, cb1, mean0, rstd0)  # no activation
+    ctx.s0, ctx.s1, ctx.eps = s0, s1, eps
+    ctx.mark_non_differentiable(mean0, rstd0)
+
+
+def _conv0_conv_backward(ctx, dz1, _dmean, _drstd):
+    saved = ctx.saved_tensors
+    cb0, cb1 = saved[2], saved[6]
+    wave_grad = ctx.needs_input_grad[0]
+    dwave, dw0, dcb0, dg0, db0, dw1, dcb1 = pick(_conv0_conv_bwd, _conv0_conv_bwd_impl, (dz1, *saved))(
+        dz1, *saved, ctx.s0, ctx.s1, ctx.eps, wave_grad
+    )
+    return (
+        dwave if wave_grad else None,
+        dw0,
+        dcb0 if cb0 is not None else None,
+        dg0,
+        db0,
+        dw1,
+        dcb1 if cb1 is not None else None,
+        None,
+        None,
+        None,
+    )
+
+
+Conv0LayerNormGeluConvFunction, _conv0_conv_call = register_autograd(
+    _conv0_conv_fwd,
+    "Conv0LayerNormGeluConvFunction",
+    _conv0_conv_fwd_impl,
+    _conv0_conv_setup_context,
+    _conv0_conv_backward,
+)
+
+
+def _norm_conv_fwd_impl(
+    z: Tensor, g: Tensor | None, b: Tensor | None, w: Tensor, cb: Tensor | None, stride: int, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """GELU(LayerNorm(z)) over the channels of z (B, C, T), then the next layer's conv: (z_next
+    (B, C', T') channels-last strides, mean (B, T) and rstd fp32 of z)."""
+    y, mean, rstd = _layer_norm_gelu_kernels.layer_norm_gelu_forward(z, g, b, eps, 1, "none")
+    return _conv_output(y, w, cb, stride), mean, rstd
+
+
+def _norm_conv_bwd_impl(
+    dz_next: Tensor,
+    z: Tensor,
+    g: Tensor | None,
+    b: Tensor | None,
+    w: Tensor,
+    cb: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    stride: int,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dz, dg or empty, db or empty, dw, dcb or empty): the activation is recomputed from z for
+    the weight gradient and freed before its gradient is formed."""
+    # the activation passed without a name: _conv_backward frees it before dy is allocated
+    norm_gelu = _layer_norm_gelu_kernels.layer_norm_gelu_forward
+    dy, dw, dcb = _conv_backward(norm_gelu(z, g, b, eps, 1, "none")[0], w, cb, dz_next, stride)
+    # dz over dy (this function's own): one activation-sized buffer less at the backward's peak
+    out = dy if dy.stride() == z.stride() else None
+    dz, dg, db = _layer_norm_gelu_kernels.layer_norm_gelu_backward(dy, z, g, b, mean, rstd, 1, "none", out=out)
+    empty = z.new_empty(0)
+    return dz, dg if dg is not None else empty, db if db is not None else empty, dw, dcb
+
+
+_norm_conv_fwd = torch.library.custom_op("d2v_kernels::ln_gelu_conv", _norm_conv_fwd_impl, mutates_args=())
+_norm_conv_bwd = torch.library.custom_op("d2v_kernels::ln_gelu_conv_bwd", _norm_conv_bwd_impl, mutates_args=())
+
+
+@_norm_conv_fwd.register_fake
+def _(z, g, b, w, cb, stride, eps):
+    frames = (z.shape[2] - w.shape[2]) // stride + 1
+    mean = z.new_empty((z.shape[0], z.shape[2]), dtype=torch.float32)
+    return _channels_last_empty(z, w.shape[0], frames), mean, torch.empty_like(mean)
+
+
+@_norm_conv_bwd.register_fake
+def _(dz_next, z, g, b, w, cb, mean, rstd, stride, eps):
+    empty = z.new_empty(0)
+    return (
+        torch.empty_like(z),
+        empty if g is None else torch.empty_like(g),
+        empty if b is None else torch.empty_like(b),
+        torch.empty_like(w),
+        empty if cb is None else torch.empty_like(cb),
+    )
+
+
+def _norm_conv_setup_context(ctx, inputs, output):
+    z, g, b, w, cb, stride, eps = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(z, g, b, w, cb, mean, rstd)  # z, not the activation: recomputed
+    ctx.stride, ctx.eps = stride, eps
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _norm_conv_backward(ctx, dz_next, _dmean, _drstd):
+    saved = ctx.saved_tensors
+    g, b, cb = saved[1], saved[2], saved[4]
+    dz, dg, db, dw, dcb = pick(_norm_conv_bwd, _norm_conv_bwd_impl, (dz_next, *saved))(
+        dz_next, *saved, ctx.stride, ctx.eps
+    )
+    return (
+        dz,
+        dg if g is not None else None,
+        db if b is not None else None,
+        dw,
+        dcb if cb is not None else None,
+        None,
+        None,
+    )
+
+
+LayerNormGeluConvFunction, _norm_conv_call = register_autograd(
+    _norm_conv_fwd, "LayerNormGeluConvFunction", _norm_conv_fwd_impl, _norm_conv_setup_context, _norm_conv_backward
+)
+
+
+def _conv01_fwd_impl(
+    wave: Tensor,
+    w0: Tensor,
+    w1: Tensor,
+    cb0: Tensor | None,
+    cb1: Tensor | None,
+    g0: Tensor,
+    g1: Tensor,
+    b0: Tensor,
+    b1: Tensor,
+    s0: int,
+    s1: int,
+    eps: float,
+) -> Tensor:
+    """Layer 1's output (B, C1, T1) from the wave, layers 0 and 1 in one kernel."""
+    return _conv0_kernels.conv01_ln_gelu(wave, [w0, w1], [cb0, cb1], [g0, g1], [b0, b1], (s0, s1), eps)
+
+
+def _conv01_bwd_impl(
+    dy: Tensor,
+    wave: Tensor,
+    w0: Tensor,
+    w1: Tensor,
+    cb0: Tensor | None,
+    cb1: Tensor | None,
+    g0: Tensor,
+    g1: Tensor,
+    b0: Tensor,
+    b1: Tensor,
+    s0: int,
+    s1: int,
+    eps: float,
+    wave_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dwave or empty, dw0, dw1, dcb0, dcb1 (empty when absent), dg0, dg1, db0, db1).
+
+    Recomputes layer 0's output (the layer-0 kernel, with its statistics) and layer 1's conv
+    output (cuDNN), then walks back: row-norm LayerNorm + GELU backward and cuDNN conv gradients
+    for layer 1, the layer-0 backward for layer 0."""
+    y0, mean0, rstd0 = _conv0_kernels.conv0_ln_gelu(wave, w0, cb0, g0, b0, s0, eps)
+    z1 = _conv_output(y0, w1, cb1, s1)
+    mean1, rstd1 = _layer_norm_gelu_kernels.layer_norm_gelu_forward(z1, g1, b1, eps, 1, "none")[1:]
+    # dz1 over z1, this function's own recompute
+    dz1, dg1, db1 = _layer_norm_gelu_kernels.layer_norm_gelu_backward(dy, z1, g1, b1, mean1, rstd1, 1, "none", out=z1)
+    del z1
+    # y0 handed over, not kept here: _conv_backward frees it before dy0 is allocated
+    conv_input, y0 = [y0], None
+    dy0, dw1, dcb1 = _conv_backward(conv_input.pop(), w1, cb1, dz1, s1)
+    dwave, dw0, dcb0, dg0, db0 = _conv0_bwd_impl(dy0, wave, w0, cb0, g0, b0, mean0, rstd0, s0, eps, wave_grad)
+    return dwave, dw0, dw1, dcb0, dcb1, dg0, dg1, db0, db1
+
+
+_conv01_fwd = torch.library.custom_op("d2v_kernels::conv01_ln_gelu", _conv01_fwd_impl, mutates_args=())
+_conv01_bwd = torch.library.custom_op("d2v_kernels::conv01_ln_gelu_bwd", _conv01_bwd_impl, mutates_args=())
+
+
+@_conv01_fwd.register_fake
+def _(wave, w0, w1, cb0, cb1, g0, g1, b0, b1, s0, s1, eps):
+    frames1 = ((wave.shape[1] - w0.shape[2]) // s0 + 1 - w1.shape[2]) // s1 + 1
+    return _channels_last_empty(wave, w1.shape[0], frames1)
+
+
+@_conv01_bwd.register_fake
+def _(dy, wave, w0, w1, cb0, cb1, g0, g1, b0, b1, s0, s1, eps, wave_grad):
+    empty = wave.new_empty(0)
+    return (
+        torch.empty_like(wave) if wave_grad else empty,
+        torch.empty_like(w0),
+        torch.empty_like(w1),
+        empty if cb0 is None else torch.empty_like(cb0),
+        empty if cb1 is None else torch.empty_like(cb1),
+        torch.empty_like(g0),
+        torch.empty_like(g1),
+        torch.empty_like(b0),
+        torch.empty_like(b1),
+    )
+
+
+def _conv01_setup_context(ctx, inputs, output):
+    wave, w0, w1, cb0, cb1, g0, g1, b0, b1, s0, s1, eps = inputs
+    ctx.save_for_backward(wave, w0, w1, cb0, cb1, g0, g1, b0, b1)  # no activation: all recomputed
+    ctx.s0, ctx.s1, ctx.eps = s0, s1, eps
+
+
+def _conv01_backward(ctx, dy):
+    saved = ctx.saved_tensors
+    cb0, cb1 = saved[3], saved[4]
+    wave_grad = ctx.needs_input_grad[0]
+    grads = pick(_conv01_bwd, _conv01_bwd_impl, (dy, *saved))(dy, *saved, ctx.s0, ctx.s1, ctx.eps, wave_grad)
+    dwave, dw0, dw1, dcb0, dcb1, dg0, dg1, db0, db1 = grads
+    return (
+        dwave if wave_grad else None,
+        dw0,
+        dw1,
+        dcb0 if cb0 is not None else None,
+        dcb1 if cb1 is not None else None,
+        dg0,
+        dg1,
+        db0,
+        db1,
+        None,
+        None,
+        None,
+    )
+
+
+Conv01LayerNormGeluFunction, _conv01_call = register_autograd(
+    _conv01_fwd, "Conv01LayerNormGeluFunction", _conv01_fwd_impl, _conv01_setup_context, _conv01_backward
+)
+
+# The fused layer 0 + 1 kernel is opt-in until a GPU has timed it against layer 0 alone + cuDNN
+# (bench: impl d2v_triton_fused01); its arithmetic is checked everywhere the tests run.
+ENV_FUSE_LAYERS_0_1 = "D2V_KERNELS_FUSE_CONV01"
+_fuse_override = threading.local()
+
+
+@contextlib.contextmanager
+def fuse_layers_0_1(enabled: bool = True) -> Iterator[None]:
+    """Run layers 0 and 1 as one kernel (or not) in this thread, whatever D2V_KERNELS_FUSE_CONV01 says."""
+    previous = getattr(_fuse_override, "enabled", None)
+    _fuse_override.enabled = bool(enabled)
+    try:
+        yield
+    finally:
+        _fuse_override.enabled = previous
+
+
+def _fuse_layers_0_1_enabled() -> bool:
+    enabled = getattr(_fuse_override, "enabled", None)
+    return os.environ.get(ENV_FUSE_LAYERS_0_1, "0") == "1" if enabled is None else enabled
+
+
+def _fuse_layers_0_1(wave, conv_weights, ln_weights, ln_biases, conv_biases) -> bool:
+    if len(conv_weights) < 2 or not _fuse_layers_0_1_enabled():
+        return False
+    if _conv0_kernels is None or torch.is_autocast_enabled(wave.device.type):
+        return False
+    return not _conv0_kernels.fused01_reasons(wave, conv_weights[:2], conv_biases[:2], ln_weights[:2], ln_biases[:2])
+
+
+def _conv0_fusable(wave, weight, conv_bias, ln_weight, ln_bias) -> bool:
+    """Layer 0 runs as one kernel unless autocast mixes dtypes or its shape is out of the kernel's
+    range; the per-layer path (the same backend) takes it otherwise."""
+    if _conv0_kernels is None or torch.is_autocast_enabled(wave.device.type):
+        return False
+    return not _conv0_kernels.unsupported_reasons(wave, weight, conv_bias, ln_weight, ln_bias)
+
+
+def _run_conv_then_triton_norm(wave, conv_weights, ln_weights, ln_biases, *, strides, conv_biases=None, eps=1e-5):
+    n = len(conv_weights)
+    conv_biases = conv_biases if conv_biases is not None else [None] * n
+    strides, eps = [int(s) for s in strides], float(eps)
+    if torch.is_autocast_enabled(wave.device.type):
+        return _run_per_layer(wave[:, None], conv_weights, ln_weights, ln_biases, strides, conv_biases, eps)
+    w0, lw0, lb0, cb0 = conv_weights[0], ln_weights[0], ln_biases[0], conv_biases[0]
+    if _fuse_layers_0_1(wave, conv_weights, ln_weights, ln_biases, conv_biases):
+        w1, lw1, lb1, cb1 = conv_weights[1], ln_weights[1], ln_biases[1], conv_biases[1]
+        h = _conv01_call(wave, w0, w1, cb0, cb1, lw0, lw1, lb0, lb1, strides[0], strides[1], eps)
+        if n == 2:
+            return h.transpose(1, 2)
+        z, first = _conv_output(h, conv_weights[2], conv_biases[2], strides[2]), 2
+    elif _conv0_fusable(wave, w0, cb0, lw0, lb0):
+        if n == 1:
+            return _conv0_call(wave, w0, cb0, lw0, lb0, strides[0], eps)[0].transpose(1, 2)
+        w1, cb1 = conv_weights[1], conv_biases[1]
+        z, first = _conv0_conv_call(wave, w0, cb0, lw0, lb0, w1, cb1, strides[0], strides[1], eps)[0], 1
+    else:
+        z, first = _conv_output(wave[:, None], w0, cb0, strides[0]), 0
+    # z is layer `first`'s conv output: each node normalises one layer and runs the next conv.
+    for i in range(first, n - 1):
+        z = _norm_conv_call(
+            z, ln_weights[i], ln_biases[i], conv_weights[i + 1], conv_biases[i + 1], strides[i + 1], eps
+        )[0]
+    return _layer_norm_gelu_triton(z, ln_weights[-1], ln_biases[-1], eps=eps, channels_dim=1).transpose(1, 2)
+
+
+def _triton_nodes_backward(grad_out, wave, conv_weights, ln_weights, ln_biases, conv_biases, strides, eps, needs):
+    """Gradients of the stack as :func:`_layers_backward` returns them, by the Triton path's nodes:
+    their forwards rerun from the waveform, keeping what their autograd nodes keep (each layer's
+    conv output and fp32 row statistics), then their backwards from the last layer down.
+
+    The CUDA extension's backward: its forward saves nothing but the inputs. ``ln_weights`` and
+    ``ln_biases`` are tensors (the extension fills None affines); ``conv_biases`` is [] or one per
+    layer. Layers below the lowest one with a parameter that needs a gradient are not walked
+    unless the waveform needs one. :func:`_triton_nodes_reasons` must be empty for these inputs.
+    """
+    need_wave, need_w, need_lw, need_lb, need_cb = needs
+    n = len(conv_weights)
+    has_bias = bool(conv_biases)
+    cbs, gs, bs, ss = list(conv_biases) if has_bias else [None] * n, ln_weights, ln_biases, strides
+    layer_needs = [need_w[i] or need_lw[i] or need_lb[i] or (has_bias and need_cb[i]) for i in range(n)]
+    lowest = 0 if need_wave else next((i for i in range(n) if layer_needs[i]), n)
+    run = lambda op, impl: pick(op, impl, (wave, *conv_weights))
+    d_w, d_lw, d_lb, d_cb = [None] * n, [None] * n, [None] * n, [None] * n
+    dy = grad_out.transpose(1, 2)  # (B, C, T), as the last layer's LayerNorm + GELU gave it
+    d_wave = None
+    if n == 1 and _conv0_fusable(wave, conv_weights[0], cbs[0], gs[0], bs[0]):
+        _, mean, rstd = run(_conv0_fwd, _conv0_fwd_impl)(wave, conv_weights[0], cbs[0], gs[0], bs[0], ss[0], eps)
+        d_wave, d_w[0], d_cb[0], d_lw[0], d_lb[0] = run(_conv0_bwd, _conv0_bwd_impl)(
+            dy, wave, conv_weights[0], cbs[0], gs[0], bs[0], mean, rstd, ss[0], eps, need_wave
+        )
+    else:
+        # Forward: zs[i] is layer i's conv output (B, C, T) channels-last, stats[i] its (mean, rstd).
+        layer0_node = n > 1 and _conv0_fusable(wave, conv_weights[0], cbs[0], gs[0], bs[0])
+        if layer0_node:
+            z, mean0, rstd0 = run(_conv0_conv_fwd, _conv0_conv_fwd_impl)(
+                wave, conv_weights[0], cbs[0], gs[0], bs[0], conv_weights[1], cbs[1], ss[0], ss[1], eps
+            )
+            first = 1
+        else:
+            z, first = _conv_output(wave[:, None], conv_weights[0], cbs[0], ss[0]), 0
+        zs, stats = {first: z}, {}
+        for i in range(first, n - 1):
+            z, *stats[i] = run(_norm_conv_fwd, _norm_conv_fwd_impl)(
+                zs[i], gs[i], bs[i], conv_weights[i + 1], cbs[i + 1], ss[i + 1], eps
+            )
+            zs[i + 1] = z
+        del z
+        _, mean, rstd = run(_layer_norm_gelu_fwd, _layer_norm_gelu_fwd_impl)(zs[n - 1], gs[-1], bs[-1], eps, 1, "none")
+        # Backward: each node's gradients, its conv output dropped once used.
+        dz, d_lw[-1], d_lb[-1] = run(_layer_norm_gelu_bwd, _layer_norm_gelu_bwd_impl)(
+            dy, zs.pop(n - 1), gs[-1], bs[-1], mean, rstd, 1, "none"
+        )
+        del dy
+        for i in reversed(range(max(first, lowest - 1), n - 1)):
+            dz, d_lw[i], d_lb[i], d_w[i + 1], d_cb[i + 1] = run(_norm_conv_bwd, _norm_conv_bwd_impl)(
+                dz, zs.pop(i), gs[i], bs[i], conv_weights[i + 1], cbs[i + 1], *stats.pop(i), ss[i + 1], eps
+            )
+        if layer0_node and lowest <= 1:
+            d_wave, d_w[0], d_cb[0], d_lw[0], d_lb[0], d_w[1], d_cb[1] = run(_conv0_conv_bwd, _conv0_conv_bwd_impl)(
+                dz, wave, conv_weights[0], cbs[0], gs[0], bs[0], conv_weights[1], cbs[1], mean0, rstd0,
+                ss[0], ss[1], eps, need_wave,
+            )  # fmt: skip
+        elif not layer0_node and lowest == 0:
+            d_wave, d_w[0], d_cb[0] = _conv_backward(
+                wave[:, None], conv_weights[0], cbs[0], dz, ss[0], input_grad=need_wave
+            )
+            d_wave = d_wave[:, 0] if need_wave else None
+    keep = lambda grads, flags: [g if flag else None for g, flag in zip(grads, flags)]
+    return (
+        d_wave if need_wave else None,
+        keep(d_w, need_w),
+        keep(d_lw, need_lw),
+        keep(d_lb, need_lb),
+        keep(d_cb, need_cb) if has_bias else [],
+    )
+
+
+def _run_per_layer(h, conv_weights, ln_weights, ln_biases, strides, conv_biases, eps):
+    """Under autocast: each conv as autocast runs it, LayerNorm + GELU in the dtype eager's would use."""
+    for w, lw, lb, cb, stride in zip(conv_weights, ln_weights, ln_biases, conv_biases, strides):
+        h = F.conv1d(h, w, cb, stride=stride)
+        h = h.to(layer_norm_compute_dtype(h.device, h.dtype))  # fp32 under CUDA autocast, as eager
+        h = _layer_norm_gelu_triton(h, lw, lb, eps=eps, channels_dim=1)
+    return h.transpose(1, 2)
+
+
+def _triton_composite_reasons(wave, conv_weights, ln_weights, ln_biases, *, strides, conv_biases=None, eps=1e-5):
+    reasons = _triton_available()
+    if reasons:
+        return reasons
+    if wave.dtype not in KERNEL_DTYPES:
+        return [f"wave has dtype {wave.dtype}; the Triton LayerNorm takes float16, bfloat16, float32"]
+    autocast = torch.is_autocast_enabled(wave.device.type)
+    for i, (w, lw, lb) in enumerate(zip(conv_weights, ln_weights, ln_biases)):
+        if w.dtype != wave.dtype and not autocast:
+            reasons.append(f"conv_weights[{i}] has dtype {w.dtype}, wave has {wave.dtype}")
+        # The conv output of layer i is what the row-norm kernel normalises, channels-first.
+        norm_dtype = layer_norm_compute_dtype(wave.device, wave.dtype)
+        reasons += [f"layer {i}: {r}" for r in row_reasons(norm_dtype, w.shape[0], lw, lb)]
+    return reasons
