@@ -8,17 +8,17 @@ The ``cuda`` backend is the C++/CUDA extension ``d2v_kernels._C`` (``csrc/``): e
 kernel, conv with the LayerNorm + GELU in its epilogue, channels-last between layers. Its forward
 saves nothing but the inputs for the backward, so between a training step's forward and backward
 the encoder holds no activation. The backward reruns the forward through the Triton path's nodes
-(``_conv_feature_extractor_triton``), keeping what they keep, and runs their backwards. Where the Triton path cannot take the
-input, it reruns the fused forward keeping every layer's output instead and walks the layers down
-with torch's convolution, LayerNorm and GELU backward ops.
+(``ops/_conv_feature_extractor_triton.py``), keeping what they keep, and runs their backwards.
+Where the Triton path cannot take the input, it reruns the fused forward keeping every layer's
+output instead and walks the layers down with torch's convolution, LayerNorm and GELU backward ops.
 
-The ``triton`` backend (the default on CUDA meanwhile) runs layer 0 (conv on the waveform,
-LayerNorm, GELU) as one Triton kernel, so the largest activation is written once; then per layer
-cuDNN's strided conv and the Triton row-norm LayerNorm + GELU, every activation (B, C, T) in
-channels-last strides, so cuDNN runs without transposes. For the backward it keeps one tensor a
-layer, the conv output (the LayerNorm's input), and recomputes each activation where a conv's
-weight gradient needs it (an elementwise pass; for layer 0 a read of the waveform); layer 0's
-backward is one kernel, which recomputes its conv output in registers. With
+The ``triton`` backend (the default on CUDA meanwhile; ``ops/_conv_feature_extractor_triton.py``)
+runs layer 0 (conv on the waveform, LayerNorm, GELU) as one Triton kernel, so the largest activation
+is written once; then per layer cuDNN's strided conv and the Triton row-norm LayerNorm + GELU, every
+activation (B, C, T) in channels-last strides, so cuDNN runs without transposes. For the backward it
+keeps one tensor a layer, the conv output (the LayerNorm's input), and recomputes each activation
+where a conv's weight gradient needs it (an elementwise pass; for layer 0 a read of the waveform);
+layer 0's backward is one kernel, which recomputes its conv output in registers. With
 ``D2V_KERNELS_FUSE_CONV01=1`` (opt-in until a GPU has timed it) layers 0 and 1 run as one Triton
 kernel, layer 0's activations formed in registers as the A operand of layer 1's implicit GEMM, so
 the largest activation never reaches memory (fp16 / bf16).
