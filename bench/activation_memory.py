@@ -24,76 +24,12 @@ until its end, as ``bench.common.peak_memory_mb`` measures on a GPU.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 
 IMPLS = ("d2v_triton", "d2v_triton_fused01", "hf_eager")
-
-
-def _channels_last_like(reference: torch.Tensor, shape) -> torch.Tensor:
-    """An uninitialised (B, C, T) tensor of ``shape``, channels-last when ``reference`` is (its
-    channels contiguous), as cuDNN lays out a conv's output and input gradient."""
-    if reference.stride(1) == 1 and reference.shape[1] > 1:
-        return reference.new_empty((shape[0], shape[2], shape[1])).transpose(1, 2)
-    return reference.new_empty(shape)
-
-
-def _conv_output_shape(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, dilation: int):
-    frames = (x.shape[2] + 2 * padding - dilation * (weight.shape[2] - 1) - 1) // stride + 1
-    return x.shape[0], weight.shape[0], frames
-
-
-class _ShapeOnlyConv1d(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation):
-        ctx.save_for_backward(x, weight)  # what ConvolutionBackward0 keeps
-        ctx.has_bias = bias is not None
-        return _channels_last_like(x, _conv_output_shape(x, weight, stride, padding, dilation))
-
-    @staticmethod
-    def backward(ctx, dz):
-        x, weight = ctx.saved_tensors
-        dx = _channels_last_like(dz, x.shape) if ctx.needs_input_grad[0] else None
-        dweight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
-        dbias = dz.new_empty(weight.shape[0]) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dweight, dbias, None, None, None
-
-
-def _shape_only_convolution_backward(dz, x, weight, bias_sizes, stride, padding, dilation, *rest):
-    output_mask = rest[-1]
-    dx = _channels_last_like(dz, x.shape) if output_mask[0] else None
-    dweight = dz.new_empty(weight.shape) if output_mask[1] else None
-    dbias = dz.new_empty(bias_sizes) if output_mask[2] and bias_sizes else None
-    return dx, dweight, dbias
-
-
-@contextlib.contextmanager
-def shape_only_conv_autograd() -> Iterator[None]:
-    """``F.conv1d`` and ``torch.ops.aten.convolution_backward`` (our backward's conv gradients)
-    allocate their results without computing them, for the duration of the block."""
-    import torch.nn.functional as F
-
-    real_conv1d = F.conv1d
-    real_backward = torch.ops.aten.convolution_backward
-
-    def conv1d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-        if isinstance(padding, str):
-            if padding != "valid":
-                raise NotImplementedError(f"shape_only_conv_autograd: padding={padding!r} is not modelled")
-            padding = 0
-        first = lambda value: value[0] if isinstance(value, (tuple, list)) else value
-        return _ShapeOnlyConv1d.apply(x, weight, bias, first(stride), first(padding), first(dilation))
-
-    F.conv1d = conv1d
-    torch.ops.aten.convolution_backward = _shape_only_convolution_backward
-    try:
-        yield
-    finally:
-        F.conv1d = real_conv1d
-        torch.ops.aten.convolution_backward = real_backward
 
 
 def peak_bytes(step: Callable[[], object], largest: int = 0) -> tuple[int, list[tuple[int, str]]]:
@@ -132,11 +68,11 @@ def peak_bytes(step: Callable[[], object], largest: int = 0) -> tuple[int, list[
 def training_peaks(case: str, dtype: str, impls, largest: int = 0) -> dict[str, tuple[int, list[tuple[int, str]]]]:
     """{impl: :func:`peak_bytes` of one forward + backward step} of ``bench.conv_feature_extractor``'s case."""
     from bench import conv_feature_extractor as fe
-    from bench.host_overhead import no_op_triton
+    from bench.host_overhead import no_op_triton, shape_only_convs
 
     peaks = {}
     op_case = fe.setup_case(case, dtype, "fwd+bwd", device="cpu")  # imports done before the stubs
-    with no_op_triton(), shape_only_conv_autograd():
+    with no_op_triton(), shape_only_convs():
         for impl in impls:
             step = op_case.make_step(impl)
             step()  # compiles the kernels, fills the launch plans

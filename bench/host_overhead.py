@@ -12,8 +12,8 @@ same kernel for comparison.
 CPU tensors stand in for CUDA ones (only their data_ptr and strides reach the launcher); the
 Triton backend is forced. Nothing is computed: outputs are uninitialised. The feature extractor's
 convs (cuDNN's on a GPU, whose host time is not ours to cut; on a CPU they would compute) are
-replaced by a stub that returns the channels-last output cuDNN returns, so its row is our host time
-plus one ``new_empty`` a conv. Run it in a process of its own: the kernels it compiles stay cached
+replaced by a stub that returns the output cuDNN returns (channels-last for a channels-last input),
+so its row is our host time plus one ``new_empty`` a conv. Run it in a process of its own: the kernels it compiles stay cached
 for the no-op driver's target.
 """
 
@@ -113,23 +113,72 @@ def no_op_triton() -> Iterator[NoOpDriver]:
             triton_driver._active = None
 
 
+def _channels_last_like(reference: torch.Tensor, shape) -> torch.Tensor:
+    """An uninitialised (B, C, T) tensor of ``shape``, channels-last when ``reference`` is (its
+    channels contiguous), as cuDNN lays out a conv's output and input gradient."""
+    if reference.stride(1) == 1 and reference.shape[1] > 1:
+        return reference.new_empty((shape[0], shape[2], shape[1])).transpose(1, 2)
+    return reference.new_empty(shape)
+
+
+def _conv_output_shape(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, dilation: int):
+    frames = (x.shape[2] + 2 * padding - dilation * (weight.shape[2] - 1) - 1) // stride + 1
+    return x.shape[0], weight.shape[0], frames
+
+
+class _ShapeOnlyConv1d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation):
+        ctx.save_for_backward(x, weight)  # what ConvolutionBackward0 keeps
+        ctx.has_bias = bias is not None
+        return _channels_last_like(x, _conv_output_shape(x, weight, stride, padding, dilation))
+
+    @staticmethod
+    def backward(ctx, dz):
+        x, weight = ctx.saved_tensors
+        dx = _channels_last_like(dz, x.shape) if ctx.needs_input_grad[0] else None
+        dweight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
+        dbias = dz.new_empty(weight.shape[0]) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dweight, dbias, None, None, None
+
+
+def _shape_only_convolution_backward(dz, x, weight, bias_sizes, stride, padding, dilation, *rest):
+    output_mask = rest[-1]
+    dx = _channels_last_like(dz, x.shape) if output_mask[0] else None
+    dweight = dz.new_empty(weight.shape) if output_mask[1] else None
+    dbias = dz.new_empty(bias_sizes) if output_mask[2] and bias_sizes else None
+    return dx, dweight, dbias
+
+
 @contextlib.contextmanager
 def shape_only_convs() -> Iterator[None]:
-    """``F.conv1d`` returns an uninitialised output of the right shape, channels-last (B, C, T)
-    strides as cuDNN gives for a channels-last input, for the duration of the block."""
+    """``F.conv1d`` and ``torch.ops.aten.convolution_backward`` (our backward's conv gradients)
+    allocate their results without computing them, for the duration of the block. Enter it after
+    the imports a run needs (code that reads ``aten.convolution_backward.default`` at import time
+    would find the stub)."""
     import torch.nn.functional as F
 
-    real = F.conv1d
+    real_conv1d = F.conv1d
+    real_backward = torch.ops.aten.convolution_backward
 
     def conv1d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-        frames = (x.shape[-1] + 2 * padding - dilation * (weight.shape[-1] - 1) - 1) // stride + 1
-        return x.new_empty((x.shape[0], frames, weight.shape[0])).transpose(1, 2)
+        if isinstance(padding, str):
+            if padding != "valid":
+                raise NotImplementedError(f"shape_only_convs: padding={padding!r} is not modelled")
+            padding = 0
+        first = lambda value: value[0] if isinstance(value, (tuple, list)) else value
+        stride, padding, dilation = first(stride), first(padding), first(dilation)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+            return _ShapeOnlyConv1d.apply(x, weight, bias, stride, padding, dilation)
+        return _channels_last_like(x, _conv_output_shape(x, weight, stride, padding, dilation))  # host time: no node
 
     F.conv1d = conv1d
+    torch.ops.aten.convolution_backward = _shape_only_convolution_backward
     try:
         yield
     finally:
-        F.conv1d = real
+        F.conv1d = real_conv1d
+        torch.ops.aten.convolution_backward = real_backward
 
 
 def per_call_us(fn: Callable[[], object], calls: int) -> float:
