@@ -476,17 +476,14 @@ def row_norm_backward(
     """Gradients of :func:`row_norm_forward`: (dx like x, dweight or None, dbias or None).
 
     dx is also the residual's gradient; ``dsum`` (the gradient of the stored sum) is added into it.
-    Upstream gradients with a layout the kernel cannot read are made contiguous first. ``out``:
-    where to write dx, with x's shape and strides. It may be dy or x themselves (a program reads
-    a tile's whole rows before it writes them, and no other program touches those rows): a
-    caller's own buffer it no longer needs, never one autograd keeps.
+    Upstream gradients with a layout the kernel cannot read are made contiguous first. ``out``
+    (x's shape and strides) receives dx; it may be dy or x (a program reads a tile's whole rows
+    before writing them, no two programs share a row), never a buffer autograd keeps.
     """
     channels_dim %= x.dim()
     if out is not None and (out.shape != x.shape or out.stride() != x.stride()):
-        raise ValueError(
-            f"row_norm_backward: out must have x's shape {tuple(x.shape)} and strides {x.stride()},"
-            f" got {tuple(out.shape)} and {out.stride()}"
-        )
+        got = f"got {tuple(out.shape)} and {out.stride()}"
+        raise ValueError(f"row_norm_backward: out must have x's shape {tuple(x.shape)} and strides {x.stride()}, {got}")
     dx = torch.empty_like(x) if out is None else out
     plan = _launch_plan("bwd", (x, residual, dy, dsum, dx), channels_dim)
     if plan is None:
