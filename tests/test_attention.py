@@ -263,7 +263,7 @@ def test_deterministic_table_gradient_is_bitwise_repeatable():
 def test_table_gradient_segments_are_cached_per_index_and_follow_in_place_changes():
     """The sorted index is reused while the index tensor is the same object at the same version;
     an in-place change or another index tensor gets its own segments (table gradient stays exact)."""
-    from d2v_kernels.kernels import attention as kernels
+    from d2v_kernels.kernels import _attention_bias_grad as kernels
 
     q, k, v, kwargs = _case("table", 1, 30, 30, 16, torch.float32)
     grad_out = torch.randn(1, 30, HEADS, 16, dtype=torch.float64)
