@@ -29,6 +29,7 @@ NOT_OPS = {
     "__init__",
     "__main__",
     "common",
+    "op_benchmark",
     "models",
     "report",
     "conftest",

@@ -31,7 +31,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from bench import common
+from bench import common, op_benchmark
 
 # name: (batch, heads, seq, head_dim, bias kind)
 CASES = {
@@ -163,7 +163,7 @@ def attention_flops(case: str, mode: str) -> float:
     return forward * (3.5 if mode == "fwd+bwd" else 1.0)
 
 
-def setup_case(case: str, dtype_name: str, mode: str, device: str = "cuda") -> common.OpCase:
+def setup_case(case: str, dtype_name: str, mode: str, device: str = "cuda") -> op_benchmark.OpCase:
     """Inputs of one case; steps return [out] or [out, dq, dk, dv(, dtable)]."""
     dtype = common.DTYPES[dtype_name]
     inputs = make_inputs(case, dtype, device)
@@ -178,10 +178,10 @@ def setup_case(case: str, dtype_name: str, mode: str, device: str = "cuda") -> c
 
     def make_step(impl: str):
         if impl == "flex" and mode == "fwd+bwd" and device != "cuda":
-            raise common.Skip("FlexAttention has no backward on the CPU")
+            raise op_benchmark.Skip("FlexAttention has no backward on the CPU")
         impl_in, impl_leaves = impl_inputs(impl)
         fn = attention_fn(impl, impl_in)
-        return lambda: common.forward_backward(fn, impl_leaves, grad_out, mode)
+        return lambda: op_benchmark.forward_backward(fn, impl_leaves, grad_out, mode)
 
     @functools.cache
     def reference_for(with_bias: bool):
@@ -190,13 +190,13 @@ def setup_case(case: str, dtype_name: str, mode: str, device: str = "cuda") -> c
         leaves64 = [None if t is None else t.double() for t in ref_leaves]
         grad64 = None if grad_out is None else grad_out.double()
         return (
-            common.forward_backward(eager, leaves64, grad64, mode),
-            common.forward_backward(eager, ref_leaves, grad_out, mode),
+            op_benchmark.forward_backward(eager, leaves64, grad64, mode),
+            op_benchmark.forward_backward(eager, ref_leaves, grad_out, mode),
         )
 
     batch, heads, seq, head_dim, kind = SHAPES[case]
     row = dict(case=case, batch=batch, heads=heads, seq=seq, head_dim=head_dim, bias=kind, dtype=dtype_name, mode=mode)
-    return common.OpCase(
+    return op_benchmark.OpCase(
         row=row,
         make_step=make_step,
         reference=lambda impl: reference_for(impl != "sdpa_nobias"),
@@ -204,7 +204,9 @@ def setup_case(case: str, dtype_name: str, mode: str, device: str = "cuda") -> c
     )
 
 
-BENCHMARK = common.OpBenchmark("attention", __doc__, setup_case, tuple(CASES), QUICK_CASES, tuple(TINY_CASES), IMPLS)
+BENCHMARK = op_benchmark.OpBenchmark(
+    "attention", __doc__, setup_case, tuple(CASES), QUICK_CASES, tuple(TINY_CASES), IMPLS
+)
 # main(argv) -> exit status; benchmark_cases(quick) for pytest-benchmark (bench/test_ops.py)
 main, parse_args, benchmark_cases = BENCHMARK.main, BENCHMARK.parse_args, BENCHMARK.benchmark_cases
 

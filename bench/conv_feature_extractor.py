@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from bench import common
+from bench import common, op_benchmark
 
 # name: (batch, samples, conv channels)
 CASES = {"b8x10s": (8, 160_000, 512), "b1x30s": (1, 480_000, 512)}
@@ -100,7 +100,7 @@ def conv_flops(batch: int, samples: int, encoder) -> float:
     return flops
 
 
-def setup_case(case: str, dtype_name: str, mode: str, device: str = "cuda") -> common.OpCase:
+def setup_case(case: str, dtype_name: str, mode: str, device: str = "cuda") -> op_benchmark.OpCase:
     """Inputs of one case; steps return [out] or [out, d wave, d every weight]."""
     batch, samples, channels = SHAPES[case]
     dtype = common.DTYPES[dtype_name]
@@ -115,7 +115,7 @@ def setup_case(case: str, dtype_name: str, mode: str, device: str = "cuda") -> c
 
     def make_step(impl: str):
         fn = encoder_fn(encoder, impl)
-        return lambda: common.forward_backward(fn, [wave], grad_out, mode, params)
+        return lambda: op_benchmark.forward_backward(fn, [wave], grad_out, mode, params)
 
     @functools.cache
     def reference():
@@ -123,15 +123,15 @@ def setup_case(case: str, dtype_name: str, mode: str, device: str = "cuda") -> c
         encoder64 = copy.deepcopy(encoder).double()
         grad64 = None if grad_out is None else grad_out.double()
         fn64 = encoder_fn(encoder64, "hf_eager")
-        out64 = common.forward_backward(fn64, [wave.double()], grad64, mode, list(encoder64.parameters()))
+        out64 = op_benchmark.forward_backward(fn64, [wave.double()], grad64, mode, list(encoder64.parameters()))
         return out64, make_step("hf_eager")()
 
     row = dict(case=case, batch=batch, samples=samples, channels=channels, dtype=dtype_name, mode=mode)
     flops = conv_flops(batch, samples, encoder) * (3.0 if mode == "fwd+bwd" else 1.0)
-    return common.OpCase(row=row, make_step=make_step, reference=lambda impl: reference(), flops=flops)
+    return op_benchmark.OpCase(row=row, make_step=make_step, reference=lambda impl: reference(), flops=flops)
 
 
-BENCHMARK = common.OpBenchmark(
+BENCHMARK = op_benchmark.OpBenchmark(
     "conv_feature_extractor", __doc__, setup_case, tuple(CASES), QUICK_CASES, tuple(TINY_CASES), IMPLS
 )
 # main(argv) -> exit status; benchmark_cases(quick) for pytest-benchmark (bench/test_ops.py)

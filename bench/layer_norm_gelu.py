@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench import common
+from bench import common, op_benchmark
 
 # name: (batch, frames, channels, affine)
 CASES = {
@@ -164,7 +164,7 @@ def bench_case(case, dtype_name, layout, mode, impls, *, copy_gbps=None, check=T
     return rows
 
 
-def setup_case(case: str, dtype_name: str, mode: str, device: str = "cuda") -> common.OpCase:
+def setup_case(case: str, dtype_name: str, mode: str, device: str = "cuda") -> op_benchmark.OpCase:
     """One case as an OpCase for ``bench.tune``: ``case`` is ``NAME:LAYOUT``
     (e.g. ``encoder-T3199:channels_first``); steps return [y] or [y, dx, dweight, dbias]."""
     name, _, layout = case.partition(":")
@@ -188,7 +188,9 @@ def setup_case(case: str, dtype_name: str, mode: str, device: str = "cuda") -> c
     batch, frames, channels, affine = shapes[name]
     row = dict(case=case, batch=batch, frames=frames, channels=channels, affine=affine, layout=layout)
     row.update(dtype=dtype_name, mode=mode)
-    return common.OpCase(row=row, make_step=make_step, reference=lambda impl: reference(), nbytes=bytes_moved(x, mode))
+    return op_benchmark.OpCase(
+        row=row, make_step=make_step, reference=lambda impl: reference(), nbytes=bytes_moved(x, mode)
+    )
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -25,7 +25,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from bench import common
+from bench import common, op_benchmark
 
 # name: (batch, frames, hidden size, groups, kernel size, layers)
 CASES = {"base": (8, 499, 768, 16, 19, 5), "large": (8, 499, 1024, 16, 19, 5)}
@@ -109,7 +109,7 @@ def conv_flops(case: str) -> float:
     return 2.0 * batch * frames * hidden * (hidden // groups) * kernel_size * layers
 
 
-def setup_case(case: str, dtype_name: str, mode: str, device: str = "cuda") -> common.OpCase:
+def setup_case(case: str, dtype_name: str, mode: str, device: str = "cuda") -> op_benchmark.OpCase:
     """Inputs of one case; steps return [out] or [out, d hidden, d every weight and bias]."""
     batch, frames, hidden_size = SHAPES[case][:3]
     dtype = common.DTYPES[dtype_name]
@@ -124,22 +124,24 @@ def setup_case(case: str, dtype_name: str, mode: str, device: str = "cuda") -> c
 
     def make_step(impl: str):
         fn = embedding_fn(module, impl)
-        return lambda: common.forward_backward(fn, [hidden], grad_out, mode, params)
+        return lambda: op_benchmark.forward_backward(fn, [hidden], grad_out, mode, params)
 
     @functools.cache
     def reference():
         # float64 reference on the very same (already rounded) weights
         module64 = copy.deepcopy(module).double()
         grad64 = None if grad_out is None else grad_out.double()
-        out64 = common.forward_backward(module64, [hidden.double()], grad64, mode, list(module64.parameters()))
-        return out64, common.forward_backward(module, [hidden], grad_out, mode, params)
+        out64 = op_benchmark.forward_backward(module64, [hidden.double()], grad64, mode, list(module64.parameters()))
+        return out64, op_benchmark.forward_backward(module, [hidden], grad_out, mode, params)
 
     row = dict(case=case, batch=batch, frames=frames, channels=hidden_size, dtype=dtype_name, mode=mode)
     flops = conv_flops(case) * (3.0 if mode == "fwd+bwd" else 1.0)
-    return common.OpCase(row=row, make_step=make_step, reference=lambda impl: reference(), flops=flops)
+    return op_benchmark.OpCase(row=row, make_step=make_step, reference=lambda impl: reference(), flops=flops)
 
 
-BENCHMARK = common.OpBenchmark("pos_conv", __doc__, setup_case, tuple(CASES), QUICK_CASES, tuple(TINY_CASES), IMPLS)
+BENCHMARK = op_benchmark.OpBenchmark(
+    "pos_conv", __doc__, setup_case, tuple(CASES), QUICK_CASES, tuple(TINY_CASES), IMPLS
+)
 # main(argv) -> exit status; benchmark_cases(quick) for pytest-benchmark (bench/test_ops.py)
 main, parse_args, benchmark_cases = BENCHMARK.main, BENCHMARK.parse_args, BENCHMARK.benchmark_cases
 

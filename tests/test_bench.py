@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import __main__ as bench_main
-from bench import common, models, report
+from bench import common, models, op_benchmark, report
 
 SAMPLE = common.RESULTS_DIR / "sample" / "synthetic-sample.json"
 no_gpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
@@ -435,7 +435,7 @@ def test_attention_checks_every_baseline_on_cpu():
     from bench import attention
 
     op_case = attention.setup_case("tiny_table", "fp16", "fwd+bwd", "cpu")
-    rows = {r["impl"]: r for r in common.bench_impls(op_case, attention.IMPLS, timed=False, device="cpu")}
+    rows = {r["impl"]: r for r in op_benchmark.bench_impls(op_case, attention.IMPLS, timed=False, device="cpu")}
     assert rows["flex"]["skipped"] == "FlexAttention has no backward on the CPU"
     for impl in ("d2v_triton", "eager", "sdpa_bias", "sdpa_nobias"):
         assert "error" not in rows[impl] and 0 < rows[impl]["max_err"] <= rows[impl]["bound"], rows[impl]
@@ -443,7 +443,7 @@ def test_attention_checks_every_baseline_on_cpu():
     assert len(op_case.make_step("d2v_triton")()) == 1 + 4  # out, dq, dk, dv, dtable
     assert len(op_case.make_step("sdpa_nobias")()) == 1 + 3
     op_case = attention.setup_case("tiny_padding", "bf16", "fwd", "cpu")
-    rows = common.bench_impls(op_case, ["flex", "sdpa_bias"], timed=False, device="cpu")
+    rows = op_benchmark.bench_impls(op_case, ["flex", "sdpa_bias"], timed=False, device="cpu")
     assert all("error" not in r and r["max_err"] <= r["bound"] for r in rows), rows
 
 
@@ -477,7 +477,7 @@ def test_op_check_catches_a_wrong_output_or_gradient(mode):
 
         return run
 
-    rows = common.bench_impls(dataclasses.replace(op_case, make_step=wrong_step), ["hf_eager"], device="cpu")
+    rows = op_benchmark.bench_impls(dataclasses.replace(op_case, make_step=wrong_step), ["hf_eager"], device="cpu")
     assert rows[0]["error"].startswith("CheckFailed: hf_eager tiny fp32 " + mode), rows[0]
     assert "ms" not in rows[0]
 
