@@ -311,10 +311,11 @@ def unsupported_reasons(q: torch.Tensor, n_k: int, dropout_p: float, tensors: di
 
 # Tiles chosen by the compiler's resource report (ptxas -v for sm_90, no GPU needed): every
 # configuration below and in ``_attention_backward.bwd_config`` compiles without a register
-# spill except fp32 dK/dV (about 600 bytes; the fp32 path is for precision, not speed). A (BLOCK_M, BLOCK_N) tile of the relative position
-# bias or of a dense bias is read through per-element 64-bit pointers, which doubles the tile's
-# register cost: those kernels take half as wide key blocks (forward) or 8 warps (backward).
-# To be timed on the GPU (bench/tune.py); tests/test_aot_compile.py keeps them spill-free.
+# spill except fp32 dK/dV (about 600 bytes; the fp32 path is for precision, not speed). A
+# (BLOCK_M, BLOCK_N) tile of the relative position bias or of a dense bias is read through
+# per-element 64-bit pointers, which doubles the tile's register cost: those kernels take half
+# as wide key blocks (forward) or 8 warps (backward). To be timed on the GPU (bench/tune.py);
+# tests/test_aot_compile.py keeps them spill-free.
 
 
 def _fwd_config(dtype: torch.dtype, block_d: int, bias_tile: bool = False, dropout: bool = False) -> dict:
