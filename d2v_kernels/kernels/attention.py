@@ -48,11 +48,9 @@ from d2v_kernels.kernels._attention_backward import (
 from d2v_kernels.kernels._attention_bias_grad import (
     _attention_bwd_ds_kernel,
     _segment_sum_kernel,
-    relative_bias_table_grad,
 )
 from d2v_kernels.kernels._attention_common import (
     LOG2E,
-    MASK_VALUE,
     bias_args,
     dot_precision,
     dropout_keep,
@@ -66,14 +64,12 @@ from d2v_kernels.kernels._tiles import cdiv, tiles
 from d2v_kernels.kernels.aot import AotVariant, as_run
 
 __all__ = [
-    "MASK_VALUE",
     "MAX_HEAD_DIM",
     "MIN_HEAD_DIM",
     "attention_backward",
     "attention_forward",
     "aot_variants",
     "dropout_keep_mask",
-    "relative_bias_table_grad",
     "unsupported_reasons",
 ]
 
