@@ -106,7 +106,7 @@ def attention_fn(impl: str, inputs: dict):
     if impl == "d2v_triton_dense":
         import d2v_kernels
         from d2v_kernels import ops
-        from d2v_kernels.ops.attention import gather_relative_bias
+        from d2v_kernels.ops.attention_op import gather_relative_bias
 
         def run(q, k, v, table):
             # (1, H, N, N), contiguous so that a tile row of keys is one coalesced read
@@ -116,7 +116,7 @@ def attention_fn(impl: str, inputs: dict):
 
         return run
     if impl == "eager":
-        from d2v_kernels.ops.attention import attention_reference
+        from d2v_kernels.ops.attention_op import attention_reference
 
         return lambda q, k, v, table: attention_reference(
             q, k, v, bias_table=table, bias_index=index, key_padding_mask=mask

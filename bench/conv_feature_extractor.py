@@ -57,7 +57,7 @@ def encoder_fn(encoder, impl: str):
     if impl in ("d2v_cuda", "d2v_triton", "d2v_triton_fused01"):
         import d2v_kernels
         from d2v_kernels import ops
-        from d2v_kernels.ops.conv_feature_extractor import fuse_layers_0_1
+        from d2v_kernels.ops.conv_feature_extractor_op import fuse_layers_0_1
 
         params = dict(
             conv_weights=[layer.conv.weight for layer in layers],

@@ -152,7 +152,7 @@ def _op_cases(device: str, real: bool) -> list[tuple[str, str, Callable, Callabl
 
     def fe_fused01(args, kwargs):
         """The opt-in fused layers 0 + 1 of the triton backend (fp16 / bf16)."""
-        from d2v_kernels.ops.conv_feature_extractor import fuse_layers_0_1
+        from d2v_kernels.ops.conv_feature_extractor_op import fuse_layers_0_1
 
         with fuse_layers_0_1():
             return ops.conv_feature_extractor(*args, **kwargs)

@@ -16,7 +16,7 @@ import d2v_kernels
 from d2v_kernels import _extension, dispatch, ops
 
 # d2v_kernels.ops re-exports the function under the module's name: fetch the module itself.
-cfe = importlib.import_module("d2v_kernels.ops.conv_feature_extractor")
+cfe = importlib.import_module("d2v_kernels.ops.conv_feature_extractor_op")
 triton_path = importlib.import_module("d2v_kernels.ops._conv_feature_extractor_triton")
 
 SMALL = dict(conv_dim=(32, 48, 48), conv_kernel=(10, 3, 2), conv_stride=(5, 2, 2))

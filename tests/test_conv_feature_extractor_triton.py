@@ -11,7 +11,7 @@ import d2v_kernels
 from d2v_kernels import dispatch, ops
 
 # d2v_kernels.ops re-exports the function under the module's name: fetch the module itself.
-cfe = importlib.import_module("d2v_kernels.ops.conv_feature_extractor")
+cfe = importlib.import_module("d2v_kernels.ops.conv_feature_extractor_op")
 triton_path = importlib.import_module("d2v_kernels.ops._conv_feature_extractor_triton")
 
 DIMS, KERNELS, STRIDES = (40, 48, 36), (10, 3, 2), (5, 2, 2)
@@ -500,7 +500,7 @@ def test_layers_0_and_1_fuse_only_when_asked(monkeypatch):
     assert layer0 == [False, False]
     torch.testing.assert_close(out, expected, rtol=0, atol=4e-3)  # fp16: one rounding apart at most
     fused.clear()
-    from d2v_kernels.ops.conv_feature_extractor import fuse_layers_0_1
+    from d2v_kernels.ops.conv_feature_extractor_op import fuse_layers_0_1
 
     with fuse_layers_0_1(False):  # the context manager overrides the environment, and is undone after
         _run(wave.detach(), params, "triton")

@@ -11,7 +11,7 @@ import torch
 from transformers.models.data2vec import modeling_data2vec_vision as hf
 
 from d2v_kernels import dispatch, ops
-from d2v_kernels.ops.attention import gather_relative_bias
+from d2v_kernels.ops.attention_op import gather_relative_bias
 
 
 @dataclasses.dataclass

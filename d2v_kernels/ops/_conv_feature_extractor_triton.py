@@ -1,4 +1,4 @@
-"""The Triton path of :func:`d2v_kernels.ops.conv_feature_extractor` (its ``triton`` backend), and
+"""The Triton path of :func:`d2v_kernels.ops.conv_feature_extractor_op` (its ``triton`` backend), and
 the nodes the CUDA extension's backward reruns.
 
 Layer 0 (conv on the waveform + LayerNorm + GELU) is one Triton kernel; then per layer cuDNN's
@@ -22,8 +22,8 @@ from torch import Tensor
 
 from d2v_kernels.ops._checks import KERNEL_DTYPES, layer_norm_compute_dtype
 from d2v_kernels.ops._eager import pick, register_autograd
-from d2v_kernels.ops.layer_norm_gelu import _kernels as _layer_norm_gelu_kernels
-from d2v_kernels.ops.layer_norm_gelu import (
+from d2v_kernels.ops.layer_norm_gelu_op import _kernels as _layer_norm_gelu_kernels
+from d2v_kernels.ops.layer_norm_gelu_op import (
     _layer_norm_gelu_bwd,
     _layer_norm_gelu_bwd_impl,
     _layer_norm_gelu_fwd,
