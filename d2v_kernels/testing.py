@@ -6,11 +6,16 @@ from __future__ import annotations
 import torch
 import transformers
 
-# The numerics rule (flash-attention's): a kernel's error against a float64 reference may be at
-# most `factor` times eager PyTorch's own error in the same dtype plus a small floor; in float32,
-# about 1e-5 relative. Used by the tests and by `d2v-kernels validate`.
-ABS_FLOOR = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-6, torch.float64: 1e-12}
+# The numerics rule (flash-attention's), the one used by the tests, `d2v-kernels validate` and
+# bench/: a kernel's error against a float64 reference may be at most `factor` (2) times eager
+# PyTorch's own error in the same dtype, plus a floor of a few ulps at magnitude 1 (scaled with the
+# reference's magnitude above 1); in float32 (and float64), about 1e-5 relative.
+ABS_FLOOR = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
 FP32_RTOL = 1e-5
+
+
+class CheckFailed(AssertionError):
+    """A result is further from its float64 reference than ``error_bound`` allows."""
 
 
 def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -18,12 +23,64 @@ def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
-def error_bound(dtype: torch.dtype, eager_err: float, ref_scale: float, factor: float = 2.0) -> float:
-    """The largest error allowed to a kernel in ``dtype`` whose eager counterpart is ``eager_err``
-    away from the float64 reference, whose largest magnitude is ``ref_scale``."""
-    if dtype == torch.float32:
-        return max(FP32_RTOL * max(ref_scale, 1.0), 2.0 * eager_err)
-    return factor * eager_err + ABS_FLOOR[dtype]
+def error_bound(
+    dtype: torch.dtype, eager_err: float, ref_scale: float, *, factor: float = 2.0, floor: float | None = None
+) -> float:
+    """The largest error allowed to a result in ``dtype`` whose eager PyTorch counterpart is
+    ``eager_err`` away from the float64 reference, whose largest magnitude is ``ref_scale``.
+
+    ``factor``: a whole model's output, through many layers, is compared with ``factor=4`` (bench's
+    end-to-end checks). ``floor``: the fp16/bf16 floor at magnitude 1 (default ``ABS_FLOOR``).
+    """
+    scale = max(ref_scale, 1.0)
+    if dtype not in ABS_FLOOR:
+        return max(FP32_RTOL * scale, factor * eager_err)
+    return factor * eager_err + (ABS_FLOOR[dtype] if floor is None else floor) * scale
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
+
+
+def assert_close_to_reference(
+    out, ref64, eager, *, name: str = "output", factor: float = 2.0, floor: float | None = None
+) -> dict[str, float]:
+    """Raise ``CheckFailed`` unless every tensor of ``out`` is within ``error_bound`` of ``ref64``.
+
+    ``out``: the result under test; ``ref64``: the same computation in float64; ``eager``: eager
+    PyTorch in ``out``'s dtype. Tensors, or matching (nested) tuples / lists / dicts of tensors.
+    Returns the worst tensor's ``{"max_err", "bound"}`` (the one nearest its bound).
+    """
+    outs, refs, eagers = _tensors(out), _tensors(ref64), _tensors(eager)
+    if not (len(outs) == len(refs) == len(eagers)) or not outs:
+        raise CheckFailed(f"{name}: {len(outs)} tensors vs {len(refs)} reference and {len(eagers)} eager tensors")
+    worst = {"max_err": 0.0, "bound": 0.0}
+    worst_ratio = -1.0
+    for i, (o, r, e) in enumerate(zip(outs, refs, eagers)):
+        label = f"{name}[{i}]" if len(outs) > 1 or not isinstance(out, torch.Tensor) else name
+        if o.shape != r.shape:
+            raise CheckFailed(f"{label}: shape {tuple(o.shape)} != reference {tuple(r.shape)}")
+        if not torch.isfinite(o).all():
+            raise CheckFailed(f"{label} ({_dtype_name(o.dtype)}): non-finite values (nan or inf)")
+        err = max_abs_err(o.detach(), r.detach())
+        scale = r.detach().abs().max().item() if r.numel() else 1.0
+        bound = error_bound(o.dtype, max_abs_err(e.detach(), r.detach()), scale, factor=factor, floor=floor)
+        if not err <= bound:  # also catches NaN
+            raise CheckFailed(f"{label} ({_dtype_name(o.dtype)}): max error {err:.3e} > bound {bound:.3e}")
+        ratio = err / bound if bound else 0.0
+        if ratio > worst_ratio:
+            worst, worst_ratio = {"max_err": err, "bound": bound}, ratio
+    return worst
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 AUDIO_CLASSES = (

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from numerics import assert_close_to_reference
 
 import d2v_kernels
 from d2v_kernels import dispatch, ops
+from d2v_kernels.testing import assert_close_to_reference
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 

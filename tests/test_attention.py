@@ -7,11 +7,11 @@ import contextlib
 
 import pytest
 import torch
-from numerics import assert_close_to_reference
 
 import d2v_kernels
 from d2v_kernels import ops
 from d2v_kernels.dispatch import BackendUnavailableError
+from d2v_kernels.testing import assert_close_to_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 HEADS = 3

@@ -7,13 +7,13 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from numerics import assert_close_to_reference
 from torch._subclasses.fake_tensor import FakeTensorMode
 from transformers import Data2VecAudioConfig
 from transformers.models.data2vec.modeling_data2vec_audio import Data2VecAudioFeatureEncoder
 
 import d2v_kernels
 from d2v_kernels import _extension, dispatch, ops
+from d2v_kernels.testing import assert_close_to_reference
 
 # d2v_kernels.ops re-exports the function under the module's name: fetch the module itself.
 cfe = importlib.import_module("d2v_kernels.ops.conv_feature_extractor_op")

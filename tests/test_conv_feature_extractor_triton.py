@@ -5,10 +5,10 @@ import importlib
 
 import pytest
 import torch
-from numerics import assert_close_to_reference
 
 import d2v_kernels
 from d2v_kernels import dispatch, ops
+from d2v_kernels.testing import assert_close_to_reference
 
 # d2v_kernels.ops re-exports the function under the module's name: fetch the module itself.
 cfe = importlib.import_module("d2v_kernels.ops.conv_feature_extractor_op")
@@ -457,7 +457,7 @@ def test_extension_backward_traces_to_the_triton_nodes_custom_ops(tracing_mode):
 
     def backward(grad_out, wave, *flat):
         groups = [list(flat[i * n : (i + 1) * n]) for i in range(4)]
-        grads = triton_path._triton_nodes_backward(grad_out, wave, *groups, list(STRIDES), 1e-5, needs)
+        grads = triton_path.triton_nodes_backward(grad_out, wave, *groups, list(STRIDES), 1e-5, needs)
         return [grads[0], *[g for group in grads[1:] for g in group]]
 
     wave = torch.randn(2, 1601)
@@ -478,80 +478,3 @@ def test_extension_backward_takes_the_triton_path_only_where_it_can():
     meta = [[t.to("meta") for t in group] for group in _params(torch.float32)[:3]]
     assert "inputs are on meta" in reasons(torch.randn(2, 1601, device="meta"), meta)[0]
     assert any("float64" in r for r in reasons(torch.randn(2, 1601, dtype=torch.float64), _params(torch.float64)))
-
-
-# --------------------------------------------------------------------------------------------
-# Layers 0 and 1 as one kernel (opt-in: D2V_KERNELS_FUSE_CONV01=1)
-# --------------------------------------------------------------------------------------------
-
-
-def test_layers_0_and_1_fuse_only_when_asked(monkeypatch):
-    params = _params(torch.float16)
-    wave = torch.randn(1, 1201, dtype=torch.float16)
-    fused, layer0 = _spy(monkeypatch, "conv01_ln_gelu"), _spy(monkeypatch, "conv0_ln_gelu")
-    expected = _run(wave, params, "triton")
-    assert (fused, layer0) == ([], [False])
-    monkeypatch.setenv("D2V_KERNELS_FUSE_CONV01", "1")
-    out = _run(wave.requires_grad_(True), params, "triton")
-    assert (fused, layer0) == ([False], [False])
-    out.sum().backward()
-    # The backward recomputes layer 0's output (layer 1's input); layer 0's own backward kernel
-    # recomputes its conv output in registers.
-    assert layer0 == [False, False]
-    torch.testing.assert_close(out, expected, rtol=0, atol=4e-3)  # fp16: one rounding apart at most
-    fused.clear()
-    from d2v_kernels.ops.conv_feature_extractor_op import fuse_layers_0_1
-
-    with fuse_layers_0_1(False):  # the context manager overrides the environment, and is undone after
-        _run(wave.detach(), params, "triton")
-    assert fused == []
-    _run(wave.detach(), params, "triton")
-    assert fused == [False]
-    fused.clear()
-    _run(wave.detach().float(), _params(torch.float32), "triton")
-    assert fused == []  # fp32 is not fused (its dot would spill)
-
-
-@pytest.mark.usefixtures("on_device")
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("conv_bias", [False, True], ids=["no-bias", "bias"])
-def test_layers_0_and_1_fused_match_float64(dtype, conv_bias, monkeypatch):
-    monkeypatch.setenv("D2V_KERNELS_FUSE_CONV01", "1")
-    device = torch.get_default_device()
-    gen = torch.Generator(device="cpu").manual_seed(5)
-    wave64 = torch.randn(2, 2003, generator=gen, device="cpu", dtype=torch.float64).to(device)
-    results = []
-    for run_dtype, backend in ((dtype, "triton"), (dtype, "eager"), (torch.float64, "eager")):
-        wave = wave64.to(run_dtype).requires_grad_(True)
-        params = _params(run_dtype, conv_bias)
-        out = _run(wave, params, backend)
-        gen_out = torch.Generator(device="cpu").manual_seed(6)
-        grad_out = torch.randn(out.shape, generator=gen_out, device="cpu", dtype=torch.float64).to(device, run_dtype)
-        results.append((out, torch.autograd.grad(out, _leaves(wave, params), grad_out)))
-    (out, grads), (eager, eager_grads), (ref, ref_grads) = results
-    assert_close_to_reference(out, ref, eager)
-    for i, (g, g64, ge) in enumerate(zip(grads, ref_grads, eager_grads)):
-        assert_close_to_reference(g, g64, ge, name=f"grad {i}")
-
-
-def test_layers_0_and_1_fused_opcheck_compile_and_tiles(monkeypatch):
-    from d2v_kernels.kernels import _tiles
-
-    monkeypatch.setenv("D2V_KERNELS_FUSE_CONV01", "1")
-    (w0, w1, _), (g0, g1, _), (b0, b1, _), (cb0, cb1, _) = _params(torch.float16, conv_bias=True)
-    wave = torch.randn(2, 611, dtype=torch.float16, requires_grad=True)
-    args = (wave, w0, w1, cb0, cb1, g0, g1, b0, b1, 5, 2, 1e-5)
-    torch.library.opcheck(torch.ops.d2v_kernels.conv01_ln_gelu.default, args)
-    detached = [a.detach() if torch.is_tensor(a) else a for a in args]
-    y = torch.ops.d2v_kernels.conv01_ln_gelu(*detached)
-    torch.library.opcheck(torch.ops.d2v_kernels.conv01_ln_gelu_bwd.default, (torch.randn_like(y), *detached, True))
-
-    params = _params(torch.float16)
-    wave = torch.randn(2, 801, dtype=torch.float16)
-    expected = _run(wave, params, "triton")
-    with _tiles.override("conv01", BLOCK_M=16, BLOCK_K=16, num_warps=2):
-        # BLOCK_K regroups the dot's fp32 sums: layer 1's fp16 output may round one ulp apart
-        torch.testing.assert_close(_run(wave, params, "triton"), expected, rtol=0, atol=4e-3)
-    torch._dynamo.reset()
-    compiled = torch.compile(lambda w: _run(w, params, "triton"), fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(wave), expected)

@@ -4,13 +4,13 @@ bad input and dispatch reasons."""
 
 import pytest
 import torch
-from numerics import assert_close_to_reference
 from transformers import Data2VecAudioConfig
 from transformers.models.data2vec.modeling_data2vec_audio import Data2VecAudioPositionalConvEmbedding
 
 import d2v_kernels
 from d2v_kernels import dispatch, ops
 from d2v_kernels.kernels import pos_conv as kernels
+from d2v_kernels.testing import assert_close_to_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
