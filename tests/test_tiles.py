@@ -4,7 +4,6 @@ against float64, on lengths that are not multiples of any block (CPU interpreter
 
 import pytest
 import torch
-from numerics import assert_close_to_reference
 from test_attention import HEADS, check_gradients, make_qkv, padding_mask, reference64, relative_bias, run_triton
 
 import d2v_kernels
@@ -12,6 +11,7 @@ from d2v_kernels import ops
 from d2v_kernels.kernels import _tiles
 from d2v_kernels.kernels import attention as attention_kernels
 from d2v_kernels.kernels import pos_conv as pos_conv_kernels
+from d2v_kernels.testing import assert_close_to_reference
 
 ATTENTION_TILES = [
     {"BLOCK_M": 16, "BLOCK_N": 32, "num_stages": 1},
