@@ -4,9 +4,16 @@ Each op registers its implementations (``triton``, ``cuda``, ``eager``) in prior
 implementation declares the devices it runs on and a ``check`` that answers an input with a list
 of plain-language reasons it cannot take it. ``call`` runs the first implementation with no
 reasons (eager last), records the choice for :func:`record_dispatch`, and warns once per
-(op, reasons) when a CUDA input falls back from a kernel to eager. ``use_backend`` (or the
-environment variable ``D2V_KERNELS_BACKEND``) forces a backend and raises with the reasons when
-it cannot take the input.
+(op, reasons) when a CUDA input falls back from a kernel that default dispatch would run. An opt-in
+implementation that is not enabled is no fallback: the default path never warns. ``use_backend``
+(or the environment variable ``D2V_KERNELS_BACKEND``) forces a backend and raises with the reasons
+when it cannot take the input.
+
+The ops cache a decision per input layout (their plan caches, :func:`plan_cache`). What a decision
+depends on beyond the input is part of the cache key or clears the caches: the backends forced in
+this thread (:func:`forced_token`, in the key), the environment variables (read into a snapshot,
+compared on each :func:`forced_token` call by their raw values, caches cleared when one changes),
+registrations and tile overrides (:func:`clear_plans`).
 """
 
 from __future__ import annotations
@@ -44,11 +51,13 @@ class Implementation:
     devices: tuple[str, ...]
     available: Callable[[], list[str]] = lambda: []
     description: str = ""
-    opt_in: bool = False  # runs only when forced (not yet validated on hardware)
+    opt_in: bool = False  # runs only when forced or enabled (slower than the default where both run)
 
 
 _REGISTRY: dict[str, list[Implementation]] = {}
-_PRIORITY = {"cuda": 0, "triton": 1, "eager": 2}
+# The CUDA extension ranks after Triton: it is the slower path wherever both can run (see
+# bench/results), and ranked first it would be asked, and loaded, on every default GPU call.
+_PRIORITY = {"triton": 0, "cuda": 1, "eager": 2}
 
 
 def register(
@@ -62,10 +71,11 @@ def register(
     description: str = "",
     opt_in: bool = False,
 ) -> Implementation:
-    """Register an implementation of ``op``; kernels before eager, cuda before triton.
+    """Register an implementation of ``op``; kernels before eager, triton before cuda.
 
     ``opt_in=True`` keeps it out of default dispatch (it runs when forced with ``use_backend``, or
-    by default once ``D2V_KERNELS_ENABLE_OPT_IN=1``): for kernels not yet validated on hardware.
+    by default once ``D2V_KERNELS_ENABLE_OPT_IN=1``): for kernels slower than the default where
+    both run, kept for what they are (the CUDA extension) until they win.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -83,6 +93,7 @@ def register(
     impls.append(impl)
     impls.sort(key=lambda i: _PRIORITY[i.backend])
     _REGISTRY[op] = impls
+    clear_plans()
     return impl
 
 
@@ -116,7 +127,13 @@ def _ensure_ops_loaded() -> None:
 # Forcing backends: use_backend() and D2V_KERNELS_BACKEND
 # --------------------------------------------------------------------------------------------
 
-_state = threading.local()
+class _State(threading.local):
+    # The use_backend() stack of this thread, innermost last: an immutable tuple of
+    # (global backend or None, ((op, backend), ...)) entries, so it can key the ops' plan caches.
+    forced: tuple = ()
+
+
+_state = _State()
 
 
 def _parse_backend_spec(spec: str) -> tuple[str | None, dict[str, str]]:
@@ -143,20 +160,15 @@ def _validate_forced(global_backend: str | None, per_op: dict[str, str], source:
             raise ValueError(f"{source}: unknown op {op!r}; known ops: {known}")
 
 
-def _forced_stack() -> list[tuple[str | None, dict[str, str]]]:
-    if not hasattr(_state, "forced"):
-        _state.forced = []
-    return _state.forced
-
-
 def forced_backend(op: str) -> tuple[str | None, bool]:
     """(backend forced for ``op`` or None, whether it was forced for this op by name)."""
-    for global_backend, per_op in reversed(_forced_stack()):
-        if op in per_op:
-            return per_op[op], True
+    for global_backend, per_op in reversed(_state.forced):
+        for name, backend in per_op:
+            if name == op:
+                return backend, True
         if global_backend is not None:
             return global_backend, False
-    spec = os.environ.get(ENV_BACKEND, "").strip()
+    spec = _environment().backend_spec
     if spec:
         global_backend, per_op = _parse_backend_spec(spec)
         if op in per_op:
@@ -177,12 +189,12 @@ def use_backend(backend: str | None = None, **per_op: str) -> Iterator[None]:
     for op, b in per_op.items():
         if b not in {i.backend for i in implementations(op)}:
             raise ValueError(f"use_backend(): op {op!r} has no {b!r} implementation")
-    stack = _forced_stack()
-    stack.append((backend, dict(per_op)))
+    previous = _state.forced
+    _state.forced = (*previous, (backend, tuple(sorted(per_op.items()))))
     try:
         yield
     finally:
-        stack.pop()
+        _state.forced = previous
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,11 +233,78 @@ def reset_warnings() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def triton_interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 ENV_ENABLE_OPT_IN = "D2V_KERNELS_ENABLE_OPT_IN"
+_ENV_NAMES = (ENV_BACKEND, ENV_ENABLE_OPT_IN, "TRITON_INTERPRET")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Environment:
+    raw: tuple
+    backend_spec: str
+    opt_in_enabled: bool
+    interpreter: bool
+
+
+def _read_environment(raw: tuple) -> _Environment:
+    spec, opt_in, interpret = (os.environ.get(name) for name in _ENV_NAMES)
+    return _Environment(
+        raw=raw,
+        backend_spec=(spec or "").strip(),
+        opt_in_enabled=opt_in == "1",
+        interpreter=(interpret or "0") not in ("", "0"),
+    )
+
+
+try:  # os.environ's own dict: a plain lookup, where os.environ.get encodes and decodes on every call
+    _ENV_DATA = os.environ._data
+    _ENV_KEYS = tuple(os.environ.encodekey(name) for name in _ENV_NAMES)
+except AttributeError:  # pragma: no cover - another Python's os.environ
+    _ENV_DATA, _ENV_KEYS = os.environ, _ENV_NAMES
+
+
+def _raw_environment() -> tuple:
+    data = _ENV_DATA
+    return tuple(data.get(key) for key in _ENV_KEYS)
+
+
+_env = _read_environment(_raw_environment())
+_plan_caches: list[dict] = []
+
+
+def _environment() -> _Environment:
+    """The environment variables dispatch reads, re-read (and the plan caches cleared) when one changed."""
+    global _env
+    raw = _raw_environment()
+    if raw != _env.raw:
+        _env = _read_environment(raw)
+        clear_plans()
+    return _env
+
+
+def plan_cache() -> dict:
+    """A dict for an op's cached decisions, cleared with every other one by :func:`clear_plans`."""
+    cache: dict = {}
+    _plan_caches.append(cache)
+    return cache
+
+
+def clear_plans() -> None:
+    """Forget every op's cached decisions (after something they depend on changed outside the
+    cache key: a registration, a tile override, a patched availability check)."""
+    for cache in _plan_caches:
+        cache.clear()
+
+
+def forced_token() -> tuple:
+    """What the backends forced in this thread are, as a hashable value for an op's plan key (and
+    the check that the environment is unchanged since the plans were made)."""
+    if _raw_environment() != _env.raw:
+        _environment()
+    return _state.forced
+
+
+def triton_interpreter_enabled() -> bool:
+    return _environment().interpreter
 
 
 def device_reasons(impl: Implementation, device: torch.device, forced: bool) -> list[str]:
@@ -233,9 +312,9 @@ def device_reasons(impl: Implementation, device: torch.device, forced: bool) -> 
 
     ``available()`` is asked last: it may load something (the CUDA extension), which only an
     implementation that could otherwise run should pay for."""
-    if impl.opt_in and not forced and os.environ.get(ENV_ENABLE_OPT_IN, "0") != "1":
+    if impl.opt_in and not forced and not _environment().opt_in_enabled:
         return [
-            f"the {impl.backend} {impl.op} kernel is opt-in until validated on a GPU "
+            f"the {impl.backend} {impl.op} kernel is opt-in: slower than the default where both run "
             f"(use_backend({impl.op}={impl.backend!r}) or {ENV_ENABLE_OPT_IN}=1)"
         ]
     if impl.backend == "eager" or device.type in impl.devices:
@@ -283,8 +362,10 @@ def select(op: str, device: torch.device, *args, **kwargs) -> Implementation:
     for impl in impls:
         reasons = reasons_for(impl, device, *args, **kwargs)
         if not reasons:
-            if skipped and device.type == "cuda":
-                _warn_fallback(op, impl, skipped)
+            # Passing over an opt-in implementation that is not enabled is the default, not a fallback.
+            fell_back = [(i, r) for i, r in skipped if not (i.opt_in and not _environment().opt_in_enabled)]
+            if fell_back and device.type == "cuda":
+                _warn_fallback(op, impl, fell_back)
             return impl
         skipped.append((impl, reasons))
     raise BackendUnavailableError(

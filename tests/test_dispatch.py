@@ -136,6 +136,6 @@ def test_opt_in_implementation_runs_only_when_forced_or_enabled(monkeypatch):
             assert dispatch.call("fake_op3", cpu, 1) == "cuda"
         impl = next(i for i in dispatch.implementations("fake_op3") if i.backend == "cuda")
         monkeypatch.delenv(dispatch.ENV_ENABLE_OPT_IN)
-        assert "opt-in until validated on a GPU" in dispatch.reasons_for(impl, cpu, 1)[0]
+        assert "is opt-in: slower than the default" in dispatch.reasons_for(impl, cpu, 1)[0]
     finally:
         dispatch._REGISTRY.pop("fake_op3")

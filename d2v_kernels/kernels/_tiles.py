@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 # The kernels whose launchers read their tiles here, and the keys each one takes.
 TUNABLE: dict[str, tuple[str, ...]] = {
@@ -21,7 +21,6 @@ TUNABLE: dict[str, tuple[str, ...]] = {
     "conv0": ("BLOCK_T", "num_warps"),
     # layer 0's fused backward: frames per tile (at least 16), warps, persistent programs per SM
     "conv0_bwd": ("BLOCK_T", "num_warps", "programs_per_sm"),
-    "conv01": ("BLOCK_M", "BLOCK_K", "num_warps", "num_stages"),
     # LayerNorm (+ GELU, + residual) rows: positions per tile (the channels fill BLOCK_C), warps,
     # and for the backward the persistent programs per SM.
     "row_norm_fwd": ("BLOCK_P", "num_warps"),
@@ -45,6 +44,18 @@ def next_power_of_2(n: int) -> int:
 # of its own, and a backward launched there must see the override the forward ran under.
 _stack: list[tuple[str, dict]] = []
 _lock = threading.Lock()
+# Called whenever an override starts or ends: the launch caches that fixed a tile forget it.
+_listeners: list[Callable[[], None]] = []
+
+
+def on_change(listener: Callable[[], None]) -> None:
+    """Call ``listener()`` whenever the active overrides change (launch and plan caches register)."""
+    _listeners.append(listener)
+
+
+def _changed() -> None:
+    for listener in _listeners:
+        listener()
 
 
 def tiles(kernel: str, default: dict) -> dict:
@@ -77,8 +88,10 @@ def override(kernel: str, **config: int) -> Iterator[None]:
     entry = (kernel, dict(config))
     with _lock:
         _stack.append(entry)
+    _changed()
     try:
         yield
     finally:
         with _lock:
             del _stack[max(i for i, e in enumerate(_stack) if e is entry)]
+        _changed()
