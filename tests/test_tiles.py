@@ -69,13 +69,13 @@ def _spy_launches(monkeypatch, module, name, keys):
 
 
 def test_override_reaches_the_launcher_and_ends_with_the_block(monkeypatch):
-    seen = _spy_launches(monkeypatch, attention_kernels, "_attention_fwd_kernel", ("BLOCK_M", "BLOCK_N"))
+    seen = _spy_launches(monkeypatch, attention_kernels, "attention_fwd_kernel", ("BLOCK_M", "BLOCK_N"))
     q, k, v = make_qkv(1, 40, 40, 16)
     with _tiles.override("attention_fwd", BLOCK_M=16, BLOCK_N=16):
         run_triton(q, k, v)
     run_triton(q, k, v)
     assert seen[0] == ((3, HEADS), 16, 16)
-    default = attention_kernels._fwd_config(torch.float32, 16)
+    default = attention_kernels.fwd_config(torch.float32, 16)
     assert seen[1][1:] == (default["BLOCK_M"], default["BLOCK_N"])
 
 

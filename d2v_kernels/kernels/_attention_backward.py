@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from d2v_kernels.kernels._attention_bias_grad import _attention_bwd_ds_kernel, reduce_to_shape, relative_bias_table_grad
+from d2v_kernels.kernels._attention_bias_grad import attention_bwd_ds_kernel, reduce_to_shape, relative_bias_table_grad
 from d2v_kernels.kernels._attention_common import (
     LOG2E,
     bias_args,
@@ -30,7 +30,7 @@ DS_NONE, DS_STORE, DS_ATOMIC = 0, 1, 2
 
 
 @triton.jit
-def _attention_bwd_preprocess_kernel(
+def attention_bwd_preprocess_kernel(
     O,
     DO,
     DELTA,
@@ -68,7 +68,7 @@ def _attention_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _attention_bwd_dkdv_kernel(
+def attention_bwd_dkdv_kernel(
     Q,
     K,
     V,
@@ -216,7 +216,7 @@ def _attention_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _attention_bwd_dq_kernel(
+def attention_bwd_dq_kernel(
     Q,
     K,
     V,
@@ -395,7 +395,7 @@ def attention_backward(
 
     delta = torch.empty((b, h, n_q), device=q.device, dtype=torch.float32)
     pre_block_m = 64
-    _attention_bwd_preprocess_kernel[(cdiv(n_q, pre_block_m), b * h)](
+    attention_bwd_preprocess_kernel[(cdiv(n_q, pre_block_m), b * h)](
         out, grad_out, delta, *out.stride()[:3], *grad_out.stride(), h, n_q, d, BLOCK_M=pre_block_m, BLOCK_D=block_d,
         num_warps=8,  # 4 warps spill (ptxas, sm_90)
     )  # fmt: skip
@@ -405,7 +405,7 @@ def attention_backward(
     dk = torch.empty((b, n_k, h, d), device=q.device, dtype=q.dtype)
     dv = torch.empty((b, n_k, h, d), device=q.device, dtype=q.dtype)
     io_strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
-    _attention_bwd_dkdv_kernel[(cdiv(n_k, config["BLOCK_N"]), b * h)](
+    attention_bwd_dkdv_kernel[(cdiv(n_k, config["BLOCK_N"]), b * h)](
         q, k, v, grad_out, lse, delta, dk, dv, *pointers, seed_arg, *io_strides, *strides,
         h, n_q, n_k, d, scale, scale * LOG2E, dropout_p, **common_flags, **config,
     )  # fmt: skip
@@ -421,13 +421,13 @@ def attention_backward(
         ds_mode = DS_STORE
     elif deterministic:
         ds_mode = DS_NONE
-        _attention_bwd_ds_kernel[(cdiv(n_q, config["BLOCK_M"]) * cdiv(n_k, config["BLOCK_N"]), h)](
+        attention_bwd_ds_kernel[(cdiv(n_q, config["BLOCK_M"]) * cdiv(n_k, config["BLOCK_N"]), h)](
             q, k, v, grad_out, lse, delta, ds, *pointers, seed_arg, *io_strides, *strides,
             b, h, n_q, n_k, d, scale * LOG2E, dropout_p, **common_flags, **config,
         )  # fmt: skip
     else:
         ds_mode = DS_ATOMIC
-    _attention_bwd_dq_kernel[(cdiv(n_q, config["BLOCK_M"]), b * h)](
+    attention_bwd_dq_kernel[(cdiv(n_q, config["BLOCK_M"]), b * h)](
         q, k, v, grad_out, lse, delta, dq, ds, *pointers, seed_arg, *io_strides, *strides,
         h, n_q, n_k, d, scale, scale * LOG2E, dropout_p, DS_MODE=ds_mode, **common_flags, **config,
     )  # fmt: skip

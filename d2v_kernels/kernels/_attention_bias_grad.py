@@ -17,7 +17,7 @@ from d2v_kernels.kernels._tiles import next_power_of_2
 
 
 @triton.jit
-def _attention_bwd_ds_kernel(
+def attention_bwd_ds_kernel(
     Q,
     K,
     V,
@@ -141,7 +141,7 @@ def _attention_bwd_ds_kernel(
 
 
 @triton.jit
-def _segment_sum_kernel(
+def segment_sum_kernel(
     VALUES,
     ORDER,
     OFFSETS,
@@ -204,7 +204,7 @@ def relative_bias_table_grad(ds: torch.Tensor, bias_index: torch.Tensor, bias_ta
     n_rel, h = bias_table.shape
     order, offsets = _index_segments(bias_index, n_rel)
     out = torch.empty_like(bias_table)
-    _segment_sum_kernel[(n_rel,)](
+    segment_sum_kernel[(n_rel,)](
         ds,
         order,
         offsets,

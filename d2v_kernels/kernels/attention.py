@@ -39,15 +39,15 @@ from d2v_kernels.kernels._attention_backward import (
     DS_ATOMIC,
     DS_NONE,
     DS_STORE,
-    _attention_bwd_dkdv_kernel,
-    _attention_bwd_dq_kernel,
-    _attention_bwd_preprocess_kernel,
     attention_backward,
+    attention_bwd_dkdv_kernel,
+    attention_bwd_dq_kernel,
+    attention_bwd_preprocess_kernel,
     bwd_config,
 )
 from d2v_kernels.kernels._attention_bias_grad import (
-    _attention_bwd_ds_kernel,
-    _segment_sum_kernel,
+    attention_bwd_ds_kernel,
+    segment_sum_kernel,
 )
 from d2v_kernels.kernels._attention_common import (
     LOG2E,
@@ -60,7 +60,9 @@ from d2v_kernels.kernels._attention_common import (
     tile_dot,
     upcast_dot,
 )
+from d2v_kernels.kernels._launch import DirectLaunch
 from d2v_kernels.kernels._tiles import cdiv, tiles
+from d2v_kernels.kernels._tiles import on_change as on_tiles_change
 from d2v_kernels.kernels.aot import AotVariant, as_run
 
 __all__ = [
@@ -151,7 +153,7 @@ def _fwd_key_blocks(
 
 
 @triton.jit
-def _attention_fwd_kernel(
+def attention_fwd_kernel(
     Q,
     K,
     V,
@@ -266,7 +268,7 @@ def _attention_fwd_kernel(
 
 
 @triton.jit
-def _dropout_mask_kernel(SEED, KEEP_OUT, n_heads, n_q, n_k, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def dropout_mask_kernel(SEED, KEEP_OUT, n_heads, n_q, n_k, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The attention kernels' keep mask as uint8 (B, H, Nq, Nk), for tests and debugging."""
     off_bh = tl.program_id(2)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -314,7 +316,7 @@ def unsupported_reasons(q: torch.Tensor, n_k: int, dropout_p: float, tensors: di
 # tests/test_aot_compile.py keeps them spill-free.
 
 
-def _fwd_config(dtype: torch.dtype, block_d: int, bias_tile: bool = False, dropout: bool = False) -> dict:
+def fwd_config(dtype: torch.dtype, block_d: int, bias_tile: bool = False, dropout: bool = False) -> dict:
     """Forward tiles: 128 x 64 with 4 warps up to d=64, 8 warps at d=128 or with dropout (its 4
     Philox outputs a group of columns); 128 x 32 with 8 warps when a bias tile is gathered; fp32
     64 x 32 with 8 warps."""
@@ -323,6 +325,75 @@ def _fwd_config(dtype: torch.dtype, block_d: int, bias_tile: bool = False, dropo
     if bias_tile:
         return {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3}
     return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4 if block_d <= 64 and not dropout else 8, "num_stages": 3}
+
+
+class ForwardLaunch:
+    """The forward kernel's launch for one input layout (shapes, strides, dtypes, alignment, flags):
+    tiles, grid and every integer argument fixed, the compiled kernel launched directly.
+
+    ``launch(q, k, v, bias_table, bias_index, bias, key_padding_mask, seed, scale, dropout_p)`` ->
+    (out, lse) as :func:`attention_forward`, for inputs of the layout it was made for.
+    """
+
+    __slots__ = ("_constexprs", "_ints", "_launch", "_lse_shape", "_out_shape")
+
+    def __init__(self, q, k, v, bias_table, bias_index, bias, key_padding_mask, causal: bool, dropout: bool):
+        b, n_q, h, d = q.shape
+        n_k = k.shape[1]
+        _, strides, flags = bias_args(q, k, bias_table, bias_index, bias, key_padding_mask)
+        block_d = head_dim_block(d)
+        config = tiles("attention_fwd", fwd_config(q.dtype, block_d, flags["HAS_TABLE"] or flags["HAS_BIAS"], dropout))
+        self._out_shape, self._lse_shape = (b, n_q, h, d), (b, h, n_q)
+        out_strides = (n_q * h * d, h * d, d)
+        self._ints = (*q.stride(), *k.stride(), *v.stride(), *out_strides, *strides, h, n_q, n_k, d)
+        self._constexprs = (
+            config["BLOCK_M"], config["BLOCK_N"], block_d, flags["HAS_TABLE"], flags["HAS_BIAS"], flags["HAS_MASK"],
+            causal, dropout, dot_precision(q.dtype), upcast_dot(q),
+        )  # fmt: skip
+        grid = (cdiv(n_q, config["BLOCK_M"]), b * h)
+        self._launch = DirectLaunch(
+            attention_fwd_kernel, grid, num_warps=config["num_warps"], num_stages=config["num_stages"]
+        )
+
+    def __call__(self, q, k, v, bias_table, bias_index, bias, key_padding_mask, seed, scale, dropout_p):
+        out = q.new_empty(self._out_shape)
+        lse = q.new_empty(self._lse_shape, dtype=torch.float32)
+        self._launch(
+            q, k, v, out, lse, q if bias_table is None else bias_table, q if bias_index is None else bias_index,
+            q if bias is None else bias, q if key_padding_mask is None else key_padding_mask,
+            q if seed is None else seed, *self._ints, scale * LOG2E, dropout_p, *self._constexprs,
+        )  # fmt: skip
+        return out, lse
+
+
+def forward_key(q, k, v, bias_table, bias_index, bias, key_padding_mask, causal: bool, dropout: bool) -> tuple:
+    """What :class:`ForwardLaunch` depends on: one launch serves every input with this key."""
+    optional = tuple(
+        None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() & 15)
+        for t in (bias_table, bias_index, bias, key_padding_mask)
+    )
+    return (
+        q.shape, q.stride(), k.shape, k.stride(), v.stride(), q.dtype, k.dtype, v.dtype, q.device,
+        q.data_ptr() & 15, k.data_ptr() & 15, v.data_ptr() & 15, optional, causal, dropout,
+        dot_precision(q.dtype),
+    )  # fmt: skip
+
+
+_forward_launches: dict[tuple, ForwardLaunch] = {}
+_MAX_LAUNCHES = 1024
+on_tiles_change(_forward_launches.clear)
+
+
+def forward_launch(q, k, v, bias_table, bias_index, bias, key_padding_mask, causal: bool, dropout: bool):
+    """The :class:`ForwardLaunch` for this input's layout (made once, then looked up)."""
+    key = forward_key(q, k, v, bias_table, bias_index, bias, key_padding_mask, causal, dropout)
+    launch = _forward_launches.get(key)
+    if launch is None:
+        if len(_forward_launches) >= _MAX_LAUNCHES:
+            _forward_launches.clear()
+        launch = ForwardLaunch(q, k, v, bias_table, bias_index, bias, key_padding_mask, causal, dropout)
+        _forward_launches[key] = launch
+    return launch
 
 
 def attention_forward(
@@ -340,30 +411,16 @@ def attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, Nq, H, d), k, v (B, Nk, H, d) any strides -> (out (B, Nq, H, d) contiguous in q's dtype,
     lse (B, H, Nq) fp32 in log2 units). ``seed``: (2,) int64 when dropout_p > 0."""
-    b, n_q, h, d = q.shape
-    n_k = k.shape[1]
-    out = torch.empty((b, n_q, h, d), device=q.device, dtype=q.dtype)
-    lse = torch.empty((b, h, n_q), device=q.device, dtype=torch.float32)
-    pointers, strides, flags = bias_args(q, k, bias_table, bias_index, bias, key_padding_mask)
-    block_d = head_dim_block(d)
-    bias_tile = flags["HAS_TABLE"] or flags["HAS_BIAS"]
-    config = tiles("attention_fwd", _fwd_config(q.dtype, block_d, bias_tile, dropout_p > 0.0))
-    grid = (cdiv(n_q, config["BLOCK_M"]), b * h)
-    _attention_fwd_kernel[grid](
-        q, k, v, out, lse, *pointers, seed if dropout_p > 0.0 else q.new_empty(1),
-        *q.stride(), *k.stride(), *v.stride(), *out.stride()[:3], *strides,
-        h, n_q, n_k, d, scale * LOG2E, dropout_p,
-        BLOCK_D=block_d, IS_CAUSAL=causal, HAS_DROPOUT=dropout_p > 0.0, PRECISION=dot_precision(q.dtype), UPCAST=upcast_dot(q),
-        **flags, **config,
-    )  # fmt: skip
-    return out, lse
+    dropout = dropout_p > 0.0
+    launch = forward_launch(q, k, v, bias_table, bias_index, bias, key_padding_mask, causal, dropout)
+    return launch(q, k, v, bias_table, bias_index, bias, key_padding_mask, seed if dropout else None, scale, dropout_p)
 
 
 def dropout_keep_mask(seed: torch.Tensor, batch: int, heads: int, n_q: int, n_k: int, dropout_p: float) -> torch.Tensor:
     """The keep mask the attention kernels draw for this seed: bool (B, H, Nq, Nk)."""
     keep = torch.empty((batch, heads, n_q, n_k), device=seed.device, dtype=torch.uint8)
     grid = (cdiv(n_q, 64), cdiv(n_k, 64), batch * heads)
-    _dropout_mask_kernel[grid](seed, keep, heads, n_q, n_k, dropout_p, BLOCK_M=64, BLOCK_N=64)
+    dropout_mask_kernel[grid](seed, keep, heads, n_q, n_k, dropout_p, BLOCK_M=64, BLOCK_N=64)
     return keep.bool()
 
 
@@ -432,10 +489,10 @@ def aot_variants() -> list[AotVariant]:
         (torch.float16, 16, flags("HAS_MASK"), ("fwd", "dkdv")),
     ]
     kernels = {
-        "fwd": _attention_fwd_kernel,
-        "dkdv": _attention_bwd_dkdv_kernel,
-        "dq": _attention_bwd_dq_kernel,
-        "ds": _attention_bwd_ds_kernel,
+        "fwd": attention_fwd_kernel,
+        "dkdv": attention_bwd_dkdv_kernel,
+        "dq": attention_bwd_dq_kernel,
+        "ds": attention_bwd_ds_kernel,
     }
     variants = []
     for dtype, block_d, case_flags, names in cases:
@@ -448,7 +505,7 @@ def aot_variants() -> list[AotVariant]:
         for name in names:
             bias_tile = case_flags["HAS_TABLE"] or case_flags["HAS_BIAS"]
             dropout = case_flags["HAS_DROPOUT"]
-            config = _fwd_config(dtype, block_d, bias_tile, dropout) if name == "fwd" else bwd_config(dtype, block_d)
+            config = fwd_config(dtype, block_d, bias_tile, dropout) if name == "fwd" else bwd_config(dtype, block_d)
             extra = {}
             if name == "dq":
                 needs_ds = case_flags["HAS_TABLE"] or case_flags["HAS_BIAS"]
@@ -467,9 +524,9 @@ def aot_variants() -> list[AotVariant]:
             variants.append(variant)
     for dtype in (torch.float16, torch.float32):
         delta_config = {"BLOCK_M": 64, "num_warps": 8}
-        variants.append(_variant("delta", _attention_bwd_preprocess_kernel, dtype, delta_config, BLOCK_D=64))
-        variants.append(_variant("segment_sum", _segment_sum_kernel, dtype, {"BLOCK_P": 64, "BLOCK_H": 16}))
-    variants.append(_variant("dropout_mask", _dropout_mask_kernel, torch.float16, {"BLOCK_M": 64, "BLOCK_N": 64}))
+        variants.append(_variant("delta", attention_bwd_preprocess_kernel, dtype, delta_config, BLOCK_D=64))
+        variants.append(_variant("segment_sum", segment_sum_kernel, dtype, {"BLOCK_P": 64, "BLOCK_H": 16}))
+    variants.append(_variant("dropout_mask", dropout_mask_kernel, torch.float16, {"BLOCK_M": 64, "BLOCK_N": 64}))
     # Compiled as Data2Vec's calls run: head dim, index, bias and mask rows contiguous (unit
     # strides), the other strides multiples of the 768-wide hidden size, head_dim 16 to 128.
     return [as_run(v, _UNIT_STRIDES, _DIVISIBLE_BY_16) for v in variants]
