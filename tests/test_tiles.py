@@ -112,9 +112,9 @@ def test_pos_conv_forward_and_gradients_under_other_tiles(conv, wgrad, monkeypat
         return [out.detach(), *(t.grad for t in leaves)]
 
     x32, w32, b32 = x64.float(), [w.float() for w in weights64], [b.float() for b in biases64]
-    conv_launches = _spy_launches(monkeypatch, pos_conv_kernels, "_grouped_conv1d_kernel", ("BLOCK_T", "num_warps"))
+    conv_launches = _spy_launches(monkeypatch, pos_conv_kernels, "grouped_conv1d_kernel", ("BLOCK_T", "num_warps"))
     wgrad_launches = _spy_launches(
-        monkeypatch, pos_conv_kernels, "_grouped_conv1d_weight_grad_kernel", ("BLOCK_T", "num_warps")
+        monkeypatch, pos_conv_kernels, "grouped_conv1d_weight_grad_kernel", ("BLOCK_T", "num_warps")
     )
     with _tiles.override("pos_conv", **conv), _tiles.override("pos_conv_wgrad", **wgrad):
         got = run(x32, w32, b32, force=True)

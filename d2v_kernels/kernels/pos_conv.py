@@ -2,17 +2,17 @@
 
 All activations are channels-last (B, T, C). One layer's forward is two launches:
 
-1. ``_grouped_conv1d_kernel``: implicit-GEMM grouped conv. A program owns BLOCK_T output frames
+1. ``grouped_conv1d_kernel``: implicit-GEMM grouped conv. A program owns BLOCK_T output frames
    of one batch row and one group's CG output channels; its K loop runs over the taps x the group's
    CG input channels, loading shifted x rows (zero outside [0, T), which is the conv's zero
    padding) and calling ``tl.dot`` with fp32 accumulation. The same kernel computes the conv's
    input gradient (a conv of dy with the flipped, group-transposed weights).
-2. ``_layer_norm_gelu_fwd_kernel``: LayerNorm over all C channels + exact GELU, a row per frame.
+2. ``layer_norm_gelu_fwd_kernel``: LayerNorm over all C channels + exact GELU, a row per frame.
    LayerNorm needs every group of a frame, which one conv program does not see; a second small
    kernel keeps the conv grid at (frames / BLOCK_T) x groups x B programs.
 
-Backward: ``_layer_norm_gelu_bwd_kernel`` (recomputes the statistics from the saved pre-norm
-row), the conv kernel for dx, and ``_grouped_conv1d_weight_grad_kernel`` for dweight and dbias
+Backward: ``layer_norm_gelu_bwd_kernel`` (recomputes the statistics from the saved pre-norm
+row), the conv kernel for dx, and ``grouped_conv1d_weight_grad_kernel`` for dweight and dbias
 (one program per (tap, group), deterministic reduction over B x T).
 
 Weights are packed by :func:`pack_weights` to (K, CG, C): ``packed[j, i, g * CG + o]`` is the
@@ -57,7 +57,7 @@ LN_ELEMENTS_PER_PROGRAM = 4096
 
 
 @triton.jit
-def _grouped_conv1d_kernel(
+def grouped_conv1d_kernel(
     x_ptr,  # (B, T, C) any strides
     w_ptr,  # packed (K, CG, C), contiguous
     bias_ptr,  # (C,) (zeros for the input-gradient conv: one variant instead of two)
@@ -117,7 +117,7 @@ def _grouped_conv1d_kernel(
 
 
 @triton.jit
-def _layer_norm_gelu_fwd_kernel(
+def layer_norm_gelu_fwd_kernel(
     y_ptr,  # (rows, C) pre-norm, row stride stride_y
     h_ptr,  # (rows, C) output, row stride stride_h (may alias y_ptr: each program reads then writes its rows)
     n_rows,
@@ -142,7 +142,7 @@ def _layer_norm_gelu_fwd_kernel(
 
 
 @triton.jit
-def _layer_norm_gelu_bwd_kernel(
+def layer_norm_gelu_bwd_kernel(
     y_ptr,  # (rows, C) pre-norm saved by the forward
     dh_ptr,  # (rows, C) gradient of the GELU output
     dy_ptr,  # (rows, C) gradient of the pre-norm input (output)
@@ -175,7 +175,7 @@ def _layer_norm_gelu_bwd_kernel(
 
 
 @triton.jit
-def _grouped_conv1d_weight_grad_kernel(
+def grouped_conv1d_weight_grad_kernel(
     x_ptr,  # (B, T, C) layer input, any strides
     dy_ptr,  # (B, T, C) gradient of the conv output, channel stride 1
     dw_ptr,  # packed (K, CG, C) fp32 output
@@ -246,7 +246,7 @@ def _group_block(group_channels: int) -> int:
     return max(16, next_power_of_2(group_channels))
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
+def dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs keep full precision (the fp32 contract is ~1e-5 relative); tf32 only matters for fp32.
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -258,12 +258,12 @@ def _upcast_operands(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype == torch.bfloat16
 
 
-def _ln_blocks(channels: int) -> tuple[int, int]:
+def ln_blocks(channels: int) -> tuple[int, int]:
     block_c = max(LN_MIN_BLOCK_C, next_power_of_2(channels))
     return max(1, LN_ELEMENTS_PER_PROGRAM // block_c), block_c
 
 
-def _ln_warps(block_c: int) -> int:
+def ln_warps(block_c: int) -> int:
     return 8 if block_c >= 2048 else 4
 
 
@@ -308,7 +308,7 @@ def grouped_conv1d(x, packed_weight, bias, *, pad_left: int, out=None):
         {"BLOCK_T": CONV_BLOCK_T, "BLOCK_CI": CONV_BLOCK_CI, "num_warps": CONV_WARPS, "num_stages": CONV_STAGES},
     )
     grid = (cdiv(frames, config["BLOCK_T"]), channels // group_channels, batch)
-    _grouped_conv1d_kernel[grid](
+    grouped_conv1d_kernel[grid](
         x,
         packed_weight,
         bias if bias is not None else torch.zeros((channels,), device=x.device, dtype=x.dtype),
@@ -321,7 +321,7 @@ def grouped_conv1d(x, packed_weight, bias, *, pad_left: int, out=None):
         out.stride(0),
         out.stride(1),
         channels,
-        DOT_PRECISION=_dot_precision(x.dtype),
+        DOT_PRECISION=dot_precision(x.dtype),
         UPCAST_OPERANDS=_upcast_operands(x),
         BLOCK_T=config["BLOCK_T"],
         BLOCK_CI=min(config["BLOCK_CI"], block_co),
@@ -347,7 +347,7 @@ def grouped_conv1d_weight_grad(x, grad_y, *, group_channels: int, kernel_size: i
     block = _group_block(group_channels)
     config = tiles("pos_conv_wgrad", {"BLOCK_T": WGRAD_BLOCK_T, "num_warps": WGRAD_WARPS, "num_stages": WGRAD_STAGES})
     grid = (kernel_size, channels // group_channels)
-    _grouped_conv1d_weight_grad_kernel[grid](
+    grouped_conv1d_weight_grad_kernel[grid](
         x,
         grad_y,
         dw,
@@ -360,7 +360,7 @@ def grouped_conv1d_weight_grad(x, grad_y, *, group_channels: int, kernel_size: i
         grad_y.stride(0),
         grad_y.stride(1),
         channels,
-        DOT_PRECISION=_dot_precision(x.dtype),
+        DOT_PRECISION=dot_precision(x.dtype),
         UPCAST_OPERANDS=_upcast_operands(x),
         BLOCK_T=config["BLOCK_T"],
         BLOCK_CI=block,
@@ -383,9 +383,9 @@ def layer_norm_gelu_rows(y, eps: float, *, out=None):
     channels = y.shape[-1]
     n_rows = _rows(y)
     out = torch.empty_like(y) if out is None else out
-    block_rows, block_c = _ln_blocks(channels)
+    block_rows, block_c = ln_blocks(channels)
     grid = (cdiv(n_rows, block_rows),)
-    _layer_norm_gelu_fwd_kernel[grid](
+    layer_norm_gelu_fwd_kernel[grid](
         y,
         out,
         n_rows,
@@ -395,7 +395,7 @@ def layer_norm_gelu_rows(y, eps: float, *, out=None):
         channels,
         BLOCK_ROWS=block_rows,
         BLOCK_C=block_c,
-        num_warps=_ln_warps(block_c),
+        num_warps=ln_warps(block_c),
     )
     return out
 
@@ -407,9 +407,9 @@ def layer_norm_gelu_rows_backward(y, grad_h, eps: float):
     n_rows = _rows(y)
     _rows(grad_h)
     dy = torch.empty_like(y)
-    block_rows, block_c = _ln_blocks(channels)
+    block_rows, block_c = ln_blocks(channels)
     grid = (cdiv(n_rows, block_rows),)
-    _layer_norm_gelu_bwd_kernel[grid](
+    layer_norm_gelu_bwd_kernel[grid](
         y,
         grad_h,
         dy,
@@ -421,7 +421,7 @@ def layer_norm_gelu_rows_backward(y, grad_h, eps: float):
         channels,
         BLOCK_ROWS=block_rows,
         BLOCK_C=block_c,
-        num_warps=_ln_warps(block_c),
+        num_warps=ln_warps(block_c),
     )
     return dy
 
@@ -437,13 +437,13 @@ def aot_variants() -> list[AotVariant]:
     """Every configuration the launchers above pick: dtype x group block; dtype x LN row block."""
     variants = []
     for dtype, ty in _TRITON_DTYPE.items():
-        precision = _dot_precision(dtype)
+        precision = dot_precision(dtype)
         block_co = 16
         while block_co <= max(16, MAX_GROUP_CHANNELS):
             variants.append(
                 AotVariant(
                     name=f"conv_{ty}_co{block_co}",
-                    fn=_grouped_conv1d_kernel,
+                    fn=grouped_conv1d_kernel,
                     signature={"x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "y_ptr": f"*{ty}"}
                     | dict.fromkeys(("T", "CG", "K", "PAD_LEFT", "stride_xb", "stride_xt", "stride_xc"), "i32")
                     | dict.fromkeys(("stride_yb", "stride_yt", "C"), "i32")
@@ -464,7 +464,7 @@ def aot_variants() -> list[AotVariant]:
             variants.append(
                 AotVariant(
                     name=f"wgrad_{ty}_c{block_co}",
-                    fn=_grouped_conv1d_weight_grad_kernel,
+                    fn=grouped_conv1d_weight_grad_kernel,
                     signature={"x_ptr": f"*{ty}", "dy_ptr": f"*{ty}", "dw_ptr": "*fp32", "db_ptr": "*fp32"}
                     | dict.fromkeys(("B", "T", "CG", "PAD_LEFT", "stride_xb", "stride_xt", "stride_xc"), "i32")
                     | dict.fromkeys(("stride_dyb", "stride_dyt", "C"), "i32")
@@ -485,31 +485,31 @@ def aot_variants() -> list[AotVariant]:
             block_co *= 2
         block_c = LN_MIN_BLOCK_C
         while block_c <= MAX_CHANNELS:
-            block_rows, _ = _ln_blocks(block_c)
+            block_rows, _ = ln_blocks(block_c)
             blocks = {"BLOCK_ROWS": block_rows, "BLOCK_C": block_c}
             scalars = dict.fromkeys(("n_rows", "C"), "i32") | {"eps": "fp32"}
             variants.append(
                 AotVariant(
                     name=f"ln_gelu_fwd_{ty}_c{block_c}",
-                    fn=_layer_norm_gelu_fwd_kernel,
+                    fn=layer_norm_gelu_fwd_kernel,
                     signature={"y_ptr": f"*{ty}", "h_ptr": f"*{ty}"}
                     | scalars
                     | dict.fromkeys(("stride_y", "stride_h"), "i32")
                     | dict.fromkeys(blocks, "constexpr"),
                     constexprs=blocks,
-                    num_warps=_ln_warps(block_c),
+                    num_warps=ln_warps(block_c),
                 )
             )
             variants.append(
                 AotVariant(
                     name=f"ln_gelu_bwd_{ty}_c{block_c}",
-                    fn=_layer_norm_gelu_bwd_kernel,
+                    fn=layer_norm_gelu_bwd_kernel,
                     signature={"y_ptr": f"*{ty}", "dh_ptr": f"*{ty}", "dy_ptr": f"*{ty}"}
                     | scalars
                     | dict.fromkeys(("stride_y", "stride_dh", "stride_dy"), "i32")
                     | dict.fromkeys(blocks, "constexpr"),
                     constexprs=blocks,
-                    num_warps=_ln_warps(block_c),
+                    num_warps=ln_warps(block_c),
                 )
             )
             block_c *= 2
