@@ -20,8 +20,6 @@ waveform gradients from dh held in registers; neither the conv output nor its gr
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 import triton
 import triton.language as tl
@@ -36,7 +34,6 @@ from d2v_kernels.kernels._row_norm import (
     _wide_offsets,
 )
 from d2v_kernels.kernels._tiles import cdiv, next_power_of_2, tiles
-from d2v_kernels.kernels.aot import AotVariant, as_run
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_CHANNELS = 2048  # one frame's channels per program row, BLOCK_T rows in registers
@@ -299,7 +296,7 @@ def _size_reasons(channels: int, kernel_size: int, max_channels: int, max_kernel
     return reasons
 
 
-def _launch_tiles(channels: int) -> dict:
+def launch_tiles(channels: int) -> dict:
     block_c = max(16, next_power_of_2(channels))
     block_t = max(1, min(64, ELEMENTS_PER_PROGRAM // block_c))
     return tiles("conv0", {"BLOCK_T": block_t, "num_warps": _FORWARD_WARPS}) | {"BLOCK_C": block_c}
@@ -319,7 +316,7 @@ def conv0_ln_gelu(wave, weight, conv_bias, ln_weight, ln_bias, stride: int, eps:
     stats_shape = (0,) if pre_norm_only else (batch, frames)
     mean = torch.empty(stats_shape, device=wave.device, dtype=torch.float32)
     rstd = torch.empty(stats_shape, device=wave.device, dtype=torch.float32)
-    config = _launch_tiles(channels)
+    config = launch_tiles(channels)
     tiles_per_batch = cdiv(frames, config["BLOCK_T"])
     conv_bias, ln_weight, ln_bias = (None if t is None else t.contiguous() for t in (conv_bias, ln_weight, ln_bias))
     conv0_ln_gelu_kernel[(batch * tiles_per_batch,)](
@@ -346,7 +343,7 @@ _BWD_PROGRAMS_PER_SM = 1
 
 
 # fp32 data: the weight gradient's dot in three tf32 passes (fp32-accurate products, tensor cores)
-_BWD_FP32_PRECISION = "tf32x3"
+BWD_FP32_PRECISION = "tf32x3"
 
 
 def _upcast_dot(wave) -> bool:
@@ -360,7 +357,7 @@ def backward_reasons(channels: int, kernel_size: int) -> list[str]:
     return _size_reasons(channels, kernel_size, BWD_MAX_CHANNELS, BWD_MAX_KERNEL, " (fused backward)")
 
 
-def _backward_tiles(channels: int) -> dict:
+def backward_tiles(channels: int) -> dict:
     default = {"BLOCK_T": BWD_MIN_BLOCK_T, "num_warps": 8, "programs_per_sm": _BWD_PROGRAMS_PER_SM}
     config = tiles("conv0_bwd", default)
     if config["BLOCK_T"] < BWD_MIN_BLOCK_T:
@@ -377,7 +374,7 @@ def conv0_ln_gelu_backward(dy, wave, weight, conv_bias, ln_weight, ln_bias, mean
     batch, samples = wave.shape
     channels, _, kernel_size = weight.shape
     frames = dy.shape[2]
-    config = _backward_tiles(channels)
+    config = backward_tiles(channels)
     block_t = config["BLOCK_T"]
     tiles_per_batch = cdiv(frames, block_t)
     n_tiles = batch * tiles_per_batch
@@ -397,7 +394,7 @@ def conv0_ln_gelu_backward(dy, wave, weight, conv_bias, ln_weight, ln_bias, mean
         *dy.stride(),
         *wave.stride(), weight.stride(0), weight.stride(2),
         KERNEL=kernel_size, STRIDE=stride, HAS_CONV_BIAS=conv_bias is not None, WAVE_GRAD=bool(wave_grad),
-        UPCAST=_upcast_dot(wave), FP32_PRECISION=_BWD_FP32_PRECISION,
+        UPCAST=_upcast_dot(wave), FP32_PRECISION=BWD_FP32_PRECISION,
         WIDE_OFFSETS=_wide_offsets(channels, frames, [(0, dy.stride(1), dy.stride(2))]),
         BLOCK_T=block_t, BLOCK_C=config["BLOCK_C"], BLOCK_J=max(16, next_power_of_2(kernel_size)),
         num_warps=config["num_warps"],
@@ -473,131 +470,3 @@ def conv01_ln_gelu(wave, weights, conv_biases, ln_weights, ln_biases, strides, e
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
     return y
-
-
-_TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-_POINTERS = ("WAVE", "W", "CB", "G", "BETA", "Y")
-_INTS = (
-    "n_frames",
-    "n_channels",
-    "tiles_per_batch",
-    "stride_wave_b",
-    "stride_wave_s",
-    "stride_w_c",
-    "stride_w_k",
-    "stride_y_b",
-    "stride_y_c",
-    "stride_y_t",
-)
-
-
-_BWD_POINTERS = ("DY", "WAVE", "W", "CB", "G", "BETA")
-_BWD_FP32_POINTERS = ("MEAN", "RSTD", "DW_PARTIAL", "DG_PARTIAL", "DB_PARTIAL", "DCB_PARTIAL", "DFRAME")
-_BWD_INTS = (
-    "n_frames",
-    "n_channels",
-    "tiles_per_batch",
-    "n_tiles",
-    "stride_dy_b",
-    "stride_dy_c",
-    "stride_dy_t",
-    "stride_wave_b",
-    "stride_wave_s",
-    "stride_w_c",
-    "stride_w_k",
-)
-
-_FUSED01_POINTERS = ("WAVE", "W0", "CB0", "G0", "BETA0", "W1", "CB1", "G1", "BETA1", "Y")
-_FUSED01_INTS = (
-    "n_frames1",
-    "n_channels0",
-    "n_channels1",
-    "tiles_per_batch",
-    "stride_wave_b",
-    "stride_wave_s",
-    "stride_w0_c",
-    "stride_w0_k",
-    "stride_y_b",
-    "stride_y_c",
-    "stride_y_t",
-)
-
-
-def aot_variants() -> list[AotVariant]:
-    """Data2Vec's layer 0 (512 channels, k=10, stride 5): every dtype, with and without conv bias,
-    forward and pre-norm recompute; the widest row the launcher takes, in fp16; and the fused
-    layers 0 + 1."""
-    variants = []
-    combos = [(dtype, 512, bias, pre) for dtype in KERNEL_DTYPES for bias in (False, True) for pre in (False, True)]
-    combos += [(torch.float16, MAX_CHANNELS, False, False)]
-    for dtype, channels, bias, pre_norm_only in combos:
-        config = _launch_tiles(channels)
-        types = dict.fromkeys(_POINTERS, "*" + _TRITON_TYPES[dtype]) | {"MEAN": "*fp32", "RSTD": "*fp32"}
-        types |= dict.fromkeys(_INTS, "i32") | {"eps": "fp32"}
-        constexprs = {
-            "KERNEL": 10,
-            "STRIDE": 5,
-            "HAS_CONV_BIAS": bias,
-            "PRE_NORM_ONLY": pre_norm_only,
-            "BLOCK_T": config["BLOCK_T"],
-            "BLOCK_C": config["BLOCK_C"],
-        }
-        types |= dict.fromkeys(constexprs, "constexpr")
-        types = {arg: types[arg] for arg in conv0_ln_gelu_kernel.arg_names}
-        name = f"conv0_{_TRITON_TYPES[dtype]}_c{channels}_bias{int(bias)}_pre{int(pre_norm_only)}"
-        variant = AotVariant(name, conv0_ln_gelu_kernel, types, constexprs, config["num_warps"], 1)
-        # as it runs: output channels-last, unit sample and tap strides
-        unit_strides = ("stride_y_c", "stride_wave_s", "stride_w_k")
-        variants.append(as_run(variant, unit_strides, ("n_channels", "stride_y_b", "stride_y_t", "stride_wave_b")))
-    # The fused backward: every dtype, with and without conv bias and waveform gradient, at its
-    # widest row (512), specialised as it runs: dy channels-last (the op passes it so), unit
-    # sample and tap strides, 16-divisible pointers and row strides (sm_90: 222 to 255 registers at
-    # 8 warps, no spill; dy channels-first would spill 0.5 to 1.5 KB).
-    for dtype, bias, wave_grad in itertools.product(KERNEL_DTYPES, (False, True), (False, True)):
-        config = _backward_tiles(512)
-        types = dict.fromkeys(_BWD_POINTERS, "*" + _TRITON_TYPES[dtype])
-        types |= dict.fromkeys(_BWD_FP32_POINTERS, "*fp32") | dict.fromkeys(_BWD_INTS, "i32")
-        constexprs = {
-            "KERNEL": 10,
-            "STRIDE": 5,
-            "HAS_CONV_BIAS": bias,
-            "WAVE_GRAD": wave_grad,
-            "UPCAST": dtype == torch.float32,
-            "FP32_PRECISION": _BWD_FP32_PRECISION,
-            "WIDE_OFFSETS": False,
-            "BLOCK_T": config["BLOCK_T"],
-            "BLOCK_C": config["BLOCK_C"],
-            "BLOCK_J": 16,
-        }
-        types |= dict.fromkeys(constexprs, "constexpr")
-        types = {arg: types[arg] for arg in conv0_ln_gelu_bwd_kernel.arg_names}
-        name = f"conv0_bwd_{_TRITON_TYPES[dtype]}_c512_bias{int(bias)}_dwave{int(wave_grad)}"
-        variant = AotVariant(name, conv0_ln_gelu_bwd_kernel, types, constexprs, config["num_warps"], 1)
-        unit_strides = ("stride_dy_c", "stride_wave_s", "stride_w_k")
-        variants.append(as_run(variant, unit_strides, ("n_channels", "stride_dy_b", "stride_dy_t", "stride_wave_b")))
-    # Layers 0 + 1 fused: Data2Vec's (k 10, stride 5) then (k 3, stride 2), 512 channels, fp16 and
-    # bf16 without conv bias, and fp16 with both biases (sm_90: 207-254 registers, no spill).
-    for dtype, bias in [(torch.float16, False), (torch.bfloat16, False), (torch.float16, True)]:
-        config = _fused01_tiles(512)
-        types = dict.fromkeys(_FUSED01_POINTERS, "*" + _TRITON_TYPES[dtype])
-        types |= dict.fromkeys(_FUSED01_INTS, "i32") | {"eps0": "fp32", "eps1": "fp32"}
-        constexprs = {
-            "K0": 10,
-            "S0": 5,
-            "K1": 3,
-            "S1": 2,
-            "HAS_CB0": bias,
-            "HAS_CB1": bias,
-            "PRECISION": _FUSED01_DOT_PRECISION,
-            "UPCAST": False,
-            "BLOCK_M": config["BLOCK_M"],
-            "BLOCK_K": config["BLOCK_K"],
-            "BLOCK_N": config["BLOCK_N"],
-        }
-        types |= dict.fromkeys(constexprs, "constexpr")
-        types = {arg: types[arg] for arg in conv01_ln_gelu_kernel.arg_names}
-        name = f"conv01_{_TRITON_TYPES[dtype]}_c512_bias{int(bias)}"
-        variants.append(
-            AotVariant(name, conv01_ln_gelu_kernel, types, constexprs, config["num_warps"], config["num_stages"])
-        )
-    return variants
