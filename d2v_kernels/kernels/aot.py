@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import os
 import re
 import subprocess
@@ -108,20 +107,14 @@ def resource_usage(compiled, arch: int) -> tuple[int, int] | None:
 
 
 def collect(ops: list[str] | None = None) -> list[tuple[str, AotVariant]]:
-    from d2v_kernels.kernels import KERNEL_MODULES
+    """(op, variant) for every configuration in :data:`d2v_kernels.kernels.aot_variants.VARIANTS`, or
+    only those of ``ops``."""
+    from d2v_kernels.kernels.aot_variants import VARIANTS
 
-    out = []
-    for name in KERNEL_MODULES:
-        if ops and name not in ops:
-            continue
-        try:
-            module = importlib.import_module(f"d2v_kernels.kernels.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"d2v_kernels.kernels.{name}":
-                continue  # op has no Triton kernel (yet)
-            raise
-        out.extend((name, v) for v in module.aot_variants())
-    return out
+    unknown = set(ops or ()) - set(VARIANTS)
+    if unknown:
+        raise ValueError(f"no AOT variants for {sorted(unknown)}; known: {sorted(VARIANTS)}")
+    return [(name, v) for name, variants in VARIANTS.items() if not ops or name in ops for v in variants()]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,450 @@
+"""What the AOT check (:mod:`d2v_kernels.kernels.aot`) compiles: each configuration a launcher can
+pick, per kernel module, as :class:`~d2v_kernels.kernels.aot.AotVariant`.
+
+The tiles, warps and stages come from the launchers' own config functions (``fwd_config``,
+``bwd_config``, ``tile_config``, ...), so what is compiled is what runs. ``VARIANTS`` maps each
+name in ``KERNEL_MODULES`` to its list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Sequence
+
+import torch
+
+from d2v_kernels.kernels import _attention_backward, _attention_bias_grad, _row_norm, attention, pos_conv
+from d2v_kernels.kernels import conv_feature_extractor as cfe
+from d2v_kernels.kernels.aot import AotVariant, as_run
+
+TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _signature(fn, types: dict, constexprs: dict) -> dict:
+    """``fn``'s signature in argument order: its constexprs, then ``types``."""
+    types = types | dict.fromkeys(constexprs, "constexpr")
+    return {arg: types[arg] for arg in fn.arg_names}
+
+
+# --------------------------------------------------------------------------------------------
+# Row norm (layer_norm_gelu, add_layer_norm)
+# --------------------------------------------------------------------------------------------
+
+_ROW_NORM_FWD_POINTERS = ("X", "RES", "W", "B", "Y", "SUM", "MEAN", "RSTD")
+_ROW_NORM_FWD_INTS = (
+    ("n_pos", "n_channels", "tiles_per_batch")
+    + tuple(f"stride_{t}_{a}" for t in ("x", "res", "y", "sum") for a in "bcp")
+    + ("stride_w", "stride_bias")
+)
+_ROW_NORM_BWD_POINTERS = ("X", "RES", "W", "B", "DY", "DSUM", "MEAN", "RSTD", "DX", "DW_PARTIAL", "DB_PARTIAL")
+_ROW_NORM_BWD_INTS = (
+    ("n_pos", "n_channels", "tiles_per_batch", "n_tiles")
+    + tuple(f"stride_{t}_{a}" for t in ("x", "res", "dy", "dsum", "dx") for a in "bcp")
+    + ("stride_w", "stride_bias")
+)
+
+
+def _every_tile(config) -> list[tuple[int, int, int]]:
+    """Every (BLOCK_P, BLOCK_C, num_warps) ``config`` (a row-norm tile function) can return, over
+    both layouts."""
+    tiles = {
+        config(2**log_c, contiguous) for log_c in range(_row_norm.MAX_CHANNELS.bit_length()) for contiguous in (0, 1)
+    }
+    return sorted(tiles, key=lambda t: (t[1], t[0]))
+
+
+def row_norm_variants(prefix: str, feature_sets: Sequence[dict], channels: int = 512) -> list[AotVariant]:
+    """Coverage by axis, not the full product (CI time): the first feature set (constexpr flags
+    plus ``param_fp32``) in every dtype, every other feature set in fp16, all at the tile of a
+    ``channels``-wide channels-first row (the audio encoder's); and every tile the launchers can
+    pick in fp16 with the first feature set, forward and backward tiles each. The flags are
+    independent constexpr branches, so the feature sets need only cover each value of each flag once.
+
+    A feature set holds HAS_RESIDUAL, STORE_SUM (HAS_DSUM in the backward), HAS_WEIGHT, HAS_BIAS,
+    ACTIVATION.
+    """
+    variants = []
+    for direction, config in (("fwd", _row_norm.tile_config), ("bwd", _row_norm.backward_tile_config)):
+        model_tile = config(channels, True)
+        combos = [(dtype, feature_sets[0], model_tile) for dtype in _row_norm.KERNEL_DTYPES]
+        combos += [(torch.float16, features, model_tile) for features in feature_sets[1:]]
+        combos += [(torch.float16, feature_sets[0], t) for t in _every_tile(config) if t != model_tile]
+        variants += [_row_norm_variant(prefix, direction, *combo) for combo in combos]
+        variants.append(_row_norm_variant(prefix, direction, torch.float16, feature_sets[0], model_tile, wide=True))
+    return variants
+
+
+def _row_norm_variant(prefix: str, direction: str, dtype, features: dict, tile, wide: bool = False) -> AotVariant:
+    block_p, block_c, num_warps = tile
+    x_type = "*" + TRITON_TYPES[dtype]
+    param_type = "*fp32" if features.get("param_fp32") else x_type
+    flags = {k: v for k, v in features.items() if k != "param_fp32"}
+    name = f"{TRITON_TYPES[dtype]}_{'fp32params_' if features.get('param_fp32') else ''}"
+    name += "_".join(f"{k.lower()}={int(v)}" for k, v in flags.items()) + f"_p{block_p}_c{block_c}_w{num_warps}"
+    name += "_wide" if wide else ""
+    blocks = {"BLOCK_P": block_p, "BLOCK_C": block_c, "WIDE_OFFSETS": wide}
+    if direction == "fwd":
+        constexprs = {k: flags[k] for k in ("HAS_RESIDUAL", "STORE_SUM", "HAS_WEIGHT", "HAS_BIAS", "ACTIVATION")}
+        constexprs |= blocks
+        types = dict.fromkeys(_ROW_NORM_FWD_POINTERS, x_type) | {"W": param_type, "B": param_type}
+        types |= {"MEAN": "*fp32", "RSTD": "*fp32"} | dict.fromkeys(_ROW_NORM_FWD_INTS, "i32") | {"eps": "fp32"}
+        kernel = _row_norm.row_norm_fwd_kernel
+    else:
+        constexprs = {k: flags[k] for k in ("HAS_RESIDUAL", "HAS_WEIGHT", "HAS_BIAS", "ACTIVATION")}
+        constexprs = {"HAS_DSUM": flags["STORE_SUM"], **constexprs} | blocks
+        types = dict.fromkeys(_ROW_NORM_BWD_POINTERS, x_type) | {"W": param_type, "B": param_type}
+        types |= dict.fromkeys(("MEAN", "RSTD", "DW_PARTIAL", "DB_PARTIAL"), "*fp32")
+        types |= dict.fromkeys(_ROW_NORM_BWD_INTS, "i32")
+        kernel = _row_norm.row_norm_bwd_kernel
+    # ptxas caps this one variant (fp32 weight, no bias, backward) at 128 registers and spills 4 bytes.
+    weight_only_fp32 = direction == "bwd" and features.get("param_fp32") and not flags["HAS_BIAS"]
+    return AotVariant(
+        f"{prefix}_{direction}_{name}",
+        kernel,
+        _signature(kernel, types, constexprs),
+        constexprs,
+        num_warps,
+        1,
+        8 if weight_only_fp32 else 0,
+    )
+
+
+def _row_norm_features(residual: bool, store_sum: bool, weight: bool, bias: bool, activation: int, param_fp32=False):
+    return {
+        "HAS_RESIDUAL": residual,
+        "STORE_SUM": store_sum,
+        "HAS_WEIGHT": weight,
+        "HAS_BIAS": bias,
+        "ACTIVATION": activation,
+        "param_fp32": param_fp32,
+    }
+
+
+def layer_norm_gelu_variants() -> list[AotVariant]:
+    """Exact GELU with affine in every dtype; tanh GELU without affine; fp32 weight only; bias only."""
+    exact, tanh = _row_norm.ACTIVATIONS["none"], _row_norm.ACTIVATIONS["tanh"]
+    feature_sets = [
+        _row_norm_features(False, False, True, True, exact),
+        _row_norm_features(False, False, False, False, tanh),
+        _row_norm_features(False, False, True, False, exact, param_fp32=True),
+        _row_norm_features(False, False, False, True, exact),
+    ]
+    return row_norm_variants("layer_norm_gelu", feature_sets)
+
+
+def add_layer_norm_variants() -> list[AotVariant]:
+    """Affine without the stored sum in every dtype; the sum without affine; fp32 weight only; the
+    sum with bias only."""
+    plain = _row_norm.ACTIVATIONS[None]
+    feature_sets = [
+        _row_norm_features(True, False, True, True, plain),
+        _row_norm_features(True, True, False, False, plain),
+        _row_norm_features(True, False, True, False, plain, param_fp32=True),
+        _row_norm_features(True, True, False, True, plain),
+    ]
+    return row_norm_variants("add_layer_norm", feature_sets)
+
+
+# --------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------
+
+_ATTENTION_FLOAT_ARGS = {"scale", "scale_log2", "dropout_p"}
+_ATTENTION_POINTER_TYPES = {
+    "LSE": "*fp32", "DELTA": "*fp32", "DS": "*fp32", "VALUES": "*fp32", "INDEX": "*i64", "ORDER": "*i64",
+    "OFFSETS": "*i64", "KEEP": "*u8", "KEEP_OUT": "*u8", "SEED": "*i64",
+}  # fmt: skip
+# Compiled as Data2Vec's calls run: head dim, index, bias and mask rows contiguous (unit
+# strides), the other strides multiples of the 768-wide hidden size, head_dim 16 to 128.
+_ATTENTION_UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_dod", "stride_ij", "stride_bj", "stride_mj")
+_ATTENTION_DIVISIBLE_BY_16 = tuple(f"stride_{t}{a}" for t in ("q", "k", "v", "o", "do") for a in ("b", "n", "h"))
+_ATTENTION_DIVISIBLE_BY_16 += ("head_dim",)
+
+
+def _attention_signature(fn, dtype: torch.dtype, constexprs: dict) -> dict:
+    """Triton signature of ``fn``: data pointers in ``dtype``, statistics fp32, ints i32."""
+    dt = TRITON_TYPES[dtype]
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.isupper():
+            signature[name] = _ATTENTION_POINTER_TYPES.get(name, f"*{dt}")
+        elif name in _ATTENTION_FLOAT_ARGS:
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    return signature
+
+
+def _attention_variant(kind: str, fn, dtype: torch.dtype, config: dict, **constexprs) -> AotVariant:
+    constexprs = {**{k: v for k, v in config.items() if k.isupper()}, **constexprs}
+    flags = "".join(k[4].lower() if k.startswith("HAS_") else "" for k, v in constexprs.items() if v is True)
+    name = f"{kind}_{TRITON_TYPES[dtype]}_d{constexprs.get('BLOCK_D', 0)}_{flags or 'plain'}"
+    if constexprs.get("IS_CAUSAL"):
+        name += "_causal"
+    if "DS_MODE" in constexprs:
+        name += f"_ds{constexprs['DS_MODE']}"
+    return AotVariant(
+        name=name,
+        fn=fn,
+        signature=_attention_signature(fn, dtype, constexprs),
+        constexprs=constexprs,
+        num_warps=config.get("num_warps", 4),
+        num_stages=config.get("num_stages", 2),
+    )
+
+
+def attention_variants() -> list[AotVariant]:
+    """The model configurations (vision: table bias in fp16 and fp32; audio/text: padding mask in bf16),
+    every feature flag at once in fp16, the d=128 and d=16 tiles; the small kernels once per dtype
+    they are launched with. Kept to ~30 compiles per arch for CI time."""
+    features = ("HAS_TABLE", "HAS_BIAS", "HAS_MASK", "IS_CAUSAL", "HAS_DROPOUT")
+
+    def flags(*on):
+        return {f: f in on for f in features}
+
+    cases = [  # (dtype, BLOCK_D, flags, kernels)
+        (torch.float16, 64, flags("HAS_TABLE"), ("fwd", "dkdv", "dq", "ds")),
+        (torch.float32, 64, flags("HAS_TABLE"), ("fwd", "dkdv", "dq", "ds")),
+        (torch.bfloat16, 64, flags("HAS_MASK"), ("fwd", "dkdv", "dq")),
+        (torch.bfloat16, 64, flags("HAS_MASK", "HAS_DROPOUT"), ("fwd", "dkdv", "dq")),  # audio/text training
+        (torch.float16, 64, flags(*features), ("fwd", "dkdv", "dq", "ds")),
+        (torch.float16, 128, flags("HAS_MASK"), ("fwd", "dkdv", "dq")),
+        (torch.float16, 16, flags("HAS_MASK"), ("fwd", "dkdv")),
+    ]
+    kernels = {
+        "fwd": attention.attention_fwd_kernel,
+        "dkdv": _attention_backward.attention_bwd_dkdv_kernel,
+        "dq": _attention_backward.attention_bwd_dq_kernel,
+        "ds": _attention_bias_grad.attention_bwd_ds_kernel,
+    }
+    variants = []
+    for dtype, block_d, case_flags, names in cases:
+        common = {
+            "BLOCK_D": block_d,
+            "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+            "UPCAST": False,
+            **case_flags,
+        }
+        for name in names:
+            bias_tile = case_flags["HAS_TABLE"] or case_flags["HAS_BIAS"]
+            dropout = case_flags["HAS_DROPOUT"]
+            if name == "fwd":
+                config = attention.fwd_config(dtype, block_d, bias_tile, dropout)
+            else:
+                config = _attention_backward.bwd_config(dtype, block_d)
+            extra = {}
+            if name == "dq":
+                ds_store, ds_atomic, ds_none = (
+                    _attention_backward.DS_STORE,
+                    _attention_backward.DS_ATOMIC,
+                    _attention_backward.DS_NONE,
+                )
+                extra["DS_MODE"] = ds_store if case_flags["HAS_BIAS"] else ds_atomic if bias_tile else ds_none
+            variant = _attention_variant(name, kernels[name], dtype, config, **common, **extra)
+            if all(case_flags.values()):
+                # Every flag at once (table, dense bias, mask, causal, dropout): compiled for coverage,
+                # no model runs it; its backward spills ~100-650 bytes on sm_90 (triton 3.8-3.9).
+                variant = dataclasses.replace(variant, allowed_spill_bytes=1024)
+            elif name == "dkdv" and case_flags["HAS_DROPOUT"]:
+                # The training configuration's dK/dV: 8 bytes (2 registers) at 255, with tl.rand too.
+                variant = dataclasses.replace(variant, allowed_spill_bytes=16)
+            elif name == "dkdv" and dtype == torch.float32:
+                # fp32 is the precision path: its FMA (ieee) dots keep dK and dV in ~600 spilled bytes.
+                variant = dataclasses.replace(variant, allowed_spill_bytes=640)
+            variants.append(variant)
+    for dtype in (torch.float16, torch.float32):
+        delta_config = {"BLOCK_M": 64, "num_warps": 8}
+        preprocess = _attention_backward.attention_bwd_preprocess_kernel
+        variants.append(_attention_variant("delta", preprocess, dtype, delta_config, BLOCK_D=64))
+        segment_sum = _attention_bias_grad.segment_sum_kernel
+        variants.append(_attention_variant("segment_sum", segment_sum, dtype, {"BLOCK_P": 64, "BLOCK_H": 16}))
+    dropout_config = {"BLOCK_M": 64, "BLOCK_N": 64}
+    variants.append(_attention_variant("dropout_mask", attention.dropout_mask_kernel, torch.float16, dropout_config))
+    return [as_run(v, _ATTENTION_UNIT_STRIDES, _ATTENTION_DIVISIBLE_BY_16) for v in variants]
+
+
+# --------------------------------------------------------------------------------------------
+# Positional convolution
+# --------------------------------------------------------------------------------------------
+
+
+def pos_conv_variants() -> list[AotVariant]:
+    """Every configuration the launchers pick: dtype x group block; dtype x LN row block."""
+    variants = []
+    conv_blocks = ("DOT_PRECISION", "UPCAST_OPERANDS", "BLOCK_T", "BLOCK_CI", "BLOCK_CO")
+    for dtype, ty in TRITON_TYPES.items():
+        precision = pos_conv.dot_precision(dtype)
+        block_co = 16
+        while block_co <= max(16, pos_conv.MAX_GROUP_CHANNELS):
+            variants.append(
+                AotVariant(
+                    name=f"conv_{ty}_co{block_co}",
+                    fn=pos_conv.grouped_conv1d_kernel,
+                    signature={"x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "y_ptr": f"*{ty}"}
+                    | dict.fromkeys(("T", "CG", "K", "PAD_LEFT", "stride_xb", "stride_xt", "stride_xc"), "i32")
+                    | dict.fromkeys(("stride_yb", "stride_yt", "C"), "i32")
+                    | dict.fromkeys(conv_blocks, "constexpr"),
+                    constexprs={
+                        "DOT_PRECISION": precision,
+                        "UPCAST_OPERANDS": False,
+                        "BLOCK_T": pos_conv.CONV_BLOCK_T,
+                        "BLOCK_CI": min(pos_conv.CONV_BLOCK_CI, block_co),
+                        "BLOCK_CO": block_co,
+                    },
+                    num_warps=pos_conv.CONV_WARPS,
+                    num_stages=pos_conv.CONV_STAGES,
+                )
+            )
+            variants.append(
+                AotVariant(
+                    name=f"wgrad_{ty}_c{block_co}",
+                    fn=pos_conv.grouped_conv1d_weight_grad_kernel,
+                    signature={"x_ptr": f"*{ty}", "dy_ptr": f"*{ty}", "dw_ptr": "*fp32", "db_ptr": "*fp32"}
+                    | dict.fromkeys(("B", "T", "CG", "PAD_LEFT", "stride_xb", "stride_xt", "stride_xc"), "i32")
+                    | dict.fromkeys(("stride_dyb", "stride_dyt", "C"), "i32")
+                    | dict.fromkeys(conv_blocks, "constexpr"),
+                    constexprs={
+                        "DOT_PRECISION": precision,
+                        "UPCAST_OPERANDS": False,
+                        "BLOCK_T": pos_conv.WGRAD_BLOCK_T,
+                        "BLOCK_CI": block_co,
+                        "BLOCK_CO": block_co,
+                    },
+                    num_warps=pos_conv.WGRAD_WARPS,
+                    num_stages=pos_conv.WGRAD_STAGES,
+                )
+            )
+            block_co *= 2
+        block_c = pos_conv.LN_MIN_BLOCK_C
+        while block_c <= pos_conv.MAX_CHANNELS:
+            block_rows, _ = pos_conv.ln_blocks(block_c)
+            blocks = {"BLOCK_ROWS": block_rows, "BLOCK_C": block_c}
+            scalars = dict.fromkeys(("n_rows", "C"), "i32") | {"eps": "fp32"}
+            variants.append(
+                AotVariant(
+                    name=f"ln_gelu_fwd_{ty}_c{block_c}",
+                    fn=pos_conv.layer_norm_gelu_fwd_kernel,
+                    signature={"y_ptr": f"*{ty}", "h_ptr": f"*{ty}"}
+                    | scalars
+                    | dict.fromkeys(("stride_y", "stride_h"), "i32")
+                    | dict.fromkeys(blocks, "constexpr"),
+                    constexprs=blocks,
+                    num_warps=pos_conv.ln_warps(block_c),
+                )
+            )
+            variants.append(
+                AotVariant(
+                    name=f"ln_gelu_bwd_{ty}_c{block_c}",
+                    fn=pos_conv.layer_norm_gelu_bwd_kernel,
+                    signature={"y_ptr": f"*{ty}", "dh_ptr": f"*{ty}", "dy_ptr": f"*{ty}"}
+                    | scalars
+                    | dict.fromkeys(("stride_y", "stride_dh", "stride_dy"), "i32")
+                    | dict.fromkeys(blocks, "constexpr"),
+                    constexprs=blocks,
+                    num_warps=pos_conv.ln_warps(block_c),
+                )
+            )
+            block_c *= 2
+    # Compiled as the channels-last (B, T, C) calls run: unit channel stride, the other strides
+    # and the group width multiples of 16.
+    divisible = ("stride_xb", "stride_xt", "stride_yb", "stride_yt", "stride_dyb", "stride_dyt", "C", "CG")
+    divisible += ("stride_y", "stride_h", "stride_dh", "stride_dy")
+    return [as_run(v, ("stride_xc",), divisible) for v in variants]
+
+
+# --------------------------------------------------------------------------------------------
+# Feature extractor layer 0
+# --------------------------------------------------------------------------------------------
+
+_CONV0_POINTERS = ("WAVE", "W", "CB", "G", "BETA", "Y")
+_CONV0_INTS = (
+    "n_frames",
+    "n_channels",
+    "tiles_per_batch",
+    "stride_wave_b",
+    "stride_wave_s",
+    "stride_w_c",
+    "stride_w_k",
+    "stride_y_b",
+    "stride_y_c",
+    "stride_y_t",
+)
+_CONV0_BWD_POINTERS = ("DY", "WAVE", "W", "CB", "G", "BETA")
+_CONV0_BWD_FP32_POINTERS = ("MEAN", "RSTD", "DW_PARTIAL", "DG_PARTIAL", "DB_PARTIAL", "DCB_PARTIAL", "DFRAME")
+_CONV0_BWD_INTS = (
+    "n_frames",
+    "n_channels",
+    "tiles_per_batch",
+    "n_tiles",
+    "stride_dy_b",
+    "stride_dy_c",
+    "stride_dy_t",
+    "stride_wave_b",
+    "stride_wave_s",
+    "stride_w_c",
+    "stride_w_k",
+)
+
+
+def conv_feature_extractor_variants() -> list[AotVariant]:
+    """Data2Vec's layer 0 (512 channels, k=10, stride 5): every dtype, with and without conv bias,
+    forward and pre-norm recompute; the widest row the launcher takes, in fp16; the backward."""
+    variants = []
+    combos = [(dtype, 512, bias, pre) for dtype in cfe.KERNEL_DTYPES for bias in (False, True) for pre in (False, True)]
+    combos += [(torch.float16, cfe.MAX_CHANNELS, False, False)]
+    for dtype, channels, bias, pre_norm_only in combos:
+        config = cfe.launch_tiles(channels)
+        types = dict.fromkeys(_CONV0_POINTERS, "*" + TRITON_TYPES[dtype]) | {"MEAN": "*fp32", "RSTD": "*fp32"}
+        types |= dict.fromkeys(_CONV0_INTS, "i32") | {"eps": "fp32"}
+        constexprs = {
+            "KERNEL": 10,
+            "STRIDE": 5,
+            "HAS_CONV_BIAS": bias,
+            "PRE_NORM_ONLY": pre_norm_only,
+            "BLOCK_T": config["BLOCK_T"],
+            "BLOCK_C": config["BLOCK_C"],
+        }
+        kernel = cfe.conv0_ln_gelu_kernel
+        name = f"conv0_{TRITON_TYPES[dtype]}_c{channels}_bias{int(bias)}_pre{int(pre_norm_only)}"
+        variant = AotVariant(name, kernel, _signature(kernel, types, constexprs), constexprs, config["num_warps"], 1)
+        # as it runs: output channels-last, unit sample and tap strides
+        unit_strides = ("stride_y_c", "stride_wave_s", "stride_w_k")
+        variants.append(as_run(variant, unit_strides, ("n_channels", "stride_y_b", "stride_y_t", "stride_wave_b")))
+    # The fused backward: every dtype, with and without conv bias and waveform gradient, at its
+    # widest row (512), specialised as it runs: dy channels-last (the op passes it so), unit
+    # sample and tap strides, 16-divisible pointers and row strides (sm_90: 222 to 255 registers at
+    # 8 warps, no spill; dy channels-first would spill 0.5 to 1.5 KB).
+    for dtype, bias, wave_grad in itertools.product(cfe.KERNEL_DTYPES, (False, True), (False, True)):
+        config = cfe.backward_tiles(512)
+        types = dict.fromkeys(_CONV0_BWD_POINTERS, "*" + TRITON_TYPES[dtype])
+        types |= dict.fromkeys(_CONV0_BWD_FP32_POINTERS, "*fp32") | dict.fromkeys(_CONV0_BWD_INTS, "i32")
+        constexprs = {
+            "KERNEL": 10,
+            "STRIDE": 5,
+            "HAS_CONV_BIAS": bias,
+            "WAVE_GRAD": wave_grad,
+            "UPCAST": dtype == torch.float32,
+            "FP32_PRECISION": cfe.BWD_FP32_PRECISION,
+            "WIDE_OFFSETS": False,
+            "BLOCK_T": config["BLOCK_T"],
+            "BLOCK_C": config["BLOCK_C"],
+            "BLOCK_J": 16,
+        }
+        kernel = cfe.conv0_ln_gelu_bwd_kernel
+        name = f"conv0_bwd_{TRITON_TYPES[dtype]}_c512_bias{int(bias)}_dwave{int(wave_grad)}"
+        variant = AotVariant(name, kernel, _signature(kernel, types, constexprs), constexprs, config["num_warps"], 1)
+        unit_strides = ("stride_dy_c", "stride_wave_s", "stride_w_k")
+        variants.append(as_run(variant, unit_strides, ("n_channels", "stride_dy_b", "stride_dy_t", "stride_wave_b")))
+    return variants
+
+
+VARIANTS = {
+    "layer_norm_gelu": layer_norm_gelu_variants,
+    "add_layer_norm": add_layer_norm_variants,
+    "attention": attention_variants,
+    "pos_conv": pos_conv_variants,
+    "conv_feature_extractor": conv_feature_extractor_variants,
+}
