@@ -21,34 +21,19 @@ into an fp32 (G, H, Nq, Nk) scratch: from the dQ kernel with a plain store (G = 
 (G = 1, non-deterministic mode), or from a separate kernel that loops over the batch for each
 (head, tile) (G = 1, deterministic mode). The table gradient is then an index-sorted segment sum.
 
-Files. This one: the forward kernel, the launchers the op calls and the AOT variants of every
-attention kernel. ``_attention_common``: the score, dropout and launch helpers both directions
-share. ``_attention_backward``: delta, dK/dV and dQ. ``_attention_bias_grad``: the deterministic
-dS kernel and the table's segment sum.
+Files. This one: the forward kernel and the launchers the op calls. ``_attention_common``: the
+score, dropout and launch helpers both directions share. ``_attention_backward``: delta, dK/dV and
+dQ. ``_attention_bias_grad``: the deterministic dS kernel and the table's segment sum. What the AOT
+check compiles of them is listed in ``aot_variants``.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import torch
 import triton
 import triton.language as tl
 
-from d2v_kernels.kernels._attention_backward import (
-    DS_ATOMIC,
-    DS_NONE,
-    DS_STORE,
-    attention_backward,
-    attention_bwd_dkdv_kernel,
-    attention_bwd_dq_kernel,
-    attention_bwd_preprocess_kernel,
-    bwd_config,
-)
-from d2v_kernels.kernels._attention_bias_grad import (
-    attention_bwd_ds_kernel,
-    segment_sum_kernel,
-)
+from d2v_kernels.kernels._attention_backward import attention_backward
 from d2v_kernels.kernels._attention_common import (
     LOG2E,
     bias_args,
@@ -63,14 +48,12 @@ from d2v_kernels.kernels._attention_common import (
 from d2v_kernels.kernels._launch import DirectLaunch
 from d2v_kernels.kernels._tiles import cdiv, tiles
 from d2v_kernels.kernels._tiles import on_change as on_tiles_change
-from d2v_kernels.kernels.aot import AotVariant, as_run
 
 __all__ = [
     "MAX_HEAD_DIM",
     "MIN_HEAD_DIM",
     "attention_backward",
     "attention_forward",
-    "aot_variants",
     "dropout_keep_mask",
     "unsupported_reasons",
 ]
@@ -422,115 +405,3 @@ def dropout_keep_mask(seed: torch.Tensor, batch: int, heads: int, n_q: int, n_k:
     grid = (cdiv(n_q, 64), cdiv(n_k, 64), batch * heads)
     dropout_mask_kernel[grid](seed, keep, heads, n_q, n_k, dropout_p, BLOCK_M=64, BLOCK_N=64)
     return keep.bool()
-
-
-# --------------------------------------------------------------------------------------------
-# Ahead-of-time variants
-# --------------------------------------------------------------------------------------------
-
-_TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-_FLOAT_ARGS = {"scale", "scale_log2", "dropout_p"}
-
-
-def _signature(fn, dtype: torch.dtype, constexprs: dict) -> dict:
-    """Triton signature of ``fn``: data pointers in ``dtype``, statistics fp32, ints i32."""
-    dt = _TRITON_DTYPES[dtype]
-    pointer_types = {
-        "LSE": "*fp32", "DELTA": "*fp32", "DS": "*fp32", "VALUES": "*fp32", "INDEX": "*i64", "ORDER": "*i64",
-        "OFFSETS": "*i64", "KEEP": "*u8", "KEEP_OUT": "*u8", "SEED": "*i64",
-    }  # fmt: skip
-    signature = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name.isupper():
-            signature[name] = pointer_types.get(name, f"*{dt}")
-        elif name in _FLOAT_ARGS:
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-    return signature
-
-
-def _variant(kind: str, fn, dtype: torch.dtype, config: dict, **constexprs) -> AotVariant:
-    constexprs = {**{k: v for k, v in config.items() if k.isupper()}, **constexprs}
-    flags = "".join(k[4].lower() if k.startswith("HAS_") else "" for k, v in constexprs.items() if v is True)
-    name = f"{kind}_{_TRITON_DTYPES[dtype]}_d{constexprs.get('BLOCK_D', 0)}_{flags or 'plain'}"
-    if constexprs.get("IS_CAUSAL"):
-        name += "_causal"
-    if "DS_MODE" in constexprs:
-        name += f"_ds{constexprs['DS_MODE']}"
-    return AotVariant(
-        name=name,
-        fn=fn,
-        signature=_signature(fn, dtype, constexprs),
-        constexprs=constexprs,
-        num_warps=config.get("num_warps", 4),
-        num_stages=config.get("num_stages", 2),
-    )
-
-
-def aot_variants() -> list[AotVariant]:
-    """The model configurations (vision: table bias in fp16 and fp32; audio/text: padding mask in bf16),
-    every feature flag at once in fp16, the d=128 and d=16 tiles; the small kernels once per dtype
-    they are launched with. Kept to ~30 compiles per arch for CI time."""
-    features = ("HAS_TABLE", "HAS_BIAS", "HAS_MASK", "IS_CAUSAL", "HAS_DROPOUT")
-
-    def flags(*on):
-        return {f: f in on for f in features}
-
-    cases = [  # (dtype, BLOCK_D, flags, kernels)
-        (torch.float16, 64, flags("HAS_TABLE"), ("fwd", "dkdv", "dq", "ds")),
-        (torch.float32, 64, flags("HAS_TABLE"), ("fwd", "dkdv", "dq", "ds")),
-        (torch.bfloat16, 64, flags("HAS_MASK"), ("fwd", "dkdv", "dq")),
-        (torch.bfloat16, 64, flags("HAS_MASK", "HAS_DROPOUT"), ("fwd", "dkdv", "dq")),  # audio/text training
-        (torch.float16, 64, flags(*features), ("fwd", "dkdv", "dq", "ds")),
-        (torch.float16, 128, flags("HAS_MASK"), ("fwd", "dkdv", "dq")),
-        (torch.float16, 16, flags("HAS_MASK"), ("fwd", "dkdv")),
-    ]
-    kernels = {
-        "fwd": attention_fwd_kernel,
-        "dkdv": attention_bwd_dkdv_kernel,
-        "dq": attention_bwd_dq_kernel,
-        "ds": attention_bwd_ds_kernel,
-    }
-    variants = []
-    for dtype, block_d, case_flags, names in cases:
-        common = {
-            "BLOCK_D": block_d,
-            "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
-            "UPCAST": False,
-            **case_flags,
-        }
-        for name in names:
-            bias_tile = case_flags["HAS_TABLE"] or case_flags["HAS_BIAS"]
-            dropout = case_flags["HAS_DROPOUT"]
-            config = fwd_config(dtype, block_d, bias_tile, dropout) if name == "fwd" else bwd_config(dtype, block_d)
-            extra = {}
-            if name == "dq":
-                needs_ds = case_flags["HAS_TABLE"] or case_flags["HAS_BIAS"]
-                extra["DS_MODE"] = DS_STORE if case_flags["HAS_BIAS"] else DS_ATOMIC if needs_ds else DS_NONE
-            variant = _variant(name, kernels[name], dtype, config, **common, **extra)
-            if all(case_flags.values()):
-                # Every flag at once (table, dense bias, mask, causal, dropout): compiled for coverage,
-                # no model runs it; its backward spills ~100-650 bytes on sm_90 (triton 3.8-3.9).
-                variant = dataclasses.replace(variant, allowed_spill_bytes=1024)
-            elif name == "dkdv" and case_flags["HAS_DROPOUT"]:
-                # The training configuration's dK/dV: 8 bytes (2 registers) at 255, with tl.rand too.
-                variant = dataclasses.replace(variant, allowed_spill_bytes=16)
-            elif name == "dkdv" and dtype == torch.float32:
-                # fp32 is the precision path: its FMA (ieee) dots keep dK and dV in ~600 spilled bytes.
-                variant = dataclasses.replace(variant, allowed_spill_bytes=640)
-            variants.append(variant)
-    for dtype in (torch.float16, torch.float32):
-        delta_config = {"BLOCK_M": 64, "num_warps": 8}
-        variants.append(_variant("delta", attention_bwd_preprocess_kernel, dtype, delta_config, BLOCK_D=64))
-        variants.append(_variant("segment_sum", segment_sum_kernel, dtype, {"BLOCK_P": 64, "BLOCK_H": 16}))
-    variants.append(_variant("dropout_mask", dropout_mask_kernel, torch.float16, {"BLOCK_M": 64, "BLOCK_N": 64}))
-    # Compiled as Data2Vec's calls run: head dim, index, bias and mask rows contiguous (unit
-    # strides), the other strides multiples of the 768-wide hidden size, head_dim 16 to 128.
-    return [as_run(v, _UNIT_STRIDES, _DIVISIBLE_BY_16) for v in variants]
-
-
-_UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_dod", "stride_ij", "stride_bj", "stride_mj")
-_DIVISIBLE_BY_16 = tuple(f"stride_{t}{a}" for t in ("q", "k", "v", "o", "do") for a in ("b", "n", "h")) + ("head_dim",)
