@@ -30,7 +30,6 @@ import triton
 import triton.language as tl
 
 from d2v_kernels.kernels._tiles import cdiv, next_power_of_2, tiles
-from d2v_kernels.kernels.aot import AotVariant, as_run
 
 # Tiles. BLOCK_T = 64 frames is the M of the conv GEMM (one wgmma M per warpgroup on H100);
 # the group's channels are padded to a power of two >= 16 (tl.dot's minimum), and the K loop
@@ -43,7 +42,7 @@ CONV_STAGES = 3
 WGRAD_BLOCK_T = 64
 WGRAD_WARPS = 4
 WGRAD_STAGES = 3
-MAX_GROUP_CHANNELS = 64  # Data2Vec: 48 (base), 64 (large); caps the compiled variants
+MAX_GROUP_CHANNELS = 64  # Data2Vec: 48 (base), 64 (large); caps the AOT-compiled variants
 # LayerNorm rows: the whole channel row in registers, about 4096 elements per program; rows are
 # padded to at least 256 channels so that few variants cover every C (tiny C only in tests).
 MAX_CHANNELS = 4096
@@ -424,97 +423,3 @@ def layer_norm_gelu_rows_backward(y, grad_h, eps: float):
         num_warps=ln_warps(block_c),
     )
     return dy
-
-
-# --------------------------------------------------------------------------------------------
-# Ahead-of-time compile list
-# --------------------------------------------------------------------------------------------
-
-_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
-def aot_variants() -> list[AotVariant]:
-    """Every configuration the launchers above pick: dtype x group block; dtype x LN row block."""
-    variants = []
-    for dtype, ty in _TRITON_DTYPE.items():
-        precision = dot_precision(dtype)
-        block_co = 16
-        while block_co <= max(16, MAX_GROUP_CHANNELS):
-            variants.append(
-                AotVariant(
-                    name=f"conv_{ty}_co{block_co}",
-                    fn=grouped_conv1d_kernel,
-                    signature={"x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "y_ptr": f"*{ty}"}
-                    | dict.fromkeys(("T", "CG", "K", "PAD_LEFT", "stride_xb", "stride_xt", "stride_xc"), "i32")
-                    | dict.fromkeys(("stride_yb", "stride_yt", "C"), "i32")
-                    | dict.fromkeys(
-                        ("DOT_PRECISION", "UPCAST_OPERANDS", "BLOCK_T", "BLOCK_CI", "BLOCK_CO"), "constexpr"
-                    ),
-                    constexprs={
-                        "DOT_PRECISION": precision,
-                        "UPCAST_OPERANDS": False,
-                        "BLOCK_T": CONV_BLOCK_T,
-                        "BLOCK_CI": min(CONV_BLOCK_CI, block_co),
-                        "BLOCK_CO": block_co,
-                    },
-                    num_warps=CONV_WARPS,
-                    num_stages=CONV_STAGES,
-                )
-            )
-            variants.append(
-                AotVariant(
-                    name=f"wgrad_{ty}_c{block_co}",
-                    fn=grouped_conv1d_weight_grad_kernel,
-                    signature={"x_ptr": f"*{ty}", "dy_ptr": f"*{ty}", "dw_ptr": "*fp32", "db_ptr": "*fp32"}
-                    | dict.fromkeys(("B", "T", "CG", "PAD_LEFT", "stride_xb", "stride_xt", "stride_xc"), "i32")
-                    | dict.fromkeys(("stride_dyb", "stride_dyt", "C"), "i32")
-                    | dict.fromkeys(
-                        ("DOT_PRECISION", "UPCAST_OPERANDS", "BLOCK_T", "BLOCK_CI", "BLOCK_CO"), "constexpr"
-                    ),
-                    constexprs={
-                        "DOT_PRECISION": precision,
-                        "UPCAST_OPERANDS": False,
-                        "BLOCK_T": WGRAD_BLOCK_T,
-                        "BLOCK_CI": block_co,
-                        "BLOCK_CO": block_co,
-                    },
-                    num_warps=WGRAD_WARPS,
-                    num_stages=WGRAD_STAGES,
-                )
-            )
-            block_co *= 2
-        block_c = LN_MIN_BLOCK_C
-        while block_c <= MAX_CHANNELS:
-            block_rows, _ = ln_blocks(block_c)
-            blocks = {"BLOCK_ROWS": block_rows, "BLOCK_C": block_c}
-            scalars = dict.fromkeys(("n_rows", "C"), "i32") | {"eps": "fp32"}
-            variants.append(
-                AotVariant(
-                    name=f"ln_gelu_fwd_{ty}_c{block_c}",
-                    fn=layer_norm_gelu_fwd_kernel,
-                    signature={"y_ptr": f"*{ty}", "h_ptr": f"*{ty}"}
-                    | scalars
-                    | dict.fromkeys(("stride_y", "stride_h"), "i32")
-                    | dict.fromkeys(blocks, "constexpr"),
-                    constexprs=blocks,
-                    num_warps=ln_warps(block_c),
-                )
-            )
-            variants.append(
-                AotVariant(
-                    name=f"ln_gelu_bwd_{ty}_c{block_c}",
-                    fn=layer_norm_gelu_bwd_kernel,
-                    signature={"y_ptr": f"*{ty}", "dh_ptr": f"*{ty}", "dy_ptr": f"*{ty}"}
-                    | scalars
-                    | dict.fromkeys(("stride_y", "stride_dh", "stride_dy"), "i32")
-                    | dict.fromkeys(blocks, "constexpr"),
-                    constexprs=blocks,
-                    num_warps=ln_warps(block_c),
-                )
-            )
-            block_c *= 2
-    # Compiled as the channels-last (B, T, C) calls run: unit channel stride, the other strides
-    # and the group width multiples of 16.
-    divisible = ("stride_xb", "stride_xt", "stride_yb", "stride_yt", "stride_dyb", "stride_dyt", "C", "CG")
-    divisible += ("stride_y", "stride_h", "stride_dh", "stride_dy")
-    return [as_run(v, ("stride_xc",), divisible) for v in variants]
