@@ -29,7 +29,6 @@ import triton
 import triton.language as tl
 
 from d2v_kernels.kernels._tiles import cdiv, next_power_of_2, tiles
-from d2v_kernels.kernels.aot import AotVariant
 
 # One row of the backward must fit 8 warps' registers without spilling (ptxas, sm_90); Data2Vec's
 # rows are 512 to 1024. Wider rows run eager, with the reason.
@@ -512,92 +511,3 @@ def row_norm_backward(
     dweight = dw_partial.sum(0).to(weight.dtype) if weight is not None else None
     dbias = db_partial.sum(0).to(bias.dtype) if bias is not None else None
     return dx, dweight, dbias
-
-
-# --------------------------------------------------------------------------------------------
-# Ahead-of-time variants
-# --------------------------------------------------------------------------------------------
-
-_TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-_FWD_POINTERS = ("X", "RES", "W", "B", "Y", "SUM", "MEAN", "RSTD")
-_FWD_INTS = (
-    ("n_pos", "n_channels", "tiles_per_batch")
-    + tuple(f"stride_{t}_{a}" for t in ("x", "res", "y", "sum") for a in "bcp")
-    + ("stride_w", "stride_bias")
-)
-_BWD_POINTERS = ("X", "RES", "W", "B", "DY", "DSUM", "MEAN", "RSTD", "DX", "DW_PARTIAL", "DB_PARTIAL")
-_BWD_INTS = (
-    ("n_pos", "n_channels", "tiles_per_batch", "n_tiles")
-    + tuple(f"stride_{t}_{a}" for t in ("x", "res", "dy", "dsum", "dx") for a in "bcp")
-    + ("stride_w", "stride_bias")
-)
-
-
-def _aot_tiles() -> list[tuple[int, int, int]]:
-    """Every (BLOCK_P, BLOCK_C, num_warps) tile_config can return, over both layouts."""
-    tiles = {tile_config(2**log_c, contiguous) for log_c in range(MAX_CHANNELS.bit_length()) for contiguous in (0, 1)}
-    return sorted(tiles, key=lambda t: (t[1], t[0]))
-
-
-def _aot_bwd_tiles() -> list[tuple[int, int, int]]:
-    """Every tile backward_tile_config can return, over both layouts."""
-    tiles = {
-        backward_tile_config(2**log_c, contiguous)
-        for log_c in range(MAX_CHANNELS.bit_length())
-        for contiguous in (0, 1)
-    }
-    return sorted(tiles, key=lambda t: (t[1], t[0]))
-
-
-def row_norm_aot_variants(prefix: str, feature_sets: Sequence[dict], channels: int = 512) -> list[AotVariant]:
-    """Coverage by axis, not the full product (CI time): the first feature set (constexpr flags
-    plus ``param_fp32``) in every dtype, every other feature set in fp16, all at the tile of a
-    ``channels``-wide channels-first row (the audio encoder's); and every tile the launchers can
-    pick in fp16 with the first feature set, forward and backward tiles each. The flags are
-    independent constexpr branches, so the feature sets need only cover each value of each flag once.
-
-    A feature set holds HAS_RESIDUAL, STORE_SUM (HAS_DSUM in the backward), HAS_WEIGHT, HAS_BIAS,
-    ACTIVATION.
-    """
-    variants = []
-    for direction, model_tile, every in (
-        ("fwd", tile_config(channels, True), _aot_tiles()),
-        ("bwd", backward_tile_config(channels, True), _aot_bwd_tiles()),
-    ):
-        combos = [(dtype, feature_sets[0], model_tile) for dtype in KERNEL_DTYPES]
-        combos += [(torch.float16, features, model_tile) for features in feature_sets[1:]]
-        combos += [(torch.float16, feature_sets[0], t) for t in every if t != model_tile]
-        variants += [_row_norm_variant(prefix, direction, *combo) for combo in combos]
-        variants.append(_row_norm_variant(prefix, direction, torch.float16, feature_sets[0], model_tile, wide=True))
-    return variants
-
-
-def _row_norm_variant(prefix: str, direction: str, dtype, features: dict, tile, wide: bool = False) -> AotVariant:
-    block_p, block_c, num_warps = tile
-    x_type = "*" + _TRITON_TYPES[dtype]
-    param_type = "*fp32" if features.get("param_fp32") else x_type
-    flags = {k: v for k, v in features.items() if k != "param_fp32"}
-    name = f"{_TRITON_TYPES[dtype]}_{'fp32params_' if features.get('param_fp32') else ''}"
-    name += "_".join(f"{k.lower()}={int(v)}" for k, v in flags.items()) + f"_p{block_p}_c{block_c}_w{num_warps}"
-    name += "_wide" if wide else ""
-    blocks = {"BLOCK_P": block_p, "BLOCK_C": block_c, "WIDE_OFFSETS": wide}
-    if direction == "fwd":
-        constexprs = {k: flags[k] for k in ("HAS_RESIDUAL", "STORE_SUM", "HAS_WEIGHT", "HAS_BIAS", "ACTIVATION")}
-        constexprs |= blocks
-        types = dict.fromkeys(_FWD_POINTERS, x_type) | {"W": param_type, "B": param_type}
-        types |= {"MEAN": "*fp32", "RSTD": "*fp32"} | dict.fromkeys(_FWD_INTS, "i32") | {"eps": "fp32"}
-        kernel = row_norm_fwd_kernel
-    else:
-        constexprs = {k: flags[k] for k in ("HAS_RESIDUAL", "HAS_WEIGHT", "HAS_BIAS", "ACTIVATION")}
-        constexprs = {"HAS_DSUM": flags["STORE_SUM"], **constexprs} | blocks
-        types = dict.fromkeys(_BWD_POINTERS, x_type) | {"W": param_type, "B": param_type}
-        types |= dict.fromkeys(("MEAN", "RSTD", "DW_PARTIAL", "DB_PARTIAL"), "*fp32")
-        types |= dict.fromkeys(_BWD_INTS, "i32")
-        kernel = row_norm_bwd_kernel
-    types |= dict.fromkeys(constexprs, "constexpr")
-    types = {arg: types[arg] for arg in kernel.arg_names}
-    # ptxas caps this one variant (fp32 weight, no bias, backward) at 128 registers and spills 4 bytes.
-    weight_only_fp32 = direction == "bwd" and features.get("param_fp32") and not flags["HAS_BIAS"]
-    return AotVariant(
-        f"{prefix}_{direction}_{name}", kernel, types, constexprs, num_warps, 1, 8 if weight_only_fp32 else 0
-    )

@@ -11,7 +11,6 @@ import torch
 
 from d2v_kernels.kernels._row_norm import (
     MAX_CHANNELS,
-    row_norm_aot_variants,
     row_norm_backward,
     row_norm_forward,
     unsupported_reasons,
@@ -21,7 +20,6 @@ __all__ = [
     "MAX_CHANNELS",
     "add_layer_norm_backward",
     "add_layer_norm_forward",
-    "aot_variants",
     "unsupported_reasons",
 ]
 
@@ -51,26 +49,3 @@ def add_layer_norm_backward(
     """(d(x + residual), dweight or None, dbias or None): the first is both x's and residual's
     gradient, with ``dsum`` (the gradient of the returned sum) added in."""
     return row_norm_backward(dy, x, -1, weight, bias, mean, rstd, None, residual=residual, dsum=dsum)
-
-
-def _features(store_sum: bool, weight: bool, bias: bool, param_fp32: bool = False) -> dict:
-    return {
-        "HAS_RESIDUAL": True,
-        "STORE_SUM": store_sum,
-        "HAS_WEIGHT": weight,
-        "HAS_BIAS": bias,
-        "ACTIVATION": 0,
-        "param_fp32": param_fp32,
-    }
-
-
-def aot_variants():
-    """Affine without the stored sum in every dtype; the sum without affine; fp32 weight only; the
-    sum with bias only."""
-    feature_sets = [
-        _features(False, True, True),
-        _features(True, False, False),
-        _features(False, True, False, param_fp32=True),
-        _features(True, False, True),
-    ]
-    return row_norm_aot_variants("add_layer_norm", feature_sets)

@@ -11,7 +11,6 @@ import torch
 
 from d2v_kernels.kernels._row_norm import (
     MAX_CHANNELS,
-    row_norm_aot_variants,
     row_norm_backward,
     row_norm_forward,
     unsupported_reasons,
@@ -19,7 +18,6 @@ from d2v_kernels.kernels._row_norm import (
 
 __all__ = [
     "MAX_CHANNELS",
-    "aot_variants",
     "layer_norm_gelu_backward",
     "layer_norm_gelu_forward",
     "unsupported_reasons",
@@ -54,25 +52,3 @@ def layer_norm_gelu_backward(
     """(dx like x, or written into ``out`` (see row_norm_backward: it may be dy or x), dweight or
     None, dbias or None); dweight/dbias in the parameters' dtypes."""
     return row_norm_backward(dy, x, channels_dim, weight, bias, mean, rstd, approximate, out=out)
-
-
-def _features(activation: int, weight: bool, bias: bool, param_fp32: bool = False) -> dict:
-    return {
-        "HAS_RESIDUAL": False,
-        "STORE_SUM": False,
-        "HAS_WEIGHT": weight,
-        "HAS_BIAS": bias,
-        "ACTIVATION": activation,
-        "param_fp32": param_fp32,
-    }
-
-
-def aot_variants():
-    """Exact GELU with affine in every dtype; tanh GELU without affine; fp32 weight only; bias only."""
-    feature_sets = [
-        _features(1, True, True),
-        _features(2, False, False),
-        _features(1, True, False, param_fp32=True),
-        _features(1, False, True),
-    ]
-    return row_norm_aot_variants("layer_norm_gelu", feature_sets)
