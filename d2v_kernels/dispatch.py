@@ -127,6 +127,7 @@ def _ensure_ops_loaded() -> None:
 # Forcing backends: use_backend() and D2V_KERNELS_BACKEND
 # --------------------------------------------------------------------------------------------
 
+
 class _State(threading.local):
     # The use_backend() stack of this thread, innermost last: an immutable tuple of
     # (global backend or None, ((op, backend), ...)) entries, so it can key the ops' plan caches.

@@ -114,26 +114,25 @@ def head_dim_block(head_dim: int) -> int:
 
 
 def bias_args(q, k, bias_table, bias_index, bias, key_padding_mask):
-    """Pointers (a dummy tensor for the absent ones) and strides of the optional inputs."""
+    """Pointers and strides of the optional inputs. An absent input's pointer is q (never read: its
+    flag is off); the padding mask is read in its own dtype (bool or integer, nonzero attends), so
+    no conversion is launched."""
     b, n_q, h, _ = q.shape
     n_k = k.shape[1]
-    dummy = q.new_empty(1)
     if bias_table is not None:
         table, index = bias_table, bias_index
         table_strides = (*bias_table.stride(), *bias_index.stride())
     else:
-        table, index, table_strides = dummy, dummy, (0, 0, 0, 0)
+        table, index, table_strides = q, q, (0, 0, 0, 0)
     if bias is not None:
         dense = bias.expand(b, h, n_q, n_k)  # broadcast dims read with stride 0
         bias_strides = dense.stride()
     else:
-        dense, bias_strides = dummy, (0, 0, 0, 0)
+        dense, bias_strides = q, (0, 0, 0, 0)
     if key_padding_mask is not None:
-        keep = key_padding_mask
-        keep = keep.view(torch.uint8) if keep.dtype == torch.bool else (keep != 0).view(torch.uint8)
-        keep_strides = keep.stride()
+        keep, keep_strides = key_padding_mask, key_padding_mask.stride()
     else:
-        keep, keep_strides = dummy, (0, 0)
+        keep, keep_strides = q, (0, 0)
     pointers = (table, index, dense, keep)
     strides = (*table_strides, *bias_strides, *keep_strides)
     flags = {

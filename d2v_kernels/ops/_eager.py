@@ -51,7 +51,7 @@ def runs_eagerly(inputs) -> bool:
     (FakeTensorMode, make_fx and non-strict export tracing, functionalization) and no tensor
     subclass among them (FakeTensor, FunctionalTensor, DTensor...). Anything else goes through the
     custom op, which has fake and functional implementations."""
-    if torch.compiler.is_compiling() or _current_dispatch_mode() is not None:
+    if torch.compiler.is_compiling() or current_dispatch_mode() is not None:
         return False
     return all(type(t) in _PLAIN_TENSOR_TYPES for t in inputs if isinstance(t, torch.Tensor))
 
@@ -107,8 +107,8 @@ def pick(custom_op: Callable, implementation: Callable, inputs) -> Callable:
 
 
 try:
-    from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
+    from torch.utils._python_dispatch import _get_current_dispatch_mode as current_dispatch_mode
 except ImportError:  # pragma: no cover - a torch without it: always take the custom op
 
-    def _current_dispatch_mode():
+    def current_dispatch_mode():
         return True

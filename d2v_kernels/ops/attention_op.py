@@ -19,6 +19,7 @@ import torch
 from d2v_kernels import dispatch
 from d2v_kernels.ops._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from d2v_kernels.ops._eager import pick, register_autograd
+from d2v_kernels.ops._plan import layout_key, plan_cache, plans_enabled, store
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 MASK_DTYPES = (torch.bool, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -90,6 +91,9 @@ def _attention_fwd_impl(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (out (B, Nq, H, d) contiguous, lse (B, H, Nq) fp32, log2 units)."""
     from d2v_kernels.kernels.attention import attention_forward
+
+    if bias_index is not None and not _capturing(bias_index):
+        check_index_range(bias_index, bias_table.shape[0])
 
     return attention_forward(q, k, v, bias_table, bias_index, bias, key_padding_mask, seed, causal, dropout_p, scale)
 
@@ -183,6 +187,12 @@ AttentionFunction, _attention_call = register_autograd(
 )
 
 
+def _draw_seed(q: torch.Tensor) -> torch.Tensor:
+    """The dropout's (2,) int64 Philox seed, drawn from torch's generator of q's device, so
+    torch.manual_seed repeats a run."""
+    return torch.randint(0, 2**31 - 1, (2,), device=q.device, dtype=torch.int64)
+
+
 def attention_triton(
     q,
     k,
@@ -198,10 +208,7 @@ def attention_triton(
 ):
     """The Triton path of :func:`attention` (arguments already validated)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    seed = None
-    if dropout_p > 0.0:
-        # Drawn from torch's generator of the input's device, so torch.manual_seed repeats a run.
-        seed = torch.randint(0, 2**31 - 1, (2,), device=q.device, dtype=torch.int64)
+    seed = _draw_seed(q) if dropout_p > 0.0 else None
     out, _ = _attention_call(q, k, v, bias_table, bias_index, bias, key_padding_mask, seed, causal, dropout_p, scale)
     return out
 
@@ -218,6 +225,9 @@ def _triton_reasons(q, k, v, *, bias_table=None, bias=None, dropout_p=0.0, **_) 
     from d2v_kernels.kernels.attention import unsupported_reasons  # triton is installed (checked first)
 
     return unsupported_reasons(q, k.shape[1], dropout_p, {"bias_table": bias_table, "bias": bias})
+
+
+_PLANS = plan_cache()
 
 
 def attention(
@@ -242,6 +252,34 @@ def attention(
     (in-kernel Philox seeded from torch's generator in the Triton path). scale: default d**-0.5.
     Returns (B, Nq, H, d) in q's dtype.
     """
+    key = None
+    if plans_enabled():
+        key = layout_key(q, k, v, bias_table, bias_index, bias, key_padding_mask)
+        if key is not None:
+            key = (
+                key, _index_version(bias_index), causal.__class__, causal, dropout_p.__class__, dropout_p,
+                scale.__class__, scale, torch.is_grad_enabled(), dispatch.forced_token(),
+            )  # fmt: skip
+            try:
+                plan = _PLANS.get(key)
+            except TypeError:  # an unhashable argument: the full path says what is wrong with it
+                plan = key = None
+            if plan is not None:
+                return plan(q, k, v, bias_table, bias_index, bias, key_padding_mask)
+    device = _validate(q, k, v, bias_table, bias_index, bias, key_padding_mask, causal, dropout_p, scale)
+    return store(_PLANS, key, _plan(device, q, k, v, bias_table, bias_index, bias, key_padding_mask, causal,
+                                    float(dropout_p), None if scale is None else float(scale)))(
+        q, k, v, bias_table, bias_index, bias, key_padding_mask
+    )  # fmt: skip
+
+
+def _index_version(bias_index) -> tuple | None:
+    """The index's contents are validated (its range), so a plan holds for one version of them."""
+    return None if bias_index is None else (bias_index.data_ptr(), bias_index._version)
+
+
+def _validate(q, k, v, bias_table, bias_index, bias, key_padding_mask, causal, dropout_p, scale) -> torch.device:
+    """Check every argument (errors name it); the device they share."""
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
     check_tensor("k", k, ndim=4, dtypes=FLOAT_DTYPES)
     check_tensor("v", v, ndim=4, dtypes=FLOAT_DTYPES)
@@ -288,18 +326,89 @@ def attention(
     device = check_same_device(
         q=q, k=k, v=v, bias_table=bias_table, bias_index=bias_index, bias=bias, key_padding_mask=key_padding_mask
     )
+    if plans_enabled():  # traced: the custom op checks the range when it runs
+        check_index_range(bias_index, bias_table.shape[0] if bias_table is not None else 0)
+    return device
+
+
+_checked_indices: dict[tuple, bool] = {}
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    """A CUDA graph is being captured on t's device: no check may wait for the device then."""
+    return t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def check_index_range(bias_index, n_relative: int) -> None:
+    """ValueError unless every entry of ``bias_index`` is in [0, n_relative): a kernel would read
+    the table out of bounds. Checked once per version of the index (a buffer that rarely changes;
+    on a GPU the check waits for the device once)."""
+    if bias_index is None or bias_index.numel() == 0 or bias_index.device.type == "meta":
+        return
+    key = (
+        bias_index.data_ptr(),
+        bias_index._version,
+        bias_index.device,
+        bias_index.shape,
+        bias_index.stride(),
+        n_relative,
+    )
+    if key in _checked_indices:
+        return
+    low, high = torch.aminmax(bias_index)
+    low, high = int(low), int(high)
+    if low < 0 or high >= n_relative:
+        raise ValueError(f"bias_index must hold indices in [0, {n_relative}) (bias_table's rows), got [{low}, {high}]")
+    if len(_checked_indices) >= 64:
+        _checked_indices.clear()
+    _checked_indices[key] = True
+
+
+def _plan(device, q, k, v, bias_table, bias_index, bias, key_padding_mask, causal, dropout_p, scale):
+    """The callable that runs this input's implementation on inputs of its layout."""
     kwargs = dict(
         bias_table=bias_table,
         bias_index=bias_index,
         bias=bias,
         key_padding_mask=key_padding_mask,
         causal=causal,
-        dropout_p=float(dropout_p),
-        scale=None if scale is None else float(scale),
+        dropout_p=dropout_p,
+        scale=scale,
     )
-    if q.numel() == 0 or n_k == 0:
-        return attention_reference(q, k, v, **kwargs)
-    return dispatch.call("attention", device, q, k, v, **kwargs)
+    if q.numel() == 0 or k.shape[1] == 0:
+        return lambda q, k, v, table, index, bias, mask: attention_reference(
+            q, k, v, bias_table=table, bias_index=index, bias=bias, key_padding_mask=mask, causal=causal,
+            dropout_p=dropout_p, scale=scale,
+        )  # fmt: skip
+    impl = dispatch.select("attention", device, q, k, v, **kwargs)
+    backend, scale_value = impl.backend, q.shape[-1] ** -0.5 if scale is None else scale
+    record = dispatch.record
+    if impl.run is not attention_triton or not plans_enabled():  # traced: through the custom op
+
+        def run_other(q, k, v, table, index, bias, mask):
+            record("attention", backend)
+            return impl.run(q, k, v, bias_table=table, bias_index=index, bias=bias, key_padding_mask=mask,
+                            causal=causal, dropout_p=dropout_p, scale=scale)  # fmt: skip
+
+        return run_other
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias_table, bias)):
+
+        def run_autograd(q, k, v, table, index, bias, mask):
+            record("attention", backend)
+            seed = _draw_seed(q) if dropout_p > 0.0 else None
+            return _attention_call(q, k, v, table, index, bias, mask, seed, causal, dropout_p, scale_value)[0]
+
+        return run_autograd
+    from d2v_kernels.kernels.attention import forward_launch
+
+    launch = forward_launch(q, k, v, bias_table, bias_index, bias, key_padding_mask, causal, dropout_p > 0.0)
+
+    def run_kernel(q, k, v, table, index, bias, mask):
+        record("attention", backend)
+        seed = _draw_seed(q) if dropout_p > 0.0 else None
+        return launch(q, k, v, table, index, bias, mask, seed, scale_value, dropout_p)[0]
+
+    return run_kernel
 
 
 dispatch.register(
