@@ -32,7 +32,6 @@ NOT_OPS = {
     "op_benchmark",
     "models",
     "report",
-    "conftest",
     "tune",
     "profile",
     "host_overhead",
@@ -45,7 +44,7 @@ def discovered_ops() -> list[str]:
     extra = sorted(
         p.stem
         for p in common.BENCH_DIR.glob("*.py")
-        if p.stem not in NOT_OPS and p.stem not in OPS and not p.stem.startswith(("test_", "_"))
+        if p.stem not in NOT_OPS and p.stem not in OPS and not p.stem.startswith("_")
     )
     return [*OPS, *extra]
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import math
-import os
 import platform
 import re
 import shlex
@@ -38,44 +38,39 @@ SCHEMA_VERSION = 1
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 QUANTILES = (0.5, 0.2, 0.8)
-# Absolute floor added to an error bound, per dtype (about a few ulps at magnitude 1).
-ABS_FLOOR = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5, torch.float64: 1e-12}
 
 
 # ----------------------------------------------------------------------------------- hardware peaks
 
-
-@dataclasses.dataclass(frozen=True)
-class DevicePeak:
-    """Datasheet peaks of one GPU: dense (no sparsity) tensor-core TFLOP/s per dtype, and HBM GB/s."""
-
-    name: str
-    tflops: dict[str, float]
-    hbm_gbps: float
+# triton.testing.get_max_tensorcore_tflops counts Ampere's dense tensor-core rate per SM (512
+# fp16 FLOP a clock a sub-core); Hopper's is twice that. For other generations it is not trusted
+# (no TFLOP/s peak is recorded rather than a wrong one).
+TENSOR_CORE_SCALE = {8: 1, 9: 2}
 
 
-# Matched in order against torch.cuda.get_device_name(); the first pattern that matches wins.
-# Dense figures from NVIDIA's datasheets (the 2:4-sparsity figures are twice these).
-# fp32 here means TF32 tensor cores (what matmuls use with allow_tf32); "fp32_simt" the CUDA cores.
-KNOWN_GPUS: tuple[tuple[str, DevicePeak], ...] = (
-    ("H200 NVL", DevicePeak("H200 NVL", {"fp16": 835.0, "bf16": 835.0, "fp32": 418.0, "fp32_simt": 60.0}, 4800.0)),
-    ("H200", DevicePeak("H200 SXM", {"fp16": 989.4, "bf16": 989.4, "fp32": 494.7, "fp32_simt": 66.9}, 4800.0)),
-    ("H100 NVL", DevicePeak("H100 NVL", {"fp16": 835.0, "bf16": 835.0, "fp32": 418.0, "fp32_simt": 60.0}, 3900.0)),
-    ("H100 PCIe", DevicePeak("H100 PCIe", {"fp16": 756.0, "bf16": 756.0, "fp32": 378.0, "fp32_simt": 51.2}, 2000.0)),
-    ("H100", DevicePeak("H100 SXM", {"fp16": 989.4, "bf16": 989.4, "fp32": 494.7, "fp32_simt": 66.9}, 3350.0)),
-    ("A100.*80GB.*PCIe", DevicePeak("A100 80GB PCIe", {"fp16": 312.0, "bf16": 312.0, "fp32": 156.0}, 1935.0)),
-    ("A100.*PCIE", DevicePeak("A100 40GB PCIe", {"fp16": 312.0, "bf16": 312.0, "fp32": 156.0}, 1555.0)),
-    ("A100.*80GB", DevicePeak("A100 80GB SXM", {"fp16": 312.0, "bf16": 312.0, "fp32": 156.0}, 2039.0)),
-    ("A100", DevicePeak("A100 40GB SXM", {"fp16": 312.0, "bf16": 312.0, "fp32": 156.0}, 1555.0)),
-)
+def device_peak() -> dict[str, Any] | None:
+    """The current GPU's peaks, from ``triton.testing``: DRAM GB/s (memory clock x bus width) and
+    dense tensor-core TFLOP/s per dtype at the maximum SM clock (``fp32`` is TF32); None without a
+    GPU. Compare GB/s also with ``copy_bandwidth_gbps()``, what a copy really reaches."""
+    if not has_gpu():
+        return None
+    from triton.runtime import driver
+    from triton.testing import get_dram_gbps, get_max_tensorcore_tflops
 
-
-def device_peak(gpu_name: str) -> DevicePeak | None:
-    """The datasheet peaks of a GPU by its name (``torch.cuda.get_device_name()``), or None if unknown."""
-    for pattern, peak in KNOWN_GPUS:
-        if re.search(pattern, gpu_name, flags=re.IGNORECASE):
-            return peak
-    return None
+    device = torch.cuda.current_device()
+    clock_khz = driver.active.utils.get_device_properties(device)["sm_clock_rate"]
+    scale = TENSOR_CORE_SCALE.get(torch.cuda.get_device_capability(device)[0])
+    tflops = {}
+    if scale is not None:
+        for name in ("fp16", "bf16", "fp32"):
+            tflops[name] = scale * get_max_tensorcore_tflops(DTYPES[name], clock_khz, device)
+    return {
+        "name": torch.cuda.get_device_name(device),
+        "source": "triton.testing",
+        "sm_clock_mhz": clock_khz / 1e3,
+        "tflops": tflops,
+        "hbm_gbps": get_dram_gbps(device),
+    }
 
 
 def tflops(flops: float, ms: float) -> float:
@@ -262,64 +257,6 @@ def copy_bandwidth_gbps(nbytes: int = 1 << 30) -> float:
     return gbps(2 * src.numel() * src.element_size(), timing.ms)
 
 
-# --------------------------------------------------------------------------------------------- checks
-
-
-class CheckFailed(AssertionError):
-    """An implementation's output is not close enough to the reference; it is not timed."""
-
-
-def _tensors(value) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
-    return []
-
-
-def check_close(
-    name: str,
-    out,
-    ref,
-    eager=None,
-    *,
-    factor: float = 2.0,
-    floor: float | None = None,
-    rtol: float = 0.0,
-) -> dict[str, float]:
-    """Assert ``out`` is close to ``ref`` (ideally a float64 run); returns ``{"max_err", "bound"}``.
-
-    With ``eager`` (the same computation in eager PyTorch in ``out``'s dtype) the bound is
-    ``factor`` x eager's own max error + ``floor`` (default per dtype, scaled by the reference's
-    magnitude when it is above 1); without it, ``floor + rtol * max|ref|``. Tensors, or matching
-    (nested) tuples / lists / dicts of tensors. Raises ``CheckFailed`` with the numbers.
-    """
-    outs, refs = _tensors(out), _tensors(ref)
-    eagers = _tensors(eager) if eager is not None else [None] * len(outs)
-    if not (len(outs) == len(refs) == len(eagers)) or not outs:
-        raise CheckFailed(f"{name}: {len(outs)} output tensors vs {len(refs)} reference tensors")
-    worst = {"max_err": 0.0, "bound": 0.0, "ratio": -1.0}
-    for i, (o, r, e) in enumerate(zip(outs, refs, eagers)):
-        if o.shape != r.shape:
-            raise CheckFailed(f"{name}[{i}]: shape {tuple(o.shape)} != reference {tuple(r.shape)}")
-        r64 = r.detach().double()
-        err = (o.detach().double() - r64).abs().max().item() if o.numel() else 0.0
-        scale = max(1.0, r64.abs().max().item()) if r.numel() else 1.0
-        base = (ABS_FLOOR.get(o.dtype, 1e-3) if floor is None else floor) * scale
-        if e is not None:
-            bound = factor * ((e.detach().double() - r64).abs().max().item() if e.numel() else 0.0) + base
-        else:
-            bound = base + rtol * scale
-        if not err <= bound:  # also catches NaN
-            raise CheckFailed(f"{name}[{i}]: max error {err:.3e} > bound {bound:.3e}")
-        ratio = err / bound if bound else 0.0
-        if ratio > worst["ratio"]:
-            worst = {"max_err": err, "bound": bound, "ratio": ratio}
-    return {"max_err": worst["max_err"], "bound": worst["bound"]}
-
-
 # ---------------------------------------------------------------------------------------- environment
 
 
@@ -335,11 +272,6 @@ def _run_text(cmd: list[str], cwd: Path | None = None) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
-
-
-def driver_version() -> str:
-    text = _run_text(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
-    return text.splitlines()[0].strip() if text else "unknown"
 
 
 def git_commit() -> dict[str, Any]:
@@ -364,12 +296,27 @@ def _command_line() -> str:
     return " ".join([program, shlex.join(sys.argv[1:])]).strip()
 
 
+@functools.cache
+def collected_env() -> dict[str, Any]:
+    """``torch.utils.collect_env.get_env_info()`` (OS, compilers, CUDA runtime, driver, cuDNN, pip
+    packages), without its per-core CPU flags: the CPU's model name only."""
+    from torch.utils import collect_env
+
+    info = collect_env.get_env_info()._asdict()
+    cpu = str(info.pop("cpu_info", "") or "")
+    info["cpu"] = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if "Model name" in line), None)
+    return info
+
+
 def environment(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """GPU, driver, CUDA, library versions, git commit, UTC date, the command line and ``argv``
-    (the arguments the benchmark script itself got, when a driver passed them).
+    """What ``torch.utils.collect_env`` reports (under ``collect_env``), and at the top level what
+    the report reads: GPU, driver, CUDA, torch, triton, transformers and d2v_kernels versions, git
+    commit, UTC date, the command line and ``argv`` (the arguments the benchmark script itself got,
+    when a driver passed them), and the GPU's peaks (``device_peak()``).
 
     Works without a GPU (``gpu`` is then ``"none"``), so results code can be tested on a CPU.
     """
+    collected = collected_env()
     env: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": _command_line(),
@@ -381,23 +328,22 @@ def environment(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "transformers": _version("transformers"),
         "d2v_kernels": _version("d2v_kernels"),
         **git_commit(),
+        "gpu": "none",
+        "driver": collected.get("nvidia_driver_version"),
+        "peak": None,
     }
     if has_gpu():
         index = torch.cuda.current_device()
         props = torch.cuda.get_device_properties(index)
-        peak = device_peak(props.name)
         env.update(
             gpu=props.name,
             gpu_count=torch.cuda.device_count(),
             compute_capability=f"{props.major}.{props.minor}",
             gpu_memory_gib=round(props.total_memory / 2**30, 1),
             sm_count=props.multi_processor_count,
-            driver=driver_version(),
-            cudnn=torch.backends.cudnn.version(),
-            peak=dataclasses.asdict(peak) if peak else None,
+            peak=device_peak(),
         )
-    else:
-        env.update(gpu="none", driver=None, cudnn=None, peak=None)
+    env["collect_env"] = collected
     return env
 
 
@@ -465,25 +411,3 @@ def parse_list(value: str | None, allowed: Iterable[str], option: str) -> list[s
     if unknown:
         raise ValueError(f"{option}: unknown {unknown}; choose from {allowed}")
     return values
-
-
-# ---------------------------------------------------------------------- cases for pytest-benchmark
-
-
-@dataclasses.dataclass(frozen=True)
-class BenchCase:
-    """One timed case for ``pytest bench --benchmark-only``.
-
-    ``setup()`` runs on the GPU: it builds the inputs, checks the output against the reference
-    (raising ``CheckFailed``) and returns the zero-argument function to time. An op module offers
-    its cases through ``benchmark_cases(quick: bool) -> list[BenchCase]``.
-    """
-
-    id: str
-    setup: Callable[[], Callable[[], Any]]
-    group: str = ""
-    extra_info: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")

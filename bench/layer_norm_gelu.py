@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import common, op_benchmark
+from d2v_kernels.testing import assert_close_to_reference
 
 # name: (batch, frames, channels, affine)
 CASES = {
@@ -148,7 +149,7 @@ def bench_case(case, dtype_name, layout, mode, impls, *, copy_gbps=None, check=T
             step = op_case.make_step(impl)
             if check:
                 label = f"{impl} {case} {dtype_name} {layout} {mode}"
-                row.update(common.check_close(label, step(), *op_case.reference(impl)))
+                row.update(assert_close_to_reference(step(), *op_case.reference(impl), name=label))
             timing = common.time_ms(step, rep_ms=50.0 if quick else 200.0)
             row.update(timing.as_row(), gbps=common.gbps(nbytes, timing.ms))
             if copy_gbps:
@@ -238,29 +239,6 @@ def main(argv: list[str] | None = None) -> int:
     path = common.write_results("layer_norm_gelu", rows, env, args.out, copy_gbps=copy_gbps)
     print(f"wrote {path}")
     return 1 if any("error" in row for row in rows) else 0
-
-
-def benchmark_cases(quick: bool = True) -> list[common.BenchCase]:
-    """pytest-benchmark cases (bench/test_ops.py): our kernel, fwd+bwd, channels-first."""
-    cases = []
-    for case in QUICK_CASES if quick else CASES:
-        for dtype_name in DTYPES:
-
-            def setup(case=case, dtype_name=dtype_name):
-                x, weight, bias, channels_dim = make_inputs(case, common.DTYPES[dtype_name], "channels_first")
-                grad_out = torch.randn_like(x)
-                as64 = [t.double() if t is not None else None for t in (x, weight, bias)]
-                ref64 = run_once(hf_layer_norm_gelu, *as64, channels_dim, grad_out.double(), "fwd+bwd")
-                eager = run_once(hf_layer_norm_gelu, x, weight, bias, channels_dim, grad_out, "fwd+bwd")
-                fn = implementation("d2v_triton")
-                out = run_once(fn, x, weight, bias, channels_dim, grad_out, "fwd+bwd")
-                common.check_close(f"d2v_triton {case} {dtype_name}", out, ref64, eager)
-                return lambda: run_once(fn, x, weight, bias, channels_dim, grad_out, "fwd+bwd")
-
-            cases.append(
-                common.BenchCase(f"layer_norm_gelu-{case}-{dtype_name}-fwd+bwd", setup, group=f"layer_norm_gelu {case}")
-            )
-    return cases
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from bench import common
+from d2v_kernels.testing import CheckFailed, assert_close_to_reference
 
 SAMPLE_RATE = 16_000
 MODES = ("inference", "train")
@@ -329,9 +330,9 @@ def train_step_fn(model, call, batch: Batch, dtype: torch.dtype, *, train_precis
         bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
         optimizer.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
-            raise common.CheckFailed(f"train step: loss is {loss.item()}")
+            raise CheckFailed(f"train step: loss is {loss.item()}")
         if bad:
-            raise common.CheckFailed(f"train step: non-finite gradients in {bad[:3]}{'...' if len(bad) > 3 else ''}")
+            raise CheckFailed(f"train step: non-finite gradients in {bad[:3]}{'...' if len(bad) > 3 else ''}")
         return {"loss": loss.item()}
 
     return step, check
@@ -437,7 +438,9 @@ def bench_variant(spec, config, state, batch, ref64, eager_logits, impl, dtype, 
         started = time.perf_counter()
         logits = infer_logits(call, batch, dtype, train_precision=options.train_precision, device=device)
         checked["first_call_s"] = time.perf_counter() - started  # includes torch.compile
-        checked.update(common.check_close(f"{impl} logits", logits, ref64, eager_logits, factor=options.check_factor))
+        checked.update(
+            assert_close_to_reference(logits, ref64, eager_logits, name=f"{impl} logits", factor=options.check_factor)
+        )
         del logits
     except Exception as e:  # not timed when its output is wrong
         checked["error"] = f"{type(e).__name__}: {e}"
@@ -484,60 +487,6 @@ def time_mode(spec, model, call, batch, dtype, mode, options) -> dict[str, Any]:
         peak_mem_mb=common.peak_memory_mb(fn),
     )
     return out
-
-
-# --------------------------------------------------------------------------- pytest-benchmark cases
-
-
-def benchmark_cases(quick: bool = True) -> list[common.BenchCase]:
-    """The same cases for ``pytest bench --benchmark-only`` (setup checks the output, then returns the step)."""
-    out = []
-    dtypes = ["bf16"] if quick else ["fp16", "bf16"]
-    impls = QUICK_IMPLS if quick else DEFAULT_IMPLS
-    for spec in MODELS.values():
-        options = Options(dtypes=dtypes, modes=list(MODES), impls=list(impls), quick=quick)
-        for case_name in selected_cases(spec, options):
-            for dtype_name in dtypes:
-                for mode in MODES:
-                    for impl in impls:
-                        out.append(
-                            common.BenchCase(
-                                id=f"{spec.name}-{case_name}-{dtype_name}-{mode}-{impl}",
-                                setup=_case_setup(spec, case_name, dtype_name, mode, impl),
-                                group=f"{spec.name}-{case_name}-{dtype_name}-{mode}",
-                                extra_info={"unit": spec.unit, "impl": impl},
-                            )
-                        )
-    return out
-
-
-def _case_setup(spec: ModelSpec, case_name: str, dtype_name: str, mode: str, impl: str) -> Callable[[], Callable]:
-    def setup():
-        import pytest
-
-        dtype = common.DTYPES[dtype_name]
-        reasons = impl_reasons(spec, impl, dtype, "cuda")
-        if reasons:
-            pytest.skip("; ".join(reasons))
-        config = spec.config()
-        batch = make_batch(spec, spec.cases[case_name], config, "cuda")
-        state = master_weights(spec, config, "cuda")
-        ref64 = reference_logits(spec, config, state, batch, "cuda")
-        _, eager_call = build_variant(spec, config, "hf_eager", state, dtype, "cuda", train_precision="pure")
-        eager_logits = infer_logits(eager_call.eval(), batch, dtype)
-        del eager_call
-        model, call = build_variant(spec, config, impl, state, dtype, "cuda", train_precision="pure")
-        del state
-        model.eval()
-        common.check_close(f"{impl} logits", infer_logits(call, batch, dtype), ref64, eager_logits, factor=4.0)
-        if mode == "inference":
-            return lambda: infer_logits(call, batch, dtype)
-        model.train()
-        step, check = train_step_fn(model, call, batch, dtype, train_precision="pure", device="cuda")
-        check()
-        return step
-
-    return setup
 
 
 # ---------------------------------------------------------------------------------------- command line

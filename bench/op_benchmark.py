@@ -1,6 +1,6 @@
 """The harness of the op benchmarks (``bench/<op>.py``): an op module describes its cases
 (``OpCase``: inputs, the step of each implementation, the float64 reference) and hands them to an
-``OpBenchmark``, which gives it its command line, main loop and pytest-benchmark cases. Every
+``OpBenchmark``, which gives it its command line and main loop. Every
 implementation's output is checked before it is timed; a failure is that row's ``error``.
 """
 
@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from bench import common
+from d2v_kernels.testing import assert_close_to_reference
 
 
 class Skip(Exception):
@@ -52,7 +53,7 @@ class OpCase:
     ``make_step(impl)`` returns the zero-argument call that is checked and timed (it returns the
     output and, for fwd+bwd, the gradients: a list of tensors), or raises ``Skip``.
     ``reference(impl)`` returns ``(float64 result, eager result in the dtype)`` to check ``impl``
-    against (see ``bench.common.check_close``). ``flops`` / ``nbytes``: the work the op must do at the least,
+    against (see ``d2v_kernels.testing.assert_close_to_reference``). ``flops`` / ``nbytes``: the work the op must do at the least,
     for the TFLOP/s / GB/s columns. ``row``: the case's fields every result row starts with.
     """
 
@@ -68,7 +69,7 @@ class OpCase:
     def checked_step(self, impl: str) -> tuple[Callable[[], list[torch.Tensor]], dict[str, float]]:
         """(step, ``{"max_err", "bound"}``): ``impl``'s step after its output passed the check."""
         step = self.make_step(impl)
-        return step, common.check_close(self.label(impl), step(), *self.reference(impl))
+        return step, assert_close_to_reference(step(), *self.reference(impl), name=self.label(impl))
 
 
 def _is_backend_unavailable(error: Exception) -> bool:
@@ -121,7 +122,7 @@ def bench_impls(
 
 @dataclasses.dataclass(frozen=True)
 class OpBenchmark:
-    """Command line, main loop and pytest-benchmark cases of an op script (``bench/<op>.py``).
+    """Command line and main loop of an op script (``bench/<op>.py``).
 
     ``setup(case, dtype_name, mode, device) -> OpCase`` builds one case; every (case, dtype,
     mode) is run for every implementation asked for. ``tiny_cases`` are small shapes for
@@ -225,33 +226,3 @@ class OpBenchmark:
             return common.INTERRUPTED
         save(rows, complete=True)
         return 1 if any("error" in row for row in rows) else 0
-
-    def benchmark_cases(self, quick: bool = True) -> list[common.BenchCase]:
-        """Every (case, dtype, mode, implementation) for ``pytest bench --benchmark-only``, grouped
-        so that pytest-benchmark compares the implementations of one shape."""
-        out = []
-        for case in self.quick_cases if quick else self.cases:
-            for dtype_name in self.quick_dtypes if quick else self.dtypes:
-                for mode in self.modes:
-                    for impl in self.impls:
-                        out.append(
-                            common.BenchCase(
-                                id=f"{self.what}-{case}-{dtype_name}-{mode}-{impl}",
-                                setup=self._case_setup(case, dtype_name, mode, impl),
-                                group=f"{self.what} {case} {dtype_name} {mode}",
-                                extra_info={"case": case, "dtype": dtype_name, "mode": mode, "impl": impl},
-                            )
-                        )
-        return out
-
-    def _case_setup(self, case: str, dtype_name: str, mode: str, impl: str) -> Callable[[], Callable[[], Any]]:
-        def setup():
-            import pytest
-
-            try:
-                step, _ = self.setup(case, dtype_name, mode, "cuda").checked_step(impl)
-            except Skip as e:
-                pytest.skip(str(e))
-            return step
-
-        return setup

@@ -254,6 +254,17 @@ def environment_line(runs: list[Run]) -> str:
     return "; ".join(parts)
 
 
+def peak_line(peak: dict[str, Any]) -> str:
+    """The line naming the peaks the ``% peak`` column is of: ``triton.testing``'s, computed from the
+    GPU's clocks (``bench.common.device_peak``), or the datasheet's in files written before."""
+    source = f"Peaks from {peak['source']}" if peak.get("source") else "Datasheet peaks"
+    tflops = ", ".join(f"{k} {v:g}" for k, v in peak.get("tflops", {}).items())
+    parts = [f"dense TFLOP/s {tflops}"] if tflops else []
+    if peak.get("hbm_gbps"):
+        parts.append(f"HBM {peak['hbm_gbps']:g} GB/s")
+    return f"{source} ({peak.get('name')}): {'; '.join(parts)}.\n"
+
+
 # ---------------------------------------------------------------------------------------------- plots
 
 
@@ -358,17 +369,11 @@ def render(runs: list[Run], out_dir: Path, *, link_base: Path | None = None, plo
         sections.append(f"**{SYNTHETIC_LABEL}.** Rendered from a sample file to test the report; no GPU ran it.\n")
     for gpu, (gpu_runs, rows) in latest_by_gpu(runs).items():
         peak = next((r.environment.get("peak") for r in reversed(gpu_runs) if r.environment.get("peak")), None)
-        if peak is None:
-            known = common.device_peak(gpu)
-            peak = dataclasses.asdict(known) if known else None
         rows = add_derived(rows, peak)
         slug = common.gpu_slug(gpu)
         sections.append(f"## {gpu}\n\n{environment_line(gpu_runs)}\n")
         if peak:
-            tf = ", ".join(f"{k} {v:g}" for k, v in peak.get("tflops", {}).items())
-            sections.append(
-                f"Datasheet peaks ({peak.get('name')}): dense TFLOP/s {tf}; HBM {peak.get('hbm_gbps'):g} GB/s.\n"
-            )
+            sections.append(peak_line(peak))
         by_what: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for row in rows:
             by_what[str(row.get("what", ""))].append(row)

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from bench import common
+from d2v_kernels.testing import CheckFailed, assert_close_to_reference
 
 IMPL = "d2v_triton"
 
@@ -178,13 +179,14 @@ def tune_case(
                 with _tiles.override(kernel, **config):
                     return inner()
 
-            row.update(common.check_close(f"{kernel} {config_label(config)}", step(), *op_case.reference(impl)))
+            label = f"{kernel} {config_label(config)}"
+            row.update(assert_close_to_reference(step(), *op_case.reference(impl), name=label))
             if timed:
                 timing = common.time_ms(step, **(timing_kwargs or {}))
                 row.update(timing.as_row())
                 if op_case.flops:
                     row["tflops"] = common.tflops(op_case.flops, timing.ms)
-        except common.CheckFailed as e:
+        except CheckFailed as e:
             row["error"] = f"wrong result: {e}"
         except Exception as e:
             if _is_out_of_resources(e):

@@ -4,7 +4,6 @@ Nothing here times anything."""
 
 import importlib
 import json
-import os
 import subprocess
 import sys
 import types
@@ -19,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import __main__ as bench_main
 from bench import common, models, report
+from d2v_kernels import testing
 
 SAMPLE = common.RESULTS_DIR / "sample" / "synthetic-sample.json"
 no_gpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
@@ -139,8 +139,9 @@ def test_dispatch_forwards_arguments_and_skips_missing_ops(monkeypatch, tmp_path
 
 def test_write_results_round_trip(tmp_path):
     env = common.environment(["--op", "x"])
-    for key in ("gpu", "torch", "triton", "transformers", "commit", "date", "command", "driver", "cuda"):
+    for key in ("gpu", "torch", "triton", "transformers", "d2v_kernels", "commit", "date", "command", "driver", "cuda"):
         assert key in env
+    assert env["collect_env"]["torch_version"] == torch.__version__ and "cpu_info" not in env["collect_env"]
     rows = [{"case": "c", "dtype": "bf16", "mode": "fwd", "impl": "d2v_triton", "max_err": 1e-3, "dt": torch.float16}]
     path = common.write_results("my_op", rows, env, tmp_path, quick=True)
     assert path.parent == tmp_path / common.gpu_slug(env["gpu"])
@@ -152,20 +153,14 @@ def test_write_results_round_trip(tmp_path):
     assert run.what == "my_op" and not run.synthetic and run.rows[0]["impl"] == "d2v_triton"
 
 
-def test_gpu_slug_and_known_peaks():
+def test_gpu_slug_and_peak_lines():
     assert common.gpu_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
-    expected = {
-        "NVIDIA H100 80GB HBM3": ("H100 SXM", 989.4, 3350.0),
-        "NVIDIA H100 PCIe": ("H100 PCIe", 756.0, 2000.0),
-        "NVIDIA H200": ("H200 SXM", 989.4, 4800.0),
-        "NVIDIA A100-SXM4-80GB": ("A100 80GB SXM", 312.0, 2039.0),
-        "NVIDIA A100-SXM4-40GB": ("A100 40GB SXM", 312.0, 1555.0),
-        "NVIDIA A100 80GB PCIe": ("A100 80GB PCIe", 312.0, 1935.0),
-    }
-    for gpu, (name, bf16, hbm) in expected.items():
-        peak = common.device_peak(gpu)
-        assert (peak.name, peak.tflops["bf16"], peak.hbm_gbps) == (name, bf16, hbm), gpu
-    assert common.device_peak("Tesla T4") is None
+    stored = {"name": "H100 SXM", "tflops": {"fp16": 989.4}, "hbm_gbps": 3350.0}  # files written before
+    assert report.peak_line(stored) == "Datasheet peaks (H100 SXM): dense TFLOP/s fp16 989.4; HBM 3350 GB/s.\n"
+    measured = {"name": "NVIDIA X", "source": "triton.testing", "tflops": {}, "hbm_gbps": 2000.0}
+    assert report.peak_line(measured) == "Peaks from triton.testing (NVIDIA X): HBM 2000 GB/s.\n"
+    if not torch.cuda.is_available():
+        assert common.device_peak() is None
 
 
 def test_rotation_covers_twice_the_cache():
@@ -180,19 +175,28 @@ def test_rotation_covers_twice_the_cache():
     assert seen[6] is seen[0] and len({id(t) for t in seen}) == 6
 
 
-def test_check_close_bounds_by_eager_error():
+def test_error_bound_is_twice_eager_plus_a_floor_or_1e_5_relative_in_fp32():
+    assert testing.error_bound(torch.float16, 1e-3, 0.5) == pytest.approx(2e-3 + testing.ABS_FLOOR[torch.float16])
+    assert testing.error_bound(torch.bfloat16, 0.0, 4.0, factor=4.0, floor=1e-2) == pytest.approx(4e-2)
+    assert testing.error_bound(torch.float32, 1e-9, 3.0) == pytest.approx(3e-5)
+    assert testing.error_bound(torch.float32, 1e-4, 3.0) == pytest.approx(2e-4)
+
+
+def test_assert_close_to_reference_bounds_by_eager_error():
     torch.manual_seed(0)
     ref = torch.randn(64, 32, dtype=torch.float64)
     eager = ref.half()
     good = (ref + 1e-4 * torch.randn_like(ref)).half()
-    result = common.check_close("good", good, ref, eager)
+    result = testing.assert_close_to_reference([good, good], [ref, ref], [eager, eager], name="good")
     assert 0 < result["max_err"] <= result["bound"]
-    with pytest.raises(common.CheckFailed, match=r"bad\[0\]: max error .* > bound"):
-        common.check_close("bad", (ref + 0.05).half(), ref, eager)
-    with pytest.raises(common.CheckFailed, match="nan"):
-        common.check_close("nan", torch.full_like(eager, float("nan")), ref, eager)
-    with pytest.raises(common.CheckFailed, match="shape"):
-        common.check_close("shape", eager[:3], ref, eager)
+    with pytest.raises(testing.CheckFailed, match=r"bad \(float16\): max error .* > bound"):
+        testing.assert_close_to_reference((ref + 0.05).half(), ref, eager, name="bad")
+    with pytest.raises(testing.CheckFailed, match=r"grads\[1\] \(float16\): max error"):
+        testing.assert_close_to_reference([good, good + 0.05], [ref, ref], [eager, eager], name="grads")
+    with pytest.raises(testing.CheckFailed, match="nan"):
+        testing.assert_close_to_reference(torch.full_like(eager, float("nan")), ref, eager)
+    with pytest.raises(testing.CheckFailed, match="shape"):
+        testing.assert_close_to_reference(eager[:3], ref, eager)
 
 
 def test_sample_is_labelled_synthetic():
@@ -317,7 +321,7 @@ def test_model_check_catches_a_wrong_implementation(monkeypatch):
     )
     rows = models.bench_model(models.MODELS["text_base"], options)
     by_impl = {r["impl"]: r for r in rows}
-    assert by_impl["hf_sdpa"]["error"].startswith("CheckFailed: hf_sdpa logits[0]: max error")
+    assert by_impl["hf_sdpa"]["error"].startswith("CheckFailed: hf_sdpa logits (bfloat16): max error")
     assert "error" not in by_impl["d2v"]
 
 
@@ -328,28 +332,6 @@ def test_text_batch_pads_rows_and_counts_real_tokens():
     mask = batch.inputs["attention_mask"]
     assert mask[0].all() and batch.units == mask.sum().item() < 4 * 13
     assert (batch.inputs["input_ids"][mask == 0] == config.pad_token_id).all()
-
-
-def test_benchmark_cases_are_lazy_and_named():
-    cases = models.benchmark_cases(quick=True)
-    ids = [c.id for c in cases]
-    assert len(ids) == len(set(ids)) and "audio_ctc-b8x10s-bf16-train-d2v" in ids
-    assert "vision_large-b64-bf16-inference-hf_compile" in ids
-
-
-@pytest.mark.skipif(importlib.util.find_spec("pytest_benchmark") is None, reason="pytest-benchmark not installed")
-def test_pytest_bench_collects_and_skips_without_gpu():
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "bench", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "--benchmark-only"],
-        capture_output=True,
-        text=True,
-        cwd=common.REPO_DIR,
-        timeout=300,
-        env={k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")},  # not an xdist worker
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    if not torch.cuda.is_available():
-        assert " skipped" in result.stdout and "passed" not in result.stdout
 
 
 def test_timed_rows_carry_throughput_and_memory(monkeypatch):
