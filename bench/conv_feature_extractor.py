@@ -134,8 +134,8 @@ def setup_case(case: str, dtype_name: str, mode: str, device: str = "cuda") -> o
 BENCHMARK = op_benchmark.OpBenchmark(
     "conv_feature_extractor", __doc__, setup_case, tuple(CASES), QUICK_CASES, tuple(TINY_CASES), IMPLS
 )
-# main(argv) -> exit status; benchmark_cases(quick) for pytest-benchmark (bench/test_ops.py)
-main, parse_args, benchmark_cases = BENCHMARK.main, BENCHMARK.parse_args, BENCHMARK.benchmark_cases
+# main(argv) -> exit status
+main, parse_args = BENCHMARK.main, BENCHMARK.parse_args
 
 
 if __name__ == "__main__":
