@@ -9,7 +9,8 @@ import sys
 
 
 def _use_interpreter_without_gpu() -> None:
-    """On a machine without a GPU, run Triton kernels through the interpreter (before triton loads)."""
+    """For ``validate`` on a machine without a GPU: check the Triton kernels through the
+    interpreter (set before triton loads)."""
     if "triton" in sys.modules:
         return
     try:
@@ -73,12 +74,21 @@ def cmd_info(args) -> int:
     except ImportError:
         print(f"  {'d2v_kernels._C':<17} no CUDA extension in this build")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"\nBackends per op on {device.type} (in dispatch order):")
+    print(f"\nBackends per op on {device.type}, in dispatch order (default dispatch runs the first that can")
+    print("run and takes the input; use_backend() forces one):")
     for op in dispatch.ops():
         print(f"  {op}")
+        default_found = False
         for impl in dispatch.implementations(op):
-            reasons = dispatch.device_reasons(impl, device, forced=True)
-            status = "can run" if not reasons else "cannot run: " + "; ".join(reasons)
+            reasons = dispatch.device_reasons(impl, device, forced=False)
+            forced_reasons = dispatch.device_reasons(impl, device, forced=True)
+            if not reasons:
+                status = "can run" + ("" if default_found else " (the default here)")
+                default_found = True
+            elif not forced_reasons:
+                status = "runs only when forced: " + "; ".join(reasons)
+            else:
+                status = "cannot run: " + "; ".join(forced_reasons)
             print(f"    {impl.backend:<7} {status}")
     return 0
 
@@ -89,8 +99,7 @@ def cmd_validate(args) -> int:
     only = set(args.op) if args.op else None
     rows, ok = validate.run(ops_only=args.ops_only, models_only=args.models_only, quick=args.quick, only=only)
     print(validate.format_table(rows))
-    failed = sum(1 for r in rows if not r.passed)
-    print(f"\n{len(rows)} checks, {failed} failed" + ("" if ok else " -> FAIL"))
+    print("\n" + validate.summary(rows))
     return 0 if ok else 1
 
 
@@ -121,11 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="d2v-kernels", description="Fused kernels for Data2Vec models")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, GPU, and which backend of each op can run here").set_defaults(fn=cmd_info)
+    from d2v_kernels import validate
+
     v = sub.add_parser("validate", help="check every op and model against float64 references; non-zero on failure")
-    v.add_argument("--ops-only", action="store_true")
-    v.add_argument("--models-only", action="store_true")
+    only = v.add_mutually_exclusive_group()
+    only.add_argument("--ops-only", action="store_true")
+    only.add_argument("--models-only", action="store_true")
     v.add_argument("--quick", action="store_true", help="small sizes even on a GPU")
-    v.add_argument("--op", action="append", help="only this op (repeatable)")
+    v.add_argument("--op", action="append", choices=validate.OPS, help="only this op's checks (repeatable)")
     v.set_defaults(fn=cmd_validate)
     sub.add_parser("bench", help="run the benchmarks in bench/ (needs a GPU); options go to `python -m bench`")
     return parser
@@ -136,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:
         return _bench_main(argv[1:])
     args = build_parser().parse_args(argv)
-    _use_interpreter_without_gpu()
+    if args.command == "validate":
+        _use_interpreter_without_gpu()
     return args.fn(args)
 
 

@@ -31,6 +31,15 @@ class Row:
     passed: bool
     note: str = ""
 
+    @property
+    def skipped(self) -> bool:
+        return self.note.startswith(SKIPPED)
+
+
+SKIPPED = "skipped: "
+# The ops ``validate_ops`` checks (``--op`` takes these).
+OPS = ("layer_norm_gelu", "add_layer_norm", "attention", "pos_conv", "conv_feature_extractor")
+
 
 # ----------------------------------------------------------------------------------- op cases
 
@@ -149,17 +158,6 @@ def _op_cases(device: str, real: bool) -> list[tuple[str, str, Callable, Callabl
             lambda a, k: ops.conv_feature_extractor(*a, **k),
         )
     )
-
-    def fe_fused01(args, kwargs):
-        """The opt-in fused layers 0 + 1 of the triton backend (fp16 / bf16)."""
-        from d2v_kernels.ops.conv_feature_extractor_op import fuse_layers_0_1
-
-        with fuse_layers_0_1():
-            return ops.conv_feature_extractor(*args, **kwargs)
-
-    cases.append(
-        ("conv_feature_extractor", ("B2 S16001 base" if real else "B2 S1601 small") + " fused 0+1", fe, fe_fused01)
-    )
     return cases
 
 
@@ -198,7 +196,7 @@ def validate_ops(device: str, dtypes, real: bool, only: set[str] | None = None) 
                                 float("nan"),
                                 bound,
                                 True,
-                                "skipped: " + "; ".join(reasons),
+                                SKIPPED + "; ".join(reasons),
                             )
                         )
                     continue
@@ -242,7 +240,7 @@ def validate_models(device: str, dtypes, backends: list[str | None]) -> list[Row
             expected = _main_output(ref64(**_to64(inputs)))
         for dtype in dtypes:
             hf_model = copy.deepcopy(reference).to(device=device, dtype=dtype)
-            fused = d2v_kernels.optimize(copy.deepcopy(hf_model))
+            fused = d2v_kernels.optimize(copy.deepcopy(hf_model), attn_implementation="d2v_kernels")
             cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
             with torch.no_grad():
                 eager_err = max_abs_err(_main_output(hf_model(**cast)), expected)
@@ -292,7 +290,7 @@ def format_table(rows: list[Row]) -> str:
             r.shape,
             "-" if r.max_err != r.max_err else f"{r.max_err:.2e}",
             f"{r.bound:.2e}",
-            "skip" if r.note.startswith("skipped") else ("PASS" if r.passed else "FAIL"),
+            "skip" if r.skipped else ("PASS" if r.passed else "FAIL"),
             r.note,
         )
         for r in rows
@@ -303,10 +301,27 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths[:-1]] + ["----"]), *map(line, body)])
 
 
+def summary(rows: list[Row]) -> str:
+    """The counts of passed, failed and skipped rows, then a line per skipped row with its reason."""
+    skipped = [r for r in rows if r.skipped]
+    failed = sum(1 for r in rows if not r.passed)
+    passed = len(rows) - failed - len(skipped)
+    head = f"{len(rows)} checks: {passed} passed, {failed} failed, {len(skipped)} skipped" + (
+        " -> FAIL" if failed else ""
+    )
+    lines = [f"  {r.check} {r.backend} {r.dtype}: {r.note.removeprefix(SKIPPED)}" for r in skipped]
+    return "\n".join([head, *(["skipped:", *lines] if lines else [])])
+
+
 def run(
     *, ops_only: bool = False, models_only: bool = False, quick: bool = False, only: set[str] | None = None
 ) -> tuple[list[Row], bool]:
-    """Run the checks for this machine; returns (rows, all passed)."""
+    """Run the checks for this machine; returns (rows, all passed). ``only``: ops among ``OPS``."""
+    if ops_only and models_only:
+        raise ValueError("ops_only and models_only: at most one may be set (together they check nothing)")
+    unknown = sorted(set(only or ()) - set(OPS))
+    if unknown:
+        raise ValueError(f"only: unknown ops {unknown}; the known ones are {list(OPS)}")
     on_gpu = torch.cuda.is_available()
     device = "cuda" if on_gpu else "cpu"
     dtypes = [torch.float32, torch.float16, torch.bfloat16]

@@ -1,5 +1,6 @@
 """The d2v-kernels command line: info, validate, bench."""
 
+import os
 import subprocess
 import sys
 
@@ -50,3 +51,45 @@ def test_bench_without_gpu_exits_nonzero_with_message():
     result = subprocess.run([sys.executable, "-m", "d2v_kernels.cli", "bench"], capture_output=True, text=True)
     assert result.returncode == 2
     assert "no CUDA GPU" in result.stderr
+
+
+def test_validate_rejects_an_unknown_op_listing_the_known_ones(monkeypatch, capsys):
+    ran = []
+    monkeypatch.setattr(validate, "run", lambda **kw: ran.append(kw) or ([], True))
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["validate", "--op", "nosuch"])
+    assert exc.value.code == 2 and not ran
+    err = capsys.readouterr().err
+    assert "nosuch" in err and all(op in err for op in ("attention", "pos_conv", "conv_feature_extractor"))
+
+
+def test_validate_ops_only_and_models_only_exclude_each_other(monkeypatch, capsys):
+    monkeypatch.setattr(validate, "run", lambda **kw: ([], True))
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["validate", "--ops-only", "--models-only"])
+    assert exc.value.code == 2 and "not allowed with" in capsys.readouterr().err
+
+
+def test_validate_summary_counts_and_lists_skipped_rows(monkeypatch, capsys):
+    rows = [
+        validate.Row("attention", "eager", "float32", "B2", 1e-7, 1e-5, True),
+        validate.Row("attention", "cuda", "float16", "B2", float("nan"), 1e-3, True, "skipped: no CUDA GPU"),
+    ]
+    monkeypatch.setattr(validate, "run", lambda **kw: (rows, True))
+    assert cli.main(["validate", "--ops-only", "--op", "attention"]) == 0
+    summary = capsys.readouterr().out.split("\n\n")[-1]
+    assert "1 passed" in summary and "0 failed" in summary and "1 skipped" in summary
+    assert "attention cuda float16: no CUDA GPU" in summary
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a CPU-only machine reports")
+def test_info_reports_default_dispatch_without_setting_the_interpreter():
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "D2V_KERNELS_BACKEND")}
+    code = "import os, sys; from d2v_kernels import cli; rc = cli.main(['info']); print(os.environ.get('TRITON_INTERPRET'))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[-1] == "None"  # the environment is left as it was
+    triton_lines = [line.strip() for line in lines if line.startswith("    triton ")]  # a backend row per op
+    assert triton_lines and all("TRITON_INTERPRET=1 is not set" in line for line in triton_lines), lines
+    assert not any("can run" in line and "cannot" not in line for line in triton_lines)
