@@ -12,8 +12,7 @@ Kernels and what is timed: ``attention_fwd`` (forward), ``attention_bwd`` (forwa
 forward tiles at their default), ``pos_conv`` (the grouped conv of the forward, and of dx in the
 backward: forward timed), ``pos_conv_wgrad`` (forward + backward), ``conv0`` (the feature
 extractor's fused layer 0; the whole feature extractor's forward is timed), ``conv0_bwd`` (its
-backward kernel; the feature extractor's forward + backward), ``conv01`` (layers 0
-and 1 in one kernel, the opt-in ``d2v_triton_fused01``; likewise), ``row_norm_fwd`` and
+backward kernel; the feature extractor's forward + backward), ``row_norm_fwd`` and
 ``row_norm_bwd`` (the LayerNorm (+ GELU, + residual) kernels through ``bench/layer_norm_gelu.py``,
 cases ``NAME:LAYOUT``; the backward also sweeps its persistent programs per SM).
 
@@ -98,12 +97,6 @@ KERNELS: dict[str, tuple[str, str, list[dict], list[dict]]] = {
         _grid(("BLOCK_T", "num_warps", "programs_per_sm"), (16, 32), (4, 8, 16), (1, 2)),
         _grid(("BLOCK_T", "num_warps", "programs_per_sm"), (16, 32), (8, 16), (1,)),
     ),
-    "conv01": (
-        "conv_feature_extractor",
-        "fwd",
-        _grid(("BLOCK_M", "BLOCK_K", "num_warps", "num_stages"), (16, 32, 64), (32, 64), (4, 8), (2, 3)),
-        _grid(("BLOCK_M", "BLOCK_K", "num_warps", "num_stages"), (32, 64), (32, 64), (8,), (2,)),
-    ),
     "row_norm_fwd": (
         "layer_norm_gelu",
         "fwd",
@@ -117,8 +110,6 @@ KERNELS: dict[str, tuple[str, str, list[dict], list[dict]]] = {
         _grid(("BLOCK_P", "num_warps", "programs_per_sm"), (4, 8), (8,), (1, 2, 3)),
     ),
 }
-# The op benchmark's implementation each kernel is timed through (default: IMPL).
-KERNEL_IMPLS = {"conv01": "d2v_triton_fused01"}
 CASES = {
     "attention": ("vision_base", "audio_base", "text_base"),
     "pos_conv": ("base", "large"),
@@ -166,21 +157,20 @@ def tune_case(
     from d2v_kernels.kernels import _tiles
 
     module_name, mode, _, _ = KERNELS[kernel]
-    impl = KERNEL_IMPLS.get(kernel, IMPL)
     op_case = _op_module(module_name).setup_case(case, dtype_name, mode, device)
     rows = []
     for config in [{}, *[c for c in candidates if c]]:
-        row = dict(op_case.row, what="tune", kernel=kernel, impl=impl, config=config_label(config), tiles=config)
+        row = dict(op_case.row, what="tune", kernel=kernel, impl=IMPL, config=config_label(config), tiles=config)
         try:
             with _tiles.override(kernel, **config):
-                inner = op_case.make_step(impl)
+                inner = op_case.make_step(IMPL)
 
             def step(inner=inner, config=config):
                 with _tiles.override(kernel, **config):
                     return inner()
 
             label = f"{kernel} {config_label(config)}"
-            row.update(assert_close_to_reference(step(), *op_case.reference(impl), name=label))
+            row.update(assert_close_to_reference(step(), *op_case.reference(IMPL), name=label))
             if timed:
                 timing = common.time_ms(step, **(timing_kwargs or {}))
                 row.update(timing.as_row())
