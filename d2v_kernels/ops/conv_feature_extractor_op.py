@@ -18,10 +18,7 @@ is written once; then per layer cuDNN's strided conv and the Triton row-norm Lay
 activation (B, C, T) in channels-last strides, so cuDNN runs without transposes. For the backward it
 keeps one tensor a layer, the conv output (the LayerNorm's input), and recomputes each activation
 where a conv's weight gradient needs it (an elementwise pass; for layer 0 a read of the waveform);
-layer 0's backward is one kernel, which recomputes its conv output in registers. With
-``D2V_KERNELS_FUSE_CONV01=1`` (opt-in until a GPU has timed it) layers 0 and 1 run as one Triton
-kernel, layer 0's activations formed in registers as the A operand of layer 1's implicit GEMM, so
-the largest activation never reaches memory (fp16 / bf16).
+layer 0's backward is one kernel, which recomputes its conv output in registers.
 """
 
 from __future__ import annotations
@@ -41,20 +38,12 @@ from d2v_kernels.ops._checks import (
     check_tensor,
 )
 from d2v_kernels.ops._conv_feature_extractor_triton import (
-    ENV_FUSE_LAYERS_0_1,
-    _run_conv_then_triton_norm,
-    _triton_composite_reasons,
-    _triton_nodes_backward,
-    fuse_layers_0_1,
+    run_conv_then_triton_norm,
+    triton_composite_reasons,
+    triton_nodes_backward,
 )
 
-__all__ = [
-    "ENV_FUSE_LAYERS_0_1",
-    "conv_feature_extractor",
-    "conv_feature_extractor_reference",
-    "fuse_layers_0_1",
-    "output_length",
-]
+__all__ = ["conv_feature_extractor", "conv_feature_extractor_reference", "output_length"]
 
 # Limits of the CUDA kernels; they mirror csrc/conv_feature_extractor.h (a GPU test compares).
 MAX_CHANNELS = 512
@@ -202,7 +191,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _triton_nodes_reasons(wave, conv_weights, ln_weights, ln_biases, conv_biases, strides, eps) -> list[str]:
-    """Why :func:`_triton_nodes_backward` cannot take these inputs (the triton backend's reasons,
+    """Why :func:`triton_nodes_backward` cannot take these inputs (the triton backend's reasons,
     as if forced); [] when it can."""
     impl = next(i for i in dispatch.implementations("conv_feature_extractor") if i.backend == "triton")
     kwargs = dict(strides=strides, conv_biases=conv_biases or None, eps=eps)
@@ -216,7 +205,7 @@ def _backward(ctx, grad_out):
     conv_biases = params[3 * n :] if ctx.has_bias else []
     args = (conv_weights, ln_weights, ln_biases, conv_biases)
     if not _triton_nodes_reasons(wave, *args, ctx.strides, ctx.eps):
-        d_wave, d_w, d_lw, d_lb, d_cb = _triton_nodes_backward(grad_out, wave, *args, ctx.strides, ctx.eps, ctx.needs)
+        d_wave, d_w, d_lw, d_lb, d_cb = triton_nodes_backward(grad_out, wave, *args, ctx.strides, ctx.eps, ctx.needs)
     else:
         layer_outputs = torch.ops.d2v_kernels.conv_feature_extractor_cuda_layers(wave, *args, ctx.strides, ctx.eps)
         d_wave, d_w, d_lw, d_lb, d_cb = _layers_backward(
@@ -335,8 +324,8 @@ dispatch.register("conv_feature_extractor", "eager", conv_feature_extractor_refe
 dispatch.register(
     "conv_feature_extractor",
     "triton",
-    _run_conv_then_triton_norm,
-    _triton_composite_reasons,
+    run_conv_then_triton_norm,
+    triton_composite_reasons,
     devices=("cuda",),
     description="layer 0 as one Triton kernel (conv + LayerNorm + GELU), then cuDNN conv + Triton LayerNorm+GELU per layer",
 )
