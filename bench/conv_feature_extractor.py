@@ -10,7 +10,7 @@ for fwd+bwd), and peak memory (torch.cuda.max_memory_allocated above what was al
 the call). Writes ``bench/results/<gpu>/<date>-conv_feature_extractor.json``.
 
     python -m bench.conv_feature_extractor [--quick] [--cases b8x10s,b1x30s] [--dtypes fp16,bf16]
-                                           [--modes fwd,fwd+bwd] [--impls d2v_cuda,d2v_triton,d2v_triton_fused01,hf_eager,hf_compile]
+                                           [--modes fwd,fwd+bwd] [--impls d2v_cuda,d2v_triton,hf_eager,hf_compile]
     python -m bench.conv_feature_extractor --check-only --tiny --device cpu   # the checks on a CPU
 """
 
@@ -31,8 +31,7 @@ QUICK_CASES = ("b8x10s",)
 # d2v_triton runs through the interpreter when TRITON_INTERPRET=1).
 TINY_CASES = {"tiny": (2, 4_000, 32)}
 SHAPES = {**CASES, **TINY_CASES}
-# d2v_triton_fused01: the triton backend with layers 0 and 1 in one kernel (opt-in, D2V_KERNELS_FUSE_CONV01=1).
-IMPLS = ("d2v_cuda", "d2v_triton", "d2v_triton_fused01", "hf_eager", "hf_compile")
+IMPLS = ("d2v_cuda", "d2v_triton", "hf_eager", "hf_compile")
 
 
 def build_encoder(case: str, dtype: torch.dtype, device: str = "cuda", seed: int = 0):
@@ -54,10 +53,9 @@ def build_encoder(case: str, dtype: torch.dtype, device: str = "cuda", seed: int
 def encoder_fn(encoder, impl: str):
     """wave (B, S) -> (B, T, C) for one implementation."""
     layers = list(encoder.conv_layers)
-    if impl in ("d2v_cuda", "d2v_triton", "d2v_triton_fused01"):
+    if impl in ("d2v_cuda", "d2v_triton"):
         import d2v_kernels
         from d2v_kernels import ops
-        from d2v_kernels.ops.conv_feature_extractor_op import fuse_layers_0_1
 
         params = dict(
             conv_weights=[layer.conv.weight for layer in layers],
@@ -66,13 +64,12 @@ def encoder_fn(encoder, impl: str):
         )
         strides = [layer.conv.stride[0] for layer in layers]
 
-        # cuda: the fused CUDA kernels; triton: Triton layer 0 (or layers 0 + 1), then cuDNN conv +
+        # cuda: the fused CUDA kernels; triton: Triton layer 0, then cuDNN conv +
         # Triton LayerNorm + GELU per layer.
         backend = "cuda" if impl == "d2v_cuda" else "triton"
-        fuse = impl == "d2v_triton_fused01"
 
         def run(wave):
-            with d2v_kernels.use_backend(conv_feature_extractor=backend), fuse_layers_0_1(fuse):
+            with d2v_kernels.use_backend(conv_feature_extractor=backend):
                 return ops.conv_feature_extractor(wave, **params, strides=strides, eps=layers[0].layer_norm.eps)
 
         return run

@@ -46,20 +46,21 @@ _GELU_EXACT = 1
 
 @triton.jit
 def _conv0_tile(
-    wave_row, first_sample, t_mask, W0, CB0, c_start, n_channels0, stride_wave_s, stride_w0_c, stride_w0_k,
-    K0: tl.constexpr, HAS_CB0: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    wave_row, first_sample, t_mask, W, CB, n_channels, stride_wave_s, stride_w_c, stride_w_k,
+    KERNEL: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, OUT_DTYPE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """Layer 0's conv output for BLOCK_M frames (first samples ``first_sample``) and channels
-    c_start .. c_start + BLOCK_K, rounded to OUT_DTYPE as layer 0 writes it; 0 past n_channels0."""
-    ch = c_start + tl.arange(0, BLOCK_K)
-    ch_mask = ch < n_channels0
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for j in range(K0):
+    """Layer 0's conv output for BLOCK_T frames (first samples ``first_sample``) and all channels,
+    rounded to OUT_DTYPE as layer 0 writes it; 0 past n_channels."""
+    ch = tl.arange(0, BLOCK_C)
+    ch_mask = ch < n_channels
+    acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    for j in range(KERNEL):
         x = tl.load(wave_row + (first_sample + j) * stride_wave_s, mask=t_mask, other=0.0).to(tl.float32)
-        w = tl.load(W0 + ch * stride_w0_c + j * stride_w0_k, mask=ch_mask, other=0.0).to(tl.float32)
+        w = tl.load(W + ch * stride_w_c + j * stride_w_k, mask=ch_mask, other=0.0).to(tl.float32)
         acc += x[:, None] * w[None, :]
-    if HAS_CB0:
-        acc += tl.load(CB0 + ch, mask=ch_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_CONV_BIAS:
+        acc += tl.load(CB + ch, mask=ch_mask, other=0.0).to(tl.float32)[None, :]
     return _to_output(acc, OUT_DTYPE).to(tl.float32)
 
 
@@ -86,7 +87,7 @@ def conv0_ln_gelu_kernel(
     wave_row = WAVE + batch.to(tl.int64) * stride_wave_b
     first_sample = t.to(tl.int64) * STRIDE
     h = _conv0_tile(
-        wave_row, first_sample, t_mask, W, CB, 0, n_channels, stride_wave_s, stride_w_c, stride_w_k,
+        wave_row, first_sample, t_mask, W, CB, n_channels, stride_wave_s, stride_w_c, stride_w_k,
         KERNEL, HAS_CONV_BIAS, Y.dtype.element_ty, BLOCK_T, BLOCK_C,
     )  # fmt: skip
 
@@ -146,7 +147,7 @@ def conv0_ln_gelu_bwd_kernel(
         wave_row = WAVE + batch.to(tl.int64) * stride_wave_b
         first_sample = t * STRIDE
         h = _conv0_tile(
-            wave_row, first_sample, t_mask, W, CB, 0, n_channels, stride_wave_s, stride_w_c, stride_w_k,
+            wave_row, first_sample, t_mask, W, CB, n_channels, stride_wave_s, stride_w_c, stride_w_k,
             KERNEL, HAS_CONV_BIAS, DY.dtype.element_ty, BLOCK_T, BLOCK_C,
         )  # fmt: skip
         row_base = batch.to(tl.int64) * n_frames
@@ -186,87 +187,6 @@ def conv0_ln_gelu_bwd_kernel(
     tl.store(DB_PARTIAL + pid * n_channels + ch, db_acc, mask=ch_mask)
     if HAS_CONV_BIAS:
         tl.store(DCB_PARTIAL + pid * n_channels + ch, dcb_acc, mask=ch_mask)
-
-
-@triton.jit
-def conv01_ln_gelu_kernel(
-    WAVE, W0, CB0, G0, BETA0, W1, CB1, G1, BETA1, Y,
-    n_frames1, n_channels0, n_channels1, tiles_per_batch,
-    stride_wave_b, stride_wave_s, stride_w0_c, stride_w0_k,
-    stride_y_b, stride_y_c, stride_y_t,
-    eps0, eps1,
-    K0: tl.constexpr, S0: tl.constexpr, K1: tl.constexpr, S1: tl.constexpr,
-    HAS_CB0: tl.constexpr, HAS_CB1: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    """Layers 0 and 1 in one program per BLOCK_M layer-1 frames: layer 0's normalised
-    activations are formed in registers, tap by tap and BLOCK_K channels at a time, as the A
-    operand of layer 1's implicit GEMM (K = K1 x C0, N = C1 <= BLOCK_N); layer 0's output never
-    reaches memory. Per tap, a first pass over the channels gathers the layer-0 LayerNorm
-    statistics (Chan's pairwise merge of per-chunk mean and squared deviations), a second forms
-    GELU(LN(conv)) and feeds the dot. W1: (K1 * C0, C1), row j * C0 + c is tap j, channel c."""
-    dtype = Y.dtype.element_ty
-    pid = tl.program_id(0)
-    batch = pid // tiles_per_batch
-    t1 = (pid % tiles_per_batch) * BLOCK_M + tl.arange(0, BLOCK_M)
-    t_mask = t1 < n_frames1
-    n = tl.arange(0, BLOCK_N)
-    n_mask = n < n_channels1
-    wave_row = WAVE + batch.to(tl.int64) * stride_wave_b
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for tap in tl.static_range(K1):
-        first_sample = (t1.to(tl.int64) * S1 + tap) * S0  # layer-0 frame t1 * S1 + tap
-        count = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for c_start in range(0, n_channels0, BLOCK_K):
-            h = _conv0_tile(
-                wave_row, first_sample, t_mask, W0, CB0, c_start, n_channels0, stride_wave_s, stride_w0_c,
-                stride_w0_k, K0, HAS_CB0, dtype, BLOCK_M, BLOCK_K,
-            )  # fmt: skip
-            k_mask = (c_start + tl.arange(0, BLOCK_K)) < n_channels0
-            chunk_count = tl.minimum(n_channels0 - c_start, BLOCK_K).to(tl.float32)
-            chunk_mean = tl.sum(h, axis=1) / chunk_count
-            deviation = tl.where(k_mask[None, :], h - chunk_mean[:, None], 0.0)
-            chunk_m2 = tl.sum(deviation * deviation, axis=1)
-            total = count + chunk_count
-            delta = chunk_mean - mean
-            mean += delta * (chunk_count / total)
-            m2 += chunk_m2 + delta * delta * (count * chunk_count / total)
-            count = total
-        rstd = tl.rsqrt(m2 / n_channels0 + eps0)
-        for c_start in range(0, n_channels0, BLOCK_K):
-            ch = c_start + tl.arange(0, BLOCK_K)
-            k_mask = ch < n_channels0
-            h = _conv0_tile(
-                wave_row, first_sample, t_mask, W0, CB0, c_start, n_channels0, stride_wave_s, stride_w0_c,
-                stride_w0_k, K0, HAS_CB0, dtype, BLOCK_M, BLOCK_K,
-            )  # fmt: skip
-            gamma = tl.load(G0 + ch, mask=k_mask, other=0.0).to(tl.float32)
-            beta = tl.load(BETA0 + ch, mask=k_mask, other=0.0).to(tl.float32)
-            z = (h - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]
-            a = tl.where(k_mask[None, :] & t_mask[:, None], _activation(z, 1), 0.0)
-            a = _to_output(a, dtype)  # layer 0's output as it would be stored
-            rows = (tap * n_channels0 + ch).to(tl.int64)
-            w = tl.load(
-                W1 + rows[:, None] * n_channels1 + n[None, :], mask=k_mask[:, None] & n_mask[None, :], other=0.0
-            )
-            if UPCAST:
-                acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-            else:
-                acc += tl.dot(a, w, input_precision=PRECISION)
-    if HAS_CB1:
-        acc += tl.load(CB1 + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    h1 = _to_output(acc, dtype).to(tl.float32)
-    mask = t_mask[:, None] & n_mask[None, :]
-    mean1 = tl.sum(tl.where(mask, h1, 0.0), axis=1) / n_channels1
-    centered = tl.where(mask, h1 - mean1[:, None], 0.0)
-    rstd1 = tl.rsqrt(tl.sum(centered * centered, axis=1) / n_channels1 + eps1)
-    gamma1 = tl.load(G1 + n, mask=n_mask, other=0.0).to(tl.float32)
-    beta1 = tl.load(BETA1 + n, mask=n_mask, other=0.0).to(tl.float32)
-    y = _activation(centered * rstd1[:, None] * gamma1[None, :] + beta1[None, :], 1)
-    offsets = _tile_offsets(batch, t1, n, stride_y_b, stride_y_c, stride_y_t)
-    tl.store(Y + offsets, _to_output(y, dtype), mask=mask)
 
 
 def output_frames(samples: int, kernel_size: int, stride: int) -> int:
@@ -411,62 +331,3 @@ def conv0_ln_gelu_backward(dy, wave, weight, conv_bias, ln_weight, ln_bias, mean
             dwave[:, j : j + last : stride] += dframe[:, :, j]
         dwave = dwave.to(wave.dtype)
     return dwave, dweight, d_conv_bias, d_ln_weight, d_ln_bias
-
-
-FUSED01_MAX_CHANNELS = 512  # layer 1's output row (BLOCK_N accumulators per frame) in registers
-# fp16 / bf16 operands only (fused01_reasons): the dot's input precision setting does not apply.
-_FUSED01_DOT_PRECISION = "tf32"
-
-
-def fused01_reasons(wave, weights, conv_biases, ln_weights, ln_biases) -> list[str]:
-    """Why layers 0 and 1 cannot run as one kernel (empty when they can). Lists of two layers."""
-    reasons = unsupported_reasons(wave, weights[0], conv_biases[0], ln_weights[0], ln_biases[0])
-    if wave.dtype not in (torch.float16, torch.bfloat16):
-        reasons.append(f"wave has dtype {wave.dtype}; the fused layers 0 + 1 take float16, bfloat16 (fp32 spills)")
-    for name, t in (("weight", weights[1]), ("conv_bias", conv_biases[1]), ("ln_weight", ln_weights[1])):
-        if t is not None and t.dtype != wave.dtype:
-            reasons.append(f"layer 1 {name} has dtype {t.dtype}, wave has {wave.dtype}")
-    if ln_biases[1].dtype != wave.dtype:
-        reasons.append(f"layer 1 ln_bias has dtype {ln_biases[1].dtype}, wave has {wave.dtype}")
-    if weights[1].shape[0] > FUSED01_MAX_CHANNELS:
-        reasons.append(f"layer 1 has {weights[1].shape[0]} channels > {FUSED01_MAX_CHANNELS}")
-    if weights[1].shape[2] > MAX_KERNEL:
-        reasons.append(f"layer 1 kernel size {weights[1].shape[2]} > {MAX_KERNEL}")
-    return reasons
-
-
-def _fused01_tiles(channels1: int) -> dict:
-    block_n = max(16, next_power_of_2(channels1))
-    default = {"BLOCK_M": 32, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2}
-    return tiles("conv01", default) | {"BLOCK_N": block_n}
-
-
-def conv01_ln_gelu(wave, weights, conv_biases, ln_weights, ln_biases, strides, eps: float) -> torch.Tensor:
-    """Layers 0 and 1 in one kernel. wave (B, S); per-layer lists of two: weights (C0, 1, k0) and
-    (C1, C0, k1), conv_biases (entries may be None), ln_weights, ln_biases; strides (s0, s1); all
-    in wave's dtype -> layer 1's output (B, C1, T1) in wave's dtype, channels-last strides. Layer
-    0's output is never stored."""
-    batch, samples = wave.shape
-    (channels0, _, k0), (channels1, _, k1) = weights[0].shape, weights[1].shape
-    frames0 = output_frames(samples, k0, strides[0])
-    frames1 = output_frames(frames0, k1, strides[1])
-    w1 = weights[1].permute(2, 1, 0).reshape(k1 * channels0, channels1).contiguous()  # (K, N), row tap * C0 + c
-    cb0, cb1 = (None if t is None else t.contiguous() for t in conv_biases)
-    g0, g1 = (t.contiguous() for t in ln_weights)
-    b0, b1 = (t.contiguous() for t in ln_biases)
-    # channels-last strides, as the layer-0 kernel's output
-    y = torch.empty((batch, frames1, channels1), device=wave.device, dtype=wave.dtype).transpose(1, 2)
-    config = _fused01_tiles(channels1)
-    tiles_per_batch = cdiv(frames1, config["BLOCK_M"])
-    conv01_ln_gelu_kernel[(batch * tiles_per_batch,)](
-        wave, weights[0], cb0 if cb0 is not None else g0, g0, b0, w1, cb1 if cb1 is not None else g1, g1, b1, y,
-        frames1, channels0, channels1, tiles_per_batch,
-        *wave.stride(), weights[0].stride(0), weights[0].stride(2),
-        *y.stride(),
-        eps, eps,
-        K0=k0, S0=strides[0], K1=k1, S1=strides[1], HAS_CB0=cb0 is not None, HAS_CB1=cb1 is not None,
-        PRECISION=_FUSED01_DOT_PRECISION, UPCAST=wave.device.type == "cpu" and wave.dtype == torch.bfloat16,
-        BLOCK_M=config["BLOCK_M"], BLOCK_K=config["BLOCK_K"], BLOCK_N=config["BLOCK_N"],
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
-    )  # fmt: skip
-    return y

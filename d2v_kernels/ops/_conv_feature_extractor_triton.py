@@ -10,11 +10,7 @@ torch.compile and an autograd.Function twin for eager calls (``ops/_eager.py``).
 
 from __future__ import annotations
 
-import contextlib
-import os
-import threading
 import warnings
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +18,6 @@ from torch import Tensor
 
 from d2v_kernels.ops._checks import KERNEL_DTYPES, layer_norm_compute_dtype
 from d2v_kernels.ops._eager import pick, register_autograd
-from d2v_kernels.ops.layer_norm_gelu_op import _kernels as _layer_norm_gelu_kernels
 from d2v_kernels.ops.layer_norm_gelu_op import (
     _layer_norm_gelu_bwd,
     _layer_norm_gelu_bwd_impl,
@@ -34,9 +29,10 @@ from d2v_kernels.ops.layer_norm_gelu_op import (
 
 try:
     from d2v_kernels.kernels import conv_feature_extractor as _conv0_kernels
+    from d2v_kernels.kernels import layer_norm_gelu as _layer_norm_gelu_kernels
     from d2v_kernels.kernels._row_norm import row_reasons
 except ImportError:  # triton absent: _triton_available() gives the reason
-    _conv0_kernels = row_reasons = None
+    _conv0_kernels = _layer_norm_gelu_kernels = row_reasons = None
 
 
 def _channels_last_empty(like: Tensor, channels: int, frames: int) -> Tensor:
@@ -404,146 +400,6 @@ LayerNormGeluConvFunction, _norm_conv_call = register_autograd(
 )
 
 
-def _conv01_fwd_impl(
-    wave: Tensor,
-    w0: Tensor,
-    w1: Tensor,
-    cb0: Tensor | None,
-    cb1: Tensor | None,
-    g0: Tensor,
-    g1: Tensor,
-    b0: Tensor,
-    b1: Tensor,
-    s0: int,
-    s1: int,
-    eps: float,
-) -> Tensor:
-    """Layer 1's output (B, C1, T1) from the wave, layers 0 and 1 in one kernel."""
-    return _conv0_kernels.conv01_ln_gelu(wave, [w0, w1], [cb0, cb1], [g0, g1], [b0, b1], (s0, s1), eps)
-
-
-def _conv01_bwd_impl(
-    dy: Tensor,
-    wave: Tensor,
-    w0: Tensor,
-    w1: Tensor,
-    cb0: Tensor | None,
-    cb1: Tensor | None,
-    g0: Tensor,
-    g1: Tensor,
-    b0: Tensor,
-    b1: Tensor,
-    s0: int,
-    s1: int,
-    eps: float,
-    wave_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dwave or empty, dw0, dw1, dcb0, dcb1 (empty when absent), dg0, dg1, db0, db1).
-
-    Recomputes layer 0's output (the layer-0 kernel, with its statistics) and layer 1's conv
-    output (cuDNN), then walks back: row-norm LayerNorm + GELU backward and cuDNN conv gradients
-    for layer 1, the layer-0 backward for layer 0."""
-    y0, mean0, rstd0 = _conv0_kernels.conv0_ln_gelu(wave, w0, cb0, g0, b0, s0, eps)
-    z1 = _conv_output(y0, w1, cb1, s1)
-    mean1, rstd1 = _layer_norm_gelu_kernels.layer_norm_gelu_forward(z1, g1, b1, eps, 1, "none")[1:]
-    # dz1 over z1, this function's own recompute
-    dz1, dg1, db1 = _layer_norm_gelu_kernels.layer_norm_gelu_backward(dy, z1, g1, b1, mean1, rstd1, 1, "none", out=z1)
-    del z1
-    # y0 handed over, not kept here: _conv_backward frees it before dy0 is allocated
-    conv_input, y0 = [y0], None
-    dy0, dw1, dcb1 = _conv_backward(conv_input.pop(), w1, cb1, dz1, s1)
-    dwave, dw0, dcb0, dg0, db0 = _conv0_bwd_impl(dy0, wave, w0, cb0, g0, b0, mean0, rstd0, s0, eps, wave_grad)
-    return dwave, dw0, dw1, dcb0, dcb1, dg0, dg1, db0, db1
-
-
-_conv01_fwd = torch.library.custom_op("d2v_kernels::conv01_ln_gelu", _conv01_fwd_impl, mutates_args=())
-_conv01_bwd = torch.library.custom_op("d2v_kernels::conv01_ln_gelu_bwd", _conv01_bwd_impl, mutates_args=())
-
-
-@_conv01_fwd.register_fake
-def _(wave, w0, w1, cb0, cb1, g0, g1, b0, b1, s0, s1, eps):
-    frames1 = ((wave.shape[1] - w0.shape[2]) // s0 + 1 - w1.shape[2]) // s1 + 1
-    return _channels_last_empty(wave, w1.shape[0], frames1)
-
-
-@_conv01_bwd.register_fake
-def _(dy, wave, w0, w1, cb0, cb1, g0, g1, b0, b1, s0, s1, eps, wave_grad):
-    empty = wave.new_empty(0)
-    return (
-        torch.empty_like(wave) if wave_grad else empty,
-        torch.empty_like(w0),
-        torch.empty_like(w1),
-        empty if cb0 is None else torch.empty_like(cb0),
-        empty if cb1 is None else torch.empty_like(cb1),
-        torch.empty_like(g0),
-        torch.empty_like(g1),
-        torch.empty_like(b0),
-        torch.empty_like(b1),
-    )
-
-
-def _conv01_setup_context(ctx, inputs, output):
-    wave, w0, w1, cb0, cb1, g0, g1, b0, b1, s0, s1, eps = inputs
-    ctx.save_for_backward(wave, w0, w1, cb0, cb1, g0, g1, b0, b1)  # no activation: all recomputed
-    ctx.s0, ctx.s1, ctx.eps = s0, s1, eps
-
-
-def _conv01_backward(ctx, dy):
-    saved = ctx.saved_tensors
-    cb0, cb1 = saved[3], saved[4]
-    wave_grad = ctx.needs_input_grad[0]
-    grads = pick(_conv01_bwd, _conv01_bwd_impl, (dy, *saved))(dy, *saved, ctx.s0, ctx.s1, ctx.eps, wave_grad)
-    dwave, dw0, dw1, dcb0, dcb1, dg0, dg1, db0, db1 = grads
-    return (
-        dwave if wave_grad else None,
-        dw0,
-        dw1,
-        dcb0 if cb0 is not None else None,
-        dcb1 if cb1 is not None else None,
-        dg0,
-        dg1,
-        db0,
-        db1,
-        None,
-        None,
-        None,
-    )
-
-
-Conv01LayerNormGeluFunction, _conv01_call = register_autograd(
-    _conv01_fwd, "Conv01LayerNormGeluFunction", _conv01_fwd_impl, _conv01_setup_context, _conv01_backward
-)
-
-# The fused layer 0 + 1 kernel is opt-in until a GPU has timed it against layer 0 alone + cuDNN
-# (bench: impl d2v_triton_fused01); its arithmetic is checked everywhere the tests run.
-ENV_FUSE_LAYERS_0_1 = "D2V_KERNELS_FUSE_CONV01"
-_fuse_override = threading.local()
-
-
-@contextlib.contextmanager
-def fuse_layers_0_1(enabled: bool = True) -> Iterator[None]:
-    """Run layers 0 and 1 as one kernel (or not) in this thread, whatever D2V_KERNELS_FUSE_CONV01 says."""
-    previous = getattr(_fuse_override, "enabled", None)
-    _fuse_override.enabled = bool(enabled)
-    try:
-        yield
-    finally:
-        _fuse_override.enabled = previous
-
-
-def _fuse_layers_0_1_enabled() -> bool:
-    enabled = getattr(_fuse_override, "enabled", None)
-    return os.environ.get(ENV_FUSE_LAYERS_0_1, "0") == "1" if enabled is None else enabled
-
-
-def _fuse_layers_0_1(wave, conv_weights, ln_weights, ln_biases, conv_biases) -> bool:
-    if len(conv_weights) < 2 or not _fuse_layers_0_1_enabled():
-        return False
-    if _conv0_kernels is None or torch.is_autocast_enabled(wave.device.type):
-        return False
-    return not _conv0_kernels.fused01_reasons(wave, conv_weights[:2], conv_biases[:2], ln_weights[:2], ln_biases[:2])
-
-
 def _conv0_fusable(wave, weight, conv_bias, ln_weight, ln_bias) -> bool:
     """Layer 0 runs as one kernel unless autocast mixes dtypes or its shape is out of the kernel's
     range; the per-layer path (the same backend) takes it otherwise."""
@@ -552,20 +408,15 @@ def _conv0_fusable(wave, weight, conv_bias, ln_weight, ln_bias) -> bool:
     return not _conv0_kernels.unsupported_reasons(wave, weight, conv_bias, ln_weight, ln_bias)
 
 
-def _run_conv_then_triton_norm(wave, conv_weights, ln_weights, ln_biases, *, strides, conv_biases=None, eps=1e-5):
+def run_conv_then_triton_norm(wave, conv_weights, ln_weights, ln_biases, *, strides, conv_biases=None, eps=1e-5):
+    """The ``triton`` backend of the op (its arguments, already validated)."""
     n = len(conv_weights)
     conv_biases = conv_biases if conv_biases is not None else [None] * n
     strides, eps = [int(s) for s in strides], float(eps)
     if torch.is_autocast_enabled(wave.device.type):
         return _run_per_layer(wave[:, None], conv_weights, ln_weights, ln_biases, strides, conv_biases, eps)
     w0, lw0, lb0, cb0 = conv_weights[0], ln_weights[0], ln_biases[0], conv_biases[0]
-    if _fuse_layers_0_1(wave, conv_weights, ln_weights, ln_biases, conv_biases):
-        w1, lw1, lb1, cb1 = conv_weights[1], ln_weights[1], ln_biases[1], conv_biases[1]
-        h = _conv01_call(wave, w0, w1, cb0, cb1, lw0, lw1, lb0, lb1, strides[0], strides[1], eps)
-        if n == 2:
-            return h.transpose(1, 2)
-        z, first = _conv_output(h, conv_weights[2], conv_biases[2], strides[2]), 2
-    elif _conv0_fusable(wave, w0, cb0, lw0, lb0):
+    if _conv0_fusable(wave, w0, cb0, lw0, lb0):
         if n == 1:
             return _conv0_call(wave, w0, cb0, lw0, lb0, strides[0], eps)[0].transpose(1, 2)
         w1, cb1 = conv_weights[1], conv_biases[1]
@@ -580,7 +431,7 @@ def _run_conv_then_triton_norm(wave, conv_weights, ln_weights, ln_biases, *, str
     return _layer_norm_gelu_triton(z, ln_weights[-1], ln_biases[-1], eps=eps, channels_dim=1).transpose(1, 2)
 
 
-def _triton_nodes_backward(grad_out, wave, conv_weights, ln_weights, ln_biases, conv_biases, strides, eps, needs):
+def triton_nodes_backward(grad_out, wave, conv_weights, ln_weights, ln_biases, conv_biases, strides, eps, needs):
     """Gradients of the stack as :func:`_layers_backward` returns them, by the Triton path's nodes:
     their forwards rerun from the waveform, keeping what their autograd nodes keep (each layer's
     conv output and fp32 row statistics), then their backwards from the last layer down.
@@ -661,7 +512,8 @@ def _run_per_layer(h, conv_weights, ln_weights, ln_biases, strides, conv_biases,
     return h.transpose(1, 2)
 
 
-def _triton_composite_reasons(wave, conv_weights, ln_weights, ln_biases, *, strides, conv_biases=None, eps=1e-5):
+def triton_composite_reasons(wave, conv_weights, ln_weights, ln_biases, *, strides, conv_biases=None, eps=1e-5):
+    """Why the ``triton`` backend cannot take these (validated) arguments; [] when it can."""
     reasons = _triton_available()
     if reasons:
         return reasons
