@@ -163,6 +163,30 @@ def test_gpu_slug_and_peak_lines():
         assert common.device_peak() is None
 
 
+@pytest.mark.parametrize("major, fp16_tflops", [(9, 1070.6), (10, None)])
+def test_device_peak_from_triton_testing(monkeypatch, major, fp16_tflops):
+    """triton.testing's figures for an H100 SXM's clocks (132 SMs at 1980 MHz, HBM3 at 2619 MHz on
+    5120 bits), Hopper's tensor-core rate twice the Ampere rate triton counts; none past Hopper."""
+    from triton.runtime import driver
+
+    properties = {"multiprocessor_count": 132, "sm_clock_rate": 1_980_000, "mem_clock_rate": 2_619_000}
+    properties["mem_bus_width"] = 5120
+    fake = types.SimpleNamespace(utils=types.SimpleNamespace(get_device_properties=lambda d: properties))
+    monkeypatch.setattr(driver, "_active", fake)
+    monkeypatch.setattr(common, "has_gpu", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    peak = common.device_peak()
+    assert peak["name"] == "NVIDIA H100 80GB HBM3" and peak["hbm_gbps"] == pytest.approx(3352.3, abs=0.1)
+    if fp16_tflops is None:
+        assert peak["tflops"] == {}
+    else:
+        assert peak["tflops"]["fp16"] == peak["tflops"]["bf16"] == pytest.approx(fp16_tflops, abs=0.1)
+        assert peak["tflops"]["fp32"] == pytest.approx(fp16_tflops / 2, abs=0.1)
+    assert report.peak_line(peak).startswith("Peaks from triton.testing (NVIDIA H100 80GB HBM3)")
+
+
 def test_rotation_covers_twice_the_cache():
     assert common.rotation_copies(10 << 20, cache_bytes=50 << 20) == 11
     assert common.rotation_copies(1 << 30, cache_bytes=50 << 20) == 2
