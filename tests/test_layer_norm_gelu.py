@@ -341,20 +341,20 @@ def test_int64_offsets_compute_the_same_bits(channels_dim, monkeypatch):
     with d2v_kernels.use_backend(layer_norm_gelu="triton"):
         narrow = _run(ops.layer_norm_gelu, x, weight, bias, dy, channels_dim=channels_dim)
         monkeypatch.setattr(_row_norm, "INT32_OFFSET_LIMIT", 0)
-        monkeypatch.setattr(_row_norm, "_plans", {})  # the layout's plan chose int32
+        monkeypatch.setattr(_row_norm, "_launches", {})  # the layout's launches chose int32
         wide = _run(ops.layer_norm_gelu, x, weight, bias, dy, channels_dim=channels_dim)
-    assert [plan[-1] for plan in _row_norm._plans.values()] == [True, True]  # WIDE_OFFSETS
+    assert [launch._constexprs[-1] for launch in _row_norm._launches.values()] == [True, True]  # WIDE_OFFSETS
     for name, a, b in zip(("y", "dx", "dweight", "dbias"), narrow, wide):
         assert torch.equal(a, b), name
 
 
 def test_launch_plans_are_kept_per_layout(monkeypatch):
-    """Launch plans are cached by layout: one shape in three layouts (channels-first storage,
-    channels-last storage, a slice) runs three forward plans, each result right (forward and
+    """Launches are cached by layout: one shape in three layouts (channels-first storage,
+    channels-last storage, a slice) makes three forward launches, each result right (forward and
     backward), and the cache stays within its bound."""
     from d2v_kernels.kernels import _row_norm
 
-    monkeypatch.setattr(_row_norm, "_plans", {})
+    monkeypatch.setattr(_row_norm, "_launches", {})
     monkeypatch.setattr(_row_norm, "_MAX_PLANS", 2)
     x, weight, bias = _inputs((2, 48, 9), 1, torch.float32, affine=True)
     channels_last = x.transpose(1, 2).contiguous().transpose(1, 2)
@@ -362,8 +362,8 @@ def test_launch_plans_are_kept_per_layout(monkeypatch):
     seen = set()
     for layout in (x, channels_last, sliced, x):
         _check_against_float64(layout, weight, bias, 1)
-        seen |= {key for key in _row_norm._plans if key[0] == "fwd"}
-        assert len(_row_norm._plans) <= 2
+        seen |= {key for key in _row_norm._launches if key[0] == "fwd"}
+        assert len(_row_norm._launches) <= 2
     assert len(seen) == 3
 
 

@@ -14,7 +14,11 @@ batch and all C channels (the whole row sits in registers). Constexpr flags sele
 Statistics (mean, rstd) are fp32, one per row, saved for the backward; the normalised tensor is
 not saved (the backward recomputes it from x). The backward reduces dweight and dbias in two
 deterministic stages: each of a fixed number of programs walks its rows in a fixed order into an
-fp32 partial row, then the partials are summed with torch (no atomics).
+fp32 partial row, then one small kernel sums the partials in a fixed order and casts them to the
+parameters' dtypes (no atomics, no torch reduction or cast launches).
+
+The launchers keep, per input layout, the view, tiles, grid and integer arguments, and launch the
+compiled kernels directly (``_launch.DirectLaunch``).
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
+from d2v_kernels.kernels._launch import DirectLaunch
 from d2v_kernels.kernels._tiles import cdiv, next_power_of_2, tiles
+from d2v_kernels.kernels._tiles import on_change as on_tiles_change
 
 # One row of the backward must fit 8 warps' registers without spilling (ptxas, sm_90); Data2Vec's
 # rows are 512 to 1024. Wider rows run eager, with the reason.
@@ -218,6 +224,35 @@ def row_norm_bwd_kernel(
         tl.store(DB_PARTIAL + pid * n_channels + ch, db_acc, mask=ch_mask)
 
 
+# The partial sums' reduction: a program per block of channels, rows summed in a fixed order.
+PARAM_GRAD_BLOCK_R = 32
+PARAM_GRAD_BLOCK_C = 128
+
+
+@triton.jit
+def row_norm_param_grad_kernel(
+    DW_PARTIAL, DB_PARTIAL, DW, DB, n_rows, n_channels,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """dweight, dbias (in the parameters' dtypes) = the column sums of the fp32 (n_rows, C) partials."""
+    ch = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ch_mask = ch < n_channels
+    dw = tl.zeros([BLOCK_C], tl.float32)
+    db = tl.zeros([BLOCK_C], tl.float32)
+    for start in range(0, n_rows, BLOCK_R):
+        rows = start + tl.arange(0, BLOCK_R)
+        mask = (rows[:, None] < n_rows) & ch_mask[None, :]
+        offsets = rows[:, None] * n_channels + ch[None, :]
+        if HAS_WEIGHT:
+            dw += tl.sum(tl.load(DW_PARTIAL + offsets, mask=mask, other=0.0), axis=0)
+        if HAS_BIAS:
+            db += tl.sum(tl.load(DB_PARTIAL + offsets, mask=mask, other=0.0), axis=0)
+    if HAS_WEIGHT:
+        tl.store(DW + ch, dw.to(DW.dtype.element_ty), mask=ch_mask)
+    if HAS_BIAS:
+        tl.store(DB + ch, db.to(DB.dtype.element_ty), mask=ch_mask)
+
+
 # --------------------------------------------------------------------------------------------
 # Layout: which (B, C, P) view each tensor is read through
 # --------------------------------------------------------------------------------------------
@@ -388,12 +423,7 @@ def _wide_offsets(n_channels: int, n_pos: int, strides: Sequence[tuple[int, int,
     )
 
 
-# A launch plan depends only on the layout: the shape and every tensor's strides. Kept per layout,
-# so that a repeated call skips the strided-view search and the tile choice (microseconds of host
-# time a launch; an eager model step makes dozens). Bounded: each input length adds a plan.
-_plans: dict[tuple, tuple | None] = {}
 _MAX_PLANS = 1024
-_UNPLANNED = object()
 _TILE_CONFIGS = {"fwd": _launch_config, "bwd": _backward_launch_config}
 
 
@@ -402,22 +432,131 @@ def _launch_plan(direction: str, tensors: Sequence[torch.Tensor | None], channel
     the ``direction`` ("fwd" / "bwd") kernel reading ``tensors`` (in its argument order, x first,
     None for an absent one: its strides are passed as 0), or None when one strided view cannot read
     them all. Default tiles; the caller applies any override."""
-    key = (direction, channels_dim, tensors[0].shape, *(None if t is None else t.stride() for t in tensors))
-    plan = _plans.get(key, _UNPLANNED)  # one lookup: another thread may clear the dict
-    if plan is not _UNPLANNED:
-        return plan
     view = strided_view([t for t in tensors if t is not None], channels_dim)
-    plan = None
-    if view is not None:
-        n_batch, n_channels, n_pos, strides = view
-        present = iter(strides)
-        args = tuple(itertools.chain.from_iterable(next(present) if t is not None else (0, 0, 0) for t in tensors))
-        tile = _TILE_CONFIGS[direction](n_channels, strides[0], n_pos)
-        plan = (n_batch, n_channels, n_pos, args, tile, _wide_offsets(n_channels, n_pos, strides))
-    if len(_plans) >= _MAX_PLANS:
-        _plans.clear()
-    _plans[key] = plan
-    return plan
+    if view is None:
+        return None
+    n_batch, n_channels, n_pos, strides = view
+    present = iter(strides)
+    args = tuple(itertools.chain.from_iterable(next(present) if t is not None else (0, 0, 0) for t in tensors))
+    tile = _TILE_CONFIGS[direction](n_channels, strides[0], n_pos)
+    return n_batch, n_channels, n_pos, args, tile, _wide_offsets(n_channels, n_pos, strides)
+
+
+def _optional_key(t: torch.Tensor | None):
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() & 15)
+
+
+class _ForwardLaunch:
+    """The forward kernel's launch for one layout (x's and every operand's shape, strides, dtype,
+    alignment; flags): view, tiles, grid and integer arguments fixed, the compiled kernel launched
+    directly. y (and the sum) are ``empty_like(x)``, whose strides follow from x's layout."""
+
+    __slots__ = ("_constexprs", "_ints", "_launch", "_stats_shape", "_store_sum")
+
+    def __init__(self, x, channels_dim, weight, bias, activation, residual, store_sum):
+        y = torch.empty_like(x)
+        plan = _launch_plan("fwd", (x, residual, y, y if store_sum else None), channels_dim)
+        assert plan is not None, "row_norm_forward: unreadable layout (unsupported_reasons was not checked)"
+        n_batch, n_channels, n_pos, stride_args, (block_p, block_c, num_warps), wide = plan
+        config = tiles("row_norm_fwd", {"BLOCK_P": block_p, "num_warps": num_warps})
+        tiles_per_batch = cdiv(n_pos, config["BLOCK_P"])
+        self._stats_shape = x.shape[:channels_dim] + x.shape[channels_dim + 1 :]
+        self._store_sum = store_sum
+        self._ints = (
+            n_pos, n_channels, tiles_per_batch, *stride_args,
+            weight.stride(0) if weight is not None else 0, bias.stride(0) if bias is not None else 0,
+        )  # fmt: skip
+        self._constexprs = (
+            residual is not None, store_sum, weight is not None, bias is not None, ACTIVATIONS[activation],
+            config["BLOCK_P"], block_c, wide,
+        )  # fmt: skip
+        self._launch = DirectLaunch(row_norm_fwd_kernel, (n_batch * tiles_per_batch,), num_warps=config["num_warps"])
+
+    def __call__(self, x, weight, bias, eps, residual):
+        y = torch.empty_like(x)
+        total = torch.empty_like(x) if self._store_sum else None
+        mean = x.new_empty(self._stats_shape, dtype=torch.float32)
+        rstd = x.new_empty(self._stats_shape, dtype=torch.float32)
+        self._launch(
+            x, x if residual is None else residual, x if weight is None else weight, x if bias is None else bias,
+            y, y if total is None else total, mean, rstd, *self._ints, eps, *self._constexprs,
+        )  # fmt: skip
+        return y, total, mean, rstd
+
+
+class _BackwardLaunch:
+    """The backward's launches for one layout: the row kernel, then one kernel that sums the
+    per-program dweight/dbias partials in a fixed order and casts them (no torch sum or cast)."""
+
+    __slots__ = ("_constexprs", "_contiguous_grads", "_ints", "_launch", "_n_channels", "_n_programs", "_reduce")
+
+    def __init__(self, dy, x, channels_dim, weight, bias, activation, residual, dsum, out):
+        dx = torch.empty_like(x) if out is None else out
+        self._contiguous_grads = False
+        plan = _launch_plan("bwd", (x, residual, dy, dsum, dx), channels_dim)
+        if plan is None:
+            self._contiguous_grads = True
+            dy, dsum = dy.contiguous(), None if dsum is None else dsum.contiguous()
+            plan = _launch_plan("bwd", (x, residual, dy, dsum, dx), channels_dim)
+        assert plan is not None, "row_norm_backward: unreadable layout (unsupported_reasons was not checked)"
+        n_batch, n_channels, n_pos, stride_args, (block_p, block_c, num_warps), wide = plan
+        default = {"BLOCK_P": block_p, "num_warps": num_warps, "programs_per_sm": _BWD_PROGRAMS_PER_SM}
+        config = tiles("row_norm_bwd", default)
+        tiles_per_batch = cdiv(n_pos, config["BLOCK_P"])
+        n_tiles = n_batch * tiles_per_batch
+        n_programs = _backward_programs(x.device, n_tiles, config["programs_per_sm"])
+        self._n_programs, self._n_channels = n_programs, n_channels
+        self._ints = (
+            n_pos, n_channels, tiles_per_batch, n_tiles, *stride_args,
+            weight.stride(0) if weight is not None else 0, bias.stride(0) if bias is not None else 0,
+        )  # fmt: skip
+        self._constexprs = (
+            residual is not None, dsum is not None, weight is not None, bias is not None, ACTIVATIONS[activation],
+            config["BLOCK_P"], block_c, wide,
+        )  # fmt: skip
+        self._launch = DirectLaunch(row_norm_bwd_kernel, (n_programs,), num_warps=config["num_warps"])
+        self._reduce = None
+        if weight is not None or bias is not None:
+            self._reduce = DirectLaunch(
+                row_norm_param_grad_kernel, (cdiv(n_channels, PARAM_GRAD_BLOCK_C),), num_warps=4
+            )
+
+    def __call__(self, dy, x, weight, bias, mean, rstd, residual, dsum, out):
+        if self._contiguous_grads:
+            dy, dsum = dy.contiguous(), None if dsum is None else dsum.contiguous()
+        dx = torch.empty_like(x) if out is None else out
+        n_programs, n_channels = self._n_programs, self._n_channels
+        dw_partial = x.new_empty((n_programs, n_channels), dtype=torch.float32) if weight is not None else None
+        db_partial = x.new_empty((n_programs, n_channels), dtype=torch.float32) if bias is not None else None
+        self._launch(
+            x, x if residual is None else residual, x if weight is None else weight, x if bias is None else bias,
+            dy, dy if dsum is None else dsum, mean, rstd, dx, mean if dw_partial is None else dw_partial,
+            mean if db_partial is None else db_partial, *self._ints, *self._constexprs,
+        )  # fmt: skip
+        dweight = dbias = None
+        if self._reduce is not None:
+            dweight = weight.new_empty(n_channels) if weight is not None else None
+            dbias = bias.new_empty(n_channels) if bias is not None else None
+            self._reduce(
+                mean if dw_partial is None else dw_partial, mean if db_partial is None else db_partial,
+                mean if dweight is None else dweight, mean if dbias is None else dbias, n_programs, n_channels,
+                weight is not None, bias is not None, PARAM_GRAD_BLOCK_R, PARAM_GRAD_BLOCK_C,
+            )  # fmt: skip
+        return dx, dweight, dbias
+
+
+# Per layout (each input length adds one: bounded); cleared when a tile override starts or ends.
+_launches: dict[tuple, _ForwardLaunch | _BackwardLaunch] = {}
+on_tiles_change(_launches.clear)
+
+
+def _cached(key: tuple, make):
+    launch = _launches.get(key)
+    if launch is None:
+        if len(_launches) >= _MAX_PLANS:
+            _launches.clear()
+        launch = _launches[key] = make()
+    return launch
 
 
 def row_norm_forward(
@@ -436,27 +575,12 @@ def row_norm_forward(
     shape without the channel dim. ``unsupported_reasons`` must be empty for these inputs.
     """
     channels_dim %= x.dim()
-    y = torch.empty_like(x)
-    total = torch.empty_like(x) if store_sum else None
-    plan = _launch_plan("fwd", (x, residual, y, total), channels_dim)
-    assert plan is not None, "row_norm_forward: unreadable layout (unsupported_reasons was not checked)"
-    n_batch, n_channels, n_pos, stride_args, (block_p, block_c, num_warps), wide = plan
-    stats_shape = x.shape[:channels_dim] + x.shape[channels_dim + 1 :]
-    mean = torch.empty(stats_shape, device=x.device, dtype=torch.float32)
-    rstd = torch.empty(stats_shape, device=x.device, dtype=torch.float32)
-    config = tiles("row_norm_fwd", {"BLOCK_P": block_p, "num_warps": num_warps})
-    block_p, num_warps = config["BLOCK_P"], config["num_warps"]
-    tiles_per_batch = cdiv(n_pos, block_p)
-    row_norm_fwd_kernel[(n_batch * tiles_per_batch,)](
-        x, residual if residual is not None else x, weight if weight is not None else x,
-        bias if bias is not None else x, y, total if store_sum else y, mean, rstd,
-        n_pos, n_channels, tiles_per_batch, *stride_args,
-        weight.stride(0) if weight is not None else 0, bias.stride(0) if bias is not None else 0, eps,
-        HAS_RESIDUAL=residual is not None, STORE_SUM=store_sum, HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation], BLOCK_P=block_p, BLOCK_C=block_c,
-        WIDE_OFFSETS=wide, num_warps=num_warps,
+    key = (
+        "fwd", channels_dim, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15, _optional_key(residual),
+        _optional_key(weight), _optional_key(bias), activation, store_sum,
     )  # fmt: skip
-    return y, total, mean, rstd
+    launch = _cached(key, lambda: _ForwardLaunch(x, channels_dim, weight, bias, activation, residual, store_sum))
+    return launch(x, weight, bias, eps, residual)
 
 
 def row_norm_backward(
@@ -483,31 +607,10 @@ def row_norm_backward(
     if out is not None and (out.shape != x.shape or out.stride() != x.stride()):
         got = f"got {tuple(out.shape)} and {out.stride()}"
         raise ValueError(f"row_norm_backward: out must have x's shape {tuple(x.shape)} and strides {x.stride()}, {got}")
-    dx = torch.empty_like(x) if out is None else out
-    plan = _launch_plan("bwd", (x, residual, dy, dsum, dx), channels_dim)
-    if plan is None:
-        dy, dsum = dy.contiguous(), None if dsum is None else dsum.contiguous()
-        plan = _launch_plan("bwd", (x, residual, dy, dsum, dx), channels_dim)
-    assert plan is not None, "row_norm_backward: unreadable layout (unsupported_reasons was not checked)"
-    n_batch, n_channels, n_pos, stride_args, (block_p, block_c, num_warps), wide = plan
-    default = {"BLOCK_P": block_p, "num_warps": num_warps, "programs_per_sm": _BWD_PROGRAMS_PER_SM}
-    config = tiles("row_norm_bwd", default)
-    block_p, num_warps = config["BLOCK_P"], config["num_warps"]
-    tiles_per_batch = cdiv(n_pos, block_p)
-    n_tiles = n_batch * tiles_per_batch
-    n_programs = _backward_programs(x.device, n_tiles, config["programs_per_sm"])
-    dw_partial = x.new_empty((n_programs, n_channels), dtype=torch.float32) if weight is not None else None
-    db_partial = x.new_empty((n_programs, n_channels), dtype=torch.float32) if bias is not None else None
-    row_norm_bwd_kernel[(n_programs,)](
-        x, residual if residual is not None else x, weight if weight is not None else x,
-        bias if bias is not None else x, dy, dsum if dsum is not None else dy, mean, rstd, dx,
-        dw_partial if weight is not None else mean, db_partial if bias is not None else mean,
-        n_pos, n_channels, tiles_per_batch, n_tiles, *stride_args,
-        weight.stride(0) if weight is not None else 0, bias.stride(0) if bias is not None else 0,
-        HAS_RESIDUAL=residual is not None, HAS_DSUM=dsum is not None, HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation], BLOCK_P=block_p, BLOCK_C=block_c,
-        WIDE_OFFSETS=wide, num_warps=num_warps,
+    key = (
+        "bwd", channels_dim, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15, _optional_key(residual),
+        _optional_key(weight), _optional_key(bias), activation, _optional_key(dy), _optional_key(dsum),
+        _optional_key(out),
     )  # fmt: skip
-    dweight = dw_partial.sum(0).to(weight.dtype) if weight is not None else None
-    dbias = db_partial.sum(0).to(bias.dtype) if bias is not None else None
-    return dx, dweight, dbias
+    launch = _cached(key, lambda: _BackwardLaunch(dy, x, channels_dim, weight, bias, activation, residual, dsum, out))
+    return launch(dy, x, weight, bias, mean, rstd, residual, dsum, out)
