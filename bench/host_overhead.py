@@ -48,6 +48,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -139,6 +140,19 @@ def no_op_triton() -> Iterator[NoOpDriver]:
             triton_driver.reset_active()
         except RuntimeError:  # no real driver on this machine: leave none active, as before
             triton_driver._active = None
+
+
+def run_in_a_process(module: str, *args: str, triton_cache: Path | None = None) -> subprocess.CompletedProcess:
+    """``python -m module *args`` from the repository root in a process of its own without
+    TRITON_INTERPRET (Triton's compiled launch path, which the no-op driver needs; a process that
+    imported triton for the interpreter cannot have it), its output captured. ``triton_cache``:
+    its TRITON_CACHE_DIR, for runs that share the kernels they compile."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if triton_cache is not None:
+        env["TRITON_CACHE_DIR"] = str(triton_cache)
+    command = [sys.executable, "-m", module, *args]
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
 
 
 def _channels_last_like(reference: torch.Tensor, shape) -> torch.Tensor:
@@ -330,7 +344,7 @@ def counts_as_launch(name: str) -> bool:
     if namespace != "aten" or name in NO_KERNEL_OPS:
         return False
     packet = getattr(torch.ops.aten, op, None)
-    if packet is None:
+    if not hasattr(packet, "overloads"):  # unknown, or stubbed (shape_only_convs): a kernel on a GPU
         return True
     overloads = []
     for overload in packet.overloads():
@@ -465,7 +479,6 @@ def alternate(steps: dict[str, Callable[[], object]], rounds: int, steps_per_rou
     times: dict[str, list[float]] = {impl: [] for impl in steps}
     for _ in range(rounds):
         for impl, step in steps.items():
-            gc.collect()
             started = time.perf_counter()
             for _ in range(steps_per_round):
                 step()
@@ -491,7 +504,12 @@ def measure_model(name: str, train: bool, dtype: torch.dtype, options: argparse.
     for step in steps.values():  # compiles the kernels, fills the caches
         for _ in range(options.warmup):
             step()
-    times = alternate(steps, options.rounds, options.steps)
+    gc.collect()
+    gc.freeze()  # what exists now is never collected: a collection during a round costs what it finds new
+    try:
+        times = alternate(steps, options.rounds, options.steps)
+    finally:
+        gc.unfreeze()
     baseline = times["hf_sdpa"]
     rows = []
     for impl, step in steps.items():

@@ -6,8 +6,6 @@ driver. Nothing here times anything."""
 import dataclasses
 import importlib
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import __main__ as bench_main
-from bench import common, op_benchmark, report
+from bench import common, host_overhead, op_benchmark, report
 
 # ------------------------------------------------------------------------------------- op scripts
 
@@ -223,41 +221,14 @@ def test_tune_arguments():
     assert "tune" not in bench_main.discovered_ops()
 
 
-def _run_on_the_no_op_driver(module: str, *args: str) -> subprocess.CompletedProcess:
-    """``python -m module *args`` in a process of its own without TRITON_INTERPRET (Triton's
-    compiled launch path on the no-op driver); it must succeed."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=Path(__file__).resolve().parents[1],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def test_host_overhead_runs_the_compiled_launch_path_on_a_cpu():
-    """bench.host_overhead: each op launches its kernels through Triton's real launcher (compiled
-    for sm_90, launched on a no-op driver): one, or one a layer for the feature extractor (layer 0's
-    kernel, then a LayerNorm + GELU after each of the other six convs); the times are printed, not
-    judged."""
-    result = _run_on_the_no_op_driver("bench.host_overhead", "--calls", "20")
-    lines = {line.split()[0]: line.split() for line in result.stdout.splitlines()[1:]}
-    launches = {"add_layer_norm": "1", "layer_norm_gelu": "1", "attention": "1", "conv_feature_extractor": "7"}
-    assert {name: fields[2] for name, fields in lines.items()} == launches
-    assert all(float(fields[1]) > 0 for fields in lines.values())
-
-
 def test_activation_memory_model_meets_the_feature_extractor_target():
     """bench.activation_memory at #7's B=1 x 30 s case (fp16): the training step's peak of torch's
     allocations (kernels on a no-op driver, convs allocating their results only, cuDNN's
     workspaces left out) is at most half of transformers' module's, the issue's target; and it is
     layer 0's output (recomputed in the backward) and layer 1's conv output with little else, so
     one more activation-sized buffer anywhere in the backward would fail this."""
-    result = _run_on_the_no_op_driver("bench.activation_memory", "--case", "b1x30s", "--dtype", "fp16")
+    result = host_overhead.run_in_a_process("bench.activation_memory", "--case", "b1x30s", "--dtype", "fp16")
+    assert result.returncode == 0, result.stderr[-3000:]
     peaks = {line.split()[0]: float(line.split()[1]) for line in result.stdout.splitlines()[1:]}
     assert set(peaks) == {"d2v_triton", "hf_eager"}
     assert peaks["d2v_triton"] <= 0.5 * peaks["hf_eager"], result.stdout
