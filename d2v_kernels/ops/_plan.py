@@ -25,7 +25,7 @@ try:
 except ImportError:  # triton absent: no tiles, no overrides
     _on_tiles_change = None
 
-__all__ = ["MAX_PLANS", "layout_key", "plan_cache", "plans_enabled", "store"]
+__all__ = ["MAX_PLANS", "layout_key", "lookup", "needs_grad", "plan_cache", "plans_enabled", "store"]
 
 PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 # Each new input length makes a plan; past this many an op starts afresh.
@@ -59,6 +59,20 @@ def layout_key(*tensors) -> tuple | None:
         else:
             return None
     return tuple(key)
+
+
+def lookup(cache: dict, key):
+    """The plan stored under ``key``, or None (also when the key cannot be hashed: an argument of
+    a type the full path rejects)."""
+    try:
+        return cache.get(key)
+    except TypeError:
+        return None
+
+
+def needs_grad(*tensors) -> bool:
+    """Autograd records this call: grad mode is on and some input requires a gradient."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def store(cache: dict, key, plan):

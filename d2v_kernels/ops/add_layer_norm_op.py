@@ -6,6 +6,8 @@ vision layer (the pre-LN sum feeding ``layernorm_after``, which needs the sum ba
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from d2v_kernels import dispatch
@@ -17,6 +19,7 @@ from d2v_kernels.ops._checks import (
     layer_norm_promoted,
 )
 from d2v_kernels.ops._eager import pick, register_autograd
+from d2v_kernels.ops._plan import layout_key, lookup, needs_grad, plan_cache, plans_enabled, store
 
 try:
     from d2v_kernels.kernels import add_layer_norm as _kernels
@@ -148,6 +151,26 @@ def add_layer_norm(x, residual, weight, bias, *, eps=1e-5, return_sum=False):
     ``(y, x + residual)`` with ``return_sum=True`` (pre-LN layers need the sum as the next
     residual).
     """
+    key = None
+    if plans_enabled():
+        key = layout_key(x, residual, weight, bias)
+        if key is not None:
+            key = (
+                key, eps.__class__, eps, return_sum.__class__, return_sum, torch.is_grad_enabled(),
+                torch.is_autocast_enabled("cuda"), dispatch.forced_token(),
+            )  # fmt: skip
+            plan = lookup(_PLANS, key)
+            if plan is not None:
+                return plan(x, residual, weight, bias)
+    return store(_PLANS, key, _plan(x, residual, weight, bias, eps, return_sum))(x, residual, weight, bias)
+
+
+_PLANS = plan_cache()
+
+
+def _plan(x, residual, weight, bias, eps, return_sum):
+    """Validate (errors name the argument) and return the callable that runs this input's
+    implementation on inputs of its layout."""
     check_tensor("x", x, ndim=range(1, 9))
     check_tensor("residual", residual)
     if residual.shape != x.shape:
@@ -155,8 +178,7 @@ def add_layer_norm(x, residual, weight, bias, *, eps=1e-5, return_sum=False):
     # As transformers' `LayerNorm(x + residual)`: type promotion (an autocast Linear output plus an
     # fp32 residual), and float32 under CUDA autocast.
     dtype = layer_norm_compute_dtype(x.device, torch.promote_types(x.dtype, residual.dtype))
-    if x.dtype != dtype or residual.dtype != dtype:
-        x, residual = x.to(dtype), residual.to(dtype)
+    convert = x.dtype != dtype or residual.dtype != dtype
     channels = x.shape[-1]
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None:
@@ -164,12 +186,35 @@ def add_layer_norm(x, residual, weight, bias, *, eps=1e-5, return_sum=False):
             if p.shape[0] != channels:
                 raise ValueError(f"{name} must have shape ({channels},) to match x's last dim, got {tuple(p.shape)}")
     check_same_device(x=x, residual=residual, weight=weight, bias=bias)
-    check_eps(eps)
+    eps = check_eps(eps)
     if not isinstance(return_sum, bool):
         raise TypeError(f"return_sum must be a bool, got {type(return_sum).__name__}")
+    if convert:
+        x, residual = x.to(dtype), residual.to(dtype)
     if x.numel() == 0:
-        return add_layer_norm_reference(x, residual, weight, bias, eps=eps, return_sum=return_sum)
-    return dispatch.call("add_layer_norm", x.device, x, residual, weight, bias, eps=eps, return_sum=return_sum)
+        run = functools.partial(add_layer_norm_reference, eps=eps, return_sum=return_sum)
+        backend = None
+    else:
+        impl = dispatch.select("add_layer_norm", x.device, x, residual, weight, bias, eps=eps, return_sum=return_sum)
+        backend = impl.backend
+        run = functools.partial(impl.run, eps=eps, return_sum=return_sum)
+        if impl.run is _add_layer_norm_triton and plans_enabled() and not needs_grad(x, residual, weight, bias):
+            forward = _kernels.add_layer_norm_forward
+
+            def run(x, residual, weight, bias):
+                y, total, _, _ = forward(x, residual, weight, bias, eps, return_sum)
+                return (y, total) if return_sum else y
+
+    record = dispatch.record
+
+    def plan(x, residual, weight, bias):
+        if convert:
+            x, residual = x.to(dtype), residual.to(dtype)
+        if backend is not None:
+            record("add_layer_norm", backend)
+        return run(x, residual, weight, bias)
+
+    return plan
 
 
 dispatch.register("add_layer_norm", "eager", add_layer_norm_reference, devices=("cpu", "cuda", "meta"))

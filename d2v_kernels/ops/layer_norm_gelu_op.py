@@ -7,6 +7,8 @@ channels-last input in place; the eager reference below is the numerics oracle a
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -19,6 +21,7 @@ from d2v_kernels.ops._checks import (
     layer_norm_promoted,
 )
 from d2v_kernels.ops._eager import pick, register_autograd
+from d2v_kernels.ops._plan import layout_key, lookup, needs_grad, plan_cache, plans_enabled, store
 
 try:
     from d2v_kernels.kernels import layer_norm_gelu as _kernels
@@ -155,9 +158,30 @@ def layer_norm_gelu(x, weight=None, bias=None, *, eps=1e-5, channels_dim=-1, app
     ``approximate``: "none" (exact erf GELU, transformers' "gelu") or "tanh" ("gelu_new").
     Statistics in fp32. Returns a tensor of x's shape and dtype.
     """
+    key = None
+    if plans_enabled():
+        key = layout_key(x, weight, bias)
+        if key is not None:
+            key = (
+                key, eps.__class__, eps, channels_dim.__class__, channels_dim, approximate.__class__, approximate,
+                torch.is_grad_enabled(), torch.is_autocast_enabled("cuda"), dispatch.forced_token(),
+            )  # fmt: skip
+            plan = lookup(_PLANS, key)
+            if plan is not None:
+                return plan(x, weight, bias)
+    return store(_PLANS, key, _plan(x, weight, bias, eps, channels_dim, approximate))(x, weight, bias)
+
+
+_PLANS = plan_cache()
+
+
+def _plan(x, weight, bias, eps, channels_dim, approximate):
+    """Validate (errors name the argument) and return the callable that runs this input's
+    implementation on inputs of its layout."""
     check_tensor("x", x, ndim=range(1, 9))
-    if layer_norm_compute_dtype(x.device, x.dtype) != x.dtype:
-        x = x.float()  # under CUDA autocast, as torch's layer_norm
+    convert = layer_norm_compute_dtype(x.device, x.dtype) != x.dtype  # under CUDA autocast, as torch's layer_norm
+    if convert:
+        x = x.float()
     cd = _normalize_channels_dim(x, channels_dim)
     channels = x.shape[cd]
     for name, p in (("weight", weight), ("bias", bias)):
@@ -166,14 +190,33 @@ def layer_norm_gelu(x, weight=None, bias=None, *, eps=1e-5, channels_dim=-1, app
             if p.shape[0] != channels:
                 raise ValueError(f"{name} must have shape ({channels},) to match x's channels, got {tuple(p.shape)}")
     check_same_device(x=x, weight=weight, bias=bias)
-    check_eps(eps)
+    eps = check_eps(eps)
     if approximate not in APPROXIMATIONS:
         raise ValueError(f"approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
+    options = dict(eps=eps, channels_dim=cd, approximate=approximate)
+    backend = None
     if x.numel() == 0:
-        return layer_norm_gelu_reference(x, weight, bias, eps=eps, channels_dim=cd, approximate=approximate)
-    return dispatch.call(
-        "layer_norm_gelu", x.device, x, weight, bias, eps=eps, channels_dim=cd, approximate=approximate
-    )
+        run = functools.partial(layer_norm_gelu_reference, **options)
+    else:
+        impl = dispatch.select("layer_norm_gelu", x.device, x, weight, bias, **options)
+        backend = impl.backend
+        run = functools.partial(impl.run, **options)
+        if impl.run is _layer_norm_gelu_triton and plans_enabled() and not needs_grad(x, weight, bias):
+            forward = _kernels.layer_norm_gelu_forward
+
+            def run(x, weight, bias):
+                return forward(x, weight, bias, eps, cd, approximate)[0]
+
+    record = dispatch.record
+
+    def plan(x, weight, bias):
+        if convert:
+            x = x.float()
+        if backend is not None:
+            record("layer_norm_gelu", backend)
+        return run(x, weight, bias)
+
+    return plan
 
 
 dispatch.register("layer_norm_gelu", "eager", layer_norm_gelu_reference, devices=("cpu", "cuda", "meta"))
