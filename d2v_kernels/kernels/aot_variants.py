@@ -3,7 +3,8 @@ pick, per kernel module, as :class:`~d2v_kernels.kernels.aot.AotVariant`.
 
 The tiles, warps and stages come from the launchers' own config functions (``fwd_config``,
 ``bwd_config``, ``tile_config``, ...), so what is compiled is what runs. ``VARIANTS`` maps each
-name in ``KERNEL_MODULES`` to its list.
+kernel module's name to the function that lists its variants; tests/test_aot_compile.py checks that
+every ``*_kernel`` of the kernel modules is in some list.
 """
 
 from __future__ import annotations
@@ -110,6 +111,29 @@ def _row_norm_variant(prefix: str, direction: str, dtype, features: dict, tile, 
     )
 
 
+def row_norm_param_grad_variants() -> list[AotVariant]:
+    """The backward's dweight/dbias reduction (shared by both row-norm ops): both parameters in
+    every dtype, each alone in fp16 (an absent parameter's pointers are fp32 buffers)."""
+    kernel = _row_norm.row_norm_param_grad_kernel
+    combos = [(dtype, True, True) for dtype in _row_norm.KERNEL_DTYPES]
+    combos += [(torch.float16, True, False), (torch.float16, False, True)]
+    variants = []
+    for dtype, weight, bias in combos:
+        param = "*" + TRITON_TYPES[dtype]
+        types = dict.fromkeys(("DW_PARTIAL", "DB_PARTIAL"), "*fp32") | dict.fromkeys(("n_rows", "n_channels"), "i32")
+        types |= {"DW": param if weight else "*fp32", "DB": param if bias else "*fp32"}
+        constexprs = {
+            "HAS_WEIGHT": weight,
+            "HAS_BIAS": bias,
+            "BLOCK_R": _row_norm.PARAM_GRAD_BLOCK_R,
+            "BLOCK_C": _row_norm.PARAM_GRAD_BLOCK_C,
+        }
+        name = f"param_grad_{TRITON_TYPES[dtype]}_has_weight={int(weight)}_has_bias={int(bias)}"
+        variant = AotVariant(name, kernel, _signature(kernel, types, constexprs), constexprs, 4, 3)
+        variants.append(as_run(variant, divisible_by_16=("n_channels",)))
+    return variants
+
+
 def _row_norm_features(residual: bool, store_sum: bool, weight: bool, bias: bool, activation: int, param_fp32=False):
     return {
         "HAS_RESIDUAL": residual,
@@ -122,7 +146,8 @@ def _row_norm_features(residual: bool, store_sum: bool, weight: bool, bias: bool
 
 
 def layer_norm_gelu_variants() -> list[AotVariant]:
-    """Exact GELU with affine in every dtype; tanh GELU without affine; fp32 weight only; bias only."""
+    """Exact GELU with affine in every dtype; tanh GELU without affine; fp32 weight only; bias only;
+    and the parameter-gradient reduction both row-norm ops share (listed once)."""
     exact, tanh = _row_norm.ACTIVATIONS["none"], _row_norm.ACTIVATIONS["tanh"]
     feature_sets = [
         _row_norm_features(False, False, True, True, exact),
@@ -130,7 +155,7 @@ def layer_norm_gelu_variants() -> list[AotVariant]:
         _row_norm_features(False, False, True, False, exact, param_fp32=True),
         _row_norm_features(False, False, False, True, exact),
     ]
-    return row_norm_variants("layer_norm_gelu", feature_sets)
+    return row_norm_variants("layer_norm_gelu", feature_sets) + row_norm_param_grad_variants()
 
 
 def add_layer_norm_variants() -> list[AotVariant]:
