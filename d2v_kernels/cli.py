@@ -147,8 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:
         return _bench_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "validate":
+        if args.op and args.models_only:
+            parser.error("validate: --op picks op checks; --models-only runs none")
         _use_interpreter_without_gpu()
     return args.fn(args)
 

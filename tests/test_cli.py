@@ -68,6 +68,9 @@ def test_validate_ops_only_and_models_only_exclude_each_other(monkeypatch, capsy
     with pytest.raises(SystemExit) as exc:
         cli.main(["validate", "--ops-only", "--models-only"])
     assert exc.value.code == 2 and "not allowed with" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["validate", "--models-only", "--op", "attention"])
+    assert exc.value.code == 2 and "--models-only runs none" in capsys.readouterr().err
 
 
 def test_validate_summary_counts_and_lists_skipped_rows(monkeypatch, capsys):
