@@ -8,6 +8,8 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 os.environ.pop("D2V_KERNELS_BACKEND", None)
 INTERPRETER = os.environ["TRITON_INTERPRET"] not in ("", "0")
 
+from collections import Counter  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -19,6 +21,27 @@ def _seed_and_reset():
     torch.manual_seed(0)
     dispatch.reset_warnings()
     yield
+
+
+@pytest.fixture
+def triton_launches(monkeypatch):
+    """A Counter of the Triton kernels the interpreter launches during the test, by kernel name.
+
+    What really ran, including inside a torch.compile'd graph, where ``record_dispatch()`` sees
+    only the tracing: a compiled graph calls our custom ops, whose implementations launch here."""
+    if not INTERPRETER:
+        pytest.skip("counts the Triton interpreter's launches: run with TRITON_INTERPRET=1")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launches, run = Counter(), InterpretedFunction.run
+
+    def counting_run(self, *args, **kwargs):
+        if not kwargs.get("warmup"):
+            launches[self.__name__] += 1
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", counting_run)
+    return launches
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])

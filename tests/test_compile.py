@@ -1,19 +1,87 @@
-"""torch.compile(fullgraph=True) of optimized models: no graph breaks from our modules or ops."""
+"""torch.compile(fullgraph=True) of optimize()d models on the custom-op path: with the Triton
+backend forced (the interpreter on the CPU) every kernel the uncompiled run launches is launched
+by the compiled graph too, as many times, forward and backward; the compiled loss and gradients
+equal the uncompiled run's and transformers'."""
+
+from collections import Counter
 
 import pytest
 import torch
 
+import d2v_kernels
 from d2v_kernels import testing
 
+# Small enough for the interpreter: one layer, hidden 32, 2 heads of 16.
+SMALL = dict(hidden_size=32, num_attention_heads=2, num_hidden_layers=1, intermediate_size=40)
+AUDIO_SAMPLES, AUDIO_PADDED_FROM = 481, 361  # -> 95 -> 47 -> 23 frames; the last row padded
 
-@pytest.mark.parametrize(
-    "class_name", ["Data2VecAudioForCTC", "Data2VecVisionForImageClassification", "Data2VecTextForMaskedLM"]
-)
-def test_compiled_optimized_model_matches_eager(class_name):
-    torch._dynamo.reset()
-    _, model, config = testing.build_pair(class_name)
-    model.eval()
+# Per class: the ops that must dispatch to Triton and kernels that must launch (forward and backward).
+EXPECTED = {
+    "Data2VecAudioForCTC": (
+        {"conv_feature_extractor", "pos_conv", "attention", "add_layer_norm"},
+        {"conv0_ln_gelu_kernel", "conv0_ln_gelu_bwd_kernel", "grouped_conv1d_kernel", "layer_norm_gelu_bwd_kernel",
+         "attention_fwd_kernel", "attention_bwd_dq_kernel", "row_norm_fwd_kernel", "row_norm_bwd_kernel"},
+    ),
+    "Data2VecVisionForImageClassification": (
+        {"attention", "add_layer_norm"},
+        {"attention_fwd_kernel", "attention_bwd_dkdv_kernel", "segment_sum_kernel", "row_norm_bwd_kernel"},
+    ),
+    "Data2VecTextForMaskedLM": (
+        {"attention", "add_layer_norm"},
+        {"attention_fwd_kernel", "attention_bwd_dq_kernel", "row_norm_fwd_kernel", "row_norm_param_grad_kernel"},
+    ),
+}  # fmt: skip
+
+
+def _inputs(class_name, config):
     inputs = testing.inputs_for(class_name, config, labels=False)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(**inputs).logits, model(**inputs).logits, atol=1e-5, rtol=1e-5)
+    if class_name.startswith("Data2VecAudio"):
+        inputs = {name: t[:, :AUDIO_SAMPLES].clone() for name, t in inputs.items()}
+        inputs["attention_mask"][-1, AUDIO_PADDED_FROM:] = 0
+        inputs["input_values"][-1, AUDIO_PADDED_FROM:] = 0.0
+    return inputs
+
+
+def _loss_and_grads(model, inputs, params: dict):
+    logits = model(**inputs).logits
+    loss = (logits * torch.linspace(-1, 1, logits.numel()).view_as(logits)).sum()  # every logit its own weight
+    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    return loss.detach(), dict(zip(params, grads))
+
+
+def _assert_close(got, want, tol, what):
+    loss, grads = got
+    torch.testing.assert_close(loss, want[0], atol=tol, rtol=tol, msg=lambda m: f"{what} loss: {m}")
+    for name, grad in want[1].items():
+        if grad is None:
+            assert grads[name] is None, f"{what}: {name} got a gradient, the reference none"
+        else:
+            torch.testing.assert_close(grads[name], grad, atol=tol, rtol=tol, msg=lambda m, n=name: f"{what} {n}: {m}")
+
+
+@pytest.mark.parametrize("class_name", EXPECTED)
+def test_compiled_model_runs_the_triton_kernels(class_name, triton_launches):
+    torch._dynamo.reset()
+    reference, fused, config = testing.build_pair(class_name, **SMALL)
+    reference.train()
+    fused.train()  # the test configs have no dropout: the two runs see the same function
+    inputs = _inputs(class_name, config)
+    params = dict(fused.named_parameters())
+    want = _loss_and_grads(reference, inputs, dict(reference.named_parameters()))
+
+    with d2v_kernels.use_backend("triton"), d2v_kernels.record_dispatch() as calls:
+        uncompiled = _loss_and_grads(fused, inputs, params)
+    ops, kernels = EXPECTED[class_name]
+    assert {op for op, backend in calls if backend == "triton"} == ops, calls
+    assert all(backend == "triton" for _, backend in calls), calls
+    assert kernels <= set(triton_launches), triton_launches
+    uncompiled_launches = Counter(triton_launches)
+    triton_launches.clear()
+
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    with d2v_kernels.use_backend("triton"):
+        got = _loss_and_grads(compiled, inputs, params)
+    # The graph holds our custom ops (fake impls while tracing): the launches are its runtime's.
+    assert triton_launches == uncompiled_launches
+    _assert_close(got, uncompiled, 1e-6, "compiled against uncompiled")
+    _assert_close(got, want, 1e-4, "compiled against transformers")

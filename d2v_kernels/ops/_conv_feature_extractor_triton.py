@@ -138,11 +138,11 @@ def _conv0_bwd_impl(
         dwave, dweight, d_conv_bias, d_ln_weight, d_ln_bias = _conv0_kernels.conv0_ln_gelu_backward(
             dy, wave, weight, conv_bias, ln_weight, ln_bias, mean, rstd, stride, wave_grad=wave_grad
         )
-        empty = wave.new_empty(0)
+        # a distinct empty tensor per missing gradient: a custom op's outputs may not alias each other
         return (
-            dwave if wave_grad else empty,
+            dwave if wave_grad else wave.new_empty(0),
             dweight,
-            d_conv_bias if conv_bias is not None else empty,
+            d_conv_bias if conv_bias is not None else wave.new_empty(0),
             d_ln_weight,
             d_ln_bias,
         )
@@ -264,15 +264,14 @@ def _(wave, w0, cb0, g0, b0, w1, cb1, s0, s1, eps):
 
 @_conv0_conv_bwd.register_fake
 def _(dz1, wave, w0, cb0, g0, b0, w1, cb1, mean0, rstd0, s0, s1, eps, wave_grad):
-    empty = wave.new_empty(0)
     return (
-        torch.empty_like(wave) if wave_grad else empty,
+        torch.empty_like(wave) if wave_grad else wave.new_empty(0),
         torch.empty_like(w0),
-        empty if cb0 is None else torch.empty_like(cb0),
+        wave.new_empty(0) if cb0 is None else torch.empty_like(cb0),
         torch.empty_like(g0),
         torch.empty_like(b0),
         torch.empty_like(w1),
-        empty if cb1 is None else torch.empty_like(cb1),
+        wave.new_empty(0) if cb1 is None else torch.empty_like(cb1),
     )
 
 
@@ -343,8 +342,8 @@ def _norm_conv_bwd_impl(
     # dz over dy (this function's own): one activation-sized buffer less at the backward's peak
     out = dy if dy.stride() == z.stride() else None
     dz, dg, db = _layer_norm_gelu_kernels.layer_norm_gelu_backward(dy, z, g, b, mean, rstd, 1, "none", out=out)
-    empty = z.new_empty(0)
-    return dz, dg if dg is not None else empty, db if db is not None else empty, dw, dcb
+    missing = lambda: z.new_empty(0)  # a distinct tensor each: a custom op's outputs may not alias
+    return dz, dg if dg is not None else missing(), db if db is not None else missing(), dw, dcb
 
 
 _norm_conv_fwd = torch.library.custom_op("d2v_kernels::ln_gelu_conv", _norm_conv_fwd_impl, mutates_args=())
@@ -360,13 +359,12 @@ def _(z, g, b, w, cb, stride, eps):
 
 @_norm_conv_bwd.register_fake
 def _(dz_next, z, g, b, w, cb, mean, rstd, stride, eps):
-    empty = z.new_empty(0)
     return (
         torch.empty_like(z),
-        empty if g is None else torch.empty_like(g),
-        empty if b is None else torch.empty_like(b),
+        z.new_empty(0) if g is None else torch.empty_like(g),
+        z.new_empty(0) if b is None else torch.empty_like(b),
         torch.empty_like(w),
-        empty if cb is None else torch.empty_like(cb),
+        z.new_empty(0) if cb is None else torch.empty_like(cb),
     )
 
 
