@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import d2v_kernels
 from d2v_kernels import ops
 
 
@@ -137,19 +138,25 @@ def test_device_mix_raises():
         ops.layer_norm_gelu(torch.randn(4, 8), torch.randn(8, device="meta"))
 
 
-def test_extreme_values_stay_finite():
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_extreme_values_stay_finite(backend):
     q, k, v = qkv()
-    out = ops.attention(q * 1e3, k * 1e3, v)
+    with d2v_kernels.use_backend(backend), d2v_kernels.record_dispatch() as calls:
+        out = ops.attention(q * 1e3, k * 1e3, v)
+        y = ops.layer_norm_gelu(torch.full((3, 8), 1e4) + torch.randn(3, 8))
+    assert calls == {("attention", backend): 1, ("layer_norm_gelu", backend): 1}
     assert torch.isfinite(out).all()
-    y = ops.layer_norm_gelu(torch.full((3, 8), 1e4) + torch.randn(3, 8))
     assert torch.isfinite(y).all()
 
 
-def test_fully_masked_row_is_uniform_like_transformers():
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_fully_masked_row_is_uniform_like_transformers(backend):
     q, k, v = qkv(b=2, n=6)
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[1] = False
-    out = ops.attention(q, k, v, key_padding_mask=mask)
+    with d2v_kernels.use_backend(backend), d2v_kernels.record_dispatch() as calls:
+        out = ops.attention(q, k, v, key_padding_mask=mask)
+    assert calls == {("attention", backend): 1}
     torch.testing.assert_close(out[1], v[1].mean(0, keepdim=True).expand(6, -1, -1))
 
 
@@ -172,8 +179,6 @@ def _misaligned(*shape, dtype=torch.float16, device="cpu"):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 def test_misaligned_and_non_contiguous_inputs_are_correct_on_the_triton_path(dtype, device):
-    import d2v_kernels
-
     x = _misaligned(2, 9, 48, dtype=dtype, device=device)
     residual = _misaligned(2, 9, 48, dtype=dtype, device=device)
     q = _misaligned(2, 11, 3, 16, dtype=dtype, device=device)
@@ -189,7 +194,8 @@ def test_misaligned_and_non_contiguous_inputs_are_correct_on_the_triton_path(dty
     for name, call in cases.items():
         with d2v_kernels.use_backend("eager"):
             expected = call()
-        with d2v_kernels.use_backend("triton"):
+        with d2v_kernels.use_backend("triton"), d2v_kernels.record_dispatch() as calls:
             got = call()
+        assert calls == {(name.split("/")[0], "triton"): 1}, (name, calls)
         tol = 2e-3 if dtype == torch.float16 else 1e-5
         torch.testing.assert_close(got, expected, atol=tol, rtol=tol, msg=lambda m, n=name: f"{n}: {m}")
