@@ -1,18 +1,23 @@
 """Ahead-of-time compile of every Triton kernel configuration for real GPUs, on any machine.
 
 The Triton interpreter accepts programs the GPU compiler rejects (a ``tl.dot`` on tiles under 16,
-say), so CI also compiles each configuration a launcher can pick, for sm_80 and sm_90, with
+say), so CI also compiles each configuration a launcher can pick (listed in
+:mod:`d2v_kernels.kernels.aot_variants`), for sm_80 and sm_90, with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``. Must run with
 ``TRITON_INTERPRET`` unset (the interpreter replaces ``@triton.jit`` functions).
 
-    python -m d2v_kernels.kernels.aot [--arch 80 90] [--op NAME] [--spills [ARCH ...]]
+    python -m d2v_kernels.kernels.aot [--arch 80 90] [--op NAME] [--spills [ARCH ...]] [--jobs N]
 
-``--spills`` also runs ptxas -v on each configuration (Triton's own ptxas) and fails on a register
-spill the variant does not allow (``AotVariant.allowed_spill_bytes``, with its reason where the
-variant is listed). CI checks sm_90, the H100 the tiles are chosen for; sm_80 only compiles (its
-mma.sync code needs more registers: a few configurations spill there).
+Each line reports the registers and spilled bytes from the ``ptxas -v`` report of Triton's own
+ptxas run (the flags the kernel runs with). ``--spills`` fails on a register spill the variant does
+not allow (``AotVariant.allowed_spill_bytes``, with its reason where the variant is listed). CI
+checks sm_90, the H100 the tiles are chosen for; sm_80 only compiles (its mma.sync code needs more
+registers: a few configurations spill there). Compiles run in ``--jobs`` processes (default: one
+per CPU) and go through Triton's cache (``TRITON_CACHE_DIR``), which keeps each report beside its
+kernel: an unchanged kernel is not compiled again. Two configurations with the same PTX are
+reported, as one of them adds nothing to the check.
 
-A variant is compiled as it runs where its module says how it is called (``as_run``): the unit
+A variant is compiled as it runs where its table says how it is called (``as_run``): the unit
 strides and 16-divisible arguments that Triton's launcher specialises at run time change the
 layouts the compiler picks, and so the registers ptxas reports.
 """
@@ -20,12 +25,15 @@ layouts the compiler picks, and so the registers ptxas reports.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import contextlib
 import dataclasses
+import hashlib
+import io
+import multiprocessing
 import os
 import re
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -70,40 +78,47 @@ def as_run(variant: AotVariant, unit_strides=(), divisible_by_16=(), *, pointers
     )
 
 
-def compile_variant(variant: AotVariant, arch: int):
+def compile_variant(variant: AotVariant, arch: int) -> tuple[object, str]:
+    """(compiled kernel, the ``ptxas -v`` report of its compile for ``arch``).
+
+    The report is Triton's own ptxas run (the flags the kernel really runs with), kept beside the
+    kernel in Triton's cache (``TRITON_CACHE_DIR``) so that a cache hit has it too; a cached kernel
+    without it is compiled again."""
     import triton
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.runtime.cache import get_cache_manager
 
     names = list(variant.fn.arg_names)
     attrs = {(names.index(arg),): [["tt.divisibility", 16]] for arg in variant.divisible_by_16}
     src = ASTSource(fn=variant.fn, signature=variant.signature, constexprs=variant.constexprs, attrs=attrs)
     options = {"num_warps": variant.num_warps, "num_stages": variant.num_stages}
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    for always_compile in (False, True):
+        log = io.StringIO()
+        with knobs.nvidia.scope(), knobs.compilation.scope(), contextlib.redirect_stdout(log):
+            knobs.nvidia.dump_ptxas_log = True  # printed by the cubin stage, which a cache hit skips
+            knobs.compilation.always_compile = always_compile
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+        cache = get_cache_manager(compiled.hash)
+        if _PTXAS_RESOURCES.search(log.getvalue()):
+            cache.put(log.getvalue(), _PTXAS_REPORT)
+            return compiled, log.getvalue()
+        if (path := cache.get_file(_PTXAS_REPORT)) is not None:
+            return compiled, Path(path).read_text()
+    raise RuntimeError(
+        f"{variant.name} sm_{arch}: no ptxas -v report in Triton's compile log: {log.getvalue()[-2000:]}"
+    )
 
 
+_PTXAS_REPORT = "ptxas-v.log"
 _PTXAS_RESOURCES = re.compile(r"(\d+) bytes spill stores.*?Used (\d+) registers", re.S)
 
 
-def resource_usage(compiled, arch: int) -> tuple[int, int] | None:
-    """(registers, spill-store bytes) of a compiled kernel, from Triton's own ptxas run with -v on its
-    PTX; None when this Triton does not say which ptxas it uses."""
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-    except ImportError:
-        return None
-    target = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-    with tempfile.TemporaryDirectory() as tmp:
-        ptx = Path(tmp) / "kernel.ptx"
-        ptx.write_text(compiled.asm["ptx"])
-        result = subprocess.run(
-            [get_ptxas(arch).path, f"-arch={target}", "-v", str(ptx), "-o", str(Path(tmp) / "kernel.cubin")],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-    match = _PTXAS_RESOURCES.search(result.stderr)
-    return (int(match.group(2)), int(match.group(1))) if match else None
+def resource_usage(ptxas_report: str) -> tuple[int, int]:
+    """(registers, spill-store bytes) from a ``ptxas -v`` report of one kernel."""
+    match = _PTXAS_RESOURCES.search(ptxas_report)
+    return int(match.group(2)), int(match.group(1))
 
 
 def collect(ops: list[str] | None = None) -> list[tuple[str, AotVariant]]:
@@ -117,6 +132,30 @@ def collect(ops: list[str] | None = None) -> list[tuple[str, AotVariant]]:
     return [(name, v) for name, variants in VARIANTS.items() if not ops or name in ops for v in variants()]
 
 
+def check(op: str, variant: AotVariant, arch: int, spills: bool) -> tuple[bool, str, str]:
+    """Compiles ``variant`` for ``arch``: (passed, report line, PTX digest). With ``spills`` it fails
+    on more spilled bytes than the variant allows."""
+    t0 = time.perf_counter()
+    try:
+        compiled, report = compile_variant(variant, arch)
+    except Exception as e:  # report every failing configuration, not just the first
+        return False, f"FAIL {op}:{variant.name} sm_{arch}: {type(e).__name__}: {str(e).splitlines()[:3]}", ""
+    registers, spilled = resource_usage(report)
+    line = f"{op}:{variant.name} sm_{arch} shared={compiled.metadata.shared}B registers={registers} spills={spilled}B"
+    digest = hashlib.sha256(compiled.asm["ptx"].encode()).hexdigest()
+    if spills and spilled > variant.allowed_spill_bytes:
+        return False, f"FAIL {line}: spills more than the {variant.allowed_spill_bytes}B it allows", digest
+    return True, f"ok   {line} {time.perf_counter() - t0:.1f}s", digest
+
+
+_VARIANTS: list[tuple[str, AotVariant]] = []  # what the worker processes compile, by index
+
+
+def _check_indexed(index: int, arch: int, spills: bool) -> tuple[bool, str, str]:
+    op, variant = _VARIANTS[index]
+    return check(op, variant, arch, spills)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
@@ -127,40 +166,38 @@ def main(argv: list[str] | None = None) -> int:
         nargs="*",
         default=None,
         metavar="ARCH",
-        help="also run ptxas -v for these archs (all given with --arch when none): fail on register spills a "
-        "variant does not allow",
+        help="fail on register spills a variant does not allow, for these archs (all given with --arch when none)",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="compile in this many processes (default: one per CPU this process may run on)",
     )
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: the interpreter replaces @triton.jit functions", file=sys.stderr)
         return 2
-    failures = 0
-    variants = collect(args.op)
-    for op, variant in variants:
-        for arch in args.arch:
-            t0 = time.perf_counter()
-            try:
-                compiled = compile_variant(variant, arch)
-            except Exception as e:  # report every failing configuration, not just the first
-                failures += 1
-                print(f"FAIL {op}:{variant.name} sm_{arch}: {type(e).__name__}: {str(e).splitlines()[:3]}")
-                continue
-            line = f"{op}:{variant.name} sm_{arch} shared={compiled.metadata.shared}B"
-            if args.spills is not None and (not args.spills or arch in args.spills):
-                usage = resource_usage(compiled, arch)
-                if usage is None:
-                    print(f"FAIL {line}: no ptxas resource report (this Triton has no get_ptxas)")
-                    failures += 1
-                    continue
-                registers, spilled = usage
-                line += f" registers={registers} spills={spilled}B"
-                if spilled > variant.allowed_spill_bytes:
-                    print(f"FAIL {line}: spills more than the {variant.allowed_spill_bytes}B it allows")
-                    failures += 1
-                    continue
-            print(f"ok   {line} {time.perf_counter() - t0:.1f}s")
-    print(f"{len(variants)} variants x {len(args.arch)} archs, {failures} failed")
-    return 1 if failures or not variants else 0
+    t0 = time.perf_counter()
+    _VARIANTS[:] = collect(args.op)
+    spill_archs = set(args.arch if args.spills == [] else args.spills or ())
+    work = [(i, arch, arch in spill_archs) for arch in args.arch for i in range(len(_VARIANTS))]
+    # Forked workers inherit _VARIANTS (the kernels are imported once); no torch op or CUDA call
+    # has run in this process.
+    context = multiprocessing.get_context("fork")
+    failures, first_with_ptx = 0, {}
+    with concurrent.futures.ProcessPoolExecutor(max(1, args.jobs), mp_context=context) as pool:
+        for (index, arch, _), (passed, line, digest) in zip(work, pool.map(_check_indexed, *zip(*work))):
+            print(line, flush=True)
+            failures += not passed
+            name = f"{_VARIANTS[index][0]}:{_VARIANTS[index][1].name} sm_{arch}"
+            if digest and first_with_ptx.setdefault(digest, name) != name:
+                print(f"     same PTX as {first_with_ptx[digest]}: one of the two configurations is redundant")
+    print(
+        f"{len(_VARIANTS)} variants x {len(args.arch)} archs, {failures} failed, "
+        f"{time.perf_counter() - t0:.0f}s with {args.jobs} jobs"
+    )
+    return 1 if failures or not _VARIANTS else 0
 
 
 if __name__ == "__main__":

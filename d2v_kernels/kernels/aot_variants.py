@@ -274,8 +274,9 @@ def attention_variants() -> list[AotVariant]:
                 # no model runs it; its backward spills ~100-650 bytes on sm_90 (triton 3.8-3.9).
                 variant = dataclasses.replace(variant, allowed_spill_bytes=1024)
             elif name == "dkdv" and case_flags["HAS_DROPOUT"]:
-                # The training configuration's dK/dV: 8 bytes (2 registers) at 255, with tl.rand too.
-                variant = dataclasses.replace(variant, allowed_spill_bytes=16)
+                # The training configuration's dK/dV: 20 bytes (5 registers) at 255 with the flags
+                # Triton's own ptxas runs with (plain ptxas -v: none), with tl.rand too.
+                variant = dataclasses.replace(variant, allowed_spill_bytes=24)
             elif name == "dkdv" and dtype == torch.float32:
                 # fp32 is the precision path: its FMA (ieee) dots keep dK and dV in ~600 spilled bytes.
                 variant = dataclasses.replace(variant, allowed_spill_bytes=640)
