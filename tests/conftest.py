@@ -23,6 +23,31 @@ def _seed_and_reset():
     yield
 
 
+# Models small enough for the Triton interpreter: one layer, hidden 32, 2 heads of 16.
+SMALL = dict(hidden_size=32, num_attention_heads=2, num_hidden_layers=1, intermediate_size=40)
+AUDIO_SAMPLES, AUDIO_PADDED_FROM = 481, 361  # -> 95 -> 47 -> 23 frames
+
+
+def small_pair(class_name: str, **overrides):
+    """testing.build_pair at the SMALL sizes (``overrides`` on top)."""
+    from d2v_kernels import testing
+
+    return testing.build_pair(class_name, **(SMALL | overrides))
+
+
+def small_inputs(class_name: str, config, **kwargs) -> dict:
+    """testing.inputs_for, audio cut to AUDIO_SAMPLES samples with the last row padded from
+    AUDIO_PADDED_FROM (CTC labels cut to fit the frames)."""
+    from d2v_kernels import testing
+
+    inputs = testing.inputs_for(class_name, config, **kwargs)
+    if class_name.startswith("Data2VecAudio"):
+        inputs = {name: t[:, :AUDIO_SAMPLES].clone() if name != "labels" else t for name, t in inputs.items()}
+        inputs["attention_mask"][-1, AUDIO_PADDED_FROM:] = 0
+        inputs["input_values"][-1, AUDIO_PADDED_FROM:] = 0.0
+    return inputs
+
+
 @pytest.fixture
 def triton_launches(monkeypatch):
     """A Counter of the Triton kernels the interpreter launches during the test, by kernel name.

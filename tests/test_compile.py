@@ -7,13 +7,9 @@ from collections import Counter
 
 import pytest
 import torch
+from conftest import small_inputs, small_pair
 
 import d2v_kernels
-from d2v_kernels import testing
-
-# Small enough for the interpreter: one layer, hidden 32, 2 heads of 16.
-SMALL = dict(hidden_size=32, num_attention_heads=2, num_hidden_layers=1, intermediate_size=40)
-AUDIO_SAMPLES, AUDIO_PADDED_FROM = 481, 361  # -> 95 -> 47 -> 23 frames; the last row padded
 
 # Per class: the ops that must dispatch to Triton and kernels that must launch (forward and backward).
 EXPECTED = {
@@ -31,15 +27,6 @@ EXPECTED = {
         {"attention_fwd_kernel", "attention_bwd_dq_kernel", "row_norm_fwd_kernel", "row_norm_param_grad_kernel"},
     ),
 }  # fmt: skip
-
-
-def _inputs(class_name, config):
-    inputs = testing.inputs_for(class_name, config, labels=False)
-    if class_name.startswith("Data2VecAudio"):
-        inputs = {name: t[:, :AUDIO_SAMPLES].clone() for name, t in inputs.items()}
-        inputs["attention_mask"][-1, AUDIO_PADDED_FROM:] = 0
-        inputs["input_values"][-1, AUDIO_PADDED_FROM:] = 0.0
-    return inputs
 
 
 def _loss_and_grads(model, inputs, params: dict):
@@ -62,10 +49,10 @@ def _assert_close(got, want, tol, what):
 @pytest.mark.parametrize("class_name", EXPECTED)
 def test_compiled_model_runs_the_triton_kernels(class_name, triton_launches):
     torch._dynamo.reset()
-    reference, fused, config = testing.build_pair(class_name, **SMALL)
+    reference, fused, config = small_pair(class_name)
     reference.train()
     fused.train()  # the test configs have no dropout: the two runs see the same function
-    inputs = _inputs(class_name, config)
+    inputs = small_inputs(class_name, config, labels=False)
     params = dict(fused.named_parameters())
     want = _loss_and_grads(reference, inputs, dict(reference.named_parameters()))
 
