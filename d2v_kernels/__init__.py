@@ -11,15 +11,15 @@ from d2v_kernels.dispatch import BackendUnavailableError, record_dispatch, use_b
 __version__ = "0.1.0"
 
 
-def optimize(model):
+def optimize(model, *, attn_implementation=None):
     """Swap the fused modules into a Data2Vec model instance in place and return it.
 
     Same weights and state-dict keys; audio and text attention switch to the ``d2v_kernels``
-    attention implementation. See :mod:`d2v_kernels.models.optimize`.
+    attention implementation unless another was asked for. See :mod:`d2v_kernels.models.optimize`.
     """
     from d2v_kernels.models.optimize import optimize as _optimize
 
-    return _optimize(model)
+    return _optimize(model, attn_implementation=attn_implementation)
 
 
 def __getattr__(name):

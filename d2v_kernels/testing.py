@@ -263,5 +263,5 @@ def build_pair(class_name: str, **config_overrides):
     torch.manual_seed(0)
     reference = getattr(transformers, class_name)(config)
     randomize_(reference)
-    fused = d2v_kernels.optimize(copy.deepcopy(reference))
+    fused = d2v_kernels.optimize(copy.deepcopy(reference), attn_implementation="d2v_kernels")
     return reference, fused, config

@@ -10,7 +10,7 @@ import transformers
 
 import d2v_kernels
 from d2v_kernels import dispatch, models
-from d2v_kernels.testing import ALL_CLASSES, build_pair, inputs_for, randomize_, vision_config
+from d2v_kernels.testing import ALL_CLASSES, FP32_RTOL, build_pair, inputs_for, randomize_, vision_config
 
 ATOL = 2e-5
 
@@ -46,6 +46,11 @@ def _weighted_sum(output) -> torch.Tensor:
             gen = torch.Generator().manual_seed(len(key))
             total = total + (t * torch.randn(t.shape, generator=gen)).sum()
     return total
+
+
+def _grad_atol(grad: torch.Tensor) -> float:
+    """fp32's ~1e-5 relative to the gradient's scale (a feature projection's reaches 100), 1e-4 at least."""
+    return max(1e-4, FP32_RTOL * grad.abs().max().item())
 
 
 def _ops_with_triton() -> set[str]:
@@ -91,7 +96,9 @@ def test_optimized_matches_transformers(class_name, mode, backend):
     out_grads = {n: p.grad for n, p in fused.named_parameters() if p.grad is not None}
     assert ref_grads.keys() == out_grads.keys()
     for name, grad in ref_grads.items():
-        torch.testing.assert_close(out_grads[name], grad, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"grad {n}: {m}")
+        torch.testing.assert_close(
+            out_grads[name], grad, atol=_grad_atol(grad), rtol=1e-4, msg=lambda m, n=name: f"grad {n}: {m}"
+        )
 
 
 @pytest.mark.parametrize(

@@ -6,19 +6,33 @@ construction, so ``from_pretrained`` / ``save_pretrained`` work unchanged::
 """
 
 import transformers
+from transformers import GenerationMixin
 
 from d2v_kernels.models import hf_attention
-from d2v_kernels.models.optimize import optimize
+from d2v_kernels.models.optimize import REGISTRY_MODEL_TYPES, optimize
 
 hf_attention.register()
 
 
 class _Fused:
-    """Runs the transformers constructor, then swaps the fused modules in (``optimize``)."""
+    """Runs the transformers constructor, then swaps the fused modules in (``optimize``).
+
+    An ``attn_implementation`` asked for (in the config, or to ``from_pretrained``) is kept; only
+    where none was does attention become ``d2v_kernels``, set where transformers would set its
+    default. Vision takes ``"d2v_kernels"`` too, which its transformers classes cannot construct."""
 
     def __init__(self, config, *args, **kwargs):
+        requested = config._attn_implementation
+        name = hf_attention.IMPLEMENTATION_NAME
+        registry = config.model_type in REGISTRY_MODEL_TYPES
+        if requested is None and registry:
+            config._attn_implementation = name
+        elif requested == name and not registry:
+            config._attn_implementation = None  # transformers builds its default, then optimize() swaps
         super().__init__(config, *args, **kwargs)
-        optimize(self)
+        if requested == name and not registry:
+            config._attn_implementation = name
+        optimize(self, attn_implementation=requested or name)
 
 
 class Data2VecAudioModel(_Fused, transformers.Data2VecAudioModel):
@@ -57,7 +71,7 @@ class Data2VecTextModel(_Fused, transformers.Data2VecTextModel):
     """``transformers.Data2VecTextModel`` with d2v_kernels' fused modules."""
 
 
-class Data2VecTextForCausalLM(_Fused, transformers.Data2VecTextForCausalLM):
+class Data2VecTextForCausalLM(_Fused, transformers.Data2VecTextForCausalLM, GenerationMixin):
     """``transformers.Data2VecTextForCausalLM`` with d2v_kernels' fused modules."""
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import activations
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 # Module level, not in the functions: they run inside compiled forwards, and torch 2.11's dynamo
 # breaks the graph on an import of a transformers module (a _LazyModule).
@@ -41,3 +43,52 @@ def swap_class(module: nn.Module, new_cls: type) -> nn.Module:
     if setup is not None:
         setup()
     return new
+
+
+def _concatenated(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
+    weight = torch.cat([linear.weight for linear in linears])
+    if all(linear.bias is None for linear in linears):
+        return weight, None
+    # A projection without a bias (vision's key) gets a zero segment: adding 0 leaves it exact.
+    biases = [
+        linear.weight.new_zeros(linear.out_features) if linear.bias is None else linear.bias for linear in linears
+    ]
+    return weight, torch.cat(biases)
+
+
+def _cache_key(linears) -> tuple:
+    return tuple(
+        None if p is None else (id(p), p.data_ptr(), p._version, p.dtype, p.device)
+        for linear in linears
+        for p in (linear.weight, linear.bias)
+    )
+
+
+def qkv_projection(module: nn.Module, hidden_states: torch.Tensor, linears, head_dim: int):
+    """The query, key and value projections as one GEMM over their concatenated weights:
+    three (..., H, head_dim) views of its output.
+
+    With autograd on, the weights are concatenated per call (their gradients reach the three
+    modules' own parameters). Without it the concatenation is cached on ``module``, keyed on each
+    parameter's identity, storage, version counter, dtype and device, so an optimizer step,
+    ``load_state_dict`` or ``.to()`` / ``.half()`` rebuilds it."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        weight, bias = _concatenated(linears)
+    else:
+        key = _cache_key(linears)
+        cached = module.__dict__.get("_d2v_qkv_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, *_concatenated(linears))
+            module.__dict__["_d2v_qkv_cache"] = cached
+        _, weight, bias = cached
+    projected = F.linear(hidden_states, weight, bias)
+    return projected.view(*hidden_states.shape[:-1], len(linears), -1, head_dim).unbind(-3)
+
+
+def registry_attention(module, eager_forward, input_shape, query, key, value, attention_mask, **kwargs):
+    """The call transformers' Data2Vec attention modules make to the attention registry (the
+    config's implementation, ``eager_forward`` for "eager"): q, k, v (B, H, N, d) ->
+    ((*input_shape, H * d) output, weights or None)."""
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager_forward)
+    attn_output, attn_weights = interface(module, query, key, value, attention_mask, scaling=module.scaling, **kwargs)
+    return attn_output.reshape(*input_shape, -1).contiguous(), attn_weights

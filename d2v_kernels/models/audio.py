@@ -1,6 +1,7 @@
 """Drop-in fused modules for Data2VecAudio: feature encoder, its conv layers, positional conv
-embedding and encoder layers (residual add + LayerNorm). Attention runs through the
-``d2v_kernels`` entry of transformers' AttentionInterface (see ``hf_attention``)."""
+embedding, encoder layers (residual add + LayerNorm) and self-attention (one GEMM for q, k, v).
+Attention runs through transformers' AttentionInterface, by default its ``d2v_kernels`` entry
+(see ``hf_attention``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.models.data2vec import modeling_data2vec_audio as hf
 
 from d2v_kernels import ops
-from d2v_kernels.models._common import gelu_approximation
+from d2v_kernels.models._common import gelu_approximation, qkv_projection, registry_attention
 
 
 class FusedData2VecAudioConvLayer(hf.Data2VecAudioConvLayer):
@@ -122,6 +123,30 @@ class FusedData2VecAudioPositionalConvEmbedding(hf.Data2VecAudioPositionalConvEm
         return ops.pos_conv(hidden_states, **arguments)
 
 
+class FusedData2VecAudioAttention(hf.Data2VecAudioAttention):
+    """transformers' forward (pinned in tests/test_drop_in.py) with q, k and v projected by one
+    GEMM; cross-attention (``key_value_states``) runs transformers' own."""
+
+    def forward(self, hidden_states, key_value_states=None, attention_mask=None, output_attentions=False, **kwargs):
+        if key_value_states is not None:
+            return super().forward(hidden_states, key_value_states, attention_mask, output_attentions, **kwargs)
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        query, key, value = (t.transpose(1, 2) for t in qkv_projection(self, hidden_states, projections, self.head_dim))
+        attn_output, attn_weights = registry_attention(
+            self,
+            hf.eager_attention_forward,
+            hidden_states.shape[:-1],
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else self.dropout,
+            output_attentions=output_attentions,
+            **kwargs,
+        )
+        return self.out_proj(attn_output), attn_weights
+
+
 class FusedData2VecAudioEncoderLayer(hf.Data2VecAudioEncoderLayer):
     """Post-LN encoder layer with both residual adds fused into their LayerNorms."""
 
@@ -140,5 +165,6 @@ REPLACEMENTS = {
     hf.Data2VecAudioFeatureEncoder: FusedData2VecAudioFeatureEncoder,
     hf.Data2VecAudioPositionalConvEmbedding: FusedData2VecAudioPositionalConvEmbedding,
     hf.Data2VecAudioEncoderLayer: FusedData2VecAudioEncoderLayer,
+    hf.Data2VecAudioAttention: FusedData2VecAudioAttention,
 }
 ATTENTION_CLASSES = (hf.Data2VecAudioAttention,)

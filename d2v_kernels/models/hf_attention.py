@@ -5,7 +5,8 @@ The attention function goes into ``AttentionInterface`` and a mask function into
 and padding is silently dropped). The mask function hands the attention a 2-D key padding mask
 (or None) when the pattern is plain bidirectional or causal, which the kernel applies in-kernel;
 any other pattern (packed sequences, or-/and-composed masks) comes as transformers' 4-D boolean
-mask, which the attention turns into an additive bias.
+mask, which the attention turns into an additive bias. Data2VecVision picks its attention class
+from a dict keyed by the name; there the name gets a class that raises a clear error.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ def d2v_kernels_attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """transformers attention interface: q, k, v (B, H, N, d) -> ((B, Nq, H, d), weights or None).
 
-    ``output_attentions=True`` needs the probabilities, which the fused kernel never forms: that
-    call runs the eager reference (recorded as ``("attention", "eager")``).
+    Attentions asked for (``output_attentions=True`` in the call or in the module's config) need
+    the probabilities, which the fused kernel never forms: that call runs the eager reference
+    (recorded as ``("attention", "eager")``).
     """
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, N, H, d) views, no copies
     n_q, n_k = q.shape[1], k.shape[1]
@@ -60,7 +62,8 @@ def d2v_kernels_attention_forward(
         dropout_p=float(dropout),
         scale=scaling,
     )
-    if kwargs.get("output_attentions", False):
+    # transformers collects the attentions a config asks for with hooks, passing no flag down.
+    if kwargs.get("output_attentions") or getattr(getattr(module, "config", None), "output_attentions", False):
         out, probs = ops.attention_reference(q, k, v, return_probs=True, **kwargs_op)
         dispatch.record("attention", "eager")
         return out, probs
@@ -82,11 +85,9 @@ def d2v_kernels_mask(
     if plain:
         if attention_mask is None:
             return None
-        attention_mask = attention_mask[:, -kv_length:]  # sliced from the right, as for flash attention
-        # An all-ones mask is dropped to save the kernel its loads; not under compile (data-dependent).
-        if not torch.compiler.is_compiling() and attention_mask.shape[1] == kv_length and attention_mask.all():
-            return None
-        return attention_mask
+        # Sliced from the right, as for flash attention. An all-ones mask is passed as it is: testing
+        # for one would read the mask back to the host on every forward.
+        return attention_mask[:, -kv_length:]
     sdpa_kwargs = {k: v for k, v in kwargs.items() if k not in ("allow_is_causal_skip", "allow_is_bidirectional_skip")}
     return mu.sdpa_mask(
         batch_size=batch_size,
@@ -102,6 +103,18 @@ def d2v_kernels_mask(
     )
 
 
+class VisionRegistryName(torch.nn.Module):
+    """transformers' vision attention classes, keyed by ``attn_implementation``, get this for
+    ``"d2v_kernels"`` (registered for audio and text): a clear error instead of a KeyError."""
+
+    def __init__(self, config, window_size=None):
+        raise ValueError(
+            f'attn_implementation="{IMPLEMENTATION_NAME}" is for Data2VecAudio and Data2VecText models; '
+            "Data2VecVision takes d2v_kernels' attention through d2v_kernels.optimize(model) or the "
+            "fused classes in d2v_kernels.models (with no attn_implementation)"
+        )
+
+
 _registered = False
 
 
@@ -112,7 +125,9 @@ def register() -> None:
         return
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
+    from transformers.models.data2vec import modeling_data2vec_vision as vision_hf
 
     AttentionInterface.register(IMPLEMENTATION_NAME, d2v_kernels_attention_forward)
     AttentionMaskInterface.register(IMPLEMENTATION_NAME, d2v_kernels_mask)
+    vision_hf.DATA2VEC_VISION_SELF_ATTENTION_CLASSES.setdefault(IMPLEMENTATION_NAME, VisionRegistryName)
     _registered = True

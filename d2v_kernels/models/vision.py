@@ -1,6 +1,7 @@
-"""Drop-in fused modules for Data2VecVision: self-attention with the relative position bias
-gathered in-kernel from its table, the layer with the first residual add fused into
-``layernorm_after``, and the encoder passing the shared bias table (not a dense bias) down."""
+"""Drop-in fused modules for Data2VecVision: self-attention (one GEMM for q, k, v) with the
+relative position bias gathered in-kernel from its table, the layer with the first residual add
+fused into ``layernorm_after``, and the encoder's shared bias passed down as its table (not a
+dense bias)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from transformers.models.data2vec import modeling_data2vec_vision as hf
 
 from d2v_kernels import dispatch, ops
+from d2v_kernels.models._common import qkv_projection, swap_class
 from d2v_kernels.ops.attention_op import gather_relative_bias
 
 
@@ -47,7 +49,8 @@ def _table_and_index(module: hf.Data2VecVisionRelativePositionBias, window_size,
     table = module.relative_position_bias_table
     if window_size == tuple(module.window_size) and not interpolate:
         return TableBias(table, relative_position_index(module, window_size, table.device)), None
-    return None, module(window_size, interpolate_pos_encoding=interpolate, dim_size=dim_size)
+    dense = hf.Data2VecVisionRelativePositionBias.forward(module, window_size, interpolate, dim_size=dim_size)
+    return None, dense
 
 
 class FusedData2VecVisionSelfAttention(hf.Data2VecVisionSelfAttention):
@@ -72,10 +75,8 @@ class FusedData2VecVisionSelfAttention(hf.Data2VecVisionSelfAttention):
                 self, hidden_states, True, relative_position_bias, interpolate_pos_encoding, resolution
             )
         batch, length, _ = hidden_states.shape
-        shape = (batch, length, self.num_attention_heads, self.attention_head_size)
-        query = self.query(hidden_states).view(shape)
-        key = self.key(hidden_states).view(shape)
-        value = self.value(hidden_states).view(shape)
+        projections = (self.query, self.key, self.value)
+        query, key, value = qkv_projection(self, hidden_states, projections, self.attention_head_size)
 
         table_bias, dense_bias = None, None
         if self.has_relative_position_bias:
@@ -141,53 +142,29 @@ class FusedData2VecVisionLayer(hf.Data2VecVisionLayer):
         return (layer_output, *outputs)
 
 
-class FusedData2VecVisionEncoder(hf.Data2VecVisionEncoder):
-    """Passes the shared relative position bias down as (table, index) when that is exact."""
+class FusedData2VecVisionRelativePositionBias(hf.Data2VecVisionRelativePositionBias):
+    """The encoder's shared bias as (table, index) when that is exact, else transformers' dense one."""
 
-    def forward(
-        self,
-        hidden_states,
-        output_attentions=False,
-        output_hidden_states=False,
-        interpolate_pos_encoding=False,
-        resolution=None,
-        return_dict=True,
-    ):
-        all_hidden_states = () if output_hidden_states else None
-        all_self_attentions = () if output_attentions else None
-        relative_position_bias = None
-        if self.has_relative_position_bias:
-            height, width = resolution
-            window = (height // self.config.patch_size, width // self.config.patch_size)
-            table_bias, dense_bias = _table_and_index(
-                self.relative_position_bias, window, interpolate_pos_encoding, hidden_states.shape[1]
-            )
-            relative_position_bias = table_bias if table_bias is not None else dense_bias
-        for layer_module in self.layer:
-            if output_hidden_states:
-                all_hidden_states = (*all_hidden_states, hidden_states)
-            layer_outputs = layer_module(
-                hidden_states,
-                output_attentions=output_attentions,
-                relative_position_bias=relative_position_bias,
-                interpolate_pos_encoding=interpolate_pos_encoding,
-                resolution=resolution,
-            )
-            hidden_states = layer_outputs[0]
-            if output_attentions:
-                all_self_attentions = (*all_self_attentions, layer_outputs[1])
-        if output_hidden_states:
-            all_hidden_states = (*all_hidden_states, hidden_states)
-        if not return_dict:
-            return tuple(v for v in [hidden_states, all_hidden_states, all_self_attentions] if v is not None)
-        return hf.BaseModelOutput(
-            last_hidden_state=hidden_states, hidden_states=all_hidden_states, attentions=all_self_attentions
-        )
+    def forward(self, window_size, interpolate_pos_encoding=False, dim_size=None):
+        table_bias, dense_bias = _table_and_index(self, window_size, interpolate_pos_encoding, dim_size)
+        return table_bias if table_bias is not None else dense_bias
+
+
+class FusedData2VecVisionEncoder(hf.Data2VecVisionEncoder):
+    """transformers' encoder, passing its shared relative position bias down as (table, index)."""
+
+    def _d2v_setup(self):
+        bias = self._modules.get("relative_position_bias")
+        if type(bias) is hf.Data2VecVisionRelativePositionBias:
+            self._modules["relative_position_bias"] = swap_class(bias, FusedData2VecVisionRelativePositionBias)
 
 
 REPLACEMENTS = {
+    hf.Data2VecVisionLayer: FusedData2VecVisionLayer,
+}
+# Swapped only where attention is to run d2v_kernels (not where eager or sdpa was asked for).
+ATTENTION_REPLACEMENTS = {
     hf.Data2VecVisionSelfAttention: FusedData2VecVisionSelfAttention,
     hf.Data2VecVisionSdpaSelfAttention: FusedData2VecVisionSelfAttention,
-    hf.Data2VecVisionLayer: FusedData2VecVisionLayer,
     hf.Data2VecVisionEncoder: FusedData2VecVisionEncoder,
 }

@@ -1,0 +1,257 @@
+"""The fused classes and optimize() keep transformers' contracts: a requested attention
+implementation, attentions asked for in the config, generation support, nothing built on the
+default path, and clear errors where something cannot be done."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib
+import inspect
+import warnings
+
+import pytest
+import torch
+import transformers
+from transformers import GenerationMixin
+
+import d2v_kernels
+from d2v_kernels import models
+from d2v_kernels.testing import build_pair, config_for, inputs_for, randomize_
+
+ATOL = 2e-5
+
+
+def _attention_calls(calls) -> int:
+    return sum(n for (op, _), n in calls.items() if op == "attention")
+
+
+@pytest.mark.parametrize("requested", ["eager", "sdpa"])
+@pytest.mark.parametrize("class_name", ["Data2VecAudioForCTC", "Data2VecTextForMaskedLM"])
+def test_fused_class_honours_a_requested_attention(class_name, requested, tmp_path):
+    """An explicit ``attn_implementation`` (config or from_pretrained) stays; the caller's config
+    keeps it, so attentions can still be asked for in it."""
+    config = config_for(class_name)
+    config._attn_implementation = requested
+    model = getattr(models, class_name)(config)
+    assert model.config._attn_implementation == requested
+    assert config._attn_implementation == requested
+    model.save_pretrained(tmp_path)
+    loaded = getattr(models, class_name).from_pretrained(tmp_path, attn_implementation=requested)
+    assert loaded.config._attn_implementation == requested
+    inputs = inputs_for(class_name, config, labels=False)
+    with d2v_kernels.record_dispatch() as calls:
+        loaded.eval()(**inputs)
+    assert _attention_calls(calls) == 0, calls  # transformers' own attention ran
+    if requested == "eager":
+        loaded.config.output_attentions = True  # transformers raises for any other implementation
+        assert len(loaded(**inputs).attentions) == config.num_hidden_layers
+
+
+@pytest.mark.parametrize("class_name", ["Data2VecAudioForCTC", "Data2VecTextForMaskedLM"])
+def test_fused_class_default_is_d2v_kernels_and_can_be_switched(class_name):
+    config = config_for(class_name)
+    torch.manual_seed(0)
+    model = randomize_(getattr(models, class_name)(config)).eval()
+    assert model.config._attn_implementation == "d2v_kernels"
+    inputs = inputs_for(class_name, config, labels=False)
+    with d2v_kernels.record_dispatch() as calls:
+        fused = model(**inputs).logits
+    assert _attention_calls(calls) == config.num_hidden_layers, calls
+    for name, expected_calls in (("eager", 0), ("sdpa", 0), ("d2v_kernels", config.num_hidden_layers)):
+        model.set_attn_implementation(name)
+        assert model.config._attn_implementation == name
+        with d2v_kernels.record_dispatch() as calls:
+            out = model(**inputs).logits
+        assert _attention_calls(calls) == expected_calls, (name, calls)
+        torch.testing.assert_close(out, fused, atol=ATOL, rtol=1e-5)
+
+
+def test_optimize_honours_a_requested_attention_unless_told_otherwise():
+    """A constructed model says "sdpa" whether asked for or defaulted (transformers keeps no
+    record), so optimize() takes "sdpa" as the default; "eager" and others stay unless
+    ``attn_implementation`` says otherwise."""
+    config = config_for("Data2VecAudioModel", attn_implementation="eager")
+    model = transformers.Data2VecAudioModel(config)
+    assert d2v_kernels.optimize(model).config._attn_implementation == "eager"
+    d2v_kernels.optimize(model, attn_implementation="d2v_kernels")
+    assert model.config._attn_implementation == "d2v_kernels"
+    default = d2v_kernels.optimize(transformers.Data2VecAudioModel(config_for("Data2VecAudioModel")))
+    assert default.config._attn_implementation == "d2v_kernels"
+    with pytest.raises(ValueError, match="attn_implementation"):
+        d2v_kernels.optimize(model, attn_implementation="no_such_attention")
+
+
+@pytest.mark.parametrize("how", ["config", "forward"])
+@pytest.mark.parametrize("attn_implementation", [None, "d2v_kernels"], ids=["as-requested", "d2v_kernels"])
+@pytest.mark.parametrize(
+    "class_name", ["Data2VecAudioForCTC", "Data2VecTextForMaskedLM", "Data2VecVisionForImageClassification"]
+)
+def test_attentions_asked_for_are_returned(class_name, attn_implementation, how):
+    """Attentions asked for in the config (the eager model's) or in the call come back as
+    transformers', whatever optimize() switched attention to."""
+    overrides = {"output_attentions": True} if how == "config" else {}
+    config = config_for(class_name, **overrides)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    reference = randomize_(getattr(transformers, class_name)(config)).eval()
+    fused = d2v_kernels.optimize(copy.deepcopy(reference), attn_implementation=attn_implementation)
+    inputs = inputs_for(class_name, config, labels=False)
+    call = {"output_attentions": True} if how == "forward" else {}
+    expected = reference(**inputs, **call).attentions
+    with d2v_kernels.record_dispatch() as calls:
+        got = fused(**inputs, **call).attentions
+    assert len(got) == len(expected) == config.num_hidden_layers
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=1e-5)
+    # Through d2v_kernels' attention, which runs the eager reference; as requested, transformers' eager.
+    expected_calls = config.num_hidden_layers if attn_implementation == "d2v_kernels" else 0
+    assert calls[("attention", "eager")] == _attention_calls(calls) == expected_calls, calls
+
+
+def test_causal_lm_declares_generation_mixin():
+    fused_cls = models.Data2VecTextForCausalLM
+    assert GenerationMixin in transformers.Data2VecTextForCausalLM.__bases__
+    assert GenerationMixin in fused_cls.__bases__
+    assert fused_cls.can_generate()
+    config = config_for("Data2VecTextForCausalLM")
+    model = randomize_(fused_cls(config)).eval()
+    ids = torch.tensor([[5, 7, 11]])
+    out = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=config.pad_token_id)
+    assert out.shape == (1, 6)
+
+
+def test_optimize_builds_nothing(monkeypatch):
+    """On a machine with a GPU and nvcc, optimize() must not load (or JIT-build) the extension."""
+    from d2v_kernels import _extension
+
+    def no_build():
+        raise AssertionError("optimize() asked for the CUDA extension")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_extension, "_resolve", no_build)
+    monkeypatch.setitem(_extension._state, "resolved", False)
+    model = transformers.Data2VecAudioModel(config_for("Data2VecAudioModel"))
+    d2v_kernels.optimize(model)
+
+
+def test_optimize_warns_when_nothing_was_swapped():
+    with pytest.warns(UserWarning, match="Linear"):
+        d2v_kernels.optimize(torch.nn.Linear(2, 2))
+    model = transformers.Data2VecAudioModel(config_for("Data2VecAudioModel"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        d2v_kernels.optimize(model)
+        d2v_kernels.optimize(model)  # already optimized: nothing left to swap, nothing wrong
+
+
+def test_vision_rejects_the_registry_name_clearly():
+    config = config_for("Data2VecVisionModel", attn_implementation="d2v_kernels")
+    with pytest.raises(ValueError, match=r"Data2VecVision.*d2v_kernels\.optimize\(model\)"):
+        transformers.Data2VecVisionModel(config)
+    model = models.Data2VecVisionModel(config)  # the fused class takes it
+    assert model.config._attn_implementation == "d2v_kernels"
+    with d2v_kernels.record_dispatch() as calls:
+        model(**inputs_for("Data2VecVisionModel", config, labels=False))
+    assert _attention_calls(calls) == config.num_hidden_layers, calls
+
+
+# The transformers forwards our modules copy or rewrite (see models/), by a hash of their source:
+# when transformers changes one, review the override beside it, then update the hash.
+PINNED_FORWARDS = {
+    "audio.Data2VecAudioAttention": "4ffe678230a03cfe",  # FusedData2VecAudioAttention
+    "audio.Data2VecAudioEncoderLayer": "634e53653e9d03b9",  # FusedData2VecAudioEncoderLayer
+    "text.Data2VecTextSelfAttention": "e7edabb460427ccd",  # FusedData2VecTextSelfAttention
+    "text.Data2VecTextSelfOutput": "0650f56bc438ef17",  # FusedData2VecTextSelfOutput
+    "text.Data2VecTextOutput": "0650f56bc438ef17",  # FusedData2VecTextOutput
+    "vision.Data2VecVisionSelfAttention": "56bb9e8787f63b62",  # FusedData2VecVisionSelfAttention
+    "vision.Data2VecVisionSdpaSelfAttention": "6f6a846880a87045",  # FusedData2VecVisionSelfAttention
+    "vision.Data2VecVisionLayer": "1eb20892baaa1242",  # FusedData2VecVisionLayer
+    "vision.Data2VecVisionEncoder": "1cc0e039ca7c6677",  # passes FusedData2VecVisionRelativePositionBias's output down
+    "vision.Data2VecVisionRelativePositionBias": "367fbb421fa1c4d0",  # FusedData2VecVisionRelativePositionBias
+}
+
+
+@pytest.mark.parametrize("name", PINNED_FORWARDS)
+def test_overridden_transformers_forwards_are_unchanged(name):
+    modality, class_name = name.split(".")
+    hf = importlib.import_module(f"transformers.models.data2vec.modeling_data2vec_{modality}")
+    source = inspect.getsource(getattr(hf, class_name).forward)
+    assert hashlib.sha256(source.encode()).hexdigest()[:16] == PINNED_FORWARDS[name], (
+        f"transformers' {class_name}.forward changed: review d2v_kernels/models/{modality}.py against it"
+    )
+
+
+def _qkv_caches(model) -> list:
+    return [m.__dict__["_d2v_qkv_cache"] for m in model.modules() if "_d2v_qkv_cache" in m.__dict__]
+
+
+QKV_NAMES = {"Data2VecAudioModel": "q_proj", "Data2VecTextModel": "query", "Data2VecVisionModel": "query"}
+
+
+@pytest.mark.parametrize("class_name", list(QKV_NAMES))
+def test_qkv_is_one_projection_with_the_same_parameters(class_name):
+    """One GEMM for q, k and v (two fewer linear calls per layer), with transformers' parameter
+    names and gradients; vision's key has no bias and stays without one."""
+    reference, fused, config = build_pair(class_name)
+    assert list(fused.state_dict()) == list(reference.state_dict())
+    if class_name.startswith("Data2VecVision"):
+        assert fused.encoder.layer[0].attention.attention.key.bias is None
+    inputs = inputs_for(class_name, config, labels=False)
+    linear_calls = {}
+    for model in (reference, fused):
+        with _CountLinear() as counter:
+            model(**inputs).last_hidden_state.square().mean().backward()
+        linear_calls[model is fused] = counter.calls
+    assert linear_calls[True] == linear_calls[False] - 2 * config.num_hidden_layers, linear_calls
+    grads = {n: p.grad for n, p in reference.named_parameters() if QKV_NAMES[class_name] in n or "key" in n}
+    fused_params = dict(fused.named_parameters())
+    assert grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(fused_params[name].grad, grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+class _CountLinear(torch.overrides.TorchFunctionMode):
+    def __enter__(self):
+        self.calls = 0
+        return super().__enter__()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.linear:
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("change", ["optimizer-step", "load_state_dict", "half"])
+def test_cached_inference_qkv_weight_is_rebuilt_when_a_parameter_changes(change):
+    """Without autograd the concatenated weight is cached; an optimizer step (in place),
+    load_state_dict (copy_) and .half() (new tensors) each make the next call rebuild it."""
+    reference, fused, config = build_pair("Data2VecTextModel")
+    reference.eval()
+    fused.eval()
+    inputs = inputs_for("Data2VecTextModel", config, labels=False)
+    with torch.no_grad():
+        fused(**inputs)
+    caches = _qkv_caches(fused)
+    assert len(caches) == config.num_hidden_layers
+    with torch.no_grad():
+        fused(**inputs)
+    assert all(a is b for a, b in zip(_qkv_caches(fused), caches)), "the cache was not reused"
+    if change == "optimizer-step":
+        for model in (reference, fused):
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+            model(**inputs).last_hidden_state.square().mean().backward()
+            optimizer.step()
+    elif change == "load_state_dict":
+        state = randomize_(copy.deepcopy(reference), seed=5).state_dict()
+        reference.load_state_dict(state)
+        fused.load_state_dict(state)
+    else:
+        reference.half()
+        fused.half()
+    with torch.no_grad():
+        got = fused(**inputs).last_hidden_state
+        expected = reference(**inputs).last_hidden_state
+    assert all(a is not b for a, b in zip(_qkv_caches(fused), caches)), "the cache was not rebuilt"
+    tolerance = 5e-3 if change == "half" else ATOL
+    torch.testing.assert_close(got, expected, atol=tolerance, rtol=tolerance)
