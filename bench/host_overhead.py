@@ -26,7 +26,8 @@ no optimizer step.
 Launches per step: Triton's (counted by the no-op driver) plus the aten calls, from
 ``torch.profiler``'s record of a step, that would launch a GPU kernel (:func:`counts_as_launch`:
 every aten call but views, allocation, metadata and composite ops, which count by their parts);
-per layer: a step's launches less those of the same step without the encoder's last layer.
+per layer: a step's launches less those of the same step without the encoder's last layer (by op
+in the ``--json`` rows).
 
 CPU tensors stand in for CUDA ones (only their data_ptr and strides reach the launcher); nothing
 our kernels output is computed (outputs are uninitialised). The convs (cuDNN's on a GPU, whose
@@ -486,14 +487,15 @@ def alternate(steps: dict[str, Callable[[], object]], rounds: int, steps_per_rou
     return times
 
 
-def count_launches(step: Callable[[], object], driver: NoOpDriver) -> dict[str, int]:
-    """Launches of one call of ``step``: Triton's (through the no-op driver) and aten's (:func:`aten_launches`)."""
+def count_launches(step: Callable[[], object], driver: NoOpDriver) -> Counter:
+    """Launches of one call of ``step``: ``"triton"`` (through the no-op driver) and each aten op's
+    (:func:`aten_launches`)."""
     from torch.profiler import ProfilerActivity, profile
 
     before = driver.launches
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
-    return {"triton": driver.launches - before, "aten": aten_launches(prof.events()).total()}
+    return Counter(triton=driver.launches - before) + aten_launches(prof.events())
 
 
 def measure_model(name: str, train: bool, dtype: torch.dtype, options: argparse.Namespace, driver) -> list[dict]:
@@ -530,9 +532,10 @@ def measure_model(name: str, train: bool, dtype: torch.dtype, options: argparse.
                 less = count_launches(step, driver)
             row.update(
                 launches_triton=launches["triton"],
-                launches_aten=launches["aten"],
-                launches=launches["triton"] + launches["aten"],
-                launches_per_layer=sum(launches.values()) - sum(less.values()),
+                launches_aten=launches.total() - launches["triton"],
+                launches=launches.total(),
+                launches_per_layer=launches.total() - less.total(),
+                launches_per_layer_by_op=dict(sorted((launches - less).items())),
             )
         rows.append(row)
     return rows
