@@ -4,6 +4,7 @@ default path, and clear errors where something cannot be done."""
 
 from __future__ import annotations
 
+import collections
 import copy
 import hashlib
 import importlib
@@ -13,6 +14,7 @@ import warnings
 import pytest
 import torch
 import transformers
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import GenerationMixin
 
 import d2v_kernels
@@ -255,3 +257,29 @@ def test_cached_inference_qkv_weight_is_rebuilt_when_a_parameter_changes(change)
     assert all(a is not b for a, b in zip(_qkv_caches(fused), caches)), "the cache was not rebuilt"
     tolerance = 5e-3 if change == "half" else ATOL
     torch.testing.assert_close(got, expected, atol=tolerance, rtol=tolerance)
+
+
+class _AtenCalls(TorchDispatchMode):
+    def __enter__(self):
+        self.names = collections.Counter()
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("class_name", ["Data2VecAudioModel", "Data2VecTextModel"])
+def test_forward_reads_nothing_back_to_the_host(class_name):
+    """No value is read back from a tensor in the forward (a host-device sync on a GPU), an
+    all-ones padding mask included: it is passed to the kernel as it is."""
+    reference, fused, config = build_pair(class_name)
+    inputs = inputs_for(class_name, config, labels=False)
+    inputs["attention_mask"] = torch.ones_like(inputs["attention_mask"])
+    with torch.no_grad():
+        expected = reference.eval()(**inputs).last_hidden_state
+        with _AtenCalls() as calls:
+            got = fused.eval()(**inputs).last_hidden_state
+    read_back = {"_local_scalar_dense", "is_nonzero", "item", "equal", "nonzero"} & calls.names.keys()
+    assert not read_back, calls.names
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-5)
