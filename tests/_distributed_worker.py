@@ -3,7 +3,9 @@
 Each rank builds the same transformers model and its optimize()d copy (same seed), wraps both with
 the same engine (DDP, or FSDP2 ``fully_shard`` per encoder layer and at the root), runs a forward
 and backward on its own slice of data, checks that the synchronised gradients of the fused model
-equal the plain model's, takes one optimizer step and checks the next loss agrees too.
+equal the plain model's, takes one optimizer step and checks the next loss agrees too. The fused
+model runs with the Triton backend forced (the interpreter on the CPU: TRITON_INTERPRET=1 comes
+from the parent's environment), and each rank checks that every op dispatched to Triton.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import os
 
 import torch
 import torch.distributed as dist
+from conftest import small_inputs, small_pair
 from transformers.models.data2vec import modeling_data2vec_audio, modeling_data2vec_text, modeling_data2vec_vision
 
-from d2v_kernels.testing import build_pair, inputs_for
+import d2v_kernels
 
 LAYER_CLASSES = (
     modeling_data2vec_audio.Data2VecAudioEncoderLayer,
@@ -51,17 +54,20 @@ def _full_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _check_class(class_name: str, engine: str, rank: int) -> None:
-    reference, fused, config = build_pair(class_name)
+    reference, fused, config = small_pair(class_name)
     reference.train()
     fused.train()
     reference, fused = _wrap(reference, engine), _wrap(fused, engine)
-    batches = [inputs_for(class_name, config, batch=2, seed=10 * step + rank) for step in range(2)]
+    batches = [small_inputs(class_name, config, batch=2, seed=10 * step + rank) for step in range(2)]
 
-    losses = {}
+    losses, calls = {}, {}
     for name, model in (("reference", reference), ("fused", fused)):
-        loss = model(**batches[0]).loss
-        loss.backward()
+        with d2v_kernels.use_backend("triton"), d2v_kernels.record_dispatch() as calls[name]:
+            loss = model(**batches[0]).loss
+            loss.backward()
         losses[name] = loss.detach()
+    assert not calls["reference"] and calls["fused"][("attention", "triton")] > 0, calls
+    assert all(backend == "triton" for _, backend in calls["fused"]), calls
     torch.testing.assert_close(losses["fused"], losses["reference"], atol=2e-5, rtol=1e-5)
 
     ref_grads, grads = _full_grads(reference), _full_grads(fused)
@@ -86,13 +92,14 @@ def _check_class(class_name: str, engine: str, rank: int) -> None:
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         optimizer.step()
         optimizer.zero_grad()
-        next_losses[name] = model(**batches[1]).loss.detach()
+        with d2v_kernels.use_backend("triton"):
+            next_losses[name] = model(**batches[1]).loss.detach()
     torch.testing.assert_close(next_losses["fused"], next_losses["reference"], atol=1e-4, rtol=1e-4)
 
 
 def run(rank: int, world_size: int, init_file: str, engine: str, class_names: list[str]) -> None:
     """Entry point for ``torch.multiprocessing.spawn``; raises on any mismatch."""
-    os.environ.pop("TRITON_INTERPRET", None)  # CPU eager path: the Triton kernels are tested elsewhere
+    assert os.environ.get("TRITON_INTERPRET") == "1", "the Triton kernels run through the interpreter here"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:

@@ -1,6 +1,7 @@
 """optimize()d models under torch.distributed on the CPU (gloo, 2 processes): DDP and FSDP2
 (``fully_shard``) give the same synchronised gradients, loss and next-step loss as the plain
-transformers model under the same engine. The per-rank body is tests/_distributed_worker.py."""
+transformers model under the same engine, the fused model on the Triton kernels (forced, through
+the interpreter). The per-rank body is tests/_distributed_worker.py."""
 
 from __future__ import annotations
 
