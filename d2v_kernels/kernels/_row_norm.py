@@ -559,6 +559,17 @@ def _cached(key: tuple, make):
     return launch
 
 
+def forward_launch(x, channels_dim, weight, bias, activation, residual=None, store_sum=False) -> _ForwardLaunch:
+    """The forward's launch for this input's layout (made once, then looked up):
+    ``launch(x, weight, bias, eps, residual)`` -> :func:`row_norm_forward`'s result."""
+    channels_dim %= x.dim()
+    key = (
+        "fwd", channels_dim, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15, _optional_key(residual),
+        _optional_key(weight), _optional_key(bias), activation, store_sum,
+    )  # fmt: skip
+    return _cached(key, lambda: _ForwardLaunch(x, channels_dim, weight, bias, activation, residual, store_sum))
+
+
 def row_norm_forward(
     x: torch.Tensor,
     channels_dim: int,
@@ -574,12 +585,7 @@ def row_norm_forward(
     Returns (y like x, x + residual like x or None, mean, rstd); mean and rstd are fp32 of x's
     shape without the channel dim. ``unsupported_reasons`` must be empty for these inputs.
     """
-    channels_dim %= x.dim()
-    key = (
-        "fwd", channels_dim, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15, _optional_key(residual),
-        _optional_key(weight), _optional_key(bias), activation, store_sum,
-    )  # fmt: skip
-    launch = _cached(key, lambda: _ForwardLaunch(x, channels_dim, weight, bias, activation, residual, store_sum))
+    launch = forward_launch(x, channels_dim, weight, bias, activation, residual, store_sum)
     return launch(x, weight, bias, eps, residual)
 
 

@@ -11,6 +11,7 @@ import torch
 
 from d2v_kernels.kernels._row_norm import (
     MAX_CHANNELS,
+    forward_launch,
     row_norm_backward,
     row_norm_forward,
     unsupported_reasons,
@@ -20,6 +21,7 @@ __all__ = [
     "MAX_CHANNELS",
     "add_layer_norm_backward",
     "add_layer_norm_forward",
+    "add_layer_norm_forward_launch",
     "unsupported_reasons",
 ]
 
@@ -34,6 +36,12 @@ def add_layer_norm_forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """LayerNorm(x + residual) -> (y, x + residual or None, mean, rstd), stats fp32 of shape x.shape[:-1]."""
     return row_norm_forward(x, -1, weight, bias, eps, None, residual=residual, store_sum=store_sum)
+
+
+def add_layer_norm_forward_launch(x, residual, weight, bias, store_sum: bool):
+    """:func:`add_layer_norm_forward` for inputs of this layout, as one launch object:
+    ``launch(x, weight, bias, eps, residual)`` -> (y, sum or None, mean, rstd)."""
+    return forward_launch(x, -1, weight, bias, None, residual, store_sum)
 
 
 def add_layer_norm_backward(

@@ -11,6 +11,7 @@ import torch
 
 from d2v_kernels.kernels._row_norm import (
     MAX_CHANNELS,
+    forward_launch,
     row_norm_backward,
     row_norm_forward,
     unsupported_reasons,
@@ -20,6 +21,7 @@ __all__ = [
     "MAX_CHANNELS",
     "layer_norm_gelu_backward",
     "layer_norm_gelu_forward",
+    "layer_norm_gelu_forward_launch",
     "unsupported_reasons",
 ]
 
@@ -36,6 +38,12 @@ def layer_norm_gelu_forward(
     without the channel dim."""
     y, _, mean, rstd = row_norm_forward(x, channels_dim, weight, bias, eps, approximate)
     return y, mean, rstd
+
+
+def layer_norm_gelu_forward_launch(x, weight, bias, channels_dim: int, approximate: str):
+    """:func:`layer_norm_gelu_forward` for inputs of this layout, as one launch object:
+    ``launch(x, weight, bias, eps, None)`` -> (y, None, mean, rstd)."""
+    return forward_launch(x, channels_dim, weight, bias, approximate)
 
 
 def layer_norm_gelu_backward(

@@ -199,10 +199,10 @@ def _plan(x, residual, weight, bias, eps, return_sum):
         backend = impl.backend
         run = functools.partial(impl.run, eps=eps, return_sum=return_sum)
         if impl.run is _add_layer_norm_triton and plans_enabled() and not needs_grad(x, residual, weight, bias):
-            forward = _kernels.add_layer_norm_forward
+            launch = _kernels.add_layer_norm_forward_launch(x, residual, weight, bias, return_sum)
 
             def run(x, residual, weight, bias):
-                y, total, _, _ = forward(x, residual, weight, bias, eps, return_sum)
+                y, total, _, _ = launch(x, weight, bias, eps, residual)
                 return (y, total) if return_sum else y
 
     record = dispatch.record

@@ -202,10 +202,10 @@ def _plan(x, weight, bias, eps, channels_dim, approximate):
         backend = impl.backend
         run = functools.partial(impl.run, **options)
         if impl.run is _layer_norm_gelu_triton and plans_enabled() and not needs_grad(x, weight, bias):
-            forward = _kernels.layer_norm_gelu_forward
+            launch = _kernels.layer_norm_gelu_forward_launch(x, weight, bias, cd, approximate)
 
             def run(x, weight, bias):
-                return forward(x, weight, bias, eps, cd, approximate)[0]
+                return launch(x, weight, bias, eps, None)[0]
 
     record = dispatch.record
 
