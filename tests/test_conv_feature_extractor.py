@@ -111,6 +111,37 @@ def test_reference_equals_transformers_forward_and_gradients(config_kwargs, conv
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_layer_norm_eps_is_applied_on_quiet_input(backend):
+    """Every layer's rows have a variance near LayerNorm's eps (a quiet wave, small convs after layer
+    0), so the output depends on eps: 50x it, or a 50th of it, moves the output far past the
+    tolerance. With a non-default eps given to the op and to transformers' LayerNorms, both backends
+    match transformers in float64."""
+    eps = 3e-5
+    encoder = hf_encoder(SMALL, conv_bias=False).double()
+    with torch.no_grad():
+        for layer in encoder.conv_layers[1:]:
+            layer.conv.weight.mul_(0.01)
+    wave = 5e-3 * torch.randn(2, 977, dtype=torch.float64)
+
+    def transformers_output(ln_eps):
+        for layer in encoder.conv_layers:
+            layer.layer_norm.eps = ln_eps
+        with torch.no_grad():
+            return encoder(wave).transpose(1, 2)
+
+    for wrong in (50 * eps, eps / 50):
+        assert (transformers_output(wrong) - transformers_output(eps)).abs().max() > 0.05
+    expected = transformers_output(eps)
+    args, kwargs = split(
+        {k: [t.float() for t in v] if k != "strides" and v else v for k, v in encoder_params(encoder).items()}
+    )
+    with d2v_kernels.use_backend(conv_feature_extractor=backend), d2v_kernels.record_dispatch() as calls:
+        out = ops.conv_feature_extractor(wave.float(), *args, **kwargs, eps=eps)
+    assert calls[("conv_feature_extractor", backend)] == 1, calls
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------
 # CPU: dispatch of the cuda backend, its checks, fake impl and backward math
 # --------------------------------------------------------------------------------------------
