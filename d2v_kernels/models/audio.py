@@ -167,4 +167,3 @@ REPLACEMENTS = {
     hf.Data2VecAudioEncoderLayer: FusedData2VecAudioEncoderLayer,
     hf.Data2VecAudioAttention: FusedData2VecAudioAttention,
 }
-ATTENTION_CLASSES = (hf.Data2VecAudioAttention,)

@@ -20,7 +20,7 @@ from d2v_kernels.models._common import swap_class
 
 REPLACEMENTS: dict[type, type] = {**audio.REPLACEMENTS, **vision.REPLACEMENTS, **text.REPLACEMENTS}
 REGISTRY_MODEL_TYPES = ("data2vec-audio", "data2vec-text")
-FUSED_CLASSES = (*REPLACEMENTS.values(), *vision.ATTENTION_REPLACEMENTS.values())
+FUSED_MODULE_CLASSES = (*REPLACEMENTS.values(), *vision.ATTENTION_REPLACEMENTS.values())
 
 
 def _resolved_implementation(current: str | None, requested: str | None) -> str:
@@ -83,7 +83,7 @@ def optimize(model: nn.Module, *, attn_implementation: str | None = None) -> nn.
             table = module.relative_position_bias_table
             if table.device.type != "meta":
                 vision.relative_position_index(module, module.window_size, table.device)
-    if not any(isinstance(module, FUSED_CLASSES) for module in model.modules()):
+    if not any(isinstance(module, FUSED_MODULE_CLASSES) for module in model.modules()):
         warnings.warn(
             f"optimize() found no Data2Vec module to swap in {type(model).__name__}; it runs unchanged",
             stacklevel=2,

@@ -59,4 +59,3 @@ REPLACEMENTS = {
     hf.Data2VecTextOutput: FusedData2VecTextOutput,
     hf.Data2VecTextSelfAttention: FusedData2VecTextSelfAttention,
 }
-ATTENTION_CLASSES = (hf.Data2VecTextSelfAttention, hf.Data2VecTextCrossAttention)
