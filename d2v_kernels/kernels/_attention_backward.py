@@ -23,7 +23,9 @@ from d2v_kernels.kernels._attention_common import (
     tile_dot,
     upcast_dot,
 )
+from d2v_kernels.kernels._launch import DirectLaunch, fixed_tail
 from d2v_kernels.kernels._tiles import cdiv, tiles
+from d2v_kernels.kernels._tiles import on_change as on_tiles_change
 
 # ds_mode of the dQ kernel: what it does with the score gradient dS.
 DS_NONE, DS_STORE, DS_ATOMIC = 0, 1, 2
@@ -358,6 +360,107 @@ def bwd_config(dtype: torch.dtype, block_d: int) -> dict:
     return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
 
 
+class BackwardLaunch:
+    """The backward's launches for one layout (every input's shape, strides, dtype and alignment;
+    flags, scale, dropout probability): tiles, grids and integer arguments fixed, the compiled
+    kernels launched directly. ``launch(grad_out, q, k, v, out, lse, bias_table, bias_index, bias,
+    key_padding_mask, seed)`` -> :func:`attention_backward`'s result."""
+
+    __slots__ = ("_bias_grad", "_dkdv", "_dq", "_ds", "_ds_mode", "_ds_shape", "_pre", "_shapes", "_table_grad")
+
+    def __init__(self, grad_out, q, k, v, out, bias_table, bias_index, bias, key_padding_mask, causal, dropout_p,
+                 scale, table_grad, bias_grad, deterministic):  # fmt: skip
+        b, n_q, h, d = q.shape
+        n_k = k.shape[1]
+        block_d = head_dim_block(d)
+        _, strides, flags = bias_args(q, k, bias_table, bias_index, bias, key_padding_mask)
+        common = dict(
+            BLOCK_D=block_d, IS_CAUSAL=causal, HAS_DROPOUT=dropout_p > 0.0, PRECISION=dot_precision(q.dtype),
+            UPCAST=upcast_dot(q), **flags,
+        )  # fmt: skip
+        self._shapes = ((b, h, n_q), (b, n_q, h, d), (b, n_k, h, d))
+        pre_block_m = 64
+        pre_tail = fixed_tail(
+            attention_bwd_preprocess_kernel, 3, (*out.stride()[:3], *grad_out.stride(), h, n_q, d),
+            {"BLOCK_M": pre_block_m, "BLOCK_D": block_d},
+        )  # fmt: skip
+        # 4 warps spill (ptxas, sm_90)
+        self._pre = (
+            DirectLaunch(attention_bwd_preprocess_kernel, (cdiv(n_q, pre_block_m), b * h), num_warps=8),
+            pre_tail,
+        )
+
+        config = tiles("attention_bwd", bwd_config(q.dtype, block_d))
+        options = {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
+        blocks = {"BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"]}
+        io_strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
+        tail = (*io_strides, *strides, h, n_q, n_k, d, scale, scale * LOG2E, dropout_p)
+        self._dkdv = (
+            DirectLaunch(attention_bwd_dkdv_kernel, (cdiv(n_k, config["BLOCK_N"]), b * h), **options),
+            fixed_tail(attention_bwd_dkdv_kernel, 13, tail, {**common, **blocks}),
+        )
+
+        # dS scratch: per batch when a dense bias with a batch dim needs its gradient, else summed.
+        need_ds = table_grad or bias_grad
+        per_batch = bias_grad and b > 1 and bias.dim() == 4 and bias.shape[0] == b
+        self._ds_shape = ((b if per_batch else 1), h, n_q, n_k) if need_ds else None
+        self._ds = None
+        if not need_ds:
+            ds_mode = DS_NONE
+        elif per_batch:
+            ds_mode = DS_STORE
+        elif deterministic:
+            ds_mode = DS_NONE
+            ds_tail = (*io_strides, *strides, b, h, n_q, n_k, d, scale * LOG2E, dropout_p)
+            self._ds = (
+                DirectLaunch(
+                    attention_bwd_ds_kernel, (cdiv(n_q, config["BLOCK_M"]) * cdiv(n_k, config["BLOCK_N"]), h), **options
+                ),
+                fixed_tail(attention_bwd_ds_kernel, 12, ds_tail, {**common, **blocks}),
+            )
+        else:
+            ds_mode = DS_ATOMIC
+        self._dq = (
+            DirectLaunch(attention_bwd_dq_kernel, (cdiv(n_q, config["BLOCK_M"]), b * h), **options),
+            fixed_tail(attention_bwd_dq_kernel, 13, tail, {**common, **blocks, "DS_MODE": ds_mode}),
+        )
+        self._table_grad, self._bias_grad = table_grad, bias_grad
+
+    def __call__(self, grad_out, q, k, v, out, lse, bias_table, bias_index, bias, key_padding_mask, seed):
+        stats_shape, q_shape, kv_shape = self._shapes
+        table, index = (q, q) if bias_table is None else (bias_table, bias_index)
+        dense = q if bias is None else bias
+        keep = q if key_padding_mask is None else key_padding_mask
+        seed = q if seed is None else seed
+        delta = q.new_empty(stats_shape, dtype=torch.float32)
+        launch, tail = self._pre
+        launch(out, grad_out, delta, *tail)
+        dq, dk, dv = q.new_empty(q_shape), q.new_empty(kv_shape), q.new_empty(kv_shape)
+        launch, tail = self._dkdv
+        launch(q, k, v, grad_out, lse, delta, dk, dv, table, index, dense, keep, seed, *tail)
+        ds = q if self._ds_shape is None else torch.zeros(self._ds_shape, device=q.device, dtype=torch.float32)
+        if self._ds is not None:
+            launch, tail = self._ds
+            launch(q, k, v, grad_out, lse, delta, ds, table, index, dense, keep, seed, *tail)
+        launch, tail = self._dq
+        launch(q, k, v, grad_out, lse, delta, dq, ds, table, index, dense, keep, seed, *tail)
+        dtable = dbias = None
+        if self._table_grad:
+            dtable = relative_bias_table_grad(ds.sum(0) if ds.shape[0] > 1 else ds[0], bias_index, bias_table)
+        if self._bias_grad:
+            dbias = reduce_to_shape(ds, bias.shape).to(bias.dtype)
+        return dq, dk, dv, dtable, dbias
+
+
+def _optional_key(t):
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() & 15)
+
+
+_backward_launches: dict[tuple, BackwardLaunch] = {}
+_MAX_LAUNCHES = 1024
+on_tiles_change(_backward_launches.clear)
+
+
 def attention_backward(
     grad_out: torch.Tensor,
     q: torch.Tensor,
@@ -379,62 +482,16 @@ def attention_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(dq, dk, dv, dbias_table or None, dbias or None); dq/dk/dv (B, N, H, d) contiguous in q's dtype,
     the bias gradients in their parameters' dtypes and shapes."""
-    b, n_q, h, d = q.shape
-    n_k = k.shape[1]
-    block_d = head_dim_block(d)
-    pointers, strides, flags = bias_args(q, k, bias_table, bias_index, bias, key_padding_mask)
-    seed_arg = seed if dropout_p > 0.0 else q.new_empty(1)
-    common_flags = dict(
-        BLOCK_D=block_d,
-        IS_CAUSAL=causal,
-        HAS_DROPOUT=dropout_p > 0.0,
-        PRECISION=dot_precision(q.dtype),
-        UPCAST=upcast_dot(q),
-        **flags,
-    )
-
-    delta = torch.empty((b, h, n_q), device=q.device, dtype=torch.float32)
-    pre_block_m = 64
-    attention_bwd_preprocess_kernel[(cdiv(n_q, pre_block_m), b * h)](
-        out, grad_out, delta, *out.stride()[:3], *grad_out.stride(), h, n_q, d, BLOCK_M=pre_block_m, BLOCK_D=block_d,
-        num_warps=8,  # 4 warps spill (ptxas, sm_90)
+    key = (
+        tuple(_optional_key(t) for t in (grad_out, q, k, v, out, lse, bias_table, bias_index, bias, key_padding_mask)),
+        q.device, causal, dropout_p, scale, table_grad, bias_grad, deterministic, dot_precision(q.dtype),
     )  # fmt: skip
-
-    config = tiles("attention_bwd", bwd_config(q.dtype, block_d))
-    dq = torch.empty((b, n_q, h, d), device=q.device, dtype=q.dtype)
-    dk = torch.empty((b, n_k, h, d), device=q.device, dtype=q.dtype)
-    dv = torch.empty((b, n_k, h, d), device=q.device, dtype=q.dtype)
-    io_strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
-    attention_bwd_dkdv_kernel[(cdiv(n_k, config["BLOCK_N"]), b * h)](
-        q, k, v, grad_out, lse, delta, dk, dv, *pointers, seed_arg, *io_strides, *strides,
-        h, n_q, n_k, d, scale, scale * LOG2E, dropout_p, **common_flags, **config,
-    )  # fmt: skip
-
-    # dS scratch: per batch when a dense bias with a batch dim needs its gradient, else summed.
-    need_ds = table_grad or bias_grad
-    per_batch = bias_grad and b > 1 and bias.dim() == 4 and bias.shape[0] == b
-    groups = b if per_batch else 1
-    ds = torch.zeros((groups, h, n_q, n_k), device=q.device, dtype=torch.float32) if need_ds else q.new_empty(1)
-    if not need_ds:
-        ds_mode = DS_NONE
-    elif per_batch:
-        ds_mode = DS_STORE
-    elif deterministic:
-        ds_mode = DS_NONE
-        attention_bwd_ds_kernel[(cdiv(n_q, config["BLOCK_M"]) * cdiv(n_k, config["BLOCK_N"]), h)](
-            q, k, v, grad_out, lse, delta, ds, *pointers, seed_arg, *io_strides, *strides,
-            b, h, n_q, n_k, d, scale * LOG2E, dropout_p, **common_flags, **config,
+    launch = _backward_launches.get(key)
+    if launch is None:
+        if len(_backward_launches) >= _MAX_LAUNCHES:
+            _backward_launches.clear()
+        launch = _backward_launches[key] = BackwardLaunch(
+            grad_out, q, k, v, out, bias_table, bias_index, bias, key_padding_mask, causal, dropout_p, scale,
+            table_grad, bias_grad, deterministic,
         )  # fmt: skip
-    else:
-        ds_mode = DS_ATOMIC
-    attention_bwd_dq_kernel[(cdiv(n_q, config["BLOCK_M"]), b * h)](
-        q, k, v, grad_out, lse, delta, dq, ds, *pointers, seed_arg, *io_strides, *strides,
-        h, n_q, n_k, d, scale, scale * LOG2E, dropout_p, DS_MODE=ds_mode, **common_flags, **config,
-    )  # fmt: skip
-
-    dtable = dbias = None
-    if table_grad:
-        dtable = relative_bias_table_grad(ds.sum(0) if groups > 1 else ds[0], bias_index, bias_table)
-    if bias_grad:
-        dbias = reduce_to_shape(ds, bias.shape).to(bias.dtype)
-    return dq, dk, dv, dtable, dbias
+    return launch(grad_out, q, k, v, out, lse, bias_table, bias_index, bias, key_padding_mask, seed)

@@ -29,7 +29,7 @@ try:
 except ImportError:  # pragma: no cover - a Triton without knobs: always the full path
     _RUNTIME = None
 
-__all__ = ["DirectLaunch"]
+__all__ = ["DirectLaunch", "fixed_tail"]
 
 
 def _hook_set(chain) -> bool:
@@ -88,3 +88,17 @@ class DirectLaunch:
         if self._compiled is None and _launchable(compiled):
             self._compiled = compiled
             self._device = _driver.active.get_current_device()
+
+
+def fixed_tail(fn, n_runtime: int, positional: Sequence, constexprs: dict) -> tuple:
+    """The arguments of ``fn`` after its first ``n_runtime`` ones (those are given per call), in
+    the kernel's order: ``positional`` fills the parameters that follow the runtime ones, then
+    ``constexprs`` the rest by name. A launcher fixes them once per layout and calls
+    ``launch(*runtime, *tail)``."""
+    names = fn.arg_names[n_runtime:]
+    values = dict(zip(names, positional))
+    values.update(constexprs)
+    missing = [name for name in names if name not in values]
+    if missing or len(positional) > len(names):
+        raise TypeError(f"{fn.__name__}: no value for {missing}" if missing else f"{fn.__name__}: too many arguments")
+    return tuple(values[name] for name in names)

@@ -19,19 +19,19 @@ from torch import Tensor
 from d2v_kernels.ops._checks import KERNEL_DTYPES, layer_norm_compute_dtype
 from d2v_kernels.ops._eager import pick, register_autograd
 from d2v_kernels.ops.layer_norm_gelu_op import (
-    _layer_norm_gelu_bwd,
-    _layer_norm_gelu_bwd_impl,
-    _layer_norm_gelu_fwd,
-    _layer_norm_gelu_fwd_impl,
-    _layer_norm_gelu_triton,
-    _triton_available,
+    layer_norm_gelu_bwd_impl,
+    layer_norm_gelu_bwd_op,
+    layer_norm_gelu_fwd_impl,
+    layer_norm_gelu_fwd_op,
+    layer_norm_gelu_triton,
+    triton_available,
 )
 
 try:
     from d2v_kernels.kernels import conv_feature_extractor as _conv0_kernels
     from d2v_kernels.kernels import layer_norm_gelu as _layer_norm_gelu_kernels
     from d2v_kernels.kernels._row_norm import row_reasons
-except ImportError:  # triton absent: _triton_available() gives the reason
+except ImportError:  # triton absent: triton_available() gives the reason
     _conv0_kernels = _layer_norm_gelu_kernels = row_reasons = None
 
 
@@ -426,7 +426,7 @@ def run_conv_then_triton_norm(wave, conv_weights, ln_weights, ln_biases, *, stri
         z = _norm_conv_call(
             z, ln_weights[i], ln_biases[i], conv_weights[i + 1], conv_biases[i + 1], strides[i + 1], eps
         )[0]
-    return _layer_norm_gelu_triton(z, ln_weights[-1], ln_biases[-1], eps=eps, channels_dim=1).transpose(1, 2)
+    return layer_norm_gelu_triton(z, ln_weights[-1], ln_biases[-1], eps=eps, channels_dim=1).transpose(1, 2)
 
 
 def triton_nodes_backward(grad_out, wave, conv_weights, ln_weights, ln_biases, conv_biases, strides, eps, needs):
@@ -471,9 +471,9 @@ def triton_nodes_backward(grad_out, wave, conv_weights, ln_weights, ln_biases, c
             )
             zs[i + 1] = z
         del z
-        _, mean, rstd = run(_layer_norm_gelu_fwd, _layer_norm_gelu_fwd_impl)(zs[n - 1], gs[-1], bs[-1], eps, 1, "none")
+        _, mean, rstd = run(layer_norm_gelu_fwd_op, layer_norm_gelu_fwd_impl)(zs[n - 1], gs[-1], bs[-1], eps, 1, "none")
         # Backward: each node's gradients, its conv output dropped once used.
-        dz, d_lw[-1], d_lb[-1] = run(_layer_norm_gelu_bwd, _layer_norm_gelu_bwd_impl)(
+        dz, d_lw[-1], d_lb[-1] = run(layer_norm_gelu_bwd_op, layer_norm_gelu_bwd_impl)(
             dy, zs.pop(n - 1), gs[-1], bs[-1], mean, rstd, 1, "none"
         )
         del dy
@@ -506,13 +506,13 @@ def _run_per_layer(h, conv_weights, ln_weights, ln_biases, strides, conv_biases,
     for w, lw, lb, cb, stride in zip(conv_weights, ln_weights, ln_biases, conv_biases, strides):
         h = F.conv1d(h, w, cb, stride=stride)
         h = h.to(layer_norm_compute_dtype(h.device, h.dtype))  # fp32 under CUDA autocast, as eager
-        h = _layer_norm_gelu_triton(h, lw, lb, eps=eps, channels_dim=1)
+        h = layer_norm_gelu_triton(h, lw, lb, eps=eps, channels_dim=1)
     return h.transpose(1, 2)
 
 
 def triton_composite_reasons(wave, conv_weights, ln_weights, ln_biases, *, strides, conv_biases=None, eps=1e-5):
     """Why the ``triton`` backend cannot take these (validated) arguments; [] when it can."""
-    reasons = _triton_available()
+    reasons = triton_available()
     if reasons:
         return reasons
     if wave.dtype not in KERNEL_DTYPES:

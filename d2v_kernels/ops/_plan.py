@@ -25,7 +25,7 @@ try:
 except ImportError:  # triton absent: no tiles, no overrides
     _on_tiles_change = None
 
-__all__ = ["MAX_PLANS", "layout_key", "lookup", "needs_grad", "plan_cache", "plans_enabled", "store"]
+__all__ = ["MAX_PLANS", "layout_key", "lookup", "needs_grad", "plan_cache", "plans_enabled", "recorder", "store"]
 
 PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 # Each new input length makes a plan; past this many an op starts afresh.
@@ -59,6 +59,16 @@ def layout_key(*tensors) -> tuple | None:
         else:
             return None
     return tuple(key)
+
+
+def _no_record(op: str, backend: str) -> None:
+    pass
+
+
+def recorder():
+    """What a plan counts its runs with: :func:`d2v_kernels.dispatch.record`, or nothing for a plan
+    made while being traced (a compiled graph runs without counting, as ``dispatch.call``)."""
+    return dispatch.record if not _is_compiling() else _no_record
 
 
 def lookup(cache: dict, key):

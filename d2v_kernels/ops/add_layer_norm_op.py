@@ -19,7 +19,7 @@ from d2v_kernels.ops._checks import (
     layer_norm_promoted,
 )
 from d2v_kernels.ops._eager import pick, register_autograd
-from d2v_kernels.ops._plan import layout_key, lookup, needs_grad, plan_cache, plans_enabled, store
+from d2v_kernels.ops._plan import layout_key, lookup, needs_grad, plan_cache, plans_enabled, recorder, store
 
 try:
     from d2v_kernels.kernels import add_layer_norm as _kernels
@@ -205,7 +205,7 @@ def _plan(x, residual, weight, bias, eps, return_sum):
                 y, total, _, _ = launch(x, weight, bias, eps, residual)
                 return (y, total) if return_sum else y
 
-    record = dispatch.record
+    record = recorder()
 
     def plan(x, residual, weight, bias):
         if convert:

@@ -19,7 +19,7 @@ import torch
 from d2v_kernels import dispatch
 from d2v_kernels.ops._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from d2v_kernels.ops._eager import pick, register_autograd
-from d2v_kernels.ops._plan import layout_key, plan_cache, plans_enabled, store
+from d2v_kernels.ops._plan import layout_key, plan_cache, plans_enabled, recorder, store
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 MASK_DTYPES = (torch.bool, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -382,7 +382,7 @@ def _plan(device, q, k, v, bias_table, bias_index, bias, key_padding_mask, causa
         )  # fmt: skip
     impl = dispatch.select("attention", device, q, k, v, **kwargs)
     backend, scale_value = impl.backend, q.shape[-1] ** -0.5 if scale is None else scale
-    record = dispatch.record
+    record = recorder()
     if impl.run is not attention_triton or not plans_enabled():  # traced: through the custom op
 
         def run_other(q, k, v, table, index, bias, mask):

@@ -21,7 +21,7 @@ from d2v_kernels.ops._checks import (
     layer_norm_promoted,
 )
 from d2v_kernels.ops._eager import pick, register_autograd
-from d2v_kernels.ops._plan import layout_key, lookup, needs_grad, plan_cache, plans_enabled, store
+from d2v_kernels.ops._plan import layout_key, lookup, needs_grad, plan_cache, plans_enabled, recorder, store
 
 try:
     from d2v_kernels.kernels import layer_norm_gelu as _kernels
@@ -46,7 +46,7 @@ def layer_norm_gelu_reference(x, weight=None, bias=None, *, eps=1e-5, channels_d
 # --------------------------------------------------------------------------------------------
 
 
-def _layer_norm_gelu_fwd_impl(
+def layer_norm_gelu_fwd_impl(
     x: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
@@ -57,12 +57,12 @@ def _layer_norm_gelu_fwd_impl(
     return _kernels.layer_norm_gelu_forward(x, weight, bias, eps, channels_dim, approximate)
 
 
-_layer_norm_gelu_fwd = torch.library.custom_op(
-    "d2v_kernels::layer_norm_gelu_fwd", _layer_norm_gelu_fwd_impl, mutates_args=()
+layer_norm_gelu_fwd_op = torch.library.custom_op(
+    "d2v_kernels::layer_norm_gelu_fwd", layer_norm_gelu_fwd_impl, mutates_args=()
 )
 
 
-@_layer_norm_gelu_fwd.register_fake
+@layer_norm_gelu_fwd_op.register_fake
 def _(x, weight, bias, eps, channels_dim, approximate):
     channels_dim %= x.dim()
     stats_shape = x.shape[:channels_dim] + x.shape[channels_dim + 1 :]
@@ -70,7 +70,7 @@ def _(x, weight, bias, eps, channels_dim, approximate):
     return torch.empty_like(x), mean, torch.empty_like(mean)
 
 
-def _layer_norm_gelu_bwd_impl(
+def layer_norm_gelu_bwd_impl(
     dy: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -86,12 +86,12 @@ def _layer_norm_gelu_bwd_impl(
     return dx, dweight if dweight is not None else empty, dbias if dbias is not None else empty.clone()
 
 
-_layer_norm_gelu_bwd = torch.library.custom_op(
-    "d2v_kernels::layer_norm_gelu_bwd", _layer_norm_gelu_bwd_impl, mutates_args=()
+layer_norm_gelu_bwd_op = torch.library.custom_op(
+    "d2v_kernels::layer_norm_gelu_bwd", layer_norm_gelu_bwd_impl, mutates_args=()
 )
 
 
-@_layer_norm_gelu_bwd.register_fake
+@layer_norm_gelu_bwd_op.register_fake
 def _(dy, x, weight, bias, mean, rstd, channels_dim, approximate):
     dweight = torch.empty_like(weight) if weight is not None else x.new_empty(0)
     dbias = torch.empty_like(bias) if bias is not None else x.new_empty(0)
@@ -108,7 +108,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _dmean, _drstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
-    backward_op = pick(_layer_norm_gelu_bwd, _layer_norm_gelu_bwd_impl, (dy, x, weight, bias))
+    backward_op = pick(layer_norm_gelu_bwd_op, layer_norm_gelu_bwd_impl, (dy, x, weight, bias))
     dx, dweight, dbias = backward_op(dy, x, weight, bias, mean, rstd, ctx.channels_dim, ctx.approximate)
     return (
         dx,
@@ -121,15 +121,15 @@ def _backward(ctx, dy, _dmean, _drstd):
 
 
 LayerNormGeluFunction, _layer_norm_gelu_call = register_autograd(
-    _layer_norm_gelu_fwd, "LayerNormGeluFunction", _layer_norm_gelu_fwd_impl, _setup_context, _backward
+    layer_norm_gelu_fwd_op, "LayerNormGeluFunction", layer_norm_gelu_fwd_impl, _setup_context, _backward
 )
 
 
-def _layer_norm_gelu_triton(x, weight=None, bias=None, *, eps=1e-5, channels_dim=-1, approximate="none"):
+def layer_norm_gelu_triton(x, weight=None, bias=None, *, eps=1e-5, channels_dim=-1, approximate="none"):
     return _layer_norm_gelu_call(x, weight, bias, eps, channels_dim, approximate)[0]
 
 
-def _triton_available() -> list[str]:
+def triton_available() -> list[str]:
     return [] if _kernels is not None else [f"triton kernels not importable: {_KERNELS_IMPORT_ERROR}"]
 
 
@@ -201,13 +201,13 @@ def _plan(x, weight, bias, eps, channels_dim, approximate):
         impl = dispatch.select("layer_norm_gelu", x.device, x, weight, bias, **options)
         backend = impl.backend
         run = functools.partial(impl.run, **options)
-        if impl.run is _layer_norm_gelu_triton and plans_enabled() and not needs_grad(x, weight, bias):
+        if impl.run is layer_norm_gelu_triton and plans_enabled() and not needs_grad(x, weight, bias):
             launch = _kernels.layer_norm_gelu_forward_launch(x, weight, bias, cd, approximate)
 
             def run(x, weight, bias):
                 return launch(x, weight, bias, eps, None)[0]
 
-    record = dispatch.record
+    record = recorder()
 
     def plan(x, weight, bias):
         if convert:
@@ -223,8 +223,8 @@ dispatch.register("layer_norm_gelu", "eager", layer_norm_gelu_reference, devices
 dispatch.register(
     "layer_norm_gelu",
     "triton",
-    _layer_norm_gelu_triton,
+    layer_norm_gelu_triton,
     _triton_reasons,
-    available=_triton_available,
+    available=triton_available,
     description="Triton row-norm kernel: LayerNorm over channels (either layout, strided) + GELU, fp32 stats",
 )
