@@ -6,11 +6,21 @@ Attention runs through transformers' AttentionInterface, by default its ``d2v_ke
 from __future__ import annotations
 
 import torch
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.models.data2vec import modeling_data2vec_audio as hf
 
 from d2v_kernels import ops
 from d2v_kernels.models._common import gelu_approximation, qkv_projection, registry_attention
+from d2v_kernels.models._lean import (
+    activation_call,
+    add_layer_norm,
+    dropout,
+    lean_attention,
+    linear,
+    registry_lean_modules,
+    unobserved,
+)
 
 
 class FusedData2VecAudioConvLayer(hf.Data2VecAudioConvLayer):
@@ -148,16 +158,65 @@ class FusedData2VecAudioAttention(hf.Data2VecAudioAttention):
 
 
 class FusedData2VecAudioEncoderLayer(hf.Data2VecAudioEncoderLayer):
-    """Post-LN encoder layer with both residual adds fused into their LayerNorms."""
+    """Post-LN encoder layer with both residual adds fused into their LayerNorms; the whole layer
+    as one function of its parameters (``_lean_forward``) where that is exactly transformers'
+    layer on our attention (see ``_lean``), else transformers' structure (on the fused
+    submodules): attentions asked for, another attention implementation, unexpected keyword
+    arguments, replaced submodules, or hooks on them (on a LayerNorm: transformers' forward)."""
+
+    _LEAN_PATHS = (
+        ("attention", FusedData2VecAudioAttention),
+        ("attention.out_proj", nn.Linear),
+        ("dropout", nn.Dropout),
+        ("layer_norm", nn.LayerNorm),
+        ("feed_forward", hf.Data2VecAudioFeedForward),
+        ("feed_forward.intermediate_dense", nn.Linear),
+        ("feed_forward.intermediate_act_fn", None),
+        ("feed_forward.intermediate_dropout", nn.Dropout),
+        ("feed_forward.output_dense", nn.Linear),
+        ("feed_forward.output_dropout", nn.Dropout),
+        ("final_layer_norm", nn.LayerNorm),
+    )
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
+        modules = registry_lean_modules(self, self._LEAN_PATHS, 0, kwargs)
+        if modules is not None:
+            return self._lean_forward(hidden_states, attention_mask, modules)
+        if not unobserved(self.layer_norm, self.final_layer_norm):
+            return super().forward(hidden_states, attention_mask, **kwargs)
         attn_residual = hidden_states
         hidden_states, _ = self.attention(hidden_states, attention_mask=attention_mask, **kwargs)
-        hidden_states = self.dropout(hidden_states)
-        norm = self.layer_norm
-        hidden_states = ops.add_layer_norm(hidden_states, attn_residual, norm.weight, norm.bias, eps=norm.eps)
-        norm = self.final_layer_norm
-        return ops.add_layer_norm(self.feed_forward(hidden_states), hidden_states, norm.weight, norm.bias, eps=norm.eps)
+        hidden_states = add_layer_norm(self.dropout(hidden_states), attn_residual, self.layer_norm)
+        return add_layer_norm(self.feed_forward(hidden_states), hidden_states, self.final_layer_norm)
+
+    def _lean_forward(self, hidden_states, attention_mask, modules):
+        (
+            a,
+            out_proj,
+            drop,
+            norm,
+            _,
+            intermediate_dense,
+            activation,
+            intermediate_drop,
+            output_dense,
+            output_drop,
+            final_norm,
+        ) = modules
+        context = lean_attention(
+            a,
+            hidden_states,
+            (a.q_proj, a.k_proj, a.v_proj),
+            a.head_dim,
+            attention_mask,
+            dropout=a.dropout if a.training else 0.0,
+            scale=a.scaling,
+            is_causal=a.is_causal,
+        )
+        hidden_states = add_layer_norm(dropout(linear(context, out_proj), drop), hidden_states, norm)
+        ff = activation_call(activation, linear(hidden_states, intermediate_dense))
+        ff = dropout(linear(dropout(ff, intermediate_drop), output_dense), output_drop)
+        return add_layer_norm(ff, hidden_states, final_norm)
 
 
 REPLACEMENTS = {

@@ -19,6 +19,29 @@ from d2v_kernels import dispatch, ops
 IMPLEMENTATION_NAME = "d2v_kernels"
 
 
+def mask_arguments(attention_mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, is_causal) -> dict:
+    """``ops.attention``'s ``key_padding_mask``, ``bias`` and ``causal`` for the mask our mask
+    function handed the layers (see ``d2v_kernels_mask``), q and k (B, N, H, d)."""
+    n_q, n_k = q.shape[1], k.shape[1]
+    key_padding_mask, bias, causal = None, None, False
+    if attention_mask is None:
+        causal = bool(is_causal) and n_q > 1
+    elif attention_mask.dim() == 2:
+        key_padding_mask = attention_mask[:, -n_k:]
+        causal = bool(is_causal) and n_q > 1
+    elif attention_mask.dim() == 4:
+        if attention_mask.dtype == torch.bool:
+            bias = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(
+                ~attention_mask, torch.finfo(q.dtype).min
+            )
+        else:
+            bias = attention_mask
+        bias = bias[..., :n_k]
+    else:
+        raise ValueError(f"attention_mask must be 2-D or 4-D, got shape {tuple(attention_mask.shape)}")
+    return dict(key_padding_mask=key_padding_mask, bias=bias, causal=causal)
+
+
 def d2v_kernels_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -37,28 +60,9 @@ def d2v_kernels_attention_forward(
     (recorded as ``("attention", "eager")``).
     """
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, N, H, d) views, no copies
-    n_q, n_k = q.shape[1], k.shape[1]
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
-    key_padding_mask, bias, causal = None, None, False
-    if attention_mask is None:
-        causal = bool(is_causal) and n_q > 1
-    elif attention_mask.dim() == 2:
-        key_padding_mask = attention_mask[:, -n_k:]
-        causal = bool(is_causal) and n_q > 1
-    elif attention_mask.dim() == 4:
-        if attention_mask.dtype == torch.bool:
-            bias = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(
-                ~attention_mask, torch.finfo(q.dtype).min
-            )
-        else:
-            bias = attention_mask
-        bias = bias[..., :n_k]
-    else:
-        raise ValueError(f"attention_mask must be 2-D or 4-D, got shape {tuple(attention_mask.shape)}")
     kwargs_op = dict(
-        bias=bias,
-        key_padding_mask=key_padding_mask,
-        causal=causal,
+        **mask_arguments(attention_mask, q, k, is_causal),
         dropout_p=float(dropout),
         scale=scaling,
     )

@@ -5,11 +5,21 @@ causal and cached generation included."""
 
 from __future__ import annotations
 
+from torch import nn
 from transformers.models.data2vec import modeling_data2vec_text as hf
 from transformers.utils.deprecation import deprecate_kwarg
 
 from d2v_kernels import ops
 from d2v_kernels.models._common import qkv_projection, registry_attention
+from d2v_kernels.models._lean import (
+    activation_call,
+    add_layer_norm,
+    dropout,
+    lean_attention,
+    linear,
+    registry_lean_modules,
+    unobserved,
+)
 
 
 class FusedData2VecTextSelfAttention(hf.Data2VecTextSelfAttention):
@@ -41,6 +51,8 @@ class _DenseDropoutAddLayerNorm:
     """``LayerNorm(dropout(dense(h)) + input_tensor)`` with the add fused into the norm."""
 
     def forward(self, hidden_states, input_tensor):
+        if not unobserved(self.LayerNorm):
+            return super().forward(hidden_states, input_tensor)
         hidden_states = self.dropout(self.dense(hidden_states))
         norm = self.LayerNorm
         return ops.add_layer_norm(hidden_states, input_tensor, norm.weight, norm.bias, eps=norm.eps)
@@ -54,7 +66,68 @@ class FusedData2VecTextOutput(_DenseDropoutAddLayerNorm, hf.Data2VecTextOutput):
     """Feed-forward output projection, residual add and LayerNorm."""
 
 
+class FusedData2VecTextLayer(hf.Data2VecTextLayer):
+    """The encoder layer as one function of its parameters (``_lean_forward``) where that is
+    exactly transformers' layer on our attention (see ``_lean``), else transformers' forward (on
+    the fused submodules): a decoder or a cache, attentions asked for, another attention
+    implementation, chunked feed-forward, unexpected keyword arguments, replaced submodules, or
+    hooks on them."""
+
+    _LEAN_PATHS = (
+        ("attention", hf.Data2VecTextAttention),
+        ("attention.self", FusedData2VecTextSelfAttention),
+        ("attention.output", FusedData2VecTextSelfOutput),
+        ("attention.output.dense", nn.Linear),
+        ("attention.output.dropout", nn.Dropout),
+        ("attention.output.LayerNorm", nn.LayerNorm),
+        ("intermediate", hf.Data2VecTextIntermediate),
+        ("intermediate.dense", nn.Linear),
+        ("intermediate.intermediate_act_fn", None),
+        ("output", FusedData2VecTextOutput),
+        ("output.dense", nn.Linear),
+        ("output.dropout", nn.Dropout),
+        ("output.LayerNorm", nn.LayerNorm),
+    )
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        hidden_states,
+        attention_mask=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        cache=None,
+        **kwargs,
+    ):
+        if cache is None and not self.is_decoder and not self.chunk_size_feed_forward:
+            modules = registry_lean_modules(self, self._LEAN_PATHS, 1, kwargs)
+            if modules is not None:
+                return self._lean_forward(hidden_states, attention_mask, modules)
+        return super().forward(
+            hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, cache=cache, **kwargs
+        )
+
+    def _lean_forward(self, hidden_states, attention_mask, modules):
+        _, s, _, dense, drop, norm, _, intermediate_dense, activation, _, output_dense, output_drop, output_norm = (
+            modules
+        )
+        context = lean_attention(
+            s,
+            hidden_states,
+            (s.query, s.key, s.value),
+            s.attention_head_size,
+            attention_mask,
+            dropout=s.dropout.p if s.training else 0.0,
+            scale=s.scaling,
+            is_causal=s.is_causal,
+        )
+        attention_output = add_layer_norm(dropout(linear(context, dense), drop), hidden_states, norm)
+        intermediate = activation_call(activation, linear(attention_output, intermediate_dense))
+        return add_layer_norm(dropout(linear(intermediate, output_dense), output_drop), attention_output, output_norm)
+
+
 REPLACEMENTS = {
+    hf.Data2VecTextLayer: FusedData2VecTextLayer,
     hf.Data2VecTextSelfOutput: FusedData2VecTextSelfOutput,
     hf.Data2VecTextOutput: FusedData2VecTextOutput,
     hf.Data2VecTextSelfAttention: FusedData2VecTextSelfAttention,

@@ -9,10 +9,13 @@ import dataclasses
 import math
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from transformers.models.data2vec import modeling_data2vec_vision as hf
 
 from d2v_kernels import dispatch, ops
 from d2v_kernels.models._common import qkv_projection, swap_class
+from d2v_kernels.models._lean import activation_call, add_layer_norm, dropout, lean_modules, linear, unobserved
 from d2v_kernels.ops.attention_op import gather_relative_bias
 
 
@@ -74,6 +77,10 @@ class FusedData2VecVisionSelfAttention(hf.Data2VecVisionSelfAttention):
             return hf.Data2VecVisionSelfAttention.forward(
                 self, hidden_states, True, relative_position_bias, interpolate_pos_encoding, resolution
             )
+        return (self._context(hidden_states, relative_position_bias, interpolate_pos_encoding, resolution),)
+
+    def _context(self, hidden_states, relative_position_bias, interpolate_pos_encoding, resolution):
+        """The attention's output (B, N, H * d) through ``ops.attention``, attentions not asked for."""
         batch, length, _ = hidden_states.shape
         projections = (self.query, self.key, self.value)
         query, key, value = qkv_projection(self, hidden_states, projections, self.attention_head_size)
@@ -106,11 +113,32 @@ class FusedData2VecVisionSelfAttention(hf.Data2VecVisionSelfAttention):
             dropout_p=self.config.attention_probs_dropout_prob if self.training else 0.0,
             scale=1.0 / math.sqrt(self.attention_head_size),
         )
-        return (context.reshape(batch, length, self.all_head_size),)
+        return context.reshape(batch, length, self.all_head_size)
 
 
 class FusedData2VecVisionLayer(hf.Data2VecVisionLayer):
-    """Pre-LN layer; the first residual add is fused into ``layernorm_after`` (which needs the sum back)."""
+    """Pre-LN layer; the first residual add is fused into ``layernorm_after`` (which needs the sum
+    back). The whole layer is one function of its parameters (``_lean_forward``) where that is
+    exactly transformers' layer on our attention (see ``_lean``), else transformers' structure
+    (on the fused submodules): attentions asked for, transformers' attention, replaced submodules,
+    or hooks on them (on ``layernorm_after``: transformers' forward)."""
+
+    _LEAN_PATHS = (
+        ("layernorm_before", nn.LayerNorm),
+        ("attention", hf.Data2VecVisionAttention),
+        ("attention.attention", FusedData2VecVisionSelfAttention),
+        ("attention.output", hf.Data2VecVisionSelfOutput),
+        ("attention.output.dense", nn.Linear),
+        ("attention.output.dropout", nn.Dropout),
+        ("drop_path", (nn.Identity, hf.Data2VecVisionDropPath)),
+        ("layernorm_after", nn.LayerNorm),
+        ("intermediate", hf.Data2VecVisionIntermediate),
+        ("intermediate.dense", nn.Linear),
+        ("intermediate.intermediate_act_fn", None),
+        ("output", hf.Data2VecVisionOutput),
+        ("output.dense", nn.Linear),
+        ("output.dropout", nn.Dropout),
+    )
 
     def forward(
         self,
@@ -120,6 +148,14 @@ class FusedData2VecVisionLayer(hf.Data2VecVisionLayer):
         interpolate_pos_encoding=False,
         resolution=None,
     ):
+        modules = None if output_attentions else lean_modules(self, self._LEAN_PATHS)
+        if modules is not None:
+            bias = (relative_position_bias, interpolate_pos_encoding, resolution)
+            return (self._lean_forward(hidden_states, bias, modules),)
+        if not unobserved(self.layernorm_after):
+            return super().forward(
+                hidden_states, output_attentions, relative_position_bias, interpolate_pos_encoding, resolution
+            )
         self_attention_outputs = self.attention(
             self.layernorm_before(hidden_states),
             output_attentions=output_attentions,
@@ -131,15 +167,47 @@ class FusedData2VecVisionLayer(hf.Data2VecVisionLayer):
         outputs = self_attention_outputs[1:]
         if self.lambda_1 is not None:
             attention_output = self.lambda_1 * attention_output
-        norm = self.layernorm_after
-        layer_output, hidden_states = ops.add_layer_norm(
-            self.drop_path(attention_output), hidden_states, norm.weight, norm.bias, eps=norm.eps, return_sum=True
+        layer_output, hidden_states = add_layer_norm(
+            self.drop_path(attention_output), hidden_states, self.layernorm_after, return_sum=True
         )
         layer_output = self.output(self.intermediate(layer_output))
         if self.lambda_2 is not None:
             layer_output = self.lambda_2 * layer_output
         layer_output = self.drop_path(layer_output) + hidden_states
         return (layer_output, *outputs)
+
+    def _lean_forward(self, hidden_states, bias, modules):
+        (
+            norm,
+            _,
+            self_attention,
+            _,
+            dense,
+            drop,
+            drop_path,
+            norm_after,
+            _,
+            intermediate_dense,
+            activation,
+            _,
+            output_dense,
+            output_drop,
+        ) = modules
+        parameters = norm._parameters
+        normed = F.layer_norm(hidden_states, norm.normalized_shape, parameters["weight"], parameters["bias"], norm.eps)
+        attention_output = dropout(linear(self_attention._context(normed, *bias), dense), drop)
+        parameters = self._parameters
+        if parameters["lambda_1"] is not None:
+            attention_output = parameters["lambda_1"] * attention_output
+        drop_path = drop_path.forward
+        layer_output, hidden_states = add_layer_norm(
+            drop_path(attention_output), hidden_states, norm_after, return_sum=True
+        )
+        layer_output = activation_call(activation, linear(layer_output, intermediate_dense))
+        layer_output = dropout(linear(layer_output, output_dense), output_drop)
+        if parameters["lambda_2"] is not None:
+            layer_output = parameters["lambda_2"] * layer_output
+        return drop_path(layer_output) + hidden_states
 
 
 class FusedData2VecVisionRelativePositionBias(hf.Data2VecVisionRelativePositionBias):

@@ -1,0 +1,165 @@
+"""Lean encoder layers: a layer's whole forward as one function of its submodules' parameters
+(``F.linear(x, dense.weight, dense.bias)``, not ``dense(x)``), where nothing could tell it from
+transformers' module calls.
+
+A module call costs host time (``nn.Module.__call__``, its hook checks, transformers' wrappers)
+that a small layer on a GPU waits for. Calling the modules' functions instead is exact only while
+nobody observes those modules: no torch hook on them or global, no transformers output capturing
+hook that collects in this forward, no TorchScript trace, and every module exactly of its class
+(a subclass, e.g. PEFT's LoRA linear, may compute something else). :class:`LeanModules` finds a
+layer's submodules once and checks all of that on each call.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules import module as torch_module
+from transformers.utils import output_capturing
+
+from d2v_kernels import ops
+from d2v_kernels.models._common import qkv_projection
+from d2v_kernels.models.hf_attention import IMPLEMENTATION_NAME, mask_arguments
+
+# Keyword arguments the fused layers' attention (d2v_kernels_attention_forward) reads or ignores
+# alike; any other sends a layer down transformers' forward.
+LEAN_KWARGS = frozenset({"position_ids", "output_attentions", "output_hidden_states", "return_dict", "use_cache"})
+
+# torch's hooks on every module: any of them makes every module call observable.
+_GLOBAL_HOOKS = (
+    torch_module._global_forward_hooks,
+    torch_module._global_forward_pre_hooks,
+    torch_module._global_backward_hooks,
+    torch_module._global_backward_pre_hooks,
+)
+
+
+def _capture_key(hook) -> str | None:
+    """The output key (``"attentions"``, ...) of one of transformers' output-capturing hooks
+    (``transformers.utils.output_capturing``), None for any other hook."""
+    code = getattr(hook, "__code__", None)
+    if code is None or code.co_name != "output_capturing_hook" or code.co_filename != output_capturing.__file__:
+        return None
+    return hook.__closure__[code.co_freevars.index("key")].cell_contents
+
+
+def _observed(module: nn.Module) -> bool:
+    if module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
+        return True
+    hooks = module._forward_hooks
+    if not hooks:
+        return False
+    # transformers installs its capturing hooks once, for good: one whose output this forward does
+    # not collect returns at once, so not calling it changes nothing.
+    for hook in hooks.values():
+        key = _capture_key(hook)
+        if key is None:
+            return True
+        collecting = output_capturing._active_collector.get()
+        if collecting is not None and key in collecting:
+            return True
+    return False
+
+
+class LeanModules:
+    """A layer's submodules at ``paths``, pairs (dotted path, e.g. ``"attention.output.dense"``,
+    class or tuple of classes it must be exactly, or None for any object: an activation function).
+
+    ``modules``: them, in the order of ``paths``, when each is exactly of its class, else None.
+    ``current()``: each is still its parent's child (a replaced one makes a new ``LeanModules``).
+    ``unobserved()``: nothing observes a call of any of them (see the module docstring)."""
+
+    def __init__(self, layer: nn.Module, paths: tuple):
+        links, found, exact = [], [], True
+        for path, classes in paths:
+            parent_path, _, name = path.rpartition(".")
+            parent = layer.get_submodule(parent_path)
+            holder = parent._modules if name in parent._modules else parent.__dict__
+            child = holder.get(name)
+            links.append((holder, name, child))
+            found.append(child)
+            if classes is not None and type(child) is not classes:
+                exact = exact and type(classes) is tuple and type(child) in classes
+        self.links = tuple(links)
+        self.modules = tuple(found) if exact else None
+        self.observable = tuple(m for m in found if isinstance(m, nn.Module))
+
+    def current(self) -> bool:
+        for holder, name, child in self.links:
+            if holder.get(name) is not child:
+                return False
+        return True
+
+    def unobserved(self) -> bool:
+        if any(_GLOBAL_HOOKS) or torch._C._get_tracing_state() is not None:
+            return False
+        for module in self.observable:
+            if _observed(module):
+                return False
+        return True
+
+
+def lean_modules(layer: nn.Module, paths: tuple) -> tuple | None:
+    """``layer``'s submodules at ``paths`` (cached on it) when its lean forward is exact, else None."""
+    found = layer.__dict__.get("_d2v_lean")
+    if found is None or not found.current():
+        found = layer.__dict__["_d2v_lean"] = LeanModules(layer, paths)
+    if found.modules is None or not found.unobserved():
+        return None
+    return found.modules
+
+
+def registry_lean_modules(layer: nn.Module, paths: tuple, attention: int, kwargs: dict) -> tuple | None:
+    """``lean_modules`` for a layer whose attention (``paths[attention]``) runs through
+    transformers' registry: also None unless the call's keyword arguments are all in
+    ``LEAN_KWARGS`` and the registry's implementation is ``d2v_kernels`` with no attentions asked
+    for (in the call or the config)."""
+    if not LEAN_KWARGS.issuperset(kwargs) or kwargs.get("output_attentions"):
+        return None
+    modules = lean_modules(layer, paths)
+    if modules is None:
+        return None
+    config = modules[attention].config
+    if config._attn_implementation != IMPLEMENTATION_NAME or config.output_attentions:
+        return None
+    return modules
+
+
+def unobserved(*modules: nn.Module) -> bool:
+    """Nothing observes a call of any of these modules (see the module docstring, types aside)."""
+    if any(_GLOBAL_HOOKS) or torch._C._get_tracing_state() is not None:
+        return False
+    return not any(_observed(module) for module in modules)
+
+
+def linear(hidden_states, module: nn.Linear):
+    """``nn.Linear``'s forward, without the module call."""
+    parameters = module._parameters
+    return F.linear(hidden_states, parameters["weight"], parameters["bias"])
+
+
+def dropout(hidden_states, module: nn.Dropout):
+    """``nn.Dropout``'s forward, without the module call."""
+    return F.dropout(hidden_states, module.p, module.training, module.inplace)
+
+
+def add_layer_norm(hidden_states, residual, norm: nn.LayerNorm, **kwargs):
+    """``norm(hidden_states + residual)`` through ``ops.add_layer_norm``."""
+    parameters = norm._parameters
+    return ops.add_layer_norm(hidden_states, residual, parameters["weight"], parameters["bias"], eps=norm.eps, **kwargs)
+
+
+def activation_call(activation, hidden_states):
+    """A layer's activation: a module (its hooks checked by ``unobserved``) or a function."""
+    return activation.forward(hidden_states) if isinstance(activation, nn.Module) else activation(hidden_states)
+
+
+def lean_attention(module, hidden_states, linears, head_dim, attention_mask, *, dropout, scale, is_causal=False):
+    """What transformers' self-attention module computes through ``d2v_kernels_attention_forward``
+    (no attentions asked for), without its module and registry calls: (B, N, H * d)."""
+    q, k, v = qkv_projection(module, hidden_states, linears, head_dim)
+    context = ops.attention(
+        q, k, v, **mask_arguments(attention_mask, q, k, is_causal), dropout_p=float(dropout), scale=scale
+    )
+    return context.flatten(-2)
