@@ -10,6 +10,7 @@ batch and all C channels (the whole row sits in registers). Constexpr flags sele
     HAS_WEIGHT, HAS_BIAS   optional affine
     ACTIVATION    0: none, 1: exact erf GELU, 2: tanh GELU, applied after the affine
     HAS_DSUM      the backward adds the gradient of the stored sum into dx
+    STORE_STATS   the forward writes mean and rstd (the backward's; inference skips them)
 
 Statistics (mean, rstd) are fp32, one per row, saved for the backward; the normalised tensor is
 not saved (the backward recomputes it from x). The backward reduces dweight and dbias in two
@@ -115,6 +116,7 @@ def row_norm_fwd_kernel(
     stride_w, stride_bias, eps,
     HAS_RESIDUAL: tl.constexpr, STORE_SUM: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
+    STORE_STATS: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     batch = pid // tiles_per_batch
@@ -146,9 +148,10 @@ def row_norm_fwd_kernel(
     y_ptrs = _tile_ptrs(Y, batch, pos, ch, stride_y_b, stride_y_c, stride_y_p, WIDE_OFFSETS)
     tl.store(y_ptrs, _to_output(y, Y.dtype.element_ty), mask=mask)
 
-    row = batch.to(tl.int64) * n_pos + pos
-    tl.store(MEAN + row, mean, mask=pos_mask)
-    tl.store(RSTD + row, rstd, mask=pos_mask)
+    if STORE_STATS:
+        row = batch.to(tl.int64) * n_pos + pos
+        tl.store(MEAN + row, mean, mask=pos_mask)
+        tl.store(RSTD + row, rstd, mask=pos_mask)
 
 
 @triton.jit
@@ -451,9 +454,9 @@ class _ForwardLaunch:
     alignment; flags): view, tiles, grid and integer arguments fixed, the compiled kernel launched
     directly. y (and the sum) are ``empty_like(x)``, whose strides follow from x's layout."""
 
-    __slots__ = ("_constexprs", "_ints", "_launch", "_stats_shape", "_store_sum")
+    __slots__ = ("_constexprs", "_ints", "_launch", "_stats_shape", "_store_stats", "_store_sum")
 
-    def __init__(self, x, channels_dim, weight, bias, activation, residual, store_sum):
+    def __init__(self, x, channels_dim, weight, bias, activation, residual, store_sum, store_stats):
         y = torch.empty_like(x)
         plan = _launch_plan("fwd", (x, residual, y, y if store_sum else None), channels_dim)
         assert plan is not None, "row_norm_forward: unreadable layout (unsupported_reasons was not checked)"
@@ -461,25 +464,28 @@ class _ForwardLaunch:
         config = tiles("row_norm_fwd", {"BLOCK_P": block_p, "num_warps": num_warps})
         tiles_per_batch = cdiv(n_pos, config["BLOCK_P"])
         self._stats_shape = x.shape[:channels_dim] + x.shape[channels_dim + 1 :]
-        self._store_sum = store_sum
+        self._store_sum, self._store_stats = store_sum, store_stats
         self._ints = (
             n_pos, n_channels, tiles_per_batch, *stride_args,
             weight.stride(0) if weight is not None else 0, bias.stride(0) if bias is not None else 0,
         )  # fmt: skip
         self._constexprs = (
             residual is not None, store_sum, weight is not None, bias is not None, ACTIVATIONS[activation],
-            config["BLOCK_P"], block_c, wide,
+            config["BLOCK_P"], block_c, wide, store_stats,
         )  # fmt: skip
         self._launch = DirectLaunch(row_norm_fwd_kernel, (n_batch * tiles_per_batch,), num_warps=config["num_warps"])
 
     def __call__(self, x, weight, bias, eps, residual):
         y = torch.empty_like(x)
         total = torch.empty_like(x) if self._store_sum else None
-        mean = x.new_empty(self._stats_shape, dtype=torch.float32)
-        rstd = x.new_empty(self._stats_shape, dtype=torch.float32)
+        mean = rstd = None
+        if self._store_stats:
+            mean = x.new_empty(self._stats_shape, dtype=torch.float32)
+            rstd = x.new_empty(self._stats_shape, dtype=torch.float32)
         self._launch(
             x, x if residual is None else residual, x if weight is None else weight, x if bias is None else bias,
-            y, y if total is None else total, mean, rstd, *self._ints, eps, *self._constexprs,
+            y, y if total is None else total, y if mean is None else mean, y if rstd is None else rstd,
+            *self._ints, eps, *self._constexprs,
         )  # fmt: skip
         return y, total, mean, rstd
 
@@ -559,15 +565,20 @@ def _cached(key: tuple, make):
     return launch
 
 
-def forward_launch(x, channels_dim, weight, bias, activation, residual=None, store_sum=False) -> _ForwardLaunch:
+def forward_launch(
+    x, channels_dim, weight, bias, activation, residual=None, store_sum=False, store_stats=True
+) -> _ForwardLaunch:
     """The forward's launch for this input's layout (made once, then looked up):
-    ``launch(x, weight, bias, eps, residual)`` -> :func:`row_norm_forward`'s result."""
+    ``launch(x, weight, bias, eps, residual)`` -> :func:`row_norm_forward`'s result (mean and rstd
+    None without ``store_stats``: inference needs no backward)."""
     channels_dim %= x.dim()
     key = (
         "fwd", channels_dim, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15, _optional_key(residual),
-        _optional_key(weight), _optional_key(bias), activation, store_sum,
+        _optional_key(weight), _optional_key(bias), activation, store_sum, store_stats,
     )  # fmt: skip
-    return _cached(key, lambda: _ForwardLaunch(x, channels_dim, weight, bias, activation, residual, store_sum))
+    return _cached(
+        key, lambda: _ForwardLaunch(x, channels_dim, weight, bias, activation, residual, store_sum, store_stats)
+    )
 
 
 def row_norm_forward(

@@ -21,7 +21,7 @@ __all__ = [
     "MAX_CHANNELS",
     "add_layer_norm_backward",
     "add_layer_norm_forward",
-    "add_layer_norm_forward_launch",
+    "add_layer_norm_inference_launch",
     "unsupported_reasons",
 ]
 
@@ -38,10 +38,10 @@ def add_layer_norm_forward(
     return row_norm_forward(x, -1, weight, bias, eps, None, residual=residual, store_sum=store_sum)
 
 
-def add_layer_norm_forward_launch(x, residual, weight, bias, store_sum: bool):
-    """:func:`add_layer_norm_forward` for inputs of this layout, as one launch object:
-    ``launch(x, weight, bias, eps, residual)`` -> (y, sum or None, mean, rstd)."""
-    return forward_launch(x, -1, weight, bias, None, residual, store_sum)
+def add_layer_norm_inference_launch(x, residual, weight, bias, store_sum: bool):
+    """:func:`add_layer_norm_forward` without the statistics, for inputs of this layout, as one
+    launch object: ``launch(x, weight, bias, eps, residual)`` -> (y, sum or None, None, None)."""
+    return forward_launch(x, -1, weight, bias, None, residual, store_sum, store_stats=False)
 
 
 def add_layer_norm_backward(

@@ -87,7 +87,7 @@ def _row_norm_variant(prefix: str, direction: str, dtype, features: dict, tile, 
     blocks = {"BLOCK_P": block_p, "BLOCK_C": block_c, "WIDE_OFFSETS": wide}
     if direction == "fwd":
         constexprs = {k: flags[k] for k in ("HAS_RESIDUAL", "STORE_SUM", "HAS_WEIGHT", "HAS_BIAS", "ACTIVATION")}
-        constexprs |= blocks
+        constexprs |= blocks | {"STORE_STATS": True}  # the training forward (inference stores less)
         types = dict.fromkeys(_ROW_NORM_FWD_POINTERS, x_type) | {"W": param_type, "B": param_type}
         types |= {"MEAN": "*fp32", "RSTD": "*fp32"} | dict.fromkeys(_ROW_NORM_FWD_INTS, "i32") | {"eps": "fp32"}
         kernel = _row_norm.row_norm_fwd_kernel
@@ -262,6 +262,8 @@ def attention_variants() -> list[AotVariant]:
             else:
                 config = _attention_backward.bwd_config(dtype, block_d)
             extra = {}
+            if name == "fwd":
+                extra["STORE_LSE"] = True  # the training forward (inference stores less)
             if name == "dq":
                 ds_store, ds_atomic, ds_none = (
                     _attention_backward.DS_STORE,

@@ -188,8 +188,10 @@ def attention_fwd_kernel(
     HAS_DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    STORE_LSE: tl.constexpr,
 ):
-    """Grid (cdiv(Nq, BLOCK_M), B * H): one query block of one (batch, head) against all its keys."""
+    """Grid (cdiv(Nq, BLOCK_M), B * H): one query block of one (batch, head) against all its keys.
+    STORE_LSE: write the log2-sum-exp the backward needs (inference skips it)."""
     pid_m = tl.program_id(0)
     off_bh = tl.program_id(1)
     off_b = (off_bh // n_heads).to(tl.int64)
@@ -246,8 +248,9 @@ def attention_fwd_kernel(
         mask=row_mask,
     )
     # Fully masked rows store exactly MASK_VALUE: the backward recognises them by it.
-    lse = tl.where(m_i <= -1.0e30, -1.0e30, m_i + tl.math.log2(l_i))
-    tl.store(LSE + off_bh.to(tl.int64) * n_q + offs_m, lse, mask=offs_m < n_q)
+    if STORE_LSE:
+        lse = tl.where(m_i <= -1.0e30, -1.0e30, m_i + tl.math.log2(l_i))
+        tl.store(LSE + off_bh.to(tl.int64) * n_q + offs_m, lse, mask=offs_m < n_q)
 
 
 @triton.jit
@@ -315,12 +318,15 @@ class ForwardLaunch:
     tiles, grid and every integer argument fixed, the compiled kernel launched directly.
 
     ``launch(q, k, v, bias_table, bias_index, bias, key_padding_mask, seed, scale, dropout_p)`` ->
-    (out, lse) as :func:`attention_forward`, for inputs of the layout it was made for.
+    (out, lse) as :func:`attention_forward`, for inputs of the layout it was made for (lse None
+    without ``store_lse``: inference needs no backward).
     """
 
     __slots__ = ("_constexprs", "_ints", "_launch", "_lse_shape", "_out_shape")
 
-    def __init__(self, q, k, v, bias_table, bias_index, bias, key_padding_mask, causal: bool, dropout: bool):
+    def __init__(
+        self, q, k, v, bias_table, bias_index, bias, key_padding_mask, causal: bool, dropout: bool, store_lse: bool
+    ):
         b, n_q, h, d = q.shape
         n_k = k.shape[1]
         _, strides, flags = bias_args(q, k, bias_table, bias_index, bias, key_padding_mask)
@@ -331,8 +337,9 @@ class ForwardLaunch:
         self._ints = (*q.stride(), *k.stride(), *v.stride(), *out_strides, *strides, h, n_q, n_k, d)
         self._constexprs = (
             config["BLOCK_M"], config["BLOCK_N"], block_d, flags["HAS_TABLE"], flags["HAS_BIAS"], flags["HAS_MASK"],
-            causal, dropout, dot_precision(q.dtype), upcast_dot(q),
+            causal, dropout, dot_precision(q.dtype), upcast_dot(q), store_lse,
         )  # fmt: skip
+        self._lse_shape = self._lse_shape if store_lse else None
         grid = (cdiv(n_q, config["BLOCK_M"]), b * h)
         self._launch = DirectLaunch(
             attention_fwd_kernel, grid, num_warps=config["num_warps"], num_stages=config["num_stages"]
@@ -340,16 +347,18 @@ class ForwardLaunch:
 
     def __call__(self, q, k, v, bias_table, bias_index, bias, key_padding_mask, seed, scale, dropout_p):
         out = q.new_empty(self._out_shape)
-        lse = q.new_empty(self._lse_shape, dtype=torch.float32)
+        lse = None if self._lse_shape is None else q.new_empty(self._lse_shape, dtype=torch.float32)
         self._launch(
-            q, k, v, out, lse, q if bias_table is None else bias_table, q if bias_index is None else bias_index,
+            q, k, v, out, out if lse is None else lse, q if bias_table is None else bias_table, q if bias_index is None else bias_index,
             q if bias is None else bias, q if key_padding_mask is None else key_padding_mask,
             q if seed is None else seed, *self._ints, scale * LOG2E, dropout_p, *self._constexprs,
         )  # fmt: skip
         return out, lse
 
 
-def forward_key(q, k, v, bias_table, bias_index, bias, key_padding_mask, causal: bool, dropout: bool) -> tuple:
+def forward_key(
+    q, k, v, bias_table, bias_index, bias, key_padding_mask, causal: bool, dropout: bool, store_lse: bool = True
+) -> tuple:
     """What :class:`ForwardLaunch` depends on: one launch serves every input with this key."""
     optional = tuple(
         None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() & 15)
@@ -358,7 +367,7 @@ def forward_key(q, k, v, bias_table, bias_index, bias, key_padding_mask, causal:
     return (
         q.shape, q.stride(), k.shape, k.stride(), v.stride(), q.dtype, k.dtype, v.dtype, q.device,
         q.data_ptr() & 15, k.data_ptr() & 15, v.data_ptr() & 15, optional, causal, dropout,
-        dot_precision(q.dtype),
+        dot_precision(q.dtype), store_lse,
     )  # fmt: skip
 
 
@@ -367,14 +376,16 @@ _MAX_LAUNCHES = 1024
 on_tiles_change(_forward_launches.clear)
 
 
-def forward_launch(q, k, v, bias_table, bias_index, bias, key_padding_mask, causal: bool, dropout: bool):
+def forward_launch(
+    q, k, v, bias_table, bias_index, bias, key_padding_mask, causal: bool, dropout: bool, store_lse: bool = True
+):
     """The :class:`ForwardLaunch` for this input's layout (made once, then looked up)."""
-    key = forward_key(q, k, v, bias_table, bias_index, bias, key_padding_mask, causal, dropout)
+    key = forward_key(q, k, v, bias_table, bias_index, bias, key_padding_mask, causal, dropout, store_lse)
     launch = _forward_launches.get(key)
     if launch is None:
         if len(_forward_launches) >= _MAX_LAUNCHES:
             _forward_launches.clear()
-        launch = ForwardLaunch(q, k, v, bias_table, bias_index, bias, key_padding_mask, causal, dropout)
+        launch = ForwardLaunch(q, k, v, bias_table, bias_index, bias, key_padding_mask, causal, dropout, store_lse)
         _forward_launches[key] = launch
     return launch
 

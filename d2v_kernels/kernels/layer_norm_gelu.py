@@ -21,7 +21,7 @@ __all__ = [
     "MAX_CHANNELS",
     "layer_norm_gelu_backward",
     "layer_norm_gelu_forward",
-    "layer_norm_gelu_forward_launch",
+    "layer_norm_gelu_inference_launch",
     "unsupported_reasons",
 ]
 
@@ -40,10 +40,10 @@ def layer_norm_gelu_forward(
     return y, mean, rstd
 
 
-def layer_norm_gelu_forward_launch(x, weight, bias, channels_dim: int, approximate: str):
-    """:func:`layer_norm_gelu_forward` for inputs of this layout, as one launch object:
-    ``launch(x, weight, bias, eps, None)`` -> (y, None, mean, rstd)."""
-    return forward_launch(x, channels_dim, weight, bias, approximate)
+def layer_norm_gelu_inference_launch(x, weight, bias, channels_dim: int, approximate: str):
+    """:func:`layer_norm_gelu_forward` without the statistics, for inputs of this layout, as one
+    launch object: ``launch(x, weight, bias, eps, None)`` -> (y, None, None, None)."""
+    return forward_launch(x, channels_dim, weight, bias, approximate, store_stats=False)
 
 
 def layer_norm_gelu_backward(

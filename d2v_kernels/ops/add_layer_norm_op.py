@@ -199,7 +199,7 @@ def _plan(x, residual, weight, bias, eps, return_sum):
         backend = impl.backend
         run = functools.partial(impl.run, eps=eps, return_sum=return_sum)
         if impl.run is _add_layer_norm_triton and plans_enabled() and not needs_grad(x, residual, weight, bias):
-            launch = _kernels.add_layer_norm_forward_launch(x, residual, weight, bias, return_sum)
+            launch = _kernels.add_layer_norm_inference_launch(x, residual, weight, bias, return_sum)
 
             def run(x, residual, weight, bias):
                 y, total, _, _ = launch(x, weight, bias, eps, residual)

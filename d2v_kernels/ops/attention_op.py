@@ -401,7 +401,9 @@ def _plan(device, q, k, v, bias_table, bias_index, bias, key_padding_mask, causa
         return run_autograd
     from d2v_kernels.kernels.attention import forward_launch
 
-    launch = forward_launch(q, k, v, bias_table, bias_index, bias, key_padding_mask, causal, dropout_p > 0.0)
+    launch = forward_launch(
+        q, k, v, bias_table, bias_index, bias, key_padding_mask, causal, dropout_p > 0.0, store_lse=False
+    )
 
     def run_kernel(q, k, v, table, index, bias, mask):
         record("attention", backend)

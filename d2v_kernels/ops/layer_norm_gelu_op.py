@@ -202,7 +202,7 @@ def _plan(x, weight, bias, eps, channels_dim, approximate):
         backend = impl.backend
         run = functools.partial(impl.run, **options)
         if impl.run is layer_norm_gelu_triton and plans_enabled() and not needs_grad(x, weight, bias):
-            launch = _kernels.layer_norm_gelu_forward_launch(x, weight, bias, cd, approximate)
+            launch = _kernels.layer_norm_gelu_inference_launch(x, weight, bias, cd, approximate)
 
             def run(x, weight, bias):
                 return launch(x, weight, bias, eps, None)[0]
