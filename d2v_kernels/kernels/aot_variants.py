@@ -218,7 +218,7 @@ def _attention_variant(kind: str, fn, dtype: torch.dtype, config: dict, **conste
         signature=_attention_signature(fn, dtype, constexprs),
         constexprs=constexprs,
         num_warps=config.get("num_warps", 4),
-        num_stages=config.get("num_stages", 2),
+        num_stages=config.get("num_stages", 3),  # Triton's default, what a launch without it gets
     )
 
 
