@@ -52,17 +52,26 @@ def test_attention_gradients_under_other_tiles(config, deterministic):
 
 
 def _spy_launches(monkeypatch, module, name, keys):
-    """Replace ``module.name`` (a Triton kernel) by one that records (grid, *kwargs[keys]) per launch."""
+    """Replace ``module.name`` (a Triton kernel) by one that records (grid, *arguments[keys]) per
+    launch, through ``kernel[grid](...)`` or the direct launch path's ``kernel.run(..., grid=...)``."""
     seen = []
     real = getattr(module, name)
 
     class Spy:
+        def __getattr__(self, attr):
+            return getattr(real, attr)
+
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
                 seen.append((grid, *(kwargs[k] for k in keys)))
                 return real[grid](*args, **kwargs)
 
             return launch
+
+        def run(self, *args, grid, **kwargs):
+            arguments = dict(zip(real.arg_names, args)) | kwargs
+            seen.append((grid, *(arguments[k] for k in keys)))
+            return real.run(*args, grid=grid, **kwargs)
 
     monkeypatch.setattr(module, name, Spy())
     return seen
