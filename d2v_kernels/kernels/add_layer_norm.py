@@ -22,6 +22,7 @@ __all__ = [
     "add_layer_norm_backward",
     "add_layer_norm_forward",
     "add_layer_norm_inference_launch",
+    "add_layer_norm_training_launch",
     "unsupported_reasons",
 ]
 
@@ -36,6 +37,12 @@ def add_layer_norm_forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """LayerNorm(x + residual) -> (y, x + residual or None, mean, rstd), stats fp32 of shape x.shape[:-1]."""
     return row_norm_forward(x, -1, weight, bias, eps, None, residual=residual, store_sum=store_sum)
+
+
+def add_layer_norm_training_launch(x, residual, weight, bias, store_sum: bool):
+    """:func:`add_layer_norm_forward` for inputs of this layout, as one launch object:
+    ``launch(x, weight, bias, eps, residual)`` -> (y, sum or None, mean, rstd)."""
+    return forward_launch(x, -1, weight, bias, None, residual, store_sum)
 
 
 def add_layer_norm_inference_launch(x, residual, weight, bias, store_sum: bool):

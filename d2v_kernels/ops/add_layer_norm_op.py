@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from d2v_kernels import dispatch
 from d2v_kernels.ops._checks import (
@@ -124,6 +125,25 @@ AddLayerNormFunction, _add_layer_norm_call = register_autograd(
 )
 
 
+class AddLayerNormLaunched(torch.autograd.Function):
+    """The eager training path: the forward a plan's launch (statistics stored), the backward
+    :func:`_backward`'s. The traced path is the custom op above."""
+
+    @staticmethod
+    def forward(ctx, launch, x, residual, weight, bias, eps, return_sum):
+        y, total, mean, rstd = launch(x, weight, bias, eps, residual)
+        ctx.set_materialize_grads(False)
+        _setup_context(ctx, (x, residual, weight, bias, eps, return_sum), (y, total, mean, rstd))
+        return (y, total) if return_sum else y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, dsum=None):
+        if dy is None and dsum is None:
+            return (None,) * 7
+        return (None, *_backward(ctx, dy, dsum, None, None))
+
+
 def _add_layer_norm_triton(x, residual, weight, bias, *, eps=1e-5, return_sum=False):
     y, total, _, _ = _add_layer_norm_call(x, residual, weight, bias, eps, return_sum)
     return (y, total) if return_sum else y
@@ -204,6 +224,13 @@ def _plan(x, residual, weight, bias, eps, return_sum):
             def run(x, residual, weight, bias):
                 y, total, _, _ = launch(x, weight, bias, eps, residual)
                 return (y, total) if return_sum else y
+
+        elif impl.run is _add_layer_norm_triton and plans_enabled():
+            launch = _kernels.add_layer_norm_training_launch(x, residual, weight, bias, return_sum)
+            apply = AddLayerNormLaunched.apply
+
+            def run(x, residual, weight, bias):
+                return apply(launch, x, residual, weight, bias, eps, return_sum)
 
     record = recorder()
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from d2v_kernels import dispatch
 from d2v_kernels.ops._checks import FLOAT_DTYPES, check_same_device, check_tensor
@@ -159,10 +160,11 @@ def _attention_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _attention_backward(ctx, grad_out, grad_lse):
+def _attention_backward(ctx, grad_out, grad_lse, first_input: int = 0):
+    """The gradients of the inputs (from ``first_input`` in ``ctx.needs_input_grad``: q's index)."""
     q, k, v, out, lse, bias_table, bias_index, bias, key_padding_mask, seed = ctx.saved_tensors
-    table_grad = bias_table is not None and ctx.needs_input_grad[3]
-    bias_grad = bias is not None and ctx.needs_input_grad[5]
+    table_grad = bias_table is not None and ctx.needs_input_grad[first_input + 3]
+    bias_grad = bias is not None and ctx.needs_input_grad[first_input + 5]
     dq, dk, dv, dtable, dbias = pick(_attention_bwd, _attention_bwd_impl, (grad_out, q, k, v, out, lse))(
         grad_out, q, k, v, out, lse, bias_table, bias_index, bias, key_padding_mask, seed, ctx.causal,
         ctx.dropout_p, ctx.scale, table_grad, bias_grad, torch.are_deterministic_algorithms_enabled(),
@@ -185,6 +187,23 @@ def _attention_backward(ctx, grad_out, grad_lse):
 AttentionFunction, _attention_call = register_autograd(
     _attention_fwd, "AttentionFunction", _attention_fwd_impl, _attention_setup_context, _attention_backward
 )
+
+
+class AttentionLaunched(torch.autograd.Function):
+    """The eager training path: the forward a plan's launch (log-sum-exp stored), the backward
+    :func:`_attention_backward`'s. The traced path is the custom op above."""
+
+    @staticmethod
+    def forward(ctx, launch, q, k, v, bias_table, bias_index, bias, key_padding_mask, seed, causal, dropout_p, scale):
+        out, lse = launch(q, k, v, bias_table, bias_index, bias, key_padding_mask, seed, scale, dropout_p)
+        inputs = (q, k, v, bias_table, bias_index, bias, key_padding_mask, seed, causal, dropout_p, scale)
+        _attention_setup_context(ctx, inputs, (out, lse))
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        return (None, *_attention_backward(ctx, grad_out, None, first_input=1))
 
 
 def _draw_seed(q: torch.Tensor) -> torch.Tensor:
@@ -391,16 +410,18 @@ def _plan(device, q, k, v, bias_table, bias_index, bias, key_padding_mask, causa
                             causal=causal, dropout_p=dropout_p, scale=scale)  # fmt: skip
 
         return run_other
+    from d2v_kernels.kernels.attention import forward_launch
+
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias_table, bias)):
+        launch = forward_launch(q, k, v, bias_table, bias_index, bias, key_padding_mask, causal, dropout_p > 0.0)
+        apply = AttentionLaunched.apply
 
         def run_autograd(q, k, v, table, index, bias, mask):
             record("attention", backend)
             seed = _draw_seed(q) if dropout_p > 0.0 else None
-            return _attention_call(q, k, v, table, index, bias, mask, seed, causal, dropout_p, scale_value)[0]
+            return apply(launch, q, k, v, table, index, bias, mask, seed, causal, dropout_p, scale_value)
 
         return run_autograd
-    from d2v_kernels.kernels.attention import forward_launch
-
     launch = forward_launch(
         q, k, v, bias_table, bias_index, bias, key_padding_mask, causal, dropout_p > 0.0, store_lse=False
     )
