@@ -89,6 +89,15 @@ def without_zero_grads(setup_context: Callable, backward: Callable) -> tuple[Cal
     return setup, backward_of_given_grads
 
 
+def register_traced_autograd(custom_op, setup_context: Callable, backward: Callable) -> Callable:
+    """Give ``custom_op`` its ``backward`` (None for an output without a gradient:
+    :func:`without_zero_grads`) and return it: for an op whose eager calls have a Function of
+    their own (around a plan's launch), so only traced calls and tensor subclasses reach this."""
+    setup_context, backward = without_zero_grads(setup_context, backward)
+    custom_op.register_autograd(backward, setup_context=setup_context)
+    return custom_op
+
+
 def register_autograd(
     custom_op, name: str, forward: Callable, setup_context: Callable, backward: Callable
 ) -> tuple[type, Callable]:

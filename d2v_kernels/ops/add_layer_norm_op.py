@@ -19,7 +19,7 @@ from d2v_kernels.ops._checks import (
     layer_norm_compute_dtype,
     layer_norm_promoted,
 )
-from d2v_kernels.ops._eager import pick, register_autograd
+from d2v_kernels.ops._eager import pick, register_traced_autograd, runs_eagerly
 from d2v_kernels.ops._plan import layout_key, lookup, needs_grad, plan_cache, plans_enabled, recorder, store
 
 try:
@@ -120,14 +120,12 @@ def _backward(ctx, dy, dsum, _dmean, _drstd):
     )
 
 
-AddLayerNormFunction, _add_layer_norm_call = register_autograd(
-    _add_layer_norm_fwd, "AddLayerNormFunction", _add_layer_norm_fwd_impl, _setup_context, _backward
-)
+_add_layer_norm_call = register_traced_autograd(_add_layer_norm_fwd, _setup_context, _backward)
 
 
 class AddLayerNormLaunched(torch.autograd.Function):
     """The eager training path: the forward a plan's launch (statistics stored), the backward
-    :func:`_backward`'s. The traced path is the custom op above."""
+    :func:`_backward`'s. Traced calls and tensor subclasses take the custom op above."""
 
     @staticmethod
     def forward(ctx, launch, x, residual, weight, bias, eps, return_sum):
@@ -218,14 +216,15 @@ def _plan(x, residual, weight, bias, eps, return_sum):
         impl = dispatch.select("add_layer_norm", x.device, x, residual, weight, bias, eps=eps, return_sum=return_sum)
         backend = impl.backend
         run = functools.partial(impl.run, eps=eps, return_sum=return_sum)
-        if impl.run is _add_layer_norm_triton and plans_enabled() and not needs_grad(x, residual, weight, bias):
+        eager = runs_eagerly((x, residual, weight, bias))  # else (traced, a tensor subclass) the custom op
+        if impl.run is _add_layer_norm_triton and eager and not needs_grad(x, residual, weight, bias):
             launch = _kernels.add_layer_norm_inference_launch(x, residual, weight, bias, return_sum)
 
             def run(x, residual, weight, bias):
                 y, total, _, _ = launch(x, weight, bias, eps, residual)
                 return (y, total) if return_sum else y
 
-        elif impl.run is _add_layer_norm_triton and plans_enabled():
+        elif impl.run is _add_layer_norm_triton and eager:
             launch = _kernels.add_layer_norm_training_launch(x, residual, weight, bias, return_sum)
             apply = AddLayerNormLaunched.apply
 

@@ -19,7 +19,7 @@ from torch.autograd.function import once_differentiable
 
 from d2v_kernels import dispatch
 from d2v_kernels.ops._checks import FLOAT_DTYPES, check_same_device, check_tensor
-from d2v_kernels.ops._eager import pick, register_autograd
+from d2v_kernels.ops._eager import pick, register_traced_autograd, runs_eagerly
 from d2v_kernels.ops._plan import layout_key, plan_cache, plans_enabled, recorder, store
 
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -184,14 +184,12 @@ def _attention_backward(ctx, grad_out, grad_lse, first_input: int = 0):
     )
 
 
-AttentionFunction, _attention_call = register_autograd(
-    _attention_fwd, "AttentionFunction", _attention_fwd_impl, _attention_setup_context, _attention_backward
-)
+_attention_call = register_traced_autograd(_attention_fwd, _attention_setup_context, _attention_backward)
 
 
 class AttentionLaunched(torch.autograd.Function):
     """The eager training path: the forward a plan's launch (log-sum-exp stored), the backward
-    :func:`_attention_backward`'s. The traced path is the custom op above."""
+    :func:`_attention_backward`'s. Traced calls and tensor subclasses take the custom op above."""
 
     @staticmethod
     def forward(ctx, launch, q, k, v, bias_table, bias_index, bias, key_padding_mask, seed, causal, dropout_p, scale):
@@ -402,7 +400,8 @@ def _plan(device, q, k, v, bias_table, bias_index, bias, key_padding_mask, causa
     impl = dispatch.select("attention", device, q, k, v, **kwargs)
     backend, scale_value = impl.backend, q.shape[-1] ** -0.5 if scale is None else scale
     record = recorder()
-    if impl.run is not attention_triton or not plans_enabled():  # traced: through the custom op
+    # Traced calls and tensor subclasses: through the custom op.
+    if impl.run is not attention_triton or not runs_eagerly((q, k, v, bias_table, bias_index, bias, key_padding_mask)):
 
         def run_other(q, k, v, table, index, bias, mask):
             record("attention", backend)

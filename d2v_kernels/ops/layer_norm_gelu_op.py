@@ -20,7 +20,7 @@ from d2v_kernels.ops._checks import (
     layer_norm_compute_dtype,
     layer_norm_promoted,
 )
-from d2v_kernels.ops._eager import pick, register_autograd
+from d2v_kernels.ops._eager import pick, register_autograd, runs_eagerly
 from d2v_kernels.ops._plan import layout_key, lookup, needs_grad, plan_cache, plans_enabled, recorder, store
 
 try:
@@ -201,7 +201,8 @@ def _plan(x, weight, bias, eps, channels_dim, approximate):
         impl = dispatch.select("layer_norm_gelu", x.device, x, weight, bias, **options)
         backend = impl.backend
         run = functools.partial(impl.run, **options)
-        if impl.run is layer_norm_gelu_triton and plans_enabled() and not needs_grad(x, weight, bias):
+        eager = runs_eagerly((x, weight, bias))  # else (traced, a tensor subclass) the custom op
+        if impl.run is layer_norm_gelu_triton and eager and not needs_grad(x, weight, bias):
             launch = _kernels.layer_norm_gelu_inference_launch(x, weight, bias, cd, approximate)
 
             def run(x, weight, bias):
