@@ -32,15 +32,20 @@ def test_each_op_launches_its_kernels_through_the_compiled_path():
     assert all(float(fields[1]) > 0 for fields in lines.values())
 
 
+@pytest.fixture(scope="module")
+def triton_cache(tmp_path_factory) -> Path:
+    """One Triton cache for the module's runs: the second compiles nothing the first did."""
+    return tmp_path_factory.mktemp("host_overhead_triton")
+
+
 @pytest.mark.parametrize("mode", ["inference", "train"])
-def test_whole_models_print_a_ratio_and_launch_counts(mode, tmp_path, request):
+def test_whole_models_print_a_ratio_and_launch_counts(mode, tmp_path, triton_cache):
     """Each model's step, ours and transformers' sdpa model's: timed (a ratio printed), our Triton
     kernels launched (per layer too: attention and the LayerNorms), transformers' model none; a
     layer of either launches something, and the step more than its 12 layers."""
-    cache = request.config.cache.mkdir("host_overhead_triton")
     out = tmp_path / "rows.json"
     args = ["--model", "all", "--steps", "1", "--rounds", "2", "--warmup", "1", "--json", str(out)]
-    result = run_on_the_no_op_driver(*args, *(["--train"] if mode == "train" else []), triton_cache=cache)
+    result = run_on_the_no_op_driver(*args, *(["--train"] if mode == "train" else []), triton_cache=triton_cache)
     payload = json.loads(out.read_text())
     assert payload["environment"]["cpu"] and payload["environment"]["torch"]
     rows = {(row["model"], row["impl"]): row for row in payload["rows"]}
