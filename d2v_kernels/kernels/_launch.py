@@ -29,7 +29,7 @@ try:
 except ImportError:  # pragma: no cover - a Triton without knobs: always the full path
     _RUNTIME = None
 
-__all__ = ["DirectLaunch", "fixed_tail"]
+__all__ = ["DirectLaunch", "LaunchCache", "fixed_tail"]
 
 
 def _hook_set(chain) -> bool:
@@ -102,3 +102,24 @@ def fixed_tail(fn, n_runtime: int, positional: Sequence, constexprs: dict) -> tu
     if missing or len(positional) > len(names):
         raise TypeError(f"{fn.__name__}: no value for {missing}" if missing else f"{fn.__name__}: too many arguments")
     return tuple(values[name] for name in names)
+
+
+class LaunchCache:
+    """Launch objects of one launcher, per layout key (bounded: each input length adds one),
+    forgotten when a tile override starts or ends (they fixed their tiles)."""
+
+    def __init__(self, max_size: int = 1024):
+        from d2v_kernels.kernels._tiles import on_change
+
+        self._launches: dict = {}
+        self._max_size = max_size
+        on_change(self._launches.clear)
+
+    def get(self, key, make):
+        """The launch kept under ``key``, made by ``make()`` the first time."""
+        launch = self._launches.get(key)
+        if launch is None:
+            if len(self._launches) >= self._max_size:
+                self._launches.clear()
+            launch = self._launches[key] = make()
+        return launch

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from d2v_kernels.kernels._launch import DirectLaunch, LaunchCache, fixed_tail
 from d2v_kernels.kernels._tiles import cdiv, next_power_of_2, tiles
 
 # Tiles. BLOCK_T = 64 frames is the M of the conv GEMM (one wgmma M per warpgroup on H100);
@@ -292,43 +293,54 @@ def unpack_weight_grads(packed: torch.Tensor, groups: int) -> torch.Tensor:
     return grad.reshape(layers, channels, group_channels, k).contiguous()
 
 
+def _aligned(t: torch.Tensor) -> bool:
+    return t.data_ptr() % 16 == 0
+
+
+_conv_launches = LaunchCache()
+
+
 def grouped_conv1d(x, packed_weight, bias, *, pad_left: int, out=None):
     """Channels-last grouped conv: x (B, T, C) any strides, packed_weight (K, CG, C) (one layer's
     from :func:`pack_weights`), bias (C,) or None. Output frame t reads input frames t - pad_left
     .. t - pad_left + K - 1 (zero outside [0, T)). Returns (B, T, C) in x's dtype (or writes
-    ``out``, channel stride 1). fp32 accumulation."""
+    ``out``, channel stride 1). fp32 accumulation. The launch is kept per layout and made
+    directly on later calls."""
     batch, frames, channels = x.shape
-    k, group_channels, _ = packed_weight.shape
+    if bias is None:
+        bias = torch.zeros((channels,), device=x.device, dtype=x.dtype)
     if out is None:
         out = torch.empty((batch, frames, channels), device=x.device, dtype=x.dtype)
+    key = (
+        x.shape, x.stride(), x.dtype, x.device, _aligned(x), packed_weight.shape, packed_weight.stride(),
+        packed_weight.dtype, _aligned(packed_weight), bias.dtype, _aligned(bias), out.stride(), out.dtype,
+        _aligned(out), pad_left,
+    )  # fmt: skip
+    launch, tail = _conv_launches.get(key, lambda: _grouped_conv1d_launch(x, packed_weight, pad_left, out))
+    launch(x, packed_weight, bias, out, *tail)
+    return out
+
+
+def _grouped_conv1d_launch(x, packed_weight, pad_left, out):
+    batch, frames, channels = x.shape
+    k, group_channels, _ = packed_weight.shape
     block_co = _group_block(group_channels)
     config = tiles(
         "pos_conv",
         {"BLOCK_T": CONV_BLOCK_T, "BLOCK_CI": CONV_BLOCK_CI, "num_warps": CONV_WARPS, "num_stages": CONV_STAGES},
     )
     grid = (cdiv(frames, config["BLOCK_T"]), channels // group_channels, batch)
-    grouped_conv1d_kernel[grid](
-        x,
-        packed_weight,
-        bias if bias is not None else torch.zeros((channels,), device=x.device, dtype=x.dtype),
-        out,
-        frames,
-        group_channels,
-        k,
-        pad_left,
-        *x.stride(),
-        out.stride(0),
-        out.stride(1),
-        channels,
-        DOT_PRECISION=dot_precision(x.dtype),
-        UPCAST_OPERANDS=_upcast_operands(x),
-        BLOCK_T=config["BLOCK_T"],
-        BLOCK_CI=min(config["BLOCK_CI"], block_co),
-        BLOCK_CO=block_co,
-        num_warps=config["num_warps"],
-        num_stages=config["num_stages"],
-    )
-    return out
+    constexprs = {
+        "DOT_PRECISION": dot_precision(x.dtype),
+        "UPCAST_OPERANDS": _upcast_operands(x),
+        "BLOCK_T": config["BLOCK_T"],
+        "BLOCK_CI": min(config["BLOCK_CI"], block_co),
+        "BLOCK_CO": block_co,
+    }
+    positional = (frames, group_channels, k, pad_left, *x.stride(), out.stride(0), out.stride(1), channels)
+    tail = fixed_tail(grouped_conv1d_kernel, 4, positional, constexprs)
+    options = {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
+    return DirectLaunch(grouped_conv1d_kernel, grid, **options), tail
 
 
 def grouped_conv1d_weight_grad(x, grad_y, *, group_channels: int, kernel_size: int, pad_left: int, out=None):
@@ -376,27 +388,27 @@ def _rows(t: torch.Tensor) -> int:
     return t.numel() // t.shape[-1]
 
 
+_row_launches = LaunchCache()
+
+
 def layer_norm_gelu_rows(y, eps: float, *, out=None):
     """GELU(LayerNorm(y)) over the last dim, no affine. y: (..., C) contiguous. ``out`` may be
-    ``y`` (in place). Returns a tensor like y."""
-    channels = y.shape[-1]
+    ``y`` (in place). Returns a tensor like y. The launch is kept per layout."""
     n_rows = _rows(y)
     out = torch.empty_like(y) if out is None else out
-    block_rows, block_c = ln_blocks(channels)
-    grid = (cdiv(n_rows, block_rows),)
-    layer_norm_gelu_fwd_kernel[grid](
-        y,
-        out,
-        n_rows,
-        channels,
-        eps,
-        channels,
-        channels,
-        BLOCK_ROWS=block_rows,
-        BLOCK_C=block_c,
-        num_warps=ln_warps(block_c),
-    )
+    key = (y.shape, y.dtype, y.device, _aligned(y), _aligned(out), out.dtype, eps)
+    launch, tail = _row_launches.get(key, lambda: _layer_norm_gelu_rows_launch(y.shape[-1], n_rows, eps))
+    launch(y, out, *tail)
     return out
+
+
+def _layer_norm_gelu_rows_launch(channels: int, n_rows: int, eps: float):
+    block_rows, block_c = ln_blocks(channels)
+    tail = fixed_tail(
+        layer_norm_gelu_fwd_kernel, 2, (n_rows, channels, eps, channels, channels),
+        {"BLOCK_ROWS": block_rows, "BLOCK_C": block_c},
+    )  # fmt: skip
+    return DirectLaunch(layer_norm_gelu_fwd_kernel, (cdiv(n_rows, block_rows),), num_warps=ln_warps(block_c)), tail
 
 
 def layer_norm_gelu_rows_backward(y, grad_h, eps: float):
