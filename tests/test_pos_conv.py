@@ -293,3 +293,20 @@ def test_bad_inputs(make, error, message):
     args, kwargs = make()
     with pytest.raises(error, match=message):
         _triton(*args, **kwargs)
+
+
+def test_inference_packed_weights_follow_the_parameters():
+    """Inference keeps the packed weights while the parameters are unchanged: an in-place update
+    (an optimizer step), new tensors in their place, and a bias gained all give the new result."""
+    x = torch.randn(2, 9, 32)
+    weights, biases = _params(32, 4, 3, 2, dtype=torch.float32)
+    with torch.no_grad():
+        first = _triton(x, weights, biases, 4)
+        torch.testing.assert_close(first, ops.pos_conv_reference(x, weights, biases, groups=4))
+        weights[1].mul_(-2.0)  # in place: the version counter moves
+        biases = [b.clone() + 1.0 for b in biases]  # new tensors
+        second = _triton(x, weights, biases, 4)
+        torch.testing.assert_close(second, ops.pos_conv_reference(x, weights, biases, groups=4))
+        assert not torch.allclose(first, second)
+        third = _triton(x, weights, [None, biases[1]], 4)
+        torch.testing.assert_close(third, ops.pos_conv_reference(x, weights, [None, biases[1]], groups=4))

@@ -8,12 +8,14 @@ positional embedding that the encoder adds to it.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
 from d2v_kernels import dispatch
 from d2v_kernels.ops._checks import KERNEL_DTYPES, check_eps, check_param_list, check_same_device, check_tensor
-from d2v_kernels.ops._eager import without_zero_grads
+from d2v_kernels.ops._eager import runs_eagerly, without_zero_grads
 
 
 def pos_conv_reference(x, weights, biases, *, groups, eps=1e-5):
@@ -40,8 +42,7 @@ def _kernels():
     return kernels
 
 
-@torch.library.custom_op("d2v_kernels::pos_conv", mutates_args=())
-def _pos_conv_op(
+def pos_conv_forward_impl(
     x: torch.Tensor,
     weights: list[torch.Tensor],
     biases: list[torch.Tensor],
@@ -56,12 +57,20 @@ def _pos_conv_op(
     ``save_pre_norm`` every layer's conv output is kept for the backward (the only activations it
     needs besides x); without it the LayerNorm runs in place and two (B, T, C) buffers are live.
     """
+    packed, biases = _packed_parameters(weights, biases, groups, x.dtype)
+    return _pos_conv_layers(x, packed, biases, weights[0].shape[-1], eps, save_pre_norm)
+
+
+def _packed_parameters(weights, biases, groups: int, dtype: torch.dtype) -> tuple[list, list]:
+    """(packed conv weights, biases in ``dtype``), one per layer."""
+    packed = _kernels().pack_weights(weights, groups, dtype=dtype).unbind()
+    return packed, torch.stack(biases).to(dtype).unbind()
+
+
+def _pos_conv_layers(x, packed, biases, kernel_size: int, eps: float, save_pre_norm: bool):
     kernels = _kernels()
-    num_layers = len(weights)
-    kernel_size = weights[0].shape[-1]
+    num_layers = len(packed)
     pre_norm = x.new_empty((num_layers if save_pre_norm else 0, *x.shape))
-    packed = kernels.pack_weights(weights, groups, dtype=x.dtype).unbind()
-    biases = torch.stack(biases).to(x.dtype).unbind()
     conv_outs = pre_norm.unbind() if save_pre_norm else [None] * num_layers
     hidden = x
     for layer in range(num_layers):
@@ -70,6 +79,9 @@ def _pos_conv_op(
         )
         hidden = kernels.layer_norm_gelu_rows(conv_out, eps, out=None if save_pre_norm else conv_out)
     return hidden, pre_norm
+
+
+_pos_conv_op = torch.library.custom_op("d2v_kernels::pos_conv", pos_conv_forward_impl, mutates_args=())
 
 
 @_pos_conv_op.register_fake
@@ -168,9 +180,34 @@ def _pos_conv_triton(x, weights, biases, *, groups, eps=1e-5):
     autocast would; their gradients come back in their own dtype.
     """
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *weights, *biases))
+    if not needs_grad and runs_eagerly((x, *weights, *biases)):
+        # Inference, eager: the layers straight from the implementation (no custom-op dispatch),
+        # the packed parameters kept while the parameters are unchanged.
+        packed, packed_biases = _inference_parameters(weights, biases, groups, x.dtype)
+        return _pos_conv_layers(x, packed, packed_biases, weights[0].shape[-1], float(eps), False)[0]
     biases = [torch.zeros_like(w[:, 0, 0]) if b is None else b for w, b in zip(weights, biases)]
     out, _ = torch.ops.d2v_kernels.pos_conv(x, list(weights), biases, groups, float(eps), needs_grad)
     return out
+
+
+_inference_cache: dict[tuple, tuple[list, tuple[list, list]]] = {}
+
+
+def _inference_parameters(weights, biases, groups: int, dtype: torch.dtype) -> tuple[list, list]:
+    """:func:`_packed_parameters` kept while the parameters are the same tensors with the same
+    storage and version (an optimizer step, ``load_state_dict``, ``.to()`` or another model's
+    parameters make them anew), for inference only."""
+    tensors = [t for t in (*weights, *biases) if t is not None]
+    key = (groups, dtype, len(weights), *((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in tensors))
+    hit = _inference_cache.get(key)
+    if hit is not None and all(ref() is t for ref, t in zip(hit[0], tensors)):  # not a freed tensor's id
+        return hit[1]
+    if len(_inference_cache) >= 8:
+        _inference_cache.clear()
+    biases = [torch.zeros_like(w[:, 0, 0]) if b is None else b for w, b in zip(weights, biases)]
+    packed = _packed_parameters(weights, biases, groups, dtype)
+    _inference_cache[key] = ([weakref.ref(t) for t in tensors], packed)
+    return packed
 
 
 def _triton_available() -> list[str]:
