@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from d2v_kernels.ops._checks import KERNEL_DTYPES, layer_norm_compute_dtype
-from d2v_kernels.ops._eager import pick, register_autograd
+from d2v_kernels.ops._eager import pick, register_autograd, runs_eagerly
 from d2v_kernels.ops.layer_norm_gelu_op import (
     layer_norm_gelu_bwd_impl,
     layer_norm_gelu_bwd_op,
@@ -422,6 +422,15 @@ def run_conv_then_triton_norm(wave, conv_weights, ln_weights, ln_biases, *, stri
     else:
         z, first = _conv_output(wave[:, None], w0, cb0, strides[0]), 0
     # z is layer `first`'s conv output: each node normalises one layer and runs the next conv.
+    parameters = (*conv_weights, *ln_weights, *ln_biases, *conv_biases)
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (wave, *parameters)):
+        if runs_eagerly((z, *parameters)):  # inference: no nodes, no statistics stored
+            for i in range(first, n):
+                g, b = ln_weights[i], ln_biases[i]
+                z = _layer_norm_gelu_kernels.layer_norm_gelu_inference_launch(z, g, b, 1, "none")(z, g, b, eps, None)[0]
+                if i < n - 1:
+                    z = _conv_output(z, conv_weights[i + 1], conv_biases[i + 1], strides[i + 1])
+            return z.transpose(1, 2)
     for i in range(first, n - 1):
         z = _norm_conv_call(
             z, ln_weights[i], ln_biases[i], conv_weights[i + 1], conv_biases[i + 1], strides[i + 1], eps
