@@ -199,3 +199,37 @@ def test_misaligned_and_non_contiguous_inputs_are_correct_on_the_triton_path(dty
         assert calls == {(name.split("/")[0], "triton"): 1}, (name, calls)
         tol = 2e-3 if dtype == torch.float16 else 1e-5
         torch.testing.assert_close(got, expected, atol=tol, rtol=tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("backend", ["triton", "eager"])
+def test_out_of_range_bias_index_is_rejected(backend):
+    """An index past the table's rows would be an out-of-bounds read in a kernel: a ValueError
+    naming bias_index, on every backend, also when the index changes in place after a good call."""
+    q, k, v = qkv()
+    table, index = torch.randn(5, 3), torch.randint(0, 5, (5, 5))
+    with d2v_kernels.use_backend(attention=backend):
+        ops.attention(q, k, v, bias_table=table, bias_index=index)
+        with pytest.raises(ValueError, match=r"bias_index must hold indices in \[0, 5\)"):
+            ops.attention(q, k, v, bias_table=table, bias_index=torch.full((5, 5), 7))
+        index[2, 3] = -1  # in place: the plan of the first call must not let it through
+        with pytest.raises(ValueError, match=r"bias_index must hold indices in \[0, 5\).*got \[-1"):
+            ops.attention(q, k, v, bias_table=table, bias_index=index)
+
+
+def test_a_cached_plan_lets_no_other_bad_input_through():
+    """After a good call, the same shapes with another dtype, a mask of another shape or dtype, or
+    a flag of the wrong type still raise as on a first call (each is another plan key)."""
+    q, k, v = qkv()
+    keep = torch.ones(2, 5, dtype=torch.bool)
+    with d2v_kernels.use_backend(attention="triton"):
+        ops.attention(q, k, v, key_padding_mask=keep)
+        with pytest.raises(TypeError, match="share one dtype"):
+            ops.attention(q, k.half(), v, key_padding_mask=keep)
+        with pytest.raises(ValueError, match="key_padding_mask must have shape"):
+            ops.attention(q, k, v, key_padding_mask=torch.ones(2, 4, dtype=torch.bool))
+        with pytest.raises(TypeError, match="key_padding_mask must have dtype"):
+            ops.attention(q, k, v, key_padding_mask=keep.float())
+        with pytest.raises(TypeError, match="causal must be a bool"):
+            ops.attention(q, k, v, key_padding_mask=keep, causal=1)
+        with pytest.raises(TypeError, match="scale must be a float"):
+            ops.attention(q, k, v, key_padding_mask=keep, scale="0.25")

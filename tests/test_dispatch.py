@@ -139,3 +139,39 @@ def test_opt_in_implementation_runs_only_when_forced_or_enabled(monkeypatch):
         assert "is opt-in: slower than the default" in dispatch.reasons_for(impl, cpu, 1)[0]
     finally:
         dispatch._REGISTRY.pop("fake_op3")
+
+
+def test_default_pick_past_an_opt_in_backend_does_not_warn():
+    """A CUDA input whose default is Triton, beside an opt-in CUDA backend that is not enabled
+    (the feature extractor's extension): no warning, and the opt-in backend is never asked to load."""
+    asked = []
+    dispatch.register("fake_op4", "eager", lambda x: "eager", devices=("cpu", "cuda", "meta"))
+    dispatch.register("fake_op4", "triton", lambda x: "triton", devices=("cuda",))
+    dispatch.register(
+        "fake_op4", "cuda", lambda x: "cuda", devices=("cuda",), available=lambda: asked.append(1) or [], opt_in=True
+    )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert dispatch.select("fake_op4", torch.device("cuda"), torch.empty(1)).backend == "triton"
+        assert not asked
+        assert [i.backend for i in dispatch.implementations("fake_op4")] == ["triton", "cuda", "eager"]
+    finally:
+        dispatch._REGISTRY.pop("fake_op4")
+
+
+def test_plans_follow_use_backend_and_the_environment(monkeypatch):
+    """An op's cached decision is keyed by the backends forced in this thread, and dropped when an
+    environment variable dispatch reads changes: the same input then dispatches anew."""
+    x = torch.randn(3, 8)
+    w, b = torch.randn(8), torch.randn(8)
+    with d2v_kernels.record_dispatch() as calls:
+        d2v_kernels.ops.add_layer_norm(x, x, w, b)
+        with d2v_kernels.use_backend(add_layer_norm="triton"):
+            d2v_kernels.ops.add_layer_norm(x, x, w, b)
+        d2v_kernels.ops.add_layer_norm(x, x, w, b)
+        monkeypatch.setenv(dispatch.ENV_BACKEND, "add_layer_norm=triton")
+        d2v_kernels.ops.add_layer_norm(x, x, w, b)
+        monkeypatch.delenv(dispatch.ENV_BACKEND)
+        d2v_kernels.ops.add_layer_norm(x, x, w, b)
+    assert calls == {("add_layer_norm", "eager"): 3, ("add_layer_norm", "triton"): 2}
