@@ -44,14 +44,15 @@ def test_whole_models_print_a_ratio_and_launch_counts(mode, tmp_path, triton_cac
     kernels launched (per layer too: attention and the LayerNorms), transformers' model none; a
     layer of either launches something, and the step more than its 12 layers."""
     out = tmp_path / "rows.json"
-    args = ["--model", "all", "--steps", "1", "--rounds", "2", "--warmup", "1", "--json", str(out)]
+    # Training on one model (its backward kernels compile for sm_90 in the subprocess: CI time).
+    models = "all" if mode == "inference" else "text_base"
+    args = ["--model", models, "--steps", "1", "--rounds", "2", "--warmup", "1", "--json", str(out)]
     result = run_on_the_no_op_driver(*args, *(["--train"] if mode == "train" else []), triton_cache=triton_cache)
     payload = json.loads(out.read_text())
     assert payload["environment"]["cpu"] and payload["environment"]["torch"]
     rows = {(row["model"], row["impl"]): row for row in payload["rows"]}
-    assert set(rows) == {
-        (model, impl) for model in ("audio_ctc", "vision_base", "text_base") for impl in ("d2v", "hf_sdpa")
-    }
+    names = ("audio_ctc", "vision_base", "text_base") if mode == "inference" else ("text_base",)
+    assert set(rows) == {(model, impl) for model in names for impl in ("d2v", "hf_sdpa")}
     for (model, impl), row in rows.items():
         assert row["mode"] == mode and row["ms"] > 0 and len(row["ms_rounds"]) == 2
         assert row["launches"] == row["launches_triton"] + row["launches_aten"]

@@ -369,12 +369,12 @@ def test_launch_plans_are_kept_per_layout(monkeypatch):
 
 
 def test_int64_offsets_are_chosen_past_int32():
-    from d2v_kernels.kernels._row_norm import _wide_offsets
+    from d2v_kernels.kernels._row_norm import wide_offsets
 
-    assert not _wide_offsets(512, 32_000, [(512 * 32_000, 32_000, 1)])  # layer 0, 10 s
-    assert _wide_offsets(512, 4_200_000, [(512 * 4_200_000, 4_200_000, 1)])  # layer 0, 22 minutes
-    assert _wide_offsets(768, 3_000_000, [(0, 1, 768)])  # 3M channels-last rows of 768 in one slice
-    assert not _wide_offsets(768, 2_000_000, [(0, 1, 768)])
+    assert not wide_offsets(512, 32_000, [(512 * 32_000, 32_000, 1)])  # layer 0, 10 s
+    assert wide_offsets(512, 4_200_000, [(512 * 4_200_000, 4_200_000, 1)])  # layer 0, 22 minutes
+    assert wide_offsets(768, 3_000_000, [(0, 1, 768)])  # 3M channels-last rows of 768 in one slice
+    assert not wide_offsets(768, 2_000_000, [(0, 1, 768)])
 
 
 @pytest.mark.parametrize("channels_dim", [1, -1], ids=["channels_first", "channels_last"])

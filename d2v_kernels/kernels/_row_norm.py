@@ -51,7 +51,7 @@ def _tanh(u):
 
 
 @triton.jit
-def _activation(z, ACTIVATION: tl.constexpr):
+def apply_activation(z, ACTIVATION: tl.constexpr):
     # Tensors stay left of the constexpr constants: the interpreter mishandles constexpr * tensor.
     # Literals 1/sqrt(2), sqrt(2/pi), 0.044715 (and 1/sqrt(2 pi) below): a module-level constexpr
     # global would be compared by Triton's launcher on every launch (microseconds each).
@@ -64,7 +64,7 @@ def _activation(z, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _activation_grad(z, ACTIVATION: tl.constexpr):
+def activation_grad(z, ACTIVATION: tl.constexpr):
     """d activation / dz."""
     if ACTIVATION == 1:
         cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
@@ -78,7 +78,7 @@ def _activation_grad(z, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _to_output(x, dtype: tl.constexpr):
+def to_output(x, dtype: tl.constexpr):
     """fp32 -> dtype rounding to nearest even. bf16 is rounded by hand (three integer ops, exact
     on the GPU too) because the interpreter truncates fp32 -> bf16 where the GPU rounds."""
     if dtype == tl.bfloat16:
@@ -89,19 +89,19 @@ def _to_output(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def _tile_offsets(batch, pos, ch, stride_b, stride_c, stride_p):
+def tile_offsets(batch, pos, ch, stride_b, stride_c, stride_p):
     """int64 element offsets of a (BLOCK_P, BLOCK_C) tile: large tensors overflow int32."""
     return batch.to(tl.int64) * stride_b + pos.to(tl.int64)[:, None] * stride_p + ch.to(tl.int64)[None, :] * stride_c
 
 
 @triton.jit
-def _tile_ptrs(PTR, batch, pos, ch, stride_b, stride_c, stride_p, WIDE_OFFSETS: tl.constexpr):
+def tile_ptrs(PTR, batch, pos, ch, stride_b, stride_c, stride_p, WIDE_OFFSETS: tl.constexpr):
     """Pointers of a (BLOCK_P, BLOCK_C) tile: a 64-bit base per batch and int32 offsets within it,
     unless the launcher found a batch slice too large for int32 (WIDE_OFFSETS: all int64). The
     int64 offsets of every element cost 18 to 45 registers a thread (ptxas, sm_90), which is what
     keeps a second program off the SM."""
     if WIDE_OFFSETS:
-        return PTR + _tile_offsets(batch, pos, ch, stride_b, stride_c, stride_p)
+        return PTR + tile_offsets(batch, pos, ch, stride_b, stride_c, stride_p)
     return (PTR + batch.to(tl.int64) * stride_b) + (pos[:, None] * stride_p + ch[None, :] * stride_c)
 
 
@@ -126,14 +126,14 @@ def row_norm_fwd_kernel(
     ch_mask = ch < n_channels
     mask = pos_mask[:, None] & ch_mask[None, :]
 
-    x = tl.load(_tile_ptrs(X, batch, pos, ch, stride_x_b, stride_x_c, stride_x_p, WIDE_OFFSETS), mask=mask, other=0.0)
+    x = tl.load(tile_ptrs(X, batch, pos, ch, stride_x_b, stride_x_c, stride_x_p, WIDE_OFFSETS), mask=mask, other=0.0)
     x = x.to(tl.float32)
     if HAS_RESIDUAL:
-        res_ptrs = _tile_ptrs(RES, batch, pos, ch, stride_res_b, stride_res_c, stride_res_p, WIDE_OFFSETS)
+        res_ptrs = tile_ptrs(RES, batch, pos, ch, stride_res_b, stride_res_c, stride_res_p, WIDE_OFFSETS)
         x += tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)
     if STORE_SUM:
-        sum_ptrs = _tile_ptrs(SUM, batch, pos, ch, stride_sum_b, stride_sum_c, stride_sum_p, WIDE_OFFSETS)
-        tl.store(sum_ptrs, _to_output(x, SUM.dtype.element_ty), mask=mask)
+        sum_ptrs = tile_ptrs(SUM, batch, pos, ch, stride_sum_b, stride_sum_c, stride_sum_p, WIDE_OFFSETS)
+        tl.store(sum_ptrs, to_output(x, SUM.dtype.element_ty), mask=mask)
 
     mean = tl.sum(x, axis=1) / n_channels
     centered = tl.where(mask, x - mean[:, None], 0.0)
@@ -144,9 +144,9 @@ def row_norm_fwd_kernel(
         z *= tl.load(W + ch * stride_w, mask=ch_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         z += tl.load(B + ch * stride_bias, mask=ch_mask, other=0.0).to(tl.float32)[None, :]
-    y = _activation(z, ACTIVATION)
-    y_ptrs = _tile_ptrs(Y, batch, pos, ch, stride_y_b, stride_y_c, stride_y_p, WIDE_OFFSETS)
-    tl.store(y_ptrs, _to_output(y, Y.dtype.element_ty), mask=mask)
+    y = apply_activation(z, ACTIVATION)
+    y_ptrs = tile_ptrs(Y, batch, pos, ch, stride_y_b, stride_y_c, stride_y_p, WIDE_OFFSETS)
+    tl.store(y_ptrs, to_output(y, Y.dtype.element_ty), mask=mask)
 
     if STORE_STATS:
         row = batch.to(tl.int64) * n_pos + pos
@@ -191,21 +191,21 @@ def row_norm_bwd_kernel(
         mask = pos_mask[:, None] & ch_mask[None, :]
 
         x = tl.load(
-            _tile_ptrs(X, batch, pos, ch, stride_x_b, stride_x_c, stride_x_p, WIDE_OFFSETS), mask=mask, other=0.0
+            tile_ptrs(X, batch, pos, ch, stride_x_b, stride_x_c, stride_x_p, WIDE_OFFSETS), mask=mask, other=0.0
         )
         x = x.to(tl.float32)
         if HAS_RESIDUAL:
-            res_ptrs = _tile_ptrs(RES, batch, pos, ch, stride_res_b, stride_res_c, stride_res_p, WIDE_OFFSETS)
+            res_ptrs = tile_ptrs(RES, batch, pos, ch, stride_res_b, stride_res_c, stride_res_p, WIDE_OFFSETS)
             x += tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)
         row = batch.to(tl.int64) * n_pos + pos
         mean = tl.load(MEAN + row, mask=pos_mask, other=0.0)
         rstd = tl.load(RSTD + row, mask=pos_mask, other=0.0)
         xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
 
-        dy_ptrs = _tile_ptrs(DY, batch, pos, ch, stride_dy_b, stride_dy_c, stride_dy_p, WIDE_OFFSETS)
+        dy_ptrs = tile_ptrs(DY, batch, pos, ch, stride_dy_b, stride_dy_c, stride_dy_p, WIDE_OFFSETS)
         dz = tl.load(dy_ptrs, mask=mask, other=0.0).to(tl.float32)
         if ACTIVATION != 0:
-            dz *= _activation_grad(xhat * w[None, :] + b[None, :], ACTIVATION)
+            dz *= activation_grad(xhat * w[None, :] + b[None, :], ACTIVATION)
         if HAS_WEIGHT:
             dw_acc += tl.sum(dz * xhat, axis=0)
         if HAS_BIAS:
@@ -216,10 +216,10 @@ def row_norm_bwd_kernel(
         mean_dxhat = tl.sum(dxhat, axis=1) / n_channels
         dx = (dxhat - (xhat * mean_dxhat_xhat[:, None] + mean_dxhat[:, None])) * rstd[:, None]
         if HAS_DSUM:
-            dsum_ptrs = _tile_ptrs(DSUM, batch, pos, ch, stride_dsum_b, stride_dsum_c, stride_dsum_p, WIDE_OFFSETS)
+            dsum_ptrs = tile_ptrs(DSUM, batch, pos, ch, stride_dsum_b, stride_dsum_c, stride_dsum_p, WIDE_OFFSETS)
             dx += tl.load(dsum_ptrs, mask=mask, other=0.0).to(tl.float32)
-        dx_ptrs = _tile_ptrs(DX, batch, pos, ch, stride_dx_b, stride_dx_c, stride_dx_p, WIDE_OFFSETS)
-        tl.store(dx_ptrs, _to_output(dx, DX.dtype.element_ty), mask=mask)
+        dx_ptrs = tile_ptrs(DX, batch, pos, ch, stride_dx_b, stride_dx_c, stride_dx_p, WIDE_OFFSETS)
+        tl.store(dx_ptrs, to_output(dx, DX.dtype.element_ty), mask=mask)
 
     if HAS_WEIGHT:
         tl.store(DW_PARTIAL + pid * n_channels + ch, dw_acc, mask=ch_mask)
@@ -368,8 +368,8 @@ def backward_tile_config(n_channels: int, positions_contiguous: bool) -> tuple[i
     holds at most 8 values at up to 8 warps. The backward keeps x, dy, x-hat and the activation's
     derivative live per element; at 8 values a thread ptxas (sm_90) allocates 74 to 110
     registers, so two or three programs share an SM. At 16 values it took 128 to 196, one program
-    an SM: 8 warps for a memory-bound loop, far too few loads in flight (the H100 profile of
-    2026-11-25 had this kernel at 9x its floor)."""
+    an SM: 8 warps for a memory-bound loop, far too few loads in flight (bench/NOTES.md has the
+    profile that showed it)."""
     block_p, block_c, _ = tile_config(n_channels, positions_contiguous)
     while block_p > 1 and block_p * block_c > _BWD_ELEMENTS_PER_THREAD * 32 * 8:
         block_p //= 2
@@ -395,7 +395,7 @@ def _backward_launch_config(n_channels: int, x_strides: tuple[int, int, int], n_
 _BWD_PROGRAMS_PER_SM = 2
 
 
-def _backward_programs(device: torch.device, n_tiles: int, programs_per_sm: int) -> int:
+def backward_programs(device: torch.device, n_tiles: int, programs_per_sm: int) -> int:
     """Number of programs the backward walks its tiles with (fixed per device and configuration:
     the partial sums, hence dweight and dbias, are the same bits on every run)."""
     if device.type == "cuda":
@@ -413,12 +413,12 @@ def _multiprocessors(device: torch.device) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-# Within one batch slice the kernels index with int32 (``_tile_ptrs``); a slice reaching this many
+# Within one batch slice the kernels index with int32 (``tile_ptrs``); a slice reaching this many
 # elements (4 GB in fp16: about 22 minutes of 16 kHz audio at layer 0) takes int64 offsets.
 INT32_OFFSET_LIMIT = 2**31 - 1
 
 
-def _wide_offsets(n_channels: int, n_pos: int, strides: Sequence[tuple[int, int, int]]) -> bool:
+def wide_offsets(n_channels: int, n_pos: int, strides: Sequence[tuple[int, int, int]]) -> bool:
     """True when some tensor's largest offset within a batch slice does not fit in int32."""
     return any(
         (n_pos - 1) * abs(stride_p) + (n_channels - 1) * abs(stride_c) > INT32_OFFSET_LIMIT
@@ -442,7 +442,7 @@ def _launch_plan(direction: str, tensors: Sequence[torch.Tensor | None], channel
     present = iter(strides)
     args = tuple(itertools.chain.from_iterable(next(present) if t is not None else (0, 0, 0) for t in tensors))
     tile = _TILE_CONFIGS[direction](n_channels, strides[0], n_pos)
-    return n_batch, n_channels, n_pos, args, tile, _wide_offsets(n_channels, n_pos, strides)
+    return n_batch, n_channels, n_pos, args, tile, wide_offsets(n_channels, n_pos, strides)
 
 
 def _optional_key(t: torch.Tensor | None):
@@ -510,7 +510,7 @@ class _BackwardLaunch:
         config = tiles("row_norm_bwd", default)
         tiles_per_batch = cdiv(n_pos, config["BLOCK_P"])
         n_tiles = n_batch * tiles_per_batch
-        n_programs = _backward_programs(x.device, n_tiles, config["programs_per_sm"])
+        n_programs = backward_programs(x.device, n_tiles, config["programs_per_sm"])
         self._n_programs, self._n_channels = n_programs, n_channels
         self._ints = (
             n_pos, n_channels, tiles_per_batch, n_tiles, *stride_args,

@@ -25,13 +25,13 @@ import triton
 import triton.language as tl
 
 from d2v_kernels.kernels._row_norm import (
-    _activation,
-    _activation_grad,
-    _backward_programs,
-    _tile_offsets,
-    _tile_ptrs,
-    _to_output,
-    _wide_offsets,
+    activation_grad,
+    apply_activation,
+    backward_programs,
+    tile_offsets,
+    tile_ptrs,
+    to_output,
+    wide_offsets,
 )
 from d2v_kernels.kernels._tiles import cdiv, next_power_of_2, tiles
 
@@ -61,7 +61,7 @@ def _conv0_tile(
         acc += x[:, None] * w[None, :]
     if HAS_CONV_BIAS:
         acc += tl.load(CB + ch, mask=ch_mask, other=0.0).to(tl.float32)[None, :]
-    return _to_output(acc, OUT_DTYPE).to(tl.float32)
+    return to_output(acc, OUT_DTYPE).to(tl.float32)
 
 
 @triton.jit
@@ -91,7 +91,7 @@ def conv0_ln_gelu_kernel(
         KERNEL, HAS_CONV_BIAS, Y.dtype.element_ty, BLOCK_T, BLOCK_C,
     )  # fmt: skip
 
-    offsets = _tile_offsets(batch, t, ch, stride_y_b, stride_y_c, stride_y_t)
+    offsets = tile_offsets(batch, t, ch, stride_y_b, stride_y_c, stride_y_t)
     if PRE_NORM_ONLY:
         tl.store(Y + offsets, h.to(Y.dtype.element_ty), mask=mask)
     else:
@@ -102,8 +102,8 @@ def conv0_ln_gelu_kernel(
         gamma = tl.load(G + ch, mask=ch_mask, other=0.0).to(tl.float32)
         beta = tl.load(BETA + ch, mask=ch_mask, other=0.0).to(tl.float32)
         z = centered * rstd[:, None] * gamma[None, :] + beta[None, :]
-        y = _activation(z, 1)
-        tl.store(Y + offsets, _to_output(y, Y.dtype.element_ty), mask=mask)
+        y = apply_activation(z, 1)
+        tl.store(Y + offsets, to_output(y, Y.dtype.element_ty), mask=mask)
         row = batch.to(tl.int64) * n_frames + t
         tl.store(MEAN + row, mean, mask=t_mask)
         tl.store(RSTD + row, rstd, mask=t_mask)
@@ -157,9 +157,9 @@ def conv0_ln_gelu_bwd_kernel(
         # gamma, beta reloaded per tile (cache hits): registers held across the loop are the limit
         gamma = tl.load(G + ch, mask=ch_mask, other=0.0).to(tl.float32)
         beta = tl.load(BETA + ch, mask=ch_mask, other=0.0).to(tl.float32)
-        dy_ptrs = _tile_ptrs(DY, batch, t, ch, stride_dy_b, stride_dy_c, stride_dy_t, WIDE_OFFSETS)
+        dy_ptrs = tile_ptrs(DY, batch, t, ch, stride_dy_b, stride_dy_c, stride_dy_t, WIDE_OFFSETS)
         dz = tl.load(dy_ptrs, mask=mask, other=0.0).to(tl.float32)
-        dz *= _activation_grad(xhat * gamma[None, :] + beta[None, :], 1)
+        dz *= activation_grad(xhat * gamma[None, :] + beta[None, :], 1)
         dg_acc += tl.sum(dz * xhat, axis=0)
         db_acc += tl.sum(dz, axis=0)
         dxhat = dz * gamma[None, :]
@@ -298,7 +298,7 @@ def conv0_ln_gelu_backward(dy, wave, weight, conv_bias, ln_weight, ln_bias, mean
     block_t = config["BLOCK_T"]
     tiles_per_batch = cdiv(frames, block_t)
     n_tiles = batch * tiles_per_batch
-    n_programs = _backward_programs(wave.device, n_tiles, config["programs_per_sm"])
+    n_programs = backward_programs(wave.device, n_tiles, config["programs_per_sm"])
     f32 = dict(device=wave.device, dtype=torch.float32)
     dw_partial = torch.empty((n_programs, kernel_size, channels), **f32)
     dg_partial = torch.empty((n_programs, channels), **f32)
@@ -315,7 +315,7 @@ def conv0_ln_gelu_backward(dy, wave, weight, conv_bias, ln_weight, ln_bias, mean
         *wave.stride(), weight.stride(0), weight.stride(2),
         KERNEL=kernel_size, STRIDE=stride, HAS_CONV_BIAS=conv_bias is not None, WAVE_GRAD=bool(wave_grad),
         UPCAST=_upcast_dot(wave), FP32_PRECISION=BWD_FP32_PRECISION,
-        WIDE_OFFSETS=_wide_offsets(channels, frames, [(0, dy.stride(1), dy.stride(2))]),
+        WIDE_OFFSETS=wide_offsets(channels, frames, [(0, dy.stride(1), dy.stride(2))]),
         BLOCK_T=block_t, BLOCK_C=config["BLOCK_C"], BLOCK_J=max(16, next_power_of_2(kernel_size)),
         num_warps=config["num_warps"],
     )  # fmt: skip

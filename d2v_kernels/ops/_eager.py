@@ -2,13 +2,14 @@
 
 A custom op (``torch.library.custom_op`` + ``register_autograd``) is what torch.compile traces as
 one opaque node. Called eagerly it costs several microseconds of Python per call beyond a plain
-``torch.autograd.Function`` (its autograd wrapper and the dispatcher: about 9 µs without grad and
-14 µs with, against 4 and 5 µs, on the CI CPU), which is much of a small-batch forward that makes
-dozens of such calls. So each op's forward goes through :func:`eager_or_compiled`: on real
-tensors the same implementation, ``setup_context`` and ``backward`` run through an
-autograd.Function; under torch.compile, export or any tracing the custom op runs. Both paths share every line that
-computes, and the tests run both (eager everywhere, compiled in the compile and opcheck tests).
-"""
+``torch.autograd.Function`` (its autograd wrapper and the dispatcher), which is much of a
+small-batch forward that makes dozens of such calls. So the ops' eager calls avoid it: attention
+and add_layer_norm through a Function around their plan's launch (:func:`register_traced_autograd`
+registers the custom op's backward for traced calls only), the others through
+:func:`eager_or_compiled`: on real tensors the same implementation, ``setup_context`` and
+``backward`` run through an autograd.Function; under torch.compile, export or any tracing the
+custom op runs. Both paths share every line that computes, and the tests run both (eager
+everywhere, compiled in the compile and opcheck tests)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def autograd_function(name: str, forward: Callable, setup_context: Callable, bac
 
     The backward is once-differentiable, as the custom op's is (its backward op has no autograd).
     ``forward`` takes ``ctx`` and calls ``setup_context`` itself: a Function with a separate
-    ``setup_context`` binds its arguments through ``inspect.signature`` on every call (~10 µs).
+    ``setup_context`` binds its arguments through ``inspect.signature`` on every call.
     """
 
     def forward_with_ctx(ctx, *inputs):
