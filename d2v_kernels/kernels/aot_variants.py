@@ -73,10 +73,15 @@ def row_norm_variants(prefix: str, feature_sets: Sequence[dict], channels: int =
         combos += [(torch.float16, feature_sets[0], t) for t in _every_tile(config) if t != model_tile]
         variants += [_row_norm_variant(prefix, direction, *combo) for combo in combos]
         variants.append(_row_norm_variant(prefix, direction, torch.float16, feature_sets[0], model_tile, wide=True))
+    # Inference's forward (no statistics stored), at the model tile.
+    fwd_tile = _row_norm.tile_config(channels, True)
+    variants.append(_row_norm_variant(prefix, "fwd", torch.float16, feature_sets[0], fwd_tile, store_stats=False))
     return variants
 
 
-def _row_norm_variant(prefix: str, direction: str, dtype, features: dict, tile, wide: bool = False) -> AotVariant:
+def _row_norm_variant(
+    prefix: str, direction: str, dtype, features: dict, tile, wide: bool = False, store_stats: bool = True
+) -> AotVariant:
     block_p, block_c, num_warps = tile
     x_type = "*" + TRITON_TYPES[dtype]
     param_type = "*fp32" if features.get("param_fp32") else x_type
@@ -84,10 +89,11 @@ def _row_norm_variant(prefix: str, direction: str, dtype, features: dict, tile, 
     name = f"{TRITON_TYPES[dtype]}_{'fp32params_' if features.get('param_fp32') else ''}"
     name += "_".join(f"{k.lower()}={int(v)}" for k, v in flags.items()) + f"_p{block_p}_c{block_c}_w{num_warps}"
     name += "_wide" if wide else ""
+    name += "" if store_stats else "_inference"
     blocks = {"BLOCK_P": block_p, "BLOCK_C": block_c, "WIDE_OFFSETS": wide}
     if direction == "fwd":
         constexprs = {k: flags[k] for k in ("HAS_RESIDUAL", "STORE_SUM", "HAS_WEIGHT", "HAS_BIAS", "ACTIVATION")}
-        constexprs |= blocks | {"STORE_STATS": True}  # the training forward (inference stores less)
+        constexprs |= blocks | {"STORE_STATS": store_stats}
         types = dict.fromkeys(_ROW_NORM_FWD_POINTERS, x_type) | {"W": param_type, "B": param_type}
         types |= {"MEAN": "*fp32", "RSTD": "*fp32"} | dict.fromkeys(_ROW_NORM_FWD_INTS, "i32") | {"eps": "fp32"}
         kernel = _row_norm.row_norm_fwd_kernel
@@ -212,6 +218,8 @@ def _attention_variant(kind: str, fn, dtype: torch.dtype, config: dict, **conste
         name += "_causal"
     if "DS_MODE" in constexprs:
         name += f"_ds{constexprs['DS_MODE']}"
+    if constexprs.get("STORE_LSE") is False:
+        name += "_inference"
     return AotVariant(
         name=name,
         fn=fn,
@@ -263,7 +271,7 @@ def attention_variants() -> list[AotVariant]:
                 config = _attention_backward.bwd_config(dtype, block_d)
             extra = {}
             if name == "fwd":
-                extra["STORE_LSE"] = True  # the training forward (inference stores less)
+                extra["STORE_LSE"] = True  # the training forward; inference's below
             if name == "dq":
                 ds_store, ds_atomic, ds_none = (
                     _attention_backward.DS_STORE,
@@ -284,6 +292,10 @@ def attention_variants() -> list[AotVariant]:
                 # fp32 is the precision path: its FMA (ieee) dots keep dK and dV in ~600 spilled bytes.
                 variant = dataclasses.replace(variant, allowed_spill_bytes=640)
             variants.append(variant)
+            if name == "fwd" and case_flags in (flags("HAS_TABLE"), flags("HAS_MASK")) and dtype != torch.float32:
+                # Inference's forward (no log-sum-exp stored) of the models' configurations.
+                extra["STORE_LSE"] = False
+                variants.append(_attention_variant(name, kernels[name], dtype, config, **common, **extra))
     for dtype in (torch.float16, torch.float32):
         delta_config = {"BLOCK_M": 64, "num_warps": 8}
         preprocess = _attention_backward.attention_bwd_preprocess_kernel
