@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import torch
 
-IMPLS = ("d2v_triton", "d2v_triton_fused01", "hf_eager")
+IMPLS = ("d2v_triton", "hf_eager")
 
 
 def peak_bytes(step: Callable[[], object], largest: int = 0) -> tuple[int, list[tuple[int, str]]]:
