@@ -64,15 +64,13 @@ def _run(model, inputs, backend):
         return model(**inputs, output_hidden_states=True)
 
 
-# The Triton kernels through the interpreter on the classes whose encoders differ in how they use
-# them (CTC and sequence pooling with padding masks, the vision model's hidden states at several
-# depths, the causal LM's decoder path): the other heads run the same fused encoders, which the
-# default-dispatch matrix checks for every class.
+# The Triton kernels through the interpreter on a class a modality, and on text's two encoder
+# paths (the causal LM's decoder, a bidirectional one with padding): the other heads run the same
+# fused encoders, which the default-dispatch matrix checks for every class (and tests/test_compile,
+# tests/test_training and tests/test_lean_layers run on Triton for other classes).
 TRITON_CLASSES = (
     "Data2VecAudioForCTC",
-    "Data2VecAudioForSequenceClassification",
     "Data2VecVisionForImageClassification",
-    "Data2VecVisionForSemanticSegmentation",
     "Data2VecTextForCausalLM",
     "Data2VecTextForSequenceClassification",
 )
