@@ -23,7 +23,7 @@ from d2v_kernels.kernels._attention_common import (
     tile_dot,
     upcast_dot,
 )
-from d2v_kernels.kernels._launch import DirectLaunch, fixed_tail
+from d2v_kernels.kernels._launch import DirectLaunch, fixed_tail, operand_key
 from d2v_kernels.kernels._tiles import cdiv, tiles
 from d2v_kernels.kernels._tiles import on_change as on_tiles_change
 
@@ -452,10 +452,6 @@ class BackwardLaunch:
         return dq, dk, dv, dtable, dbias
 
 
-def _optional_key(t):
-    return None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() & 15)
-
-
 _backward_launches: dict[tuple, BackwardLaunch] = {}
 _MAX_LAUNCHES = 1024
 on_tiles_change(_backward_launches.clear)
@@ -483,7 +479,7 @@ def attention_backward(
     """(dq, dk, dv, dbias_table or None, dbias or None); dq/dk/dv (B, N, H, d) contiguous in q's dtype,
     the bias gradients in their parameters' dtypes and shapes."""
     key = (
-        tuple(_optional_key(t) for t in (grad_out, q, k, v, out, lse, bias_table, bias_index, bias, key_padding_mask)),
+        tuple(operand_key(t) for t in (grad_out, q, k, v, out, lse, bias_table, bias_index, bias, key_padding_mask)),
         q.device, causal, dropout_p, scale, table_grad, bias_grad, deterministic, dot_precision(q.dtype),
     )  # fmt: skip
     launch = _backward_launches.get(key)

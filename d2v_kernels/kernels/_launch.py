@@ -29,7 +29,7 @@ try:
 except ImportError:  # pragma: no cover - a Triton without knobs: always the full path
     _RUNTIME = None
 
-__all__ = ["DirectLaunch", "LaunchCache", "fixed_tail"]
+__all__ = ["DirectLaunch", "LaunchCache", "fixed_tail", "operand_key"]
 
 
 def _hook_set(chain) -> bool:
@@ -88,6 +88,12 @@ class DirectLaunch:
         if self._compiled is None and _launchable(compiled):
             self._compiled = compiled
             self._device = _driver.active.get_current_device()
+
+
+def operand_key(t) -> tuple | None:
+    """What a launch specialises on for one tensor operand (None for an absent one): shape,
+    strides, dtype and whether its pointer is 16-byte aligned. Launch caches key on it."""
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() & 15)
 
 
 def fixed_tail(fn, n_runtime: int, positional: Sequence, constexprs: dict) -> tuple:

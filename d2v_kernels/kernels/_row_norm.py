@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from d2v_kernels.kernels._launch import DirectLaunch
+from d2v_kernels.kernels._launch import DirectLaunch, operand_key
 from d2v_kernels.kernels._tiles import cdiv, next_power_of_2, tiles
 from d2v_kernels.kernels._tiles import on_change as on_tiles_change
 
@@ -445,10 +445,6 @@ def _launch_plan(direction: str, tensors: Sequence[torch.Tensor | None], channel
     return n_batch, n_channels, n_pos, args, tile, wide_offsets(n_channels, n_pos, strides)
 
 
-def _optional_key(t: torch.Tensor | None):
-    return None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() & 15)
-
-
 class _ForwardLaunch:
     """The forward kernel's launch for one layout (x's and every operand's shape, strides, dtype,
     alignment; flags): view, tiles, grid and integer arguments fixed, the compiled kernel launched
@@ -573,8 +569,8 @@ def forward_launch(
     None without ``store_stats``: inference needs no backward)."""
     channels_dim %= x.dim()
     key = (
-        "fwd", channels_dim, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15, _optional_key(residual),
-        _optional_key(weight), _optional_key(bias), activation, store_sum, store_stats,
+        "fwd", channels_dim, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15, operand_key(residual),
+        operand_key(weight), operand_key(bias), activation, store_sum, store_stats,
     )  # fmt: skip
     return _cached(
         key, lambda: _ForwardLaunch(x, channels_dim, weight, bias, activation, residual, store_sum, store_stats)
@@ -625,9 +621,9 @@ def row_norm_backward(
         got = f"got {tuple(out.shape)} and {out.stride()}"
         raise ValueError(f"row_norm_backward: out must have x's shape {tuple(x.shape)} and strides {x.stride()}, {got}")
     key = (
-        "bwd", channels_dim, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15, _optional_key(residual),
-        _optional_key(weight), _optional_key(bias), activation, _optional_key(dy), _optional_key(dsum),
-        _optional_key(out),
+        "bwd", channels_dim, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15, operand_key(residual),
+        operand_key(weight), operand_key(bias), activation, operand_key(dy), operand_key(dsum),
+        operand_key(out),
     )  # fmt: skip
     launch = _cached(key, lambda: _BackwardLaunch(dy, x, channels_dim, weight, bias, activation, residual, dsum, out))
     return launch(dy, x, weight, bias, mean, rstd, residual, dsum, out)

@@ -45,7 +45,7 @@ from d2v_kernels.kernels._attention_common import (
     tile_dot,
     upcast_dot,
 )
-from d2v_kernels.kernels._launch import DirectLaunch
+from d2v_kernels.kernels._launch import DirectLaunch, operand_key
 from d2v_kernels.kernels._tiles import cdiv, tiles
 from d2v_kernels.kernels._tiles import on_change as on_tiles_change
 
@@ -360,10 +360,7 @@ def forward_key(
     q, k, v, bias_table, bias_index, bias, key_padding_mask, causal: bool, dropout: bool, store_lse: bool = True
 ) -> tuple:
     """What :class:`ForwardLaunch` depends on: one launch serves every input with this key."""
-    optional = tuple(
-        None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() & 15)
-        for t in (bias_table, bias_index, bias, key_padding_mask)
-    )
+    optional = tuple(operand_key(t) for t in (bias_table, bias_index, bias, key_padding_mask))
     return (
         q.shape, q.stride(), k.shape, k.stride(), v.stride(), q.dtype, k.dtype, v.dtype, q.device,
         q.data_ptr() & 15, k.data_ptr() & 15, v.data_ptr() & 15, optional, causal, dropout,
