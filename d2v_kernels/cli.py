@@ -90,6 +90,9 @@ def cmd_info(args) -> int:
             else:
                 status = "cannot run: " + "; ".join(forced_reasons)
             print(f"    {impl.backend:<7} {status}")
+        measured = dispatch.rule(op)
+        if measured is not None:
+            print(f"    measured rule: some inputs go to another backend first ({measured.evidence})")
     return 0
 
 

@@ -1,10 +1,15 @@
 """The one place that decides which implementation of an op runs.
 
-Each op registers its implementations (``triton``, ``cuda``, ``eager``) in priority order. An
-implementation declares the devices it runs on and a ``check`` that answers an input with a list
-of plain-language reasons it cannot take it. ``call`` runs the first implementation with no
+Each op registers its implementations (``triton``, ``cuda``, ``sdpa``, ``eager``) in priority
+order. An implementation declares the devices it runs on and a ``check`` that answers an input with
+a list of plain-language reasons it cannot take it. ``call`` runs the first implementation with no
 reasons (eager last), records the choice for :func:`record_dispatch`, and warns once per
-(op, reasons) when a CUDA input falls back from a kernel that default dispatch would run. An opt-in
+(op, reasons) when a CUDA input falls back from a kernel that default dispatch would run.
+
+An op may declare a measured rule (:func:`register_rule`): for a class of inputs, the backends that
+committed GPU measurements show to be faster than the priority order's first, tried before it.
+A preferred backend that cannot take an input is passed over without a warning: the rule is a
+preference, the priority order the default. An opt-in
 implementation that is not enabled is no fallback: the default path never warns. ``use_backend``
 (or the environment variable ``D2V_KERNELS_BACKEND``) forces a backend and raises with the reasons
 when it cannot take the input.
@@ -28,7 +33,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-BACKENDS = ("triton", "cuda", "eager")
+BACKENDS = ("triton", "cuda", "sdpa", "eager")
 ENV_BACKEND = "D2V_KERNELS_BACKEND"
 
 
@@ -57,7 +62,7 @@ class Implementation:
 _REGISTRY: dict[str, list[Implementation]] = {}
 # The CUDA extension ranks after Triton: it is the slower path wherever both can run (see
 # bench/results), and ranked first it would be asked, and loaded, on every default GPU call.
-_PRIORITY = {"triton": 0, "cuda": 1, "eager": 2}
+_PRIORITY = {"triton": 0, "cuda": 1, "sdpa": 2, "eager": 3}
 
 
 def register(
@@ -95,6 +100,38 @@ def register(
     _REGISTRY[op] = impls
     clear_plans()
     return impl
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """A measured preference of ``op``: ``prefer(*args, **kwargs)`` names, for an input, the backends
+    to try before the priority order (an empty tuple: none); ``evidence`` cites the committed
+    measurement (a file under bench/results) it was written from."""
+
+    op: str
+    prefer: Callable[..., tuple[str, ...]]
+    evidence: str
+
+
+_RULES: dict[str, Rule] = {}
+
+
+def register_rule(op: str, prefer: Callable[..., tuple[str, ...]], *, evidence: str) -> Rule:
+    """Declare ``op``'s measured rule (one per op; a later one replaces it). ``evidence`` must name
+    the measurement; a rule without one is not a rule. ``prefer`` may read only what the ops' plan
+    keys hold (the inputs' layouts, the flags, grad mode): its answer is cached with the plan."""
+    if not evidence or not evidence.strip():
+        raise ValueError(f"register_rule({op!r}): evidence must cite the measurement the rule is written from")
+    declared = Rule(op=op, prefer=prefer, evidence=evidence)
+    _RULES[op] = declared
+    clear_plans()
+    return declared
+
+
+def rule(op: str) -> Rule | None:
+    """``op``'s measured rule, or None."""
+    _ensure_ops_loaded()
+    return _RULES.get(op)
 
 
 def implementations(op: str) -> list[Implementation]:
@@ -359,12 +396,24 @@ def select(op: str, device: torch.device, *args, **kwargs) -> Implementation:
                     f"{op}: backend {backend!r} was forced but cannot take this input: " + "; ".join(reasons)
                 )
             return impl
+    preferred: tuple[str, ...] = ()
+    measured = _RULES.get(op)
+    if measured is not None:
+        preferred = measured.prefer(*args, **kwargs)
+        if preferred:
+            rank = {b: n for n, b in enumerate(preferred)}
+            impls = sorted(impls, key=lambda i: rank.get(i.backend, len(rank)))
     skipped: list[tuple[Implementation, list[str]]] = []
     for impl in impls:
         reasons = reasons_for(impl, device, *args, **kwargs)
         if not reasons:
-            # Passing over an opt-in implementation that is not enabled is the default, not a fallback.
-            fell_back = [(i, r) for i, r in skipped if not (i.opt_in and not _environment().opt_in_enabled)]
+            # Passing over an opt-in implementation that is not enabled, or one the rule preferred,
+            # is the default, not a fallback.
+            fell_back = [
+                (i, r)
+                for i, r in skipped
+                if not (i.opt_in and not _environment().opt_in_enabled) and i.backend not in preferred
+            ]
             if fell_back and device.type == "cuda":
                 _warn_fallback(op, impl, fell_back)
             return impl

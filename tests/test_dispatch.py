@@ -160,6 +160,38 @@ def test_default_pick_past_an_opt_in_backend_does_not_warn():
         dispatch._REGISTRY.pop("fake_op4")
 
 
+def test_measured_rule_prefers_a_backend_per_input_without_warning():
+    """A rule sends one class of input to the backend it prefers, the rest in priority order; a
+    preferred backend that cannot take an input is passed over silently; forcing beats the rule."""
+    dispatch.register("fake_op5", "eager", lambda x: "eager", devices=("cpu", "cuda", "meta"))
+    dispatch.register("fake_op5", "triton", lambda x: "triton", devices=("cuda",))
+    dispatch.register(
+        "fake_op5",
+        "sdpa",
+        lambda x: "sdpa",
+        check=lambda x: [] if x.dim() == 2 else ["sdpa takes 2-D inputs only"],
+        devices=("cuda", "cpu"),
+    )
+    cuda = torch.device("cuda")
+    with pytest.raises(ValueError, match="evidence"):
+        dispatch.register_rule("fake_op5", lambda x: ("sdpa",), evidence=" ")
+    dispatch.register_rule("fake_op5", lambda x: ("sdpa",) if x.dtype == torch.float16 else (), evidence="test")
+    try:
+        assert dispatch.rule("fake_op5").evidence == "test"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with d2v_kernels.record_dispatch() as calls:
+                assert dispatch.call("fake_op5", cuda, torch.empty(1, 1, dtype=torch.float16)) == "sdpa"
+                assert dispatch.call("fake_op5", cuda, torch.empty(1, 1)) == "triton"
+                assert dispatch.call("fake_op5", cuda, torch.empty(1, dtype=torch.float16)) == "triton"
+            assert calls == {("fake_op5", "sdpa"): 1, ("fake_op5", "triton"): 2}
+            with d2v_kernels.use_backend(fake_op5="triton"):
+                assert dispatch.call("fake_op5", cuda, torch.empty(1, 1, dtype=torch.float16)) == "triton"
+    finally:
+        dispatch._REGISTRY.pop("fake_op5")
+        dispatch._RULES.pop("fake_op5")
+
+
 def test_plans_follow_use_backend_and_the_environment(monkeypatch):
     """An op's cached decision is keyed by the backends forced in this thread, and dropped when an
     environment variable dispatch reads changes: the same input then dispatches anew."""
