@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from d2v_kernels.kernels import _attention_backward, _attention_bias_grad, _row_norm, attention, pos_conv
+from d2v_kernels.kernels import accumulate_target as acc_target
 from d2v_kernels.kernels import conv_feature_extractor as cfe
 from d2v_kernels.kernels.aot import AotVariant, as_run
 
@@ -482,10 +483,64 @@ def conv_feature_extractor_variants() -> list[AotVariant]:
     return variants
 
 
+# --------------------------------------------------------------------------------------------
+# Target accumulation (pretraining)
+# --------------------------------------------------------------------------------------------
+
+_ACC_TARGET_INTS = tuple(f"stride_{t}_{a}" for t in ("acc", "x") for a in "bcp") + ("stride_mask_b", "stride_mask_p")
+
+
+def accumulate_target_variants(channels: int = 768) -> list[AotVariant]:
+    """Both kernels at a ``channels``-wide channels-last layer (text and vision's; audio's instance
+    norm too) with a padding mask in every dtype; each flag's other value, the channels-first input
+    (unit frame stride) and int64 offsets in fp16; the rows kernel in fp16 at the tiles of the
+    narrowest, a middle, the model's and the widest rows, both layouts (CI time: the tiles between
+    differ only in their constants)."""
+    rows_tiles = {  # "none" takes "layer"'s tiles (at min(C, MAX_CHANNELS))
+        (acc_target.rows_tile(width, contiguous, True), contiguous)
+        for width in (64, 512, channels, _row_norm.MAX_CHANNELS)
+        for contiguous in (False, True)
+    }
+    model_tile = acc_target.rows_tile(channels, False, True)
+    cases = [("rows", dtype, True, True, model_tile, False, False) for dtype in TRITON_TYPES]
+    cases += [("instance", dtype, None, True, acc_target.INSTANCE_TILE, False, False) for dtype in TRITON_TYPES]
+    cases += [
+        ("rows", torch.float16, False, False, model_tile, False, False),
+        ("rows", torch.float16, True, True, model_tile, False, True),
+        ("instance", torch.float16, None, False, acc_target.INSTANCE_TILE, False, False),
+        ("instance", torch.float16, None, True, acc_target.INSTANCE_TILE, True, False),
+        ("instance", torch.float16, None, True, acc_target.INSTANCE_TILE, False, True),
+    ]
+    done = {(model_tile, False)}
+    cases += [("rows", torch.float16, True, True, t, first, False) for t, first in sorted(rows_tiles - done)]
+    return [_accumulate_target_variant(*case) for case in cases]
+
+
+def _accumulate_target_variant(kind, dtype, normalize, has_mask, tile, channels_first, wide) -> AotVariant:
+    block_p, block_c, num_warps = tile
+    constexprs = {"HAS_MASK": has_mask, "BLOCK_P": block_p, "BLOCK_C": block_c, "WIDE_OFFSETS": wide}
+    if kind == "rows":
+        kernel = acc_target.accumulate_rows_kernel
+        constexprs = {"NORMALIZE": normalize} | constexprs
+        ints = ("n_pos", "n_channels", "tiles_per_batch") + _ACC_TARGET_INTS
+    else:
+        kernel = acc_target.instance_norm_accumulate_kernel
+        ints = ("n_pos", "n_channels") + _ACC_TARGET_INTS
+    types = {"ACC": "*fp32", "X": "*" + TRITON_TYPES[dtype], "MASK": "*u8" if has_mask else "*fp32"}
+    types |= dict.fromkeys(ints, "i32") | {"scale": "fp32", "eps": "fp32"}
+    name = f"{kind}_{TRITON_TYPES[dtype]}" + ("" if normalize is None else f"_normalize={int(normalize)}")
+    name += f"_mask={int(has_mask)}_p{block_p}_c{block_c}_w{num_warps}"
+    name += ("_channels_first" if channels_first else "") + ("_wide" if wide else "")
+    variant = AotVariant(name, kernel, _signature(kernel, types, constexprs), constexprs, num_warps, 3)
+    unit_strides = ("stride_acc_c", "stride_x_p" if channels_first else "stride_x_c", "stride_mask_p")
+    return as_run(variant, unit_strides, ("n_channels", "stride_acc_b", "stride_acc_p", "stride_x_b"))
+
+
 VARIANTS = {
     "layer_norm_gelu": layer_norm_gelu_variants,
     "add_layer_norm": add_layer_norm_variants,
     "attention": attention_variants,
     "pos_conv": pos_conv_variants,
     "conv_feature_extractor": conv_feature_extractor_variants,
+    "accumulate_target": accumulate_target_variants,
 }

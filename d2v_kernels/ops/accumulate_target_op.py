@@ -20,6 +20,12 @@ import torch.nn.functional as F
 
 from d2v_kernels import dispatch
 from d2v_kernels.ops._checks import KERNEL_DTYPES, check_eps, check_same_device, check_tensor
+from d2v_kernels.ops._eager import runs_eagerly
+
+try:
+    from d2v_kernels.kernels import accumulate_target as _kernels
+except ImportError as _error:  # triton absent: the triton backend reports it as a reason
+    _kernels, _KERNELS_IMPORT_ERROR = None, _error
 
 NORMS = ("instance", "layer", "none")
 
@@ -53,6 +59,46 @@ def accumulate_target_reference(acc, layer_out, *, norm, scale, padding_mask=Non
 
 
 # --------------------------------------------------------------------------------------------
+# torch.library registration: the Triton launch as an opaque op that mutates acc, for torch.compile
+# --------------------------------------------------------------------------------------------
+
+
+def accumulate_target_impl(
+    acc: torch.Tensor, layer_out: torch.Tensor, norm: str, scale: float, padding_mask: torch.Tensor | None, eps: float
+) -> None:
+    if padding_mask is not None and padding_mask.dtype != torch.bool:
+        padding_mask = padding_mask != 0
+    _kernels.accumulate_target(acc, layer_out, norm, scale, padding_mask, eps)
+
+
+accumulate_target_op = torch.library.custom_op(
+    "d2v_kernels::accumulate_target", accumulate_target_impl, mutates_args=("acc",)
+)
+
+
+@accumulate_target_op.register_fake
+def _(acc, layer_out, norm, scale, padding_mask, eps):
+    return None
+
+
+def accumulate_target_triton(acc, layer_out, *, norm, scale, padding_mask=None, eps=1e-5):
+    """The Triton kernels: launched directly on real tensors, through the custom op when traced."""
+    if runs_eagerly((acc, layer_out, padding_mask)):
+        accumulate_target_impl(acc, layer_out, norm, scale, padding_mask, eps)
+    else:
+        torch.ops.d2v_kernels.accumulate_target(acc, layer_out, norm, scale, padding_mask, eps)
+    return acc
+
+
+def triton_available() -> list[str]:
+    return [] if _kernels is not None else [f"triton kernels not importable: {_KERNELS_IMPORT_ERROR}"]
+
+
+def _triton_reasons(acc, layer_out, *, norm, scale, padding_mask=None, eps=1e-5) -> list[str]:
+    return _kernels.unsupported_reasons(norm, acc.shape[-1])
+
+
+# --------------------------------------------------------------------------------------------
 # Public function
 # --------------------------------------------------------------------------------------------
 
@@ -61,6 +107,8 @@ def _validate(acc, layer_out, norm, scale, padding_mask, eps) -> tuple[float, fl
     """Errors name the argument. Returns (scale, eps) as floats."""
     check_tensor("acc", acc, ndim=3, dtypes=(torch.float32,))
     check_tensor("layer_out", layer_out, ndim=3, dtypes=KERNEL_DTYPES)
+    if any(stride == 0 and size > 1 for size, stride in zip(acc.shape, acc.stride())):
+        raise ValueError(f"acc must not be an expanded tensor (elements sharing memory), got strides {acc.stride()}")
     if layer_out.shape != acc.shape:
         raise ValueError(f"layer_out must have acc's shape {tuple(acc.shape)}, got {tuple(layer_out.shape)}")
     if not isinstance(norm, str) or norm not in NORMS:
@@ -88,7 +136,7 @@ def _validate(acc, layer_out, norm, scale, padding_mask, eps) -> tuple[float, fl
 def accumulate_target(acc, layer_out, *, norm, scale, padding_mask=None, eps=1e-5):
     """``acc += scale * normalised(layer_out)`` in fp32, in place; returns acc.
 
-    acc: (B, T, C) float32 (channels contiguous). layer_out: (B, T, C) fp32, fp16 or bf16 (either
+    acc: (B, T, C) float32 (any strides; elements must not share memory). layer_out: (B, T, C) fp32, fp16 or bf16 (either
     dimension may be the contiguous one: a channels-first tensor transposed works as it is).
     norm: "instance" (per (batch, channel) over time, biased variance, no affine), "layer" (per
     frame over channels) or "none". padding_mask: optional (B, T) bool or integer tensor, nonzero
@@ -103,4 +151,12 @@ def accumulate_target(acc, layer_out, *, norm, scale, padding_mask=None, eps=1e-
     return acc
 
 
+dispatch.register(
+    "accumulate_target",
+    "triton",
+    accumulate_target_triton,
+    _triton_reasons,
+    available=triton_available,
+    description="Triton: per-frame LayerNorm rows or per-(sample, channel) two-pass instance norm, fp32 add in place",
+)
 dispatch.register("accumulate_target", "eager", accumulate_target_reference, devices=("cpu", "cuda", "meta"))
