@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -301,6 +303,67 @@ def test_records_triton_dispatch():
     with d2v_kernels.use_backend(layer_norm_gelu="triton"), d2v_kernels.record_dispatch() as calls:
         ops.layer_norm_gelu(x)
     assert calls == {("layer_norm_gelu", "triton"): 1}
+
+
+RULE_CASES = [
+    # (shape, channels_dim, affine, training, dtype, preferred): one input of each measured class and
+    # of unmeasured neighbours (fp32, another row bucket, affine at the pos conv's width): Triton.
+    ((2, 512, 3), 1, True, False, torch.float16, ()),
+    ((2, 512, 3), 1, True, True, torch.bfloat16, ("eager",)),
+    ((2, 3, 512), -1, True, False, torch.float16, ()),
+    ((2, 3, 512), -1, True, True, torch.float16, ("eager",)),
+    ((2, 768, 3), 1, False, False, torch.float16, ("eager",)),
+    ((2, 768, 3), 1, False, True, torch.float16, ("eager",)),
+    ((2, 3, 1024), -1, False, False, torch.bfloat16, ("eager",)),
+    ((2, 3, 768), -1, False, True, torch.float16, ("eager",)),
+    ((2, 3, 768), -1, False, False, torch.float32, ()),
+    ((2, 3, 512), -1, True, True, torch.float32, ()),
+    ((2, 3, 2048), -1, False, False, torch.float16, ()),
+    ((2, 3, 768), -1, True, False, torch.float16, ()),
+    ((2, 512, 3), 1, False, False, torch.float16, ()),
+]
+
+
+@pytest.mark.parametrize(("shape", "channels_dim", "affine", "training", "dtype", "preferred"), RULE_CASES)
+def test_measured_rule_table(shape, channels_dim, affine, training, dtype, preferred):
+    """The rule answers each class from PREFERENCES (eager where the H100 run measured the kernel
+    slower, Triton elsewhere); training is grad mode with an input that requires a gradient."""
+    from d2v_kernels.ops import layer_norm_gelu_op
+
+    measured = dispatch.rule("layer_norm_gelu")
+    assert measured.prefer is layer_norm_gelu_op.preferred_backends
+    assert measured.evidence.startswith("bench/results/") and measured.evidence.endswith("layer_norm_gelu.json")
+    x, weight, bias = _inputs(shape, channels_dim, dtype, affine)
+    x.requires_grad_(training)
+    kwargs = {"eps": 1e-5, "channels_dim": channels_dim % x.dim(), "approximate": "none"}
+    assert measured.prefer(x, weight, bias, **kwargs) == preferred
+    with torch.no_grad():  # inference, whatever requires a gradient
+        assert measured.prefer(x, weight, bias, **kwargs) == layer_norm_gelu_op.preferred_backends(
+            x.detach(), weight, bias, **kwargs
+        )
+    for key, (backends, evidence) in layer_norm_gelu_op.PREFERENCES.items():
+        assert backends in ((), ("eager",)) and "triton" in evidence and "eager" in evidence, key
+
+
+def test_measured_rule_picks_eager_on_cuda_without_a_warning():
+    """On a CUDA device (passed to select: the rule reads only the input), the pos conv's class runs
+    eager, recorded, without a fallback warning; the encoder's inference class runs Triton."""
+    cuda = torch.device("cuda")
+    x = torch.randn(2, 3, 768, dtype=torch.float16)
+    kwargs = {"eps": 1e-5, "channels_dim": 2, "approximate": "none"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with d2v_kernels.record_dispatch() as calls:
+            y = dispatch.call("layer_norm_gelu", cuda, x, None, None, **kwargs)
+        assert calls == {("layer_norm_gelu", "eager"): 1}
+        torch.testing.assert_close(y, ops.layer_norm_gelu_reference(x, channels_dim=-1))
+        x, weight, bias = _inputs((2, 512, 3), 1, torch.float16, True)
+        assert dispatch.select("layer_norm_gelu", cuda, x, weight, bias, **{**kwargs, "channels_dim": 1}).backend == (
+            "triton"
+        )
+        posconv = torch.randn(2, 3, 768, dtype=torch.float16)
+        with d2v_kernels.use_backend(layer_norm_gelu="triton"):  # forcing beats the rule
+            assert dispatch.select("layer_norm_gelu", cuda, posconv, None, None, **kwargs).backend == "triton"
 
 
 # --------------------------------------------------------------------------------------------
