@@ -12,9 +12,12 @@ gives: uniform weights over all keys.
 
 from __future__ import annotations
 
+import collections
 import importlib.util
+import weakref
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from d2v_kernels import dispatch
@@ -244,6 +247,101 @@ def _triton_reasons(q, k, v, *, bias_table=None, bias=None, dropout_p=0.0, **_) 
     return unsupported_reasons(q, k.shape[1], dropout_p, {"bias_table": bias_table, "bias": bias})
 
 
+# --------------------------------------------------------------------------------------------
+# sdpa path: PyTorch's scaled_dot_product_attention (flash, cuDNN, memory-efficient or math, its pick)
+# --------------------------------------------------------------------------------------------
+
+
+# (table, index, dtype) -> the gathered (1, H, Nq, Nk) bias, for inference: a model's tables are
+# parameters and its index a cached buffer, so every layer of every step hits.
+_GATHERED_BIAS: collections.OrderedDict[tuple, tuple] = collections.OrderedDict()
+_GATHERED_BIAS_SIZE = 64  # a table per layer: 24 layers of a large model, in two dtypes, and spare
+
+
+def gathered_bias(bias_table: torch.Tensor, bias_index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``bias_table[bias_index]`` as a contiguous (1, H, Nq, Nk) tensor in ``dtype``, a bias shared
+    by the batch (what the fused sdpa kernels take). With autograd recording the table's gradient
+    flows back through the gather; otherwise the result is kept while the table and the index are
+    the same tensors (weak references) at the same versions."""
+    if (torch.is_grad_enabled() and bias_table.requires_grad) or torch.compiler.is_compiling():
+        return gather_relative_bias(bias_table, bias_index).to(dtype).contiguous()
+    key = (id(bias_table), id(bias_index), dtype)
+    hit = _GATHERED_BIAS.get(key)
+    if hit is not None:
+        table_ref, index_ref, versions, dense = hit
+        if table_ref() is bias_table and index_ref() is bias_index and versions == _versions(bias_table, bias_index):
+            _GATHERED_BIAS.move_to_end(key)
+            return dense
+    dense = gather_relative_bias(bias_table.detach(), bias_index).to(dtype).contiguous()
+    versions = _versions(bias_table, bias_index)
+    _GATHERED_BIAS[key] = (weakref.ref(bias_table), weakref.ref(bias_index), versions, dense)
+    while len(_GATHERED_BIAS) > _GATHERED_BIAS_SIZE:
+        _GATHERED_BIAS.popitem(last=False)
+    return dense
+
+
+def _versions(*tensors) -> tuple:
+    return tuple((t.data_ptr(), t._version) for t in tensors)
+
+
+def attention_sdpa(
+    q,
+    k,
+    v,
+    *,
+    bias_table=None,
+    bias_index=None,
+    bias=None,
+    key_padding_mask=None,
+    causal=False,
+    dropout_p=0.0,
+    scale=None,
+):
+    """:func:`attention` through ``torch.nn.functional.scaled_dot_product_attention`` (arguments
+    already validated): the padding mask as a (B, 1, 1, Nk) boolean mask, the table gathered into a
+    (1, H, Nq, Nk) bias in q's dtype (see :func:`gathered_bias`). Rows with no key left give what the
+    other backends give (the mean of v over all keys), never NaN. Dropout draws from torch's
+    generator in sdpa's own way: the same seed gives other dropped weights than the Triton kernel."""
+    n_q, n_k = q.shape[1], k.shape[1]
+    additive = None
+    if bias_table is not None:
+        additive = gathered_bias(bias_table, bias_index, q.dtype)
+    if bias is not None:
+        # -inf would make a row of sdpa's fused kernels 0 or NaN: the lowest finite value masks alike.
+        extra = bias.to(q.dtype).clamp_min(torch.finfo(q.dtype).min)
+        additive = extra if additive is None else additive + extra
+    allowed = None  # bool, broadcastable to (B, H, Nq, Nk)
+    if key_padding_mask is not None:
+        keep = key_padding_mask if key_padding_mask.dtype == torch.bool else key_padding_mask != 0
+        allowed = keep[:, None, None, :]
+    is_causal = causal and allowed is None and additive is None and n_q == n_k
+    if causal and not is_causal:
+        rows = torch.arange(n_q, device=q.device)[:, None] + (n_k - n_q)  # bottom-right aligned
+        seen = (torch.arange(n_k, device=q.device)[None, :] <= rows)[None, None]
+        allowed = seen if allowed is None else allowed & seen
+    rows_kept = None
+    if allowed is not None and (key_padding_mask is not None or n_q > n_k):
+        # Rows with no key left: sdpa sees every key there, and the output takes mean(v) instead.
+        rows_kept = allowed.any(-1, keepdim=True)
+        allowed = allowed | ~rows_kept
+    attn_mask = allowed
+    if additive is not None:
+        attn_mask = additive if allowed is None else torch.where(allowed, additive, float("-inf"))
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask, dropout_p=dropout_p,
+        is_causal=is_causal, scale=scale,
+    ).transpose(1, 2)  # fmt: skip
+    if rows_kept is not None:
+        out = torch.where(rows_kept.transpose(1, 2), out, v.mean(1, keepdim=True))
+    return out
+
+
+def _sdpa_reasons(q, *_, **__) -> list[str]:
+    if q.device.type == "cpu" and dispatch.forced_backend("attention")[0] != "sdpa":
+        return ["inputs are on the CPU, where the eager reference is the default (sdpa runs when forced)"]
+    return []
+
+
 _PLANS = plan_cache()
 
 
@@ -433,6 +531,69 @@ def _plan(device, q, k, v, bias_table, bias_index, bias, key_padding_mask, causa
     return run_kernel
 
 
+# --------------------------------------------------------------------------------------------
+# The measured rule: which backend runs a class of input on a CUDA device
+# --------------------------------------------------------------------------------------------
+
+EVIDENCE_OP = "bench/results/nvidia-h100-80gb-hbm3/20261125-091653-attention.json"
+EVIDENCE_PROFILE = "bench/results/nvidia-h100-80gb-hbm3/20261125-094000-profile-vision_base-inference.txt"
+
+# (bias kind, mode, dtype class) -> (backends preferred, evidence). A class with no preference
+# keeps the priority order: the Triton kernel, then sdpa, then eager. Every measurement is an H100
+# at d=64 (the Data2Vec head dim); fp16 and bf16 are one class. ``python -m bench.attention_rule
+# <results.json>`` prints these rows from a results file of ``bench.attention``.
+ATTENTION_RULE: dict[tuple[str, str, str], tuple[tuple[str, ...], str]] = {
+    ("key_padding", "inference", "half"): (
+        ("sdpa",),
+        f"text_base B=32 N=512 fp16 fwd: sdpa_bias 0.124 ms, d2v_triton 0.228 ms ({EVIDENCE_OP})",
+    ),
+    ("key_padding", "training", "half"): (
+        ("sdpa",),
+        f"text_base B=32 N=512 fp16 fwd+bwd: sdpa_bias 0.468 ms, d2v_triton 0.842 ms, eager 2.616 ms ({EVIDENCE_OP})",
+    ),
+    ("table", "inference", "half"): (
+        ("sdpa",),
+        "vision_base B=64 N=197 bf16 model inference: cuDNN sdpa with transformers' (1, H, N, N) bias "
+        f"128 us a layer, d2v_triton 210 us ({EVIDENCE_PROFILE}); the op bench's sdpa_bias row "
+        "(1.18 ms) gave sdpa a per-batch bias, which this backend does not",
+    ),
+    ("table", "training", "half"): (
+        ("eager",),
+        f"vision_base B=64 N=197 fp16 fwd+bwd: eager 1.200 ms, d2v_triton 1.675, flex 1.811, sdpa_bias (per-batch "
+        f"bias) 2.366 ({EVIDENCE_OP}); sdpa with the shared (1, H, N, N) bias not measured",
+    ),
+    ("none", "inference", "half"): ((), "unmeasured: d2v_triton was not run without bias or mask"),
+    ("none", "training", "half"): ((), "unmeasured: d2v_triton was not run without bias or mask"),
+    ("dense", "inference", "half"): ((), "unmeasured"),
+    ("dense", "training", "half"): ((), "unmeasured"),
+}
+# Not in the table (unmeasured, Triton first): fp32, causal, more than one bias kind at once.
+
+
+def input_class(q, k=None, v=None, *, bias_table=None, bias=None, key_padding_mask=None, causal=False,
+                dropout_p=0.0, **_) -> tuple[str, str, str]:  # fmt: skip
+    """(bias kind, mode, dtype class) of an input, the key of :data:`ATTENTION_RULE`: bias kind
+    ``none``, ``key_padding``, ``table``, ``dense`` or ``other`` (causal, or two kinds at once);
+    mode ``training`` (dropout, or autograd recording) or ``inference``; dtype ``half`` (fp16,
+    bf16), ``fp32`` or ``other``. Reads only what the op's plan key holds."""
+    kinds = [
+        name for name, t in (("key_padding", key_padding_mask), ("table", bias_table), ("dense", bias)) if t is not None
+    ]
+    kind = "other" if causal or len(kinds) > 1 else (kinds[0] if kinds else "none")
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias_table, bias))
+    mode = "training" if dropout_p > 0.0 or grad else "inference"
+    dtype = {torch.float16: "half", torch.bfloat16: "half", torch.float32: "fp32"}.get(q.dtype, "other")
+    return kind, mode, dtype
+
+
+def preferred_backends(q, k, v, **kwargs) -> tuple[str, ...]:
+    """The backends :data:`ATTENTION_RULE` prefers for this input (none off CUDA)."""
+    if q.device.type != "cuda":
+        return ()
+    row = ATTENTION_RULE.get(input_class(q, k, v, **kwargs))
+    return () if row is None else row[0]
+
+
 dispatch.register(
     "attention",
     "triton",
@@ -442,4 +603,17 @@ dispatch.register(
     available=_triton_unavailable,
     description="fused FlashAttention-2 style kernels, relative position bias gathered in-kernel",
 )
+dispatch.register(
+    "attention",
+    "sdpa",
+    attention_sdpa,
+    _sdpa_reasons,
+    devices=("cuda", "cpu"),
+    description="torch.nn.functional.scaled_dot_product_attention, the table gathered to a (1, H, N, N) bias",
+)
 dispatch.register("attention", "eager", attention_reference, devices=("cpu", "cuda", "meta"))
+dispatch.register_rule(
+    "attention",
+    preferred_backends,
+    evidence=f"ATTENTION_RULE in d2v_kernels/ops/attention_op.py, from {EVIDENCE_OP} and {EVIDENCE_PROFILE}",
+)
