@@ -24,7 +24,7 @@ from pathlib import Path
 from bench import common
 
 # The kernel benchmarks, one module each (bench/<op>.py with main(argv) and --quick).
-OPS = ("attention", "pos_conv", "layer_norm_gelu", "conv_feature_extractor")
+OPS = ("attention", "pos_conv", "layer_norm_gelu", "add_layer_norm", "conv_feature_extractor")
 NOT_OPS = {
     "__init__",
     "__main__",
@@ -32,6 +32,7 @@ NOT_OPS = {
     "op_benchmark",
     "models",
     "report",
+    "headline",
     "tune",
     "profile",
     "host_overhead",

@@ -20,7 +20,8 @@ most ``--check-factor`` (default 4) x the error of transformers eager in the sam
 floor. Train steps are checked for a finite loss and finite gradients.
 
 Rows: median / p20 / p80 ms per call, throughput (audio seconds/s, images/s, tokens/s with
-padding excluded), peak memory, max error. B=1 rows are the batch-1 latency.
+padding excluded), peak memory, max error, and for our models the dispatch counts of one call
+(which backend ran each op). B=1 rows are the batch-1 latency.
 
     python -m bench.models [--model audio_ctc,vision_base,...] [--dtype fp16,bf16] [--mode inference,train]
                            [--impls d2v,hf_sdpa,...] [--case b1] [--quick] [--check-only] [--tiny]
@@ -477,6 +478,8 @@ def time_mode(spec, model, call, batch, dtype, mode, options) -> dict[str, Any]:
         model.train()
         fn, check = train_step_fn(model, call, batch, dtype, train_precision=precision, device=device)
         out.update(check())
+    if spec_uses_our_ops(model):
+        out["dispatch"] = dispatch_counts(fn)
     if options.check_only:
         return out
     timing = common.time_ms(fn, **_timing_kwargs(options.quick))
@@ -487,6 +490,21 @@ def time_mode(spec, model, call, batch, dtype, mode, options) -> dict[str, Any]:
         peak_mem_mb=common.peak_memory_mb(fn),
     )
     return out
+
+
+def spec_uses_our_ops(model) -> bool:
+    """Whether ``model`` holds a module of ``d2v_kernels.models`` (its calls are worth recording)."""
+    return any(type(m).__module__.startswith("d2v_kernels.") for m in model.modules())
+
+
+def dispatch_counts(fn: Callable[[], object]) -> dict[str, int]:
+    """``{"op/backend": calls}`` of one call of ``fn``: which implementation ran each op (a compiled
+    model's ops record nothing once traced: its row shows what the eager warm-up ran)."""
+    import d2v_kernels
+
+    with d2v_kernels.record_dispatch() as calls:
+        fn()
+    return {f"{op}/{backend}": n for (op, backend), n in sorted(calls.items())}
 
 
 # ---------------------------------------------------------------------------------------- command line

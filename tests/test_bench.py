@@ -377,6 +377,8 @@ def test_timed_rows_carry_throughput_and_memory(monkeypatch):
         )
         assert row["throughput"] == pytest.approx(spec.tiny_case["batch"] * spec.tiny_case["seconds"] / 2e-3)
         assert row["throughput_unit"] == "audio s/s" and row["attn_implementation"] == "d2v_kernels"
+        # what ran each op (on the CPU: the eager references), one call's worth
+        assert row["dispatch"]["attention/eager"] == spec.config(tiny=True).num_hidden_layers
 
 
 def test_cuda_graph_baselines_are_compared_with_our_cuda_graph_row():
@@ -418,3 +420,29 @@ def test_report_marks_rows_of_a_run_stopped_short(tmp_path):
     (folder / "20300101-000002-pos_conv.json").write_text(json.dumps(dict(cut, complete=True)))
     ((_, rows),) = report.latest_by_gpu(report.find_runs(tmp_path)).values()
     assert report.INCOMPLETE_MARK not in report.markdown_table(report.add_derived(rows, None))
+
+
+def test_headline_renders_every_measured_cell_and_names_each_loss(tmp_path):
+    from bench import headline
+
+    env = dict(gpu="Test GPU", torch="2.x", date="2026-01-02T03:04:05", commit="abcdef123")
+    rows = [
+        dict(what="text_base", case="b32x512", dtype="bf16", mode="inference", impl="hf_sdpa", ms=10.0),
+        dict(what="text_base", case="b32x512", dtype="bf16", mode="inference", impl="d2v", ms=8.0),
+        dict(what="text_base", case="b32x512", dtype="bf16", mode="train", impl="hf_sdpa", ms=30.0),
+        dict(what="text_base", case="b32x512", dtype="bf16", mode="train", impl="d2v", ms=40.0),
+        dict(what="text_base", case="b32x512", dtype="bf16", mode="train", impl="hf_compile", error="boom"),
+    ]
+    path = tmp_path / "nvidia-test" / "20260102-030405-model-text_base-quick.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"environment": env, "rows": rows}))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{headline.START}\nold\n{headline.END}\n\ntail\n")
+    assert headline.main(["--results", str(tmp_path), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old" not in text and text.endswith(f"{headline.END}\n\ntail\n") and "Test GPU" in text
+    inference = next(line for line in text.splitlines() if "| inference |" in line)
+    train = next(line for line in text.splitlines() if "| train |" in line)
+    assert "| 10 | 8 | **1.25x** |" in inference
+    assert "| 30 | 40 | 0.75x (slower) |" in train and "not measured" in train  # the failed row is no time
+    assert "slower on this run: Data2VecTextForSequenceClassification (b32x512) train, eager." in text
