@@ -21,7 +21,7 @@ from bench import common, host_overhead, op_benchmark, report
 
 # ------------------------------------------------------------------------------------- op scripts
 
-OP_SCRIPTS = ("attention", "pos_conv", "conv_feature_extractor")
+OP_SCRIPTS = ("attention", "pos_conv", "conv_feature_extractor", "add_layer_norm")
 
 
 @pytest.mark.parametrize("op", OP_SCRIPTS)
@@ -98,6 +98,27 @@ def test_pos_conv_and_feature_extractor_check_only_on_cpu(tmp_path, capsys):
     for row in rows:
         assert "error" not in row and ("skipped" in row or row["max_err"] <= row["bound"]), row
     assert not list(tmp_path.iterdir())  # --check-only writes no result file
+
+
+def test_add_layer_norm_checks_every_baseline_on_cpu(tmp_path, capsys):
+    """bench/add_layer_norm.py's check-only run: d2v (default dispatch: eager on a CPU), d2v_triton
+    (the interpreter) and transformers' add + LayerNorm pass the float64 check, forward and
+    backward, with the sum returned; Liger is a skipped row where it does not install."""
+    from bench import add_layer_norm
+
+    argv = ["--check-only", "--tiny", "--device", "cpu", "--dtype", "bf16", "--out", str(tmp_path)]
+    assert add_layer_norm.main([*argv, "--impls", "d2v,d2v_triton,hf_eager,liger"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [(r["mode"], r["impl"]) for r in rows] == [
+        (mode, impl) for mode in ("fwd", "fwd+bwd") for impl in ("d2v", "d2v_triton", "hf_eager", "liger")
+    ]
+    for row in rows:
+        assert "error" not in row and ("skipped" in row or 0 < row["max_err"] <= row["bound"]), row
+    assert not list(tmp_path.iterdir())  # --check-only writes no result file
+    op_case = add_layer_norm.setup_case("tiny", "fp32", "fwd+bwd", "cpu")
+    assert len(op_case.make_step("d2v_triton")()) == 2 + 4  # y, sum, dx, dresidual, dweight, dbias
+    assert op_case.nbytes == 9 * 2 * 7 * 48 * 4  # 7 activations' worth, 9 with the sum returned
+    assert add_layer_norm.setup_case("tiny", "fp32", "fwd", "cpu").nbytes == 4 * 2 * 7 * 48 * 4
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
