@@ -494,11 +494,11 @@ def accumulate_target_variants(channels: int = 768) -> list[AotVariant]:
     """Both kernels at a ``channels``-wide channels-last layer (text and vision's; audio's instance
     norm too) with a padding mask in every dtype; each flag's other value, the channels-first input
     (unit frame stride) and int64 offsets in fp16; the rows kernel in fp16 at the tiles of the
-    narrowest, a middle, the model's and the widest rows, both layouts (CI time: the tiles between
-    differ only in their constants)."""
+    narrowest, the model's and the widest rows, both layouts (CI time: the tiles between differ
+    only in their constants)."""
     rows_tiles = {  # "none" takes "layer"'s tiles (at min(C, MAX_CHANNELS))
         (acc_target.rows_tile(width, contiguous, True), contiguous)
-        for width in (64, 512, channels, _row_norm.MAX_CHANNELS)
+        for width in (64, channels, _row_norm.MAX_CHANNELS)
         for contiguous in (False, True)
     }
     model_tile = acc_target.rows_tile(channels, False, True)
