@@ -21,7 +21,6 @@ run. Writes ``bench/results/<gpu>/<date>-add_layer_norm.json``.
 from __future__ import annotations
 
 import functools
-import itertools
 import sys
 
 import torch
@@ -148,47 +147,10 @@ def setup_case(case: str, dtype_name: str, mode: str, device: str = "cuda") -> o
 
 
 BENCHMARK = op_benchmark.OpBenchmark(
-    "add_layer_norm", __doc__, setup_case, tuple(CASES), QUICK_CASES, tuple(TINY_CASES), IMPLS
+    "add_layer_norm", __doc__, setup_case, tuple(CASES), QUICK_CASES, tuple(TINY_CASES), IMPLS, copy_bandwidth=True
 )
-parse_args = BENCHMARK.parse_args
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``BENCHMARK``'s loop with each timed row's share of the copy bandwidth measured in this run.
-    Exit status: 0, 1 when a row has an error, 2 without a GPU, 130 when interrupted."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    copy_gbps = None
-    if args.device == "cuda":
-        refused = common.require_gpu("add_layer_norm benchmark")
-        if refused is not None:
-            return refused
-        if not args.check_only:
-            copy_gbps = common.copy_bandwidth_gbps()
-            common.print_row({"what": "device", "impl": "torch_copy", "gbps": copy_gbps})
-    env = common.environment(argv)
-    timing_kwargs = {"rep_ms": 50.0 if args.quick else 200.0}
-    save = common.progress_saver("add_layer_norm", env, args.out, enabled=not args.check_only, copy_gbps=copy_gbps)
-    rows: list[dict] = []
-    try:
-        for case, dtype_name, mode in itertools.product(args.cases, args.dtypes, args.modes):
-            op_case = setup_case(case, dtype_name, mode, args.device)
-            for row in op_benchmark.bench_impls(
-                op_case, args.impls, check=not args.no_check, timed=not args.check_only,
-                timing_kwargs=timing_kwargs, device=args.device,
-            ):  # fmt: skip
-                if copy_gbps and "gbps" in row:
-                    row["fraction_of_copy_bw"] = row["gbps"] / copy_gbps
-                rows.append(row)
-            del op_case
-            if args.device == "cuda":
-                torch.cuda.empty_cache()
-            save(rows)
-    except KeyboardInterrupt:
-        print("interrupted: the result file holds the cases that finished", flush=True)
-        return common.INTERRUPTED
-    save(rows, complete=True)
-    return 1 if any("error" in row for row in rows) else 0
+# main(argv) -> exit status
+main, parse_args = BENCHMARK.main, BENCHMARK.parse_args
 
 
 if __name__ == "__main__":

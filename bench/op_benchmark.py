@@ -139,6 +139,8 @@ class OpBenchmark:
     modes: Sequence[str] = ("fwd", "fwd+bwd")
     dtypes: Sequence[str] = ("fp16", "bf16")
     quick_dtypes: Sequence[str] = ("fp16",)
+    # Memory-bound ops: measure the copy bandwidth once per timed run; rows get its share.
+    copy_bandwidth: bool = False
 
     def build_parser(self) -> argparse.ArgumentParser:
         parser = argparse.ArgumentParser(prog=f"python -m bench.{self.what}", description=self.doc.split("\n\n")[0])
@@ -197,7 +199,11 @@ class OpBenchmark:
         env = common.environment(argv)
         timing_kwargs = {"rep_ms": 50.0 if args.quick else 200.0}
         rows: list[dict[str, Any]] = []
-        save = common.progress_saver(self.what, env, args.out, enabled=not args.check_only, quick=args.quick)
+        extra: dict[str, Any] = {"quick": args.quick}
+        if self.copy_bandwidth and args.device == "cuda" and not args.check_only:
+            extra["copy_gbps"] = common.copy_bandwidth_gbps()
+            common.print_row({"what": "device", "impl": "torch_copy", "gbps": extra["copy_gbps"]})
+        save = common.progress_saver(self.what, env, args.out, enabled=not args.check_only, **extra)
         try:
             for case, dtype_name, mode in itertools.product(args.cases, args.dtypes, args.modes):
                 try:
@@ -209,7 +215,7 @@ class OpBenchmark:
                     for row in failed:
                         common.print_row(row)
                     continue
-                rows += bench_impls(
+                case_rows = bench_impls(
                     op_case,
                     args.impls,
                     check=not args.no_check,
@@ -217,6 +223,10 @@ class OpBenchmark:
                     timing_kwargs=timing_kwargs,
                     device=args.device,
                 )
+                for row in case_rows:
+                    if "copy_gbps" in extra and "gbps" in row:
+                        row["fraction_of_copy_bw"] = row["gbps"] / extra["copy_gbps"]
+                rows += case_rows
                 del op_case
                 if args.device == "cuda":
                     torch.cuda.empty_cache()
