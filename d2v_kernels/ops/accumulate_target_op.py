@@ -136,12 +136,13 @@ def _validate(acc, layer_out, norm, scale, padding_mask, eps) -> tuple[float, fl
 def accumulate_target(acc, layer_out, *, norm, scale, padding_mask=None, eps=1e-5):
     """``acc += scale * normalised(layer_out)`` in fp32, in place; returns acc.
 
-    acc: (B, T, C) float32 (any strides; elements must not share memory). layer_out: (B, T, C) fp32, fp16 or bf16 (either
-    dimension may be the contiguous one: a channels-first tensor transposed works as it is).
+    acc: (B, T, C) float32 (any strides; elements must not share memory). layer_out: (B, T, C)
+    fp32, fp16 or bf16, any strides (a channels-first tensor transposed is read as it is).
     norm: "instance" (per (batch, channel) over time, biased variance, no affine), "layer" (per
     frame over channels) or "none". padding_mask: optional (B, T) bool or integer tensor, nonzero
     = a valid frame: "instance" statistics use the valid frames only, and padded frames of acc are
     left unchanged for every norm. eps is added to the variance inside the square root.
+    Call it under ``torch.no_grad()``: with grad mode on, an input that requires grad raises.
     """
     scale, eps = _validate(acc, layer_out, norm, scale, padding_mask, eps)
     options = dict(norm=norm, scale=scale, padding_mask=padding_mask, eps=eps)
