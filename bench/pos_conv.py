@@ -1,7 +1,8 @@
 """Benchmark the audio positional conv embedding: d2v_kernels' Triton kernels vs transformers'
 ``Data2VecAudioPositionalConvEmbedding`` (cuDNN grouped conv with transposes, eager LayerNorm +
 GELU), torch.compile of it, and a channels-last cuDNN conv (NHWC conv2d on the (B, T, C) memory,
-no transposes).
+no transposes: the op's eager backend on CUDA). ``d2v`` is the public op under default dispatch
+(its measured rule picks the backend), ``d2v_triton`` the Triton kernels forced.
 
 Cases: base (B=8, T=499 frames = 10 s, C=768, 16 groups, k=19, 5 layers) and large (C=1024),
 fp16 and bf16, forward and forward+backward (gradients for the input, every weight and bias).
@@ -12,7 +13,7 @@ shows it as a share of the GPU's dense fp16/bf16 tensor-core peak), and peak mem
 ``bench/results/<gpu>/<date>-pos_conv.json``.
 
     python -m bench.pos_conv [--quick] [--cases base,large] [--dtypes fp16,bf16] [--modes fwd,fwd+bwd]
-                             [--impls d2v_triton,hf_eager,hf_compile,cudnn_channels_last]
+                             [--impls d2v,d2v_triton,hf_eager,hf_compile,cudnn_channels_last]
     python -m bench.pos_conv --check-only --tiny --device cpu     # the output checks on a CPU
 """
 
@@ -23,7 +24,6 @@ import functools
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from bench import common, op_benchmark
 
@@ -33,7 +33,7 @@ QUICK_CASES = ("base",)
 # For --check-only --tiny (CPU; d2v_triton runs there under TRITON_INTERPRET=1).
 TINY_CASES = {"tiny": (2, 23, 48, 4, 5, 2)}
 SHAPES = {**CASES, **TINY_CASES}
-IMPLS = ("d2v_triton", "hf_eager", "hf_compile", "cudnn_channels_last")
+IMPLS = ("d2v", "d2v_triton", "hf_eager", "hf_compile", "cudnn_channels_last")
 
 
 def build_module(case: str, dtype: torch.dtype, device: str = "cuda", seed: int = 0):
@@ -70,7 +70,7 @@ def _layer_params(module):
 
 def embedding_fn(module, impl: str):
     """hidden (B, T, C) -> positional embedding (B, T, C) for one implementation."""
-    weights, biases, groups, kernel_size, eps = _layer_params(module)
+    weights, biases, groups, _, eps = _layer_params(module)
     if impl == "d2v_triton":
         import d2v_kernels
         from d2v_kernels import ops
@@ -84,22 +84,17 @@ def embedding_fn(module, impl: str):
         return module
     if impl == "hf_compile":
         return torch.compile(module, dynamic=False)  # a graph per shape
+    if impl == "d2v":
+        from d2v_kernels import ops
+
+        return lambda hidden: ops.pos_conv(hidden, weights, biases, groups=groups, eps=eps)
     if impl == "cudnn_channels_last":
         # The (B, T, C) memory seen as NHWC (B, C, 1, T): cuDNN's channels-last kernels read and
         # write it directly, and LayerNorm runs on the contiguous last dim. No transposed copies.
-        weights_nhwc = [w.unsqueeze(2).contiguous(memory_format=torch.channels_last) for w in weights]
+        # The op's eager backend on CUDA.
+        from d2v_kernels.ops.pos_conv_op import pos_conv_channels_last
 
-        def run(hidden):
-            h = hidden
-            for weight, bias in zip(weights_nhwc, biases):
-                y = F.conv2d(h.transpose(1, 2).unsqueeze(2), weight, bias, padding=(0, kernel_size // 2), groups=groups)
-                y = y.squeeze(2).transpose(1, 2)  # (B, T', C), channel stride 1
-                if kernel_size % 2 == 0:
-                    y = y[:, :-1]
-                h = F.gelu(F.layer_norm(y, (y.shape[-1],), None, None, eps))
-            return h
-
-        return run
+        return lambda hidden: pos_conv_channels_last(hidden, weights, biases, groups=groups, eps=eps)
     raise ValueError(f"unknown impl {impl!r}; choose from {IMPLS}")
 
 

@@ -2,6 +2,8 @@
 eager, against transformers' Data2VecAudioPositionalConvEmbedding, gradients, opcheck, compile,
 bad input and dispatch reasons."""
 
+import warnings
+
 import pytest
 import torch
 from transformers import Data2VecAudioConfig
@@ -10,6 +12,7 @@ from transformers.models.data2vec.modeling_data2vec_audio import Data2VecAudioPo
 import d2v_kernels
 from d2v_kernels import dispatch, ops
 from d2v_kernels.kernels import pos_conv as kernels
+from d2v_kernels.ops.pos_conv_op import pos_conv_channels_last, pos_conv_prefer
 from d2v_kernels.testing import assert_close_to_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -225,6 +228,89 @@ def test_torch_compile_fullgraph_forward_and_backward():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     for g, e in zip(grads, [x2.grad, *(w.grad for w in w2), *(b.grad for b in b2)]):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel_size,dtype", [(5, torch.float32), (4, torch.bfloat16)], ids=["k5-fp32", "k4-bf16"])
+def test_channels_last_eager_matches_reference(kernel_size, dtype):
+    """The eager backend's CUDA formulation (conv2d on the channels-last memory) computes what
+    transformers' module does, forward and backward, within the dtype rule (runs on the CPU too)."""
+    x64 = torch.randn(2, 23, 40, dtype=torch.float64)
+    x64[1, 15:] = 0.0
+    weights64, biases64 = _params(40, 4, kernel_size, 2)  # 10 channels per group
+    grad_out = torch.randn(2, 23, 40, dtype=torch.float64)
+
+    def reference(x, w, b):
+        return ops.pos_conv_reference(x, w, b, groups=4)
+
+    def channels_last(x, w, b):
+        return pos_conv_channels_last(x, w, b, groups=4)
+
+    out64, ref64 = _gradients(reference, x64, weights64, biases64, grad_out)
+    out, grads = _gradients(channels_last, x64, weights64, biases64, grad_out)
+    torch.testing.assert_close(out, out64, rtol=1e-12, atol=1e-12)
+    x, weights, biases = x64.to(dtype), _cast(weights64, dtype), _cast(biases64, dtype)
+    eager_out, eager = _gradients(reference, x, weights, biases, grad_out)
+    out, grads = _gradients(channels_last, x, weights, biases, grad_out)
+    assert out.dtype == dtype
+    assert_close_to_reference(out, out64, eager_out)
+    for name, g, r, e in zip(["dx", "dweight0", "dweight1", "dbias0", "dbias1"], grads, ref64, eager):
+        assert_close_to_reference(g, r, e, name=name)
+
+
+def _fake_cuda_inputs(requires_grad: bool):
+    x = torch.randn(2, 9, 48, device="cuda", dtype=torch.float16)
+    weights = [torch.randn(48, 12, 5, device="cuda", dtype=torch.float16) for _ in range(2)]
+    biases = [torch.randn(48, device="cuda", dtype=torch.float16), None]
+    if requires_grad:
+        weights[1].requires_grad_()
+    return x, weights, biases
+
+
+def test_measured_rule_on_cuda_inputs():
+    """The rule table: on CUDA, training (autograd records the op) and tracing prefer eager
+    (cuDNN channels-last); inference keeps the priority order (Triton); CPU inputs keep it too.
+    Fake CUDA tensors: the rule and dispatch read only metadata."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    declared = dispatch.rule("pos_conv")
+    assert declared.prefer is pos_conv_prefer and "20261125-091743-pos_conv.json" in declared.evidence
+    cpu = (torch.randn(1, 5, 48, requires_grad=True), [torch.randn(48, 12, 3)], [None])
+    assert pos_conv_prefer(*cpu, groups=4) == ()
+    with FakeTensorMode():
+        inference, training = _fake_cuda_inputs(False), _fake_cuda_inputs(True)
+        assert pos_conv_prefer(*inference, groups=4) == ()
+        assert pos_conv_prefer(*training, groups=4) == ("eager",)
+        with torch.no_grad():
+            assert pos_conv_prefer(*training, groups=4) == ()
+        x_grad = (inference[0].requires_grad_(), *inference[1:])
+        assert pos_conv_prefer(*x_grad, groups=4) == ("eager",)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(torch.compiler, "is_compiling", lambda: True)
+            assert pos_conv_prefer(*_fake_cuda_inputs(False), groups=4) == ("eager",)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            cuda = torch.device("cuda")
+            assert dispatch.select("pos_conv", cuda, *_fake_cuda_inputs(False), groups=4).backend == "triton"
+            assert dispatch.select("pos_conv", cuda, *training, groups=4).backend == "eager"
+            with d2v_kernels.use_backend(pos_conv="triton"):  # forcing beats the rule
+                assert dispatch.select("pos_conv", cuda, *training, groups=4).backend == "triton"
+
+
+@pytest.mark.cuda
+def test_default_dispatch_on_cuda_follows_the_rule_without_warning():
+    x = torch.randn(2, 50, 48, device="cuda", dtype=torch.float16)
+    weights, biases = (_cast(p, torch.float16) for p in _params(48, 4, 19, 2, dtype=torch.float32))
+    weights, biases = [w.cuda() for w in weights], [b.cuda() for b in biases]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with d2v_kernels.record_dispatch() as calls:
+            with torch.no_grad():
+                inference = ops.pos_conv(x, weights, biases, groups=4)
+            training = ops.pos_conv(x.requires_grad_(), weights, biases, groups=4)
+            training.sum().backward()
+    assert calls == {("pos_conv", "triton"): 1, ("pos_conv", "eager"): 1}
+    assert x.grad is not None
+    torch.testing.assert_close(inference, training.detach(), rtol=0, atol=1e-2)
 
 
 def test_dispatch_records_triton_and_cpu_defaults_to_eager():
