@@ -436,8 +436,33 @@ def _warn_fallback(op: str, impl: Implementation, skipped: list[tuple[Implementa
 
 
 def call(op: str, device: torch.device, *args, **kwargs):
-    """Select, record and run ``op`` on this input."""
+    """Select, record and run ``op`` on this input (on its device, see :func:`on_device`)."""
     impl = select(op, device, *args, **kwargs)
     if not torch.compiler.is_compiling():
         record(op, impl.backend)
-    return impl.run(*args, **kwargs)
+    return on_device(device, impl.run)(*args, **kwargs)
+
+
+def _several_gpus() -> bool:
+    return torch.cuda.is_available() and torch.cuda.device_count() > 1
+
+
+def on_device(device: torch.device, fn: Callable) -> Callable:
+    """``fn``, run with ``device`` as the current CUDA device when it is not.
+
+    A Triton launch runs on the current device, not on its tensors' (aten and the extension's
+    binding guard themselves): a model split over GPUs (``device_map``) would launch a layer's
+    kernels on the wrong one. On a machine with one GPU, or for another device type, ``fn``
+    itself: nothing is added to the call."""
+    if device.type != "cuda" or not _several_gpus():
+        return fn
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    current = torch.cuda.current_device
+
+    def on_its_device(*args, **kwargs):
+        if current() == index:
+            return fn(*args, **kwargs)
+        with torch.cuda.device(index):
+            return fn(*args, **kwargs)
+
+    return on_its_device

@@ -1,5 +1,6 @@
 """Dispatch: forced backends, reasons, warn-once, record_dispatch counts, the environment variable."""
 
+import contextlib
 import warnings
 
 import pytest
@@ -207,3 +208,29 @@ def test_plans_follow_use_backend_and_the_environment(monkeypatch):
         monkeypatch.delenv(dispatch.ENV_BACKEND)
         d2v_kernels.ops.add_layer_norm(x, x, w, b)
     assert calls == {("add_layer_norm", "eager"): 3, ("add_layer_norm", "triton"): 2}
+
+
+def test_kernels_run_on_their_tensors_device_when_another_is_current(monkeypatch):
+    """A Triton launch uses the current CUDA device: on a machine with several GPUs an op on cuda:1
+    while cuda:0 is current must make cuda:1 current around its run (and add nothing otherwise)."""
+    entered = []
+
+    @contextlib.contextmanager
+    def device(index):
+        entered.append(index)
+        yield
+
+    fn = lambda x: x + 1
+    monkeypatch.setattr(dispatch, "_several_gpus", lambda: False)
+    assert dispatch.on_device(torch.device("cuda", 1), fn) is fn  # one GPU: the plan itself
+    monkeypatch.setattr(dispatch, "_several_gpus", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", device)
+    assert dispatch.on_device(torch.device("cpu"), fn) is fn
+    assert dispatch.on_device(torch.device("cuda", 1), fn)(1) == 2 and entered == [1]
+    assert dispatch.on_device(torch.device("cuda", 0), fn)(1) == 2 and entered == [1]
+    dispatch.register("fake_op6", "eager", lambda x: x * 3, devices=("cpu", "cuda", "meta"))
+    try:
+        assert dispatch.call("fake_op6", torch.device("cuda", 1), 2) == 6 and entered == [1, 1]
+    finally:
+        dispatch._REGISTRY.pop("fake_op6")

@@ -85,8 +85,10 @@ def needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def store(cache: dict, key, plan):
-    """Keep ``plan`` under ``key`` (a key that cannot be hashed keeps nothing) and return it."""
+def store(cache: dict, key, plan, device: torch.device):
+    """Keep ``plan``, run on ``device`` (:func:`d2v_kernels.dispatch.on_device`), under ``key`` (a key
+    that cannot be hashed keeps nothing) and return it."""
+    plan = dispatch.on_device(device, plan)
     if key is not None:
         if len(cache) >= MAX_PLANS:
             cache.clear()
