@@ -180,7 +180,7 @@ def add_layer_norm(x, residual, weight, bias, *, eps=1e-5, return_sum=False):
             plan = lookup(_PLANS, key)
             if plan is not None:
                 return plan(x, residual, weight, bias)
-    return store(_PLANS, key, _plan(x, residual, weight, bias, eps, return_sum))(x, residual, weight, bias)
+    return store(_PLANS, key, _plan(x, residual, weight, bias, eps, return_sum), x.device)(x, residual, weight, bias)
 
 
 _PLANS = plan_cache()

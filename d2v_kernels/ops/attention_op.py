@@ -383,7 +383,7 @@ def attention(
                 return plan(q, k, v, bias_table, bias_index, bias, key_padding_mask)
     device = _validate(q, k, v, bias_table, bias_index, bias, key_padding_mask, causal, dropout_p, scale)
     return store(_PLANS, key, _plan(device, q, k, v, bias_table, bias_index, bias, key_padding_mask, causal,
-                                    float(dropout_p), None if scale is None else float(scale)))(
+                                    float(dropout_p), None if scale is None else float(scale)), device)(
         q, k, v, bias_table, bias_index, bias, key_padding_mask
     )  # fmt: skip
 

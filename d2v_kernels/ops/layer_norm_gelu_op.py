@@ -169,7 +169,7 @@ def layer_norm_gelu(x, weight=None, bias=None, *, eps=1e-5, channels_dim=-1, app
             plan = lookup(_PLANS, key)
             if plan is not None:
                 return plan(x, weight, bias)
-    return store(_PLANS, key, _plan(x, weight, bias, eps, channels_dim, approximate))(x, weight, bias)
+    return store(_PLANS, key, _plan(x, weight, bias, eps, channels_dim, approximate), x.device)(x, weight, bias)
 
 
 _PLANS = plan_cache()
