@@ -27,24 +27,25 @@ def _inputs(shape, dtype, affine=True, param_dtype=None):
     return x, residual, weight, bias
 
 
-def _run(fn, x, residual, weight, bias, grad_outs, return_sum):
-    """Outputs then gradients (x, residual, weight, bias; None where absent) of sum(out * grad_out)."""
-    leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, residual, weight, bias)]
-    out = fn(*leaves, return_sum=return_sum)
+def _run(fn, x, residual, weight, bias, grad_outs, return_sum, x_scale=None):
+    """Outputs then gradients (x, residual, weight, bias, x_scale; None where absent) of
+    sum(out * grad_out)."""
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, residual, weight, bias, x_scale)]
+    out = fn(*leaves[:4], return_sum=return_sum, **({} if x_scale is None else {"x_scale": leaves[4]}))
     outs = list(out) if return_sum else [out]
     wanted = [t for t in leaves if t is not None]
     grads = iter(torch.autograd.grad(outs, wanted, [g.to(o.dtype) for g, o in zip(grad_outs, outs)]))
     return [o.detach() for o in outs] + [next(grads) if t is not None else None for t in leaves]
 
 
-def _check_against_float64(x, residual, weight, bias, return_sum=False):
+def _check_against_float64(x, residual, weight, bias, return_sum=False, x_scale=None):
     grad_outs = [torch.randn(x.shape, device=x.device) for _ in range(2 if return_sum else 1)]
     with d2v_kernels.use_backend(add_layer_norm="triton"):
-        out = _run(ops.add_layer_norm, x, residual, weight, bias, grad_outs, return_sum)
-    as64 = [t.double() if t is not None else None for t in (x, residual, weight, bias)]
-    ref64 = _run(ops.add_layer_norm_reference, *as64, [g.double() for g in grad_outs], return_sum)
-    eager = _run(ops.add_layer_norm_reference, x, residual, weight, bias, grad_outs, return_sum)
-    names = ["y", "sum"][: len(grad_outs)] + ["dx", "dresidual", "dweight", "dbias"]
+        out = _run(ops.add_layer_norm, x, residual, weight, bias, grad_outs, return_sum, x_scale)
+    as64 = [t.double() if t is not None else None for t in (x, residual, weight, bias, x_scale)]
+    ref64 = _run(ops.add_layer_norm_reference, *as64[:4], [g.double() for g in grad_outs], return_sum, as64[4])
+    eager = _run(ops.add_layer_norm_reference, x, residual, weight, bias, grad_outs, return_sum, x_scale)
+    names = ["y", "sum"][: len(grad_outs)] + ["dx", "dresidual", "dweight", "dbias", "dx_scale"]
     for name, o, r, e in zip(names, out, ref64, eager):
         if r is None:
             assert o is None, name
@@ -85,6 +86,43 @@ def test_without_affine_and_partial_affine():
     _check_against_float64(x, residual, None, None)
     _check_against_float64(x, residual, weight, None)
     _check_against_float64(x, residual, None, bias, return_sum=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+def test_x_scale_matches_float64(dtype):
+    """LayerNorm(x_scale * x + residual), the sum returned (vision's layer scale): outputs and the
+    gradients of x, residual, weight, bias and x_scale against float64; C not a power of two."""
+    x, residual, weight, bias = _inputs((3, 5, 40), dtype)
+    x_scale = (0.1 + 0.05 * torch.randn(40)).to(dtype)
+    _check_against_float64(x, residual, weight, bias, return_sum=True, x_scale=x_scale)
+
+
+def test_x_scale_without_sum_or_affine_and_an_fp32_x_scale_promotes():
+    """An fp32 x_scale on bf16 inputs computes and returns fp32, as ``x_scale * x + residual`` does."""
+    x, residual, _, _ = _inputs((2, 9, 24), torch.bfloat16)
+    x_scale, weight = 0.5 + torch.rand(24), 1.0 + 0.5 * torch.randn(24)
+    _check_against_float64(x, residual, None, None, x_scale=x_scale.to(torch.bfloat16))
+    _check_against_float64(x, residual, weight, None, x_scale=x_scale)
+    with d2v_kernels.use_backend(add_layer_norm="triton"):
+        assert ops.add_layer_norm(x, residual, weight, None, x_scale=x_scale).dtype == torch.float32
+
+
+def test_parameter_gradients_are_deterministic_and_reduced_without_atomics():
+    """dweight, dbias, dx_scale: per-program partial rows walked in a fixed order, then summed in a
+    fixed order by one kernel; no atomic anywhere in the row-norm kernels, two runs bit-equal."""
+    import inspect
+
+    from d2v_kernels.kernels import _row_norm
+
+    for kernel in (_row_norm.row_norm_fwd_kernel, _row_norm.row_norm_bwd_kernel, _row_norm.row_norm_param_grad_kernel):
+        assert "atomic" not in inspect.getsource(kernel.fn)
+    x, residual, weight, bias = _inputs((2, 100, 40), torch.float16)  # 7 tiles over 4 programs (interpreter)
+    x_scale = torch.rand(40).to(torch.float16)
+    grad_outs = [torch.randn(x.shape), torch.randn(x.shape)]
+    with d2v_kernels.use_backend(add_layer_norm="triton"):
+        runs = [_run(ops.add_layer_norm, x, residual, weight, bias, grad_outs, True, x_scale) for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
 
 
 def test_return_sum_is_the_sum_in_input_dtype():
@@ -169,14 +207,15 @@ def test_bad_inputs(kwargs, error, message):
         ops.add_layer_norm(*positional, **args)
 
 
-@pytest.mark.parametrize("return_sum", [False, True], ids=["y", "y_and_sum"])
+@pytest.mark.parametrize("return_sum", [False, True], ids=["y", "y_and_sum_x_scale"])
 def test_opcheck(return_sum):
     x, residual, weight, bias = (t.requires_grad_() for t in _inputs((2, 3, 20), torch.float32))
+    x_scale = (0.1 * torch.randn(20)).requires_grad_() if return_sum else None
     with d2v_kernels.use_backend(add_layer_norm="triton"):
         torch.library.opcheck(
-            torch.ops.d2v_kernels.add_layer_norm_fwd.default, (x, residual, weight, bias, 1e-5, return_sum)
+            torch.ops.d2v_kernels.add_layer_norm_fwd.default, (x, residual, weight, bias, x_scale, 1e-5, return_sum)
         )
-        detached = [t.detach() for t in (x, residual, weight, bias)]
+        detached = [None if t is None else t.detach() for t in (x, residual, weight, bias, x_scale)]
         _, _, mean, rstd = torch.ops.d2v_kernels.add_layer_norm_fwd(*detached, 1e-5, return_sum)
         dsum = torch.randn_like(x) if return_sum else None
         bwd_args = (torch.randn_like(x), dsum, *detached, mean, rstd)

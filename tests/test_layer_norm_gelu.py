@@ -95,6 +95,18 @@ def test_tanh_approximation(channels_dim, dtype):
     _check_against_float64(*_inputs(shape, channels_dim, dtype, affine=True), channels_dim, approximate="tanh")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("channels_dim", [1, -1], ids=["channels_first", "channels_last"])
+def test_small_variance_rows(channels_dim, dtype):
+    """Rows whose variance is near eps (and constant rows, where eps alone sets rstd): the
+    statistics in fp32 on the unrounded values, as the float64 reference computes them."""
+    shape = (2, 40, 5) if channels_dim == 1 else (2, 5, 40)
+    x, weight, bias = _inputs(shape, channels_dim, torch.float32, True)
+    x = (0.01 + 3e-3 * torch.randn(shape)).to(dtype)  # variance about eps
+    x.select(2 if channels_dim == 1 else 1, 0).fill_(0.75)  # constant rows: position 0 of each batch
+    _check_against_float64(x, weight.to(dtype), bias.to(dtype), channels_dim)
+
+
 def test_weight_only_and_bias_only():
     x, weight, bias = _inputs((6, 48), -1, torch.float32, affine=True)
     _check_against_float64(x, weight, None, -1)
@@ -407,7 +419,7 @@ def test_int64_offsets_compute_the_same_bits(channels_dim, monkeypatch):
         monkeypatch.setattr(_row_norm, "_launches", {})  # the layout's launches chose int32
         d2v_kernels.dispatch.clear_plans()  # and the op's plan holds its forward launch
         wide = _run(ops.layer_norm_gelu, x, weight, bias, dy, channels_dim=channels_dim)
-    assert [launch._constexprs[-1] for launch in _row_norm._launches.values()] == [True, True]  # WIDE_OFFSETS
+    assert [launch._constexprs[7] for launch in _row_norm._launches.values()] == [True, True]  # WIDE_OFFSETS
     for name, a, b in zip(("y", "dx", "dweight", "dbias"), narrow, wide):
         assert torch.equal(a, b), name
 

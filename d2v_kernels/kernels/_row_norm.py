@@ -6,6 +6,8 @@ axis), P positions, each tensor with its own strides, so channels-last (..., C) 
 batch and all C channels (the whole row sits in registers). Constexpr flags select the variant:
 
     HAS_RESIDUAL  s = x + residual (summed in fp32) is normalised instead of x
+    HAS_X_SCALE   x is scaled per channel first, s = x_scale * x + residual (vision's layer scale);
+                  the backward then writes x's and residual's gradients apart and reduces dx_scale
     STORE_SUM     the forward also writes s (add_layer_norm's return_sum)
     HAS_WEIGHT, HAS_BIAS   optional affine
     ACTIVATION    0: none, 1: exact erf GELU, 2: tanh GELU, applied after the affine
@@ -13,10 +15,18 @@ batch and all C channels (the whole row sits in registers). Constexpr flags sele
     STORE_STATS   the forward writes mean and rstd (the backward's; inference skips them)
 
 Statistics (mean, rstd) are fp32, one per row, saved for the backward; the normalised tensor is
-not saved (the backward recomputes it from x). The backward reduces dweight and dbias in two
-deterministic stages: each of a fixed number of programs walks its rows in a fixed order into an
-fp32 partial row, then one small kernel sums the partials in a fixed order and casts them to the
-parameters' dtypes (no atomics, no torch reduction or cast launches).
+not saved (the backward recomputes it from x). The backward reduces dweight, dbias (and
+dx_scale) in two deterministic stages: each of a fixed number of programs walks its rows in a
+fixed order into an fp32 partial row, then one small kernel sums the partials in a fixed order and
+casts them to the parameters' dtypes (no atomics, no torch reduction or cast launches).
+
+Bytes per call, in activations of x's size T (E bytes an element, N rows of C): the forward reads
+x (and residual) once and writes y (and the sum): 2T, 3T with a residual, +T with the sum, plus
+8N for the fp32 statistics when they are stored. The backward reads x (and residual), dy (and the
+sum's gradient) once and writes dx (and, with x_scale, the residual's gradient apart): 3T, 4T with
+a residual, +T for each of the sum's gradient and x_scale; plus 8N of statistics and, per
+parameter gradient, 4 x programs x C of fp32 partials written and read back (2 x 264 x 1024 x 4 B
+= 2 MB on an H100 at C = 1024: under 2% of a (8, 499, 768) fp16 call's 25 MB).
 
 The launchers keep, per input layout, the view, tiles, grid and integer arguments, and launch the
 compiled kernels directly (``_launch.DirectLaunch``).
@@ -107,17 +117,19 @@ def tile_ptrs(PTR, batch, pos, ch, stride_b, stride_c, stride_p, WIDE_OFFSETS: t
 
 @triton.jit
 def row_norm_fwd_kernel(
-    X, RES, W, B, Y, SUM, MEAN, RSTD,
+    X, RES, W, B, XS, Y, SUM, MEAN, RSTD,
     n_pos, n_channels, tiles_per_batch,
     stride_x_b, stride_x_c, stride_x_p,
     stride_res_b, stride_res_c, stride_res_p,
     stride_y_b, stride_y_c, stride_y_p,
     stride_sum_b, stride_sum_c, stride_sum_p,
-    stride_w, stride_bias, eps,
+    stride_w, stride_bias, stride_xs, eps,
     HAS_RESIDUAL: tl.constexpr, STORE_SUM: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
-    STORE_STATS: tl.constexpr,
+    STORE_STATS: tl.constexpr, HAS_X_SCALE: tl.constexpr,
 ):  # fmt: skip
+    """Bytes: reads x [+ residual], writes y [+ sum] [+ 8 a row of statistics]; the parameters
+    (C values each) stay in L2."""
     pid = tl.program_id(0)
     batch = pid // tiles_per_batch
     pos = (pid % tiles_per_batch) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -128,6 +140,8 @@ def row_norm_fwd_kernel(
 
     x = tl.load(tile_ptrs(X, batch, pos, ch, stride_x_b, stride_x_c, stride_x_p, WIDE_OFFSETS), mask=mask, other=0.0)
     x = x.to(tl.float32)
+    if HAS_X_SCALE:
+        x *= tl.load(XS + ch * stride_xs, mask=ch_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_RESIDUAL:
         res_ptrs = tile_ptrs(RES, batch, pos, ch, stride_res_b, stride_res_c, stride_res_p, WIDE_OFFSETS)
         x += tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -156,17 +170,22 @@ def row_norm_fwd_kernel(
 
 @triton.jit
 def row_norm_bwd_kernel(
-    X, RES, W, B, DY, DSUM, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL,
+    X, RES, W, B, XS, DY, DSUM, MEAN, RSTD, DX, DRES, DW_PARTIAL, DB_PARTIAL, DXS_PARTIAL,
     n_pos, n_channels, tiles_per_batch, n_tiles,
     stride_x_b, stride_x_c, stride_x_p,
     stride_res_b, stride_res_c, stride_res_p,
     stride_dy_b, stride_dy_c, stride_dy_p,
     stride_dsum_b, stride_dsum_c, stride_dsum_p,
     stride_dx_b, stride_dx_c, stride_dx_p,
-    stride_w, stride_bias,
+    stride_dres_b, stride_dres_c, stride_dres_p,
+    stride_w, stride_bias, stride_xs,
     HAS_RESIDUAL: tl.constexpr, HAS_DSUM: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
+    HAS_X_SCALE: tl.constexpr,
 ):  # fmt: skip
+    """Bytes: reads x [+ residual], dy [+ the sum's gradient] and 8 a row of statistics, writes dx
+    [+ the residual's gradient with x_scale], once each (dx in one pass); and a partial row per
+    program and parameter gradient."""
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
     ch = tl.arange(0, BLOCK_C)
@@ -179,8 +198,11 @@ def row_norm_bwd_kernel(
         b = tl.load(B + ch * stride_bias, mask=ch_mask, other=0.0).to(tl.float32)
     else:
         b = tl.zeros([BLOCK_C], tl.float32)
+    if HAS_X_SCALE:
+        xs = tl.load(XS + ch * stride_xs, mask=ch_mask, other=0.0).to(tl.float32)
     dw_acc = tl.zeros([BLOCK_C], tl.float32)
     db_acc = tl.zeros([BLOCK_C], tl.float32)
+    dxs_acc = tl.zeros([BLOCK_C], tl.float32)
 
     # Program pid takes tiles pid, pid + n_programs, ...: a fixed order, so the partial sums (and
     # dweight, dbias) are the same bits on every run with the same grid.
@@ -193,7 +215,10 @@ def row_norm_bwd_kernel(
         x = tl.load(
             tile_ptrs(X, batch, pos, ch, stride_x_b, stride_x_c, stride_x_p, WIDE_OFFSETS), mask=mask, other=0.0
         )
-        x = x.to(tl.float32)
+        x_in = x.to(tl.float32)
+        x = x_in
+        if HAS_X_SCALE:
+            x = x_in * xs[None, :]
         if HAS_RESIDUAL:
             res_ptrs = tile_ptrs(RES, batch, pos, ch, stride_res_b, stride_res_c, stride_res_p, WIDE_OFFSETS)
             x += tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -218,6 +243,11 @@ def row_norm_bwd_kernel(
         if HAS_DSUM:
             dsum_ptrs = tile_ptrs(DSUM, batch, pos, ch, stride_dsum_b, stride_dsum_c, stride_dsum_p, WIDE_OFFSETS)
             dx += tl.load(dsum_ptrs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_X_SCALE:  # dx is the sum's gradient: the residual's; x's is scaled
+            dres_ptrs = tile_ptrs(DRES, batch, pos, ch, stride_dres_b, stride_dres_c, stride_dres_p, WIDE_OFFSETS)
+            tl.store(dres_ptrs, to_output(dx, DRES.dtype.element_ty), mask=mask)
+            dxs_acc += tl.sum(dx * x_in, axis=0)
+            dx = dx * xs[None, :]
         dx_ptrs = tile_ptrs(DX, batch, pos, ch, stride_dx_b, stride_dx_c, stride_dx_p, WIDE_OFFSETS)
         tl.store(dx_ptrs, to_output(dx, DX.dtype.element_ty), mask=mask)
 
@@ -225,6 +255,8 @@ def row_norm_bwd_kernel(
         tl.store(DW_PARTIAL + pid * n_channels + ch, dw_acc, mask=ch_mask)
     if HAS_BIAS:
         tl.store(DB_PARTIAL + pid * n_channels + ch, db_acc, mask=ch_mask)
+    if HAS_X_SCALE:
+        tl.store(DXS_PARTIAL + pid * n_channels + ch, dxs_acc, mask=ch_mask)
 
 
 # The partial sums' reduction: a program per block of channels, rows summed in a fixed order.
@@ -234,14 +266,17 @@ PARAM_GRAD_BLOCK_C = 128
 
 @triton.jit
 def row_norm_param_grad_kernel(
-    DW_PARTIAL, DB_PARTIAL, DW, DB, n_rows, n_channels,
+    DW_PARTIAL, DB_PARTIAL, DXS_PARTIAL, DW, DB, DXS, n_rows, n_channels,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_X_SCALE: tl.constexpr,
 ):  # fmt: skip
-    """dweight, dbias (in the parameters' dtypes) = the column sums of the fp32 (n_rows, C) partials."""
+    """dweight, dbias, dx_scale (in the parameters' dtypes) = the column sums of the fp32
+    (n_rows, C) partials. Bytes: reads 4 x n_rows x C a gradient, writes C values a gradient."""
     ch = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     ch_mask = ch < n_channels
     dw = tl.zeros([BLOCK_C], tl.float32)
     db = tl.zeros([BLOCK_C], tl.float32)
+    dxs = tl.zeros([BLOCK_C], tl.float32)
     for start in range(0, n_rows, BLOCK_R):
         rows = start + tl.arange(0, BLOCK_R)
         mask = (rows[:, None] < n_rows) & ch_mask[None, :]
@@ -250,10 +285,14 @@ def row_norm_param_grad_kernel(
             dw += tl.sum(tl.load(DW_PARTIAL + offsets, mask=mask, other=0.0), axis=0)
         if HAS_BIAS:
             db += tl.sum(tl.load(DB_PARTIAL + offsets, mask=mask, other=0.0), axis=0)
+        if HAS_X_SCALE:
+            dxs += tl.sum(tl.load(DXS_PARTIAL + offsets, mask=mask, other=0.0), axis=0)
     if HAS_WEIGHT:
         tl.store(DW + ch, dw.to(DW.dtype.element_ty), mask=ch_mask)
     if HAS_BIAS:
         tl.store(DB + ch, db.to(DB.dtype.element_ty), mask=ch_mask)
+    if HAS_X_SCALE:
+        tl.store(DXS + ch, dxs.to(DXS.dtype.element_ty), mask=ch_mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,13 +346,13 @@ def strided_view(tensors: Sequence[torch.Tensor], channels_dim: int):
     return None
 
 
-def row_reasons(dtype: torch.dtype, channels: int, weight=None, bias=None) -> list[str]:
+def row_reasons(dtype: torch.dtype, channels: int, weight=None, bias=None, x_scale=None) -> list[str]:
     """Why the kernel cannot normalise rows of ``channels`` values of ``dtype`` with these
     parameters, whatever the layout ([] when it can)."""
     reasons = []
     if dtype not in KERNEL_DTYPES:
         reasons.append(f"x has dtype {str(dtype).replace('torch.', '')}; the kernel takes float16, bfloat16, float32")
-    for name, p in (("weight", weight), ("bias", bias)):
+    for name, p in (("weight", weight), ("bias", bias), ("x_scale", x_scale)):
         if p is not None and p.dtype not in (dtype, torch.float32):
             reasons.append(
                 f"{name} has dtype {str(p.dtype).replace('torch.', '')}; the kernel takes x's dtype or float32"
@@ -323,9 +362,11 @@ def row_reasons(dtype: torch.dtype, channels: int, weight=None, bias=None) -> li
     return reasons
 
 
-def unsupported_reasons(x: torch.Tensor, channels_dim: int, weight=None, bias=None, residual=None) -> list[str]:
+def unsupported_reasons(
+    x: torch.Tensor, channels_dim: int, weight=None, bias=None, residual=None, x_scale=None
+) -> list[str]:
     """Why the row-norm kernel cannot take these inputs ([] when it can)."""
-    reasons = row_reasons(x.dtype, x.shape[channels_dim], weight, bias)
+    reasons = row_reasons(x.dtype, x.shape[channels_dim], weight, bias, x_scale)
     tensors = [x] if residual is None else [x, residual]
     if strided_view(tensors, channels_dim) is None:
         names = "x" if residual is None else "x and residual"
@@ -452,7 +493,7 @@ class _ForwardLaunch:
 
     __slots__ = ("_constexprs", "_ints", "_launch", "_stats_shape", "_store_stats", "_store_sum")
 
-    def __init__(self, x, channels_dim, weight, bias, activation, residual, store_sum, store_stats):
+    def __init__(self, x, channels_dim, weight, bias, activation, residual, store_sum, store_stats, x_scale=None):
         y = torch.empty_like(x)
         plan = _launch_plan("fwd", (x, residual, y, y if store_sum else None), channels_dim)
         assert plan is not None, "row_norm_forward: unreadable layout (unsupported_reasons was not checked)"
@@ -461,17 +502,14 @@ class _ForwardLaunch:
         tiles_per_batch = cdiv(n_pos, config["BLOCK_P"])
         self._stats_shape = x.shape[:channels_dim] + x.shape[channels_dim + 1 :]
         self._store_sum, self._store_stats = store_sum, store_stats
-        self._ints = (
-            n_pos, n_channels, tiles_per_batch, *stride_args,
-            weight.stride(0) if weight is not None else 0, bias.stride(0) if bias is not None else 0,
-        )  # fmt: skip
+        self._ints = (n_pos, n_channels, tiles_per_batch, *stride_args, *_vector_strides(weight, bias, x_scale))
         self._constexprs = (
             residual is not None, store_sum, weight is not None, bias is not None, ACTIVATIONS[activation],
-            config["BLOCK_P"], block_c, wide, store_stats,
+            config["BLOCK_P"], block_c, wide, store_stats, x_scale is not None,
         )  # fmt: skip
         self._launch = DirectLaunch(row_norm_fwd_kernel, (n_batch * tiles_per_batch,), num_warps=config["num_warps"])
 
-    def __call__(self, x, weight, bias, eps, residual):
+    def __call__(self, x, weight, bias, eps, residual, x_scale=None):
         y = torch.empty_like(x)
         total = torch.empty_like(x) if self._store_sum else None
         mean = rstd = None
@@ -480,8 +518,8 @@ class _ForwardLaunch:
             rstd = x.new_empty(self._stats_shape, dtype=torch.float32)
         self._launch(
             x, x if residual is None else residual, x if weight is None else weight, x if bias is None else bias,
-            y, y if total is None else total, y if mean is None else mean, y if rstd is None else rstd,
-            *self._ints, eps, *self._constexprs,
+            x if x_scale is None else x_scale, y, y if total is None else total, y if mean is None else mean,
+            y if rstd is None else rstd, *self._ints, eps, *self._constexprs,
         )  # fmt: skip
         return y, total, mean, rstd
 
@@ -492,14 +530,15 @@ class _BackwardLaunch:
 
     __slots__ = ("_constexprs", "_contiguous_grads", "_ints", "_launch", "_n_channels", "_n_programs", "_reduce")
 
-    def __init__(self, dy, x, channels_dim, weight, bias, activation, residual, dsum, out):
+    def __init__(self, dy, x, channels_dim, weight, bias, activation, residual, dsum, out, x_scale=None):
         dx = torch.empty_like(x) if out is None else out
+        dres = torch.empty_like(x) if x_scale is not None else None
         self._contiguous_grads = False
-        plan = _launch_plan("bwd", (x, residual, dy, dsum, dx), channels_dim)
+        plan = _launch_plan("bwd", (x, residual, dy, dsum, dx, dres), channels_dim)
         if plan is None:
             self._contiguous_grads = True
             dy, dsum = dy.contiguous(), None if dsum is None else dsum.contiguous()
-            plan = _launch_plan("bwd", (x, residual, dy, dsum, dx), channels_dim)
+            plan = _launch_plan("bwd", (x, residual, dy, dsum, dx, dres), channels_dim)
         assert plan is not None, "row_norm_backward: unreadable layout (unsupported_reasons was not checked)"
         n_batch, n_channels, n_pos, stride_args, (block_p, block_c, num_warps), wide = plan
         default = {"BLOCK_P": block_p, "num_warps": num_warps, "programs_per_sm": _BWD_PROGRAMS_PER_SM}
@@ -509,42 +548,52 @@ class _BackwardLaunch:
         n_programs = backward_programs(x.device, n_tiles, config["programs_per_sm"])
         self._n_programs, self._n_channels = n_programs, n_channels
         self._ints = (
-            n_pos, n_channels, tiles_per_batch, n_tiles, *stride_args,
-            weight.stride(0) if weight is not None else 0, bias.stride(0) if bias is not None else 0,
-        )  # fmt: skip
+            n_pos,
+            n_channels,
+            tiles_per_batch,
+            n_tiles,
+            *stride_args,
+            *_vector_strides(weight, bias, x_scale),
+        )
         self._constexprs = (
             residual is not None, dsum is not None, weight is not None, bias is not None, ACTIVATIONS[activation],
-            config["BLOCK_P"], block_c, wide,
+            config["BLOCK_P"], block_c, wide, x_scale is not None,
         )  # fmt: skip
         self._launch = DirectLaunch(row_norm_bwd_kernel, (n_programs,), num_warps=config["num_warps"])
         self._reduce = None
-        if weight is not None or bias is not None:
+        if weight is not None or bias is not None or x_scale is not None:
             self._reduce = DirectLaunch(
                 row_norm_param_grad_kernel, (cdiv(n_channels, PARAM_GRAD_BLOCK_C),), num_warps=4
             )
 
-    def __call__(self, dy, x, weight, bias, mean, rstd, residual, dsum, out):
+    def __call__(self, dy, x, weight, bias, mean, rstd, residual, dsum, out, x_scale=None):
         if self._contiguous_grads:
             dy, dsum = dy.contiguous(), None if dsum is None else dsum.contiguous()
         dx = torch.empty_like(x) if out is None else out
+        dres = dx if x_scale is None else torch.empty_like(x)
         n_programs, n_channels = self._n_programs, self._n_channels
-        dw_partial = x.new_empty((n_programs, n_channels), dtype=torch.float32) if weight is not None else None
-        db_partial = x.new_empty((n_programs, n_channels), dtype=torch.float32) if bias is not None else None
+        partials = [
+            None if p is None else x.new_empty((n_programs, n_channels), dtype=torch.float32)
+            for p in (weight, bias, x_scale)
+        ]
         self._launch(
             x, x if residual is None else residual, x if weight is None else weight, x if bias is None else bias,
-            dy, dy if dsum is None else dsum, mean, rstd, dx, mean if dw_partial is None else dw_partial,
-            mean if db_partial is None else db_partial, *self._ints, *self._constexprs,
+            x if x_scale is None else x_scale, dy, dy if dsum is None else dsum, mean, rstd, dx, dres,
+            *(mean if p is None else p for p in partials), *self._ints, *self._constexprs,
         )  # fmt: skip
-        dweight = dbias = None
+        grads = [None if p is None else p.new_empty(n_channels) for p in (weight, bias, x_scale)]
         if self._reduce is not None:
-            dweight = weight.new_empty(n_channels) if weight is not None else None
-            dbias = bias.new_empty(n_channels) if bias is not None else None
             self._reduce(
-                mean if dw_partial is None else dw_partial, mean if db_partial is None else db_partial,
-                mean if dweight is None else dweight, mean if dbias is None else dbias, n_programs, n_channels,
-                weight is not None, bias is not None, PARAM_GRAD_BLOCK_R, PARAM_GRAD_BLOCK_C,
+                *(mean if p is None else p for p in partials), *(mean if g is None else g for g in grads),
+                n_programs, n_channels, weight is not None, bias is not None, PARAM_GRAD_BLOCK_R,
+                PARAM_GRAD_BLOCK_C, x_scale is not None,
             )  # fmt: skip
-        return dx, dweight, dbias
+        return dx, *grads, dres
+
+
+def _vector_strides(*vectors) -> tuple[int, ...]:
+    """The strides of the per-channel vectors (weight, bias, x_scale), 0 for an absent one."""
+    return tuple(0 if v is None else v.stride(0) for v in vectors)
 
 
 # Per layout (each input length adds one: bounded); cleared when a tile override starts or ends.
@@ -562,18 +611,19 @@ def _cached(key: tuple, make):
 
 
 def forward_launch(
-    x, channels_dim, weight, bias, activation, residual=None, store_sum=False, store_stats=True
+    x, channels_dim, weight, bias, activation, residual=None, store_sum=False, store_stats=True, x_scale=None
 ) -> _ForwardLaunch:
     """The forward's launch for this input's layout (made once, then looked up):
-    ``launch(x, weight, bias, eps, residual)`` -> :func:`row_norm_forward`'s result (mean and rstd
-    None without ``store_stats``: inference needs no backward)."""
+    ``launch(x, weight, bias, eps, residual, x_scale=None)`` -> :func:`row_norm_forward`'s result
+    (mean and rstd None without ``store_stats``: inference needs no backward)."""
     channels_dim %= x.dim()
     key = (
         "fwd", channels_dim, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15, operand_key(residual),
-        operand_key(weight), operand_key(bias), activation, store_sum, store_stats,
+        operand_key(weight), operand_key(bias), activation, store_sum, store_stats, operand_key(x_scale),
     )  # fmt: skip
     return _cached(
-        key, lambda: _ForwardLaunch(x, channels_dim, weight, bias, activation, residual, store_sum, store_stats)
+        key,
+        lambda: _ForwardLaunch(x, channels_dim, weight, bias, activation, residual, store_sum, store_stats, x_scale),
     )
 
 
@@ -586,14 +636,15 @@ def row_norm_forward(
     activation: str | None,
     residual: torch.Tensor | None = None,
     store_sum: bool = False,
+    x_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """activation(LayerNorm(x [+ residual])) over ``channels_dim``.
+    """activation(LayerNorm([x_scale *] x [+ residual])) over ``channels_dim``.
 
-    Returns (y like x, x + residual like x or None, mean, rstd); mean and rstd are fp32 of x's
-    shape without the channel dim. ``unsupported_reasons`` must be empty for these inputs.
+    Returns (y like x, the sum like x or None, mean, rstd); mean and rstd are fp32 of x's shape
+    without the channel dim. ``unsupported_reasons`` must be empty for these inputs.
     """
-    launch = forward_launch(x, channels_dim, weight, bias, activation, residual, store_sum)
-    return launch(x, weight, bias, eps, residual)
+    launch = forward_launch(x, channels_dim, weight, bias, activation, residual, store_sum, x_scale=x_scale)
+    return launch(x, weight, bias, eps, residual, x_scale)
 
 
 def row_norm_backward(
@@ -608,10 +659,14 @@ def row_norm_backward(
     residual: torch.Tensor | None = None,
     dsum: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of :func:`row_norm_forward`: (dx like x, dweight or None, dbias or None).
+    x_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """Gradients of :func:`row_norm_forward`: (dx like x, dweight or None, dbias or None, dx_scale
+    or None, dresidual like x).
 
-    dx is also the residual's gradient; ``dsum`` (the gradient of the stored sum) is added into it.
+    dresidual is the sum's gradient (with ``dsum``, the gradient of the stored sum, added in); it
+    is dx itself (the same tensor) without ``x_scale``, and x's gradient is ``x_scale * dresidual``
+    with it.
     Upstream gradients with a layout the kernel cannot read are made contiguous first. ``out``
     (x's shape and strides) receives dx; it may be dy or x (a program reads a tile's whole rows
     before writing them, no two programs share a row), never a buffer autograd keeps.
@@ -623,7 +678,9 @@ def row_norm_backward(
     key = (
         "bwd", channels_dim, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15, operand_key(residual),
         operand_key(weight), operand_key(bias), activation, operand_key(dy), operand_key(dsum),
-        operand_key(out),
+        operand_key(out), operand_key(x_scale),
     )  # fmt: skip
-    launch = _cached(key, lambda: _BackwardLaunch(dy, x, channels_dim, weight, bias, activation, residual, dsum, out))
-    return launch(dy, x, weight, bias, mean, rstd, residual, dsum, out)
+    launch = _cached(
+        key, lambda: _BackwardLaunch(dy, x, channels_dim, weight, bias, activation, residual, dsum, out, x_scale)
+    )
+    return launch(dy, x, weight, bias, mean, rstd, residual, dsum, out, x_scale)

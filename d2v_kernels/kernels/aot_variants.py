@@ -33,17 +33,18 @@ def _signature(fn, types: dict, constexprs: dict) -> dict:
 # Row norm (layer_norm_gelu, add_layer_norm)
 # --------------------------------------------------------------------------------------------
 
-_ROW_NORM_FWD_POINTERS = ("X", "RES", "W", "B", "Y", "SUM", "MEAN", "RSTD")
+_ROW_NORM_FWD_POINTERS = ("X", "RES", "W", "B", "XS", "Y", "SUM", "MEAN", "RSTD")
 _ROW_NORM_FWD_INTS = (
     ("n_pos", "n_channels", "tiles_per_batch")
     + tuple(f"stride_{t}_{a}" for t in ("x", "res", "y", "sum") for a in "bcp")
-    + ("stride_w", "stride_bias")
+    + ("stride_w", "stride_bias", "stride_xs")
 )
-_ROW_NORM_BWD_POINTERS = ("X", "RES", "W", "B", "DY", "DSUM", "MEAN", "RSTD", "DX", "DW_PARTIAL", "DB_PARTIAL")
+_ROW_NORM_BWD_POINTERS = ("X", "RES", "W", "B", "XS", "DY", "DSUM", "MEAN", "RSTD", "DX", "DRES")
+_ROW_NORM_PARTIALS = ("DW_PARTIAL", "DB_PARTIAL", "DXS_PARTIAL")
 _ROW_NORM_BWD_INTS = (
     ("n_pos", "n_channels", "tiles_per_batch", "n_tiles")
-    + tuple(f"stride_{t}_{a}" for t in ("x", "res", "dy", "dsum", "dx") for a in "bcp")
-    + ("stride_w", "stride_bias")
+    + tuple(f"stride_{t}_{a}" for t in ("x", "res", "dy", "dsum", "dx", "dres") for a in "bcp")
+    + ("stride_w", "stride_bias", "stride_xs")
 )
 
 
@@ -81,7 +82,14 @@ def row_norm_variants(prefix: str, feature_sets: Sequence[dict], channels: int =
 
 
 def _row_norm_variant(
-    prefix: str, direction: str, dtype, features: dict, tile, wide: bool = False, store_stats: bool = True
+    prefix: str,
+    direction: str,
+    dtype,
+    features: dict,
+    tile,
+    wide: bool = False,
+    store_stats: bool = True,
+    x_scale: bool = False,
 ) -> AotVariant:
     block_p, block_c, num_warps = tile
     x_type = "*" + TRITON_TYPES[dtype]
@@ -91,18 +99,20 @@ def _row_norm_variant(
     name += "_".join(f"{k.lower()}={int(v)}" for k, v in flags.items()) + f"_p{block_p}_c{block_c}_w{num_warps}"
     name += "_wide" if wide else ""
     name += "" if store_stats else "_inference"
+    name += "_x_scale" if x_scale else ""
     blocks = {"BLOCK_P": block_p, "BLOCK_C": block_c, "WIDE_OFFSETS": wide}
+    vectors = {"W": param_type, "B": param_type, "XS": param_type}
     if direction == "fwd":
         constexprs = {k: flags[k] for k in ("HAS_RESIDUAL", "STORE_SUM", "HAS_WEIGHT", "HAS_BIAS", "ACTIVATION")}
-        constexprs |= blocks | {"STORE_STATS": store_stats}
-        types = dict.fromkeys(_ROW_NORM_FWD_POINTERS, x_type) | {"W": param_type, "B": param_type}
+        constexprs |= blocks | {"STORE_STATS": store_stats, "HAS_X_SCALE": x_scale}
+        types = dict.fromkeys(_ROW_NORM_FWD_POINTERS, x_type) | vectors
         types |= {"MEAN": "*fp32", "RSTD": "*fp32"} | dict.fromkeys(_ROW_NORM_FWD_INTS, "i32") | {"eps": "fp32"}
         kernel = _row_norm.row_norm_fwd_kernel
     else:
         constexprs = {k: flags[k] for k in ("HAS_RESIDUAL", "HAS_WEIGHT", "HAS_BIAS", "ACTIVATION")}
-        constexprs = {"HAS_DSUM": flags["STORE_SUM"], **constexprs} | blocks
-        types = dict.fromkeys(_ROW_NORM_BWD_POINTERS, x_type) | {"W": param_type, "B": param_type}
-        types |= dict.fromkeys(("MEAN", "RSTD", "DW_PARTIAL", "DB_PARTIAL"), "*fp32")
+        constexprs = {"HAS_DSUM": flags["STORE_SUM"], **constexprs} | blocks | {"HAS_X_SCALE": x_scale}
+        types = dict.fromkeys(_ROW_NORM_BWD_POINTERS, x_type) | vectors
+        types |= dict.fromkeys(("MEAN", "RSTD", *_ROW_NORM_PARTIALS), "*fp32")
         types |= dict.fromkeys(_ROW_NORM_BWD_INTS, "i32")
         kernel = _row_norm.row_norm_bwd_kernel
     # ptxas (Triton's flags, sm_90) keeps add_layer_norm's backward of 1024-wide rows (768 channels:
@@ -120,23 +130,31 @@ def _row_norm_variant(
 
 
 def row_norm_param_grad_variants() -> list[AotVariant]:
-    """The backward's dweight/dbias reduction (shared by both row-norm ops): both parameters in
-    every dtype, each alone in fp16 (an absent parameter's pointers are fp32 buffers)."""
+    """The backward's dweight/dbias (/dx_scale) reduction (shared by both row-norm ops): both
+    parameters in every dtype, each alone in fp16 (an absent parameter's pointers are fp32
+    buffers), and all three in fp16 (vision's layer scale)."""
     kernel = _row_norm.row_norm_param_grad_kernel
-    combos = [(dtype, True, True) for dtype in _row_norm.KERNEL_DTYPES]
-    combos += [(torch.float16, True, False), (torch.float16, False, True)]
+    combos = [(dtype, True, True, False) for dtype in _row_norm.KERNEL_DTYPES]
+    combos += [
+        (torch.float16, True, False, False),
+        (torch.float16, False, True, False),
+        (torch.float16, True, True, True),
+    ]
     variants = []
-    for dtype, weight, bias in combos:
+    for dtype, weight, bias, x_scale in combos:
         param = "*" + TRITON_TYPES[dtype]
-        types = dict.fromkeys(("DW_PARTIAL", "DB_PARTIAL"), "*fp32") | dict.fromkeys(("n_rows", "n_channels"), "i32")
+        types = dict.fromkeys(_ROW_NORM_PARTIALS, "*fp32") | dict.fromkeys(("n_rows", "n_channels"), "i32")
         types |= {"DW": param if weight else "*fp32", "DB": param if bias else "*fp32"}
+        types |= {"DXS": param if x_scale else "*fp32"}
         constexprs = {
             "HAS_WEIGHT": weight,
             "HAS_BIAS": bias,
             "BLOCK_R": _row_norm.PARAM_GRAD_BLOCK_R,
             "BLOCK_C": _row_norm.PARAM_GRAD_BLOCK_C,
+            "HAS_X_SCALE": x_scale,
         }
         name = f"param_grad_{TRITON_TYPES[dtype]}_has_weight={int(weight)}_has_bias={int(bias)}"
+        name += "_has_x_scale=1" if x_scale else ""
         variant = AotVariant(name, kernel, _signature(kernel, types, constexprs), constexprs, 4, 3)
         variants.append(as_run(variant, divisible_by_16=("n_channels",)))
     return variants
@@ -168,7 +186,8 @@ def layer_norm_gelu_variants() -> list[AotVariant]:
 
 def add_layer_norm_variants() -> list[AotVariant]:
     """Affine without the stored sum in every dtype; the sum without affine; fp32 weight only; the
-    sum with bias only."""
+    sum with bias only; and vision's layer with its layer scale (x_scale, affine, the sum) at its
+    768-channel tile, fp16: training's forward and backward, inference's forward."""
     plain = _row_norm.ACTIVATIONS[None]
     feature_sets = [
         _row_norm_features(True, False, True, True, plain),
@@ -176,7 +195,18 @@ def add_layer_norm_variants() -> list[AotVariant]:
         _row_norm_features(True, False, True, False, plain, param_fp32=True),
         _row_norm_features(True, True, False, True, plain),
     ]
-    return row_norm_variants("add_layer_norm", feature_sets)
+    vision = _row_norm_features(True, True, True, True, plain)
+    scaled = [
+        _row_norm_variant("add_layer_norm", "fwd", torch.float16, vision, _row_norm.tile_config(768, False), x_scale=True),
+        _row_norm_variant(
+            "add_layer_norm", "fwd", torch.float16, vision, _row_norm.tile_config(768, False), store_stats=False,
+            x_scale=True,
+        ),
+        _row_norm_variant(
+            "add_layer_norm", "bwd", torch.float16, vision, _row_norm.backward_tile_config(768, False), x_scale=True
+        ),
+    ]  # fmt: skip
+    return row_norm_variants("add_layer_norm", feature_sets) + scaled
 
 
 # --------------------------------------------------------------------------------------------

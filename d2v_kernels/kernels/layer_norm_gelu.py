@@ -59,4 +59,5 @@ def layer_norm_gelu_backward(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(dx like x, or written into ``out`` (see row_norm_backward: it may be dy or x), dweight or
     None, dbias or None); dweight/dbias in the parameters' dtypes."""
-    return row_norm_backward(dy, x, channels_dim, weight, bias, mean, rstd, approximate, out=out)
+    dx, dweight, dbias, _, _ = row_norm_backward(dy, x, channels_dim, weight, bias, mean, rstd, approximate, out=out)
+    return dx, dweight, dbias

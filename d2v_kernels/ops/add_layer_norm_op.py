@@ -1,12 +1,12 @@
-"""Residual add followed by LayerNorm: ``LayerNorm(x + residual)`` in one pass.
+"""Residual add followed by LayerNorm: ``LayerNorm(x + residual)`` in one pass, x optionally
+scaled per channel first (``LayerNorm(x_scale * x + residual)``).
 
 Where Data2Vec runs it: twice per audio encoder layer and per text layer (post-LN), once per
-vision layer (the pre-LN sum feeding ``layernorm_after``, which needs the sum back).
+vision layer (the pre-LN sum feeding ``layernorm_after``, which needs the sum back; vision's layer
+scale ``lambda_1`` is the ``x_scale``).
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -28,9 +28,10 @@ except ImportError as _error:  # triton absent: the triton backend reports it as
     _kernels, _KERNELS_IMPORT_ERROR = None, _error
 
 
-def add_layer_norm_reference(x, residual, weight, bias, *, eps=1e-5, return_sum=False):
-    """Eager PyTorch: ``s = x + residual; y = F.layer_norm(s)``, in x's dtype, like transformers."""
-    s = x + residual
+def add_layer_norm_reference(x, residual, weight, bias, *, eps=1e-5, return_sum=False, x_scale=None):
+    """Eager PyTorch: ``s = [x_scale * x] + residual; y = F.layer_norm(s)``, in the sum's dtype, like
+    transformers."""
+    s = (x if x_scale is None else x_scale * x) + residual
     y = layer_norm_promoted(s, weight, bias, eps).to(s.dtype)
     return (y, s) if return_sum else y
 
@@ -45,11 +46,12 @@ def _add_layer_norm_fwd_impl(
     residual: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
+    x_scale: torch.Tensor | None,
     eps: float,
     return_sum: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, x + residual or an empty (0,) tensor, mean, rstd)."""
-    y, total, mean, rstd = _kernels.add_layer_norm_forward(x, residual, weight, bias, eps, return_sum)
+    """(y, the sum or an empty (0,) tensor, mean, rstd)."""
+    y, total, mean, rstd = _kernels.add_layer_norm_forward(x, residual, weight, bias, eps, return_sum, x_scale)
     return y, total if total is not None else x.new_empty(0), mean, rstd
 
 
@@ -59,7 +61,7 @@ _add_layer_norm_fwd = torch.library.custom_op(
 
 
 @_add_layer_norm_fwd.register_fake
-def _(x, residual, weight, bias, eps, return_sum):
+def _(x, residual, weight, bias, x_scale, eps, return_sum):
     mean = x.new_empty(x.shape[:-1], dtype=torch.float32)
     total = torch.empty_like(x) if return_sum else x.new_empty(0)
     return torch.empty_like(x), total, mean, torch.empty_like(mean)
@@ -72,13 +74,19 @@ def _add_layer_norm_bwd_impl(
     residual: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
+    x_scale: torch.Tensor | None,
     mean: torch.Tensor,
     rstd: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(d(x + residual), dweight, dbias); a missing parameter's gradient is an empty (0,) tensor."""
-    dtotal, dweight, dbias = _kernels.add_layer_norm_backward(dy, dsum, x, residual, weight, bias, mean, rstd)
-    empty = x.new_empty(0)
-    return dtotal, dweight if dweight is not None else empty, dbias if dbias is not None else empty.clone()
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dresidual, dweight, dbias, dx_scale). Without x_scale dresidual is dx, and comes back as
+    an empty (0,) tensor (a custom op's outputs do not alias each other), as does a missing
+    parameter's gradient."""
+    dx, dresidual, dweight, dbias, dx_scale = _kernels.add_layer_norm_backward(
+        dy, dsum, x, residual, weight, bias, mean, rstd, x_scale
+    )
+    if x_scale is None:
+        dresidual = x.new_empty(0)
+    return dx, dresidual, *(g if g is not None else x.new_empty(0) for g in (dweight, dbias, dx_scale))
 
 
 _add_layer_norm_bwd = torch.library.custom_op(
@@ -87,34 +95,37 @@ _add_layer_norm_bwd = torch.library.custom_op(
 
 
 @_add_layer_norm_bwd.register_fake
-def _(dy, dsum, x, residual, weight, bias, mean, rstd):
-    dweight = torch.empty_like(weight) if weight is not None else x.new_empty(0)
-    dbias = torch.empty_like(bias) if bias is not None else x.new_empty(0)
-    return torch.empty_like(x), dweight, dbias
+def _(dy, dsum, x, residual, weight, bias, x_scale, mean, rstd):
+    dresidual = torch.empty_like(x) if x_scale is not None else x.new_empty(0)
+    grads = (torch.empty_like(p) if p is not None else x.new_empty(0) for p in (weight, bias, x_scale))
+    return torch.empty_like(x), dresidual, *grads
 
 
 def _setup_context(ctx, inputs, output):
     # x and residual are saved, not their sum: the backward re-adds them in fp32, exactly as the
     # forward normalised them (the stored sum is rounded to x's dtype).
-    x, residual, weight, bias, _eps, return_sum = inputs
+    x, residual, weight, bias, x_scale, _eps, return_sum = inputs
     _, _, mean, rstd = output
-    ctx.save_for_backward(x, residual, weight, bias, mean, rstd)
+    ctx.save_for_backward(x, residual, weight, bias, x_scale, mean, rstd)
     ctx.return_sum = return_sum
     ctx.mark_non_differentiable(mean, rstd)
 
 
 def _backward(ctx, dy, dsum, _dmean, _drstd):
-    x, residual, weight, bias, mean, rstd = ctx.saved_tensors
+    x, residual, weight, bias, x_scale, mean, rstd = ctx.saved_tensors
     dsum = dsum if ctx.return_sum else None
     if dy is None:  # only the returned sum was used
         dy = torch.zeros_like(x)
-    backward_op = pick(_add_layer_norm_bwd, _add_layer_norm_bwd_impl, (dy, dsum, x, residual, weight, bias))
-    dtotal, dweight, dbias = backward_op(dy, dsum, x, residual, weight, bias, mean, rstd)
+    inputs = (dy, dsum, x, residual, weight, bias, x_scale)
+    dx, dresidual, dweight, dbias, dx_scale = pick(_add_layer_norm_bwd, _add_layer_norm_bwd_impl, inputs)(
+        *inputs, mean, rstd
+    )
     return (
-        dtotal,
-        dtotal,
+        dx,
+        dresidual if x_scale is not None else dx,
         dweight if weight is not None else None,
         dbias if bias is not None else None,
+        dx_scale if x_scale is not None else None,
         None,
         None,
     )
@@ -128,22 +139,22 @@ class AddLayerNormLaunched(torch.autograd.Function):
     :func:`_backward`'s. Traced calls and tensor subclasses take the custom op above."""
 
     @staticmethod
-    def forward(ctx, launch, x, residual, weight, bias, eps, return_sum):
-        y, total, mean, rstd = launch(x, weight, bias, eps, residual)
+    def forward(ctx, launch, x, residual, weight, bias, x_scale, eps, return_sum):
+        y, total, mean, rstd = launch(x, weight, bias, eps, residual, x_scale)
         ctx.set_materialize_grads(False)
-        _setup_context(ctx, (x, residual, weight, bias, eps, return_sum), (y, total, mean, rstd))
+        _setup_context(ctx, (x, residual, weight, bias, x_scale, eps, return_sum), (y, total, mean, rstd))
         return (y, total) if return_sum else y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, dsum=None):
         if dy is None and dsum is None:
-            return (None,) * 7
+            return (None,) * 8
         return (None, *_backward(ctx, dy, dsum, None, None))
 
 
-def _add_layer_norm_triton(x, residual, weight, bias, *, eps=1e-5, return_sum=False):
-    y, total, _, _ = _add_layer_norm_call(x, residual, weight, bias, eps, return_sum)
+def _add_layer_norm_triton(x, residual, weight, bias, *, eps=1e-5, return_sum=False, x_scale=None):
+    y, total, _, _ = _add_layer_norm_call(x, residual, weight, bias, x_scale, eps, return_sum)
     return (y, total) if return_sum else y
 
 
@@ -151,8 +162,8 @@ def _triton_available() -> list[str]:
     return [] if _kernels is not None else [f"triton kernels not importable: {_KERNELS_IMPORT_ERROR}"]
 
 
-def _triton_reasons(x, residual, weight, bias, *, eps=1e-5, return_sum=False) -> list[str]:
-    return _kernels.unsupported_reasons(x, -1, weight=weight, bias=bias, residual=residual)
+def _triton_reasons(x, residual, weight, bias, *, eps=1e-5, return_sum=False, x_scale=None) -> list[str]:
+    return _kernels.unsupported_reasons(x, -1, weight=weight, bias=bias, residual=residual, x_scale=x_scale)
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,18 +171,19 @@ def _triton_reasons(x, residual, weight, bias, *, eps=1e-5, return_sum=False) ->
 # --------------------------------------------------------------------------------------------
 
 
-def add_layer_norm(x, residual, weight, bias, *, eps=1e-5, return_sum=False):
-    """LayerNorm(x + residual) over the last dimension.
+def add_layer_norm(x, residual, weight, bias, *, eps=1e-5, return_sum=False, x_scale=None):
+    """LayerNorm(x + residual), or LayerNorm(x_scale * x + residual), over the last dimension.
 
     x, residual: (..., C), same shape (fp16, bf16, fp32; fp64 runs eager); mixed dtypes promote
-    as ``x + residual`` does, and under CUDA autocast the op runs in fp32 like torch's layer_norm.
-    weight, bias: (C,) or None. Statistics in fp32. Returns y (x's shape and dtype), or
-    ``(y, x + residual)`` with ``return_sum=True`` (pre-LN layers need the sum as the next
-    residual).
+    as ``x_scale * x + residual`` does, and under CUDA autocast the op runs in fp32 like torch's
+    layer_norm. weight, bias, x_scale: (C,) or None (x_scale: a per-channel scale of x, vision's
+    layer scale; its gradient is reduced in the kernels like weight's). Statistics in fp32.
+    Returns y (the sum's shape and dtype), or ``(y, sum)`` with ``return_sum=True`` (pre-LN layers
+    need the sum as the next residual).
     """
     key = None
     if plans_enabled():
-        key = layout_key(x, residual, weight, bias)
+        key = layout_key(x, residual, weight, bias, x_scale)
         if key is not None:
             key = (
                 key, eps.__class__, eps, return_sum.__class__, return_sum, torch.is_grad_enabled(),
@@ -179,66 +191,74 @@ def add_layer_norm(x, residual, weight, bias, *, eps=1e-5, return_sum=False):
             )  # fmt: skip
             plan = lookup(_PLANS, key)
             if plan is not None:
-                return plan(x, residual, weight, bias)
-    return store(_PLANS, key, _plan(x, residual, weight, bias, eps, return_sum), x.device)(x, residual, weight, bias)
+                return plan(x, residual, weight, bias, x_scale)
+    plan = store(_PLANS, key, _plan(x, residual, weight, bias, eps, return_sum, x_scale), x.device)
+    return plan(x, residual, weight, bias, x_scale)
 
 
 _PLANS = plan_cache()
 
 
-def _plan(x, residual, weight, bias, eps, return_sum):
+def _plan(x, residual, weight, bias, eps, return_sum, x_scale):
     """Validate (errors name the argument) and return the callable that runs this input's
     implementation on inputs of its layout."""
     check_tensor("x", x, ndim=range(1, 9))
     check_tensor("residual", residual)
     if residual.shape != x.shape:
         raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-    # As transformers' `LayerNorm(x + residual)`: type promotion (an autocast Linear output plus an
-    # fp32 residual), and float32 under CUDA autocast.
-    dtype = layer_norm_compute_dtype(x.device, torch.promote_types(x.dtype, residual.dtype))
-    convert = x.dtype != dtype or residual.dtype != dtype
     channels = x.shape[-1]
-    for name, p in (("weight", weight), ("bias", bias)):
+    for name, p in (("weight", weight), ("bias", bias), ("x_scale", x_scale)):
         if p is not None:
             check_tensor(name, p, ndim=1)
             if p.shape[0] != channels:
                 raise ValueError(f"{name} must have shape ({channels},) to match x's last dim, got {tuple(p.shape)}")
-    check_same_device(x=x, residual=residual, weight=weight, bias=bias)
+    # As transformers' `LayerNorm(lambda * x + residual)`: type promotion (an autocast Linear output
+    # plus an fp32 residual), and float32 under CUDA autocast.
+    dtype = torch.promote_types(x.dtype, residual.dtype)
+    if x_scale is not None:
+        dtype = torch.promote_types(dtype, x_scale.dtype)
+    dtype = layer_norm_compute_dtype(x.device, dtype)
+    convert = any(t is not None and t.dtype != dtype for t in (x, residual, x_scale))
+    check_same_device(x=x, residual=residual, weight=weight, bias=bias, x_scale=x_scale)
     eps = check_eps(eps)
     if not isinstance(return_sum, bool):
         raise TypeError(f"return_sum must be a bool, got {type(return_sum).__name__}")
     if convert:
-        x, residual = x.to(dtype), residual.to(dtype)
-    if x.numel() == 0:
-        run = functools.partial(add_layer_norm_reference, eps=eps, return_sum=return_sum)
-        backend = None
-    else:
-        impl = dispatch.select("add_layer_norm", x.device, x, residual, weight, bias, eps=eps, return_sum=return_sum)
-        backend = impl.backend
-        run = functools.partial(impl.run, eps=eps, return_sum=return_sum)
-        eager = runs_eagerly((x, residual, weight, bias))  # else (traced, a tensor subclass) the custom op
-        if impl.run is _add_layer_norm_triton and eager and not needs_grad(x, residual, weight, bias):
-            launch = _kernels.add_layer_norm_inference_launch(x, residual, weight, bias, return_sum)
+        x, residual, x_scale = (None if t is None else t.to(dtype) for t in (x, residual, x_scale))
+    options = {"eps": eps, "return_sum": return_sum, "x_scale": x_scale}
+    backend, implementation = None, add_layer_norm_reference
+    if x.numel() != 0:
+        impl = dispatch.select("add_layer_norm", x.device, x, residual, weight, bias, **options)
+        backend, implementation = impl.backend, impl.run
 
-            def run(x, residual, weight, bias):
-                y, total, _, _ = launch(x, weight, bias, eps, residual)
+    def run(x, residual, weight, bias, x_scale):
+        return implementation(x, residual, weight, bias, eps=eps, return_sum=return_sum, x_scale=x_scale)
+
+    # Eager calls on plain tensors launch the plan's kernel directly; traced calls and tensor
+    # subclasses take the custom op.
+    if implementation is _add_layer_norm_triton and runs_eagerly((x, residual, weight, bias, x_scale)):
+        if not needs_grad(x, residual, weight, bias, x_scale):
+            launch = _kernels.add_layer_norm_inference_launch(x, residual, weight, bias, return_sum, x_scale)
+
+            def run(x, residual, weight, bias, x_scale):
+                y, total, _, _ = launch(x, weight, bias, eps, residual, x_scale)
                 return (y, total) if return_sum else y
 
-        elif impl.run is _add_layer_norm_triton and eager:
-            launch = _kernels.add_layer_norm_training_launch(x, residual, weight, bias, return_sum)
+        else:
+            launch = _kernels.add_layer_norm_training_launch(x, residual, weight, bias, return_sum, x_scale)
             apply = AddLayerNormLaunched.apply
 
-            def run(x, residual, weight, bias):
-                return apply(launch, x, residual, weight, bias, eps, return_sum)
+            def run(x, residual, weight, bias, x_scale):
+                return apply(launch, x, residual, weight, bias, x_scale, eps, return_sum)
 
     record = recorder()
 
-    def plan(x, residual, weight, bias):
+    def plan(x, residual, weight, bias, x_scale):
         if convert:
-            x, residual = x.to(dtype), residual.to(dtype)
+            x, residual, x_scale = (None if t is None else t.to(dtype) for t in (x, residual, x_scale))
         if backend is not None:
             record("add_layer_norm", backend)
-        return run(x, residual, weight, bias)
+        return run(x, residual, weight, bias, x_scale)
 
     return plan
 
