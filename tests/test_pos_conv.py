@@ -12,7 +12,7 @@ from transformers.models.data2vec.modeling_data2vec_audio import Data2VecAudioPo
 import d2v_kernels
 from d2v_kernels import dispatch, ops
 from d2v_kernels.kernels import pos_conv as kernels
-from d2v_kernels.ops.pos_conv_op import pos_conv_channels_last, pos_conv_prefer
+from d2v_kernels.ops.pos_conv_op import ENV_TWO_PASS, pos_conv_channels_last, pos_conv_prefer
 from d2v_kernels.testing import assert_close_to_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -54,6 +54,56 @@ def test_forward_matches_float64_reference(frames, kernel_size, dtype):
     x = torch.randn(2, frames, 48, dtype=torch.float64)
     weights, biases = _params(48, 4, kernel_size, 2)  # 12 channels per group: tiles padded to 16
     _check_forward(x, weights, biases, 4, dtype)
+
+
+@pytest.mark.usefixtures("on_device")
+@pytest.mark.parametrize(
+    "kernel_size,dtype,two_pass",
+    [(5, torch.float32, False), (4, torch.float16, True), (5, torch.bfloat16, True)],
+    ids=["k5-fp32-one-launch", "k4-fp16-two-launch", "k5-bf16-two-launch"],
+)
+def test_layer_forms_forward_and_gradients_match_float64(kernel_size, dtype, two_pass, monkeypatch):
+    """Each layer as one launch (the conv with its normalising tail; the default, which the tests
+    above run in every dtype) and as two (conv, then the row kernel), forward and backward against
+    float64: odd T, 10 channels a group."""
+    monkeypatch.setenv(ENV_TWO_PASS, "1" if two_pass else "0")
+    x64 = torch.randn(2, 13, 40, dtype=torch.float64)
+    weights64, biases64 = _params(40, 4, kernel_size, 2)
+    grad_out = torch.randn(2, 13, 40, dtype=torch.float64)
+
+    def reference(x, w, b):
+        return ops.pos_conv_reference(x, w, b, groups=4)
+
+    out64, ref64 = _gradients(reference, x64, weights64, biases64, grad_out)
+    x, weights, biases = x64.to(dtype), _cast(weights64, dtype), _cast(biases64, dtype)
+    eager_out, eager = _gradients(reference, x, weights, biases, grad_out)
+    with d2v_kernels.record_dispatch() as calls:
+        out, grads = _gradients(lambda x, w, b: _triton(x, w, b, 4), x, weights, biases, grad_out)
+        with torch.no_grad():
+            inference = _triton(x, weights, biases, 4)
+    assert calls == {("pos_conv", "triton"): 2}
+    assert_close_to_reference(out, out64, eager_out)
+    torch.testing.assert_close(inference, out.detach(), rtol=0, atol=0)
+    for name, g, r, e in zip(["dx", "dweight0", "dweight1", "dbias0", "dbias1"], grads, ref64, eager):
+        assert_close_to_reference(g, r, e, name=name)
+
+
+@pytest.mark.usefixtures("on_device")
+def test_small_variance_rows_one_launch_equals_two_launch(monkeypatch):
+    """Rows whose variance is tiny against their mean (a large bias, small weights) and near eps:
+    the tail's statistics come from whole rows in two passes, as the row kernel's, so the forms
+    agree exactly, and both match float64."""
+    x64 = torch.randn(1, 11, 40, dtype=torch.float64)
+    weights64, _ = _params(40, 4, 5, 2)
+    weights64 = [w * 1e-2 for w in weights64]
+    biases64 = [torch.full((40,), 50.0, dtype=torch.float64) + 1e-3 * torch.randn(40, dtype=torch.float64)] * 2
+    ref64 = ops.pos_conv_reference(x64, weights64, biases64, groups=4)
+    x, weights, biases = x64.float(), _cast(weights64, torch.float32), _cast(biases64, torch.float32)
+    one = _triton(x, weights, biases, 4)
+    monkeypatch.setenv(ENV_TWO_PASS, "1")
+    two = _triton(x, weights, biases, 4)
+    torch.testing.assert_close(one, two, rtol=0, atol=0)
+    assert_close_to_reference(one, ref64, ops.pos_conv_reference(x, weights, biases, groups=4))
 
 
 @pytest.mark.parametrize(

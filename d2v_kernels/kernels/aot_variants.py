@@ -344,32 +344,45 @@ def attention_variants() -> list[AotVariant]:
 
 
 def pos_conv_variants() -> list[AotVariant]:
-    """Every configuration the launchers pick: dtype x group block; dtype x LN row block."""
+    """Every configuration the launchers pick: dtype x group block (the conv alone: the input
+    gradient and the two-launch form); dtype at the models' group block and row width (the conv
+    with its normalising tail: CG 48 or 64, C 768 or 1024); dtype x LN row block."""
     variants = []
-    conv_blocks = ("DOT_PRECISION", "UPCAST_OPERANDS", "BLOCK_T", "BLOCK_CI", "BLOCK_CO")
+    wgrad_blocks = ("DOT_PRECISION", "UPCAST_OPERANDS", "BLOCK_T", "BLOCK_CI", "BLOCK_CO")
+    conv_blocks = (*wgrad_blocks, "NORM_TAIL", "TAIL_ROWS", "BLOCK_C")
+
+    def conv(ty, precision, block_co, block_c=None):
+        tail = block_c is not None
+        rows = min(pos_conv.ln_blocks(block_c)[0], pos_conv.CONV_BLOCK_T) if tail else 1
+        return AotVariant(
+            name=f"conv_{ty}_co{block_co}" + (f"_tail_c{block_c}" if tail else ""),
+            fn=pos_conv.grouped_conv1d_kernel,
+            signature={"x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "y_ptr": f"*{ty}"}
+            | {"h_ptr": f"*{ty}", "counter_ptr": "*i32" if tail else f"*{ty}"}
+            | dict.fromkeys(("T", "CG", "K", "PAD_LEFT", "stride_xb", "stride_xt", "stride_xc"), "i32")
+            | dict.fromkeys(("stride_yb", "stride_yt", "C"), "i32")
+            | {"eps": "fp32"}
+            | dict.fromkeys(conv_blocks, "constexpr"),
+            constexprs={
+                "DOT_PRECISION": precision,
+                "UPCAST_OPERANDS": False,
+                "BLOCK_T": pos_conv.CONV_BLOCK_T,
+                "BLOCK_CI": min(pos_conv.CONV_BLOCK_CI, block_co),
+                "BLOCK_CO": block_co,
+                "NORM_TAIL": tail,
+                "TAIL_ROWS": rows,
+                "BLOCK_C": block_c if tail else 16,
+            },
+            num_warps=pos_conv.CONV_WARPS,
+            num_stages=pos_conv.CONV_STAGES,
+        )
+
     for dtype, ty in TRITON_TYPES.items():
         precision = pos_conv.dot_precision(dtype)
+        variants.append(conv(ty, precision, 64, 1024))
         block_co = 16
         while block_co <= max(16, pos_conv.MAX_GROUP_CHANNELS):
-            variants.append(
-                AotVariant(
-                    name=f"conv_{ty}_co{block_co}",
-                    fn=pos_conv.grouped_conv1d_kernel,
-                    signature={"x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "y_ptr": f"*{ty}"}
-                    | dict.fromkeys(("T", "CG", "K", "PAD_LEFT", "stride_xb", "stride_xt", "stride_xc"), "i32")
-                    | dict.fromkeys(("stride_yb", "stride_yt", "C"), "i32")
-                    | dict.fromkeys(conv_blocks, "constexpr"),
-                    constexprs={
-                        "DOT_PRECISION": precision,
-                        "UPCAST_OPERANDS": False,
-                        "BLOCK_T": pos_conv.CONV_BLOCK_T,
-                        "BLOCK_CI": min(pos_conv.CONV_BLOCK_CI, block_co),
-                        "BLOCK_CO": block_co,
-                    },
-                    num_warps=pos_conv.CONV_WARPS,
-                    num_stages=pos_conv.CONV_STAGES,
-                )
-            )
+            variants.append(conv(ty, precision, block_co))
             variants.append(
                 AotVariant(
                     name=f"wgrad_{ty}_c{block_co}",
@@ -377,7 +390,7 @@ def pos_conv_variants() -> list[AotVariant]:
                     signature={"x_ptr": f"*{ty}", "dy_ptr": f"*{ty}", "dw_ptr": "*fp32", "db_ptr": "*fp32"}
                     | dict.fromkeys(("B", "T", "CG", "PAD_LEFT", "stride_xb", "stride_xt", "stride_xc"), "i32")
                     | dict.fromkeys(("stride_dyb", "stride_dyt", "C"), "i32")
-                    | dict.fromkeys(conv_blocks, "constexpr"),
+                    | dict.fromkeys(wgrad_blocks, "constexpr"),
                     constexprs={
                         "DOT_PRECISION": precision,
                         "UPCAST_OPERANDS": False,

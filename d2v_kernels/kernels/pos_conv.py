@@ -1,15 +1,23 @@
 """Triton kernels for the positional convolution: grouped Conv1d, LayerNorm (no affine) + GELU.
 
-All activations are channels-last (B, T, C). One layer's forward is two launches:
+All activations are channels-last (B, T, C). One layer's forward is one launch of
+``grouped_conv1d_kernel`` with ``NORM_TAIL``:
 
-1. ``grouped_conv1d_kernel``: implicit-GEMM grouped conv. A program owns BLOCK_T output frames
-   of one batch row and one group's CG output channels; its K loop runs over the taps x the group's
-   CG input channels, loading shifted x rows (zero outside [0, T), which is the conv's zero
-   padding) and calling ``tl.dot`` with fp32 accumulation. The same kernel computes the conv's
-   input gradient (a conv of dy with the flipped, group-transposed weights).
-2. ``layer_norm_gelu_fwd_kernel``: LayerNorm over all C channels + exact GELU, a row per frame.
-   LayerNorm needs every group of a frame, which one conv program does not see; a second small
-   kernel keeps the conv grid at (frames / BLOCK_T) x groups x B programs.
+- the implicit-GEMM grouped conv: a program owns BLOCK_T output frames of one batch row and one
+  group's CG output channels; its K loop runs over the taps x the group's CG input channels,
+  loading shifted x rows (zero outside [0, T), which is the conv's zero padding) and calling
+  ``tl.dot`` with fp32 accumulation; it stores the pre-norm rows y (conv + bias);
+- the tail: LayerNorm over all C channels + exact GELU needs every group of a frame, which one
+  conv program does not compute. Each program counts itself in on its frame block's counter
+  (atomic, acquire-release); the last of the block's group programs to arrive normalises the
+  block's BLOCK_T rows, whole rows in registers (``layer_norm_gelu_tile``, the row kernel's code),
+  and writes h over y (inference) or beside it (training keeps y for the backward). The
+  statistics are those of the stored (rounded) rows, computed in two passes over registers.
+
+The two-launch form (the conv without the tail, then ``layer_norm_gelu_fwd_kernel``) is kept
+until a GPU has measured both (the op's ``D2V_KERNELS_POS_CONV_TWO_PASS=1``). The same conv
+kernel without the tail computes the conv's input gradient (a conv of dy with the flipped,
+group-transposed weights).
 
 Backward: ``layer_norm_gelu_bwd_kernel`` (recomputes the statistics from the saved pre-norm
 row), the conv kernel for dx, and ``grouped_conv1d_weight_grad_kernel`` for dweight and dbias
@@ -62,6 +70,8 @@ def grouped_conv1d_kernel(
     w_ptr,  # packed (K, CG, C), contiguous
     bias_ptr,  # (C,) (zeros for the input-gradient conv: one variant instead of two)
     y_ptr,  # (B, T, C), channel stride 1
+    h_ptr,  # NORM_TAIL: (B, T, C) GELU(LayerNorm(y)), y's strides (may be y_ptr: in place)
+    counter_ptr,  # NORM_TAIL: int32 (B, cdiv(T, BLOCK_T)), zero; left zero
     T,
     CG,
     K,
@@ -72,11 +82,15 @@ def grouped_conv1d_kernel(
     stride_yb,
     stride_yt,
     C,
+    eps,
     DOT_PRECISION: tl.constexpr,
     UPCAST_OPERANDS: tl.constexpr,  # interpreter only: its bf16 tl.dot multiplies the raw bits
     BLOCK_T: tl.constexpr,
     BLOCK_CI: tl.constexpr,
     BLOCK_CO: tl.constexpr,
+    NORM_TAIL: tl.constexpr,  # the last group program of a frame block normalises its rows
+    TAIL_ROWS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     group = tl.program_id(1)
@@ -114,6 +128,48 @@ def grouped_conv1d_kernel(
     acc += bias.to(tl.float32)[None, :]
     y_ptrs = y_ptr + batch * stride_yb + offs_t[:, None] * stride_yt + (group * CG + offs_co)[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_t < T)[:, None] & co_mask[None, :])
+    if NORM_TAIL:
+        # The frame block's rows are complete once all its group programs have stored: each
+        # counts itself in (the barrier orders every thread's stores before the release), and the
+        # last to arrive (acquire) normalises the block's rows, whole, as the row kernel does.
+        tl.debug_barrier()
+        counter = counter_ptr + batch * tl.num_programs(0) + pid_t
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if arrived == tl.num_programs(1) - 1:
+            for start in range(0, BLOCK_T, TAIL_ROWS):
+                rows = pid_t * BLOCK_T + start + tl.arange(0, TAIL_ROWS)
+                layer_norm_gelu_tile(
+                    y_ptr + batch * stride_yb,
+                    h_ptr + batch * stride_yb,
+                    rows,
+                    T,
+                    C,
+                    eps,
+                    stride_yt,
+                    stride_yt,
+                    BLOCK_C,
+                    ".cg",  # another program's stores: read through L2
+                )
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # zero for the next layer
+
+
+@triton.jit
+def layer_norm_gelu_tile(
+    y_ptr, h_ptr, rows, n_rows, C, eps, stride_y, stride_h, BLOCK_C: tl.constexpr, CACHE: tl.constexpr
+):
+    """GELU(LayerNorm(y)) of ``rows`` (those < n_rows), whole rows of C in registers, fp32
+    statistics (two passes over the registers: no cancellation at small variance)."""
+    cols = tl.arange(0, BLOCK_C)
+    mask = (rows < n_rows)[:, None] & (cols < C)[None, :]
+    v = tl.load(y_ptr + rows[:, None] * stride_y + cols[None, :], mask=mask, other=0.0, cache_modifier=CACHE)
+    v = v.to(tl.float32)
+    mean = tl.sum(v, axis=1) / C
+    centered = tl.where(mask, v - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / C + eps)
+    u = centered * rstd[:, None]
+    # literal 1/sqrt(2) and 1/sqrt(2 pi): constexpr globals are compared on every launch
+    h = 0.5 * u * (1.0 + tl.math.erf(u * 0.7071067811865476))
+    tl.store(h_ptr + rows[:, None] * stride_h + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -129,16 +185,7 @@ def layer_norm_gelu_fwd_kernel(
     BLOCK_C: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    cols = tl.arange(0, BLOCK_C)
-    mask = (rows < n_rows)[:, None] & (cols < C)[None, :]
-    v = tl.load(y_ptr + rows[:, None] * stride_y + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(v, axis=1) / C
-    centered = tl.where(mask, v - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / C + eps)
-    u = centered * rstd[:, None]
-    # literal 1/sqrt(2) and 1/sqrt(2 pi): constexpr globals are compared on every launch
-    h = 0.5 * u * (1.0 + tl.math.erf(u * 0.7071067811865476))
-    tl.store(h_ptr + rows[:, None] * stride_h + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
+    layer_norm_gelu_tile(y_ptr, h_ptr, rows, n_rows, C, eps, stride_y, stride_h, BLOCK_C, "")
 
 
 @triton.jit
@@ -306,39 +353,76 @@ def grouped_conv1d(x, packed_weight, bias, *, pad_left: int, out=None):
     .. t - pad_left + K - 1 (zero outside [0, T)). Returns (B, T, C) in x's dtype (or writes
     ``out``, channel stride 1). fp32 accumulation. The launch is kept per layout and made
     directly on later calls."""
-    batch, frames, channels = x.shape
     if bias is None:
-        bias = torch.zeros((channels,), device=x.device, dtype=x.dtype)
+        bias = torch.zeros((x.shape[2],), device=x.device, dtype=x.dtype)
     if out is None:
-        out = torch.empty((batch, frames, channels), device=x.device, dtype=x.dtype)
-    key = (
-        x.shape, x.stride(), x.dtype, x.device, _aligned(x), packed_weight.shape, packed_weight.stride(),
-        packed_weight.dtype, _aligned(packed_weight), bias.dtype, _aligned(bias), out.stride(), out.dtype,
-        _aligned(out), pad_left,
-    )  # fmt: skip
-    launch, tail = _conv_launches.get(key, lambda: _grouped_conv1d_launch(x, packed_weight, pad_left, out))
-    launch(x, packed_weight, bias, out, *tail)
+        out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    _launch_conv(x, packed_weight, bias, out, out, out, pad_left, None)
     return out
 
 
-def _grouped_conv1d_launch(x, packed_weight, pad_left, out):
-    batch, frames, channels = x.shape
-    k, group_channels, _ = packed_weight.shape
-    block_co = _group_block(group_channels)
-    config = tiles(
+def tail_counters(x: torch.Tensor) -> torch.Tensor:
+    """The zeroed int32 counters :func:`grouped_conv1d_layer_norm_gelu` needs for input x; every
+    layer of a stack may use the same ones in turn (a launch leaves them zero)."""
+    block_t = _conv_config()["BLOCK_T"]
+    return torch.zeros((x.shape[0] * cdiv(x.shape[1], block_t),), device=x.device, dtype=torch.int32)
+
+
+def grouped_conv1d_layer_norm_gelu(
+    x, packed_weight, bias, *, pad_left: int, eps: float, counters, out=None, hidden=None
+):
+    """One layer in one launch: y = :func:`grouped_conv1d` (written to ``out``) and
+    h = GELU(LayerNorm(y)) over the channels, no affine (written to ``hidden``, or over y in
+    ``out`` when ``hidden`` is None). Returns (y, h). ``counters``: from :func:`tail_counters`.
+
+    The LayerNorm needs every group of a frame, which one conv program does not compute: the
+    last of a frame block's group programs to finish normalises the block's rows (read back
+    from L2), so each row's statistics come from the whole row, as in the two-launch path."""
+    if out is None:
+        out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    hidden = out if hidden is None else hidden
+    assert hidden.stride() == out.stride() and hidden.dtype == out.dtype
+    _launch_conv(x, packed_weight, bias, out, hidden, counters, pad_left, float(eps))
+    return out, hidden
+
+
+def _launch_conv(x, packed_weight, bias, out, hidden, counters, pad_left: int, eps: float | None):
+    key = (
+        x.shape, x.stride(), x.dtype, x.device, _aligned(x), packed_weight.shape, packed_weight.stride(),
+        packed_weight.dtype, _aligned(packed_weight), bias.dtype, _aligned(bias), out.stride(), out.dtype,
+        _aligned(out), _aligned(hidden), pad_left, eps,
+    )  # fmt: skip
+    launch, tail = _conv_launches.get(key, lambda: _grouped_conv1d_launch(x, packed_weight, pad_left, out, eps))
+    launch(x, packed_weight, bias, out, hidden, counters, *tail)
+
+
+def _conv_config() -> dict:
+    return tiles(
         "pos_conv",
         {"BLOCK_T": CONV_BLOCK_T, "BLOCK_CI": CONV_BLOCK_CI, "num_warps": CONV_WARPS, "num_stages": CONV_STAGES},
     )
+
+
+def _grouped_conv1d_launch(x, packed_weight, pad_left, out, eps):
+    batch, frames, channels = x.shape
+    k, group_channels, _ = packed_weight.shape
+    block_co = _group_block(group_channels)
+    config = _conv_config()
     grid = (cdiv(frames, config["BLOCK_T"]), channels // group_channels, batch)
+    rows, block_c = ln_blocks(channels) if eps is not None else (1, 16)  # the tail takes the row kernel's tile
     constexprs = {
         "DOT_PRECISION": dot_precision(x.dtype),
         "UPCAST_OPERANDS": _upcast_operands(x),
         "BLOCK_T": config["BLOCK_T"],
         "BLOCK_CI": min(config["BLOCK_CI"], block_co),
         "BLOCK_CO": block_co,
+        "NORM_TAIL": eps is not None,
+        "TAIL_ROWS": min(rows, config["BLOCK_T"]),
+        "BLOCK_C": block_c,
     }
     positional = (frames, group_channels, k, pad_left, *x.stride(), out.stride(0), out.stride(1), channels)
-    tail = fixed_tail(grouped_conv1d_kernel, 4, positional, constexprs)
+    positional += (1e-5 if eps is None else eps,)
+    tail = fixed_tail(grouped_conv1d_kernel, 6, positional, constexprs)
     options = {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
     return DirectLaunch(grouped_conv1d_kernel, grid, **options), tail
 

@@ -8,6 +8,7 @@ positional embedding that the encoder adds to it.
 
 from __future__ import annotations
 
+import os
 import weakref
 
 import torch
@@ -90,17 +91,34 @@ def _packed_parameters(weights, biases, groups: int, dtype: torch.dtype) -> tupl
     return packed, torch.stack(biases).to(dtype).unbind()
 
 
+ENV_TWO_PASS = "D2V_KERNELS_POS_CONV_TWO_PASS"
+
+
 def _pos_conv_layers(x, packed, biases, kernel_size: int, eps: float, save_pre_norm: bool):
+    """Each layer one launch (the conv with its normalising tail), or two with
+    ``D2V_KERNELS_POS_CONV_TWO_PASS=1`` (the conv, then the LayerNorm + GELU row kernel): kept
+    until a GPU has measured both."""
     kernels = _kernels()
     num_layers = len(packed)
     pre_norm = x.new_empty((num_layers if save_pre_norm else 0, *x.shape))
     conv_outs = pre_norm.unbind() if save_pre_norm else [None] * num_layers
+    two_pass = os.environ.get(ENV_TWO_PASS) == "1"
+    counters = None if two_pass else kernels.tail_counters(x)
     hidden = x
     for layer in range(num_layers):
-        conv_out = kernels.grouped_conv1d(
-            hidden, packed[layer], biases[layer], pad_left=kernel_size // 2, out=conv_outs[layer]
-        )
-        hidden = kernels.layer_norm_gelu_rows(conv_out, eps, out=None if save_pre_norm else conv_out)
+        conv_args = (hidden, packed[layer], biases[layer])
+        if two_pass:
+            conv_out = kernels.grouped_conv1d(*conv_args, pad_left=kernel_size // 2, out=conv_outs[layer])
+            hidden = kernels.layer_norm_gelu_rows(conv_out, eps, out=None if save_pre_norm else conv_out)
+        else:
+            _, hidden = kernels.grouped_conv1d_layer_norm_gelu(
+                *conv_args,
+                pad_left=kernel_size // 2,
+                eps=eps,
+                counters=counters,
+                out=conv_outs[layer],
+                hidden=torch.empty_like(conv_outs[layer]) if save_pre_norm else None,
+            )
     return hidden, pre_norm
 
 
