@@ -2,7 +2,9 @@
 ``Data2VecAudioPositionalConvEmbedding`` (cuDNN grouped conv with transposes, eager LayerNorm +
 GELU), torch.compile of it, and a channels-last cuDNN conv (NHWC conv2d on the (B, T, C) memory,
 no transposes: the op's eager backend on CUDA). ``d2v`` is the public op under default dispatch
-(its measured rule picks the backend), ``d2v_triton`` the Triton kernels forced.
+(its measured rule picks the backend), ``d2v_triton`` the Triton kernels forced (a launch a layer:
+the conv with its normalising tail), ``d2v_triton_twopass`` the same with two launches a layer
+(the conv, then the LayerNorm + GELU row kernel; ``D2V_KERNELS_POS_CONV_TWO_PASS=1``).
 
 Cases: base (B=8, T=499 frames = 10 s, C=768, 16 groups, k=19, 5 layers) and large (C=1024),
 fp16 and bf16, forward and forward+backward (gradients for the input, every weight and bias).
@@ -13,7 +15,7 @@ shows it as a share of the GPU's dense fp16/bf16 tensor-core peak), and peak mem
 ``bench/results/<gpu>/<date>-pos_conv.json``.
 
     python -m bench.pos_conv [--quick] [--cases base,large] [--dtypes fp16,bf16] [--modes fwd,fwd+bwd]
-                             [--impls d2v,d2v_triton,hf_eager,hf_compile,cudnn_channels_last]
+                             [--impls d2v,d2v_triton,d2v_triton_twopass,hf_eager,hf_compile,cudnn_channels_last]
     python -m bench.pos_conv --check-only --tiny --device cpu     # the output checks on a CPU
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 import sys
 
 import torch
@@ -33,7 +36,7 @@ QUICK_CASES = ("base",)
 # For --check-only --tiny (CPU; d2v_triton runs there under TRITON_INTERPRET=1).
 TINY_CASES = {"tiny": (2, 23, 48, 4, 5, 2)}
 SHAPES = {**CASES, **TINY_CASES}
-IMPLS = ("d2v", "d2v_triton", "hf_eager", "hf_compile", "cudnn_channels_last")
+IMPLS = ("d2v", "d2v_triton", "d2v_triton_twopass", "hf_eager", "hf_compile", "cudnn_channels_last")
 
 
 def build_module(case: str, dtype: torch.dtype, device: str = "cuda", seed: int = 0):
@@ -71,13 +74,24 @@ def _layer_params(module):
 def embedding_fn(module, impl: str):
     """hidden (B, T, C) -> positional embedding (B, T, C) for one implementation."""
     weights, biases, groups, _, eps = _layer_params(module)
-    if impl == "d2v_triton":
+    if impl in ("d2v_triton", "d2v_triton_twopass"):
         import d2v_kernels
         from d2v_kernels import ops
+        from d2v_kernels.ops.pos_conv_op import ENV_TWO_PASS
+
+        two_pass = "1" if impl == "d2v_triton_twopass" else "0"
 
         def run(hidden):
-            with d2v_kernels.use_backend(pos_conv="triton"):
-                return ops.pos_conv(hidden, weights, biases, groups=groups, eps=eps)
+            previous = os.environ.get(ENV_TWO_PASS)
+            os.environ[ENV_TWO_PASS] = two_pass
+            try:
+                with d2v_kernels.use_backend(pos_conv="triton"):
+                    return ops.pos_conv(hidden, weights, biases, groups=groups, eps=eps)
+            finally:
+                if previous is None:
+                    del os.environ[ENV_TWO_PASS]
+                else:
+                    os.environ[ENV_TWO_PASS] = previous
 
         return run
     if impl == "hf_eager":
