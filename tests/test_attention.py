@@ -243,6 +243,74 @@ def test_gradients_of_fully_masked_rows_in_skipped_blocks():
     check_gradients(q, k, v, {"key_padding_mask": mask, "causal": True})
 
 
+# Key blocks are 32 wide in fp32 (forward and backward). Rows of one key, ending inside a block,
+# at a block's edge, full, with no key at all, and one with holes (the mask read below its end).
+LENGTHS = [1, 45, 64, 70, 0, 60]
+
+
+def _as_additive(mask, dtype):
+    """The same padding as a (B, 1, 1, Nk) additive bias: the kernels' general path, every key block visited."""
+    return torch.zeros(mask.shape[0], 1, 1, mask.shape[1], dtype=dtype).masked_fill(
+        mask[:, None, None, :] == 0, torch.finfo(dtype).min
+    )
+
+
+@pytest.mark.usefixtures("on_device")
+def test_padding_lengths_skip_blocks_and_equal_the_general_path():
+    """A right-padded mask row runs as a length (key blocks past its last attended key skipped, the
+    mask not read below it); a row with holes reads it below its last attended key. Both equal the
+    same padding given as an additive bias (every block visited), forward and gradients, and the
+    float64 reference, the row with no key included; keys in skipped blocks are never read."""
+    b, n_q, n_k, d = len(LENGTHS), 5, 70, 16
+    q, k, v = make_qkv(b, n_q, n_k, d, heads=1)
+    mask = padding_mask(b, n_k, LENGTHS).bool()
+    mask[5, 3:9] = False
+    grad_out = torch.randn(b, n_q, 1, d, dtype=torch.float64)
+    out, grads = _grads(run_triton, q, k, v, {"key_padding_mask": mask}, grad_out, ())
+    general, general_grads = _grads(run_triton, q, k, v, {"bias": _as_additive(mask, q.dtype)}, grad_out, ())
+    torch.testing.assert_close(out, general, rtol=1e-6, atol=1e-6)
+    for name, g, g_general in zip(("dq", "dk", "dv"), grads, general_grads):
+        torch.testing.assert_close(g, g_general, rtol=1e-5, atol=1e-6, msg=name)
+    ref = reference64(q, k, v, key_padding_mask=mask)
+    assert_close_to_reference(out, ref, ops.attention_reference(q, k, v, key_padding_mask=mask))
+    torch.testing.assert_close(out[4].double(), v.double().mean(1)[4].expand(n_q, 1, d), rtol=1e-5, atol=1e-6)
+    # NaN in the key blocks rows 0-2 skip (keys 32-69 of row 0, 64-69 of rows 1 and 2): never read.
+    k_nan, v_nan = k.clone(), v.clone()
+    for t in (k_nan, v_nan):
+        t[0, 32:] = float("nan")
+        t[1:3, 64:] = float("nan")
+    nan_out, nan_grads = _grads(run_triton, q, k_nan, v_nan, {"key_padding_mask": mask}, grad_out, ())
+    assert torch.isfinite(nan_out[:3]).all() and torch.isfinite(nan_grads[0][:3]).all()
+
+
+@pytest.mark.usefixtures("on_device")
+def test_padding_lengths_keep_the_dropout_replay():
+    """Skipped key blocks leave the dropout mask of the others where the backward replays it."""
+    b, n, d, p = 3, 40, 16, 0.2
+    q, k, v = make_qkv(b, n, n, d, heads=HEADS)
+    kwargs = {"key_padding_mask": padding_mask(b, n, [33, 0, 32])}
+    keep = _kernel_keep_mask(7, b, n, n, p)
+    grad_out = torch.randn(b, n, HEADS, d, dtype=torch.float64)
+
+    def kernel(*qkv, **kw):
+        torch.manual_seed(7)
+        return run_triton(*qkv, dropout_p=p, **kw)
+
+    out, grads = _grads(kernel, q, k, v, kwargs, grad_out, ())
+    ref, grads64 = _grads(
+        lambda *a, **kw: _reference_with_keep(*a, keep, p, **kw),
+        q.double(),
+        k.double(),
+        v.double(),
+        kwargs,
+        grad_out,
+        (),
+    )
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    for name, g, g64 in zip(("dq", "dk", "dv"), grads, grads64):
+        torch.testing.assert_close(g.double(), g64, rtol=1e-4, atol=1e-5, msg=name)
+
+
 @pytest.mark.slow
 def test_gradients_vision_base_shape_fp16():
     q, k, v, kwargs = _case("table", 2, 197, 197, 64, torch.float16)

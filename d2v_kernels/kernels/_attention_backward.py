@@ -18,6 +18,7 @@ from d2v_kernels.kernels._attention_common import (
     dot_precision,
     dropout_keep,
     head_dim_block,
+    mask_extent,
     masked_scores,
     philox_key,
     tile_dot,
@@ -163,9 +164,16 @@ def attention_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     start_m = 0
     if IS_CAUSAL:
-        # Query blocks before the first row that sees this key block have every score here masked:
-        # only their fully masked rows (uniform over all keys) reach dV, and no dS at all.
+        # Query blocks before the first row that sees this key block have every score here masked.
         start_m = tl.maximum(start_n - (n_k - n_q), 0) // BLOCK_M * BLOCK_M
+    if HAS_MASK:
+        # A key block at or past the row's last attended key: every query block is skipped, unless
+        # no key attends (every row uniform over all keys: the loop below gives their dV).
+        kv_end = mask_extent(KEEP_B, stride_mj, n_k)
+        start_m = tl.where((start_n >= kv_end) & (kv_end > 0), n_q, start_m)
+    if IS_CAUSAL or (HAS_MASK and (HAS_TABLE or HAS_BIAS)):
+        # In skipped query blocks only fully masked rows (uniform over all keys: by causality, or
+        # by a bias at or below MASK_VALUE before the last attended key) reach dV, no dS.
         for skipped_m in range(0, start_m, BLOCK_M):
             offs_m = skipped_m + tl.arange(0, BLOCK_M)
             lse = tl.load(LSE_BH + offs_m, mask=offs_m < n_q, other=float("inf"))
@@ -316,9 +324,13 @@ def attention_bwd_dq_kernel(
         keep_scale = 1.0 / (1.0 - dropout_p)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # Keys past the row's last attended key, or past the block's last diagonal, have P = 0 (fully
+    # masked rows included: they have no dS): skipped.
     stop = n_k
+    if HAS_MASK:
+        stop = mask_extent(KEEP_B, stride_mj, n_k)
     if IS_CAUSAL:
-        stop = tl.minimum(n_k, (pid_m + 1) * BLOCK_M + n_k - n_q)
+        stop = tl.minimum(stop, (pid_m + 1) * BLOCK_M + n_k - n_q)
     for start_n in range(0, stop, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_mask = (offs_n[:, None] < n_k) & in_d

@@ -76,6 +76,20 @@ def masked_scores(
 
 
 @triton.jit
+def mask_extent(KEEP_B, stride_mj, n_k):
+    """One past the last attended key of one batch row's padding mask (0 when none attends), read
+    once per program: key blocks from there on are padding for every query, and the kernels skip
+    them (a right-padded mask, transformers' audio and text masks, then costs its lengths' work)."""
+    BLOCK: tl.constexpr = 512
+    kv_end = tl.full([], 0, tl.int32)
+    for start in range(0, n_k, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        keep = tl.load(KEEP_B + offs * stride_mj, mask=offs < n_k, other=0) != 0
+        kv_end = tl.maximum(kv_end, tl.max(tl.where(keep, offs + 1, 0), 0))
+    return kv_end
+
+
+@triton.jit
 def philox_key(SEED, off_bh):
     """64-bit Philox key of one (batch, head): seed[0] in the low word, seed[1] + b*H + h in the high."""
     seed_lo = tl.load(SEED).to(tl.int64) & 0xFFFFFFFF

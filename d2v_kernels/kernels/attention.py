@@ -13,6 +13,11 @@ keys, as transformers' eager softmax over finfo.min gives. Keys past Nk (tile pa
 never count. Such a fully masked row is stored with lse == MASK_VALUE exactly; the backward gives
 it dV = P^T dO with P = 1/Nk (times the dropout keep) and no dS (masked_fill has no gradient).
 
+Padding. Each program reads its batch row's key padding mask once and skips the key blocks past
+its last attended key (forward, dK/dV, dQ), so a right-padded batch (transformers' audio and text
+masks) costs its valid lengths' work, with no host sync and no extra launch; a mask with holes is
+still read in the blocks visited. A row with no attended key visits every key (uniform).
+
 Dropout keeps element (b, h, i, j) when Philox(key, i * Nk + j) >= p, with the 64-bit key
 (seed[0] | (seed[1] + b * H + h) << 32) from a (2,) int64 seed tensor; the backward replays it.
 
@@ -40,6 +45,7 @@ from d2v_kernels.kernels._attention_common import (
     dot_precision,
     dropout_keep,
     head_dim_block,
+    mask_extent,
     masked_scores,
     philox_key,
     tile_dot,
@@ -216,18 +222,24 @@ def attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     stop = n_k
+    if HAS_MASK:
+        kv_end = mask_extent(KEEP_B, stride_mj, n_k)
+        # Keys from kv_end on are padding for every row: skipped, unless no key attends (then every
+        # row is uniform over all Nk keys).
+        stop = tl.where(kv_end > 0, kv_end, n_k)
     if IS_CAUSAL:
         # Keys past the last row's diagonal are masked for the whole block: skip them.
-        stop = tl.minimum(n_k, (pid_m + 1) * BLOCK_M + n_k - n_q)
+        stop = tl.minimum(stop, (pid_m + 1) * BLOCK_M + n_k - n_q)
     acc, l_i, m_i = _fwd_key_blocks(
         acc, l_i, m_i, q, K_BH, V_BH, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, off_h,
         n_q, n_k, head_dim, scale_log2, dropout_p, dropout_key, TABLE, INDEX, stride_tr, stride_th,
         stride_ii, stride_ij, BIAS_BH, stride_bi, stride_bj, KEEP_B, stride_mj, 0, stop,
         BLOCK_N, HAS_TABLE, HAS_BIAS, HAS_MASK, IS_CAUSAL, HAS_DROPOUT, PRECISION, UPCAST,
     )  # fmt: skip
-    if IS_CAUSAL:
-        # A row with no unmasked key among those seen is uniform over all Nk keys: when the block
-        # has one, visit the skipped keys too (masked for every other row, so they add nothing there).
+    if IS_CAUSAL or (HAS_MASK and (HAS_TABLE or HAS_BIAS)):
+        # A row with no unmasked key among those seen (causality, or a bias at or below MASK_VALUE
+        # on every key before kv_end) is uniform over all Nk keys: when the block has one, visit the
+        # skipped keys too (masked for every other row, so they add nothing there).
         start = tl.maximum(tl.cdiv(stop, BLOCK_N) * BLOCK_N, 0)
         fully_masked = (m_i <= -1.0e30) & (offs_m < n_q)
         stop_all = tl.where(tl.max(fully_masked.to(tl.int32), 0) > 0, n_k, start)
