@@ -205,6 +205,33 @@ def test_lean_layers_run_the_triton_kernels(class_name, lean_calls):
     assert not {key for key in calls if key[0] in ("attention", "add_layer_norm") and key[1] != "triton"}, calls
 
 
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_vision_layer_scale_with_drop_path(mode, lean_calls):
+    """Vision's lean layer with drop path on: in eval it passes through and the layer scales fold
+    (lambda_1 into add_layer_norm's x_scale, lambda_2 into an addcmul); in training drop path draws
+    its per-sample masks as transformers' layer does (same generator, same order) and nothing
+    folds. Outputs and gradients equal transformers'."""
+    reference, fused, config = build_pair("Data2VecVisionModel", drop_path_rate=0.3)
+    getattr(reference, mode)()
+    getattr(fused, mode)()
+    inputs = inputs_for("Data2VecVisionModel", config, labels=False)
+    torch.manual_seed(7)
+    ref = reference(**inputs)
+    torch.manual_seed(7)
+    with d2v_kernels.record_dispatch() as calls:
+        out = fused(**inputs)
+    assert lean_calls[vision.FusedData2VecVisionLayer] == config.num_hidden_layers
+    assert calls[("add_layer_norm", "eager")] == config.num_hidden_layers
+    torch.testing.assert_close(out.last_hidden_state, ref.last_hidden_state, atol=ATOL, rtol=1e-5)
+    _loss(ref).backward()
+    _loss(out).backward()
+    fused_params = dict(fused.named_parameters())
+    for name, p in reference.named_parameters():
+        if p.grad is not None:
+            atol = max(1e-4, 1e-5 * p.grad.abs().max().item())
+            torch.testing.assert_close(fused_params[name].grad, p.grad, atol=atol, rtol=1e-4, msg=name)
+
+
 def test_explicit_eager_attention_is_not_lean(lean_calls):
     reference, fused, config = build_pair("Data2VecTextModel")
     fused.set_attn_implementation("eager")

@@ -145,7 +145,8 @@ def dropout(hidden_states, module: nn.Dropout):
 
 
 def add_layer_norm(hidden_states, residual, norm: nn.LayerNorm, **kwargs):
-    """``norm(hidden_states + residual)`` through ``ops.add_layer_norm``."""
+    """``norm(hidden_states + residual)`` through ``ops.add_layer_norm`` (``x_scale``: of
+    ``hidden_states``, ``return_sum``: passed on)."""
     parameters = norm._parameters
     return ops.add_layer_norm(hidden_states, residual, parameters["weight"], parameters["bias"], eps=norm.eps, **kwargs)
 

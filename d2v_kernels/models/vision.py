@@ -118,7 +118,8 @@ class FusedData2VecVisionSelfAttention(hf.Data2VecVisionSelfAttention):
 
 class FusedData2VecVisionLayer(hf.Data2VecVisionLayer):
     """Pre-LN layer; the first residual add is fused into ``layernorm_after`` (which needs the sum
-    back). The whole layer is one function of its parameters (``_lean_forward``) where that is
+    back), with the layer scale ``lambda_1`` where drop path passes its input through (lean path).
+    The whole layer is one function of its parameters (``_lean_forward``) where that is
     exactly transformers' layer on our attention (see ``_lean``), else transformers' structure
     (on the fused submodules): attentions asked for, transformers' attention, replaced submodules,
     or hooks on them (on ``layernorm_after``: transformers' forward)."""
@@ -197,17 +198,29 @@ class FusedData2VecVisionLayer(hf.Data2VecVisionLayer):
         normed = F.layer_norm(hidden_states, norm.normalized_shape, parameters["weight"], parameters["bias"], norm.eps)
         attention_output = dropout(linear(self_attention._context(normed, *bias), dense), drop)
         parameters = self._parameters
-        if parameters["lambda_1"] is not None:
-            attention_output = parameters["lambda_1"] * attention_output
-        drop_path = drop_path.forward
-        layer_output, hidden_states = add_layer_norm(
-            drop_path(attention_output), hidden_states, norm_after, return_sum=True
-        )
+        lambda_1, lambda_2 = parameters["lambda_1"], parameters["lambda_2"]
+        # Where drop path leaves its input as it is, the layer scales fold into the ops around them:
+        # lambda_1 into layernorm_after's add (its gradient reduced in the kernel), lambda_2 and the
+        # residual add into one addcmul. The add before the next layer's layernorm_before crosses
+        # the layer's boundary (transformers' encoder loop holds the sum): not folded.
+        passes_through = type(drop_path) is nn.Identity or drop_path.drop_prob == 0.0 or not drop_path.training
+        if lambda_1 is not None and passes_through:
+            layer_output, hidden_states = add_layer_norm(
+                attention_output, hidden_states, norm_after, return_sum=True, x_scale=lambda_1
+            )
+        else:
+            if lambda_1 is not None:
+                attention_output = lambda_1 * attention_output
+            layer_output, hidden_states = add_layer_norm(
+                drop_path.forward(attention_output), hidden_states, norm_after, return_sum=True
+            )
         layer_output = activation_call(activation, linear(layer_output, intermediate_dense))
         layer_output = dropout(linear(layer_output, output_dense), output_drop)
-        if parameters["lambda_2"] is not None:
-            layer_output = parameters["lambda_2"] * layer_output
-        return drop_path(layer_output) + hidden_states
+        if lambda_2 is not None and passes_through:
+            return torch.addcmul(hidden_states, lambda_2, layer_output)
+        if lambda_2 is not None:
+            layer_output = lambda_2 * layer_output
+        return drop_path.forward(layer_output) + hidden_states
 
 
 class FusedData2VecVisionRelativePositionBias(hf.Data2VecVisionRelativePositionBias):
