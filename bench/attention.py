@@ -1,24 +1,29 @@
 """Benchmark d2v_kernels' fused attention against what a user would otherwise run.
 
-Implementations: ``d2v_triton`` (ops.attention, table bias gathered in-kernel),
-``d2v_triton_dense`` (ops.attention fed the table gathered once into a dense (1, H, N, N) bias),
-``eager`` (the
-reference: matmul + materialised bias + softmax, as transformers' eager path), ``sdpa_bias``
-(F.scaled_dot_product_attention with the (B|1, H, N, N) bias and padding mask materialised, as
-transformers' sdpa path), ``flex`` (compiled FlexAttention whose score_mod gathers the table and
-applies the padding mask; uncompiled off the GPU), ``sdpa_nobias`` (SDPA without any bias: the
-flash kernel's speed of light, checked against the reference without bias).
+Implementations: ``d2v`` (the public ops.attention under default dispatch: what a user gets, the
+backend the measured rule picks), ``d2v_triton`` (forced: the Triton kernel, table bias gathered
+in-kernel), ``d2v_triton_dense`` (the Triton kernel fed the table gathered once into a dense
+(1, H, N, N) bias), ``d2v_sdpa`` (forced: ops.attention's sdpa backend), ``eager`` (the reference:
+matmul + materialised bias + softmax, as transformers' eager path), ``sdpa_bias``
+(F.scaled_dot_product_attention as transformers' sdpa path calls it: the table's (1, H, N, N)
+bias shared by the batch, or the padding as a (B, 1, 1, N) additive mask), ``flex`` (compiled
+FlexAttention whose score_mod gathers the table and applies the padding mask; uncompiled off the
+GPU), ``sdpa_nobias`` (SDPA without any bias or mask on the full padded length: the flash
+kernel's speed of light, checked against the reference without bias).
 
 Cases: vision base (B=64, H=12, N=197, d=64, table bias), vision large (B=32, H=16, N=197, d=64,
-table bias), audio base (B=8, H=12, N=499, d=64, padding mask), text base (B=32, H=12, N=512,
-d=64, padding mask); fp16 and bf16; forward and forward+backward (gradients of q, k, v and the
-table). Every implementation's output and gradients are checked against a float64 run before it
-is timed (error at most twice eager's own plus a small floor). Reports median / p20 / p80 ms,
-TFLOP/s (4 B H Nq Nk d for the forward, 3.5x that for forward+backward) and peak memory. Writes
-``bench/results/<gpu>/<date>-attention.json``.
+table bias), audio base (B=8, H=12, N=499, d=64, right padding, lengths 499 down to 250), text
+base (B=32, H=12, N=512, d=64, right padding with bench.models' text lengths: uniform in
+[128, 512], the first row full), audio base without a mask (bench.models' audio batch); fp16 and bf16; forward and forward+backward (gradients of q, k,
+v and the table). Every implementation's output and gradients are checked against a float64 run
+before it is timed (error at most twice eager's own plus a small floor). Reports median / p20 /
+p80 ms, the CUDA-graph replay (``ms_graph``), TFLOP/s of the valid work only (4 B H L_q L_k d
+summed over the rows' valid lengths for the forward, 3.5x that for forward+backward; the padded
+total is ``flops_padded``) and peak memory. Writes ``bench/results/<gpu>/<date>-attention.json``;
+``python -m bench.attention_rule <that file>`` prints the dispatch rule's rows from it.
 
     python -m bench.attention [--quick] [--cases vision_base,...] [--dtypes fp16,bf16] [--modes fwd,fwd+bwd]
-                              [--impls d2v_triton,d2v_triton_dense,eager,sdpa_bias,flex,sdpa_nobias]
+                              [--impls d2v,d2v_triton,d2v_sdpa,d2v_triton_dense,eager,sdpa_bias,flex,sdpa_nobias]
     python -m bench.attention --check-only --tiny --device cpu     # the output checks on a CPU
 """
 
@@ -39,6 +44,7 @@ CASES = {
     "vision_large": (32, 16, 197, 64, "table"),
     "audio_base": (8, 12, 499, 64, "padding"),
     "text_base": (32, 12, 512, 64, "padding"),
+    "audio_base_nomask": (8, 12, 499, 64, "none"),  # bench.models' audio batch: equal lengths, no mask
 }
 QUICK_CASES = ("vision_base", "text_base")
 # For --check-only --tiny (CPU; d2v_triton runs there under TRITON_INTERPRET=1): a 4 x 4 grid + CLS.
@@ -48,7 +54,9 @@ SHAPES = {**CASES, **TINY_CASES}
 # (1, H, N, N) tensor (shared by the batch, L2-resident) instead of gathering it in the kernel
 # (an index load, then a dependent table load, per score): which is faster decides what the
 # vision model's inference passes. The same as d2v_triton for the padding cases.
-IMPLS = ("d2v_triton", "d2v_triton_dense", "eager", "sdpa_bias", "flex", "sdpa_nobias")
+IMPLS = ("d2v", "d2v_triton", "d2v_sdpa", "d2v_triton_dense", "eager", "sdpa_bias", "flex", "sdpa_nobias")
+# The forced ops.attention rows: impl -> backend.
+FORCED = {"d2v_triton": "triton", "d2v_sdpa": "sdpa"}
 
 
 def relative_position_index(window: int) -> torch.Tensor:
@@ -71,11 +79,22 @@ def make_inputs(case: str, dtype: torch.dtype, device: str = "cuda", seed: int =
         table = 0.5 * torch.randn(int(index.max()) + 1, heads, generator=gen)
         inputs["bias_table"] = table.to(device=device, dtype=dtype)
         inputs["bias_index"] = index.to(device=device, dtype=torch.int32)  # as the vision model passes it
-    else:
-        lengths = torch.linspace(seq, seq // 2, batch).long()  # every row keeps at least half its keys
+    elif kind == "padding":
+        lengths = padded_lengths(case)
         mask = torch.arange(seq)[None, :] < lengths[:, None]
         inputs["key_padding_mask"] = mask.to(device=device, dtype=torch.int64)
     return inputs
+
+
+def padded_lengths(case: str) -> torch.Tensor:
+    """The valid length of each row of a padding case: text as bench.models draws its batch
+    (uniform in [128, N] from seed 1, the first row full), the others N down to N / 2."""
+    batch, _, seq, _, _ = SHAPES[case]
+    if case == "text_base":
+        lengths = torch.randint(128, seq + 1, (batch,), generator=torch.Generator(device="cpu").manual_seed(1))
+        lengths[0] = seq
+        return lengths
+    return torch.linspace(seq, seq // 2, batch).long()  # every row keeps at least half its keys
 
 
 def attention_fn(impl: str, inputs: dict):
@@ -83,23 +102,26 @@ def attention_fn(impl: str, inputs: dict):
     index, mask = inputs["bias_index"], inputs["key_padding_mask"]
 
     def dense_bias(q, table):
-        """The additive (B|1, H, N, N) bias transformers' sdpa path materialises."""
-        bias = None
+        """The additive bias transformers' sdpa path passes: the table's (1, H, N, N) bias shared by
+        the batch (a case has a table or padding, never both), or the (B, 1, 1, N) padding mask."""
         if table is not None:
-            bias = table[index].permute(2, 0, 1).unsqueeze(0)
+            return table[index].permute(2, 0, 1).unsqueeze(0).contiguous()
         if mask is not None:
-            pad = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(
+            return torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(
                 mask == 0, torch.finfo(q.dtype).min
             )[:, None, None, :]
-            bias = pad if bias is None else bias + pad
-        return bias
+        return None
 
-    if impl == "d2v_triton":
+    if impl == "d2v" or impl in FORCED:
+        import contextlib
+
         import d2v_kernels
         from d2v_kernels import ops
 
+        forced = d2v_kernels.use_backend(attention=FORCED[impl]) if impl in FORCED else contextlib.nullcontext()
+
         def run(q, k, v, table):
-            with d2v_kernels.use_backend(attention="triton"):
+            with forced:
                 return ops.attention(q, k, v, bias_table=table, bias_index=index, key_padding_mask=mask)
 
         return run
@@ -156,11 +178,14 @@ def attention_fn(impl: str, inputs: dict):
     raise ValueError(f"unknown impl {impl!r}; choose from {IMPLS}")
 
 
-def attention_flops(case: str, mode: str) -> float:
-    """2 x multiply-adds of QK^T and PV; the backward does 2.5x the forward's."""
-    batch, heads, seq, head_dim, _ = SHAPES[case]
-    forward = 4.0 * batch * heads * seq * seq * head_dim
-    return forward * (3.5 if mode == "fwd+bwd" else 1.0)
+def attention_flops(case: str, mode: str, valid_only: bool = False) -> float:
+    """2 x multiply-adds of QK^T and PV on the padded shape; the backward does 2.5x the forward's.
+    ``valid_only``: over each row's valid queries and keys only (padding cases)."""
+    batch, heads, seq, head_dim, kind = SHAPES[case]
+    pairs = float(batch * seq * seq)
+    if valid_only and kind == "padding":
+        pairs = float((padded_lengths(case).double() ** 2).sum())
+    return 4.0 * heads * head_dim * pairs * (3.5 if mode == "fwd+bwd" else 1.0)
 
 
 def setup_case(case: str, dtype_name: str, mode: str, device: str = "cuda") -> op_benchmark.OpCase:
@@ -196,11 +221,12 @@ def setup_case(case: str, dtype_name: str, mode: str, device: str = "cuda") -> o
 
     batch, heads, seq, head_dim, kind = SHAPES[case]
     row = dict(case=case, batch=batch, heads=heads, seq=seq, head_dim=head_dim, bias=kind, dtype=dtype_name, mode=mode)
+    row["flops_padded"] = attention_flops(case, mode)
     return op_benchmark.OpCase(
         row=row,
         make_step=make_step,
         reference=lambda impl: reference_for(impl != "sdpa_nobias"),
-        flops=attention_flops(case, mode),
+        flops=attention_flops(case, mode, valid_only=True),
     )
 
 

@@ -3,7 +3,9 @@ eager reference for every bias kind, fully masked rows, the table's gradient thr
 bias and its inference cache; and the measured rule (ATTENTION_RULE): which backend each class of
 CUDA input gets, without a warning, while CPU inputs keep the eager reference."""
 
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -194,3 +196,28 @@ def test_rule_rows_cite_evidence_and_cpu_inputs_get_no_preference():
     assert attention_op.input_class(q, k, v, **kwargs) == ("key_padding", "inference", "half")
     assert attention_op.preferred_backends(q, k, v, **kwargs) == ()
     assert dispatch.rule("attention").prefer is attention_op.preferred_backends
+
+
+def test_rule_rows_from_a_bench_result_file():
+    """bench.attention_rule turns bench.attention rows into ATTENTION_RULE rows: per class the least
+    total time over its cases wins; Triton's rows prefer nothing; a missing backend is unmeasured."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.attention_rule import rule_rows
+
+    def rows(case, bias, dtype, mode, **ms):
+        return [dict(case=case, bias=bias, dtype=dtype, mode=mode, impl=impl, ms=t) for impl, t in ms.items()]
+
+    result = {
+        "environment": {"gpu": "GPU"},
+        "rows": rows("text_base", "padding", "fp16", "fwd", d2v_triton=0.2, d2v_sdpa=0.1, eager=1.0)
+        + rows("audio_base", "padding", "bf16", "fwd", d2v_triton=0.1, d2v_sdpa=0.15, eager=1.0)
+        + rows("vision_base", "table", "fp16", "fwd", d2v_triton=0.1, d2v_sdpa=0.2, eager=1.0, sdpa_nobias=0.01)
+        + rows("vision_base", "table", "fp16", "fwd+bwd", d2v_triton=2.0, d2v_sdpa=3.0, eager=1.0)
+        + rows("audio_base_nomask", "none", "fp16", "fwd", d2v_triton=0.2, eager=1.0),
+    }
+    got = rule_rows(result)
+    assert got[("key_padding", "inference", "half")][0] == ("sdpa",)  # 0.25 against 0.3
+    assert "text_base fp16 triton 0.200, sdpa 0.100, eager 1.000" in got[("key_padding", "inference", "half")][1]
+    assert got[("table", "inference", "half")][0] == ()
+    assert got[("table", "training", "half")][0] == ("eager",)
+    assert got[("none", "inference", "half")] == ((), "unmeasured: a backend is missing in 1 case(s)")
