@@ -56,10 +56,10 @@ def config_for(modality: str, **overrides) -> PretrainingConfig:
     return preset(**{"average_top_k_layers": 2, **small_masks, **overrides})
 
 
-def pretrainer(modality: str, kind: str = "fused", **overrides) -> Data2VecPretrainer:
-    return Data2VecPretrainer(
-        build_student(modality, kind), config_for(modality, **overrides), mask_token_id=MASK_TOKEN
-    )
+def pretrainer(modality: str, kind: str = "fused", model: dict | None = None, **overrides) -> Data2VecPretrainer:
+    """A pretrainer on a tiny student (``model``: its config overrides), ``overrides`` on the preset."""
+    student = build_student(modality, kind, **(model or {}))
+    return Data2VecPretrainer(student, config_for(modality, **overrides), mask_token_id=MASK_TOKEN)
 
 
 # -- targets against hooks on a float64 transformers copy of the teacher --------------------------
