@@ -3,7 +3,7 @@
 Implementations: ``d2v`` (the public ops.attention under default dispatch: what a user gets, the
 backend the measured rule picks), ``d2v_triton`` (forced: the Triton kernel, table bias gathered
 in-kernel), ``d2v_triton_dense`` (the Triton kernel fed the table gathered once into a dense
-(1, H, N, N) bias), ``d2v_sdpa`` (forced: ops.attention's sdpa backend), ``eager`` (the reference:
+(1, H, N, N) bias with aligned rows), ``d2v_sdpa`` (forced: ops.attention's sdpa backend), ``eager`` (the reference:
 matmul + materialised bias + softmax, as transformers' eager path), ``sdpa_bias``
 (F.scaled_dot_product_attention as transformers' sdpa path calls it: the table's (1, H, N, N)
 bias shared by the batch, or the padding as a (B, 1, 1, N) additive mask), ``flex`` (compiled
@@ -51,9 +51,10 @@ QUICK_CASES = ("vision_base", "text_base")
 TINY_CASES = {"tiny_table": (2, 2, 17, 16, "table"), "tiny_padding": (2, 3, 11, 16, "padding")}
 SHAPES = {**CASES, **TINY_CASES}
 # d2v_triton_dense: our kernel fed the relative position bias gathered once into a dense
-# (1, H, N, N) tensor (shared by the batch, L2-resident) instead of gathering it in the kernel
-# (an index load, then a dependent table load, per score): which is faster decides what the
-# vision model's inference passes. The same as d2v_triton for the padding cases.
+# (1, H, N, N) tensor with 16-element aligned rows (shared by the batch, L2-resident, the one
+# ops.attention's sdpa backend passes) instead of gathering it in the kernel (an index load, then
+# a dependent table load, per score): which is faster decides what the Triton path should do with
+# a table. The same as d2v_triton for the other cases.
 IMPLS = ("d2v", "d2v_triton", "d2v_sdpa", "d2v_triton_dense", "eager", "sdpa_bias", "flex", "sdpa_nobias")
 # The forced ops.attention rows: impl -> backend.
 FORCED = {"d2v_triton": "triton", "d2v_sdpa": "sdpa"}
@@ -128,11 +129,11 @@ def attention_fn(impl: str, inputs: dict):
     if impl == "d2v_triton_dense":
         import d2v_kernels
         from d2v_kernels import ops
-        from d2v_kernels.ops.attention_op import gather_relative_bias
+        from d2v_kernels.ops.attention_op import gathered_bias
 
         def run(q, k, v, table):
-            # (1, H, N, N), contiguous so that a tile row of keys is one coalesced read
-            bias = None if table is None else gather_relative_bias(table, index).contiguous()
+            # (1, H, N, N) with rows padded to 16 elements (aligned vector loads), kept in inference
+            bias = None if table is None else gathered_bias(table, index, q.dtype)
             with d2v_kernels.use_backend(attention="triton"):
                 return ops.attention(q, k, v, bias=bias, key_padding_mask=mask)
 

@@ -335,7 +335,13 @@ def attention_variants() -> list[AotVariant]:
         variants.append(_attention_variant("segment_sum", segment_sum, dtype, {"BLOCK_P": 64, "BLOCK_H": 16}))
     dropout_config = {"BLOCK_M": 64, "BLOCK_N": 64}
     variants.append(_attention_variant("dropout_mask", attention.dropout_mask_kernel, torch.float16, dropout_config))
-    return [as_run(v, _ATTENTION_UNIT_STRIDES, _ATTENTION_DIVISIBLE_BY_16) for v in variants]
+    # The table gathered into a dense bias with 16-element aligned rows (ops.attention_op.gathered_bias),
+    # vision's inference forward: measured against the in-kernel gather by bench.attention.
+    config = attention.fwd_config(torch.float16, 64, bias_tile=True)
+    dense = _attention_variant("fwd", kernels["fwd"], torch.float16, config, BLOCK_D=64, PRECISION="tf32",
+                               UPCAST=False, **flags("HAS_BIAS"), STORE_LSE=False)  # fmt: skip
+    dense = as_run(dense, _ATTENTION_UNIT_STRIDES, (*_ATTENTION_DIVISIBLE_BY_16, "stride_bh", "stride_bi"))
+    return [as_run(v, _ATTENTION_UNIT_STRIDES, _ATTENTION_DIVISIBLE_BY_16) for v in variants] + [dense]
 
 
 # --------------------------------------------------------------------------------------------

@@ -259,12 +259,14 @@ _GATHERED_BIAS_SIZE = 64  # a table per layer: 24 layers of a large model, in tw
 
 
 def gathered_bias(bias_table: torch.Tensor, bias_index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``bias_table[bias_index]`` as a contiguous (1, H, Nq, Nk) tensor in ``dtype``, a bias shared
-    by the batch (what the fused sdpa kernels take). With autograd recording the table's gradient
-    flows back through the gather; otherwise the result is kept while the table and the index are
-    the same tensors (weak references) at the same versions."""
+    """``bias_table[bias_index]`` as a (1, H, Nq, Nk) bias in ``dtype`` shared by the batch, a view
+    of rows padded to a multiple of 16 elements: sdpa's fused kernels take it as it is (an unaligned
+    bias, e.g. Nk = 197, is padded again by torch on every call), and a kernel reads its rows as
+    aligned vectors. With autograd recording the table's gradient flows back through the gather;
+    otherwise the result is kept while the table and the index are the same tensors (weak
+    references) at the same versions."""
     if (torch.is_grad_enabled() and bias_table.requires_grad) or torch.compiler.is_compiling():
-        return gather_relative_bias(bias_table, bias_index).to(dtype).contiguous()
+        return _padded_rows(gather_relative_bias(bias_table, bias_index).to(dtype))
     key = (id(bias_table), id(bias_index), dtype)
     hit = _GATHERED_BIAS.get(key)
     if hit is not None:
@@ -272,12 +274,17 @@ def gathered_bias(bias_table: torch.Tensor, bias_index: torch.Tensor, dtype: tor
         if table_ref() is bias_table and index_ref() is bias_index and versions == _versions(bias_table, bias_index):
             _GATHERED_BIAS.move_to_end(key)
             return dense
-    dense = gather_relative_bias(bias_table.detach(), bias_index).to(dtype).contiguous()
+    dense = _padded_rows(gather_relative_bias(bias_table.detach(), bias_index).to(dtype))
     versions = _versions(bias_table, bias_index)
     _GATHERED_BIAS[key] = (weakref.ref(bias_table), weakref.ref(bias_index), versions, dense)
     while len(_GATHERED_BIAS) > _GATHERED_BIAS_SIZE:
         _GATHERED_BIAS.popitem(last=False)
     return dense
+
+
+def _padded_rows(dense: torch.Tensor) -> torch.Tensor:
+    n_k = dense.shape[-1]
+    return F.pad(dense, (0, -n_k % 16))[..., :n_k] if n_k % 16 else dense.contiguous()
 
 
 def _versions(*tensors) -> tuple:
