@@ -322,7 +322,7 @@ dispatch.register(
     _triton_reasons,
     devices=("cuda",),
     available=_triton_available,
-    description="implicit-GEMM grouped conv + LayerNorm/GELU row kernel per layer, channels-last",
+    description="implicit-GEMM grouped conv with a LayerNorm + GELU tail, one launch a layer, channels-last",
 )
 dispatch.register(
     "pos_conv",
