@@ -1,6 +1,6 @@
 """ops.attention's sdpa backend (torch's scaled_dot_product_attention) against float64 runs of the
 eager reference for every bias kind, fully masked rows, the table's gradient through the gathered
-bias and its inference cache; and the measured rule (ATTENTION_RULE): which backend each class of
+bias (on the CPU, and on a GPU where sdpa picks its fused kernels) and its inference cache; and the measured rule (ATTENTION_RULE): which backend each class of
 CUDA input gets, without a warning, while CPU inputs keep the eager reference."""
 
 import sys
@@ -56,6 +56,7 @@ def run_sdpa(q, k, v, **kwargs):
 CASES = ["none", "padding", "table", "dense", "table+padding", "padding+causal", "dense+padding+causal"]
 
 
+@pytest.mark.usefixtures("on_device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kinds", CASES)
 def test_sdpa_matches_float64_reference(kinds, dtype):
@@ -66,6 +67,7 @@ def test_sdpa_matches_float64_reference(kinds, dtype):
     assert_close_to_reference(out, ref, ops.attention_reference(q, k, v, **kwargs))
 
 
+@pytest.mark.usefixtures("on_device")
 def test_sdpa_rows_with_no_key_are_the_mean_of_v():
     """A fully padded batch row, and rows that causality leaves without a key (Nq > Nk, bottom-right
     aligned), give the mean of v over all keys as the other backends do; their gradients are finite."""
@@ -83,6 +85,7 @@ def test_sdpa_rows_with_no_key_are_the_mean_of_v():
     assert_close_to_reference(out, ref, ops.attention_reference(q, k, v, causal=True))
 
 
+@pytest.mark.usefixtures("on_device")
 def test_sdpa_additive_minus_inf_row_is_finite():
     q, k, v, _ = make_case("none", b=1)
     bias = torch.zeros(1, 1, 11, 13)
@@ -90,6 +93,7 @@ def test_sdpa_additive_minus_inf_row_is_finite():
     assert torch.isfinite(run_sdpa(q, k, v, bias=bias)).all()
 
 
+@pytest.mark.usefixtures("on_device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_sdpa_gradients_reach_the_table(dtype):
     q, k, v, kwargs = make_case("table+padding", dtype=dtype)
