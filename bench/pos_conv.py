@@ -2,9 +2,9 @@
 ``Data2VecAudioPositionalConvEmbedding`` (cuDNN grouped conv with transposes, eager LayerNorm +
 GELU), torch.compile of it, and a channels-last cuDNN conv (NHWC conv2d on the (B, T, C) memory,
 no transposes: the op's eager backend on CUDA). ``d2v`` is the public op under default dispatch
-(its measured rule picks the backend), ``d2v_triton`` the Triton kernels forced (a launch a layer:
-the conv with its normalising tail), ``d2v_triton_twopass`` the same with two launches a layer
-(the conv, then the LayerNorm + GELU row kernel; ``D2V_KERNELS_POS_CONV_TWO_PASS=1``).
+(its measured rule picks the backend), ``d2v_triton`` the Triton kernels forced in their one-launch form (a launch a layer: the conv with
+its normalising tail; opt-in, ``D2V_KERNELS_POS_CONV_ONE_PASS=1``), ``d2v_triton_twopass`` the same
+with two launches a layer (the conv, then the LayerNorm + GELU row kernel; the default).
 
 Cases: base (B=8, T=499 frames = 10 s, C=768, 16 groups, k=19, 5 layers) and large (C=1024),
 fp16 and bf16, forward and forward+backward (gradients for the input, every weight and bias).
@@ -77,21 +77,21 @@ def embedding_fn(module, impl: str):
     if impl in ("d2v_triton", "d2v_triton_twopass"):
         import d2v_kernels
         from d2v_kernels import ops
-        from d2v_kernels.ops.pos_conv_op import ENV_TWO_PASS
+        from d2v_kernels.ops.pos_conv_op import ENV_ONE_PASS
 
-        two_pass = "1" if impl == "d2v_triton_twopass" else "0"
+        one_pass = "0" if impl == "d2v_triton_twopass" else "1"
 
         def run(hidden):
-            previous = os.environ.get(ENV_TWO_PASS)
-            os.environ[ENV_TWO_PASS] = two_pass
+            previous = os.environ.get(ENV_ONE_PASS)
+            os.environ[ENV_ONE_PASS] = one_pass
             try:
                 with d2v_kernels.use_backend(pos_conv="triton"):
                     return ops.pos_conv(hidden, weights, biases, groups=groups, eps=eps)
             finally:
                 if previous is None:
-                    del os.environ[ENV_TWO_PASS]
+                    del os.environ[ENV_ONE_PASS]
                 else:
-                    os.environ[ENV_TWO_PASS] = previous
+                    os.environ[ENV_ONE_PASS] = previous
 
         return run
     if impl == "hf_eager":

@@ -12,7 +12,7 @@ from transformers.models.data2vec.modeling_data2vec_audio import Data2VecAudioPo
 import d2v_kernels
 from d2v_kernels import dispatch, ops
 from d2v_kernels.kernels import pos_conv as kernels
-from d2v_kernels.ops.pos_conv_op import ENV_TWO_PASS, pos_conv_channels_last, pos_conv_prefer
+from d2v_kernels.ops.pos_conv_op import ENV_ONE_PASS, pos_conv_channels_last, pos_conv_prefer
 from d2v_kernels.testing import assert_close_to_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -58,11 +58,11 @@ def test_forward_matches_float64_reference(frames, kernel_size, dtype):
 
 @pytest.mark.usefixtures("on_device")
 @pytest.mark.parametrize("kernel_size,dtype", [(4, torch.float16), (5, torch.bfloat16)], ids=["k4-fp16", "k5-bf16"])
-def test_two_launch_form_forward_and_gradients_match_float64(kernel_size, dtype, monkeypatch):
-    """Each layer as two launches (conv, then the row kernel), forward and backward against
-    float64: odd T, 10 channels a group. (The one-launch form is the default every other test of
-    the Triton path runs, in every dtype; fp32 of this form: the small-variance test.)"""
-    monkeypatch.setenv(ENV_TWO_PASS, "1")
+def test_one_launch_form_forward_and_gradients_match_float64(kernel_size, dtype, monkeypatch):
+    """Each layer as one launch (the conv with its normalising tail; opt-in), forward and backward
+    against float64: odd T, 10 channels a group. (The two-launch form is the default every other
+    test of the Triton path runs, in every dtype; fp32 of this form: the small-variance test.)"""
+    monkeypatch.setenv(ENV_ONE_PASS, "1")
     x64 = torch.randn(2, 13, 40, dtype=torch.float64)
     weights64, biases64 = _params(40, 4, kernel_size, 2)
     grad_out = torch.randn(2, 13, 40, dtype=torch.float64)
@@ -95,9 +95,9 @@ def test_small_variance_rows_one_launch_equals_two_launch(monkeypatch):
     biases64 = [torch.full((40,), 50.0, dtype=torch.float64) + 1e-3 * torch.randn(40, dtype=torch.float64)] * 2
     ref64 = ops.pos_conv_reference(x64, weights64, biases64, groups=4)
     x, weights, biases = x64.float(), _cast(weights64, torch.float32), _cast(biases64, torch.float32)
-    one = _triton(x, weights, biases, 4)
-    monkeypatch.setenv(ENV_TWO_PASS, "1")
     two = _triton(x, weights, biases, 4)
+    monkeypatch.setenv(ENV_ONE_PASS, "1")
+    one = _triton(x, weights, biases, 4)
     torch.testing.assert_close(one, two, rtol=0, atol=0)
     assert_close_to_reference(one, ref64, ops.pos_conv_reference(x, weights, biases, groups=4))
 
@@ -115,9 +115,9 @@ def test_one_launch_form_is_repeatable_and_matches_two_launch_at_the_model_shape
     weights, biases = [w.cuda() for w in weights], [b.cuda() for b in biases]
     eager = ops.pos_conv_reference(x, weights, biases, groups=16).cpu()
     with torch.no_grad():
-        one = [_triton(x, weights, biases, 16) for _ in range(20)]
-        monkeypatch.setenv(ENV_TWO_PASS, "1")
         two = _triton(x, weights, biases, 16)
+        monkeypatch.setenv(ENV_ONE_PASS, "1")
+        one = [_triton(x, weights, biases, 16) for _ in range(20)]
     for out in one[1:]:
         assert torch.equal(out, one[0])
     assert_close_to_reference(one[0].cpu(), ref64, eager)

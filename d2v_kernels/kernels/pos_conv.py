@@ -1,6 +1,8 @@
 """Triton kernels for the positional convolution: grouped Conv1d, LayerNorm (no affine) + GELU.
 
-All activations are channels-last (B, T, C). One layer's forward is one launch of
+All activations are channels-last (B, T, C). One layer's forward is two launches (the conv
+without the tail, then ``layer_norm_gelu_fwd_kernel``) or, opted into with the op's
+``D2V_KERNELS_POS_CONV_ONE_PASS=1`` until a GPU has checked and measured it, one launch of
 ``grouped_conv1d_kernel`` with ``NORM_TAIL``:
 
 - the implicit-GEMM grouped conv: a program owns BLOCK_T output frames of one batch row and one
@@ -14,9 +16,7 @@ All activations are channels-last (B, T, C). One layer's forward is one launch o
   and writes h over y (inference) or beside it (training keeps y for the backward). The
   statistics are those of the stored (rounded) rows, computed in two passes over registers.
 
-The two-launch form (the conv without the tail, then ``layer_norm_gelu_fwd_kernel``) is kept
-until a GPU has measured both (the op's ``D2V_KERNELS_POS_CONV_TWO_PASS=1``). The same conv
-kernel without the tail computes the conv's input gradient (a conv of dy with the flipped,
+The same conv kernel without the tail computes the conv's input gradient (a conv of dy with the flipped,
 group-transposed weights).
 
 Backward: ``layer_norm_gelu_bwd_kernel`` (recomputes the statistics from the saved pre-norm
