@@ -307,7 +307,7 @@ def attention_sdpa(
     """:func:`attention` through ``torch.nn.functional.scaled_dot_product_attention`` (arguments
     already validated): the padding mask as a (B, 1, 1, Nk) boolean mask, the table gathered into a
     (1, H, Nq, Nk) bias in q's dtype (see :func:`gathered_bias`). Rows with no key left give what the
-    other backends give (the mean of v over all keys), never NaN. Dropout draws from torch's
+    other backends give (the mean of v over all keys; with dropout, not thinned by it), never NaN. Dropout draws from torch's
     generator in sdpa's own way: the same seed gives other dropped weights than the Triton kernel."""
     n_q, n_k = q.shape[1], k.shape[1]
     additive = None
