@@ -357,6 +357,13 @@ def device_reasons(impl: Implementation, device: torch.device, forced: bool) -> 
         ]
     if impl.backend == "eager" or device.type in impl.devices:
         return list(impl.available())
+    if impl.backend == "sdpa" and device.type == "cpu":
+        # PyTorch's sdpa runs anywhere; on the CPU the eager reference stays the default.
+        return (
+            []
+            if forced
+            else ["inputs are on the CPU, where the eager reference is the default (sdpa runs when forced)"]
+        )
     if impl.backend == "triton" and device.type == "cpu":
         if not triton_interpreter_enabled():
             return ["inputs are on the CPU and TRITON_INTERPRET=1 is not set"]

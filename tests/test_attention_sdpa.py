@@ -170,7 +170,8 @@ RULE_CASES = [
     (("padding", torch.bfloat16, False, 0.1), "sdpa"),  # dropout: the training class
     (("table", torch.bfloat16, False, 0.0), "sdpa"),
     (("table", torch.float16, True, 0.0), "eager"),
-    (("none", torch.float16, False, 0.0), "triton"),  # unmeasured
+    (("none", torch.float16, False, 0.0), "sdpa"),
+    (("none", torch.bfloat16, True, 0.0), "sdpa"),
     (("dense", torch.float16, True, 0.0), "triton"),  # unmeasured
     (("padding", torch.float32, False, 0.0), "triton"),  # fp32: unmeasured
     (("padding+causal", torch.float16, False, 0.0), "triton"),  # causal: unmeasured

@@ -343,12 +343,6 @@ def attention_sdpa(
     return out
 
 
-def _sdpa_reasons(q, *_, **__) -> list[str]:
-    if q.device.type == "cpu" and dispatch.forced_backend("attention")[0] != "sdpa":
-        return ["inputs are on the CPU, where the eager reference is the default (sdpa runs when forced)"]
-    return []
-
-
 _PLANS = plan_cache()
 
 
@@ -569,8 +563,17 @@ ATTENTION_RULE: dict[tuple[str, str, str], tuple[tuple[str, ...], str]] = {
         f"vision_base B=64 N=197 fp16 fwd+bwd: eager 1.200 ms, d2v_triton 1.675, flex 1.811, sdpa_bias (per-batch "
         f"bias) 2.366 ({EVIDENCE_OP}); sdpa with the shared (1, H, N, N) bias not measured",
     ),
-    ("none", "inference", "half"): ((), "unmeasured: d2v_triton was not run without bias or mask"),
-    ("none", "training", "half"): ((), "unmeasured: d2v_triton was not run without bias or mask"),
+    # The kernel without a mask does the work it does with one (the mask's loads aside), and at the
+    # same shape flash attention without a mask ran 3x faster than the kernel with one.
+    ("none", "inference", "half"): (
+        ("sdpa",),
+        f"text_base B=32 N=512 fp16 fwd: sdpa_nobias 0.074 ms, d2v_triton 0.228 ms with the padding mask ({EVIDENCE_OP})",
+    ),
+    ("none", "training", "half"): (
+        ("sdpa",),
+        f"text_base B=32 N=512 fp16 fwd+bwd: sdpa_nobias 0.345 ms, d2v_triton 0.842 ms with the padding mask "
+        f"({EVIDENCE_OP})",
+    ),
     ("dense", "inference", "half"): ((), "unmeasured"),
     ("dense", "training", "half"): ((), "unmeasured"),
 }
@@ -614,8 +617,7 @@ dispatch.register(
     "attention",
     "sdpa",
     attention_sdpa,
-    _sdpa_reasons,
-    devices=("cuda", "cpu"),
+    devices=("cuda",),
     description="torch.nn.functional.scaled_dot_product_attention, the table gathered to a (1, H, N, N) bias",
 )
 dispatch.register("attention", "eager", attention_reference, devices=("cpu", "cuda", "meta"))
