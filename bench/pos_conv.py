@@ -2,9 +2,9 @@
 ``Data2VecAudioPositionalConvEmbedding`` (cuDNN grouped conv with transposes, eager LayerNorm +
 GELU), torch.compile of it, and a channels-last cuDNN conv (NHWC conv2d on the (B, T, C) memory,
 no transposes: the op's eager backend on CUDA). ``d2v`` is the public op under default dispatch
-(its measured rule picks the backend), ``d2v_triton`` the Triton kernels forced in their one-launch form (a launch a layer: the conv with
-its normalising tail; opt-in, ``D2V_KERNELS_POS_CONV_ONE_PASS=1``), ``d2v_triton_twopass`` the same
-with two launches a layer (the conv, then the LayerNorm + GELU row kernel; the default).
+(its measured rule picks the backend), ``d2v_triton`` the Triton kernels forced (two launches a layer: the conv, then the LayerNorm + GELU
+row kernel), ``d2v_triton_onepass`` the same in their one-launch form (the conv with its
+normalising tail; opt-in, ``D2V_KERNELS_POS_CONV_ONE_PASS=1``).
 
 Cases: base (B=8, T=499 frames = 10 s, C=768, 16 groups, k=19, 5 layers) and large (C=1024),
 fp16 and bf16, forward and forward+backward (gradients for the input, every weight and bias).
@@ -15,7 +15,7 @@ shows it as a share of the GPU's dense fp16/bf16 tensor-core peak), and peak mem
 ``bench/results/<gpu>/<date>-pos_conv.json``.
 
     python -m bench.pos_conv [--quick] [--cases base,large] [--dtypes fp16,bf16] [--modes fwd,fwd+bwd]
-                             [--impls d2v,d2v_triton,d2v_triton_twopass,hf_eager,hf_compile,cudnn_channels_last]
+                             [--impls d2v,d2v_triton,d2v_triton_onepass,hf_eager,hf_compile,cudnn_channels_last]
     python -m bench.pos_conv --check-only --tiny --device cpu     # the output checks on a CPU
 """
 
@@ -36,7 +36,7 @@ QUICK_CASES = ("base",)
 # For --check-only --tiny (CPU; d2v_triton runs there under TRITON_INTERPRET=1).
 TINY_CASES = {"tiny": (2, 23, 48, 4, 5, 2)}
 SHAPES = {**CASES, **TINY_CASES}
-IMPLS = ("d2v", "d2v_triton", "d2v_triton_twopass", "hf_eager", "hf_compile", "cudnn_channels_last")
+IMPLS = ("d2v", "d2v_triton", "d2v_triton_onepass", "hf_eager", "hf_compile", "cudnn_channels_last")
 
 
 def build_module(case: str, dtype: torch.dtype, device: str = "cuda", seed: int = 0):
@@ -74,12 +74,12 @@ def _layer_params(module):
 def embedding_fn(module, impl: str):
     """hidden (B, T, C) -> positional embedding (B, T, C) for one implementation."""
     weights, biases, groups, _, eps = _layer_params(module)
-    if impl in ("d2v_triton", "d2v_triton_twopass"):
+    if impl in ("d2v_triton", "d2v_triton_onepass"):
         import d2v_kernels
         from d2v_kernels import ops
         from d2v_kernels.ops.pos_conv_op import ENV_ONE_PASS
 
-        one_pass = "0" if impl == "d2v_triton_twopass" else "1"
+        one_pass = "1" if impl == "d2v_triton_onepass" else "0"
 
         def run(hidden):
             previous = os.environ.get(ENV_ONE_PASS)
