@@ -226,3 +226,24 @@ def test_rule_rows_from_a_bench_result_file():
     assert got[("table", "inference", "half")][0] == ()
     assert got[("table", "training", "half")][0] == ("eager",)
     assert got[("none", "inference", "half")] == ((), "unmeasured: a backend is missing in 1 case(s)")
+
+
+def test_padding_mask_made_once_for_the_layers_of_a_forward_and_never_stale():
+    """The layers slice the same padding mask: the first makes sdpa's mask, the others reuse it; a
+    mask changed in place, or a new mask (even in the same memory), is made anew."""
+    from d2v_kernels.ops.attention_op import padding_mask_for_sdpa
+
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    mask[1, 5:] = False
+    mask[2] = False  # no key left
+    first = padding_mask_for_sdpa(mask[:, -9:])
+    assert padding_mask_for_sdpa(mask[:, -9:]) is first  # another layer's view of the same mask
+    allowed, rows_kept = first
+    assert rows_kept.flatten().tolist() == [True, True, False] and allowed[2].all()
+    assert torch.equal(allowed[1].flatten(), mask[1])
+    mask[0, 3] = False  # changed in place
+    again = padding_mask_for_sdpa(mask[:, -9:])
+    assert again is not first and not again[0][0, 0, 0, 3]
+    other = mask.clone()
+    other[1] = True
+    assert padding_mask_for_sdpa(other)[0][1].all()

@@ -317,20 +317,11 @@ def attention_sdpa(
         # -inf would make a row of sdpa's fused kernels 0 or NaN: the lowest finite value masks alike.
         extra = bias.to(q.dtype).clamp_min(torch.finfo(q.dtype).min)
         additive = extra if additive is None else additive + extra
-    allowed = None  # bool, broadcastable to (B, H, Nq, Nk)
-    if key_padding_mask is not None:
-        keep = key_padding_mask if key_padding_mask.dtype == torch.bool else key_padding_mask != 0
-        allowed = keep[:, None, None, :]
+    if causal or key_padding_mask is None:
+        allowed, rows_kept = _sdpa_mask(key_padding_mask, causal, n_q, n_k, q.device, additive is not None)
+    else:  # the padding mask alone: the same for every layer of a forward
+        allowed, rows_kept = padding_mask_for_sdpa(key_padding_mask)
     is_causal = causal and allowed is None and additive is None and n_q == n_k
-    if causal and not is_causal:
-        rows = torch.arange(n_q, device=q.device)[:, None] + (n_k - n_q)  # bottom-right aligned
-        seen = (torch.arange(n_k, device=q.device)[None, :] <= rows)[None, None]
-        allowed = seen if allowed is None else allowed & seen
-    rows_kept = None
-    if allowed is not None and (key_padding_mask is not None or n_q > n_k):
-        # Rows with no key left: sdpa sees every key there, and the output takes mean(v) instead.
-        rows_kept = allowed.any(-1, keepdim=True)
-        allowed = allowed | ~rows_kept
     attn_mask = allowed
     if additive is not None:
         attn_mask = additive if allowed is None else torch.where(allowed, additive, float("-inf"))
@@ -341,6 +332,53 @@ def attention_sdpa(
     if rows_kept is not None:
         out = torch.where(rows_kept.transpose(1, 2), out, v.mean(1, keepdim=True))
     return out
+
+
+def _sdpa_mask(key_padding_mask, causal: bool, n_q: int, n_k: int, device, with_bias: bool = False) -> tuple:
+    """(allowed: bool broadcastable to (B, H, Nq, Nk) or None, rows_kept: (B|1, 1, Nq|1, 1) or None).
+    Causal becomes an explicit mask unless sdpa's ``is_causal`` can say it (square, no other mask,
+    no bias). Rows with no key left are allowed every key (sdpa would give 0 or NaN there):
+    ``rows_kept`` tells :func:`attention_sdpa` to give them mean(v), as the other backends do."""
+    allowed = None
+    if key_padding_mask is not None:
+        keep = key_padding_mask if key_padding_mask.dtype == torch.bool else key_padding_mask != 0
+        allowed = keep[:, None, None, :]
+    is_causal = causal and allowed is None and not with_bias and n_q == n_k
+    if causal and not is_causal:
+        rows = torch.arange(n_q, device=device)[:, None] + (n_k - n_q)  # bottom-right aligned
+        seen = (torch.arange(n_k, device=device)[None, :] <= rows)[None, None]
+        allowed = seen if allowed is None else allowed & seen
+    rows_kept = None
+    if allowed is not None and (key_padding_mask is not None or n_q > n_k):
+        rows_kept = allowed.any(-1, keepdim=True)
+        allowed = allowed | ~rows_kept
+    return allowed, rows_kept
+
+
+# The last padding mask made for sdpa: the layers of a forward slice the same mask, so the first
+# layer makes it and the others reuse it. It is keyed by the mask's base tensor (a weak reference:
+# a new mask in the same memory is another tensor), its version and the view's geometry.
+_LAST_PADDING: list = [None]
+
+
+def padding_mask_for_sdpa(key_padding_mask: torch.Tensor) -> tuple:
+    """:func:`_sdpa_mask` of a padding mask alone, reused while the mask is the same."""
+    if torch.compiler.is_compiling():
+        return _sdpa_mask(key_padding_mask, False, 0, 0, key_padding_mask.device)
+    base = key_padding_mask._base if key_padding_mask._base is not None else key_padding_mask
+    geometry = (
+        key_padding_mask.shape,
+        key_padding_mask.stride(),
+        key_padding_mask.storage_offset(),
+        key_padding_mask.dtype,
+        base._version,
+    )
+    last = _LAST_PADDING[0]
+    if last is not None and last[0]() is base and last[1] == geometry:
+        return last[2]
+    made = _sdpa_mask(key_padding_mask, False, 0, 0, key_padding_mask.device)
+    _LAST_PADDING[0] = (weakref.ref(base), geometry, made)
+    return made
 
 
 _PLANS = plan_cache()
