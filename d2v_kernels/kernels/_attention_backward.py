@@ -21,12 +21,15 @@ from d2v_kernels.kernels._attention_common import (
     mask_extent,
     masked_scores,
     philox_key,
+    tile_candidates,
     tile_dot,
+    tuning_bucket,
     upcast_dot,
 )
 from d2v_kernels.kernels._launch import DirectLaunch, fixed_tail, operand_key
-from d2v_kernels.kernels._tiles import cdiv, tiles
+from d2v_kernels.kernels._tiles import cdiv
 from d2v_kernels.kernels._tiles import on_change as on_tiles_change
+from d2v_kernels.kernels.autotune import launch_config
 
 # ds_mode of the dQ kernel: what it does with the score gradient dS.
 DS_NONE, DS_STORE, DS_ATOMIC = 0, 1, 2
@@ -372,16 +375,43 @@ def bwd_config(dtype: torch.dtype, block_d: int) -> dict:
     return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
 
 
+def backward_tiles(
+    grad_out, q, k, v, out, lse, bias_table, bias_index, bias, key_padding_mask, seed, causal, dropout_p, scale,
+    table_grad, bias_grad, deterministic,
+) -> dict:  # fmt: skip
+    """The tiles of dK/dV, dQ and dS for this input (``autotune.launch_config``: override, autotuned,
+    table or :func:`bwd_config`). Autotuning times each candidate's whole backward on these inputs;
+    it allocates its own gradients."""
+    _, _, flags = bias_args(q, k, bias_table, bias_index, bias, key_padding_mask)
+    block_d = head_dim_block(q.shape[-1])
+    features = {"table": flags["HAS_TABLE"], "bias": flags["HAS_BIAS"], "mask": flags["HAS_MASK"]}
+    features.update(causal=causal, dropout=dropout_p > 0.0, det=deterministic and (table_grad or bias_grad))
+    bucket = tuning_bucket(q.dtype, block_d, q.shape[1], k.shape[1], features)
+    args = (grad_out, q, k, v, out, bias_table, bias_index, bias, key_padding_mask, causal, dropout_p, scale,
+            table_grad, bias_grad, deterministic)  # fmt: skip
+
+    def measure(config):
+        launch = BackwardLaunch(*args, config)
+        return lambda: launch(grad_out, q, k, v, out, lse, bias_table, bias_index, bias, key_padding_mask, seed)
+
+    default = bwd_config(q.dtype, block_d)
+    candidates = tile_candidates("attention_bwd", q.dtype)
+    return launch_config(
+        "attention_bwd", default, bucket=bucket, device=q.device, candidates=candidates, measure=measure
+    )
+
+
 class BackwardLaunch:
     """The backward's launches for one layout (every input's shape, strides, dtype and alignment;
     flags, scale, dropout probability): tiles, grids and integer arguments fixed, the compiled
     kernels launched directly. ``launch(grad_out, q, k, v, out, lse, bias_table, bias_index, bias,
-    key_padding_mask, seed)`` -> :func:`attention_backward`'s result."""
+    key_padding_mask, seed)`` -> :func:`attention_backward`'s result; ``config``: the tiles
+    (:func:`backward_tiles`)."""
 
     __slots__ = ("_bias_grad", "_dkdv", "_dq", "_ds", "_ds_mode", "_ds_shape", "_pre", "_shapes", "_table_grad")
 
     def __init__(self, grad_out, q, k, v, out, bias_table, bias_index, bias, key_padding_mask, causal, dropout_p,
-                 scale, table_grad, bias_grad, deterministic):  # fmt: skip
+                 scale, table_grad, bias_grad, deterministic, config: dict):  # fmt: skip
         b, n_q, h, d = q.shape
         n_k = k.shape[1]
         block_d = head_dim_block(d)
@@ -402,7 +432,6 @@ class BackwardLaunch:
             pre_tail,
         )
 
-        config = tiles("attention_bwd", bwd_config(q.dtype, block_d))
         options = {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
         blocks = {"BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"]}
         io_strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
@@ -498,8 +527,10 @@ def attention_backward(
     if launch is None:
         if len(_backward_launches) >= _MAX_LAUNCHES:
             _backward_launches.clear()
+        config = backward_tiles(grad_out, q, k, v, out, lse, bias_table, bias_index, bias, key_padding_mask, seed,
+                                causal, dropout_p, scale, table_grad, bias_grad, deterministic)  # fmt: skip
         launch = _backward_launches[key] = BackwardLaunch(
             grad_out, q, k, v, out, bias_table, bias_index, bias, key_padding_mask, causal, dropout_p, scale,
-            table_grad, bias_grad, deterministic,
+            table_grad, bias_grad, deterministic, config,
         )  # fmt: skip
     return launch(grad_out, q, k, v, out, lse, bias_table, bias_index, bias, key_padding_mask, seed)

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from d2v_kernels.kernels._tiles import next_power_of_2
+from d2v_kernels.kernels.autotune import SPACES, sequence_bucket
 
 LOG2E = 1.4426950408889634
 MASK_VALUE = -1.0e30  # log2 units; exp2(MASK_VALUE - any real score) == 0 in fp32
@@ -125,6 +126,22 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def head_dim_block(head_dim: int) -> int:
     return max(16, next_power_of_2(head_dim))
+
+
+_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def tuning_bucket(dtype: torch.dtype, block_d: int, n_q: int, n_k: int, features: dict[str, bool]) -> str:
+    """The shape bucket tiles are chosen per (``autotune.launch_config``): dtype, head-dim block,
+    sequence-length bucket and the features on, e.g. "bf16 d64 n512 mask+dropout"."""
+    kinds = "+".join(name for name, on in features.items() if on) or "plain"
+    return f"{_DTYPE_NAMES[dtype]} d{block_d} n{sequence_bucket(max(n_q, n_k))} {kinds}"
+
+
+def tile_candidates(kernel: str, dtype: torch.dtype) -> tuple[dict[str, int], ...]:
+    """What the autotuner may pick for ``kernel``: its space in half precision; fp32, the precision
+    path, keeps its default."""
+    return () if dtype == torch.float32 else SPACES[kernel]
 
 
 def bias_args(q, k, bias_table, bias_index, bias, key_padding_mask):

@@ -58,6 +58,11 @@ def _changed() -> None:
         listener()
 
 
+def overridden(kernel: str) -> bool:
+    """Whether an :func:`override` of ``kernel`` is active."""
+    return any(name == kernel for name, _ in _stack)
+
+
 def tiles(kernel: str, default: dict) -> dict:
     """``default`` with the keys of the innermost active :func:`override` of ``kernel`` replaced."""
     stack = _stack
@@ -69,12 +74,9 @@ def tiles(kernel: str, default: dict) -> dict:
     return default
 
 
-@contextlib.contextmanager
-def override(kernel: str, **config: int) -> Iterator[None]:
-    """Run ``kernel``'s launches with ``config`` (e.g. ``override("attention_fwd", BLOCK_M=64)``)
-    in every thread of the process (a CUDA backward runs in the autograd engine's own thread);
-    meant for tuning and tests, not for concurrent use. Raises ValueError for an unknown kernel or key, or a size that is not a power
-    of two."""
+def check_config(kernel: str, config: dict) -> None:
+    """Raises ValueError for an unknown kernel or key, or a value that is not a positive int (a
+    power of two for the sizes and warps)."""
     if kernel not in TUNABLE:
         raise ValueError(f"kernel must be one of {sorted(TUNABLE)}, got {kernel!r}")
     unknown = sorted(set(config) - set(TUNABLE[kernel]))
@@ -85,6 +87,14 @@ def override(kernel: str, **config: int) -> Iterator[None]:
             raise ValueError(f"{kernel}: {key} must be a positive int, got {value!r}")
         if key in _POWER_OF_TWO_KEYS and value & (value - 1):
             raise ValueError(f"{kernel}: {key} must be a power of two, got {value}")
+
+
+@contextlib.contextmanager
+def override(kernel: str, **config: int) -> Iterator[None]:
+    """Run ``kernel``'s launches with ``config`` (e.g. ``override("attention_fwd", BLOCK_M=64)``)
+    in every thread of the process (a CUDA backward runs in the autograd engine's own thread);
+    meant for tuning and tests, not for concurrent use. Raises ValueError as :func:`check_config`."""
+    check_config(kernel, config)
     entry = (kernel, dict(config))
     with _lock:
         _stack.append(entry)

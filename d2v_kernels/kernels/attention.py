@@ -48,12 +48,15 @@ from d2v_kernels.kernels._attention_common import (
     mask_extent,
     masked_scores,
     philox_key,
+    tile_candidates,
     tile_dot,
+    tuning_bucket,
     upcast_dot,
 )
 from d2v_kernels.kernels._launch import DirectLaunch, operand_key
-from d2v_kernels.kernels._tiles import cdiv, tiles
+from d2v_kernels.kernels._tiles import cdiv
 from d2v_kernels.kernels._tiles import on_change as on_tiles_change
+from d2v_kernels.kernels.autotune import launch_config
 
 __all__ = [
     "MAX_HEAD_DIM",
@@ -325,25 +328,53 @@ def fwd_config(dtype: torch.dtype, block_d: int, bias_tile: bool = False, dropou
     return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4 if block_d <= 64 and not dropout else 8, "num_stages": 3}
 
 
+def forward_tiles(
+    q, k, v, bias_table, bias_index, bias, key_padding_mask, causal: bool, dropout: bool, store_lse: bool
+) -> dict:
+    """The forward's tiles for this input (``autotune.launch_config``: override, autotuned, table or
+    :func:`fwd_config`). Autotuning times each candidate on these inputs into scratch outputs."""
+    _, _, flags = bias_args(q, k, bias_table, bias_index, bias, key_padding_mask)
+    block_d = head_dim_block(q.shape[-1])
+    default = fwd_config(q.dtype, block_d, flags["HAS_TABLE"] or flags["HAS_BIAS"], dropout)
+    features = {"table": flags["HAS_TABLE"], "bias": flags["HAS_BIAS"], "mask": flags["HAS_MASK"]}
+    bucket = tuning_bucket(q.dtype, block_d, q.shape[1], k.shape[1], {**features, "causal": causal, "dropout": dropout})
+
+    def measure(config):
+        launch = ForwardLaunch(
+            q, k, v, bias_table, bias_index, bias, key_padding_mask, causal, dropout, store_lse, config
+        )
+        seed = torch.zeros(2, dtype=torch.int64, device=q.device) if dropout else None
+        scale, dropout_p = q.shape[-1] ** -0.5, 0.1 if dropout else 0.0
+        return lambda: launch(q, k, v, bias_table, bias_index, bias, key_padding_mask, seed, scale, dropout_p)
+
+    candidates = tile_candidates("attention_fwd", q.dtype)
+    return launch_config(
+        "attention_fwd", default, bucket=bucket, device=q.device, candidates=candidates, measure=measure
+    )
+
+
 class ForwardLaunch:
     """The forward kernel's launch for one input layout (shapes, strides, dtypes, alignment, flags):
     tiles, grid and every integer argument fixed, the compiled kernel launched directly.
 
     ``launch(q, k, v, bias_table, bias_index, bias, key_padding_mask, seed, scale, dropout_p)`` ->
     (out, lse) as :func:`attention_forward`, for inputs of the layout it was made for (lse None
-    without ``store_lse``: inference needs no backward).
+    without ``store_lse``: inference needs no backward). ``config``: the tiles, by default
+    :func:`forward_tiles`'s.
     """
 
     __slots__ = ("_constexprs", "_ints", "_launch", "_lse_shape", "_out_shape")
 
     def __init__(
-        self, q, k, v, bias_table, bias_index, bias, key_padding_mask, causal: bool, dropout: bool, store_lse: bool
-    ):
+        self, q, k, v, bias_table, bias_index, bias, key_padding_mask, causal: bool, dropout: bool, store_lse: bool,
+        config: dict | None = None,
+    ):  # fmt: skip
         b, n_q, h, d = q.shape
         n_k = k.shape[1]
         _, strides, flags = bias_args(q, k, bias_table, bias_index, bias, key_padding_mask)
         block_d = head_dim_block(d)
-        config = tiles("attention_fwd", fwd_config(q.dtype, block_d, flags["HAS_TABLE"] or flags["HAS_BIAS"], dropout))
+        if config is None:
+            config = forward_tiles(q, k, v, bias_table, bias_index, bias, key_padding_mask, causal, dropout, store_lse)
         self._out_shape, self._lse_shape = (b, n_q, h, d), (b, h, n_q)
         out_strides = (n_q * h * d, h * d, d)
         self._ints = (*q.stride(), *k.stride(), *v.stride(), *out_strides, *strides, h, n_q, n_k, d)
