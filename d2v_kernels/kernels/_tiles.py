@@ -53,7 +53,8 @@ def on_change(listener: Callable[[], None]) -> None:
     _listeners.append(listener)
 
 
-def _changed() -> None:
+def clear_launches() -> None:
+    """Make every launch and plan cache forget the tiles it fixed (the registered listeners)."""
     for listener in _listeners:
         listener()
 
@@ -98,10 +99,10 @@ def override(kernel: str, **config: int) -> Iterator[None]:
     entry = (kernel, dict(config))
     with _lock:
         _stack.append(entry)
-    _changed()
+    clear_launches()
     try:
         yield
     finally:
         with _lock:
             del _stack[max(i for i, e in enumerate(_stack) if e is entry)]
-        _changed()
+        clear_launches()

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from d2v_kernels.kernels._tiles import check_config, overridden, tiles
+from d2v_kernels.kernels._tiles import check_config, clear_launches, overridden, tiles
 
 __all__ = [
     "ENV_AUTOTUNE",
@@ -217,9 +217,11 @@ _lock = threading.RLock()
 
 
 def forget_tuned() -> None:
-    """Forget this process's tuned configurations (they are read from the disk cache again)."""
+    """Forget this process's tuned configurations (read from the disk cache again) and the launches
+    that fixed them."""
     with _lock:
         _tuned.clear()
+    clear_launches()
 
 
 def tuned_config(
