@@ -130,10 +130,18 @@ def test_tuned_configuration_is_persisted_and_read_back(tuning):
     assert again == candidates[0]
 
 
-@pytest.mark.parametrize("content", ["{not json", '{"format": 1, "gpu": "x", "triton": "0", "entries": {}}', "[]"])
+FOREIGN = {
+    "format": 1,
+    "gpu": H100,
+    "triton": "0",
+    "entries": {"attention_fwd|fp16 d64 n256 table": {"config": FWD_SPACE[1]}},
+}
+
+
+@pytest.mark.parametrize("content", ["{not json", json.dumps(FOREIGN), "[]"], ids=["corrupt", "other-triton", "list"])
 def test_corrupt_or_foreign_cache_file_is_ignored_and_replaced(tuning, content):
     path = autotune.cache_path(H100)
-    path.write_text(content.replace('"x"', json.dumps(H100)))
+    path.write_text(content)
     chosen = autotune.tuned_config("attention_fwd", "fp16 d64 n256 table", FWD_SPACE[:2], lambda c: lambda: c, gpu=H100,
                                    timer=lambda fn: fn()["num_warps"])  # fmt: skip
     assert chosen == FWD_SPACE[0]
