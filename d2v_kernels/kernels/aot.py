@@ -6,7 +6,10 @@ say), so CI also compiles each configuration a launcher can pick (listed in
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``. Must run with
 ``TRITON_INTERPRET`` unset (the interpreter replaces ``@triton.jit`` functions).
 
-    python -m d2v_kernels.kernels.aot [--arch 80 90] [--op NAME] [--spills [ARCH ...]] [--jobs N]
+    python -m d2v_kernels.kernels.aot [--arch 80 90] [--op NAME] [--spills [ARCH ...]] [--jobs N] [--space]
+
+``--space`` compiles instead every candidate of the autotuning spaces (``autotune.SPACES``) at every
+input of the tables (``aot_variants.SPACE_VARIANTS``; CI compiles the defaults and a few candidates).
 
 Each line reports the registers and spilled bytes from the ``ptxas -v`` report of Triton's own
 ptxas run (the flags the kernel runs with). ``--spills`` fails on a register spill the variant does
@@ -121,15 +124,16 @@ def resource_usage(ptxas_report: str) -> tuple[int, int]:
     return int(match.group(2)), int(match.group(1))
 
 
-def collect(ops: list[str] | None = None) -> list[tuple[str, AotVariant]]:
-    """(op, variant) for every configuration in :data:`d2v_kernels.kernels.aot_variants.VARIANTS`, or
-    only those of ``ops``."""
-    from d2v_kernels.kernels.aot_variants import VARIANTS
+def collect(ops: list[str] | None = None, space: bool = False) -> list[tuple[str, AotVariant]]:
+    """(op, variant) for every configuration in :data:`d2v_kernels.kernels.aot_variants.VARIANTS` (with
+    ``space``: ``SPACE_VARIANTS``), or only those of ``ops``."""
+    from d2v_kernels.kernels.aot_variants import SPACE_VARIANTS, VARIANTS
 
-    unknown = set(ops or ()) - set(VARIANTS)
+    table = SPACE_VARIANTS if space else VARIANTS
+    unknown = set(ops or ()) - set(table)
     if unknown:
-        raise ValueError(f"no AOT variants for {sorted(unknown)}; known: {sorted(VARIANTS)}")
-    return [(name, v) for name, variants in VARIANTS.items() if not ops or name in ops for v in variants()]
+        raise ValueError(f"no AOT variants for {sorted(unknown)}; known: {sorted(table)}")
+    return [(name, v) for name, variants in table.items() if not ops or name in ops for v in variants()]
 
 
 def check(op: str, variant: AotVariant, arch: int, spills: bool) -> tuple[bool, str, str]:
@@ -174,12 +178,15 @@ def main(argv: list[str] | None = None) -> int:
         default=len(os.sched_getaffinity(0)),
         help="compile in this many processes (default: one per CPU this process may run on)",
     )
+    parser.add_argument(
+        "--space", action="store_true", help="every candidate of the autotuning spaces, not the CI table"
+    )
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: the interpreter replaces @triton.jit functions", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    _VARIANTS[:] = collect(args.op)
+    _VARIANTS[:] = collect(args.op, args.space)
     spill_archs = set(args.arch if args.spills == [] else args.spills or ())
     work = [(i, arch, arch in spill_archs) for arch in args.arch for i in range(len(_VARIANTS))]
     # Forked workers inherit _VARIANTS (the kernels are imported once); no torch op or CUDA call

@@ -10,6 +10,7 @@ every ``*_kernel`` of the kernel modules is in some list.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from collections.abc import Sequence
 
@@ -18,7 +19,9 @@ import torch
 from d2v_kernels.kernels import _attention_backward, _attention_bias_grad, _row_norm, attention, pos_conv
 from d2v_kernels.kernels import accumulate_target as acc_target
 from d2v_kernels.kernels import conv_feature_extractor as cfe
+from d2v_kernels.kernels._attention_common import tile_candidates
 from d2v_kernels.kernels.aot import AotVariant, as_run
+from d2v_kernels.kernels.autotune import SPACES
 
 TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
@@ -261,24 +264,42 @@ def _attention_variant(kind: str, fn, dtype: torch.dtype, config: dict, **conste
     )
 
 
-def attention_variants() -> list[AotVariant]:
+def _candidate(kernel: str, block_m: int, block_n: int, num_warps: int) -> dict:
+    """The configuration of ``kernel``'s autotuning space with these sizes and warps."""
+    (config,) = [
+        c for c in SPACES[kernel] if (c["BLOCK_M"], c["BLOCK_N"], c["num_warps"]) == (block_m, block_n, num_warps)
+    ]
+    return config
+
+
+def _tile_suffix(config: dict) -> str:
+    return f"_{config['BLOCK_M']}x{config['BLOCK_N']}w{config['num_warps']}s{config['num_stages']}"
+
+
+def attention_variants(space: bool = False) -> list[AotVariant]:
     """The model configurations (vision: table bias in fp16 and fp32; audio/text: padding mask in bf16),
     every feature flag at once in fp16, the d=128 and d=16 tiles; the small kernels once per dtype
-    they are launched with. Kept to ~30 compiles per arch for CI time."""
+    they are launched with. Kept to ~40 compiles per arch for CI time: each input at its default
+    tiles, and six other candidates of the autotuning space (``autotune.SPACES``) at the models'
+    inputs, spill-free on sm_90. ``space``: every candidate at every input (``aot --space``)."""
     features = ("HAS_TABLE", "HAS_BIAS", "HAS_MASK", "IS_CAUSAL", "HAS_DROPOUT")
 
     def flags(*on):
         return {f: f in on for f in features}
 
-    cases = [  # (dtype, BLOCK_D, flags, kernels)
-        (torch.float16, 64, flags("HAS_TABLE"), ("fwd", "dkdv", "dq", "ds")),
-        (torch.float32, 64, flags("HAS_TABLE"), ("fwd", "dkdv", "dq", "ds")),
-        (torch.bfloat16, 64, flags("HAS_MASK"), ("fwd", "dkdv", "dq")),
-        (torch.bfloat16, 64, flags("HAS_MASK", "HAS_DROPOUT"), ("fwd", "dkdv", "dq")),  # audio/text training
-        (torch.float16, 64, flags(*features), ("fwd", "dkdv", "dq", "ds")),
-        (torch.float16, 128, flags("HAS_MASK"), ("fwd", "dkdv", "dq")),
-        (torch.float16, 16, flags("HAS_MASK"), ("fwd", "dkdv")),
-    ]
+    fwd, bwd = "attention_fwd", "attention_bwd"
+    cases = [  # (dtype, BLOCK_D, flags, kernels, other candidates compiled in CI)
+        (torch.float16, 64, flags("HAS_TABLE"), ("fwd", "dkdv", "dq", "ds"),
+         {"fwd": (_candidate(fwd, 128, 64, 8), _candidate(fwd, 64, 64, 4)), "dkdv": (_candidate(bwd, 32, 128, 8),)}),
+        (torch.float32, 64, flags("HAS_TABLE"), ("fwd", "dkdv", "dq", "ds"), {}),
+        (torch.bfloat16, 64, flags("HAS_MASK"), ("fwd", "dkdv", "dq"),
+         {"fwd": (_candidate(fwd, 64, 64, 4),), "dkdv": (_candidate(bwd, 32, 32, 4),),
+          "dq": (_candidate(bwd, 32, 32, 4),)}),
+        (torch.bfloat16, 64, flags("HAS_MASK", "HAS_DROPOUT"), ("fwd", "dkdv", "dq"), {}),  # audio/text training
+        (torch.float16, 64, flags(*features), ("fwd", "dkdv", "dq", "ds"), {}),
+        (torch.float16, 128, flags("HAS_MASK"), ("fwd", "dkdv", "dq"), {}),
+        (torch.float16, 16, flags("HAS_MASK"), ("fwd", "dkdv"), {}),
+    ]  # fmt: skip
     kernels = {
         "fwd": attention.attention_fwd_kernel,
         "dkdv": _attention_backward.attention_bwd_dkdv_kernel,
@@ -286,7 +307,7 @@ def attention_variants() -> list[AotVariant]:
         "ds": _attention_bias_grad.attention_bwd_ds_kernel,
     }
     variants = []
-    for dtype, block_d, case_flags, names in cases:
+    for dtype, block_d, case_flags, names, in_ci in cases:
         common = {
             "BLOCK_D": block_d,
             "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
@@ -297,9 +318,12 @@ def attention_variants() -> list[AotVariant]:
             bias_tile = case_flags["HAS_TABLE"] or case_flags["HAS_BIAS"]
             dropout = case_flags["HAS_DROPOUT"]
             if name == "fwd":
-                config = attention.fwd_config(dtype, block_d, bias_tile, dropout)
+                default = attention.fwd_config(dtype, block_d, bias_tile, dropout)
             else:
-                config = _attention_backward.bwd_config(dtype, block_d)
+                default = _attention_backward.bwd_config(dtype, block_d)
+            others = in_ci.get(name, ())
+            if space:
+                others = tile_candidates(fwd if name == "fwd" else bwd, dtype)
             extra = {}
             if name == "fwd":
                 extra["STORE_LSE"] = True  # the training forward; inference's below
@@ -310,23 +334,36 @@ def attention_variants() -> list[AotVariant]:
                     _attention_backward.DS_NONE,
                 )
                 extra["DS_MODE"] = ds_store if case_flags["HAS_BIAS"] else ds_atomic if bias_tile else ds_none
-            variant = _attention_variant(name, kernels[name], dtype, config, **common, **extra)
-            if all(case_flags.values()):
-                # Every flag at once (table, dense bias, mask, causal, dropout): compiled for coverage,
-                # no model runs it; its backward spills ~100-650 bytes on sm_90 (triton 3.8-3.9).
-                variant = dataclasses.replace(variant, allowed_spill_bytes=1024)
-            elif name == "dkdv" and case_flags["HAS_DROPOUT"]:
-                # The training configuration's dK/dV: 20 bytes (5 registers) at 255 with the flags
-                # Triton's own ptxas runs with (plain ptxas -v: none), with tl.rand too.
-                variant = dataclasses.replace(variant, allowed_spill_bytes=24)
-            elif name == "dkdv" and dtype == torch.float32:
-                # fp32 is the precision path: its FMA (ieee) dots keep dK and dV in ~600 spilled bytes.
-                variant = dataclasses.replace(variant, allowed_spill_bytes=640)
-            variants.append(variant)
-            if name == "fwd" and case_flags in (flags("HAS_TABLE"), flags("HAS_MASK")) and dtype != torch.float32:
-                # Inference's forward (no log-sum-exp stored) of the models' configurations.
-                extra["STORE_LSE"] = False
-                variants.append(_attention_variant(name, kernels[name], dtype, config, **common, **extra))
+            for config in [default, *(c for c in others if c != default)]:
+                variant = _attention_variant(name, kernels[name], dtype, config, **common, **extra)
+                if config is not default:
+                    variant = dataclasses.replace(variant, name=variant.name + _tile_suffix(config))
+                if space and config is not default:
+                    # The autotuner times what a spill costs: the space is compiled, not held spill-free.
+                    variant = dataclasses.replace(variant, allowed_spill_bytes=1 << 20)
+                elif all(case_flags.values()):
+                    # Every flag at once (table, dense bias, mask, causal, dropout): compiled for coverage,
+                    # no model runs it; its backward spills ~100-650 bytes on sm_90 (triton 3.8-3.9).
+                    variant = dataclasses.replace(variant, allowed_spill_bytes=1024)
+                elif name == "dkdv" and case_flags["HAS_DROPOUT"]:
+                    # The training configuration's dK/dV: 20 bytes (5 registers) at 255 with the flags
+                    # Triton's own ptxas runs with (plain ptxas -v: none), with tl.rand too.
+                    variant = dataclasses.replace(variant, allowed_spill_bytes=24)
+                elif name == "dkdv" and dtype == torch.float32:
+                    # fp32 is the precision path: its FMA (ieee) dots keep dK and dV in ~600 spilled bytes.
+                    variant = dataclasses.replace(variant, allowed_spill_bytes=640)
+                variants.append(variant)
+                models = (flags("HAS_TABLE"), flags("HAS_MASK"))
+                if name == "fwd" and case_flags in models and dtype != torch.float32 and (space or config is default):
+                    # Inference's forward (no log-sum-exp stored) of the models' configurations.
+                    inference = _attention_variant(
+                        name, kernels[name], dtype, config, **common, **{**extra, "STORE_LSE": False}
+                    )
+                    suffix = "" if config is default else _tile_suffix(config)
+                    inference = dataclasses.replace(
+                        inference, name=inference.name + suffix, allowed_spill_bytes=variant.allowed_spill_bytes
+                    )
+                    variants.append(inference)
     for dtype in (torch.float16, torch.float32):
         delta_config = {"BLOCK_M": 64, "num_warps": 8}
         preprocess = _attention_backward.attention_bwd_preprocess_kernel
@@ -593,3 +630,6 @@ VARIANTS = {
     "conv_feature_extractor": conv_feature_extractor_variants,
     "accumulate_target": accumulate_target_variants,
 }
+# What ``python -m d2v_kernels.kernels.aot --space`` compiles: every candidate of the autotuning
+# spaces at every input above (CI compiles the defaults and a few candidates).
+SPACE_VARIANTS = {"attention": functools.partial(attention_variants, space=True)}
