@@ -17,15 +17,25 @@ backward kernel; the feature extractor's forward + backward), ``row_norm_fwd`` a
 cases ``NAME:LAYOUT``; the backward also sweeps its persistent programs per SM).
 
     python -m bench.tune [--kernels attention_fwd,attention_bwd] [--cases vision_base,audio_base]
-                         [--dtypes bf16] [--quick]
+                         [--dtypes bf16] [--quick | --space]
     python -m bench.tune --check-only --tiny --device cpu      # every candidate checked on a CPU
+    python -m bench.tune --table bench/results/<gpu>/<date>-tune.json    # rows for autotune.TABLE
+
+``--space`` sweeps the autotuning space of each kernel that has one (``autotune.SPACES``: what
+``D2V_KERNELS_AUTOTUNE=1`` chooses among, and what the committed table may name) instead of the
+wider grids below. Each row records the shape bucket its launches fell in and the tiles they ran
+(``bucket``, ``resolved``). ``--table`` prints, per (kernel, bucket) of such a run, the candidate
+with the least time summed over the cases of that bucket, as rows of ``autotune.TABLE`` keyed by
+the GPU's family, to paste there.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import sys
+from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -130,7 +140,9 @@ QUICK_CASES = {
 
 
 def config_label(config: dict[str, int]) -> str:
-    return " ".join(f"{k}={v}" for k, v in config.items()) or "default"
+    from d2v_kernels.kernels.autotune import config_label as label
+
+    return label(config)
 
 
 def _op_module(name: str):
@@ -154,28 +166,26 @@ def tune_case(
     timing_kwargs: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """A row per candidate (the default first): checked, then timed, ``speedup`` over the default."""
-    from d2v_kernels.kernels import _tiles
+    from d2v_kernels.kernels import _tiles, autotune
 
     module_name, mode, _, _ = KERNELS[kernel]
     op_case = _op_module(module_name).setup_case(case, dtype_name, mode, device)
     rows = []
     for config in [{}, *[c for c in candidates if c]]:
         row = dict(op_case.row, what="tune", kernel=kernel, impl=IMPL, config=config_label(config), tiles=config)
+        # One override for the whole row: entering or leaving one clears the launch and plan caches,
+        # which a step per timed call would rebuild.
+        seen: list[dict] = []
         try:
-            with _tiles.override(kernel, **config):
-                inner = op_case.make_step(IMPL)
-
-            def step(inner=inner, config=config):
-                with _tiles.override(kernel, **config):
-                    return inner()
-
-            label = f"{kernel} {config_label(config)}"
-            row.update(assert_close_to_reference(step(), *op_case.reference(IMPL), name=label))
-            if timed:
-                timing = common.time_ms(step, **(timing_kwargs or {}))
-                row.update(timing.as_row())
-                if op_case.flops:
-                    row["tflops"] = common.tflops(op_case.flops, timing.ms)
+            with _tiles.override(kernel, **config), autotune.record_choices() as seen:
+                step = op_case.make_step(IMPL)
+                label = f"{kernel} {config_label(config)}"
+                row.update(assert_close_to_reference(step(), *op_case.reference(IMPL), name=label))
+                if timed:
+                    timing = common.time_ms(step, **(timing_kwargs or {}))
+                    row.update(timing.as_row())
+                    if op_case.flops:
+                        row["tflops"] = common.tflops(op_case.flops, timing.ms)
         except CheckFailed as e:
             row["error"] = f"wrong result: {e}"
         except Exception as e:
@@ -183,6 +193,10 @@ def tune_case(
                 row["skipped"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             else:
                 row["error"] = f"{type(e).__name__}: {e}"
+        chosen = [c for c in seen if c["kernel"] == kernel]
+        if chosen:
+            row["bucket"] = chosen[0]["bucket"] if len({c["bucket"] for c in chosen}) == 1 else None
+            row["resolved"] = chosen[0]["config"]
         rows.append(row)
         common.print_row(row)
     base = rows[0].get("ms")
@@ -218,12 +232,58 @@ def summary_table(rows: Sequence[dict[str, Any]], top: int = 5) -> str:
     return "\n".join(lines)
 
 
+def table_rows(result: dict[str, Any], source: str = "") -> list[str]:
+    """Rows of ``autotune.TABLE`` (Python source) from a tune result: per (kernel, bucket), the
+    candidate of the kernel's space with the least time summed over the bucket's cases (only
+    candidates timed in every one of them). The comment gives its total and the default's."""
+    from d2v_kernels.kernels.autotune import SPACES, gpu_family
+
+    family = gpu_family(result.get("environment", {}).get("gpu", "any"))
+    # (kernel, bucket) -> resolved tiles (JSON) -> (case, dtype) -> ms
+    times: dict[tuple[str, str], dict[str, dict[tuple, float]]] = defaultdict(lambda: defaultdict(dict))
+    cases: dict[tuple[str, str], set] = defaultdict(set)
+    defaults: dict[tuple[str, str], dict[tuple, float]] = defaultdict(dict)
+    for row in result["rows"]:
+        kernel, bucket, resolved = row.get("kernel"), row.get("bucket"), row.get("resolved")
+        if kernel not in SPACES or not bucket or resolved is None:
+            continue
+        case = (row["case"], row["dtype"])
+        cases[kernel, bucket].add(case)
+        if row.get("ms") is not None and "error" not in row:
+            timed = times[kernel, bucket][json.dumps(resolved)]
+            timed[case] = min(row["ms"], timed.get(case, row["ms"]))
+            if row.get("config") == "default":
+                defaults[kernel, bucket][case] = row["ms"]
+    lines = []
+    for (kernel, bucket), by_config in sorted(times.items()):
+        every = cases[kernel, bucket]
+        complete = {c: sum(t.values()) for c, t in by_config.items() if set(t) == every}
+        in_space = {c: t for c, t in complete.items() if json.loads(c) in SPACES[kernel]}
+        if not in_space:
+            lines.append(f"# {kernel} {bucket}: no candidate of the space timed in every case")
+            continue
+        best = min(in_space, key=in_space.get)
+        names = ", ".join(sorted(f"{case} {dtype}" for case, dtype in every))
+        default = defaults[kernel, bucket]
+        default = f"default {sum(default.values()):.4f} ms" if set(default) == every else "default not timed"
+        lines.append(
+            f"    ({family!r}, {kernel!r}, {bucket!r}): {best},  # {in_space[best]:.4f} ms, {default} ({names}{source})"
+        )
+        faster = {c: t for c, t in complete.items() if c not in in_space and t < in_space[best]}
+        if faster:
+            outside = min(faster, key=faster.get)
+            lines.append(f"    # outside the space, faster: {outside} {faster[outside]:.4f} ms")
+    return lines
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.tune", description=__doc__.split("\n\n")[0])
     parser.add_argument("--kernels", "--kernel", dest="kernels", help=f"comma list of {list(KERNELS)} (default all)")
     parser.add_argument("--cases", "--case", dest="cases", help="comma list of the op benchmark's case names")
     parser.add_argument("--dtypes", "--dtype", dest="dtypes", help="comma list of fp16,bf16 (default bf16)")
     parser.add_argument("--quick", action="store_true", help="fewer candidates and cases, shorter timing")
+    parser.add_argument("--space", action="store_true", help="the autotuning space's candidates (autotune.SPACES)")
+    parser.add_argument("--table", type=Path, metavar="RESULT", help="print autotune.TABLE rows from a tune result")
     parser.add_argument("--check-only", action="store_true", help="check every candidate, time nothing (CPU too)")
     parser.add_argument("--tiny", action="store_true", help="the op benchmarks' tiny cases (with --check-only)")
     parser.add_argument("--device", default=None, help="default cuda; cpu only with --check-only")
@@ -234,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(list(argv))
+    if args.table:
+        return args
     try:
         args.kernels = common.parse_list(args.kernels, KERNELS, "--kernels") or list(KERNELS)
         args.dtypes = common.parse_list(args.dtypes, ("fp16", "bf16", "fp32"), "--dtypes") or ["bf16"]
@@ -241,6 +303,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         args.cases = common.parse_list(args.cases, sorted(known), "--cases") if args.cases else None
     except ValueError as e:
         parser.error(str(e))
+    if args.space:
+        from d2v_kernels.kernels.autotune import SPACES
+
+        if not parser.parse_args(list(argv)).kernels:
+            args.kernels = list(SPACES)
+        if args.quick:
+            parser.error("--space and --quick are two candidate lists: pick one")
+        without = [k for k in args.kernels if k not in SPACES]
+        if without:
+            parser.error(f"--space: no autotuning space for {without} (spaces: {sorted(SPACES)})")
     if args.device is None:
         args.device = "cuda" if common.has_gpu() or not args.check_only else "cpu"
     if args.device != "cuda" and not args.check_only:
@@ -263,6 +335,10 @@ def cases_for(kernel: str, args: argparse.Namespace) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.table:
+        print(f"# from {args.table}: rows for TABLE in d2v_kernels/kernels/autotune.py")
+        print("\n".join(table_rows(json.loads(args.table.read_text()), f"; {args.table.name}")))
+        return 0
     if args.device == "cuda":
         refused = common.require_gpu("bench.tune")
         if refused is not None:
@@ -270,17 +346,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = common.environment(argv)
     timing_kwargs = {"rep_ms": 50.0 if args.quick else 200.0}
     rows: list[dict[str, Any]] = []
-    what = "tune" + ("-quick" if args.quick else "")
+    what = "tune" + ("-quick" if args.quick else "-space" if args.space else "")
     save = common.progress_saver(what, env, args.out, enabled=not args.check_only, quick=args.quick)
     try:
         for kernel in args.kernels:
             _, _, full, quick = KERNELS[kernel]
+            if args.space:
+                from d2v_kernels.kernels.autotune import SPACES
+
+                candidates = list(SPACES[kernel])
+            else:
+                candidates = quick if args.quick or args.tiny else full
             for case, dtype_name in itertools.product(cases_for(kernel, args), args.dtypes):
                 rows += tune_case(
                     kernel,
                     case,
                     dtype_name,
-                    quick if args.quick or args.tiny else full,
+                    candidates,
                     device=args.device,
                     timed=not args.check_only,
                     timing_kwargs=timing_kwargs,

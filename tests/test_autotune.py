@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from test_attention import _grads, make_qkv, padding_mask, reference64, relative_bias, run_triton
+from test_attention import _grads, check_gradients, make_qkv, padding_mask, reference64, relative_bias, run_triton
 
 from d2v_kernels import ops
 from d2v_kernels.kernels import _tiles, autotune
@@ -203,3 +203,58 @@ def test_space_table_and_defaults_agree():
     assert all(bwd_config(torch.bfloat16, d) in BWD_SPACE for d in (16, 32, 64, 128))
     for (family, kernel, bucket), config in autotune.TABLE.items():
         assert config in autotune.SPACES[kernel], (family, kernel, bucket)
+
+
+def test_tune_rows_name_their_bucket_and_print_table_rows(tmp_path, capsys):
+    """bench.tune records each row's bucket and resolved tiles; --table prints the fastest candidate
+    of the space per bucket, summed over the bucket's cases, as a TABLE row."""
+    from bench import tune
+
+    rows = tune.tune_case("attention_fwd", "tiny_padding", "bf16", [FWD_SPACE[3]], device="cpu", timed=False)
+    assert [(r["bucket"], r["resolved"]) for r in rows] == [
+        ("bf16 d16 n64 mask", fwd_config(torch.bfloat16, 16)),
+        ("bf16 d16 n64 mask", FWD_SPACE[3]),
+    ]
+    outside = {**FWD_SPACE[3], "BLOCK_N": 16}
+    other_case = [dict(r, case="other") for r in rows]
+    extra = [dict(r, resolved=outside, config="outside") for r in (rows[1], other_case[1])]
+    for row, ms in zip([*rows, *other_case, *extra], (2.0, 1.5, 2.0, 1.0, 0.5, 0.5)):
+        row["ms"] = ms
+    result = {"environment": {"gpu": H100}, "rows": [*rows, *other_case, *extra]}
+    path = tmp_path / "tune.json"
+    path.write_text(json.dumps(result))
+    capsys.readouterr()
+    assert tune.main(["--table", str(path)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("# from")]
+    assert len(lines) == 2
+    assert lines[0].startswith(
+        f"    ('H100', 'attention_fwd', 'bf16 d16 n64 mask'): {json.dumps(FWD_SPACE[3])},  # 2.5000 ms"
+    )
+    assert "default 4.0000 ms" in lines[0]
+    assert lines[1] == f"    # outside the space, faster: {json.dumps(outside)} 1.0000 ms"
+
+
+@pytest.mark.cuda
+def test_autotune_on_the_gpu_times_the_spaces_and_caches_them(monkeypatch, tmp_path):
+    """On a GPU (TRITON_INTERPRET=0 pytest -m cuda): with autotuning on, the first forward and
+    backward of a vision-like input time every candidate (each compiles and runs here), the results
+    match float64, and the cache holds both kernels' timings."""
+    monkeypatch.setenv(autotune.ENV_AUTOTUNE, "1")
+    monkeypatch.setenv(autotune.ENV_CACHE_DIR, str(tmp_path))
+    autotune.forget_tuned()
+    try:
+        with torch.device("cuda"):
+            q, k, v = make_qkv(2, 197, 197, 64, torch.float16, heads=4)
+            table, index = relative_bias(197, 197, torch.float16, heads=4)
+            kwargs = dict(bias_table=table, bias_index=index)
+            with autotune.record_choices() as seen:
+                check_gradients(q, k, v, kwargs, params=("bias_table",))
+    finally:
+        autotune.forget_tuned()
+    assert {(s["kernel"], s["source"]) for s in seen} == {("attention_fwd", "autotune"), ("attention_bwd", "autotune")}
+    gpu = torch.cuda.get_device_name()
+    entries = json.loads(autotune.cache_path(gpu).read_text())["entries"]
+    for kernel, space in (("attention_fwd", FWD_SPACE), ("attention_bwd", BWD_SPACE)):
+        entry = entries[f"{kernel}|fp16 d64 n256 table"]
+        assert entry["config"] in space and len(entry["ms"]) == len(space), entry
+        assert entry["ms"][autotune.config_label(entry["config"])] == min(ms for ms in entry["ms"].values() if ms)
