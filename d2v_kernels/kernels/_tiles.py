@@ -3,7 +3,9 @@
 A launcher asks :func:`tiles` for its kernel's configuration, passing its default; inside
 :func:`override` the given keys replace the default's. That is how ``bench/tune.py`` sweeps the
 tiles on a GPU, and how the tests check that every swept tile computes the same function. With
-no override active the defaults run unchanged (one dict lookup per launch).
+no override active the defaults run unchanged (one dict lookup per launch). Kernels with a
+candidate space (attention) ask :func:`d2v_kernels.kernels.autotune.launch_config` instead, which
+puts an override over the autotuned, committed or default tiles the same way.
 """
 
 from __future__ import annotations
