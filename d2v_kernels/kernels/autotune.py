@@ -21,9 +21,9 @@ its keys over what the first of these gives (with no autotuning):
 
 Autotuning costs a few compiles and about a second of timing at the first call of each bucket,
 hence opt-in; and a choice made by timing may differ between two machines (and with it the float
-rounding), so runs that must repeat bitwise across machines leave it off. A half-precision default is one of the candidates, so every configuration a table
-row or the autotuner can pick is in the space that ``python -m d2v_kernels.kernels.aot --space``
-compiles.
+rounding), so runs that must repeat bitwise across machines leave it off. A half-precision
+default is one of the candidates, so every configuration a table row or the autotuner can pick is
+in the space that ``python -m d2v_kernels.kernels.aot --space`` compiles.
 """
 
 from __future__ import annotations
