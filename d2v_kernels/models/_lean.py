@@ -140,7 +140,10 @@ def linear(hidden_states, module: nn.Linear):
 
 
 def dropout(hidden_states, module: nn.Dropout):
-    """``nn.Dropout``'s forward, without the module call."""
+    """``nn.Dropout``'s forward, without the module call: out of training, or at p = 0, its input
+    itself, as ``F.dropout`` returns it (whose argument checks cost a call's host time)."""
+    if not module.training or module.p == 0.0:
+        return hidden_states
     return F.dropout(hidden_states, module.p, module.training, module.inplace)
 
 
