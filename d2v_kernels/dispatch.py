@@ -17,8 +17,9 @@ when it cannot take the input.
 The ops cache a decision per input layout (their plan caches, :func:`plan_cache`). What a decision
 depends on beyond the input is part of the cache key or clears the caches: the backends forced in
 this thread (:func:`forced_token`, in the key), the environment variables (read into a snapshot,
-compared on each :func:`forced_token` call by their raw values, caches cleared when one changes),
-registrations and tile overrides (:func:`clear_plans`).
+compared on each :func:`forced_token` call by their raw values, caches cleared when one changes;
+an op adds the variables its plans read with :func:`watch_environment`), registrations and tile
+overrides (:func:`clear_plans`).
 """
 
 from __future__ import annotations
@@ -281,23 +282,27 @@ class _Environment:
     backend_spec: str
     opt_in_enabled: bool
     interpreter: bool
+    values: dict  # every watched variable's value (None when unset)
 
 
 def _read_environment(raw: tuple) -> _Environment:
-    spec, opt_in, interpret = (os.environ.get(name) for name in _ENV_NAMES)
+    values = {name: os.environ.get(name) for name in _ENV_NAMES}
+    spec, opt_in, interpret = (values[name] for name in (ENV_BACKEND, ENV_ENABLE_OPT_IN, "TRITON_INTERPRET"))
     return _Environment(
         raw=raw,
         backend_spec=(spec or "").strip(),
         opt_in_enabled=opt_in == "1",
         interpreter=(interpret or "0") not in ("", "0"),
+        values=values,
     )
 
 
 try:  # os.environ's own dict: a plain lookup, where os.environ.get encodes and decodes on every call
     _ENV_DATA = os.environ._data
-    _ENV_KEYS = tuple(os.environ.encodekey(name) for name in _ENV_NAMES)
+    _encode_key = os.environ.encodekey
 except AttributeError:  # pragma: no cover - another Python's os.environ
-    _ENV_DATA, _ENV_KEYS = os.environ, _ENV_NAMES
+    _ENV_DATA, _encode_key = os.environ, lambda name: name
+_ENV_KEYS = tuple(_encode_key(name) for name in _ENV_NAMES)
 
 
 def _raw_environment() -> tuple:
@@ -317,6 +322,24 @@ def _environment() -> _Environment:
         _env = _read_environment(raw)
         clear_plans()
     return _env
+
+
+def watch_environment(name: str) -> None:
+    """Read the environment variable ``name`` as dispatch reads its own: into the snapshot that
+    every :func:`forced_token` call compares with the environment (a change clears every plan
+    cache), its value from :func:`environment_value`. For an op whose plans depend on one."""
+    global _ENV_NAMES, _ENV_KEYS, _env
+    if name not in _ENV_NAMES:
+        _ENV_NAMES = (*_ENV_NAMES, name)
+        _ENV_KEYS = (*_ENV_KEYS, _encode_key(name))
+        _env = _read_environment(_raw_environment())
+        clear_plans()
+
+
+def environment_value(name: str) -> str | None:
+    """The value of a variable :func:`watch_environment` watches, as of the last snapshot (re-read
+    here when the environment changed)."""
+    return _environment().values[name]
 
 
 def plan_cache() -> dict:

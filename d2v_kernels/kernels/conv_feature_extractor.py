@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from d2v_kernels.kernels._launch import DirectLaunch
 from d2v_kernels.kernels._row_norm import (
     activation_grad,
     apply_activation,
@@ -249,6 +250,44 @@ def conv0_ln_gelu(wave, weight, conv_bias, ln_weight, ln_bias, stride: int, eps:
         BLOCK_T=config["BLOCK_T"], BLOCK_C=config["BLOCK_C"], num_warps=config["num_warps"],
     )  # fmt: skip
     return y, mean, rstd
+
+
+class Conv0InferenceLaunch:
+    """:func:`conv0_ln_gelu` for inference on inputs of one layout (the waveform's and the
+    parameters' shapes, strides, dtypes and alignment; the stride): tiles, grid and integer
+    arguments fixed, the compiled kernel launched directly. ``launch(wave, weight, conv_bias,
+    ln_weight, ln_bias, eps)`` -> y (B, C, T) with channels-last strides."""
+
+    __slots__ = ("_constexprs", "_contiguous", "_ints", "_launch", "_stats_shape", "_y_shape")
+
+    def __init__(self, wave, weight, conv_bias, ln_weight, ln_bias, stride: int):
+        batch, samples = wave.shape
+        channels, _, kernel_size = weight.shape
+        frames = output_frames(samples, kernel_size, stride)
+        self._y_shape, self._stats_shape = (batch, frames, channels), (batch, frames)
+        y = wave.new_empty(self._y_shape).transpose(1, 2)
+        config = launch_tiles(channels)
+        tiles_per_batch = cdiv(frames, config["BLOCK_T"])
+        self._contiguous = any(t is not None and not t.is_contiguous() for t in (conv_bias, ln_weight, ln_bias))
+        self._ints = (
+            frames, channels, tiles_per_batch, *wave.stride(), weight.stride(0), weight.stride(2), *y.stride()
+        )  # fmt: skip
+        self._constexprs = (kernel_size, stride, conv_bias is not None, False, config["BLOCK_T"], config["BLOCK_C"])
+        self._launch = DirectLaunch(conv0_ln_gelu_kernel, (batch * tiles_per_batch,), num_warps=config["num_warps"])
+
+    def __call__(self, wave, weight, conv_bias, ln_weight, ln_bias, eps: float):
+        if self._contiguous:
+            conv_bias, ln_weight, ln_bias = (
+                None if t is None else t.contiguous() for t in (conv_bias, ln_weight, ln_bias)
+            )
+        y = wave.new_empty(self._y_shape).transpose(1, 2)
+        # Inference reads neither statistic: one scratch buffer takes both.
+        stats = wave.new_empty(self._stats_shape, dtype=torch.float32)
+        self._launch(
+            wave, weight, conv_bias if conv_bias is not None else weight, ln_weight, ln_bias, y, stats, stats,
+            *self._ints, eps, *self._constexprs,
+        )  # fmt: skip
+        return y
 
 
 # The fused backward holds a (BLOCK_T, C) tile of several fp32 values and the (taps, C) weight

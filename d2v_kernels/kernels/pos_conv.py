@@ -387,13 +387,24 @@ def grouped_conv1d_layer_norm_gelu(
 
 
 def _launch_conv(x, packed_weight, bias, out, hidden, counters, pad_left: int, eps: float | None):
+    launch, tail = _conv_launch(x, packed_weight, bias, out, hidden, pad_left, eps)
+    launch(x, packed_weight, bias, out, hidden, counters, *tail)
+
+
+def _conv_launch(x, packed_weight, bias, out, hidden, pad_left: int, eps: float | None):
     key = (
         x.shape, x.stride(), x.dtype, x.device, _aligned(x), packed_weight.shape, packed_weight.stride(),
         packed_weight.dtype, _aligned(packed_weight), bias.dtype, _aligned(bias), out.stride(), out.dtype,
         _aligned(out), _aligned(hidden), pad_left, eps,
     )  # fmt: skip
-    launch, tail = _conv_launches.get(key, lambda: _grouped_conv1d_launch(x, packed_weight, pad_left, out, eps))
-    launch(x, packed_weight, bias, out, hidden, counters, *tail)
+    return _conv_launches.get(key, lambda: _grouped_conv1d_launch(x, packed_weight, pad_left, out, eps))
+
+
+def grouped_conv1d_launch(x, packed_weight, bias, out, *, pad_left: int):
+    """:func:`grouped_conv1d` with ``out`` for operands of these layouts, as one callable:
+    ``launch(x, packed_weight, bias, out)``, for a caller that keeps it for them."""
+    launch, tail = _conv_launch(x, packed_weight, bias, out, out, pad_left, None)
+    return lambda x, packed_weight, bias, out: launch(x, packed_weight, bias, out, out, out, *tail)
 
 
 def _conv_config() -> dict:
@@ -480,10 +491,21 @@ def layer_norm_gelu_rows(y, eps: float, *, out=None):
     ``y`` (in place). Returns a tensor like y. The launch is kept per layout."""
     n_rows = _rows(y)
     out = torch.empty_like(y) if out is None else out
-    key = (y.shape, y.dtype, y.device, _aligned(y), _aligned(out), out.dtype, eps)
-    launch, tail = _row_launches.get(key, lambda: _layer_norm_gelu_rows_launch(y.shape[-1], n_rows, eps))
+    launch, tail = _row_launch(y, out, n_rows, eps)
     launch(y, out, *tail)
     return out
+
+
+def _row_launch(y, out, n_rows: int, eps: float):
+    key = (y.shape, y.dtype, y.device, _aligned(y), _aligned(out), out.dtype, eps)
+    return _row_launches.get(key, lambda: _layer_norm_gelu_rows_launch(y.shape[-1], n_rows, eps))
+
+
+def layer_norm_gelu_rows_launch(y, eps: float, *, out):
+    """:func:`layer_norm_gelu_rows` with ``out`` for operands of these layouts, as one callable:
+    ``launch(y, out)``, for a caller that keeps it for them."""
+    launch, tail = _row_launch(y, out, _rows(y), eps)
+    return lambda y, out: launch(y, out, *tail)
 
 
 def _layer_norm_gelu_rows_launch(channels: int, n_rows: int, eps: float):

@@ -438,6 +438,48 @@ def run_conv_then_triton_norm(wave, conv_weights, ln_weights, ln_biases, *, stri
     return layer_norm_gelu_triton(z, ln_weights[-1], ln_biases[-1], eps=eps, channels_dim=1).transpose(1, 2)
 
 
+def triton_inference_plan(wave, conv_weights, ln_weights, ln_biases, *, strides, conv_biases=None, eps=1e-5):
+    """:func:`run_conv_then_triton_norm` for inference (no autograd, no autocast, eager tensors) on
+    inputs of this layout, decided once: whether layer 0 is one kernel (and its launch), each
+    layer's LayerNorm + GELU launch (made by the first run, for the conv output it gets).
+    Returns ``run(wave, conv_weights, ln_weights, ln_biases, conv_biases)``, the same values."""
+    n = len(conv_weights)
+    strides, eps = [int(s) for s in strides], float(eps)
+    no_biases = [None] * n
+    cb0 = conv_biases[0] if conv_biases is not None else None
+    conv0 = None
+    if _conv0_fusable(wave, conv_weights[0], cb0, ln_weights[0], ln_biases[0]):
+        conv0 = _conv0_kernels.Conv0InferenceLaunch(wave, conv_weights[0], cb0, ln_weights[0], ln_biases[0], strides[0])
+    first = 1 if conv0 is not None else 0
+    # (launch, the conv output strides it was made for) per layer; a conv output of other strides
+    # (a conv backend that returned another layout) looks its launch up.
+    norms = [(None, None)] * n
+    make_norm = _layer_norm_gelu_kernels.layer_norm_gelu_inference_launch
+
+    def run(wave, conv_weights, ln_weights, ln_biases, conv_biases):
+        conv_biases = conv_biases if conv_biases is not None else no_biases
+        if conv0 is not None:
+            z = conv0(wave, conv_weights[0], conv_biases[0], ln_weights[0], ln_biases[0], eps)
+            if n == 1:
+                return z.transpose(1, 2)
+            z = _conv_output(z, conv_weights[1], conv_biases[1], strides[1])
+        else:
+            z = _conv_output(wave[:, None], conv_weights[0], conv_biases[0], strides[0])
+        for i in range(first, n):
+            g, b = ln_weights[i], ln_biases[i]
+            launch, z_strides = norms[i]
+            if z.stride() != z_strides:
+                launch = make_norm(z, g, b, 1, "none")
+                if z_strides is None:
+                    norms[i] = launch, z.stride()
+            z = launch(z, g, b, eps, None)[0]
+            if i < n - 1:
+                z = _conv_output(z, conv_weights[i + 1], conv_biases[i + 1], strides[i + 1])
+        return z.transpose(1, 2)
+
+    return run
+
+
 def triton_nodes_backward(grad_out, wave, conv_weights, ln_weights, ln_biases, conv_biases, strides, eps, needs):
     """Gradients of the stack as :func:`_layers_backward` returns them, by the Triton path's nodes:
     their forwards rerun from the waveform, keeping what their autograd nodes keep (each layer's

@@ -40,8 +40,11 @@ from d2v_kernels.ops._checks import (
 from d2v_kernels.ops._conv_feature_extractor_triton import (
     run_conv_then_triton_norm,
     triton_composite_reasons,
+    triton_inference_plan,
     triton_nodes_backward,
 )
+from d2v_kernels.ops._eager import runs_eagerly
+from d2v_kernels.ops._plan import layout_key, lookup, needs_grad, plan_cache, plans_enabled, recorder, store
 
 __all__ = ["conv_feature_extractor", "conv_feature_extractor_reference", "output_length"]
 
@@ -280,6 +283,45 @@ def conv_feature_extractor(wave, conv_weights, ln_weights, ln_biases, *, strides
     conv_biases: per-layer (C_out,) or None. Returns (B, T, C_last) in wave's dtype, with T as
     :func:`output_length` gives.
     """
+    key = None
+    if (
+        plans_enabled()
+        and type(conv_weights) in _SEQUENCES
+        and type(ln_weights) in _SEQUENCES
+        and type(ln_biases) in _SEQUENCES
+        and type(strides) in _SEQUENCES
+        and (conv_biases is None or type(conv_biases) in _SEQUENCES)
+    ):
+        biases = conv_biases if conv_biases is not None else ()
+        key = layout_key(wave, *conv_weights, *ln_weights, *ln_biases, *biases)
+        if key is not None and key[0] is not None:
+            # What validation and dispatch read: the layouts, the list lengths, the strides with
+            # their types (True is 1 to a tuple), eps, grad mode, autocast, the forced backends.
+            key = (
+                key, len(conv_weights), len(ln_weights), len(ln_biases), None if conv_biases is None else len(biases),
+                tuple(strides), tuple(map(type, strides)), eps.__class__, eps, torch.is_grad_enabled(),
+                _autocast(wave.device.type), dispatch.forced_token(),
+            )  # fmt: skip
+            plan = lookup(_PLANS, key)
+            if plan is not None:
+                return plan(wave, conv_weights, ln_weights, ln_biases, conv_biases)
+    plan = _plan(wave, conv_weights, ln_weights, ln_biases, strides, conv_biases, eps)
+    return store(_PLANS, key, plan, wave.device)(wave, conv_weights, ln_weights, ln_biases, conv_biases)
+
+
+_PLANS = plan_cache()
+_SEQUENCES = (list, tuple)
+
+
+def _autocast(device_type: str) -> bool:
+    """Autocast on the devices whose backends read it (the eager reference follows it per call)."""
+    return device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type)
+
+
+def _plan(wave, conv_weights, ln_weights, ln_biases, strides, conv_biases, eps):
+    """Validate (errors name the argument) and return the callable that runs this input's
+    implementation on inputs of its layout: ``plan(wave, conv_weights, ln_weights, ln_biases,
+    conv_biases)``."""
     check_tensor("wave", wave, ndim=2)
     if not isinstance(conv_weights, (list, tuple)) or not conv_weights:
         raise ValueError("conv_weights must be a non-empty list of (C_out, C_in, k) tensors")
@@ -312,12 +354,34 @@ def conv_feature_extractor(wave, conv_weights, ln_weights, ln_biases, *, strides
     frames = output_length(wave.shape[1], [w.shape[2] for w in conv_weights], strides)
     if frames < 1:
         raise ValueError(f"wave has {wave.shape[1]} samples, too few for one output frame of this feature encoder")
-    kwargs = dict(strides=list(strides), conv_biases=conv_biases, eps=eps)
-    if wave.shape[0] == 0:
-        return conv_feature_extractor_reference(wave, conv_weights, ln_weights, ln_biases, **kwargs)
-    return dispatch.call(
-        "conv_feature_extractor", wave.device, wave, list(conv_weights), ln_weights, ln_biases, **kwargs
-    )
+    options = dict(strides=list(strides), eps=eps)
+    backend, implementation = None, conv_feature_extractor_reference
+    if wave.shape[0] != 0:
+        impl = dispatch.select(
+            "conv_feature_extractor", wave.device, wave, list(conv_weights), ln_weights, ln_biases,
+            conv_biases=conv_biases, **options,
+        )  # fmt: skip
+        backend, implementation = impl.backend, impl.run
+
+    def run(wave, conv_weights, ln_weights, ln_biases, conv_biases):
+        return implementation(wave, list(conv_weights), ln_weights, ln_biases, conv_biases=conv_biases, **options)
+
+    tensors = (wave, *conv_weights, *ln_weights, *ln_biases, *(conv_biases or ()))
+    if (
+        implementation is run_conv_then_triton_norm
+        and not needs_grad(*tensors)
+        and not _autocast(wave.device.type)
+        and runs_eagerly(tensors)
+    ):
+        run = triton_inference_plan(wave, conv_weights, ln_weights, ln_biases, conv_biases=conv_biases, **options)
+    record = recorder()
+
+    def plan(wave, conv_weights, ln_weights, ln_biases, conv_biases):
+        if backend is not None:
+            record("conv_feature_extractor", backend)
+        return run(wave, conv_weights, ln_weights, ln_biases, conv_biases)
+
+    return plan
 
 
 dispatch.register("conv_feature_extractor", "eager", conv_feature_extractor_reference, devices=("cpu", "cuda", "meta"))

@@ -8,7 +8,7 @@ positional embedding that the encoder adds to it.
 
 from __future__ import annotations
 
-import os
+import functools
 import weakref
 
 import torch
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from d2v_kernels import dispatch
 from d2v_kernels.ops._checks import KERNEL_DTYPES, check_eps, check_param_list, check_same_device, check_tensor
 from d2v_kernels.ops._eager import runs_eagerly, without_zero_grads
+from d2v_kernels.ops._plan import layout_key, lookup, needs_grad, plan_cache, plans_enabled, recorder, store
 
 
 def pos_conv_reference(x, weights, biases, *, groups, eps=1e-5):
@@ -82,7 +83,7 @@ def pos_conv_forward_impl(
     needs besides x); without it the LayerNorm runs in place and two (B, T, C) buffers are live.
     """
     packed, biases = _packed_parameters(weights, biases, groups, x.dtype)
-    return _pos_conv_layers(x, packed, biases, weights[0].shape[-1], eps, save_pre_norm)
+    return _pos_conv_layers(x, packed, biases, weights[0].shape[-1], eps, save_pre_norm, _one_pass())
 
 
 def _packed_parameters(weights, biases, groups: int, dtype: torch.dtype) -> tuple[list, list]:
@@ -92,18 +93,23 @@ def _packed_parameters(weights, biases, groups: int, dtype: torch.dtype) -> tupl
 
 
 ENV_ONE_PASS = "D2V_KERNELS_POS_CONV_ONE_PASS"
+dispatch.watch_environment(ENV_ONE_PASS)  # a change clears the plans, which fixed the form
 
 
-def _pos_conv_layers(x, packed, biases, kernel_size: int, eps: float, save_pre_norm: bool):
+def _one_pass() -> bool:
+    return dispatch.environment_value(ENV_ONE_PASS) == "1"
+
+
+def _pos_conv_layers(x, packed, biases, kernel_size: int, eps: float, save_pre_norm: bool, one_pass: bool):
     """Each layer two launches (the conv, then the LayerNorm + GELU row kernel), or one with
-    ``D2V_KERNELS_POS_CONV_ONE_PASS=1`` (the conv with its normalising tail). The one-launch form
-    orders its programs through a counter in memory, which the interpreter cannot check: it stays
-    opt-in until a GPU has run its repeatability test and measured both forms."""
+    ``one_pass`` (``D2V_KERNELS_POS_CONV_ONE_PASS=1``: the conv with its normalising tail). The
+    one-launch form orders its programs through a counter in memory, which the interpreter cannot
+    check: it stays opt-in until a GPU has run its repeatability test and measured both forms."""
     kernels = _kernels()
     num_layers = len(packed)
     pre_norm = x.new_empty((num_layers if save_pre_norm else 0, *x.shape))
     conv_outs = pre_norm.unbind() if save_pre_norm else [None] * num_layers
-    two_pass = os.environ.get(ENV_ONE_PASS) != "1"
+    two_pass = not one_pass
     counters = None if two_pass else kernels.tail_counters(x)
     hidden = x
     for layer in range(num_layers):
@@ -223,13 +229,45 @@ def _pos_conv_triton(x, weights, biases, *, groups, eps=1e-5):
     """
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *weights, *biases))
     if not needs_grad and runs_eagerly((x, *weights, *biases)):
-        # Inference, eager: the layers straight from the implementation (no custom-op dispatch),
-        # the packed parameters kept while the parameters are unchanged.
-        packed, packed_biases = _inference_parameters(weights, biases, groups, x.dtype)
-        return _pos_conv_layers(x, packed, packed_biases, weights[0].shape[-1], float(eps), False)[0]
+        return _pos_conv_inference(weights[0].shape[-1], groups, float(eps), _one_pass())(x, weights, biases)
     biases = [torch.zeros_like(w[:, 0, 0]) if b is None else b for w, b in zip(weights, biases)]
     out, _ = torch.ops.d2v_kernels.pos_conv(x, list(weights), biases, groups, float(eps), needs_grad)
     return out
+
+
+def _pos_conv_inference(kernel_size: int, groups: int, eps: float, one_pass: bool):
+    """The Triton path's eager inference, its options fixed (a plan keeps it): the layers straight
+    from the implementation (no custom-op dispatch), the packed parameters kept while the
+    parameters are unchanged. In the two-launch form the launches are kept too, made by the
+    first run: past x, every operand is a fresh allocation (or a slice of one) whose layout
+    follows from x's shape and dtype."""
+    if one_pass:
+
+        def run(x, weights, biases):
+            packed, packed_biases = _inference_parameters(weights, biases, groups, x.dtype)
+            return _pos_conv_layers(x, packed, packed_biases, kernel_size, eps, False, True)[0]
+
+        return run
+    kernels = _kernels()
+    pad_left = kernel_size // 2
+    convs, norms = [], []
+
+    def run(x, weights, biases):
+        packed, packed_biases = _inference_parameters(weights, biases, groups, x.dtype)
+        hidden = x
+        for layer in range(len(packed)):
+            out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+            if layer == len(convs):
+                convs.append(
+                    kernels.grouped_conv1d_launch(hidden, packed[layer], packed_biases[layer], out, pad_left=pad_left)
+                )
+                norms.append(kernels.layer_norm_gelu_rows_launch(out, eps, out=out))
+            convs[layer](hidden, packed[layer], packed_biases[layer], out)
+            norms[layer](out, out)
+            hidden = out
+        return hidden
+
+    return run
 
 
 _inference_cache: dict[tuple, tuple[list, tuple[list, list]]] = {}
@@ -285,6 +323,30 @@ def pos_conv(x, weights, biases, *, groups, eps=1e-5):
     (C, C // groups, k), one k for all layers; biases: list of (C,) or None entries.
     Returns (B, T, C) in x's dtype (the encoder adds it to x).
     """
+    key = None
+    if plans_enabled() and type(weights) in _SEQUENCES and (biases is None or type(biases) in _SEQUENCES):
+        key = layout_key(x, *weights, *(biases if biases is not None else ()))
+        if key is not None and key[0] is not None:
+            # What validation, dispatch and the measured rule read: the layouts (requires_grad in
+            # them), grad mode, the options with their types, the forced backends (and, through
+            # dispatch's snapshot, D2V_KERNELS_POS_CONV_ONE_PASS).
+            key = (
+                key, len(weights), None if biases is None else len(biases), groups.__class__, groups,
+                eps.__class__, eps, torch.is_grad_enabled(), dispatch.forced_token(),
+            )  # fmt: skip
+            plan = lookup(_PLANS, key)
+            if plan is not None:
+                return plan(x, weights, biases)
+    return store(_PLANS, key, _plan(x, weights, biases, groups, eps), x.device)(x, weights, biases)
+
+
+_PLANS = plan_cache()
+_SEQUENCES = (list, tuple)
+
+
+def _plan(x, weights, biases, groups, eps):
+    """Validate (errors name the argument) and return the callable that runs this input's
+    implementation on inputs of its layout: ``plan(x, weights, biases)``."""
     check_tensor("x", x, ndim=3)
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
@@ -294,7 +356,8 @@ def pos_conv(x, weights, biases, *, groups, eps=1e-5):
     if not isinstance(weights, (list, tuple)) or not weights:
         raise ValueError("weights must be a non-empty list of (C, C // groups, k) tensors")
     weights = list(weights)
-    biases = check_param_list("biases", biases if biases is not None else [None] * len(weights), len(weights))
+    no_biases = [None] * len(weights)
+    biases = check_param_list("biases", biases if biases is not None else no_biases, len(weights))
     ks = set()
     for i, (w, b) in enumerate(zip(weights, biases)):
         check_tensor(f"weights[{i}]", w, ndim=3)
@@ -311,9 +374,21 @@ def pos_conv(x, weights, biases, *, groups, eps=1e-5):
     if len(ks) != 1:
         raise ValueError(f"all weights must share one kernel size, got {sorted(ks)}")
     check_eps(eps)
-    if x.numel() == 0:
-        return pos_conv_reference(x, weights, biases, groups=groups, eps=eps)
-    return dispatch.call("pos_conv", x.device, x, weights, biases, groups=groups, eps=eps)
+    backend, run = None, functools.partial(pos_conv_reference, groups=groups, eps=eps)
+    if x.numel() != 0:
+        impl = dispatch.select("pos_conv", x.device, x, weights, biases, groups=groups, eps=eps)
+        backend, run = impl.backend, functools.partial(impl.run, groups=groups, eps=eps)
+        tensors = (x, *weights, *biases)
+        if impl.run is _pos_conv_triton and not needs_grad(*tensors) and runs_eagerly(tensors):
+            run = _pos_conv_inference(ks.pop(), groups, float(eps), _one_pass())
+    record = recorder()
+
+    def plan(x, weights, biases):
+        if backend is not None:
+            record("pos_conv", backend)
+        return run(x, weights, biases if biases is not None else no_biases)
+
+    return plan
 
 
 dispatch.register(
