@@ -7,6 +7,7 @@ import torch
 
 import d2v_kernels
 from d2v_kernels import ops
+from d2v_kernels.ops import conv_feature_extractor_op, pos_conv_op
 
 
 def _layer_norm_gelu(x, w, b):
@@ -147,3 +148,138 @@ def test_only_the_returned_sum_has_a_gradient():
         gx, gres = torch.autograd.grad(total, (x, residual), d_total)
     torch.testing.assert_close(gx, d_total)
     torch.testing.assert_close(gres, d_total)
+
+
+# --- The plan caches of the feature extractor and the positional conv ----------------------------
+
+
+def _front_end_inputs(op):
+    """(call(*tensors, **options), tensors, options) of a small input: the feature extractor on a
+    waveform (layer 0 fused, one conv layer after it), the positional conv on (B, T, C)."""
+    torch.manual_seed(0)
+    if op == "conv_feature_extractor":
+        wave = torch.randn(2, 203)
+        params = [torch.randn(32, 1, 10) * 0.3, torch.randn(32, 32, 3) * 0.1, torch.randn(32), torch.randn(32)]
+        params += [torch.randn(32), torch.randn(32)]
+
+        def call(wave, w0, w1, g0, g1, b0, b1, **options):
+            return ops.conv_feature_extractor(wave, [w0, w1], [g0, g1], [b0, b1], **({"strides": [5, 2]} | options))
+
+        return call, [wave, *params]
+    x = torch.randn(2, 9, 32)
+    params = [torch.randn(32, 16, 3) * 0.2, torch.randn(32, 16, 3) * 0.2, torch.randn(32)]
+
+    def call(x, w0, w1, b0, **options):
+        return ops.pos_conv(x, [w0, w1], [b0, None], **({"groups": 2} | options))
+
+    return call, [x, *params]
+
+
+FRONT_END = ["conv_feature_extractor", "pos_conv"]
+
+
+@pytest.mark.parametrize("op", FRONT_END)
+def test_front_end_plan_hits_equal_the_full_path_bit_for_bit(op):
+    """The Triton inference plan (layer 0's launch, each layer's launches kept) gives the bits the
+    full path (``dispatch.call`` of the backend) gives, on the first call and on a hit, and counts
+    each call for record_dispatch as the full path does."""
+    call, tensors = _front_end_inputs(op)
+    plans = (conv_feature_extractor_op if op == "conv_feature_extractor" else pos_conv_op)._PLANS
+    d2v_kernels.dispatch.clear_plans()
+    with d2v_kernels.use_backend(**{op: "triton"}), torch.no_grad():
+        with d2v_kernels.record_dispatch() as calls:
+            first, hit = call(*tensors), call(*tensors)
+        assert len(plans) == 1 and calls == {(op, "triton"): 2}
+
+        def full_path(*args, **kwargs):
+            return d2v_kernels.dispatch.call(op, args[0].device, *args, **kwargs)
+
+        with d2v_kernels.record_dispatch() as full_calls:
+            if op == "conv_feature_extractor":
+                wave, w0, w1, g0, g1, b0, b1 = tensors
+                expected = full_path(wave, [w0, w1], [g0, g1], [b0, b1], strides=[5, 2], conv_biases=None, eps=1e-5)
+            else:
+                x, w0, w1, b0 = tensors
+                expected = full_path(x, [w0, w1], [b0, None], groups=2, eps=1e-5)
+    assert full_calls == {(op, "triton"): 1}
+    assert torch.equal(first, expected) and torch.equal(hit, expected)
+
+
+@pytest.mark.parametrize("op", FRONT_END)
+def test_front_end_plans_miss_on_each_key_field(op):
+    """Each field the decision reads makes another plan: a shape, a dtype, requires_grad, grad
+    mode, an option and its type; the same call again makes none."""
+    call, tensors = _front_end_inputs(op)
+    plans = (conv_feature_extractor_op if op == "conv_feature_extractor" else pos_conv_op)._PLANS
+    d2v_kernels.dispatch.clear_plans()
+    first = tensors[0]
+    grad_param = tensors[1].detach().requires_grad_()
+    if op == "conv_feature_extractor":
+        other_option = lambda: call(*tensors, strides=[5, 3])
+    else:
+        other_option = lambda: ops.pos_conv(first, tensors[1:3], None, groups=2)  # no biases
+    variants = [
+        lambda: call(*tensors),
+        lambda: call(first[:, :-1], *tensors[1:]),  # shape
+        lambda: call(*(t.double() for t in tensors)),  # dtype
+        lambda: call(first, grad_param, *tensors[2:]),  # requires_grad
+        lambda: call(*tensors, eps=1e-3),  # an option's value
+        lambda: call(*tensors, eps=1),  # its type
+        other_option,
+    ]
+    for n, variant in enumerate(variants, start=1):
+        variant()
+        assert len(plans) == n
+        variant()
+        assert len(plans) == n
+    with torch.no_grad():  # grad mode
+        call(first, grad_param, *tensors[2:])
+    assert len(plans) == len(variants) + 1
+
+
+@pytest.mark.parametrize("op", FRONT_END)
+def test_front_end_bad_input_is_rejected_after_a_hit(op):
+    """A cached layout lets no other bad input through: a parameter of the wrong shape, and flags
+    of the wrong type equal to a cached value (True == 1), each still raise naming the argument."""
+    call, tensors = _front_end_inputs(op)
+    wrong = torch.randn(33)
+    with d2v_kernels.use_backend(**{op: "triton"}), torch.no_grad():
+        for _ in range(2):
+            call(*tensors, eps=1)
+        with pytest.raises(ValueError, match="eps must be a positive float"):
+            call(*tensors, eps=True)
+        if op == "conv_feature_extractor":
+            wave, w0, w1, g0, _, b0, b1 = tensors
+            with pytest.raises(ValueError, match=r"ln_weights\[1\] must have shape \(32,\)"):
+                call(wave, w0, w1, g0, wrong, b0, b1)
+            for _ in range(2):
+                call(*tensors, strides=[5, 1])
+            with pytest.raises(ValueError, match=r"strides\[1\] must be a positive int"):
+                call(*tensors, strides=[5, True])
+        else:
+            x, w0, w1, b0 = tensors
+            with pytest.raises(ValueError, match=r"biases\[0\] must have shape \(32,\)"):
+                call(x, w0, w1, wrong)
+            dense = torch.randn(32, 32, 3) * 0.1
+            for _ in range(2):
+                call(x, dense, dense, b0, groups=1)
+            with pytest.raises(ValueError, match="groups must be a positive int"):
+                call(x, dense, dense, b0, groups=True)
+
+
+def test_pos_conv_plan_follows_the_one_pass_switch(monkeypatch):
+    """D2V_KERNELS_POS_CONV_ONE_PASS is read into the plan: setting or unsetting it takes effect on
+    the next call of a cached layout (one launch a layer with it, two without)."""
+    call, tensors = _front_end_inputs("pos_conv")
+    one_pass_runs = []
+    layers = pos_conv_op._pos_conv_layers
+    monkeypatch.setattr(pos_conv_op, "_pos_conv_layers", lambda *a: one_pass_runs.append(a[-1]) or layers(*a))
+    monkeypatch.delenv(pos_conv_op.ENV_ONE_PASS, raising=False)
+    with d2v_kernels.use_backend(pos_conv="triton"), torch.no_grad():
+        two = call(*tensors)
+        monkeypatch.setenv(pos_conv_op.ENV_ONE_PASS, "1")
+        one = call(*tensors)
+        monkeypatch.delenv(pos_conv_op.ENV_ONE_PASS)
+        call(*tensors)
+    assert one_pass_runs == [True]
+    torch.testing.assert_close(one, two)
