@@ -5,12 +5,13 @@ causal and cached generation included."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from transformers.models.data2vec import modeling_data2vec_text as hf
 from transformers.utils.deprecation import deprecate_kwarg
 
 from d2v_kernels import ops
-from d2v_kernels.models._common import qkv_projection, registry_attention
+from d2v_kernels.models._common import gelu_approximation, qkv_projection, registry_attention
 from d2v_kernels.models._lean import (
     activation_call,
     add_layer_norm,
@@ -20,6 +21,7 @@ from d2v_kernels.models._lean import (
     registry_lean_modules,
     unobserved,
 )
+from d2v_kernels.ops.post_ln_layer_op import post_ln_layer_training
 
 
 class FusedData2VecTextSelfAttention(hf.Data2VecTextSelfAttention):
@@ -111,6 +113,10 @@ class FusedData2VecTextLayer(hf.Data2VecTextLayer):
         _, s, _, dense, drop, norm, _, intermediate_dense, activation, _, output_dense, output_drop, output_norm = (
             modules
         )
+        if torch.is_grad_enabled():
+            output = self._training_forward(hidden_states, attention_mask, modules)
+            if output is not None:
+                return output
         context = lean_attention(
             s,
             hidden_states,
@@ -124,6 +130,32 @@ class FusedData2VecTextLayer(hf.Data2VecTextLayer):
         attention_output = add_layer_norm(dropout(linear(context, dense), drop), hidden_states, norm)
         intermediate = activation_call(activation, linear(attention_output, intermediate_dense))
         return add_layer_norm(dropout(linear(intermediate, output_dense), output_drop), attention_output, output_norm)
+
+    def _training_forward(self, hidden_states, attention_mask, modules):
+        """The layer as one autograd node (``ops.post_ln_layer_op``), or None where that does not
+        apply: a 4-D mask, a causal layer, two hidden dropouts that differ, an activation other
+        than GELU, or what the op itself declines."""
+        _, s, _, dense, drop, norm, _, intermediate_dense, activation, _, output_dense, output_drop, output_norm = (
+            modules
+        )
+        if s.is_causal or (attention_mask is not None and attention_mask.dim() != 2):
+            return None
+        hidden_dropout = drop.p if drop.training else 0.0
+        if hidden_dropout != (output_drop.p if output_drop.training else 0.0):
+            return None
+        approximate = gelu_approximation(activation)
+        if approximate is None:
+            return None
+        key_padding_mask = None if attention_mask is None else attention_mask[:, -hidden_states.shape[1] :]
+        params = []
+        for module in (s.query, s.key, s.value, dense, norm, intermediate_dense, output_dense, output_norm):
+            parameters = module._parameters
+            params += (parameters["weight"], parameters["bias"])
+        return post_ln_layer_training(
+            hidden_states, key_padding_mask, params, heads=s.num_attention_heads,
+            attention_dropout=float(s.dropout.p) if s.training else 0.0, hidden_dropout=float(hidden_dropout),
+            scale=float(s.scaling), eps=(norm.eps, output_norm.eps), approximate=approximate,
+        )  # fmt: skip
 
 
 REPLACEMENTS = {

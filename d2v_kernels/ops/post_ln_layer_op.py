@@ -1,0 +1,219 @@
+"""A post-LN encoder layer's training forward (Data2VecText's) as one autograd node, eager only:
+
+    qkv = x Wqkv^T + bqkv;  a = LN1(dropout(attention(q, k, v) Wd^T + bd) + x)
+    y = LN2(dropout(act(a Wi^T + bi) Wo^T + bo) + a)
+
+The same computation as the layer op by op (``F.linear``, ``ops.attention``, ``F.dropout``,
+``ops.add_layer_norm``), with the same kernels, but those record about thirty autograd nodes a
+layer, three of them Python ``autograd.Function``s (each costs its ``apply`` and a Python backward
+call, tens of microseconds of host time). Here one Function runs the GEMMs, the attention and the
+two add + LayerNorms with autograd off, and its backward computes every gradient itself: each
+linear's input, weight and bias gradients with ``mm`` / ``addmm`` / ``sum``, the dropout masks
+reapplied, the activation's backward, the Triton backwards of the add + LayerNorms and of the
+attention. Dropout is ``torch.native_dropout`` (what ``F.dropout`` runs on CUDA in training), its
+mask kept for the backward; attention dropout is the kernel's, from a seed drawn per call.
+
+Only where the layer would run those same Triton kernels: dispatch picks the Triton backend for
+the attention and for the add + LayerNorm (so ``use_backend``, the measured rule and the
+environment choose exactly as for the ops alone), on plain tensors, not traced, not under
+autocast, with autograd recording. Anything else returns None and the caller runs the layer op by
+op. Validation, like the ops', happens once per input layout (the plan key holds every tensor's
+shape, strides, dtype, device, alignment and ``requires_grad``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from d2v_kernels import dispatch
+from d2v_kernels.ops import add_layer_norm_op, attention_op
+from d2v_kernels.ops._checks import check_eps, check_tensor
+from d2v_kernels.ops._eager import runs_eagerly
+from d2v_kernels.ops._plan import layout_key, lookup, plan_cache, plans_enabled, recorder, store
+
+__all__ = ["post_ln_layer_training"]
+
+_NOT_TAKEN = object()  # a plan for a layout this path does not take
+
+
+class PostLnLayerFunction(torch.autograd.Function):
+    """The layer's forward (``plan``: a :class:`_Plan`) and every gradient of its 16 parameters and
+    its input in one backward."""
+
+    @staticmethod
+    def forward(ctx, plan, x, mask, wq, bq, wk, bk, wv, bv, wd, bd, w1, b1, wi, bi, wo, bo, w2, b2):
+        b, n, c = x.shape
+        x2 = x.view(b * n, c)
+        wqkv, bqkv = torch.cat((wq, wk, wv)), torch.cat((bq, bk, bv))
+        q, k, v = torch.addmm(bqkv, x2, wqkv.t()).view(b, n, 3, plan.heads, c // plan.heads).unbind(2)
+        seed = attention_op._draw_seed(q) if plan.attention_dropout > 0.0 else None
+        out, lse = plan.attention(q, k, v, None, None, None, mask, seed, plan.scale, plan.attention_dropout)
+        context = out.view(b * n, c)
+        a = torch.addmm(bd, context, wd.t())
+        mask1 = mask2 = None
+        if plan.hidden_dropout > 0.0:
+            a, mask1 = torch.native_dropout(a, plan.hidden_dropout, True)
+        y1, _, mean1, rstd1 = plan.norm1(a, w1, b1, plan.eps1, x2, None)
+        h = torch.addmm(bi, y1, wi.t())
+        g = torch._C._nn.gelu(h, approximate=plan.approximate)
+        o = torch.addmm(bo, g, wo.t())
+        if plan.hidden_dropout > 0.0:
+            o, mask2 = torch.native_dropout(o, plan.hidden_dropout, True)
+        y2, _, mean2, rstd2 = plan.norm2(o, w2, b2, plan.eps2, y1, None)
+        ctx.save_for_backward(
+            x2, mask, seed, wqkv, q, k, v, out, lse, wd, a, mask1, w1, b1, mean1, rstd1, y1, wi, h, g, wo, o, mask2,
+            w2, b2, mean2, rstd2,
+        )  # fmt: skip
+        ctx.plan = plan
+        return y2.view(b, n, c)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        (x2, mask, seed, wqkv, q, k, v, out, lse, wd, a, mask1, w1, b1, mean1, rstd1, y1, wi, h, g, wo, o, mask2,
+         w2, b2, mean2, rstd2) = ctx.saved_tensors  # fmt: skip
+        plan = ctx.plan
+        b, n, heads, d = q.shape
+        c = heads * d
+        dy = dy.reshape(b * n, c)
+        # LN2's backward gives the sum's gradient: that of o (dropout's output) and of the residual y1.
+        do, _, dw2, db2, _ = plan.norm_backward(dy, None, o, y1, w2, b2, mean2, rstd2)
+        dresidual = do
+        if mask2 is not None:
+            do = torch.ops.aten.native_dropout_backward(do, mask2, plan.dropout_scale)
+        dwo, dbo = do.t().mm(g), do.sum(0)
+        dh = torch.ops.aten.gelu_backward(do.mm(wo), h, approximate=plan.approximate)
+        dwi, dbi = dh.t().mm(y1), dh.sum(0)
+        dy1 = torch.addmm(dresidual, dh, wi)
+        da, _, dw1, db1, _ = plan.norm_backward(dy1, None, a, x2, w1, b1, mean1, rstd1)
+        dresidual = da
+        if mask1 is not None:
+            da = torch.ops.aten.native_dropout_backward(da, mask1, plan.dropout_scale)
+        dwd, dbd = da.t().mm(out.view(b * n, c)), da.sum(0)
+        dq, dk, dv, _, _ = plan.attention_backward(
+            da.mm(wd).view(b, n, heads, d), q, k, v, out, lse, None, None, None, mask, seed, False,
+            plan.attention_dropout, plan.scale, False, False, torch.are_deterministic_algorithms_enabled(),
+        )  # fmt: skip
+        dqkv = torch.cat((dq.view(b * n, c), dk.view(b * n, c), dv.view(b * n, c)), 1)
+        dx = torch.addmm(dresidual, dqkv, wqkv).view(b, n, c)
+        dwq, dwk, dwv = dqkv.t().mm(x2).split(c)
+        dbq, dbk, dbv = dqkv.sum(0).split(c)
+        return None, dx, None, dwq, dbq, dwk, dbk, dwv, dbv, dwd, dbd, dw1, db1, dwi, dbi, dwo, dbo, dw2, db2
+
+
+class _Plan:
+    """What one input layout fixes: the Triton launches (attention forward with its log-sum-exp, the
+    two add + LayerNorm forwards), the backward entry points and the layer's scalars."""
+
+    __slots__ = (
+        "approximate", "attention", "attention_backward", "attention_dropout", "dropout_scale", "eps1", "eps2",
+        "heads", "hidden_dropout", "norm1", "norm2", "norm_backward", "scale",
+    )  # fmt: skip
+
+    def __init__(self, x, mask, params, heads, attention_dropout, hidden_dropout, scale, eps, approximate):
+        from d2v_kernels.kernels import add_layer_norm as norm_kernels
+        from d2v_kernels.kernels.attention import attention_backward, forward_launch
+
+        b, n, c = x.shape
+        q = x.new_empty((b, n, 3, heads, c // heads)).unbind(2)[0]  # the layout of the QKV GEMM's views
+        rows = x.view(b * n, c)
+        self.attention = forward_launch(q, q, q, None, None, None, mask, False, attention_dropout > 0.0)
+        self.norm1 = norm_kernels.add_layer_norm_training_launch(rows, rows, params[8], params[9], False)
+        self.norm2 = norm_kernels.add_layer_norm_training_launch(rows, rows, params[14], params[15], False)
+        self.norm_backward = norm_kernels.add_layer_norm_backward
+        self.attention_backward = attention_backward
+        self.heads, self.scale, (self.eps1, self.eps2), self.approximate = heads, scale, eps, approximate
+        self.attention_dropout, self.hidden_dropout = attention_dropout, hidden_dropout
+        self.dropout_scale = 1.0 / (1.0 - hidden_dropout)
+
+
+_PLANS = plan_cache()
+
+
+def post_ln_layer_training(
+    hidden_states, key_padding_mask, params, *, heads, attention_dropout, hidden_dropout, scale, eps, approximate
+):
+    """The layer's output (B, N, C) through :class:`PostLnLayerFunction`, or None where this path
+    does not apply (see the module docstring; the caller then runs the layer op by op).
+
+    params: (query weight, bias, key weight, bias, value weight, bias, attention output dense weight,
+    bias, its LayerNorm weight, bias, intermediate weight, bias, output weight, bias, its LayerNorm
+    weight, bias). key_padding_mask: (B, N), nonzero attends, or None. eps: the two LayerNorms'.
+    approximate: the GELU's (``"none"``, ``"tanh"``). attention_dropout, hidden_dropout: the
+    probabilities in force (0 out of training)."""
+    if not torch.is_grad_enabled() or not plans_enabled():
+        return None
+    if torch.is_autocast_enabled(hidden_states.device.type):
+        return None
+    key = layout_key(hidden_states, key_padding_mask, *params)
+    if key is None:
+        return None
+    key = (
+        key, heads, attention_dropout.__class__, attention_dropout, hidden_dropout.__class__, hidden_dropout,
+        scale.__class__, scale, eps, approximate, dispatch.forced_token(),
+    )  # fmt: skip
+    plan = lookup(_PLANS, key)
+    if plan is None:
+        made = _make_plan(
+            hidden_states, key_padding_mask, params, heads, attention_dropout, hidden_dropout, scale, eps, approximate
+        )
+        plan = store(_PLANS, key, made, hidden_states.device)
+    return plan(hidden_states, key_padding_mask, params)
+
+
+def _not_taken(x, mask, params):
+    return None
+
+
+def _make_plan(x, mask, params, heads, attention_dropout, hidden_dropout, scale, eps, approximate):
+    """Validate and pick; the callable that runs this layout (returning None where not taken)."""
+    if any(p is None for p in params):
+        return _not_taken
+    check_tensor("hidden_states", x, ndim=3)
+    for i, p in enumerate(params):
+        check_tensor(f"params[{i}]", p)
+    eps = tuple(check_eps(e) for e in eps)
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    if not 0.0 <= hidden_dropout < 1.0:
+        raise ValueError(f"hidden_dropout must be in [0, 1), got {hidden_dropout!r}")
+    b, n, c = x.shape
+    inner = params[10].shape[0]
+    # Another architecture (e.g. heads narrower than the hidden size) runs op by op.
+    shapes = ((c, c), (c,), (c, c), (c,), (c, c), (c,), (c, c), (c,), (c,), (c,), (inner, c), (inner,), (c, inner))
+    tensors = (x, mask, *params)
+    taken = (
+        all(p.shape == shape for p, shape in zip(params, (*shapes, (c,), (c,), (c,))))
+        and x.numel() > 0
+        and c % heads == 0
+        and x.is_contiguous()
+        and all(p.dtype == x.dtype and p.device == x.device for p in params)
+        and any(t.requires_grad for t in tensors if t is not None)
+        and runs_eagerly(tensors)
+    )
+    if taken:
+        q = x.new_empty((b, n, 3, heads, c // heads)).unbind(2)[0]
+        device = attention_op._validate(q, q, q, None, None, None, mask, False, attention_dropout, scale)
+        attention = dispatch.select("attention", device, q, q, q, key_padding_mask=mask, dropout_p=attention_dropout,
+                                    scale=scale)  # fmt: skip
+        rows = x.view(b * n, c)
+        norms = [
+            dispatch.select("add_layer_norm", device, rows, rows, params[i], params[i + 1], eps=e)
+            for i, e in ((8, eps[0]), (14, eps[1]))
+        ]
+        taken = attention.run is attention_op.attention_triton and all(
+            norm.run is add_layer_norm_op._add_layer_norm_triton for norm in norms
+        )
+    if not taken:
+        return _not_taken
+    plan = _Plan(x, mask, params, heads, attention_dropout, hidden_dropout, scale, eps, approximate)
+    apply, record = PostLnLayerFunction.apply, recorder()
+
+    def run(x, mask, params):
+        record("attention", "triton")
+        record("add_layer_norm", "triton")
+        record("add_layer_norm", "triton")
+        return apply(plan, x, mask, *params)
+
+    return run
