@@ -229,13 +229,14 @@ def _pos_conv_triton(x, weights, biases, *, groups, eps=1e-5):
     """
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *weights, *biases))
     if not needs_grad and runs_eagerly((x, *weights, *biases)):
-        return _pos_conv_inference(weights[0].shape[-1], groups, float(eps), _one_pass())(x, weights, biases)
+        run = _pos_conv_inference(len(weights), weights[0].shape[-1], groups, float(eps), _one_pass())
+        return run(x, weights, biases)
     biases = [torch.zeros_like(w[:, 0, 0]) if b is None else b for w, b in zip(weights, biases)]
     out, _ = torch.ops.d2v_kernels.pos_conv(x, list(weights), biases, groups, float(eps), needs_grad)
     return out
 
 
-def _pos_conv_inference(kernel_size: int, groups: int, eps: float, one_pass: bool):
+def _pos_conv_inference(num_layers: int, kernel_size: int, groups: int, eps: float, one_pass: bool):
     """The Triton path's eager inference, its options fixed (a plan keeps it): the layers straight
     from the implementation (no custom-op dispatch), the packed parameters kept while the
     parameters are unchanged. In the two-launch form the launches are kept too, made by the
@@ -250,18 +251,18 @@ def _pos_conv_inference(kernel_size: int, groups: int, eps: float, one_pass: boo
         return run
     kernels = _kernels()
     pad_left = kernel_size // 2
-    convs, norms = [], []
+    convs, norms = [None] * num_layers, [None] * num_layers
 
     def run(x, weights, biases):
         packed, packed_biases = _inference_parameters(weights, biases, groups, x.dtype)
         hidden = x
         for layer in range(len(packed)):
             out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-            if layer == len(convs):
-                convs.append(
-                    kernels.grouped_conv1d_launch(hidden, packed[layer], packed_biases[layer], out, pad_left=pad_left)
+            if convs[layer] is None:  # norms first: a thread that finds the conv finds both
+                norms[layer] = kernels.layer_norm_gelu_rows_launch(out, eps, out=out)
+                convs[layer] = kernels.grouped_conv1d_launch(
+                    hidden, packed[layer], packed_biases[layer], out, pad_left=pad_left
                 )
-                norms.append(kernels.layer_norm_gelu_rows_launch(out, eps, out=out))
             convs[layer](hidden, packed[layer], packed_biases[layer], out)
             norms[layer](out, out)
             hidden = out
@@ -380,7 +381,7 @@ def _plan(x, weights, biases, groups, eps):
         backend, run = impl.backend, functools.partial(impl.run, groups=groups, eps=eps)
         tensors = (x, *weights, *biases)
         if impl.run is _pos_conv_triton and not needs_grad(*tensors) and runs_eagerly(tensors):
-            run = _pos_conv_inference(ks.pop(), groups, float(eps), _one_pass())
+            run = _pos_conv_inference(len(weights), ks.pop(), groups, float(eps), _one_pass())
     record = recorder()
 
     def plan(x, weights, biases):
