@@ -519,6 +519,18 @@ def attention_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(dq, dk, dv, dbias_table or None, dbias or None); dq/dk/dv (B, N, H, d) contiguous in q's dtype,
     the bias gradients in their parameters' dtypes and shapes."""
+    launch = backward_launch(
+        grad_out, q, k, v, out, lse, bias_table, bias_index, bias, key_padding_mask, seed, causal, dropout_p, scale,
+        table_grad, bias_grad, deterministic,
+    )  # fmt: skip
+    return launch(grad_out, q, k, v, out, lse, bias_table, bias_index, bias, key_padding_mask, seed)
+
+
+def backward_launch(
+    grad_out, q, k, v, out, lse, bias_table, bias_index, bias, key_padding_mask, seed, causal: bool,
+    dropout_p: float, scale: float, table_grad: bool, bias_grad: bool, deterministic: bool,
+) -> BackwardLaunch:  # fmt: skip
+    """The :class:`BackwardLaunch` for this input's layout (made once, then looked up)."""
     key = (
         tuple(operand_key(t) for t in (grad_out, q, k, v, out, lse, bias_table, bias_index, bias, key_padding_mask)),
         q.device, causal, dropout_p, scale, table_grad, bias_grad, deterministic, dot_precision(q.dtype),
@@ -533,4 +545,4 @@ def attention_backward(
             grad_out, q, k, v, out, bias_table, bias_index, bias, key_padding_mask, causal, dropout_p, scale,
             table_grad, bias_grad, deterministic, config,
         )  # fmt: skip
-    return launch(grad_out, q, k, v, out, lse, bias_table, bias_index, bias, key_padding_mask, seed)
+    return launch

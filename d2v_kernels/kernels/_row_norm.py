@@ -671,16 +671,25 @@ def row_norm_backward(
     (x's shape and strides) receives dx; it may be dy or x (a program reads a tile's whole rows
     before writing them, no two programs share a row), never a buffer autograd keeps.
     """
-    channels_dim %= x.dim()
     if out is not None and (out.shape != x.shape or out.stride() != x.stride()):
         got = f"got {tuple(out.shape)} and {out.stride()}"
         raise ValueError(f"row_norm_backward: out must have x's shape {tuple(x.shape)} and strides {x.stride()}, {got}")
+    launch = backward_launch(dy, x, channels_dim, weight, bias, activation, residual, dsum, out, x_scale)
+    return launch(dy, x, weight, bias, mean, rstd, residual, dsum, out, x_scale)
+
+
+def backward_launch(
+    dy, x, channels_dim, weight, bias, activation, residual=None, dsum=None, out=None, x_scale=None
+) -> _BackwardLaunch:
+    """The backward's launch for this input's layout (made once, then looked up):
+    ``launch(dy, x, weight, bias, mean, rstd, residual, dsum, out, x_scale)`` ->
+    :func:`row_norm_backward`'s result."""
+    channels_dim %= x.dim()
     key = (
         "bwd", channels_dim, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15, operand_key(residual),
         operand_key(weight), operand_key(bias), activation, operand_key(dy), operand_key(dsum),
         operand_key(out), operand_key(x_scale),
     )  # fmt: skip
-    launch = _cached(
+    return _cached(
         key, lambda: _BackwardLaunch(dy, x, channels_dim, weight, bias, activation, residual, dsum, out, x_scale)
     )
-    return launch(dy, x, weight, bias, mean, rstd, residual, dsum, out, x_scale)

@@ -12,6 +12,7 @@ import torch
 
 from d2v_kernels.kernels._row_norm import (
     MAX_CHANNELS,
+    backward_launch,
     forward_launch,
     row_norm_backward,
     row_norm_forward,
@@ -21,6 +22,7 @@ from d2v_kernels.kernels._row_norm import (
 __all__ = [
     "MAX_CHANNELS",
     "add_layer_norm_backward",
+    "add_layer_norm_backward_launch",
     "add_layer_norm_forward",
     "add_layer_norm_inference_launch",
     "add_layer_norm_training_launch",
@@ -72,3 +74,10 @@ def add_layer_norm_backward(
         dy, x, -1, weight, bias, mean, rstd, None, residual=residual, dsum=dsum, x_scale=x_scale
     )
     return dx, dresidual, dweight, dbias, dx_scale
+
+
+def add_layer_norm_backward_launch(dy, x, residual, weight, bias):
+    """:func:`add_layer_norm_backward` (no ``dsum``, no ``x_scale``) for inputs of this layout, as
+    one launch object: ``launch(dy, x, weight, bias, mean, rstd, residual, None, None)`` ->
+    (dx, dweight or None, dbias or None, None, dresidual: dx itself)."""
+    return backward_launch(dy, x, -1, weight, bias, None, residual)

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from d2v_kernels.kernels._attention_backward import attention_backward
+from d2v_kernels.kernels._attention_backward import attention_backward, backward_launch
 from d2v_kernels.kernels._attention_common import (
     LOG2E,
     bias_args,
@@ -62,6 +62,7 @@ __all__ = [
     "MAX_HEAD_DIM",
     "MIN_HEAD_DIM",
     "attention_backward",
+    "backward_launch",
     "attention_forward",
     "dropout_keep_mask",
     "unsupported_reasons",

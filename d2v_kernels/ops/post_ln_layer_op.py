@@ -77,43 +77,75 @@ class PostLnLayerFunction(torch.autograd.Function):
         b, n, heads, d = q.shape
         c = heads * d
         dy = dy.reshape(b * n, c)
+        if not dy.is_contiguous() or dy.data_ptr() & 15:  # the layout the plan's launches were made for
+            dy = dy.clone(memory_format=torch.contiguous_format)
+        launches = plan.backward_launches
+        if launches is None:
+            launches = plan.backward_launches = _BackwardLaunches(dy, x2, a, w1, b1, y1, o, w2, b2)
         # LN2's backward gives the sum's gradient: that of o (dropout's output) and of the residual y1.
-        do, _, dw2, db2, _ = plan.norm_backward(dy, None, o, y1, w2, b2, mean2, rstd2)
+        do, dw2, db2, _, _ = launches.norm2(dy, o, w2, b2, mean2, rstd2, y1, None, None)
         dresidual = do
         if mask2 is not None:
             do = torch.ops.aten.native_dropout_backward(do, mask2, plan.dropout_scale)
         dwo, dbo = do.t().mm(g), do.sum(0)
         dh = torch.ops.aten.gelu_backward(do.mm(wo), h, approximate=plan.approximate)
         dwi, dbi = dh.t().mm(y1), dh.sum(0)
-        dy1 = torch.addmm(dresidual, dh, wi)
-        da, _, dw1, db1, _ = plan.norm_backward(dy1, None, a, x2, w1, b1, mean1, rstd1)
+        da, dw1, db1, _, _ = launches.norm1(torch.addmm(dresidual, dh, wi), a, w1, b1, mean1, rstd1, x2, None, None)
         dresidual = da
         if mask1 is not None:
             da = torch.ops.aten.native_dropout_backward(da, mask1, plan.dropout_scale)
         dwd, dbd = da.t().mm(out.view(b * n, c)), da.sum(0)
-        dq, dk, dv, _, _ = plan.attention_backward(
-            da.mm(wd).view(b, n, heads, d), q, k, v, out, lse, None, None, None, mask, seed, False,
-            plan.attention_dropout, plan.scale, False, False, torch.are_deterministic_algorithms_enabled(),
-        )  # fmt: skip
+        dcontext = da.mm(wd).view(b, n, heads, d)
+        attention_backward = launches.attention(torch.are_deterministic_algorithms_enabled(), dcontext, q, k, v, out,
+                                                lse, mask, seed, plan)  # fmt: skip
+        dq, dk, dv, _, _ = attention_backward(dcontext, q, k, v, out, lse, None, None, None, mask, seed)
         dqkv = torch.cat((dq.view(b * n, c), dk.view(b * n, c), dv.view(b * n, c)), 1)
         dx = torch.addmm(dresidual, dqkv, wqkv).view(b, n, c)
-        dwq, dwk, dwv = dqkv.t().mm(x2).split(c)
-        dbq, dbk, dbv = dqkv.sum(0).split(c)
+        dwq, dwk, dwv = dqkv.t().mm(x2).view(3, c, c).unbind(0)
+        dbq, dbk, dbv = dqkv.sum(0).view(3, c).unbind(0)
         return None, dx, None, dwq, dbq, dwk, dbk, dwv, dbv, dwd, dbd, dw1, db1, dwi, dbi, dwo, dbo, dw2, db2
+
+
+class _BackwardLaunches:
+    """The backward's Triton launches for a plan's layout, made at its first backward (every
+    gradient they read has a layout the plan fixes: the incoming one is made contiguous)."""
+
+    __slots__ = ("_attention", "norm1", "norm2")
+
+    def __init__(self, dy, x2, a, w1, b1, y1, o, w2, b2):
+        from d2v_kernels.kernels.add_layer_norm import add_layer_norm_backward_launch
+
+        # dy stands in for each gradient: all are contiguous and aligned, of the output's shape.
+        self.norm2 = add_layer_norm_backward_launch(dy, o, y1, w2, b2)
+        self.norm1 = add_layer_norm_backward_launch(dy, a, x2, w1, b1)
+        self._attention = {}
+
+    def attention(self, deterministic: bool, dcontext, q, k, v, out, lse, mask, seed, plan):
+        """The attention backward's launch (it depends on the deterministic-algorithms flag)."""
+        launch = self._attention.get(deterministic)
+        if launch is None:
+            from d2v_kernels.kernels.attention import backward_launch
+
+            launch = self._attention[deterministic] = backward_launch(
+                dcontext, q, k, v, out, lse, None, None, None, mask, seed, False, plan.attention_dropout, plan.scale,
+                False, False, deterministic,
+            )  # fmt: skip
+        return launch
 
 
 class _Plan:
     """What one input layout fixes: the Triton launches (attention forward with its log-sum-exp, the
-    two add + LayerNorm forwards), the backward entry points and the layer's scalars."""
+    two add + LayerNorm forwards; the backward's from the first backward on) and the layer's
+    scalars."""
 
     __slots__ = (
-        "approximate", "attention", "attention_backward", "attention_dropout", "dropout_scale", "eps1", "eps2",
-        "heads", "hidden_dropout", "norm1", "norm2", "norm_backward", "scale",
+        "approximate", "attention", "attention_dropout", "backward_launches", "dropout_scale", "eps1", "eps2",
+        "heads", "hidden_dropout", "norm1", "norm2", "scale",
     )  # fmt: skip
 
     def __init__(self, x, mask, params, heads, attention_dropout, hidden_dropout, scale, eps, approximate):
         from d2v_kernels.kernels import add_layer_norm as norm_kernels
-        from d2v_kernels.kernels.attention import attention_backward, forward_launch
+        from d2v_kernels.kernels.attention import forward_launch
 
         b, n, c = x.shape
         q = x.new_empty((b, n, 3, heads, c // heads)).unbind(2)[0]  # the layout of the QKV GEMM's views
@@ -121,8 +153,7 @@ class _Plan:
         self.attention = forward_launch(q, q, q, None, None, None, mask, False, attention_dropout > 0.0)
         self.norm1 = norm_kernels.add_layer_norm_training_launch(rows, rows, params[8], params[9], False)
         self.norm2 = norm_kernels.add_layer_norm_training_launch(rows, rows, params[14], params[15], False)
-        self.norm_backward = norm_kernels.add_layer_norm_backward
-        self.attention_backward = attention_backward
+        self.backward_launches = None
         self.heads, self.scale, (self.eps1, self.eps2), self.approximate = heads, scale, eps, approximate
         self.attention_dropout, self.hidden_dropout = attention_dropout, hidden_dropout
         self.dropout_scale = 1.0 / (1.0 - hidden_dropout)
