@@ -222,7 +222,23 @@ def test_tune_reports_a_tile_that_computes_a_wrong_answer(monkeypatch, capsys):
             out[..., 0] += 1.0  # one channel: the LayerNorm after the conv does not undo it
         return out
 
+    real_launch = pos_conv_kernels.grouped_conv1d_launch
+
+    def wrong_launch_with_large_tiles(*args, **kwargs):  # the inference plan's kept launch
+        from d2v_kernels.kernels._tiles import tiles
+
+        launch = real_launch(*args, **kwargs)
+        if tiles("pos_conv", {"BLOCK_T": 0})["BLOCK_T"] != 128:
+            return launch
+
+        def wrong(x, weight, bias, out):
+            launch(x, weight, bias, out)
+            out[..., 0] += 1.0
+
+        return wrong
+
     monkeypatch.setattr(pos_conv_kernels, "grouped_conv1d", wrong_with_large_tiles)
+    monkeypatch.setattr(pos_conv_kernels, "grouped_conv1d_launch", wrong_launch_with_large_tiles)
     rows = tune.tune_case("pos_conv", "tiny", "fp32", [{"BLOCK_T": 64}, {"BLOCK_T": 128}], device="cpu", timed=False)
     assert [r["config"] for r in rows] == ["default", "BLOCK_T=64", "BLOCK_T=128"]
     assert "error" not in rows[0] and "error" not in rows[1]
