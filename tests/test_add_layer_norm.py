@@ -1,12 +1,21 @@
-"""ops.add_layer_norm: the Triton kernel (interpreter on CPU) against float64 eager and transformers."""
+"""ops.add_layer_norm: the Triton kernel (interpreter on CPU) against float64 eager and transformers;
+with dropout of x in the kernels, against float64 eager on the kernels' own keep mask."""
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
 
 import d2v_kernels
 from d2v_kernels import dispatch, ops
+from d2v_kernels.kernels.add_layer_norm import (
+    add_layer_norm_backward_launch,
+    add_layer_norm_dropout_keep,
+    add_layer_norm_training_launch,
+)
+from d2v_kernels.ops.attention_op import _draw_seed
 from d2v_kernels.testing import assert_close_to_reference
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -38,13 +47,35 @@ def _run(fn, x, residual, weight, bias, grad_outs, return_sum, x_scale=None):
     return [o.detach() for o in outs] + [next(grads) if t is not None else None for t in leaves]
 
 
-def _check_against_float64(x, residual, weight, bias, return_sum=False, x_scale=None):
+def _next_keep(x, dropout_p):
+    """The keep mask the next ``ops.add_layer_norm(x, ..., dropout_p=dropout_p)`` on the Triton path
+    draws: its seed is the next ``_draw_seed``, taken here and the generator put back."""
+    state = torch.get_rng_state()
+    seed = _draw_seed(x)
+    torch.set_rng_state(state)
+    return add_layer_norm_dropout_keep(seed, x.shape, dropout_p)
+
+
+def _dropped_out(keep, dropout_p):
+    """The eager reference on ``keep * x / (1 - p)``: F.dropout's result for that mask."""
+
+    def reference(x, *args, **kwargs):
+        return ops.add_layer_norm_reference(x * keep.to(x.dtype) * (1.0 / (1.0 - dropout_p)), *args, **kwargs)
+
+    return reference
+
+
+def _check_against_float64(x, residual, weight, bias, return_sum=False, x_scale=None, dropout_p=0.0):
     grad_outs = [torch.randn(x.shape, device=x.device) for _ in range(2 if return_sum else 1)]
+    reference = ops.add_layer_norm_reference
+    if dropout_p > 0.0:
+        reference = _dropped_out(_next_keep(x, dropout_p), dropout_p)
+    op = functools.partial(ops.add_layer_norm, dropout_p=dropout_p)
     with d2v_kernels.use_backend(add_layer_norm="triton"):
-        out = _run(ops.add_layer_norm, x, residual, weight, bias, grad_outs, return_sum, x_scale)
+        out = _run(op, x, residual, weight, bias, grad_outs, return_sum, x_scale)
     as64 = [t.double() if t is not None else None for t in (x, residual, weight, bias, x_scale)]
-    ref64 = _run(ops.add_layer_norm_reference, *as64[:4], [g.double() for g in grad_outs], return_sum, as64[4])
-    eager = _run(ops.add_layer_norm_reference, x, residual, weight, bias, grad_outs, return_sum, x_scale)
+    ref64 = _run(reference, *as64[:4], [g.double() for g in grad_outs], return_sum, as64[4])
+    eager = _run(reference, x, residual, weight, bias, grad_outs, return_sum, x_scale)
     names = ["y", "sum"][: len(grad_outs)] + ["dx", "dresidual", "dweight", "dbias", "dx_scale"]
     for name, o, r, e in zip(names, out, ref64, eager):
         if r is None:
@@ -197,9 +228,16 @@ def test_equals_data2vec_text_self_output():
         ({"eps": -1.0}, ValueError, "eps must be a positive float"),
         ({"return_sum": 1}, TypeError, "return_sum must be a bool"),
         ({"x": "x"}, TypeError, "x must be a torch.Tensor"),
+        ({"dropout_p": 1.0}, ValueError, r"dropout_p must be a float in \[0, 1\), got 1.0"),
+        ({"dropout_p": -0.1}, ValueError, "dropout_p must be a float in"),
+        ({"dropout_p": True}, ValueError, "dropout_p must be a float in"),
+        ({"dropout_p": "0.1"}, ValueError, "dropout_p must be a float in"),
     ],
-    ids=["residual-shape", "residual-dtype", "weight-shape", "eps", "return-sum", "not-tensor"],
-)
+    ids=[
+        "residual-shape", "residual-dtype", "weight-shape", "eps", "return-sum", "not-tensor", "dropout-one",
+        "dropout-negative", "dropout-bool", "dropout-str",
+    ],
+)  # fmt: skip
 def test_bad_inputs(kwargs, error, message):
     args = {"x": torch.randn(2, 8), "residual": torch.randn(2, 8), "weight": torch.randn(8), "bias": None} | kwargs
     positional = [args.pop(k) for k in ("x", "residual", "weight", "bias")]
@@ -207,18 +245,22 @@ def test_bad_inputs(kwargs, error, message):
         ops.add_layer_norm(*positional, **args)
 
 
-@pytest.mark.parametrize("return_sum", [False, True], ids=["y", "y_and_sum_x_scale"])
-def test_opcheck(return_sum):
+@pytest.mark.parametrize(
+    ("return_sum", "dropout_p"), [(False, 0.0), (True, 0.0), (True, 0.25)], ids=["y", "y_and_sum_x_scale", "dropout"]
+)
+def test_opcheck(return_sum, dropout_p):
     x, residual, weight, bias = (t.requires_grad_() for t in _inputs((2, 3, 20), torch.float32))
     x_scale = (0.1 * torch.randn(20)).requires_grad_() if return_sum else None
+    seed = torch.tensor([12345, 678], dtype=torch.int64) if dropout_p > 0.0 else None
     with d2v_kernels.use_backend(add_layer_norm="triton"):
         torch.library.opcheck(
-            torch.ops.d2v_kernels.add_layer_norm_fwd.default, (x, residual, weight, bias, x_scale, 1e-5, return_sum)
+            torch.ops.d2v_kernels.add_layer_norm_fwd.default,
+            (x, residual, weight, bias, x_scale, 1e-5, return_sum, seed, dropout_p),
         )
         detached = [None if t is None else t.detach() for t in (x, residual, weight, bias, x_scale)]
-        _, _, mean, rstd = torch.ops.d2v_kernels.add_layer_norm_fwd(*detached, 1e-5, return_sum)
+        _, _, mean, rstd = torch.ops.d2v_kernels.add_layer_norm_fwd(*detached, 1e-5, return_sum, seed, dropout_p)
         dsum = torch.randn_like(x) if return_sum else None
-        bwd_args = (torch.randn_like(x), dsum, *detached, mean, rstd)
+        bwd_args = (torch.randn_like(x), dsum, *detached, mean, rstd, seed, dropout_p)
         torch.library.opcheck(torch.ops.d2v_kernels.add_layer_norm_bwd.default, bwd_args)
 
 
@@ -243,6 +285,105 @@ def test_records_triton_dispatch():
     assert calls == {("add_layer_norm", "triton"): 1}
 
 
+# --------------------------------------------------------------------------------------------
+# Dropout of x in the kernels
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dtype_id)
+def test_dropout_matches_float64(dtype):
+    """LayerNorm(dropout(x) + residual): y and every gradient against float64 on the kernels' keep
+    mask (x's gradient is the sum's times keep / (1 - p), from the mask the backward redraws)."""
+    _check_against_float64(*_inputs((2, 7, 48), dtype), dropout_p=0.3)
+
+
+def test_dropout_with_sum_x_scale_and_strided_inputs():
+    """The sum x_scale * dropout(x) + residual returned, dx_scale reduced on the dropped x; and x a
+    strided slice with a transposed residual: the mask depends on (row, channel), not on strides."""
+    x, residual, weight, bias = _inputs((3, 5, 40), torch.float32)
+    x_scale = 0.5 + torch.rand(40)
+    _check_against_float64(x, residual, weight, bias, return_sum=True, x_scale=x_scale, dropout_p=0.2)
+    x_big, _, weight, _ = _inputs((2, 9, 48), torch.float32)
+    residual_t = torch.randn(2, 48, 5).transpose(1, 2)
+    _check_against_float64(x_big[:, 2:7], residual_t, weight, None, return_sum=True, dropout_p=0.5)
+
+
+@pytest.mark.parametrize("dropout_p", [0.1, 0.5, 0.9])
+def test_dropout_keep_fraction_and_seed(dropout_p):
+    """About 1 - p kept (4.5 standard deviations on 3737 elements, odd row length), per row too; the
+    same seed gives the same mask, another seed another."""
+    shape = (37, 101)
+    seed = torch.tensor([2024, 7], dtype=torch.int64)
+    keep = add_layer_norm_dropout_keep(seed, shape, dropout_p)
+    assert keep.dtype == torch.bool and keep.shape == shape
+    n = keep.numel()
+    bound = 4.5 * (dropout_p * (1 - dropout_p) / n) ** 0.5
+    assert abs(keep.float().mean().item() - (1 - dropout_p)) < bound
+    row_bound = 4.5 * (dropout_p * (1 - dropout_p) / shape[1]) ** 0.5 + 1e-6
+    assert (keep.float().mean(1) - (1 - dropout_p)).abs().max().item() < 2 * row_bound
+    assert torch.equal(keep, add_layer_norm_dropout_keep(seed.clone(), shape, dropout_p))
+    for other in ([2025, 7], [2024, 8]):
+        assert not torch.equal(keep, add_layer_norm_dropout_keep(torch.tensor(other), shape, dropout_p))
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_dropout_repeats_under_manual_seed(grad):
+    """ops.add_layer_norm draws its seed from torch's generator: torch.manual_seed repeats the
+    output (inference launch and training launch), and the next call draws another mask."""
+    x, residual, weight, bias = _inputs((3, 5, 24), torch.float16)
+    x.requires_grad_(grad)
+    with d2v_kernels.use_backend(add_layer_norm="triton"):
+        torch.manual_seed(11)
+        first, second = (ops.add_layer_norm(x, residual, weight, bias, dropout_p=0.4) for _ in range(2))
+        torch.manual_seed(11)
+        again = ops.add_layer_norm(x, residual, weight, bias, dropout_p=0.4)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, second)
+
+
+def test_dropout_records_triton_and_eager_runs_f_dropout():
+    x, residual, weight, bias = _inputs((3, 48), torch.float32)
+    with d2v_kernels.use_backend(add_layer_norm="triton"), d2v_kernels.record_dispatch() as calls:
+        ops.add_layer_norm(x, residual, weight, bias, dropout_p=0.1)
+    assert calls == {("add_layer_norm", "triton"): 1}
+    # The eager path: F.dropout, then the add + LayerNorm (the same generator draw).
+    torch.manual_seed(5)
+    with d2v_kernels.use_backend(add_layer_norm="eager"), d2v_kernels.record_dispatch() as calls:
+        out = ops.add_layer_norm(x, residual, weight, bias, dropout_p=0.1)
+    assert calls == {("add_layer_norm", "eager"): 1}
+    torch.manual_seed(5)
+    expected = torch.nn.functional.layer_norm(torch.nn.functional.dropout(x, 0.1) + residual, (48,), weight, bias)
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+
+
+def test_dropout_launches_as_a_post_ln_layer_calls_them():
+    """The kernel-level launch objects, made once per layout with ``dropout=True`` and called with a
+    seed and p each time: dresidual is the sum's gradient apart from dx, dx = dresidual * keep / (1 - p)."""
+    x, residual, weight, bias = _inputs((11, 40), torch.float32)
+    seed, p = torch.tensor([3, 4], dtype=torch.int64), 0.25
+    forward = add_layer_norm_training_launch(x, residual, weight, bias, False, dropout=True)
+    y, total, mean, rstd = forward(x, weight, bias, 1e-5, residual, None, seed, p)
+    keep = add_layer_norm_dropout_keep(seed, x.shape, p)
+    expected = ops.add_layer_norm_reference(x * keep / (1 - p), residual, weight, bias)
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+    assert total is None
+    dy = torch.randn_like(x)
+    backward = add_layer_norm_backward_launch(dy, x, residual, weight, bias, dropout=True)
+    dx, dweight, dbias, dx_scale, dresidual = backward(
+        dy, x, weight, bias, mean, rstd, residual, None, None, None, seed, p
+    )
+    assert dx_scale is None and dresidual is not dx
+    leaves = [t.detach().requires_grad_() for t in (x, residual, weight, bias)]
+    y_ref = ops.add_layer_norm_reference(leaves[0] * keep / (1 - p), *leaves[1:])
+    for got, want in zip((dx, dresidual, dweight, dbias), torch.autograd.grad(y_ref, leaves, dy)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # The same launches serve the next call's seed (the plan is per layout, the seed per call).
+    other = torch.tensor([5, 6], dtype=torch.int64)
+    y2, _, _, _ = forward(x, weight, bias, 1e-5, residual, None, other, p)
+    keep2 = add_layer_norm_dropout_keep(other, x.shape, p)
+    torch.testing.assert_close(y2, ops.add_layer_norm_reference(x * keep2 / (1 - p), residual, weight, bias))
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
 @pytest.mark.parametrize("shape", [(8, 499, 768), (4, 197, 1024), (3, 50, 500)], ids=["audio", "vision-large", "odd"])
@@ -258,3 +399,12 @@ def test_cuda_parameter_gradients_are_deterministic():
     runs = [_run(ops.add_layer_norm, x, residual, weight, bias, grad_outs, False) for _ in range(3)]
     for run in runs[1:]:
         assert torch.equal(run[3], runs[0][3]) and torch.equal(run[4], runs[0][4])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=_dtype_id)
+def test_cuda_dropout_matches_float64(dtype):
+    x, residual, weight, bias = (t.cuda() for t in _inputs((8, 128, 768), dtype))
+    _check_against_float64(x, residual, weight, bias, dropout_p=0.1)
+    keep = add_layer_norm_dropout_keep(torch.tensor([1, 2], device="cuda"), (8, 128, 768), 0.1)
+    assert abs(keep.float().mean().item() - 0.9) < 0.005

@@ -13,6 +13,11 @@ batch and all C channels (the whole row sits in registers). Constexpr flags sele
     ACTIVATION    0: none, 1: exact erf GELU, 2: tanh GELU, applied after the affine
     HAS_DSUM      the backward adds the gradient of the stored sum into dx
     STORE_STATS   the forward writes mean and rstd (the backward's; inference skips them)
+    HAS_DROPOUT   x is dropped out first, s = dropout(x) [* x_scale] + residual (post-LN layers):
+                  kept elements scaled by 1 / (1 - p), the keep mask drawn in-kernel by Philox
+                  from a (2,) int64 seed tensor and the element's (row, channel), never stored;
+                  the backward redraws it from the same seed, writes the residual's gradient
+                  (the sum's) apart and x's as that times keep / (1 - p)
 
 Statistics (mean, rstd) are fp32, one per row, saved for the backward; the normalised tensor is
 not saved (the backward recomputes it from x). The backward reduces dweight, dbias (and
@@ -27,6 +32,11 @@ sum's gradient) once and writes dx (and, with x_scale, the residual's gradient a
 a residual, +T for each of the sum's gradient and x_scale; plus 8N of statistics and, per
 parameter gradient, 4 x programs x C of fp32 partials written and read back (2 x 264 x 1024 x 4 B
 = 2 MB on an H100 at C = 1024: under 2% of a (8, 499, 768) fp16 call's 25 MB).
+Dropout (HAS_DROPOUT) adds 16 bytes of seed a program to the forward and, in the backward, the
+residual's gradient written apart from x's: +T. Against ``torch.native_dropout`` before the
+kernel (reads x, writes the dropped x and a bool mask: 2T + T/E) and ``native_dropout_backward``
+after it (reads the gradient and the mask, writes x's: 2T + T/E), it saves 2T + T/E forward and
+T + T/E backward, and two launches.
 
 The launchers keep, per input layout, the view, tiles, grid and integer arguments, and launch the
 compiled kernels directly (``_launch.DirectLaunch``).
@@ -43,6 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
+from d2v_kernels.kernels._attention_common import dropout_keep, philox_key
 from d2v_kernels.kernels._launch import DirectLaunch, operand_key
 from d2v_kernels.kernels._tiles import cdiv, next_power_of_2, tiles
 from d2v_kernels.kernels._tiles import on_change as on_tiles_change
@@ -116,20 +127,31 @@ def tile_ptrs(PTR, batch, pos, ch, stride_b, stride_c, stride_p, WIDE_OFFSETS: t
 
 
 @triton.jit
+def dropout_tile_keep(SEED, batch, pos, ch, n_pos, n_channels, dropout_p):
+    """The dropout keep mask of a (BLOCK_P, BLOCK_C) tile (ch from 0): element (row, c), row =
+    batch * n_pos + pos its index among x.shape[:-1]'s rows whatever the layout, survives when its
+    uniform >= p, drawn with the attention kernels' Philox scheme (``dropout_keep``: one call
+    gives channels 4g..4g+3 of a row, counter row * ceil(C / 4) + g, 64-bit) under the key
+    seed[0] | seed[1] << 32."""
+    row = batch.to(tl.int64) * n_pos + pos
+    return dropout_keep(philox_key(SEED, 0), row, ch, n_channels, dropout_p)
+
+
+@triton.jit
 def row_norm_fwd_kernel(
-    X, RES, W, B, XS, Y, SUM, MEAN, RSTD,
+    X, RES, W, B, XS, Y, SUM, MEAN, RSTD, SEED,
     n_pos, n_channels, tiles_per_batch,
     stride_x_b, stride_x_c, stride_x_p,
     stride_res_b, stride_res_c, stride_res_p,
     stride_y_b, stride_y_c, stride_y_p,
     stride_sum_b, stride_sum_c, stride_sum_p,
-    stride_w, stride_bias, stride_xs, eps,
+    stride_w, stride_bias, stride_xs, eps, dropout_p,
     HAS_RESIDUAL: tl.constexpr, STORE_SUM: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
-    STORE_STATS: tl.constexpr, HAS_X_SCALE: tl.constexpr,
+    STORE_STATS: tl.constexpr, HAS_X_SCALE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):  # fmt: skip
-    """Bytes: reads x [+ residual], writes y [+ sum] [+ 8 a row of statistics]; the parameters
-    (C values each) stay in L2."""
+    """Bytes: reads x [+ residual] [+ 16 of seed], writes y [+ sum] [+ 8 a row of statistics];
+    the parameters (C values each) stay in L2. SEED and dropout_p are read only with HAS_DROPOUT."""
     pid = tl.program_id(0)
     batch = pid // tiles_per_batch
     pos = (pid % tiles_per_batch) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -140,6 +162,9 @@ def row_norm_fwd_kernel(
 
     x = tl.load(tile_ptrs(X, batch, pos, ch, stride_x_b, stride_x_c, stride_x_p, WIDE_OFFSETS), mask=mask, other=0.0)
     x = x.to(tl.float32)
+    if HAS_DROPOUT:
+        keep = dropout_tile_keep(SEED, batch, pos, ch, n_pos, n_channels, dropout_p)
+        x = tl.where(keep, x * (1.0 / (1.0 - dropout_p)), 0.0)
     if HAS_X_SCALE:
         x *= tl.load(XS + ch * stride_xs, mask=ch_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_RESIDUAL:
@@ -170,7 +195,7 @@ def row_norm_fwd_kernel(
 
 @triton.jit
 def row_norm_bwd_kernel(
-    X, RES, W, B, XS, DY, DSUM, MEAN, RSTD, DX, DRES, DW_PARTIAL, DB_PARTIAL, DXS_PARTIAL,
+    X, RES, W, B, XS, DY, DSUM, MEAN, RSTD, DX, DRES, DW_PARTIAL, DB_PARTIAL, DXS_PARTIAL, SEED,
     n_pos, n_channels, tiles_per_batch, n_tiles,
     stride_x_b, stride_x_c, stride_x_p,
     stride_res_b, stride_res_c, stride_res_p,
@@ -178,14 +203,15 @@ def row_norm_bwd_kernel(
     stride_dsum_b, stride_dsum_c, stride_dsum_p,
     stride_dx_b, stride_dx_c, stride_dx_p,
     stride_dres_b, stride_dres_c, stride_dres_p,
-    stride_w, stride_bias, stride_xs,
+    stride_w, stride_bias, stride_xs, dropout_p,
     HAS_RESIDUAL: tl.constexpr, HAS_DSUM: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
-    HAS_X_SCALE: tl.constexpr,
+    HAS_X_SCALE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):  # fmt: skip
     """Bytes: reads x [+ residual], dy [+ the sum's gradient] and 8 a row of statistics, writes dx
-    [+ the residual's gradient with x_scale], once each (dx in one pass); and a partial row per
-    program and parameter gradient."""
+    [+ the residual's gradient with x_scale or dropout], once each (dx in one pass); and a partial
+    row per program and parameter gradient. With HAS_DROPOUT the keep mask is redrawn from SEED
+    (the forward's), not read."""
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
     ch = tl.arange(0, BLOCK_C)
@@ -216,6 +242,9 @@ def row_norm_bwd_kernel(
             tile_ptrs(X, batch, pos, ch, stride_x_b, stride_x_c, stride_x_p, WIDE_OFFSETS), mask=mask, other=0.0
         )
         x_in = x.to(tl.float32)
+        if HAS_DROPOUT:  # x_in: dropout(x), what the forward summed
+            keep = dropout_tile_keep(SEED, batch, pos, ch, n_pos, n_channels, dropout_p)
+            x_in = tl.where(keep, x_in * (1.0 / (1.0 - dropout_p)), 0.0)
         x = x_in
         if HAS_X_SCALE:
             x = x_in * xs[None, :]
@@ -243,11 +272,14 @@ def row_norm_bwd_kernel(
         if HAS_DSUM:
             dsum_ptrs = tile_ptrs(DSUM, batch, pos, ch, stride_dsum_b, stride_dsum_c, stride_dsum_p, WIDE_OFFSETS)
             dx += tl.load(dsum_ptrs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_X_SCALE:  # dx is the sum's gradient: the residual's; x's is scaled
+        if HAS_X_SCALE or HAS_DROPOUT:  # dx is the sum's gradient: the residual's; x's is scaled
             dres_ptrs = tile_ptrs(DRES, batch, pos, ch, stride_dres_b, stride_dres_c, stride_dres_p, WIDE_OFFSETS)
             tl.store(dres_ptrs, to_output(dx, DRES.dtype.element_ty), mask=mask)
+        if HAS_X_SCALE:
             dxs_acc += tl.sum(dx * x_in, axis=0)
             dx = dx * xs[None, :]
+        if HAS_DROPOUT:
+            dx = tl.where(keep, dx * (1.0 / (1.0 - dropout_p)), 0.0)
         dx_ptrs = tile_ptrs(DX, batch, pos, ch, stride_dx_b, stride_dx_c, stride_dx_p, WIDE_OFFSETS)
         tl.store(dx_ptrs, to_output(dx, DX.dtype.element_ty), mask=mask)
 
@@ -489,11 +521,14 @@ def _launch_plan(direction: str, tensors: Sequence[torch.Tensor | None], channel
 class _ForwardLaunch:
     """The forward kernel's launch for one layout (x's and every operand's shape, strides, dtype,
     alignment; flags): view, tiles, grid and integer arguments fixed, the compiled kernel launched
-    directly. y (and the sum) are ``empty_like(x)``, whose strides follow from x's layout."""
+    directly. y (and the sum) are ``empty_like(x)``, whose strides follow from x's layout.
+    ``dropout``: the kernel drops x out (HAS_DROPOUT); each call then passes its seed and p."""
 
     __slots__ = ("_constexprs", "_ints", "_launch", "_stats_shape", "_store_stats", "_store_sum")
 
-    def __init__(self, x, channels_dim, weight, bias, activation, residual, store_sum, store_stats, x_scale=None):
+    def __init__(
+        self, x, channels_dim, weight, bias, activation, residual, store_sum, store_stats, x_scale=None, dropout=False
+    ):
         y = torch.empty_like(x)
         plan = _launch_plan("fwd", (x, residual, y, y if store_sum else None), channels_dim)
         assert plan is not None, "row_norm_forward: unreadable layout (unsupported_reasons was not checked)"
@@ -505,11 +540,11 @@ class _ForwardLaunch:
         self._ints = (n_pos, n_channels, tiles_per_batch, *stride_args, *_vector_strides(weight, bias, x_scale))
         self._constexprs = (
             residual is not None, store_sum, weight is not None, bias is not None, ACTIVATIONS[activation],
-            config["BLOCK_P"], block_c, wide, store_stats, x_scale is not None,
+            config["BLOCK_P"], block_c, wide, store_stats, x_scale is not None, dropout,
         )  # fmt: skip
         self._launch = DirectLaunch(row_norm_fwd_kernel, (n_batch * tiles_per_batch,), num_warps=config["num_warps"])
 
-    def __call__(self, x, weight, bias, eps, residual, x_scale=None):
+    def __call__(self, x, weight, bias, eps, residual, x_scale=None, seed=None, dropout_p=0.0):
         y = torch.empty_like(x)
         total = torch.empty_like(x) if self._store_sum else None
         mean = rstd = None
@@ -519,20 +554,25 @@ class _ForwardLaunch:
         self._launch(
             x, x if residual is None else residual, x if weight is None else weight, x if bias is None else bias,
             x if x_scale is None else x_scale, y, y if total is None else total, y if mean is None else mean,
-            y if rstd is None else rstd, *self._ints, eps, *self._constexprs,
+            y if rstd is None else rstd, x if seed is None else seed, *self._ints, eps, dropout_p, *self._constexprs,
         )  # fmt: skip
         return y, total, mean, rstd
 
 
 class _BackwardLaunch:
     """The backward's launches for one layout: the row kernel, then one kernel that sums the
-    per-program dweight/dbias partials in a fixed order and casts them (no torch sum or cast)."""
+    per-program dweight/dbias partials in a fixed order and casts them (no torch sum or cast).
+    ``dropout``: the forward dropped x out (each call passes the forward's seed and p); the
+    residual's gradient is then written apart from x's, as with x_scale."""
 
-    __slots__ = ("_constexprs", "_contiguous_grads", "_ints", "_launch", "_n_channels", "_n_programs", "_reduce")
+    __slots__ = (
+        "_constexprs", "_contiguous_grads", "_ints", "_launch", "_n_channels", "_n_programs", "_reduce", "_split_dres",
+    )  # fmt: skip
 
-    def __init__(self, dy, x, channels_dim, weight, bias, activation, residual, dsum, out, x_scale=None):
+    def __init__(self, dy, x, channels_dim, weight, bias, activation, residual, dsum, out, x_scale=None, dropout=False):
         dx = torch.empty_like(x) if out is None else out
-        dres = torch.empty_like(x) if x_scale is not None else None
+        self._split_dres = x_scale is not None or dropout
+        dres = torch.empty_like(x) if self._split_dres else None
         self._contiguous_grads = False
         plan = _launch_plan("bwd", (x, residual, dy, dsum, dx, dres), channels_dim)
         if plan is None:
@@ -557,7 +597,7 @@ class _BackwardLaunch:
         )
         self._constexprs = (
             residual is not None, dsum is not None, weight is not None, bias is not None, ACTIVATIONS[activation],
-            config["BLOCK_P"], block_c, wide, x_scale is not None,
+            config["BLOCK_P"], block_c, wide, x_scale is not None, dropout,
         )  # fmt: skip
         self._launch = DirectLaunch(row_norm_bwd_kernel, (n_programs,), num_warps=config["num_warps"])
         self._reduce = None
@@ -566,11 +606,11 @@ class _BackwardLaunch:
                 row_norm_param_grad_kernel, (cdiv(n_channels, PARAM_GRAD_BLOCK_C),), num_warps=4
             )
 
-    def __call__(self, dy, x, weight, bias, mean, rstd, residual, dsum, out, x_scale=None):
+    def __call__(self, dy, x, weight, bias, mean, rstd, residual, dsum, out, x_scale=None, seed=None, dropout_p=0.0):
         if self._contiguous_grads:
             dy, dsum = dy.contiguous(), None if dsum is None else dsum.contiguous()
         dx = torch.empty_like(x) if out is None else out
-        dres = dx if x_scale is None else torch.empty_like(x)
+        dres = torch.empty_like(x) if self._split_dres else dx
         n_programs, n_channels = self._n_programs, self._n_channels
         partials = [
             None if p is None else x.new_empty((n_programs, n_channels), dtype=torch.float32)
@@ -579,7 +619,8 @@ class _BackwardLaunch:
         self._launch(
             x, x if residual is None else residual, x if weight is None else weight, x if bias is None else bias,
             x if x_scale is None else x_scale, dy, dy if dsum is None else dsum, mean, rstd, dx, dres,
-            *(mean if p is None else p for p in partials), *self._ints, *self._constexprs,
+            *(mean if p is None else p for p in partials), mean if seed is None else seed, *self._ints, dropout_p,
+            *self._constexprs,
         )  # fmt: skip
         grads = [None if p is None else p.new_empty(n_channels) for p in (weight, bias, x_scale)]
         if self._reduce is not None:
@@ -611,19 +652,23 @@ def _cached(key: tuple, make):
 
 
 def forward_launch(
-    x, channels_dim, weight, bias, activation, residual=None, store_sum=False, store_stats=True, x_scale=None
-) -> _ForwardLaunch:
+    x, channels_dim, weight, bias, activation, residual=None, store_sum=False, store_stats=True, x_scale=None,
+    dropout=False,
+) -> _ForwardLaunch:  # fmt: skip
     """The forward's launch for this input's layout (made once, then looked up):
-    ``launch(x, weight, bias, eps, residual, x_scale=None)`` -> :func:`row_norm_forward`'s result
-    (mean and rstd None without ``store_stats``: inference needs no backward)."""
+    ``launch(x, weight, bias, eps, residual, x_scale=None, seed=None, dropout_p=0.0)`` ->
+    :func:`row_norm_forward`'s result (mean and rstd None without ``store_stats``: inference needs
+    no backward). With ``dropout`` every call passes a (2,) int64 ``seed`` and its ``dropout_p``."""
     channels_dim %= x.dim()
     key = (
         "fwd", channels_dim, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15, operand_key(residual),
-        operand_key(weight), operand_key(bias), activation, store_sum, store_stats, operand_key(x_scale),
+        operand_key(weight), operand_key(bias), activation, store_sum, store_stats, operand_key(x_scale), dropout,
     )  # fmt: skip
     return _cached(
         key,
-        lambda: _ForwardLaunch(x, channels_dim, weight, bias, activation, residual, store_sum, store_stats, x_scale),
+        lambda: _ForwardLaunch(
+            x, channels_dim, weight, bias, activation, residual, store_sum, store_stats, x_scale, dropout
+        ),
     )
 
 
@@ -637,14 +682,20 @@ def row_norm_forward(
     residual: torch.Tensor | None = None,
     store_sum: bool = False,
     x_scale: torch.Tensor | None = None,
+    seed: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """activation(LayerNorm([x_scale *] x [+ residual])) over ``channels_dim``.
+    """activation(LayerNorm([x_scale *] dropout(x) [+ residual])) over ``channels_dim``.
 
     Returns (y like x, the sum like x or None, mean, rstd); mean and rstd are fp32 of x's shape
-    without the channel dim. ``unsupported_reasons`` must be empty for these inputs.
+    without the channel dim. Dropout when ``dropout_p`` > 0, its keep mask drawn from ``seed``
+    ((2,) int64). ``unsupported_reasons`` must be empty for these inputs.
     """
-    launch = forward_launch(x, channels_dim, weight, bias, activation, residual, store_sum, x_scale=x_scale)
-    return launch(x, weight, bias, eps, residual, x_scale)
+    dropout = dropout_p > 0.0
+    launch = forward_launch(
+        x, channels_dim, weight, bias, activation, residual, store_sum, x_scale=x_scale, dropout=dropout
+    )
+    return launch(x, weight, bias, eps, residual, x_scale, seed if dropout else None, dropout_p)
 
 
 def row_norm_backward(
@@ -660,13 +711,16 @@ def row_norm_backward(
     dsum: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     x_scale: torch.Tensor | None = None,
+    seed: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """Gradients of :func:`row_norm_forward`: (dx like x, dweight or None, dbias or None, dx_scale
     or None, dresidual like x).
 
     dresidual is the sum's gradient (with ``dsum``, the gradient of the stored sum, added in); it
-    is dx itself (the same tensor) without ``x_scale``, and x's gradient is ``x_scale * dresidual``
-    with it.
+    is dx itself (the same tensor) without ``x_scale`` and dropout, and x's gradient is
+    ``x_scale * dresidual`` with it, ``dresidual * keep / (1 - p)`` with dropout (the keep mask
+    redrawn from ``seed``, the forward's) and both with both.
     Upstream gradients with a layout the kernel cannot read are made contiguous first. ``out``
     (x's shape and strides) receives dx; it may be dy or x (a program reads a tile's whole rows
     before writing them, no two programs share a row), never a buffer autograd keeps.
@@ -674,22 +728,25 @@ def row_norm_backward(
     if out is not None and (out.shape != x.shape or out.stride() != x.stride()):
         got = f"got {tuple(out.shape)} and {out.stride()}"
         raise ValueError(f"row_norm_backward: out must have x's shape {tuple(x.shape)} and strides {x.stride()}, {got}")
-    launch = backward_launch(dy, x, channels_dim, weight, bias, activation, residual, dsum, out, x_scale)
-    return launch(dy, x, weight, bias, mean, rstd, residual, dsum, out, x_scale)
+    dropout = dropout_p > 0.0
+    launch = backward_launch(dy, x, channels_dim, weight, bias, activation, residual, dsum, out, x_scale, dropout)
+    return launch(dy, x, weight, bias, mean, rstd, residual, dsum, out, x_scale, seed if dropout else None, dropout_p)
 
 
 def backward_launch(
-    dy, x, channels_dim, weight, bias, activation, residual=None, dsum=None, out=None, x_scale=None
+    dy, x, channels_dim, weight, bias, activation, residual=None, dsum=None, out=None, x_scale=None, dropout=False
 ) -> _BackwardLaunch:
     """The backward's launch for this input's layout (made once, then looked up):
-    ``launch(dy, x, weight, bias, mean, rstd, residual, dsum, out, x_scale)`` ->
-    :func:`row_norm_backward`'s result."""
+    ``launch(dy, x, weight, bias, mean, rstd, residual, dsum, out, x_scale, seed=None, dropout_p=0.0)``
+    -> :func:`row_norm_backward`'s result. With ``dropout`` every call passes the forward's seed
+    and p."""
     channels_dim %= x.dim()
     key = (
         "bwd", channels_dim, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15, operand_key(residual),
         operand_key(weight), operand_key(bias), activation, operand_key(dy), operand_key(dsum),
-        operand_key(out), operand_key(x_scale),
+        operand_key(out), operand_key(x_scale), dropout,
     )  # fmt: skip
     return _cached(
-        key, lambda: _BackwardLaunch(dy, x, channels_dim, weight, bias, activation, residual, dsum, out, x_scale)
+        key,
+        lambda: _BackwardLaunch(dy, x, channels_dim, weight, bias, activation, residual, dsum, out, x_scale, dropout),
     )

@@ -93,6 +93,7 @@ def _row_norm_variant(
     wide: bool = False,
     store_stats: bool = True,
     x_scale: bool = False,
+    dropout: bool = False,
 ) -> AotVariant:
     block_p, block_c, num_warps = tile
     x_type = "*" + TRITON_TYPES[dtype]
@@ -103,20 +104,26 @@ def _row_norm_variant(
     name += "_wide" if wide else ""
     name += "" if store_stats else "_inference"
     name += "_x_scale" if x_scale else ""
+    name += "_dropout" if dropout else ""
     blocks = {"BLOCK_P": block_p, "BLOCK_C": block_c, "WIDE_OFFSETS": wide}
     vectors = {"W": param_type, "B": param_type, "XS": param_type}
     if direction == "fwd":
         constexprs = {k: flags[k] for k in ("HAS_RESIDUAL", "STORE_SUM", "HAS_WEIGHT", "HAS_BIAS", "ACTIVATION")}
-        constexprs |= blocks | {"STORE_STATS": store_stats, "HAS_X_SCALE": x_scale}
+        constexprs |= blocks | {"STORE_STATS": store_stats, "HAS_X_SCALE": x_scale, "HAS_DROPOUT": dropout}
         types = dict.fromkeys(_ROW_NORM_FWD_POINTERS, x_type) | vectors
-        types |= {"MEAN": "*fp32", "RSTD": "*fp32"} | dict.fromkeys(_ROW_NORM_FWD_INTS, "i32") | {"eps": "fp32"}
+        types |= {"MEAN": "*fp32", "RSTD": "*fp32"} | dict.fromkeys(_ROW_NORM_FWD_INTS, "i32")
+        # Without dropout the launcher passes x as the (unread) seed.
+        types |= {"eps": "fp32", "dropout_p": "fp32", "SEED": "*i64" if dropout else x_type}
         kernel = _row_norm.row_norm_fwd_kernel
     else:
         constexprs = {k: flags[k] for k in ("HAS_RESIDUAL", "HAS_WEIGHT", "HAS_BIAS", "ACTIVATION")}
-        constexprs = {"HAS_DSUM": flags["STORE_SUM"], **constexprs} | blocks | {"HAS_X_SCALE": x_scale}
+        constexprs = {"HAS_DSUM": flags["STORE_SUM"], **constexprs} | blocks
+        constexprs |= {"HAS_X_SCALE": x_scale, "HAS_DROPOUT": dropout}
         types = dict.fromkeys(_ROW_NORM_BWD_POINTERS, x_type) | vectors
         types |= dict.fromkeys(("MEAN", "RSTD", *_ROW_NORM_PARTIALS), "*fp32")
         types |= dict.fromkeys(_ROW_NORM_BWD_INTS, "i32")
+        # Without dropout the launcher passes mean as the (unread) seed.
+        types |= {"dropout_p": "fp32", "SEED": "*i64" if dropout else "*fp32"}
         kernel = _row_norm.row_norm_bwd_kernel
     # ptxas (Triton's flags, sm_90) keeps add_layer_norm's backward of 1024-wide rows (768 channels:
     # text and vision) at 80 registers and spills 4 bytes.
@@ -189,8 +196,10 @@ def layer_norm_gelu_variants() -> list[AotVariant]:
 
 def add_layer_norm_variants() -> list[AotVariant]:
     """Affine without the stored sum in every dtype; the sum without affine; fp32 weight only; the
-    sum with bias only; and vision's layer with its layer scale (x_scale, affine, the sum) at its
-    768-channel tile, fp16: training's forward and backward, inference's forward."""
+    sum with bias only; vision's layer with its layer scale (x_scale, affine, the sum) at its
+    768-channel tile, fp16: training's forward and backward, inference's forward; and text's
+    post-LN layer with its hidden dropout in the kernels (affine, no sum) at the same tile, fp16:
+    training's forward and backward (the dropout flag is one constexpr branch: no other axis)."""
     plain = _row_norm.ACTIVATIONS[None]
     feature_sets = [
         _row_norm_features(True, False, True, True, plain),
@@ -209,7 +218,16 @@ def add_layer_norm_variants() -> list[AotVariant]:
             "add_layer_norm", "bwd", torch.float16, vision, _row_norm.backward_tile_config(768, False), x_scale=True
         ),
     ]  # fmt: skip
-    return row_norm_variants("add_layer_norm", feature_sets) + scaled
+    text = feature_sets[0]
+    dropout = [
+        _row_norm_variant(
+            "add_layer_norm", "fwd", torch.float16, text, _row_norm.tile_config(768, False), dropout=True
+        ),
+        _row_norm_variant(
+            "add_layer_norm", "bwd", torch.float16, text, _row_norm.backward_tile_config(768, False), dropout=True
+        ),
+    ]
+    return row_norm_variants("add_layer_norm", feature_sets) + scaled + dropout
 
 
 # --------------------------------------------------------------------------------------------
