@@ -4,6 +4,7 @@ and its dropout masks are the same in the forward and the backward."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -25,10 +26,10 @@ def _nodes(output: torch.Tensor) -> list[str]:
     return names
 
 
-def test_text_training_forward_is_one_node_a_layer_where_triton_runs():
-    """Where tests/test_models.py's train-triton text case (Data2VecTextForSequenceClassification,
-    dropout 0) checks gradients against transformers' this path runs, one node a layer."""
-    class_name = "Data2VecTextForSequenceClassification"
+@pytest.mark.parametrize("class_name", ["Data2VecTextForSequenceClassification", "Data2VecAudioForCTC"])
+def test_training_forward_is_one_node_a_layer_where_triton_runs(class_name):
+    """Where tests/test_models.py's train-triton cases (dropout 0) check gradients against
+    transformers' this path runs, one node a layer."""
     _, fused, config = build_pair(class_name)
     inputs = inputs_for(class_name, config)
     with d2v_kernels.use_backend("triton"):
@@ -36,45 +37,76 @@ def test_text_training_forward_is_one_node_a_layer_where_triton_runs():
         assert _nodes(fused(**inputs).loss).count(NODE) == config.num_hidden_layers
 
 
-def _recomputed(layer, x, key_padding_mask, seed, mask1, mask2):
+def _modules(layer):
+    """(q, k, v, attention output dense, its LayerNorm, intermediate dense, output dense, its
+    LayerNorm, heads, head dim, scaling, attention dropout p, hidden dropout p) of a text or an
+    audio layer."""
+    if hasattr(layer, "feed_forward"):  # audio
+        a, ff = layer.attention, layer.feed_forward
+        return (a.q_proj, a.k_proj, a.v_proj, a.out_proj, layer.layer_norm, ff.intermediate_dense, ff.output_dense,
+                layer.final_layer_norm, a.num_heads, a.head_dim, a.scaling, a.dropout, layer.dropout.p)  # fmt: skip
+    s, out_module, ffn_out = layer.attention.self, layer.attention.output, layer.output
+    return (s.query, s.key, s.value, out_module.dense, out_module.LayerNorm, layer.intermediate.dense, ffn_out.dense,
+            ffn_out.LayerNorm, s.num_attention_heads, s.attention_head_size, s.scaling, s.dropout.p,
+            out_module.dropout.p)  # fmt: skip
+
+
+def _recomputed(layer, x, key_padding_mask, seed, seed1, seed2, mask3=None, p_activation=0.0):
     """The layer in plain PyTorch with the given dropout draws: the attention kernel's keep mask
-    for ``seed``, the hidden dropouts' masks."""
+    for ``seed``, the add + LayerNorm kernels' for ``seed1`` and ``seed2`` (and the activation
+    dropout's mask)."""
+    from d2v_kernels.kernels.add_layer_norm import add_layer_norm_dropout_keep
     from d2v_kernels.kernels.attention import dropout_keep_mask
 
-    s, out_module, ffn_out = layer.attention.self, layer.attention.output, layer.output
+    query, key, value, dense, norm1, intermediate, output, norm2, h, d, scaling, p_attention, p_hidden = _modules(layer)
     b, n, c = x.shape
-    h, d = s.num_attention_heads, s.attention_head_size
-    q, k, v = (lin(x).view(b, n, h, d).transpose(1, 2) for lin in (s.query, s.key, s.value))
-    scores = (q @ k.transpose(-1, -2) * s.scaling).masked_fill(~key_padding_mask.bool()[:, None, None, :], -1e30)
-    p_attention, p_hidden = s.dropout.p, out_module.dropout.p
+    q, k, v = (lin(x).view(b, n, h, d).transpose(1, 2) for lin in (query, key, value))
+    scores = (q @ k.transpose(-1, -2) * scaling).masked_fill(~key_padding_mask.bool()[:, None, None, :], -1e30)
     keep = dropout_keep_mask(seed, b, h, n, n, p_attention)
     probs = torch.softmax(scores, -1) * keep / (1 - p_attention)
     context = (probs @ v).transpose(1, 2).reshape(b, n, c)
-    a = out_module.dense(context) * mask1.view(b, n, c) / (1 - p_hidden)
-    y1 = F.layer_norm(a + x, (c,), out_module.LayerNorm.weight, out_module.LayerNorm.bias, out_module.LayerNorm.eps)
-    o = ffn_out.dense(F.gelu(layer.intermediate.dense(y1))) * mask2.view(b, n, c) / (1 - p_hidden)
-    return F.layer_norm(o + y1, (c,), ffn_out.LayerNorm.weight, ffn_out.LayerNorm.bias, ffn_out.LayerNorm.eps)
+    a = dense(context) * add_layer_norm_dropout_keep(seed1, (b * n, c), p_hidden).view(b, n, c) / (1 - p_hidden)
+    y1 = F.layer_norm(a + x, (c,), norm1.weight, norm1.bias, norm1.eps)
+    g = F.gelu(intermediate(y1))
+    if mask3 is not None:
+        g = g * mask3.view(g.shape) / (1 - p_activation)
+    o = output(g) * add_layer_norm_dropout_keep(seed2, (b * n, c), p_hidden).view(b, n, c) / (1 - p_hidden)
+    return F.layer_norm(o + y1, (c,), norm2.weight, norm2.bias, norm2.eps)
 
 
-def test_dropout_masks_agree_between_forward_and_backward():
-    _, fused, _ = build_pair("Data2VecTextModel", hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.2)
+@pytest.mark.parametrize("modality", ["text", "audio"])
+def test_dropout_masks_agree_between_forward_and_backward(modality):
+    if modality == "text":
+        _, fused, _ = build_pair("Data2VecTextModel", hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.2)
+        layer, p_activation = fused.encoder.layer[0], 0.0
+    else:
+        _, fused, _ = build_pair(
+            "Data2VecAudioModel", hidden_dropout=0.3, attention_dropout=0.2, activation_dropout=0.25
+        )
+        layer, p_activation = fused.encoder.layers[0], 0.25
     fused.train()
-    layer = fused.encoder.layer[0]
     gen = torch.Generator().manual_seed(2)
-    x = torch.randn(2, 7, 48, generator=gen, requires_grad=True)
+    c = (
+        layer.final_layer_norm.normalized_shape[0]
+        if modality == "audio"
+        else layer.output.LayerNorm.normalized_shape[0]
+    )
+    x = torch.randn(2, 7, c, generator=gen, requires_grad=True)
     mask = torch.ones(2, 7, dtype=torch.long)
     mask[1, 5:] = 0
-    weight = torch.randn(2, 7, 48, generator=gen)
+    weight = torch.randn(2, 7, c, generator=gen)
     with d2v_kernels.use_backend("triton"):
         out = layer(x, attention_mask=mask)
+        out = out[0] if isinstance(out, tuple) else out
         assert type(out.grad_fn).__name__ == NODE
         # save_for_backward's order in PostLnLayerFunction.forward
         saved = out.grad_fn.saved_tensors
-        seed, mask1, mask2 = saved[2], saved[11], saved[22]
-        assert not mask1.all() and not mask2.all()  # both dropouts dropped something
+        seed, seed1, mask3, seed2 = saved[2], saved[11], saved[20], saved[23]
+        assert len({tuple(t.tolist()) for t in (seed, seed1, seed2)}) == 3  # three draws
+        assert (mask3 is None) == (modality == "text") and (mask3 is None or not mask3.all())
         params = [p for p in layer.parameters()]
         grads = torch.autograd.grad((out * weight).sum(), [x, *params])
-    expected = _recomputed(layer, x, mask, seed, mask1, mask2)
+    expected = _recomputed(layer, x, mask, seed, seed1, seed2, mask3, p_activation)
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-5)
     expected_grads = torch.autograd.grad((expected * weight).sum(), [x, *params])
     names = ["x", *(name for name, _ in layer.named_parameters())]

@@ -21,6 +21,7 @@ from d2v_kernels.models._lean import (
     registry_lean_modules,
     unobserved,
 )
+from d2v_kernels.ops.post_ln_layer_op import post_ln_layer_training
 
 
 class FusedData2VecAudioConvLayer(hf.Data2VecAudioConvLayer):
@@ -203,6 +204,10 @@ class FusedData2VecAudioEncoderLayer(hf.Data2VecAudioEncoderLayer):
             output_drop,
             final_norm,
         ) = modules
+        if torch.is_grad_enabled():
+            output = self._training_forward(hidden_states, attention_mask, modules)
+            if output is not None:
+                return output
         context = lean_attention(
             a,
             hidden_states,
@@ -217,6 +222,43 @@ class FusedData2VecAudioEncoderLayer(hf.Data2VecAudioEncoderLayer):
         ff = activation_call(activation, linear(hidden_states, intermediate_dense))
         ff = dropout(linear(dropout(ff, intermediate_drop), output_dense), output_drop)
         return add_layer_norm(ff, hidden_states, final_norm)
+
+    def _training_forward(self, hidden_states, attention_mask, modules):
+        """The layer as one autograd node (``ops.post_ln_layer_op``), or None where that does not
+        apply: a 4-D mask, a causal layer, two hidden dropouts that differ, an activation other
+        than GELU, or what the op itself declines."""
+        (
+            a,
+            out_proj,
+            drop,
+            norm,
+            _,
+            intermediate_dense,
+            activation,
+            intermediate_drop,
+            output_dense,
+            output_drop,
+            final_norm,
+        ) = modules
+        if a.is_causal or (attention_mask is not None and attention_mask.dim() != 2):
+            return None
+        hidden_dropout = drop.p if drop.training else 0.0
+        if hidden_dropout != (output_drop.p if output_drop.training else 0.0):
+            return None
+        approximate = gelu_approximation(activation)
+        if approximate is None:
+            return None
+        key_padding_mask = None if attention_mask is None else attention_mask[:, -hidden_states.shape[1] :]
+        params = []
+        for module in (a.q_proj, a.k_proj, a.v_proj, out_proj, norm, intermediate_dense, output_dense, final_norm):
+            parameters = module._parameters
+            params += (parameters["weight"], parameters["bias"])
+        return post_ln_layer_training(
+            hidden_states, key_padding_mask, params, heads=a.num_heads,
+            attention_dropout=float(a.dropout) if a.training else 0.0, hidden_dropout=float(hidden_dropout),
+            activation_dropout=float(intermediate_drop.p) if intermediate_drop.training else 0.0,
+            scale=float(a.scaling), eps=(norm.eps, final_norm.eps), approximate=approximate,
+        )  # fmt: skip
 
 
 REPLACEMENTS = {

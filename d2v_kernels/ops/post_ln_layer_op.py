@@ -1,17 +1,23 @@
-"""A post-LN encoder layer's training forward (Data2VecText's) as one autograd node, eager only:
+"""A post-LN encoder layer's training forward (Data2VecText's and Data2VecAudio's) as one autograd
+node, eager only:
 
     qkv = x Wqkv^T + bqkv;  a = LN1(dropout(attention(q, k, v) Wd^T + bd) + x)
-    y = LN2(dropout(act(a Wi^T + bi) Wo^T + bo) + a)
+    y = LN2(dropout(dropout'(act(a Wi^T + bi)) Wo^T + bo) + a)
+
+(dropout' is audio's activation dropout; text has none.)
 
 The same computation as the layer op by op (``F.linear``, ``ops.attention``, ``F.dropout``,
 ``ops.add_layer_norm``), with the same kernels, but those record about thirty autograd nodes a
 layer, three of them Python ``autograd.Function``s (each costs its ``apply`` and a Python backward
 call, tens of microseconds of host time). Here one Function runs the GEMMs, the attention and the
 two add + LayerNorms with autograd off, and its backward computes every gradient itself: each
-linear's input, weight and bias gradients with ``mm`` / ``addmm`` / ``sum``, the dropout masks
-reapplied, the activation's backward, the Triton backwards of the add + LayerNorms and of the
-attention. Dropout is ``torch.native_dropout`` (what ``F.dropout`` runs on CUDA in training), its
-mask kept for the backward; attention dropout is the kernel's, from a seed drawn per call.
+linear's input, weight and bias gradients with ``mm`` / ``addmm`` / ``sum``, the activation's
+backward, the Triton backwards of the add + LayerNorms and of the attention. The hidden dropouts
+run inside the add + LayerNorm kernels and the attention's inside its kernel, each from a Philox
+seed (the three drawn at once a call) and redrawn in the backward, so no mask is kept; the
+activation dropout is ``torch.native_dropout`` (what ``F.dropout`` runs on CUDA in training), its
+mask kept for the backward. The dropped elements differ from transformers' for the same
+``torch.manual_seed``, as with the ops alone; the distribution is the same.
 
 Only where the layer would run those same Triton kernels: dispatch picks the Triton backend for
 the attention and for the add + LayerNorm (so ``use_backend``, the measured rule and the
@@ -47,23 +53,28 @@ class PostLnLayerFunction(torch.autograd.Function):
         x2 = x.view(b * n, c)
         wqkv, bqkv = torch.cat((wq, wk, wv)), torch.cat((bq, bk, bv))
         q, k, v = torch.addmm(bqkv, x2, wqkv.t()).view(b, n, 3, plan.heads, c // plan.heads).unbind(2)
-        seed = attention_op._draw_seed(q) if plan.attention_dropout > 0.0 else None
+        # The Philox seeds of the attention's dropout and of the two hidden dropouts (fused into the
+        # add + LayerNorms: their masks are drawn again in the backward, never stored), one draw.
+        seed = seed1 = seed2 = None
+        if plan.seeds:
+            seeds = list(torch.randint(0, 2**31 - 1, (plan.seeds, 2), device=x.device, dtype=torch.int64).unbind(0))
+            seed = seeds.pop(0) if plan.attention_dropout > 0.0 else None
+            seed1, seed2 = seeds or (None, None)
         out, lse = plan.attention(q, k, v, None, None, None, mask, seed, plan.scale, plan.attention_dropout)
         context = out.view(b * n, c)
         a = torch.addmm(bd, context, wd.t())
-        mask1 = mask2 = None
-        if plan.hidden_dropout > 0.0:
-            a, mask1 = torch.native_dropout(a, plan.hidden_dropout, True)
-        y1, _, mean1, rstd1 = plan.norm1(a, w1, b1, plan.eps1, x2, None)
+        p = plan.hidden_dropout
+        y1, _, mean1, rstd1 = plan.norm1(a, w1, b1, plan.eps1, x2, None, seed=seed1, dropout_p=p)
         h = torch.addmm(bi, y1, wi.t())
         g = torch._C._nn.gelu(h, approximate=plan.approximate)
+        mask3 = None
+        if plan.activation_dropout > 0.0:
+            g, mask3 = torch.native_dropout(g, plan.activation_dropout, True)
         o = torch.addmm(bo, g, wo.t())
-        if plan.hidden_dropout > 0.0:
-            o, mask2 = torch.native_dropout(o, plan.hidden_dropout, True)
-        y2, _, mean2, rstd2 = plan.norm2(o, w2, b2, plan.eps2, y1, None)
+        y2, _, mean2, rstd2 = plan.norm2(o, w2, b2, plan.eps2, y1, None, seed=seed2, dropout_p=p)
         ctx.save_for_backward(
-            x2, mask, seed, wqkv, q, k, v, out, lse, wd, a, mask1, w1, b1, mean1, rstd1, y1, wi, h, g, wo, o, mask2,
-            w2, b2, mean2, rstd2,
+            x2, mask, seed, wqkv, q, k, v, out, lse, wd, a, seed1, w1, b1, mean1, rstd1, y1, wi, h, g, mask3, wo, o,
+            seed2, w2, b2, mean2, rstd2,
         )  # fmt: skip
         ctx.plan = plan
         return y2.view(b, n, c)
@@ -71,9 +82,10 @@ class PostLnLayerFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        (x2, mask, seed, wqkv, q, k, v, out, lse, wd, a, mask1, w1, b1, mean1, rstd1, y1, wi, h, g, wo, o, mask2,
-         w2, b2, mean2, rstd2) = ctx.saved_tensors  # fmt: skip
+        (x2, mask, seed, wqkv, q, k, v, out, lse, wd, a, seed1, w1, b1, mean1, rstd1, y1, wi, h, g, mask3, wo, o,
+         seed2, w2, b2, mean2, rstd2) = ctx.saved_tensors  # fmt: skip
         plan = ctx.plan
+        p = plan.hidden_dropout
         b, n, heads, d = q.shape
         c = heads * d
         dy = dy.reshape(b * n, c)
@@ -81,19 +93,19 @@ class PostLnLayerFunction(torch.autograd.Function):
             dy = dy.clone(memory_format=torch.contiguous_format)
         launches = plan.backward_launches
         if launches is None:
-            launches = plan.backward_launches = _BackwardLaunches(dy, x2, a, w1, b1, y1, o, w2, b2)
-        # LN2's backward gives the sum's gradient: that of o (dropout's output) and of the residual y1.
-        do, dw2, db2, _, _ = launches.norm2(dy, o, w2, b2, mean2, rstd2, y1, None, None)
-        dresidual = do
-        if mask2 is not None:
-            do = torch.ops.aten.native_dropout_backward(do, mask2, plan.dropout_scale)
+            launches = plan.backward_launches = _BackwardLaunches(dy, x2, a, w1, b1, y1, o, w2, b2, p > 0.0)
+        # Each add + LayerNorm backward gives x's gradient through its dropout, and the sum's (the
+        # residual's): one tensor when there is no dropout.
+        do, dw2, db2, _, dresidual = launches.norm2(dy, o, w2, b2, mean2, rstd2, y1, None, None, None, seed=seed2,
+                                                    dropout_p=p)  # fmt: skip
         dwo, dbo = do.t().mm(g), do.sum(0)
-        dh = torch.ops.aten.gelu_backward(do.mm(wo), h, approximate=plan.approximate)
+        dg = do.mm(wo)
+        if mask3 is not None:
+            dg = torch.ops.aten.native_dropout_backward(dg, mask3, plan.activation_scale)
+        dh = torch.ops.aten.gelu_backward(dg, h, approximate=plan.approximate)
         dwi, dbi = dh.t().mm(y1), dh.sum(0)
-        da, dw1, db1, _, _ = launches.norm1(torch.addmm(dresidual, dh, wi), a, w1, b1, mean1, rstd1, x2, None, None)
-        dresidual = da
-        if mask1 is not None:
-            da = torch.ops.aten.native_dropout_backward(da, mask1, plan.dropout_scale)
+        da, dw1, db1, _, dresidual = launches.norm1(torch.addmm(dresidual, dh, wi), a, w1, b1, mean1, rstd1, x2, None,
+                                                    None, None, seed=seed1, dropout_p=p)  # fmt: skip
         dwd, dbd = da.t().mm(out.view(b * n, c)), da.sum(0)
         dcontext = da.mm(wd).view(b, n, heads, d)
         attention_backward = launches.attention(torch.are_deterministic_algorithms_enabled(), dcontext, q, k, v, out,
@@ -112,12 +124,12 @@ class _BackwardLaunches:
 
     __slots__ = ("_attention", "norm1", "norm2")
 
-    def __init__(self, dy, x2, a, w1, b1, y1, o, w2, b2):
+    def __init__(self, dy, x2, a, w1, b1, y1, o, w2, b2, dropout):
         from d2v_kernels.kernels.add_layer_norm import add_layer_norm_backward_launch
 
         # dy stands in for each gradient: all are contiguous and aligned, of the output's shape.
-        self.norm2 = add_layer_norm_backward_launch(dy, o, y1, w2, b2)
-        self.norm1 = add_layer_norm_backward_launch(dy, a, x2, w1, b1)
+        self.norm2 = add_layer_norm_backward_launch(dy, o, y1, w2, b2, dropout=dropout)
+        self.norm1 = add_layer_norm_backward_launch(dy, a, x2, w1, b1, dropout=dropout)
         self._attention = {}
 
     def attention(self, deterministic: bool, dcontext, q, k, v, out, lse, mask, seed, plan):
@@ -139,11 +151,13 @@ class _Plan:
     scalars."""
 
     __slots__ = (
-        "approximate", "attention", "attention_dropout", "backward_launches", "dropout_scale", "eps1", "eps2",
-        "heads", "hidden_dropout", "norm1", "norm2", "scale",
+        "activation_dropout", "activation_scale", "approximate", "attention", "attention_dropout", "backward_launches",
+        "eps1", "eps2", "heads", "hidden_dropout", "norm1", "norm2", "scale", "seeds",
     )  # fmt: skip
 
-    def __init__(self, x, mask, params, heads, attention_dropout, hidden_dropout, scale, eps, approximate):
+    def __init__(
+        self, x, mask, params, heads, attention_dropout, hidden_dropout, activation_dropout, scale, eps, approximate
+    ):
         from d2v_kernels.kernels import add_layer_norm as norm_kernels
         from d2v_kernels.kernels.attention import forward_launch
 
@@ -151,19 +165,35 @@ class _Plan:
         q = x.new_empty((b, n, 3, heads, c // heads)).unbind(2)[0]  # the layout of the QKV GEMM's views
         rows = x.view(b * n, c)
         self.attention = forward_launch(q, q, q, None, None, None, mask, False, attention_dropout > 0.0)
-        self.norm1 = norm_kernels.add_layer_norm_training_launch(rows, rows, params[8], params[9], False)
-        self.norm2 = norm_kernels.add_layer_norm_training_launch(rows, rows, params[14], params[15], False)
+        dropout = hidden_dropout > 0.0
+        self.norm1 = norm_kernels.add_layer_norm_training_launch(
+            rows, rows, params[8], params[9], False, dropout=dropout
+        )
+        self.norm2 = norm_kernels.add_layer_norm_training_launch(
+            rows, rows, params[14], params[15], False, dropout=dropout
+        )
+        self.seeds = (1 if attention_dropout > 0.0 else 0) + (2 if dropout else 0)
         self.backward_launches = None
         self.heads, self.scale, (self.eps1, self.eps2), self.approximate = heads, scale, eps, approximate
         self.attention_dropout, self.hidden_dropout = attention_dropout, hidden_dropout
-        self.dropout_scale = 1.0 / (1.0 - hidden_dropout)
+        self.activation_dropout, self.activation_scale = activation_dropout, 1.0 / (1.0 - activation_dropout)
 
 
 _PLANS = plan_cache()
 
 
 def post_ln_layer_training(
-    hidden_states, key_padding_mask, params, *, heads, attention_dropout, hidden_dropout, scale, eps, approximate
+    hidden_states,
+    key_padding_mask,
+    params,
+    *,
+    heads,
+    attention_dropout,
+    hidden_dropout,
+    scale,
+    eps,
+    approximate,
+    activation_dropout=0.0,
 ):
     """The layer's output (B, N, C) through :class:`PostLnLayerFunction`, or None where this path
     does not apply (see the module docstring; the caller then runs the layer op by op).
@@ -171,8 +201,9 @@ def post_ln_layer_training(
     params: (query weight, bias, key weight, bias, value weight, bias, attention output dense weight,
     bias, its LayerNorm weight, bias, intermediate weight, bias, output weight, bias, its LayerNorm
     weight, bias). key_padding_mask: (B, N), nonzero attends, or None. eps: the two LayerNorms'.
-    approximate: the GELU's (``"none"``, ``"tanh"``). attention_dropout, hidden_dropout: the
-    probabilities in force (0 out of training)."""
+    approximate: the GELU's (``"none"``, ``"tanh"``). attention_dropout, hidden_dropout (after the
+    attention's output projection and after the feed-forward's), activation_dropout (after the
+    activation): the probabilities in force (0 out of training)."""
     if not torch.is_grad_enabled() or not plans_enabled():
         return None
     if torch.is_autocast_enabled(hidden_states.device.type):
@@ -182,13 +213,15 @@ def post_ln_layer_training(
         return None
     key = (
         key, heads, attention_dropout.__class__, attention_dropout, hidden_dropout.__class__, hidden_dropout,
-        scale.__class__, scale, eps, approximate, dispatch.forced_token(),
+        activation_dropout.__class__, activation_dropout, scale.__class__, scale, eps, approximate,
+        dispatch.forced_token(),
     )  # fmt: skip
     plan = lookup(_PLANS, key)
     if plan is None:
         made = _make_plan(
-            hidden_states, key_padding_mask, params, heads, attention_dropout, hidden_dropout, scale, eps, approximate
-        )
+            hidden_states, key_padding_mask, params, heads, attention_dropout, hidden_dropout, activation_dropout,
+            scale, eps, approximate,
+        )  # fmt: skip
         plan = store(_PLANS, key, made, hidden_states.device)
     return plan(hidden_states, key_padding_mask, params)
 
@@ -197,7 +230,7 @@ def _not_taken(x, mask, params):
     return None
 
 
-def _make_plan(x, mask, params, heads, attention_dropout, hidden_dropout, scale, eps, approximate):
+def _make_plan(x, mask, params, heads, attention_dropout, hidden_dropout, activation_dropout, scale, eps, approximate):
     """Validate and pick; the callable that runs this layout (returning None where not taken)."""
     if any(p is None for p in params):
         return _not_taken
@@ -207,8 +240,9 @@ def _make_plan(x, mask, params, heads, attention_dropout, hidden_dropout, scale,
     eps = tuple(check_eps(e) for e in eps)
     if approximate not in ("none", "tanh"):
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
-    if not 0.0 <= hidden_dropout < 1.0:
-        raise ValueError(f"hidden_dropout must be in [0, 1), got {hidden_dropout!r}")
+    for name, p in (("hidden_dropout", hidden_dropout), ("activation_dropout", activation_dropout)):
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {p!r}")
     b, n, c = x.shape
     inner = params[10].shape[0]
     # Another architecture (e.g. heads narrower than the hidden size) runs op by op.
@@ -238,7 +272,7 @@ def _make_plan(x, mask, params, heads, attention_dropout, hidden_dropout, scale,
         )
     if not taken:
         return _not_taken
-    plan = _Plan(x, mask, params, heads, attention_dropout, hidden_dropout, scale, eps, approximate)
+    plan = _Plan(x, mask, params, heads, attention_dropout, hidden_dropout, activation_dropout, scale, eps, approximate)
     apply, record = PostLnLayerFunction.apply, recorder()
 
     def run(x, mask, params):
