@@ -14,9 +14,10 @@ from torch import nn
 from transformers.models.data2vec import modeling_data2vec_vision as hf
 
 from d2v_kernels import dispatch, ops
-from d2v_kernels.models._common import qkv_projection, swap_class
+from d2v_kernels.models._common import gelu_approximation, qkv_projection, swap_class
 from d2v_kernels.models._lean import activation_call, add_layer_norm, dropout, lean_modules, linear, unobserved
 from d2v_kernels.ops.attention_op import gather_relative_bias
+from d2v_kernels.ops.pre_ln_layer_op import pre_ln_layer_training
 
 
 @dataclasses.dataclass
@@ -35,15 +36,33 @@ def relative_position_index(module: hf.Data2VecVisionRelativePositionBias, windo
 
     A compiled forward reads the cache but never writes it (torch 2.11's dynamo cannot trace the
     module-dict mutation): on a miss it builds the index in the graph. ``optimize()`` fills the
-    cache for the table's device, so a model compiled where it was optimized hits it."""
+    cache for the table's device, so a model compiled where it was optimized hits it.
+
+    transformers' index depends on the window alone: its modules share one tensor per (window,
+    device), so what the kernels derive from an index once (the table gradient's segments, the
+    range check) serves every layer."""
     key = (tuple(window_size), device)
     cache = module.__dict__.get("_d2v_index_cache")
     if cache is not None and key in cache:
         return cache[key]
-    index = module.generate_relative_position_index(tuple(window_size)).to(device=device, dtype=torch.int32)
-    if not torch.compiler.is_compiling():
-        module.__dict__.setdefault("_d2v_index_cache", {})[key] = index
+    if torch.compiler.is_compiling():
+        return module.generate_relative_position_index(tuple(window_size)).to(device=device, dtype=torch.int32)
+    shared = (
+        type(module).generate_relative_position_index
+        is hf.Data2VecVisionRelativePositionBias.generate_relative_position_index
+    )
+    index = _SHARED_INDICES.get(key) if shared else None
+    if index is None:
+        index = module.generate_relative_position_index(tuple(window_size)).to(device=device, dtype=torch.int32)
+        if shared:
+            if len(_SHARED_INDICES) >= 16:
+                _SHARED_INDICES.clear()
+            _SHARED_INDICES[key] = index
+    module.__dict__.setdefault("_d2v_index_cache", {})[key] = index
     return index
+
+
+_SHARED_INDICES: dict[tuple, torch.Tensor] = {}
 
 
 def _table_and_index(module: hf.Data2VecVisionRelativePositionBias, window_size, interpolate, dim_size):
@@ -81,10 +100,32 @@ class FusedData2VecVisionSelfAttention(hf.Data2VecVisionSelfAttention):
 
     def _context(self, hidden_states, relative_position_bias, interpolate_pos_encoding, resolution):
         """The attention's output (B, N, H * d) through ``ops.attention``, attentions not asked for."""
+        length = hidden_states.shape[1]
+        biases = self._bias(relative_position_bias, interpolate_pos_encoding, resolution, length)
+        return self._attend(hidden_states, biases)
+
+    def _attend(self, hidden_states, biases):
+        """:meth:`_context` with the biases :meth:`_bias` gave."""
         batch, length, _ = hidden_states.shape
         projections = (self.query, self.key, self.value)
         query, key, value = qkv_projection(self, hidden_states, projections, self.attention_head_size)
+        table_bias, dense_bias = biases
+        context = ops.attention(
+            query,
+            key,
+            value,
+            bias_table=None if table_bias is None else table_bias.table,
+            bias_index=None if table_bias is None else table_bias.index,
+            bias=dense_bias,
+            dropout_p=self.config.attention_probs_dropout_prob if self.training else 0.0,
+            scale=1.0 / math.sqrt(self.attention_head_size),
+        )
+        return context.reshape(batch, length, self.all_head_size)
 
+    def _bias(self, relative_position_bias, interpolate_pos_encoding, resolution, length):
+        """(TableBias or None, dense bias or None): this module's relative position bias and the
+        encoder's shared one (``relative_position_bias``), as one table where both are exact
+        tables of one index, else summed densely."""
         table_bias, dense_bias = None, None
         if self.has_relative_position_bias:
             height, width = resolution
@@ -102,18 +143,7 @@ class FusedData2VecVisionSelfAttention(hf.Data2VecVisionSelfAttention):
                 dense_bias = shared if dense_bias is None else dense_bias + shared
         elif relative_position_bias is not None:
             dense_bias = relative_position_bias if dense_bias is None else dense_bias + relative_position_bias
-
-        context = ops.attention(
-            query,
-            key,
-            value,
-            bias_table=None if table_bias is None else table_bias.table,
-            bias_index=None if table_bias is None else table_bias.index,
-            bias=dense_bias,
-            dropout_p=self.config.attention_probs_dropout_prob if self.training else 0.0,
-            scale=1.0 / math.sqrt(self.attention_head_size),
-        )
-        return context.reshape(batch, length, self.all_head_size)
+        return table_bias, dense_bias
 
 
 class FusedData2VecVisionLayer(hf.Data2VecVisionLayer):
@@ -122,7 +152,8 @@ class FusedData2VecVisionLayer(hf.Data2VecVisionLayer):
     The whole layer is one function of its parameters (``_lean_forward``) where that is
     exactly transformers' layer on our attention (see ``_lean``), else transformers' structure
     (on the fused submodules): attentions asked for, transformers' attention, replaced submodules,
-    or hooks on them (on ``layernorm_after``: transformers' forward)."""
+    or hooks on them (on ``layernorm_after``: transformers' forward). With autograd recording, the
+    lean layer is one autograd node where it runs the Triton kernels (``_training_forward``)."""
 
     _LEAN_PATHS = (
         ("layernorm_before", nn.LayerNorm),
@@ -194,11 +225,16 @@ class FusedData2VecVisionLayer(hf.Data2VecVisionLayer):
             output_dense,
             output_drop,
         ) = modules
+        biases = self_attention._bias(*bias, hidden_states.shape[1])
+        if torch.is_grad_enabled():
+            output = self._training_forward(hidden_states, biases, modules)
+            if output is not None:
+                return output
         parameters = norm._parameters
         normed = F.layer_norm(hidden_states, norm.normalized_shape, parameters["weight"], parameters["bias"], norm.eps)
-        attention_output = dropout(linear(self_attention._context(normed, *bias), dense), drop)
+        attention_output = dropout(linear(self_attention._attend(normed, biases), dense), drop)
         parameters = self._parameters
-        lambda_1, lambda_2 = parameters["lambda_1"], parameters["lambda_2"]
+        lambda_1, lambda_2 = parameters.get("lambda_1"), parameters.get("lambda_2")
         # Where drop path leaves its input as it is, the layer scales fold into the ops around them:
         # lambda_1 into layernorm_after's add (its gradient reduced in the kernel), lambda_2 and the
         # residual add into one addcmul. The add before the next layer's layernorm_before crosses
@@ -221,6 +257,36 @@ class FusedData2VecVisionLayer(hf.Data2VecVisionLayer):
         if lambda_2 is not None:
             layer_output = lambda_2 * layer_output
         return drop_path.forward(layer_output) + hidden_states
+
+    def _training_forward(self, hidden_states, biases, modules):
+        """The layer as one autograd node (``ops.pre_ln_layer_op``), or None where that does not
+        apply: a dense bias (interpolated, or two tables of different indices), two hidden dropouts
+        that differ, an activation other than GELU, or what the op itself declines."""
+        (norm, _, s, _, dense, drop, drop_path, norm_after, _, intermediate_dense, activation, _, output_dense,
+         output_drop) = modules  # fmt: skip
+        table_bias, dense_bias = biases
+        if dense_bias is not None:
+            return None
+        hidden_dropout = drop.p if drop.training else 0.0
+        if hidden_dropout != (output_drop.p if output_drop.training else 0.0):
+            return None
+        approximate = gelu_approximation(activation)
+        if approximate is None:
+            return None
+        active = type(drop_path) is not nn.Identity and drop_path.training
+        params = []
+        for module in (norm, s.query, s.key, s.value, dense, norm_after, intermediate_dense, output_dense):
+            parameters = module._parameters
+            params += (parameters["weight"], parameters["bias"])
+        parameters = self._parameters
+        params += (parameters.get("lambda_1"), parameters.get("lambda_2"))
+        return pre_ln_layer_training(
+            hidden_states, None if table_bias is None else table_bias.table,
+            None if table_bias is None else table_bias.index, params, heads=s.num_attention_heads,
+            attention_dropout=float(s.config.attention_probs_dropout_prob) if s.training else 0.0,
+            hidden_dropout=float(hidden_dropout), drop_path=float(drop_path.drop_prob) if active else 0.0,
+            scale=1.0 / math.sqrt(s.attention_head_size), eps=(norm.eps, norm_after.eps), approximate=approximate,
+        )  # fmt: skip
 
 
 class FusedData2VecVisionRelativePositionBias(hf.Data2VecVisionRelativePositionBias):
