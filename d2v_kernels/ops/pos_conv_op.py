@@ -13,6 +13,7 @@ import weakref
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from d2v_kernels import dispatch
 from d2v_kernels.ops._checks import KERNEL_DTYPES, check_eps, check_param_list, check_same_device, check_tensor
@@ -137,8 +138,7 @@ def _pos_conv_op_fake(x, weights, biases, groups, eps, save_pre_norm):
     return x.new_empty(x.shape), x.new_empty((len(weights) if save_pre_norm else 0, *x.shape))
 
 
-@torch.library.custom_op("d2v_kernels::pos_conv_backward", mutates_args=())
-def _pos_conv_backward_op(
+def pos_conv_backward_impl(
     grad_out: torch.Tensor,
     x: torch.Tensor,
     pre_norm: torch.Tensor,
@@ -177,6 +177,11 @@ def _pos_conv_backward_op(
         )
         grad_hidden = kernels.grouped_conv1d(grad_conv, transposed[layer], no_bias, pad_left=kernel_size - 1 - pad_left)
     return grad_hidden, kernels.unpack_weight_grads(packed_dw, groups), dbias
+
+
+_pos_conv_backward_op = torch.library.custom_op(
+    "d2v_kernels::pos_conv_backward", pos_conv_backward_impl, mutates_args=()
+)
 
 
 def _in_dtypes(stacked: torch.Tensor, dtypes: list[torch.dtype]) -> list[torch.Tensor]:
@@ -221,6 +226,29 @@ _pos_conv_setup_context, _pos_conv_backward = without_zero_grads(_pos_conv_setup
 torch.library.register_autograd("d2v_kernels::pos_conv", _pos_conv_backward, setup_context=_pos_conv_setup_context)
 
 
+class PosConvFunction(torch.autograd.Function):
+    """The custom op and its backward for eager calls on real tensors (``_eager``'s reason: the
+    custom op's autograd wrapper and dispatch cost host time a call): the layers' weights and
+    biases are flattened into the inputs, which a Function differentiates one by one (it does not
+    look into lists). The pre-norm outputs stay inside, saved for the backward."""
+
+    @staticmethod
+    def forward(ctx, groups, eps, num_layers, x, *params):
+        weights, biases = list(params[:num_layers]), list(params[num_layers:])
+        out, pre_norm = pos_conv_forward_impl(x, weights, biases, groups, eps, True)
+        ctx.save_for_backward(x, pre_norm, *weights)
+        ctx.groups, ctx.eps, ctx.bias_dtypes = groups, eps, [b.dtype for b in biases]
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, pre_norm, *weights = ctx.saved_tensors
+        grad_x, grad_weights, grad_biases = pos_conv_backward_impl(grad_out, x, pre_norm, weights, ctx.groups, ctx.eps)
+        grad_weights = _in_dtypes(grad_weights, [w.dtype for w in weights])
+        return None, None, None, grad_x, *grad_weights, *_in_dtypes(grad_biases, ctx.bias_dtypes)
+
+
 def _pos_conv_triton(x, weights, biases, *, groups, eps=1e-5):
     """Triton path: keeps the pre-norm activations only when autograd will need them.
 
@@ -232,6 +260,8 @@ def _pos_conv_triton(x, weights, biases, *, groups, eps=1e-5):
         run = _pos_conv_inference(len(weights), weights[0].shape[-1], groups, float(eps), _one_pass())
         return run(x, weights, biases)
     biases = [torch.zeros_like(w[:, 0, 0]) if b is None else b for w, b in zip(weights, biases)]
+    if needs_grad and runs_eagerly((x, *weights, *biases)):
+        return PosConvFunction.apply(groups, float(eps), len(weights), x, *weights, *biases)
     out, _ = torch.ops.d2v_kernels.pos_conv(x, list(weights), biases, groups, float(eps), needs_grad)
     return out
 
