@@ -438,42 +438,46 @@ def _grouped_conv1d_launch(x, packed_weight, pad_left, out, eps):
     return DirectLaunch(grouped_conv1d_kernel, grid, **options), tail
 
 
+_wgrad_launches = LaunchCache()
+
+
+def _weight_grad_launch(x, grad_y, group_channels: int, kernel_size: int, pad_left: int):
+    batch, frames, channels = x.shape
+    block = _group_block(group_channels)
+    config = tiles("pos_conv_wgrad", {"BLOCK_T": WGRAD_BLOCK_T, "num_warps": WGRAD_WARPS, "num_stages": WGRAD_STAGES})
+    constexprs = {
+        "DOT_PRECISION": dot_precision(x.dtype),
+        "UPCAST_OPERANDS": _upcast_operands(x),
+        "BLOCK_T": config["BLOCK_T"],
+        "BLOCK_CI": block,
+        "BLOCK_CO": block,
+    }
+    positional = (batch, frames, group_channels, pad_left, *x.stride(), grad_y.stride(0), grad_y.stride(1), channels)
+    tail = fixed_tail(grouped_conv1d_weight_grad_kernel, 4, positional, constexprs)
+    options = {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
+    return DirectLaunch(grouped_conv1d_weight_grad_kernel, (kernel_size, channels // group_channels), **options), tail
+
+
 def grouped_conv1d_weight_grad(x, grad_y, *, group_channels: int, kernel_size: int, pad_left: int, out=None):
     """dweight (packed (K, CG, C), fp32) and dbias ((C,), fp32) of :func:`grouped_conv1d`, or
     written into ``out`` = (dweight, dbias), contiguous fp32 of those shapes.
 
     x: (B, T, C) the conv's input, any strides; grad_y: (B, T, C), channel stride 1."""
-    batch, frames, channels = x.shape
+    channels = x.shape[2]
     if out is None:
         out = (
             torch.empty((kernel_size, group_channels, channels), device=x.device, dtype=torch.float32),
             torch.empty((channels,), device=x.device, dtype=torch.float32),
         )
     dw, db = out
-    block = _group_block(group_channels)
-    config = tiles("pos_conv_wgrad", {"BLOCK_T": WGRAD_BLOCK_T, "num_warps": WGRAD_WARPS, "num_stages": WGRAD_STAGES})
-    grid = (kernel_size, channels // group_channels)
-    grouped_conv1d_weight_grad_kernel[grid](
-        x,
-        grad_y,
-        dw,
-        db,
-        batch,
-        frames,
-        group_channels,
-        pad_left,
-        *x.stride(),
-        grad_y.stride(0),
-        grad_y.stride(1),
-        channels,
-        DOT_PRECISION=dot_precision(x.dtype),
-        UPCAST_OPERANDS=_upcast_operands(x),
-        BLOCK_T=config["BLOCK_T"],
-        BLOCK_CI=block,
-        BLOCK_CO=block,
-        num_warps=config["num_warps"],
-        num_stages=config["num_stages"],
+    key = (
+        x.shape, x.stride(), x.dtype, x.device, _aligned(x), grad_y.shape, grad_y.stride(), grad_y.dtype,
+        _aligned(grad_y), _aligned(dw), _aligned(db), group_channels, kernel_size, pad_left,
+    )  # fmt: skip
+    launch, tail = _wgrad_launches.get(
+        key, lambda: _weight_grad_launch(x, grad_y, group_channels, kernel_size, pad_left)
     )
+    launch(x, grad_y, dw, db, *tail)
     return dw, db
 
 
@@ -517,6 +521,18 @@ def _layer_norm_gelu_rows_launch(channels: int, n_rows: int, eps: float):
     return DirectLaunch(layer_norm_gelu_fwd_kernel, (cdiv(n_rows, block_rows),), num_warps=ln_warps(block_c)), tail
 
 
+_row_backward_launches = LaunchCache()
+
+
+def _layer_norm_gelu_rows_backward_launch(channels: int, n_rows: int, eps: float):
+    block_rows, block_c = ln_blocks(channels)
+    tail = fixed_tail(
+        layer_norm_gelu_bwd_kernel, 3, (n_rows, channels, eps, channels, channels, channels),
+        {"BLOCK_ROWS": block_rows, "BLOCK_C": block_c},
+    )  # fmt: skip
+    return DirectLaunch(layer_norm_gelu_bwd_kernel, (cdiv(n_rows, block_rows),), num_warps=ln_warps(block_c)), tail
+
+
 def layer_norm_gelu_rows_backward(y, grad_h, eps: float):
     """Gradient of :func:`layer_norm_gelu_rows` w.r.t. y, in y's dtype (fp32 math).
     y, grad_h: (..., C) contiguous."""
@@ -524,20 +540,7 @@ def layer_norm_gelu_rows_backward(y, grad_h, eps: float):
     n_rows = _rows(y)
     _rows(grad_h)
     dy = torch.empty_like(y)
-    block_rows, block_c = ln_blocks(channels)
-    grid = (cdiv(n_rows, block_rows),)
-    layer_norm_gelu_bwd_kernel[grid](
-        y,
-        grad_h,
-        dy,
-        n_rows,
-        channels,
-        eps,
-        channels,
-        channels,
-        channels,
-        BLOCK_ROWS=block_rows,
-        BLOCK_C=block_c,
-        num_warps=ln_warps(block_c),
-    )
+    key = (y.shape, y.dtype, y.device, _aligned(y), grad_h.dtype, _aligned(grad_h), _aligned(dy), eps)
+    launch, tail = _row_backward_launches.get(key, lambda: _layer_norm_gelu_rows_backward_launch(channels, n_rows, eps))
+    launch(y, grad_h, dy, *tail)
     return dy
