@@ -1,6 +1,8 @@
-"""The text layer's training forward as one autograd node (d2v_kernels/ops/post_ln_layer_op.py):
-taken where the layer runs the Triton kernels with autograd on, gradients equal transformers',
-and its dropout masks are the same in the forward and the backward."""
+"""The text and audio layers' training forward as one autograd node
+(d2v_kernels/ops/post_ln_layer_op.py): taken where the layer runs the Triton kernels with autograd
+on, gradients equal transformers', and its dropout masks are the same in the forward and the
+backward. And the GELU + activation dropout kernels it runs for audio
+(d2v_kernels/kernels/gelu_dropout.py) against a float64 reference."""
 
 from __future__ import annotations
 
@@ -51,12 +53,13 @@ def _modules(layer):
             out_module.dropout.p)  # fmt: skip
 
 
-def _recomputed(layer, x, key_padding_mask, seed, seed1, seed2, mask3=None, p_activation=0.0):
+def _recomputed(layer, x, key_padding_mask, seed, seed1, seed2, seed3=None, p_activation=0.0):
     """The layer in plain PyTorch with the given dropout draws: the attention kernel's keep mask
-    for ``seed``, the add + LayerNorm kernels' for ``seed1`` and ``seed2`` (and the activation
-    dropout's mask)."""
+    for ``seed``, the add + LayerNorm kernels' for ``seed1`` and ``seed2`` (and the GELU + dropout
+    kernel's for ``seed3``)."""
     from d2v_kernels.kernels.add_layer_norm import add_layer_norm_dropout_keep
     from d2v_kernels.kernels.attention import dropout_keep_mask
+    from d2v_kernels.kernels.gelu_dropout import gelu_dropout_keep
 
     query, key, value, dense, norm1, intermediate, output, norm2, h, d, scaling, p_attention, p_hidden = _modules(layer)
     b, n, c = x.shape
@@ -68,8 +71,8 @@ def _recomputed(layer, x, key_padding_mask, seed, seed1, seed2, mask3=None, p_ac
     a = dense(context) * add_layer_norm_dropout_keep(seed1, (b * n, c), p_hidden).view(b, n, c) / (1 - p_hidden)
     y1 = F.layer_norm(a + x, (c,), norm1.weight, norm1.bias, norm1.eps)
     g = F.gelu(intermediate(y1))
-    if mask3 is not None:
-        g = g * mask3.view(g.shape) / (1 - p_activation)
+    if seed3 is not None:
+        g = g * gelu_dropout_keep(seed3, (b * n, g.shape[-1]), p_activation).view(g.shape) / (1 - p_activation)
     o = output(g) * add_layer_norm_dropout_keep(seed2, (b * n, c), p_hidden).view(b, n, c) / (1 - p_hidden)
     return F.layer_norm(o + y1, (c,), norm2.weight, norm2.bias, norm2.eps)
 
@@ -101,14 +104,71 @@ def test_dropout_masks_agree_between_forward_and_backward(modality):
         assert type(out.grad_fn).__name__ == NODE
         # save_for_backward's order in PostLnLayerFunction.forward
         saved = out.grad_fn.saved_tensors
-        seed, seed1, mask3, seed2 = saved[2], saved[11], saved[20], saved[23]
-        assert len({tuple(t.tolist()) for t in (seed, seed1, seed2)}) == 3  # three draws
-        assert (mask3 is None) == (modality == "text") and (mask3 is None or not mask3.all())
+        seed, seed1, seed3, seed2 = saved[2], saved[11], saved[20], saved[23]
+        assert (seed3 is None) == (modality == "text")  # text has no activation dropout
+        drawn = [t for t in (seed, seed1, seed2, seed3) if t is not None]
+        assert len({tuple(t.tolist()) for t in drawn}) == len(drawn)  # one draw each
         params = [p for p in layer.parameters()]
         grads = torch.autograd.grad((out * weight).sum(), [x, *params])
-    expected = _recomputed(layer, x, mask, seed, seed1, seed2, mask3, p_activation)
+    expected = _recomputed(layer, x, mask, seed, seed1, seed2, seed3, p_activation)
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-5)
     expected_grads = torch.autograd.grad((expected * weight).sum(), [x, *params])
     names = ["x", *(name for name, _ in layer.named_parameters())]
     for name, got, want in zip(names, grads, expected_grads):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+# --------------------------------------------------------------------------------------------
+# The GELU + activation dropout kernels
+# --------------------------------------------------------------------------------------------
+
+
+def _gelu_dropout_grads(h, dg, keep, p, approximate):
+    """(dropout(GELU(h)), h's gradient for dg) in h's dtype, through eager PyTorch."""
+    h = h.detach().requires_grad_()
+    g = F.gelu(h, approximate=approximate) * keep / (1 - p)
+    (dh,) = torch.autograd.grad(g, h, dg)
+    return g.detach(), dh
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # the tanh's exp(2u) at large |h|: on purpose
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gelu_dropout_kernels_equal_a_float64_reference_on_their_mask(dtype, approximate):
+    from d2v_kernels.kernels.gelu_dropout import gelu_dropout_backward, gelu_dropout_forward, gelu_dropout_keep
+
+    p, gen = 0.3, torch.Generator().manual_seed(3)
+    h = (torch.randn(37, 75, generator=gen) * 3).to(dtype)
+    dg = torch.randn(37, 75, generator=gen).to(dtype)
+    seed = torch.tensor([12345, 678], dtype=torch.int64)
+    g = gelu_dropout_forward(h, seed, p, approximate)
+    dh = gelu_dropout_backward(dg, h, seed, p, approximate)
+    assert g.dtype == dh.dtype == dtype
+    keep = gelu_dropout_keep(seed, h.shape, p)
+    assert 0 < keep.sum() < keep.numel()
+    assert not g[~keep].any() and not dh[~keep].any()  # the dropped elements are zeros
+    want = _gelu_dropout_grads(h.double(), dg.double(), keep, p, approximate)
+    if dtype == torch.float32:
+        for got, ref in zip((g, dh), want):
+            torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
+        return
+    eager = _gelu_dropout_grads(h, dg, keep, p, approximate)
+    for name, got, ref, own in zip(("g", "dh"), (g, dh), want, eager):
+        error, bound = (got.double() - ref).abs().max(), 2 * (own.double() - ref).abs().max() + 1e-3
+        assert error <= bound, f"{name}: {error} > 2x eager bf16's error + 1e-3 ({bound})"
+
+
+def test_gelu_dropout_mask_is_the_seeds_and_keeps_one_minus_p():
+    from d2v_kernels.kernels.gelu_dropout import gelu_dropout_keep
+
+    p, seed = 0.3, torch.tensor([7, 11], dtype=torch.int64)
+    keep = gelu_dropout_keep(seed, (200, 300), p)
+    n = keep.numel()
+    assert abs(keep.float().mean().item() - (1 - p)) < 5 * ((p * (1 - p) / n) ** 0.5)  # 5 sigma
+    assert torch.equal(keep, gelu_dropout_keep(seed.clone(), (200, 300), p))  # same seed, same mask
+    assert not torch.equal(keep, gelu_dropout_keep(torch.tensor([7, 12]), (200, 300), p))
+    # No structure along rows or columns: each row's and each column's keep fraction near 1 - p.
+    for axis, count in ((1, 300), (0, 200)):
+        fractions = keep.float().mean(axis)
+        assert (fractions - (1 - p)).abs().max() < 6 * ((p * (1 - p) / count) ** 0.5)
+        assert fractions.std() > 0.3 * ((p * (1 - p) / count) ** 0.5)

@@ -653,6 +653,34 @@ def _accumulate_target_variant(kind, dtype, normalize, has_mask, tile, channels_
     return as_run(variant, unit_strides, ("n_channels", "stride_acc_b", "stride_acc_p", "stride_x_b"))
 
 
+# --------------------------------------------------------------------------------------------
+# GELU + activation dropout (audio's feed-forward in training)
+# --------------------------------------------------------------------------------------------
+
+
+def gelu_dropout_variants(columns: int = 3072) -> list[AotVariant]:
+    """Both kernels at Data2Vec audio's intermediate width, contiguous rows: the forward in fp16
+    with exact GELU, the backward in bf16 with the tanh one (CI time: the dtypes and the GELUs
+    are independent of the direction; fp32 is the row norms' code path)."""
+    from d2v_kernels.kernels import gelu_dropout
+
+    block_r, block_c, num_warps = gelu_dropout.tile_config(1024, columns)
+    cases = (
+        (gelu_dropout.gelu_dropout_fwd_kernel, "fwd", torch.float16, "none", ("H", "G"), ("stride_h", "stride_g")),
+        (gelu_dropout.gelu_dropout_bwd_kernel, "bwd", torch.bfloat16, "tanh", ("DG", "H", "DH"),
+         ("stride_dg", "stride_h", "stride_dh")),
+    )  # fmt: skip
+    variants = []
+    for kernel, direction, dtype, approximate, pointers, strides in cases:
+        constexprs = {"APPROXIMATE": _row_norm.ACTIVATIONS[approximate], "BLOCK_R": block_r, "BLOCK_C": block_c}
+        types = dict.fromkeys(pointers, "*" + TRITON_TYPES[dtype]) | {"SEED": "*i64", "dropout_p": "fp32"}
+        types |= dict.fromkeys(("n_rows", "n_cols", *strides), "i32")
+        name = f"{direction}_{TRITON_TYPES[dtype]}_{approximate}_r{block_r}_c{block_c}_w{num_warps}"
+        variant = AotVariant(name, kernel, _signature(kernel, types, constexprs), constexprs, num_warps, 3)
+        variants.append(as_run(variant, (), ("n_cols", *strides)))
+    return variants
+
+
 VARIANTS = {
     "layer_norm_gelu": layer_norm_gelu_variants,
     "add_layer_norm": add_layer_norm_variants,
@@ -660,6 +688,7 @@ VARIANTS = {
     "pos_conv": pos_conv_variants,
     "conv_feature_extractor": conv_feature_extractor_variants,
     "accumulate_target": accumulate_target_variants,
+    "gelu_dropout": gelu_dropout_variants,
 }
 # What ``python -m d2v_kernels.kernels.aot --space`` compiles: every candidate of the autotuning
 # spaces at every input above (CI compiles the defaults and a few candidates).

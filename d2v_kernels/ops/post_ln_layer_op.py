@@ -13,10 +13,11 @@ call, tens of microseconds of host time). Here one Function runs the GEMMs, the 
 two add + LayerNorms with autograd off, and its backward computes every gradient itself: each
 linear's input, weight and bias gradients with ``mm`` / ``addmm`` / ``sum``, the activation's
 backward, the Triton backwards of the add + LayerNorms and of the attention. The hidden dropouts
-run inside the add + LayerNorm kernels and the attention's inside its kernel, each from a Philox
-seed (the three drawn at once a call) and redrawn in the backward, so no mask is kept; the
-activation dropout is ``torch.native_dropout`` (what ``F.dropout`` runs on CUDA in training), its
-mask kept for the backward. The dropped elements differ from transformers' for the same
+run inside the add + LayerNorm kernels and the attention's inside its kernel, and audio's
+activation dropout with its GELU in one Triton kernel each way (``kernels/gelu_dropout``), each
+from a Philox seed (the four drawn at once a call) and redrawn in the backward, so no mask is
+kept. Without an activation dropout (text; audio with p = 0) the GELU and its backward are aten's
+``gelu`` / ``gelu_backward``. The dropped elements differ from transformers' for the same
 ``torch.manual_seed``, as with the ops alone; the distribution is the same.
 
 Only where the layer would run those same Triton kernels: dispatch picks the Triton backend for
@@ -53,27 +54,29 @@ class PostLnLayerFunction(torch.autograd.Function):
         x2 = x.view(b * n, c)
         wqkv, bqkv = torch.cat((wq, wk, wv)), torch.cat((bq, bk, bv))
         q, k, v = torch.addmm(bqkv, x2, wqkv.t()).view(b, n, 3, plan.heads, c // plan.heads).unbind(2)
-        # The Philox seeds of the attention's dropout and of the two hidden dropouts (fused into the
-        # add + LayerNorms: their masks are drawn again in the backward, never stored), one draw.
-        seed = seed1 = seed2 = None
+        # The Philox seeds of the attention's dropout, of the two hidden dropouts (fused into the
+        # add + LayerNorms) and of the activation dropout (fused with the GELU), in that order, one
+        # draw: their masks are drawn again in the backward, never stored.
+        seed = seed1 = seed2 = seed3 = None
         if plan.seeds:
-            seeds = list(torch.randint(0, 2**31 - 1, (plan.seeds, 2), device=x.device, dtype=torch.int64).unbind(0))
-            seed = seeds.pop(0) if plan.attention_dropout > 0.0 else None
-            seed1, seed2 = seeds or (None, None)
+            seeds = iter(torch.randint(0, 2**31 - 1, (plan.seeds, 2), device=x.device, dtype=torch.int64).unbind(0))
+            seed = next(seeds) if plan.attention_dropout > 0.0 else None
+            seed1, seed2 = (next(seeds), next(seeds)) if plan.hidden_dropout > 0.0 else (None, None)
+            seed3 = next(seeds) if plan.gelu_dropout is not None else None
         out, lse = plan.attention(q, k, v, None, None, None, mask, seed, plan.scale, plan.attention_dropout)
         context = out.view(b * n, c)
         a = torch.addmm(bd, context, wd.t())
         p = plan.hidden_dropout
         y1, _, mean1, rstd1 = plan.norm1(a, w1, b1, plan.eps1, x2, None, seed=seed1, dropout_p=p)
         h = torch.addmm(bi, y1, wi.t())
-        g = torch._C._nn.gelu(h, approximate=plan.approximate)
-        mask3 = None
-        if plan.activation_dropout > 0.0:
-            g, mask3 = torch.native_dropout(g, plan.activation_dropout, True)
+        if plan.gelu_dropout is None:
+            g = torch._C._nn.gelu(h, approximate=plan.approximate)
+        else:
+            g = plan.gelu_dropout(h, seed3, plan.activation_dropout)
         o = torch.addmm(bo, g, wo.t())
         y2, _, mean2, rstd2 = plan.norm2(o, w2, b2, plan.eps2, y1, None, seed=seed2, dropout_p=p)
         ctx.save_for_backward(
-            x2, mask, seed, wqkv, q, k, v, out, lse, wd, a, seed1, w1, b1, mean1, rstd1, y1, wi, h, g, mask3, wo, o,
+            x2, mask, seed, wqkv, q, k, v, out, lse, wd, a, seed1, w1, b1, mean1, rstd1, y1, wi, h, g, seed3, wo, o,
             seed2, w2, b2, mean2, rstd2,
         )  # fmt: skip
         ctx.plan = plan
@@ -82,7 +85,7 @@ class PostLnLayerFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        (x2, mask, seed, wqkv, q, k, v, out, lse, wd, a, seed1, w1, b1, mean1, rstd1, y1, wi, h, g, mask3, wo, o,
+        (x2, mask, seed, wqkv, q, k, v, out, lse, wd, a, seed1, w1, b1, mean1, rstd1, y1, wi, h, g, seed3, wo, o,
          seed2, w2, b2, mean2, rstd2) = ctx.saved_tensors  # fmt: skip
         plan = ctx.plan
         p = plan.hidden_dropout
@@ -93,16 +96,17 @@ class PostLnLayerFunction(torch.autograd.Function):
             dy = dy.clone(memory_format=torch.contiguous_format)
         launches = plan.backward_launches
         if launches is None:
-            launches = plan.backward_launches = _BackwardLaunches(dy, x2, a, w1, b1, y1, o, w2, b2, p > 0.0)
+            launches = plan.backward_launches = _BackwardLaunches(dy, x2, a, w1, b1, y1, o, w2, b2, h, plan)
         # Each add + LayerNorm backward gives x's gradient through its dropout, and the sum's (the
         # residual's): one tensor when there is no dropout.
         do, dw2, db2, _, dresidual = launches.norm2(dy, o, w2, b2, mean2, rstd2, y1, None, None, None, seed=seed2,
                                                     dropout_p=p)  # fmt: skip
         dwo, dbo = do.t().mm(g), do.sum(0)
         dg = do.mm(wo)
-        if mask3 is not None:
-            dg = torch.ops.aten.native_dropout_backward(dg, mask3, plan.activation_scale)
-        dh = torch.ops.aten.gelu_backward(dg, h, approximate=plan.approximate)
+        if launches.gelu_dropout is None:
+            dh = torch.ops.aten.gelu_backward(dg, h, approximate=plan.approximate)
+        else:  # written over dg
+            dh = launches.gelu_dropout(dg, h, seed3, plan.activation_dropout)
         dwi, dbi = dh.t().mm(y1), dh.sum(0)
         da, dw1, db1, _, dresidual = launches.norm1(torch.addmm(dresidual, dh, wi), a, w1, b1, mean1, rstd1, x2, None,
                                                     None, None, seed=seed1, dropout_p=p)  # fmt: skip
@@ -122,14 +126,20 @@ class _BackwardLaunches:
     """The backward's Triton launches for a plan's layout, made at its first backward (every
     gradient they read has a layout the plan fixes: the incoming one is made contiguous)."""
 
-    __slots__ = ("_attention", "norm1", "norm2")
+    __slots__ = ("_attention", "gelu_dropout", "norm1", "norm2")
 
-    def __init__(self, dy, x2, a, w1, b1, y1, o, w2, b2, dropout):
+    def __init__(self, dy, x2, a, w1, b1, y1, o, w2, b2, h, plan):
         from d2v_kernels.kernels.add_layer_norm import add_layer_norm_backward_launch
+        from d2v_kernels.kernels.gelu_dropout import gelu_dropout_backward_launch
 
         # dy stands in for each gradient: all are contiguous and aligned, of the output's shape.
+        dropout = plan.hidden_dropout > 0.0
         self.norm2 = add_layer_norm_backward_launch(dy, o, y1, w2, b2, dropout=dropout)
         self.norm1 = add_layer_norm_backward_launch(dy, a, x2, w1, b1, dropout=dropout)
+        # h stands in for the GELU's gradient (an mm's output of h's shape), which dh overwrites.
+        self.gelu_dropout = None
+        if plan.gelu_dropout is not None:
+            self.gelu_dropout = gelu_dropout_backward_launch(h, h, plan.approximate, in_place=True)
         self._attention = {}
 
     def attention(self, deterministic: bool, dcontext, q, k, v, out, lse, mask, seed, plan):
@@ -147,12 +157,12 @@ class _BackwardLaunches:
 
 class _Plan:
     """What one input layout fixes: the Triton launches (attention forward with its log-sum-exp, the
-    two add + LayerNorm forwards; the backward's from the first backward on) and the layer's
-    scalars."""
+    two add + LayerNorm forwards, the GELU + activation dropout's where p > 0; the backward's from
+    the first backward on) and the layer's scalars."""
 
     __slots__ = (
-        "activation_dropout", "activation_scale", "approximate", "attention", "attention_dropout", "backward_launches",
-        "eps1", "eps2", "heads", "hidden_dropout", "norm1", "norm2", "scale", "seeds",
+        "activation_dropout", "approximate", "attention", "attention_dropout", "backward_launches", "eps1", "eps2",
+        "gelu_dropout", "heads", "hidden_dropout", "norm1", "norm2", "scale", "seeds",
     )  # fmt: skip
 
     def __init__(
@@ -160,6 +170,7 @@ class _Plan:
     ):
         from d2v_kernels.kernels import add_layer_norm as norm_kernels
         from d2v_kernels.kernels.attention import forward_launch
+        from d2v_kernels.kernels.gelu_dropout import gelu_dropout_forward_launch
 
         b, n, c = x.shape
         q = x.new_empty((b, n, 3, heads, c // heads)).unbind(2)[0]  # the layout of the QKV GEMM's views
@@ -172,11 +183,14 @@ class _Plan:
         self.norm2 = norm_kernels.add_layer_norm_training_launch(
             rows, rows, params[14], params[15], False, dropout=dropout
         )
-        self.seeds = (1 if attention_dropout > 0.0 else 0) + (2 if dropout else 0)
+        # h, the intermediate dense's output (an addmm's: contiguous and aligned).
+        h = x.new_empty((b * n, params[10].shape[0]))
+        self.gelu_dropout = gelu_dropout_forward_launch(h, approximate) if activation_dropout > 0.0 else None
+        self.seeds = sum((attention_dropout > 0.0, 2 * dropout, self.gelu_dropout is not None))
         self.backward_launches = None
         self.heads, self.scale, (self.eps1, self.eps2), self.approximate = heads, scale, eps, approximate
         self.attention_dropout, self.hidden_dropout = attention_dropout, hidden_dropout
-        self.activation_dropout, self.activation_scale = activation_dropout, 1.0 / (1.0 - activation_dropout)
+        self.activation_dropout = activation_dropout
 
 
 _PLANS = plan_cache()
