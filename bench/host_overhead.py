@@ -7,7 +7,10 @@ This measures it on a CPU, where CI runs, so a change can be judged without a GP
 Per op (the default): microseconds per call of each op at an audio-base shape (fp16, inference, no
 autograd) and launches per call.
 
-    python -m bench.host_overhead [--calls 2000] [--profile OP]
+    python -m bench.host_overhead [--calls 2000] [--grad] [--profile OP]
+
+``--grad``: the same calls with inputs that require gradients, autograd recording (the forward
+call and its graph node; no backward).
 
 Whole models: ``bench.models``' model at its base depth (12 layers; audio's 7 conv layers and 5
 positional conv layers) at tiny widths (hidden 32, 2 heads of 16, intermediate 64, audio's convs 32
@@ -242,23 +245,26 @@ def per_call_us(fn: Callable[[], object], calls: int) -> float:
 OP_NAMES = ("add_layer_norm", "layer_norm_gelu", "attention", "conv_feature_extractor")
 
 
-def op_calls() -> dict[str, Callable[[], object]]:
-    """One call of each op at an audio-base shape (fp16), under torch.no_grad by the caller."""
+def op_calls(grad: bool = False) -> dict[str, Callable[[], object]]:
+    """One call of each op at an audio-base shape (fp16), under torch.no_grad by the caller; with
+    ``grad`` the floating inputs require gradients and the caller records autograd (the forward
+    call with its graph node, dropped at once: no backward)."""
     from d2v_kernels import ops
 
     dt = torch.float16
-    rows = torch.randn(8 * 499, 768, dtype=dt)
-    residual = torch.randn_like(rows)
-    w768, b768 = torch.randn(768, dtype=dt), torch.randn(768, dtype=dt)
-    frames = torch.randn(8, 512, 3199, dtype=dt)
-    w512, b512 = torch.randn(512, dtype=dt), torch.randn(512, dtype=dt)
-    q, k, v = (torch.randn(8, 499, 12, 64, dtype=dt) for _ in range(3))
+    randn = lambda *shape: torch.randn(*shape, dtype=dt).requires_grad_(grad)
+    rows = randn(8 * 499, 768)
+    residual = randn(8 * 499, 768)
+    w768, b768 = randn(768), randn(768)
+    frames = randn(8, 512, 3199)
+    w512, b512 = randn(512), randn(512)
+    q, k, v = (randn(8, 499, 12, 64) for _ in range(3))
     keep = torch.ones(8, 499, dtype=torch.bool)
     keep[1:, 400:] = False
     # The audio encoder's 7 layers on 1 s (the host time does not depend on the length; a CPU
     # allocation of a longer one's activations would add page faults a GPU's allocator does not pay).
     kernels, strides = (10, 3, 3, 3, 3, 2, 2), [5, 2, 2, 2, 2, 2, 2]
-    conv_weights = [torch.randn(512, 1 if i == 0 else 512, k, dtype=dt) for i, k in enumerate(kernels)]
+    conv_weights = [randn(512, 1 if i == 0 else 512, k) for i, k in enumerate(kernels)]
     wave = torch.randn(1, 16000, dtype=dt)
     norms = [w512] * len(kernels), [b512] * len(kernels)
     return {
@@ -269,10 +275,10 @@ def op_calls() -> dict[str, Callable[[], object]]:
     }
 
 
-def op_table(calls: int, driver: NoOpDriver) -> None:
+def op_table(calls: int, driver: NoOpDriver, grad: bool = False) -> None:
     """The per-op mode: µs per call and launches per call of each op of :func:`op_calls`."""
-    print(f"{'op':<22} {'µs/call':>8}  launches/call")
-    for name, fn in op_calls().items():
+    print(f"{'op':<22} {'µs/call':>8}  launches/call{'  (autograd recording)' if grad else ''}")
+    for name, fn in op_calls(grad).items():
         before = driver.launches
         us = per_call_us(fn, calls)
         launched = (driver.launches - before) / (calls * 5 + max(10, calls // 100))
@@ -606,6 +612,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--model", default=None, help=f"whole models instead of ops: comma list of {', '.join(MODEL_NAMES)}, or all"
     )
     parser.add_argument("--train", action="store_true", help="with --model: a training step (forward + backward)")
+    parser.add_argument(
+        "--grad", action="store_true", help="per op: inputs that require gradients, autograd recording (forward call)"
+    )
     parser.add_argument("--steps", type=int, default=10, help="with --model: steps per timing round (default 10)")
     parser.add_argument("--rounds", type=int, default=10, help="with --model: alternated rounds (default 10)")
     parser.add_argument("--warmup", type=int, default=3, help="with --model: untimed steps first (default 3)")
@@ -641,11 +650,11 @@ def main(argv: list[str] | None = None) -> int:
     import d2v_kernels
 
     with no_op_triton() as driver, shape_only_convs(), d2v_kernels.use_backend(**dict.fromkeys(OP_NAMES, "triton")):
-        with torch.no_grad():
+        with torch.set_grad_enabled(args.grad):
             if args.profile is not None:
-                profile_calls(op_calls()[args.profile], args.calls)
+                profile_calls(op_calls(args.grad)[args.profile], args.calls)
             else:
-                op_table(args.calls, driver)
+                op_table(args.calls, driver, args.grad)
     return 0
 
 

@@ -283,3 +283,25 @@ def test_pos_conv_plan_follows_the_one_pass_switch(monkeypatch):
         call(*tensors)
     assert one_pass_runs == [True]
     torch.testing.assert_close(one, two)
+
+
+def test_a_leftover_functorch_wrapper_takes_the_full_path():
+    """A tensor left over from a finished torch.func transform is a plain torch.Tensor by type
+    but has no storage: the plan key cannot read its pointer, so the op takes its full path (the
+    custom op), not a plan's launch or the direct Function apply, and computes what it computes
+    for the tensor it wraps."""
+    leaked = []
+
+    def keep(x):
+        leaked.append(x)
+        return (x * 2).sum()
+
+    gen = torch.Generator().manual_seed(3)
+    x, residual = torch.randn(5, 48, generator=gen), torch.randn(5, 48, generator=gen)
+    weight, bias = torch.randn(48, generator=gen), torch.randn(48, generator=gen)
+    torch.func.grad(keep)(x)
+    assert torch._C._functorch.is_functorch_wrapped_tensor(leaked[0])
+    with d2v_kernels.use_backend(add_layer_norm="triton"):
+        expected = ops.add_layer_norm(x, residual, weight, bias)
+        got = ops.add_layer_norm(leaked[0], residual, weight, bias)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

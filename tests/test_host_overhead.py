@@ -21,11 +21,12 @@ def run_on_the_no_op_driver(*args: str, triton_cache: Path | None = None) -> sub
     return result
 
 
-def test_each_op_launches_its_kernels_through_the_compiled_path():
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])
+def test_each_op_launches_its_kernels_through_the_compiled_path(grad):
     """Each op launches its kernels through Triton's real launcher: one, or one a layer for the
     feature extractor (layer 0's kernel, then a LayerNorm + GELU after each of the other six
-    convs)."""
-    result = run_on_the_no_op_driver("--calls", "20")
+    convs); with autograd recording (``--grad``) the forward launches the same."""
+    result = run_on_the_no_op_driver("--calls", "20", *(["--grad"] if grad else []))
     lines = {line.split()[0]: line.split() for line in result.stdout.splitlines()[1:]}
     launches = {"add_layer_norm": "1", "layer_norm_gelu": "1", "attention": "1", "conv_feature_extractor": "7"}
     assert {name: fields[2] for name, fields in lines.items()} == launches

@@ -46,6 +46,35 @@ def autograd_function(name: str, forward: Callable, setup_context: Callable, bac
 
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+# A functorch wrapper (inside torch.func.grad / vmap, or one left over from a finished transform)
+# is a plain torch.Tensor by type: the custom op takes it, through functorch's own rules.
+_functorch_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", lambda t: False)
+
+
+def direct_apply(function: type) -> Callable:
+    """``function.apply`` less the Python wrapper's per-call work, for a Function without a
+    ``setup_context`` called where :func:`runs_eagerly` holds for its tensors (no functorch
+    wrapper among them).
+
+    ``Function.apply`` unwraps dead functorch wrappers from the arguments (a generator over them
+    all, several microseconds) before the C++ ``apply`` its ``super()`` holds; with no functorch
+    transform active and no wrapper among the arguments that is the identity, so this calls the
+    C++ ``apply`` itself, and ``Function.apply`` whenever a transform is active. Found by structure:
+    where this torch has neither, ``function.apply``."""
+    python_apply = function.apply
+    c_apply = getattr(super(torch.autograd.Function, function), "apply", None)
+    defines_setup_context = "setup_context" in vars(function)
+    if _functorch_active is None or c_apply is None or defines_setup_context:
+        return python_apply
+
+    def apply(*args):
+        if _functorch_active():
+            return python_apply(*args)
+        return c_apply(*args)
+
+    return apply
+
 
 def runs_eagerly(inputs) -> bool:
     """True when ``inputs`` are real tensors computed now: not under torch.compile, no dispatch mode
@@ -54,13 +83,15 @@ def runs_eagerly(inputs) -> bool:
     custom op, which has fake and functional implementations."""
     if torch.compiler.is_compiling() or current_dispatch_mode() is not None:
         return False
-    return all(type(t) in _PLAIN_TENSOR_TYPES for t in inputs if isinstance(t, torch.Tensor))
+    return all(
+        type(t) in _PLAIN_TENSOR_TYPES and not _functorch_wrapped(t) for t in inputs if isinstance(t, torch.Tensor)
+    )
 
 
 def eager_or_compiled(custom_op: Callable, function: type) -> Callable:
     """``call(*inputs)``: on real tensors the autograd.Function, or its forward alone when no
     gradient is recorded (inference: no graph node, no saved tensors); else the custom op."""
-    apply, implementation = function.apply, function.implementation
+    apply, implementation = direct_apply(function), function.implementation
 
     def call(*inputs):
         if not runs_eagerly(inputs):

@@ -49,15 +49,20 @@ def plans_enabled() -> bool:
 
 def layout_key(*tensors) -> tuple | None:
     """(shape, strides, dtype, device, data_ptr % 16, requires_grad) of each tensor (None stays
-    None), or None when an argument is neither None nor a plain tensor (the full path judges it)."""
+    None), or None when an argument is neither None nor a plain tensor (the full path judges it):
+    also a tensor without storage (a functorch wrapper left over from a finished transform, whose
+    type is plain), whose pointer cannot be read."""
     key = []
-    for t in tensors:
-        if t is None:
-            key.append(None)
-        elif type(t) in PLAIN_TENSOR_TYPES:
-            key.append((t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15, t.requires_grad))
-        else:
-            return None
+    try:
+        for t in tensors:
+            if t is None:
+                key.append(None)
+            elif type(t) in PLAIN_TENSOR_TYPES:
+                key.append((t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15, t.requires_grad))
+            else:
+                return None
+    except RuntimeError:
+        return None
     return tuple(key)
 
 

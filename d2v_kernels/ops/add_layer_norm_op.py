@@ -21,7 +21,7 @@ from d2v_kernels.ops._checks import (
     layer_norm_compute_dtype,
     layer_norm_promoted,
 )
-from d2v_kernels.ops._eager import pick, register_traced_autograd, runs_eagerly
+from d2v_kernels.ops._eager import direct_apply, pick, register_traced_autograd, runs_eagerly
 from d2v_kernels.ops._plan import layout_key, lookup, needs_grad, plan_cache, plans_enabled, recorder, store
 from d2v_kernels.ops.attention_op import _draw_seed
 
@@ -287,7 +287,7 @@ def _plan(x, residual, weight, bias, eps, return_sum, x_scale, dropout_p):
             launch = _kernels.add_layer_norm_training_launch(
                 x, residual, weight, bias, return_sum, x_scale, dropout=dropout
             )
-            apply = AddLayerNormLaunched.apply
+            apply = direct_apply(AddLayerNormLaunched)
 
             if dropout:
 

@@ -22,7 +22,7 @@ from torch.autograd.function import once_differentiable
 
 from d2v_kernels import dispatch
 from d2v_kernels.ops._checks import FLOAT_DTYPES, check_same_device, check_tensor
-from d2v_kernels.ops._eager import pick, register_traced_autograd, runs_eagerly
+from d2v_kernels.ops._eager import direct_apply, pick, register_traced_autograd, runs_eagerly
 from d2v_kernels.ops._plan import layout_key, plan_cache, plans_enabled, recorder, store
 
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -550,7 +550,7 @@ def _plan(device, q, k, v, bias_table, bias_index, bias, key_padding_mask, causa
 
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias_table, bias)):
         launch = forward_launch(q, k, v, bias_table, bias_index, bias, key_padding_mask, causal, dropout_p > 0.0)
-        apply = AttentionLaunched.apply
+        apply = direct_apply(AttentionLaunched)
 
         def run_autograd(q, k, v, table, index, bias, mask):
             record("attention", backend)

@@ -17,7 +17,7 @@ from torch.autograd.function import once_differentiable
 
 from d2v_kernels import dispatch
 from d2v_kernels.ops._checks import KERNEL_DTYPES, check_eps, check_param_list, check_same_device, check_tensor
-from d2v_kernels.ops._eager import runs_eagerly, without_zero_grads
+from d2v_kernels.ops._eager import direct_apply, runs_eagerly, without_zero_grads
 from d2v_kernels.ops._plan import layout_key, lookup, needs_grad, plan_cache, plans_enabled, recorder, store
 
 
@@ -249,6 +249,9 @@ class PosConvFunction(torch.autograd.Function):
         return None, None, None, grad_x, *grad_weights, *_in_dtypes(grad_biases, ctx.bias_dtypes)
 
 
+_apply_pos_conv = direct_apply(PosConvFunction)
+
+
 def _pos_conv_triton(x, weights, biases, *, groups, eps=1e-5):
     """Triton path: keeps the pre-norm activations only when autograd will need them.
 
@@ -261,7 +264,7 @@ def _pos_conv_triton(x, weights, biases, *, groups, eps=1e-5):
         return run(x, weights, biases)
     biases = [torch.zeros_like(w[:, 0, 0]) if b is None else b for w, b in zip(weights, biases)]
     if needs_grad and runs_eagerly((x, *weights, *biases)):
-        return PosConvFunction.apply(groups, float(eps), len(weights), x, *weights, *biases)
+        return _apply_pos_conv(groups, float(eps), len(weights), x, *weights, *biases)
     out, _ = torch.ops.d2v_kernels.pos_conv(x, list(weights), biases, groups, float(eps), needs_grad)
     return out
 

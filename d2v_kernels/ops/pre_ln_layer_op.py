@@ -35,7 +35,7 @@ from torch.autograd.function import once_differentiable
 from d2v_kernels import dispatch
 from d2v_kernels.ops import add_layer_norm_op, attention_op
 from d2v_kernels.ops._checks import check_eps, check_tensor
-from d2v_kernels.ops._eager import runs_eagerly
+from d2v_kernels.ops._eager import direct_apply, runs_eagerly
 from d2v_kernels.ops._plan import layout_key, lookup, plan_cache, plans_enabled, recorder, store
 
 __all__ = ["pre_ln_layer_training"]
@@ -303,7 +303,7 @@ def _make_plan(x, table, index, params, heads, attention_dropout, hidden_dropout
         x, table, index, params, heads, float(attention_dropout), hidden_dropout, drop_path, float(scale), eps,
         approximate,
     )  # fmt: skip
-    apply, record = PreLnLayerFunction.apply, recorder()
+    apply, record = direct_apply(PreLnLayerFunction), recorder()
 
     def run(x, table, index, params):
         record("attention", "triton")
