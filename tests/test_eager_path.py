@@ -24,7 +24,7 @@ def _attention(x, w, b):
 
 
 CASES = [
-    ("layer_norm_gelu", _layer_norm_gelu, "LayerNormGeluFunction", "d2v_kernels.layer_norm_gelu_fwd"),
+    ("layer_norm_gelu", _layer_norm_gelu, "LayerNormGeluLaunched", "d2v_kernels.layer_norm_gelu_fwd"),
     ("add_layer_norm", _add_layer_norm, "AddLayerNormLaunched", "d2v_kernels.add_layer_norm_fwd"),
     ("attention", _attention, "AttentionLaunched", "d2v_kernels.attention_fwd"),
 ]

@@ -22,6 +22,7 @@ __all__ = [
     "layer_norm_gelu_backward",
     "layer_norm_gelu_forward",
     "layer_norm_gelu_inference_launch",
+    "layer_norm_gelu_training_launch",
     "unsupported_reasons",
 ]
 
@@ -38,6 +39,12 @@ def layer_norm_gelu_forward(
     without the channel dim."""
     y, _, mean, rstd = row_norm_forward(x, channels_dim, weight, bias, eps, approximate)
     return y, mean, rstd
+
+
+def layer_norm_gelu_training_launch(x, weight, bias, channels_dim: int, approximate: str):
+    """:func:`layer_norm_gelu_forward` for inputs of this layout, as one launch object:
+    ``launch(x, weight, bias, eps, None)`` -> (y, None, mean, rstd)."""
+    return forward_launch(x, channels_dim, weight, bias, approximate)
 
 
 def layer_norm_gelu_inference_launch(x, weight, bias, channels_dim: int, approximate: str):

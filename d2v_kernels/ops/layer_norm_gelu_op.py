@@ -11,6 +11,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from d2v_kernels import dispatch
 from d2v_kernels.ops._checks import (
@@ -20,7 +21,7 @@ from d2v_kernels.ops._checks import (
     layer_norm_compute_dtype,
     layer_norm_promoted,
 )
-from d2v_kernels.ops._eager import pick, register_autograd, runs_eagerly
+from d2v_kernels.ops._eager import direct_apply, pick, register_autograd, runs_eagerly
 from d2v_kernels.ops._plan import layout_key, lookup, needs_grad, plan_cache, plans_enabled, recorder, store
 
 try:
@@ -125,6 +126,23 @@ LayerNormGeluFunction, _layer_norm_gelu_call = register_autograd(
 )
 
 
+class LayerNormGeluLaunched(torch.autograd.Function):
+    """The eager training path: the forward a plan's launch (statistics stored), the backward
+    :func:`_backward`'s. Traced calls and tensor subclasses take the custom op."""
+
+    @staticmethod
+    def forward(ctx, launch, x, weight, bias, eps, channels_dim, approximate):
+        y, _, mean, rstd = launch(x, weight, bias, eps, None)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.channels_dim, ctx.approximate = channels_dim, approximate
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        return (None, *_backward(ctx, dy, None, None))
+
+
 def layer_norm_gelu_triton(x, weight=None, bias=None, *, eps=1e-5, channels_dim=-1, approximate="none"):
     return _layer_norm_gelu_call(x, weight, bias, eps, channels_dim, approximate)[0]
 
@@ -207,6 +225,13 @@ def _plan(x, weight, bias, eps, channels_dim, approximate):
 
             def run(x, weight, bias):
                 return launch(x, weight, bias, eps, None)[0]
+
+        elif impl.run is layer_norm_gelu_triton and eager:
+            launch = _kernels.layer_norm_gelu_training_launch(x, weight, bias, cd, approximate)
+            apply = direct_apply(LayerNormGeluLaunched)
+
+            def run(x, weight, bias):
+                return apply(launch, x, weight, bias, eps, cd, approximate)
 
     record = recorder()
 
