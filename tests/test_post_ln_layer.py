@@ -172,3 +172,51 @@ def test_gelu_dropout_mask_is_the_seeds_and_keeps_one_minus_p():
         fractions = keep.float().mean(axis)
         assert (fractions - (1 - p)).abs().max() < 6 * ((p * (1 - p) / count) ** 0.5)
         assert fractions.std() > 0.3 * ((p * (1 - p) / count) ** 0.5)
+
+
+@pytest.mark.parametrize("modality", ["text", "audio"])
+def test_sdpa_attention_runs_inside_the_node_and_equals_the_op_by_op_path(modality, monkeypatch):
+    """Where the measured rule picks sdpa for the attention (half precision on CUDA; forced here)
+    the layer is still one node, the attention's own autograd graph recorded inside it: output
+    and every gradient equal the op-by-op path on the same backends, attention dropout on (both
+    draw it from torch's generator in the same order: the hidden dropouts are off), and the inner
+    graph is released by a backward that does not keep its graph, kept by one that does."""
+    if modality == "text":
+        _, fused, _ = build_pair("Data2VecTextModel", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.3)
+        layer, c = fused.encoder.layer[0], fused.config.hidden_size
+    else:
+        _, fused, _ = build_pair(
+            "Data2VecAudioModel", hidden_dropout=0.0, attention_dropout=0.3, activation_dropout=0.0
+        )
+        layer, c = fused.encoder.layers[0], fused.config.hidden_size
+    fused.train()
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 7, c, generator=gen, requires_grad=True)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+    weight = torch.randn(2, 7, c, generator=gen)
+    params = [x, *layer.parameters()]
+
+    def run(one_node: bool):
+        torch.manual_seed(11)
+        with d2v_kernels.use_backend(attention="sdpa", add_layer_norm="triton"), d2v_kernels.record_dispatch() as calls:
+            if not one_node:  # the op-by-op path: the layer's caller finds the node declined
+                monkeypatch.setattr(f"d2v_kernels.models.{modality}.post_ln_layer_training", lambda *a, **k: None)
+            out = layer(x, attention_mask=mask)
+        out = out[0] if isinstance(out, tuple) else out
+        return out, calls
+
+    out, calls = run(True)
+    assert type(out.grad_fn).__name__ == NODE and calls[("attention", "sdpa")] == 1
+    expected, expected_calls = run(False)
+    assert type(expected.grad_fn).__name__ != NODE and expected_calls[("attention", "sdpa")] == 1
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-5)
+    kept = torch.autograd.grad((out * weight).sum(), params, retain_graph=True)
+    assert out.grad_fn.sdpa_graph is not None
+    again = torch.autograd.grad((out * weight).sum(), params)
+    assert out.grad_fn.sdpa_graph is None
+    want = torch.autograd.grad((expected * weight).sum(), params)
+    names = ["x", *(name for name, _ in layer.named_parameters())]
+    for name, got, second, ref in zip(names, kept, again, want):
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(second, got, atol=0, rtol=0, msg=lambda m, n=name: f"{n} (second backward): {m}")

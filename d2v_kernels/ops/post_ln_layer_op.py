@@ -36,7 +36,7 @@ from torch.autograd.function import once_differentiable
 from d2v_kernels import dispatch
 from d2v_kernels.ops import add_layer_norm_op, attention_op
 from d2v_kernels.ops._checks import check_eps, check_tensor
-from d2v_kernels.ops._eager import runs_eagerly
+from d2v_kernels.ops._eager import direct_apply, runs_eagerly
 from d2v_kernels.ops._plan import layout_key, lookup, plan_cache, plans_enabled, recorder, store
 
 __all__ = ["post_ln_layer_training"]
@@ -53,17 +53,22 @@ class PostLnLayerFunction(torch.autograd.Function):
         b, n, c = x.shape
         x2 = x.view(b * n, c)
         wqkv, bqkv = torch.cat((wq, wk, wv)), torch.cat((bq, bk, bv))
-        q, k, v = torch.addmm(bqkv, x2, wqkv.t()).view(b, n, 3, plan.heads, c // plan.heads).unbind(2)
+        qkv = torch.addmm(bqkv, x2, wqkv.t())
+        q, k, v = qkv.view(b, n, 3, plan.heads, c // plan.heads).unbind(2)
         # The Philox seeds of the attention's dropout, of the two hidden dropouts (fused into the
         # add + LayerNorms) and of the activation dropout (fused with the GELU), in that order, one
         # draw: their masks are drawn again in the backward, never stored.
         seed = seed1 = seed2 = seed3 = None
         if plan.seeds:
             seeds = iter(torch.randint(0, 2**31 - 1, (plan.seeds, 2), device=x.device, dtype=torch.int64).unbind(0))
-            seed = next(seeds) if plan.attention_dropout > 0.0 else None
+            seed = next(seeds) if plan.attention_seed else None
             seed1, seed2 = (next(seeds), next(seeds)) if plan.hidden_dropout > 0.0 else (None, None)
             seed3 = next(seeds) if plan.gelu_dropout is not None else None
-        out, lse = plan.attention(q, k, v, None, None, None, mask, seed, plan.scale, plan.attention_dropout)
+        if plan.sdpa:
+            out, lse = _sdpa_forward(ctx, plan, qkv, b, mask)
+            q, k, v = q.detach(), None, None  # the attention's graph keeps what its backward needs
+        else:
+            out, lse = plan.attention(q, k, v, None, None, None, mask, seed, plan.scale, plan.attention_dropout)
         context = out.view(b * n, c)
         a = torch.addmm(bd, context, wd.t())
         p = plan.hidden_dropout
@@ -112,14 +117,50 @@ class PostLnLayerFunction(torch.autograd.Function):
                                                     None, None, seed=seed1, dropout_p=p)  # fmt: skip
         dwd, dbd = da.t().mm(out.view(b * n, c)), da.sum(0)
         dcontext = da.mm(wd).view(b, n, heads, d)
-        attention_backward = launches.attention(torch.are_deterministic_algorithms_enabled(), dcontext, q, k, v, out,
-                                                lse, mask, seed, plan)  # fmt: skip
-        dq, dk, dv, _, _ = attention_backward(dcontext, q, k, v, out, lse, None, None, None, mask, seed)
-        dqkv = torch.cat((dq.view(b * n, c), dk.view(b * n, c), dv.view(b * n, c)), 1)
+        if plan.sdpa:
+            dqkv = _sdpa_backward(ctx, dcontext)
+        else:
+            attention_backward = launches.attention(torch.are_deterministic_algorithms_enabled(), dcontext, q, k, v,
+                                                    out, lse, mask, seed, plan)  # fmt: skip
+            dq, dk, dv, _, _ = attention_backward(dcontext, q, k, v, out, lse, None, None, None, mask, seed)
+            dqkv = torch.cat((dq.view(b * n, c), dk.view(b * n, c), dv.view(b * n, c)), 1)
         dx = torch.addmm(dresidual, dqkv, wqkv).view(b, n, c)
         dwq, dwk, dwv = dqkv.t().mm(x2).view(3, c, c).unbind(0)
         dbq, dbk, dbv = dqkv.sum(0).view(3, c).unbind(0)
         return None, dx, None, dwq, dbq, dwk, dbk, dwv, dbv, dwd, dbd, dw1, db1, dwi, dbi, dwo, dbo, dw2, db2
+
+
+# Whether the backward running now keeps its graph (``retain_graph``); absent from a torch that
+# lacks it: then the attention's graph is kept as if it did.
+_keeps_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+
+
+def _sdpa_forward(ctx, plan, qkv, batch, mask):
+    """The attention through ``ops.attention``'s sdpa backend (the measured rule's pick: flash /
+    efficient / cuDNN attention and their backwards, which no launch of ours can call), its
+    autograd graph recorded inside the layer's node from the QKV GEMM's output (B * N, 3C), a leaf
+    here, and kept on ``ctx`` for :func:`_sdpa_backward`. Returns the context (B, N, H, d)
+    contiguous, no log-sum-exp."""
+    qkv.requires_grad_()
+    with torch.enable_grad():
+        q, k, v = qkv.view(batch, qkv.shape[0] // batch, 3, plan.heads, -1).unbind(2)
+        attended = attention_op.attention_sdpa(
+            q, k, v, key_padding_mask=mask, dropout_p=plan.attention_dropout, scale=plan.scale
+        )
+    ctx.sdpa_graph = (attended, qkv)
+    return attended.detach().contiguous(), None
+
+
+def _sdpa_backward(ctx, dcontext):
+    """The QKV GEMM output's gradient (B * N, 3C) through the attention's recorded graph: one
+    tensor for q, k and v (their views' gradients land in it, no concatenation). The graph's
+    saved tensors are released with it unless this backward keeps its graph."""
+    attended, qkv = ctx.sdpa_graph
+    keep = True if _keeps_graph is None else _keeps_graph()
+    (dqkv,) = torch.autograd.grad(attended, qkv, dcontext, retain_graph=keep)
+    if not keep:
+        ctx.sdpa_graph = None
+    return dqkv
 
 
 class _BackwardLaunches:
@@ -161,13 +202,14 @@ class _Plan:
     the first backward on) and the layer's scalars."""
 
     __slots__ = (
-        "activation_dropout", "approximate", "attention", "attention_dropout", "backward_launches", "eps1", "eps2",
-        "gelu_dropout", "heads", "hidden_dropout", "norm1", "norm2", "scale", "seeds",
+        "activation_dropout", "approximate", "attention", "attention_dropout", "attention_seed", "backward_launches",
+        "eps1", "eps2", "gelu_dropout", "heads", "hidden_dropout", "norm1", "norm2", "scale", "sdpa", "seeds",
     )  # fmt: skip
 
     def __init__(
-        self, x, mask, params, heads, attention_dropout, hidden_dropout, activation_dropout, scale, eps, approximate
-    ):
+        self, x, mask, params, heads, attention_dropout, hidden_dropout, activation_dropout, scale, eps, approximate,
+        sdpa,
+    ):  # fmt: skip
         from d2v_kernels.kernels import add_layer_norm as norm_kernels
         from d2v_kernels.kernels.attention import forward_launch
         from d2v_kernels.kernels.gelu_dropout import gelu_dropout_forward_launch
@@ -175,7 +217,9 @@ class _Plan:
         b, n, c = x.shape
         q = x.new_empty((b, n, 3, heads, c // heads)).unbind(2)[0]  # the layout of the QKV GEMM's views
         rows = x.view(b * n, c)
-        self.attention = forward_launch(q, q, q, None, None, None, mask, False, attention_dropout > 0.0)
+        # sdpa draws its dropout from torch's generator itself; the Triton kernel from a seed.
+        self.sdpa, self.attention_seed = sdpa, attention_dropout > 0.0 and not sdpa
+        self.attention = None if sdpa else forward_launch(q, q, q, None, None, None, mask, False, self.attention_seed)
         dropout = hidden_dropout > 0.0
         self.norm1 = norm_kernels.add_layer_norm_training_launch(
             rows, rows, params[8], params[9], False, dropout=dropout
@@ -186,7 +230,7 @@ class _Plan:
         # h, the intermediate dense's output (an addmm's: contiguous and aligned).
         h = x.new_empty((b * n, params[10].shape[0]))
         self.gelu_dropout = gelu_dropout_forward_launch(h, approximate) if activation_dropout > 0.0 else None
-        self.seeds = sum((attention_dropout > 0.0, 2 * dropout, self.gelu_dropout is not None))
+        self.seeds = sum((self.attention_seed, 2 * dropout, self.gelu_dropout is not None))
         self.backward_launches = None
         self.heads, self.scale, (self.eps1, self.eps2), self.approximate = heads, scale, eps, approximate
         self.attention_dropout, self.hidden_dropout = attention_dropout, hidden_dropout
@@ -281,16 +325,19 @@ def _make_plan(x, mask, params, heads, attention_dropout, hidden_dropout, activa
             dispatch.select("add_layer_norm", device, rows, rows, params[i], params[i + 1], eps=e)
             for i, e in ((8, eps[0]), (14, eps[1]))
         ]
-        taken = attention.run is attention_op.attention_triton and all(
+        taken = attention.run in (attention_op.attention_triton, attention_op.attention_sdpa) and all(
             norm.run is add_layer_norm_op._add_layer_norm_triton for norm in norms
         )
     if not taken:
         return _not_taken
-    plan = _Plan(x, mask, params, heads, attention_dropout, hidden_dropout, activation_dropout, scale, eps, approximate)
-    apply, record = PostLnLayerFunction.apply, recorder()
+    sdpa = attention.run is attention_op.attention_sdpa
+    plan = _Plan(
+        x, mask, params, heads, attention_dropout, hidden_dropout, activation_dropout, scale, eps, approximate, sdpa
+    )
+    apply, record, attention_backend = direct_apply(PostLnLayerFunction), recorder(), attention.backend
 
     def run(x, mask, params):
-        record("attention", "triton")
+        record("attention", attention_backend)
         record("add_layer_norm", "triton")
         record("add_layer_norm", "triton")
         return apply(plan, x, mask, *params)
