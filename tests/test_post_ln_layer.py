@@ -212,9 +212,9 @@ def test_sdpa_attention_runs_inside_the_node_and_equals_the_op_by_op_path(modali
     assert type(expected.grad_fn).__name__ != NODE and expected_calls[("attention", "sdpa")] == 1
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-5)
     kept = torch.autograd.grad((out * weight).sum(), params, retain_graph=True)
-    assert out.grad_fn.sdpa_graph is not None
+    assert out.grad_fn.nested_attention is not None
     again = torch.autograd.grad((out * weight).sum(), params)
-    assert out.grad_fn.sdpa_graph is None
+    assert out.grad_fn.nested_attention is None
     want = torch.autograd.grad((expected * weight).sum(), params)
     names = ["x", *(name for name, _ in layer.named_parameters())]
     for name, got, second, ref in zip(names, kept, again, want):

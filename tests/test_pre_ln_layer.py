@@ -39,13 +39,21 @@ def _op_by_op(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "bias",
+    ("bias", "attention"),
     [
-        pytest.param(dict(), id="layer-table"),
-        pytest.param(dict(use_relative_position_bias=False, use_shared_relative_position_bias=True), id="shared-table"),
+        pytest.param(dict(), "triton", id="layer-table"),
+        pytest.param(
+            dict(use_relative_position_bias=False, use_shared_relative_position_bias=True),
+            "triton",
+            id="shared-table",
+        ),
+        # the measured rule's picks for the table's training on CUDA: the attention's own graph
+        # recorded inside the node
+        pytest.param(dict(), "eager", id="layer-table-eager-attention"),
+        pytest.param(dict(), "sdpa", id="layer-table-sdpa-attention"),
     ],
 )
-def test_vision_training_forward_is_one_node_a_layer_where_triton_runs(bias, monkeypatch):
+def test_vision_training_forward_is_one_node_a_layer_where_triton_runs(bias, attention, monkeypatch):
     """One node a layer with drop path on (the default rate), the dispatch record the op-by-op
     path's, and the loss and gradients equal transformers'."""
     class_name = "Data2VecVisionForImageClassification"
@@ -55,10 +63,11 @@ def test_vision_training_forward_is_one_node_a_layer_where_triton_runs(bias, mon
     fused.train()
     torch.manual_seed(3)
     ref_loss = reference(**inputs).loss
-    with d2v_kernels.use_backend("triton"):
+    with d2v_kernels.use_backend("triton", attention=attention):
         torch.manual_seed(3)
         with d2v_kernels.record_dispatch() as calls:
             loss = fused(**inputs).loss
+        assert calls[("attention", attention)] == config.num_hidden_layers
         assert _nodes(loss).count(NODE) == config.num_hidden_layers
         params = [p for _, p in fused.named_parameters()]
         grads = torch.autograd.grad(loss, params)

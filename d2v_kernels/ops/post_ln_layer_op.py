@@ -20,9 +20,11 @@ kept. Without an activation dropout (text; audio with p = 0) the GELU and its ba
 ``gelu`` / ``gelu_backward``. The dropped elements differ from transformers' for the same
 ``torch.manual_seed``, as with the ops alone; the distribution is the same.
 
-Only where the layer would run those same Triton kernels: dispatch picks the Triton backend for
-the attention and for the add + LayerNorm (so ``use_backend``, the measured rule and the
-environment choose exactly as for the ops alone), on plain tensors, not traced, not under
+Only where the layer would run those same kernels: dispatch picks the Triton backend for the add +
+LayerNorm, and for the attention Triton or sdpa (the measured rule's pick in half precision on
+CUDA), whose autograd graph is then recorded inside the node (``_nested_attention``); so
+``use_backend``, the measured rule and the environment choose exactly as for the ops alone. On
+plain tensors, not traced, not under
 autocast, with autograd recording. Anything else returns None and the caller runs the layer op by
 op. Validation, like the ops', happens once per input layout (the plan key holds every tensor's
 shape, strides, dtype, device, alignment and ``requires_grad``).
@@ -34,6 +36,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from d2v_kernels import dispatch
+from d2v_kernels.ops import _nested_attention as nested_attention
 from d2v_kernels.ops import add_layer_norm_op, attention_op
 from d2v_kernels.ops._checks import check_eps, check_tensor
 from d2v_kernels.ops._eager import direct_apply, runs_eagerly
@@ -65,7 +68,17 @@ class PostLnLayerFunction(torch.autograd.Function):
             seed1, seed2 = (next(seeds), next(seeds)) if plan.hidden_dropout > 0.0 else (None, None)
             seed3 = next(seeds) if plan.gelu_dropout is not None else None
         if plan.sdpa:
-            out, lse = _sdpa_forward(ctx, plan, qkv, b, mask)
+            out = nested_attention.attention_forward(
+                ctx,
+                attention_op.attention_sdpa,
+                qkv,
+                b,
+                plan.heads,
+                mask=mask,
+                dropout_p=plan.attention_dropout,
+                scale=plan.scale,
+            )
+            lse = None
             q, k, v = q.detach(), None, None  # the attention's graph keeps what its backward needs
         else:
             out, lse = plan.attention(q, k, v, None, None, None, mask, seed, plan.scale, plan.attention_dropout)
@@ -118,7 +131,7 @@ class PostLnLayerFunction(torch.autograd.Function):
         dwd, dbd = da.t().mm(out.view(b * n, c)), da.sum(0)
         dcontext = da.mm(wd).view(b, n, heads, d)
         if plan.sdpa:
-            dqkv = _sdpa_backward(ctx, dcontext)
+            dqkv, _ = nested_attention.attention_backward(ctx, dcontext)
         else:
             attention_backward = launches.attention(torch.are_deterministic_algorithms_enabled(), dcontext, q, k, v,
                                                     out, lse, mask, seed, plan)  # fmt: skip
@@ -128,39 +141,6 @@ class PostLnLayerFunction(torch.autograd.Function):
         dwq, dwk, dwv = dqkv.t().mm(x2).view(3, c, c).unbind(0)
         dbq, dbk, dbv = dqkv.sum(0).view(3, c).unbind(0)
         return None, dx, None, dwq, dbq, dwk, dbk, dwv, dbv, dwd, dbd, dw1, db1, dwi, dbi, dwo, dbo, dw2, db2
-
-
-# Whether the backward running now keeps its graph (``retain_graph``); absent from a torch that
-# lacks it: then the attention's graph is kept as if it did.
-_keeps_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-
-
-def _sdpa_forward(ctx, plan, qkv, batch, mask):
-    """The attention through ``ops.attention``'s sdpa backend (the measured rule's pick: flash /
-    efficient / cuDNN attention and their backwards, which no launch of ours can call), its
-    autograd graph recorded inside the layer's node from the QKV GEMM's output (B * N, 3C), a leaf
-    here, and kept on ``ctx`` for :func:`_sdpa_backward`. Returns the context (B, N, H, d)
-    contiguous, no log-sum-exp."""
-    qkv.requires_grad_()
-    with torch.enable_grad():
-        q, k, v = qkv.view(batch, qkv.shape[0] // batch, 3, plan.heads, -1).unbind(2)
-        attended = attention_op.attention_sdpa(
-            q, k, v, key_padding_mask=mask, dropout_p=plan.attention_dropout, scale=plan.scale
-        )
-    ctx.sdpa_graph = (attended, qkv)
-    return attended.detach().contiguous(), None
-
-
-def _sdpa_backward(ctx, dcontext):
-    """The QKV GEMM output's gradient (B * N, 3C) through the attention's recorded graph: one
-    tensor for q, k and v (their views' gradients land in it, no concatenation). The graph's
-    saved tensors are released with it unless this backward keeps its graph."""
-    attended, qkv = ctx.sdpa_graph
-    keep = True if _keeps_graph is None else _keeps_graph()
-    (dqkv,) = torch.autograd.grad(attended, qkv, dcontext, retain_graph=keep)
-    if not keep:
-        ctx.sdpa_graph = None
-    return dqkv
 
 
 class _BackwardLaunches:

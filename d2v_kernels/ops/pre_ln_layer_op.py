@@ -20,9 +20,11 @@ per-sample scale of the first branch multiplies the attention output before the 
 kernel (whose ``x_scale`` is ``lambda_1``); the second's, the feed-forward output before the
 residual ``addcmul`` with ``lambda_2``.
 
-Only where the layer would run those same Triton kernels: dispatch picks the Triton backend for
-the attention and for the add + LayerNorm, on plain tensors, not traced, not under autocast, with
-autograd recording; anything else returns None and the caller runs the layer op by op. Validation
+Only where the layer would run those same kernels: dispatch picks the Triton backend for the add +
+LayerNorm, and for the attention Triton, or sdpa or eager (the measured rule's pick for the
+table's training in half precision on CUDA), whose autograd graph is then recorded inside the
+node (``_nested_attention``); on plain tensors, not traced, not under autocast, with autograd
+recording. Anything else returns None and the caller runs the layer op by op. Validation
 happens once per input layout (the plan key holds every tensor's shape, strides, dtype, device,
 alignment and ``requires_grad``, and the bias index's version: its range is checked once).
 """
@@ -33,6 +35,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from d2v_kernels import dispatch
+from d2v_kernels.ops import _nested_attention as nested_attention
 from d2v_kernels.ops import add_layer_norm_op, attention_op
 from d2v_kernels.ops._checks import check_eps, check_tensor
 from d2v_kernels.ops._eager import direct_apply, runs_eagerly
@@ -40,6 +43,8 @@ from d2v_kernels.ops._plan import layout_key, lookup, plan_cache, plans_enabled,
 
 __all__ = ["pre_ln_layer_training"]
 
+# The attention backends the node runs: Triton's launches, or another's graph recorded inside it.
+_ATTENTION_BACKENDS = frozenset(("triton", "sdpa", "eager"))
 # Positions in ``params`` that may be None: the key's bias, lambda_1, lambda_2.
 _OPTIONAL = frozenset((5, 16, 17))
 
@@ -54,9 +59,24 @@ class PreLnLayerFunction(torch.autograd.Function):
         x2 = x.view(b * n, c)
         normed, mean0, rstd0 = torch.native_layer_norm(x2, (c,), w0, b0, plan.eps0)
         wqkv, bqkv = torch.cat((wq, wk, wv)), torch.cat((bq, plan.zero_bias if bk is None else bk, bv))
-        q, k, v = torch.addmm(bqkv, normed, wqkv.t()).view(b, n, 3, plan.heads, c // plan.heads).unbind(2)
-        seed = attention_op._draw_seed(q) if plan.attention_dropout > 0.0 else None
-        out, lse = plan.attention(q, k, v, table, index, None, None, seed, plan.scale, plan.attention_dropout)
+        qkv = torch.addmm(bqkv, normed, wqkv.t())
+        q, k, v = qkv.view(b, n, 3, plan.heads, c // plan.heads).unbind(2)
+        seed = attention_op._draw_seed(q) if plan.attention_dropout > 0.0 and plan.nested is None else None
+        if plan.nested is None:
+            out, lse = plan.attention(q, k, v, table, index, None, None, seed, plan.scale, plan.attention_dropout)
+        else:
+            out = nested_attention.attention_forward(
+                ctx,
+                plan.nested,
+                qkv,
+                b,
+                plan.heads,
+                table=table,
+                index=index,
+                dropout_p=plan.attention_dropout,
+                scale=plan.scale,
+            )
+            q, k, v, lse = q.detach(), None, None, None  # the attention's graph keeps what its backward needs
         a = torch.addmm(bd, out.view(b * n, c), wd.t())
         mask1 = mask2 = keep1 = keep2 = None
         if plan.hidden_dropout > 0.0:
@@ -118,10 +138,13 @@ class PreLnLayerFunction(torch.autograd.Function):
             da = torch.ops.aten.native_dropout_backward(da, mask1, plan.dropout_scale)
         dwd, dbd = da.t().mm(out.view(b * n, c)), da.sum(0)
         dcontext = da.mm(wd).view(b, n, heads, d)
-        attention_backward = launches.attention(torch.are_deterministic_algorithms_enabled(), dcontext, q, k, v, out,
-                                                lse, table, index, seed, plan)  # fmt: skip
-        dq, dk, dv, dtable, _ = attention_backward(dcontext, q, k, v, out, lse, table, index, None, None, seed)
-        dqkv = torch.cat((dq.view(b * n, c), dk.view(b * n, c), dv.view(b * n, c)), 1)
+        if plan.nested is None:
+            attention_backward = launches.attention(torch.are_deterministic_algorithms_enabled(), dcontext, q, k, v,
+                                                    out, lse, table, index, seed, plan)  # fmt: skip
+            dq, dk, dv, dtable, _ = attention_backward(dcontext, q, k, v, out, lse, table, index, None, None, seed)
+            dqkv = torch.cat((dq.view(b * n, c), dk.view(b * n, c), dv.view(b * n, c)), 1)
+        else:
+            dqkv, dtable = nested_attention.attention_backward(ctx, dcontext)
         dwq, dwk, dwv = dqkv.t().mm(normed).view(3, c, c).unbind(0)
         dbq, dbk, dbv = dqkv.sum(0).view(3, c).unbind(0)
         dx, dw0, db0 = torch.ops.aten.native_layer_norm_backward(
@@ -168,18 +191,23 @@ class _Plan:
 
     __slots__ = (
         "approximate", "attention", "attention_dropout", "backward_launches", "drop_path", "dropout_scale", "eps0",
-        "eps1", "heads", "hidden_dropout", "keep", "norm", "scale", "table_grad", "zero_bias",
+        "eps1", "heads", "hidden_dropout", "keep", "nested", "norm", "scale", "table_grad", "zero_bias",
     )  # fmt: skip
 
     def __init__(self, x, table, index, params, heads, attention_dropout, hidden_dropout, drop_path, scale, eps,
-                 approximate):  # fmt: skip
+                 approximate, nested):  # fmt: skip
         from d2v_kernels.kernels import add_layer_norm as norm_kernels
         from d2v_kernels.kernels.attention import forward_launch
 
         b, n, c = x.shape
         q = x.new_empty((b, n, 3, heads, c // heads)).unbind(2)[0]  # the layout of the QKV GEMM's views
         rows = x.view(b * n, c)
-        self.attention = forward_launch(q, q, q, table, index, None, None, False, attention_dropout > 0.0)
+        # nested: another attention backend's function, its graph recorded inside the node
+        # (``_nested_attention``), or None for the Triton kernels' launches.
+        self.nested = nested
+        self.attention = None
+        if nested is None:
+            self.attention = forward_launch(q, q, q, table, index, None, None, False, attention_dropout > 0.0)
         self.norm = norm_kernels.add_layer_norm_training_launch(rows, rows, params[10], params[11], True, params[16])
         self.backward_launches = None
         self.zero_bias = x.new_zeros(c) if params[5] is None else None
@@ -296,17 +324,18 @@ def _make_plan(x, table, index, params, heads, attention_dropout, hidden_dropout
         rows = x.view(b * n, c)
         norm = dispatch.select("add_layer_norm", device, rows, rows, params[10], params[11], eps=eps[1],
                                return_sum=True, x_scale=params[16])  # fmt: skip
-        taken = attention.run is attention_op.attention_triton and norm.run is add_layer_norm_op._add_layer_norm_triton
+        taken = attention.backend in _ATTENTION_BACKENDS and norm.run is add_layer_norm_op._add_layer_norm_triton
     if not taken:
         return _not_taken
+    nested = None if attention.run is attention_op.attention_triton else attention.run
     plan = _Plan(
         x, table, index, params, heads, float(attention_dropout), hidden_dropout, drop_path, float(scale), eps,
-        approximate,
+        approximate, nested,
     )  # fmt: skip
-    apply, record = direct_apply(PreLnLayerFunction), recorder()
+    apply, record, attention_backend = direct_apply(PreLnLayerFunction), recorder(), attention.backend
 
     def run(x, table, index, params):
-        record("attention", "triton")
+        record("attention", attention_backend)
         record("add_layer_norm", "triton")
         return apply(plan, x, table, index, *params)
 
