@@ -478,3 +478,144 @@ def test_extension_backward_takes_the_triton_path_only_where_it_can():
     meta = [[t.to("meta") for t in group] for group in _params(torch.float32)[:3]]
     assert "inputs are on meta" in reasons(torch.randn(2, 1601, device="meta"), meta)[0]
     assert any("float64" in r for r in reasons(torch.randn(2, 1601, dtype=torch.float64), _params(torch.float64)))
+
+
+# --------------------------------------------------------------------------------------------
+# Eager training: the whole stack as one autograd node
+# --------------------------------------------------------------------------------------------
+
+STACK_DIMS, STACK_KERNELS, STACK_STRIDES = (16, 24, 20), (10, 3, 2), (5, 2, 2)
+STACK_NODE = "ConvFeatureExtractorFunctionBackward"
+
+
+def _stack_leaves(layers, conv_bias, trains, seed=5):
+    """(wave, conv_weights, ln_weights, ln_biases, conv_biases or None) of a small stack; ``trains``
+    (name, layer) -> whether that leaf requires a gradient (layer None for the wave)."""
+    gen = torch.Generator().manual_seed(seed)
+    draw = lambda *shape, scale=1.0, shift=0.0: torch.randn(*shape, generator=gen) * scale + shift
+    wave = draw(2, 241).requires_grad_(trains("wave", None))
+    groups, c_in = {"w": [], "g": [], "b": [], "cb": []}, 1
+    for c, k in zip(STACK_DIMS[:layers], STACK_KERNELS[:layers]):
+        groups["w"].append(draw(c, c_in, k, scale=(c_in * k) ** -0.5))
+        groups["g"].append(draw(c, scale=0.2, shift=1.0))
+        groups["b"].append(draw(c, scale=0.1))
+        groups["cb"].append(draw(c, scale=0.1))
+        c_in = c
+    for name, group in groups.items():
+        for i, t in enumerate(group):
+            t.requires_grad_(trains(name, i))
+    return wave, groups["w"], groups["g"], groups["b"], groups["cb"] if conv_bias else None
+
+
+def _stack_run(leaves, layers):
+    wave, ws, gs, bs, cbs = leaves
+    return triton_path.run_conv_then_triton_norm(wave, ws, gs, bs, strides=STACK_STRIDES[:layers], conv_biases=cbs)
+
+
+def _nodes(output):
+    seen, stack, names = set(), [output.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def _flat(leaves):
+    wave, *groups = leaves
+    return [wave] + [t for group in groups if group is not None for t in group]
+
+
+def test_eager_training_is_one_node_for_the_stack():
+    """Through the op (its training plan) and through the backend's function: one node and its
+    parameters' AccumulateGrad, the dispatch recorded once per call as before."""
+    leaves = _stack_leaves(3, True, lambda name, i: name != "wave")
+    wave, ws, gs, bs, cbs = leaves
+    with d2v_kernels.use_backend(conv_feature_extractor="triton"), d2v_kernels.record_dispatch() as calls:
+        for _ in range(2):  # the second call takes the plan
+            out = ops.conv_feature_extractor(wave, ws, gs, bs, strides=list(STACK_STRIDES), conv_biases=cbs)
+            assert sorted(set(_nodes(out))) == ["AccumulateGrad", STACK_NODE]
+            assert _nodes(out).count(STACK_NODE) == 1
+    assert calls == {("conv_feature_extractor", "triton"): 2}
+    out = _stack_run(leaves, 3)
+    assert _nodes(out).count(STACK_NODE) == 1
+    out.mul_(2).sum().backward()  # no view made inside the Function: autograd takes it in place
+    assert all(t.grad is not None for t in _flat(leaves)[1:])
+
+
+_STACK_CASES = {  # id: (layers, conv bias, layer 0 fusable, which leaves train)
+    "bias-wave": (3, True, True, lambda name, i: True),
+    "layer0-conv-frozen-wave": (3, False, False, lambda name, i: name != "wave"),
+    "frozen-wave-and-layer0": (3, True, True, lambda name, i: i is not None and i > 0),
+    "layer0-conv-frozen-low": (3, True, False, lambda name, i: i == 2 or (i == 1 and name in ("g", "b"))),
+    "last-norm-only": (3, False, True, lambda name, i: i == 2 and name in ("g", "b")),
+    "one-layer": (1, True, True, lambda name, i: True),
+    "one-layer-conv": (1, False, False, lambda name, i: name != "wave"),
+}
+
+
+@pytest.mark.parametrize("case", list(_STACK_CASES))
+def test_one_node_gradients_equal_the_per_layer_nodes(case, monkeypatch):
+    """The one node's gradients are the per-layer nodes' (the path traced calls take, here as
+    their eager autograd.Function twins): the same implementations in the same order, so the same
+    bits. Frozen leaves get none. A second backward through the retained graph (the first dropped
+    the kept tensors) recomputes them and gives the same again."""
+    layers, conv_bias, fusable, trains = _STACK_CASES[case]
+    if not fusable:
+        monkeypatch.setattr(triton_path, "_conv0_fusable", lambda *args: False)
+    leaves = _stack_leaves(layers, conv_bias, trains)
+    out = _stack_run(leaves, layers)
+    assert _nodes(out).count(STACK_NODE) == 1
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out, retain_graph=True)
+    got = [t.grad for t in _flat(leaves)]
+    for t in _flat(leaves):
+        t.grad = None
+    out.backward(grad_out)
+    again = [t.grad for t in _flat(leaves)]
+    for t in _flat(leaves):
+        t.grad = None
+    with monkeypatch.context() as m:
+        m.setattr(triton_path, "runs_eagerly", lambda inputs: False)  # the per-layer path
+        per_layer = _stack_run(leaves, layers)
+        assert STACK_NODE not in _nodes(per_layer)
+        per_layer.backward(grad_out)
+    torch.testing.assert_close(out, per_layer, rtol=0, atol=0)
+    for i, (leaf, g, g2) in enumerate(zip(_flat(leaves), got, again)):
+        if not leaf.requires_grad:
+            assert g is None and g2 is None and leaf.grad is None, f"leaf {i}"
+            continue
+        torch.testing.assert_close(g, leaf.grad, rtol=0, atol=0, msg=f"leaf {i}")
+        torch.testing.assert_close(g2, leaf.grad, rtol=0, atol=0, msg=f"leaf {i}, second backward")
+
+
+@pytest.mark.parametrize("fusable", [True, False], ids=["layer0-kernel", "layer0-conv"])
+def test_one_node_under_checkpointing_keeps_no_conv_output_and_computes_the_same(fusable, monkeypatch):
+    """Non-reentrant checkpointing (how models/audio.py runs the op when enabled): the node's
+    tensors go through its hooks, so no conv output outlives the forward (without it they do,
+    for the backward), and the gradients are those of the plain call."""
+    import weakref
+
+    if not fusable:
+        monkeypatch.setattr(triton_path, "_conv0_fusable", lambda *args: False)
+    made, conv_output = [], triton_path._conv_output
+
+    def spy(*args):
+        z = conv_output(*args)
+        made.append(weakref.ref(z))
+        return z
+
+    monkeypatch.setattr(triton_path, "_conv_output", spy)
+    leaves = _stack_leaves(3, True, lambda name, i: name != "wave")
+    out = _stack_run(leaves, 3)
+    assert len(made) == 3 - fusable and all(ref() is not None for ref in made)
+    grad_out = torch.randn_like(out)
+    expected = torch.autograd.grad(out, _flat(leaves)[1:], grad_out)
+    made.clear()
+    out = torch.utils.checkpoint.checkpoint(lambda *args: _stack_run(args, 3), *leaves, use_reentrant=False)
+    assert len(made) == 3 - fusable and all(ref() is None for ref in made)
+    for g, want in zip(torch.autograd.grad(out, _flat(leaves)[1:], grad_out), expected):
+        torch.testing.assert_close(g, want, rtol=0, atol=0)

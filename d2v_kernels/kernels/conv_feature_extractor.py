@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from d2v_kernels.kernels._launch import DirectLaunch
+from d2v_kernels.kernels._launch import DirectLaunch, LaunchCache, fixed_tail, operand_key
 from d2v_kernels.kernels._row_norm import (
     activation_grad,
     apply_activation,
@@ -226,53 +226,52 @@ def launch_tiles(channels: int) -> dict:
 def conv0_ln_gelu(wave, weight, conv_bias, ln_weight, ln_bias, stride: int, eps: float, *, pre_norm_only=False):
     """wave (B, S), weight (C, 1, k), conv_bias (C,) or None, ln_weight / ln_bias (C,), all of
     wave's dtype -> (y (B, C, T) in wave's dtype with channels-last strides (T * C, 1, C), mean
-    (B, T) fp32, rstd (B, T) fp32), T = (S - k) // stride + 1. With ``pre_norm_only`` y is the conv output (rounded to the dtype) and
-    mean / rstd are empty."""
-    batch, samples = wave.shape
-    channels, _, kernel_size = weight.shape
-    frames = output_frames(samples, kernel_size, stride)
-    # (B, C, T) with channels-last strides: each frame's C values contiguous, the layout the next
-    # layer's cuDNN conv runs in without transposing, and whole rows for the LayerNorm.
-    y = torch.empty((batch, frames, channels), device=wave.device, dtype=wave.dtype).transpose(1, 2)
-    stats_shape = (0,) if pre_norm_only else (batch, frames)
-    mean = torch.empty(stats_shape, device=wave.device, dtype=torch.float32)
-    rstd = torch.empty(stats_shape, device=wave.device, dtype=torch.float32)
-    config = launch_tiles(channels)
-    tiles_per_batch = cdiv(frames, config["BLOCK_T"])
-    conv_bias, ln_weight, ln_bias = (None if t is None else t.contiguous() for t in (conv_bias, ln_weight, ln_bias))
-    conv0_ln_gelu_kernel[(batch * tiles_per_batch,)](
-        wave, weight, conv_bias if conv_bias is not None else weight, ln_weight, ln_bias, y, mean, rstd,
-        frames, channels, tiles_per_batch,
-        *wave.stride(), weight.stride(0), weight.stride(2),
-        *y.stride(),
-        eps,
-        KERNEL=kernel_size, STRIDE=stride, HAS_CONV_BIAS=conv_bias is not None, PRE_NORM_ONLY=pre_norm_only,
-        BLOCK_T=config["BLOCK_T"], BLOCK_C=config["BLOCK_C"], num_warps=config["num_warps"],
+    (B, T) fp32, rstd (B, T) fp32), T = (S - k) // stride + 1. With ``pre_norm_only`` y is the conv
+    output (rounded to the dtype) and mean / rstd are empty. The launch is kept per layout."""
+    key = (
+        wave.device, operand_key(wave), operand_key(weight), operand_key(conv_bias), operand_key(ln_weight),
+        operand_key(ln_bias), stride, pre_norm_only,
     )  # fmt: skip
-    return y, mean, rstd
+    make = lambda: Conv0Launch(wave, weight, conv_bias, ln_weight, ln_bias, stride, pre_norm_only=pre_norm_only)
+    return _forward_launches.get(key, make)(wave, weight, conv_bias, ln_weight, ln_bias, eps)
 
 
-class Conv0InferenceLaunch:
-    """:func:`conv0_ln_gelu` for inference on inputs of one layout (the waveform's and the
-    parameters' shapes, strides, dtypes and alignment; the stride): tiles, grid and integer
-    arguments fixed, the compiled kernel launched directly. ``launch(wave, weight, conv_bias,
-    ln_weight, ln_bias, eps)`` -> y (B, C, T) with channels-last strides."""
+_forward_launches = LaunchCache()
+
+
+class Conv0Launch:
+    """:func:`conv0_ln_gelu` on inputs of one layout (the waveform's and the parameters' shapes,
+    strides, dtypes and alignment; the stride): tiles, grid and integer arguments fixed, the
+    compiled kernel launched directly. ``launch(wave, weight, conv_bias, ln_weight, ln_bias, eps)``
+    -> (y (B, C, T) with channels-last strides, mean, rstd). Without ``keep_stats`` (inference:
+    nothing reads them) one scratch buffer takes both statistics and is returned as each."""
 
     __slots__ = ("_constexprs", "_contiguous", "_ints", "_launch", "_stats_shape", "_y_shape")
 
-    def __init__(self, wave, weight, conv_bias, ln_weight, ln_bias, stride: int):
+    def __init__(
+        self, wave, weight, conv_bias, ln_weight, ln_bias, stride: int, *, pre_norm_only=False, keep_stats=True
+    ):
         batch, samples = wave.shape
         channels, _, kernel_size = weight.shape
         frames = output_frames(samples, kernel_size, stride)
-        self._y_shape, self._stats_shape = (batch, frames, channels), (batch, frames)
+        self._y_shape = (batch, frames, channels)
+        self._stats_shape = (0,) if pre_norm_only else (batch, frames) if keep_stats else None
+        # (B, C, T) with channels-last strides: each frame's C values contiguous, the layout the next
+        # layer's cuDNN conv runs in without transposing, and whole rows for the LayerNorm.
         y = wave.new_empty(self._y_shape).transpose(1, 2)
         config = launch_tiles(channels)
         tiles_per_batch = cdiv(frames, config["BLOCK_T"])
         self._contiguous = any(t is not None and not t.is_contiguous() for t in (conv_bias, ln_weight, ln_bias))
-        self._ints = (
+        positional = (
             frames, channels, tiles_per_batch, *wave.stride(), weight.stride(0), weight.stride(2), *y.stride()
         )  # fmt: skip
-        self._constexprs = (kernel_size, stride, conv_bias is not None, False, config["BLOCK_T"], config["BLOCK_C"])
+        constexprs = {
+            "KERNEL": kernel_size, "STRIDE": stride, "HAS_CONV_BIAS": conv_bias is not None,
+            "PRE_NORM_ONLY": pre_norm_only, "BLOCK_T": config["BLOCK_T"], "BLOCK_C": config["BLOCK_C"],
+        }  # fmt: skip
+        tail = fixed_tail(conv0_ln_gelu_kernel, 8, (*positional, None), constexprs)
+        # eps, between the integers and the constexprs, is given per call
+        self._ints, self._constexprs = tail[: len(positional)], tail[len(positional) + 1 :]
         self._launch = DirectLaunch(conv0_ln_gelu_kernel, (batch * tiles_per_batch,), num_warps=config["num_warps"])
 
     def __call__(self, wave, weight, conv_bias, ln_weight, ln_bias, eps: float):
@@ -281,13 +280,16 @@ class Conv0InferenceLaunch:
                 None if t is None else t.contiguous() for t in (conv_bias, ln_weight, ln_bias)
             )
         y = wave.new_empty(self._y_shape).transpose(1, 2)
-        # Inference reads neither statistic: one scratch buffer takes both.
-        stats = wave.new_empty(self._stats_shape, dtype=torch.float32)
+        if self._stats_shape is None:
+            mean = rstd = wave.new_empty(self._y_shape[:2], dtype=torch.float32)
+        else:
+            mean = wave.new_empty(self._stats_shape, dtype=torch.float32)
+            rstd = wave.new_empty(self._stats_shape, dtype=torch.float32)
         self._launch(
-            wave, weight, conv_bias if conv_bias is not None else weight, ln_weight, ln_bias, y, stats, stats,
+            wave, weight, conv_bias if conv_bias is not None else weight, ln_weight, ln_bias, y, mean, rstd,
             *self._ints, eps, *self._constexprs,
         )  # fmt: skip
-        return y
+        return y, mean, rstd
 
 
 # The fused backward holds a (BLOCK_T, C) tile of several fp32 values and the (taps, C) weight
@@ -329,44 +331,82 @@ def conv0_ln_gelu_backward(dy, wave, weight, conv_bias, ln_weight, ln_bias, mean
     conv_bias (C,) or None; ln_weight, ln_bias (C,); all in wave's dtype; mean, rstd (B, T) fp32
     from the forward. Returns (dwave (B, S) or None, dweight, dconv_bias or None, dln_weight,
     dln_bias), each in its parameter's dtype, reduced in fp32 in a fixed order (deterministic).
-    The conv output is recomputed in registers and neither it nor its gradient is stored."""
-    batch, samples = wave.shape
-    channels, _, kernel_size = weight.shape
-    frames = dy.shape[2]
-    config = backward_tiles(channels)
-    block_t = config["BLOCK_T"]
-    tiles_per_batch = cdiv(frames, block_t)
-    n_tiles = batch * tiles_per_batch
-    n_programs = backward_programs(wave.device, n_tiles, config["programs_per_sm"])
-    f32 = dict(device=wave.device, dtype=torch.float32)
-    dw_partial = torch.empty((n_programs, kernel_size, channels), **f32)
-    dg_partial = torch.empty((n_programs, channels), **f32)
-    db_partial = torch.empty((n_programs, channels), **f32)
-    dcb_partial = torch.empty((n_programs, channels), **f32) if conv_bias is not None else dg_partial
-    dframe = torch.empty((batch, frames, kernel_size), **f32) if wave_grad else dg_partial
-    mean, rstd = mean.contiguous(), rstd.contiguous()
-    conv_bias, ln_weight, ln_bias = (None if t is None else t.contiguous() for t in (conv_bias, ln_weight, ln_bias))
-    conv0_ln_gelu_bwd_kernel[(n_programs,)](
-        dy, wave, weight, conv_bias if conv_bias is not None else weight, ln_weight, ln_bias, mean, rstd,
-        dw_partial, dg_partial, db_partial, dcb_partial, dframe,
-        frames, channels, tiles_per_batch, n_tiles,
-        *dy.stride(),
-        *wave.stride(), weight.stride(0), weight.stride(2),
-        KERNEL=kernel_size, STRIDE=stride, HAS_CONV_BIAS=conv_bias is not None, WAVE_GRAD=bool(wave_grad),
-        UPCAST=_upcast_dot(wave), FP32_PRECISION=BWD_FP32_PRECISION,
-        WIDE_OFFSETS=wide_offsets(channels, frames, [(0, dy.stride(1), dy.stride(2))]),
-        BLOCK_T=block_t, BLOCK_C=config["BLOCK_C"], BLOCK_J=max(16, next_power_of_2(kernel_size)),
-        num_warps=config["num_warps"],
+    The conv output is recomputed in registers and neither it nor its gradient is stored. The
+    launch is kept per layout."""
+    wave_grad = bool(wave_grad)
+    key = (
+        wave.device, operand_key(dy), operand_key(wave), operand_key(weight), operand_key(conv_bias),
+        operand_key(ln_weight), operand_key(ln_bias), operand_key(mean), operand_key(rstd), stride, wave_grad,
     )  # fmt: skip
-    dweight = dw_partial.sum(0).t().contiguous().reshape(weight.shape).to(weight.dtype)
-    d_ln_weight = dg_partial.sum(0).to(ln_weight.dtype)
-    d_ln_bias = db_partial.sum(0).to(ln_bias.dtype)
-    d_conv_bias = dcb_partial.sum(0).to(conv_bias.dtype) if conv_bias is not None else None
-    dwave = None
-    if wave_grad:  # overlap-add: frame t's tap j is sample t * stride + j (fixed order: deterministic)
-        dwave = torch.zeros((batch, samples), **f32)
-        last = stride * (frames - 1) + 1
-        for j in range(kernel_size):
-            dwave[:, j : j + last : stride] += dframe[:, :, j]
-        dwave = dwave.to(wave.dtype)
-    return dwave, dweight, d_conv_bias, d_ln_weight, d_ln_bias
+    make = lambda: Conv0BackwardLaunch(dy, wave, weight, conv_bias, ln_weight, ln_bias, mean, rstd, stride, wave_grad)
+    return _backward_launches.get(key, make)(dy, wave, weight, conv_bias, ln_weight, ln_bias, mean, rstd)
+
+
+_backward_launches = LaunchCache()
+
+
+class Conv0BackwardLaunch:
+    """:func:`conv0_ln_gelu_backward` on inputs of one layout (dy's, the waveform's, the
+    parameters' and the statistics' shapes, strides, dtypes and alignment; the stride; whether the
+    waveform gets a gradient): tiles, programs, grid and integer arguments fixed, the compiled
+    kernel launched directly. ``launch(dy, wave, weight, conv_bias, ln_weight, ln_bias, mean, rstd)``
+    -> :func:`conv0_ln_gelu_backward`'s result."""
+
+    __slots__ = ("_contiguous", "_launch", "_n_programs", "_samples", "_stride", "_tail", "_wave_grad")
+
+    def __init__(self, dy, wave, weight, conv_bias, ln_weight, ln_bias, mean, rstd, stride: int, wave_grad: bool):
+        batch, self._samples = wave.shape
+        channels, _, kernel_size = weight.shape
+        frames = dy.shape[2]
+        config = backward_tiles(channels)
+        block_t = config["BLOCK_T"]
+        tiles_per_batch = cdiv(frames, block_t)
+        n_tiles = batch * tiles_per_batch
+        self._n_programs = backward_programs(wave.device, n_tiles, config["programs_per_sm"])
+        self._stride, self._wave_grad = stride, wave_grad
+        self._contiguous = any(
+            t is not None and not t.is_contiguous() for t in (conv_bias, ln_weight, ln_bias, mean, rstd)
+        )
+        positional = (
+            frames, channels, tiles_per_batch, n_tiles, *dy.stride(), *wave.stride(), weight.stride(0),
+            weight.stride(2),
+        )  # fmt: skip
+        constexprs = {
+            "KERNEL": kernel_size, "STRIDE": stride, "HAS_CONV_BIAS": conv_bias is not None, "WAVE_GRAD": wave_grad,
+            "UPCAST": _upcast_dot(wave), "FP32_PRECISION": BWD_FP32_PRECISION,
+            "WIDE_OFFSETS": wide_offsets(channels, frames, [(0, dy.stride(1), dy.stride(2))]),
+            "BLOCK_T": block_t, "BLOCK_C": config["BLOCK_C"], "BLOCK_J": max(16, next_power_of_2(kernel_size)),
+        }  # fmt: skip
+        self._tail = fixed_tail(conv0_ln_gelu_bwd_kernel, 13, positional, constexprs)
+        self._launch = DirectLaunch(conv0_ln_gelu_bwd_kernel, (self._n_programs,), num_warps=config["num_warps"])
+
+    def __call__(self, dy, wave, weight, conv_bias, ln_weight, ln_bias, mean, rstd):
+        if self._contiguous:
+            conv_bias, ln_weight, ln_bias, mean, rstd = (
+                None if t is None else t.contiguous() for t in (conv_bias, ln_weight, ln_bias, mean, rstd)
+            )
+        batch, frames, kernel_size = dy.shape[0], dy.shape[2], weight.shape[2]
+        n_programs, channels = self._n_programs, weight.shape[0]
+        f32 = dict(device=wave.device, dtype=torch.float32)
+        dw_partial = torch.empty((n_programs, kernel_size, channels), **f32)
+        dg_partial = torch.empty((n_programs, channels), **f32)
+        db_partial = torch.empty((n_programs, channels), **f32)
+        dcb_partial = torch.empty((n_programs, channels), **f32) if conv_bias is not None else dg_partial
+        dframe = torch.empty((batch, frames, kernel_size), **f32) if self._wave_grad else dg_partial
+        self._launch(
+            dy, wave, weight, conv_bias if conv_bias is not None else weight, ln_weight, ln_bias, mean, rstd,
+            dw_partial, dg_partial, db_partial, dcb_partial, dframe, *self._tail,
+        )  # fmt: skip
+        dweight = dw_partial.sum(0).t().contiguous().reshape(weight.shape).to(weight.dtype)
+        d_ln_weight = dg_partial.sum(0).to(ln_weight.dtype)
+        d_ln_bias = db_partial.sum(0).to(ln_bias.dtype)
+        d_conv_bias = dcb_partial.sum(0).to(conv_bias.dtype) if conv_bias is not None else None
+        dwave = None
+        if self._wave_grad:  # overlap-add: frame t's tap j is sample t * stride + j (fixed order: deterministic)
+            stride = self._stride
+            dwave = torch.zeros((batch, self._samples), **f32)
+            last = stride * (frames - 1) + 1
+            for j in range(kernel_size):
+                dwave[:, j : j + last : stride] += dframe[:, :, j]
+            dwave = dwave.to(wave.dtype)
+        return dwave, dweight, d_conv_bias, d_ln_weight, d_ln_bias

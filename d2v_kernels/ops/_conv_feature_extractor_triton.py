@@ -3,9 +3,10 @@ the nodes the CUDA extension's backward reruns.
 
 Layer 0 (conv on the waveform + LayerNorm + GELU) is one Triton kernel; then per layer cuDNN's
 strided conv and the Triton row-norm LayerNorm + GELU reading its output in place, every
-activation (B, C, T) in channels-last strides (no transposes). Each autograd node is layer i's
-LayerNorm + GELU with layer i + 1's conv, a ``torch.library`` custom op (forward and backward) for
-torch.compile and an autograd.Function twin for eager calls (``ops/_eager.py``).
+activation (B, C, T) in channels-last strides (no transposes). Each node is layer i's LayerNorm +
+GELU with layer i + 1's conv, a ``torch.library`` custom op (forward and backward): traced calls
+(torch.compile, export) record one a node; eager training runs the same implementations as one
+autograd.Function for the whole stack (:class:`ConvFeatureExtractorFunction`).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from d2v_kernels.ops._checks import KERNEL_DTYPES, layer_norm_compute_dtype
-from d2v_kernels.ops._eager import pick, register_autograd, runs_eagerly
+from d2v_kernels.ops._eager import direct_apply, pick, register_autograd, runs_eagerly
 from d2v_kernels.ops.layer_norm_gelu_op import (
     layer_norm_gelu_bwd_impl,
     layer_norm_gelu_bwd_op,
@@ -406,6 +408,178 @@ def _conv0_fusable(wave, weight, conv_bias, ln_weight, ln_bias) -> bool:
     return not _conv0_kernels.unsupported_reasons(wave, weight, conv_bias, ln_weight, ln_bias)
 
 
+# --- The whole stack as one autograd node (eager training) ---------------------------------------
+# Node k is layer k's LayerNorm + GELU with layer k + 1's conv (the last, the LayerNorm + GELU
+# alone); node 0 also holds layer 0's conv (one kernel with its LayerNorm + GELU where it is
+# fusable) and the waveform. The traced path records one custom op a node; eager training runs the
+# same implementations in one autograd.Function: one node, one apply, one Python backward for the
+# stack. It keeps what the nodes keep (each node's conv output, none for the fused layer 0, and its
+# fp32 statistics), from the lowest node with something to differentiate (as the per-node graph
+# records no node below it), and drops each node's tensors once its backward has used them.
+
+
+def _lowest_node(need_wave, need_w, need_g, need_b, need_cb) -> int:
+    """The lowest node whose backward gives a gradient that is asked for (n when none is)."""
+    n = len(need_w)
+    if need_wave or need_w[0] or need_cb[0]:
+        return 0
+    for k in range(n):
+        if need_g[k] or need_b[k] or (k + 1 < n and (need_w[k + 1] or need_cb[k + 1])):
+            return k
+    return n
+
+
+def _impl(op, impl):
+    """The implementation of a node (the caller runs eagerly on real tensors)."""
+    return impl
+
+
+def _stack_forward(call, wave, ws, gs, bs, cbs, ss, eps, fused0: bool, lowest: int):
+    """The stack's forward through the nodes: (y (B, C, T) channels-last, kept), kept[k - lowest] =
+    [node k's conv output (None for the fused layer 0), mean, rstd] for the nodes from ``lowest``.
+    ``call(custom_op, implementation)`` picks which one runs (the custom op while traced)."""
+    n = len(ws)
+    kept = []
+    if fused0 and n == 1:
+        y, mean, rstd = call(_conv0_fwd, _conv0_fwd_impl)(wave, ws[0], cbs[0], gs[0], bs[0], ss[0], eps)
+        return y, [[None, mean, rstd]] if lowest == 0 else []
+    if fused0:
+        z, mean, rstd = call(_conv0_conv_fwd, _conv0_conv_fwd_impl)(
+            wave, ws[0], cbs[0], gs[0], bs[0], ws[1], cbs[1], ss[0], ss[1], eps
+        )
+        if lowest == 0:
+            kept.append([None, mean, rstd])
+        first = 1
+    else:
+        z, first = _conv_output(wave[:, None], ws[0], cbs[0], ss[0]), 0
+    for k in range(first, n - 1):
+        z_next, mean, rstd = call(_norm_conv_fwd, _norm_conv_fwd_impl)(
+            z, gs[k], bs[k], ws[k + 1], cbs[k + 1], ss[k + 1], eps
+        )
+        if k >= lowest:
+            kept.append([z, mean, rstd])
+        z = z_next
+    y, mean, rstd = call(layer_norm_gelu_fwd_op, layer_norm_gelu_fwd_impl)(z, gs[-1], bs[-1], eps, 1, "none")
+    kept.append([z, mean, rstd])
+    return y, kept
+
+
+def _stack_backward(call, dy, wave, ws, gs, bs, cbs, ss, eps, fused0: bool, kept, lowest: int, need_conv0):
+    """Gradients of the stack from dy (B, C, T), the nodes' backwards from the last down to
+    ``lowest``, each node's entry of ``kept`` (from :func:`_stack_forward`) dropped once used:
+    (dwave or None, [dw], [dg], [db], [dcb]), None or an empty tensor where a node gave none.
+    ``need_conv0`` = (the waveform's gradient, whether layer 0's conv weight or bias needs one)."""
+    n = len(ws)
+    need_wave, need_w0 = need_conv0
+    d_wave, d_w, d_g, d_b, d_cb = None, [None] * n, [None] * n, [None] * n, [None] * n
+
+    def take(k):
+        entry, kept[k - lowest] = kept[k - lowest], None
+        return entry
+
+    if fused0 and n == 1:
+        _, mean, rstd = take(0)
+        d_wave, d_w[0], d_cb[0], d_g[0], d_b[0] = call(_conv0_bwd, _conv0_bwd_impl)(
+            dy, wave, ws[0], cbs[0], gs[0], bs[0], mean, rstd, ss[0], eps, need_wave
+        )
+        return d_wave, d_w, d_g, d_b, d_cb
+    z, mean, rstd = take(n - 1)
+    dz, d_g[-1], d_b[-1] = call(layer_norm_gelu_bwd_op, layer_norm_gelu_bwd_impl)(
+        dy, z, gs[-1], bs[-1], mean, rstd, 1, "none"
+    )
+    del dy
+    first = 1 if fused0 else 0
+    for k in reversed(range(max(first, lowest), n - 1)):
+        z, mean, rstd = take(k)
+        dz, d_g[k], d_b[k], d_w[k + 1], d_cb[k + 1] = call(_norm_conv_bwd, _norm_conv_bwd_impl)(
+            dz, z, gs[k], bs[k], ws[k + 1], cbs[k + 1], mean, rstd, ss[k + 1], eps
+        )
+    z = None  # layer 0's backward recomputes its output: no conv output left alive beside it
+    if lowest == 0 and fused0:
+        _, mean, rstd = take(0)
+        d_wave, d_w[0], d_cb[0], d_g[0], d_b[0], d_w[1], d_cb[1] = call(_conv0_conv_bwd, _conv0_conv_bwd_impl)(
+            dz, wave, ws[0], cbs[0], gs[0], bs[0], ws[1], cbs[1], mean, rstd, ss[0], ss[1], eps, need_wave
+        )
+    elif lowest == 0 and (need_wave or need_w0):
+        d_wave, d_w[0], d_cb[0] = _conv_backward(wave[:, None], ws[0], cbs[0], dz, ss[0], input_grad=need_wave)
+        d_wave = d_wave[:, 0] if need_wave else None
+    return d_wave, d_w, d_g, d_b, d_cb
+
+
+def _saved_tensors_hooks_active() -> bool:
+    """Whether tensors saved for a backward go through ``saved_tensors_hooks`` (checkpointing,
+    offloading, a test that counts them), which then own what the backward gets back."""
+    return _top_saved_tensors_hooks is None or _top_saved_tensors_hooks(False) is not None
+
+
+try:
+    _top_saved_tensors_hooks = torch._C._autograd._top_saved_tensors_default_hooks
+except AttributeError:  # pragma: no cover - a torch without it: always through save_for_backward
+    _top_saved_tensors_hooks = None
+
+
+def _input_needs(ctx, n: int):
+    """(the waveform's, [conv weights'], [LayerNorm weights'], [LayerNorm biases'], [conv biases'])
+    flags of :class:`ConvFeatureExtractorFunction`'s inputs that need a gradient."""
+    needs = ctx.needs_input_grad[3:]
+    return needs[0], *(needs[1 + i * n : 1 + (i + 1) * n] for i in range(4))
+
+
+class ConvFeatureExtractorFunction(torch.autograd.Function):
+    """The stack, eagerly, as one node: ``apply(strides, eps, fused0, wave, *conv_weights,
+    *ln_weights, *ln_biases, *conv_biases)`` (None for absent conv biases; a Function
+    differentiates its tensor inputs one by one, not tensors inside lists) -> (B, T, C).
+
+    Where saved-tensor hooks run (non-reentrant checkpointing among them), the nodes' tensors go
+    through ``save_for_backward`` and the hooks own them; otherwise they are kept on the context
+    and dropped node by node in the backward, so the backward's peak is the per-node graph's
+    (a SavedVariable would hold each until the whole backward ends). A second backward through a
+    retained graph finds them gone and recomputes them from the saved inputs."""
+
+    @staticmethod
+    def forward(ctx, strides, eps, fused0, wave, *params):
+        n = len(strides)
+        ws, gs, bs, cbs = params[:n], params[n : 2 * n], params[2 * n : 3 * n], params[3 * n :]
+        lowest = _lowest_node(*_input_needs(ctx, n))
+        y, kept = _stack_forward(_impl, wave, ws, gs, bs, cbs, strides, eps, fused0, lowest)
+        ctx.strides, ctx.eps, ctx.fused0, ctx.lowest = strides, eps, fused0, lowest
+        if _saved_tensors_hooks_active():
+            ctx.save_for_backward(wave, *params, *(t for entry in kept for t in entry))
+            ctx.kept = None
+        else:
+            ctx.save_for_backward(wave, *params)
+            ctx.kept = kept
+        # (B, T, C) detached from y: an output made as a view inside a Function may not be
+        # modified in place (autograd forbids it), an alias may
+        return y.transpose(1, 2).detach()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        strides, eps, fused0, lowest = ctx.strides, ctx.eps, ctx.fused0, ctx.lowest
+        n = len(strides)
+        wave, *saved = ctx.saved_tensors
+        params, kept = saved[: 4 * n], ctx.kept
+        ws, gs, bs, cbs = params[:n], params[n : 2 * n], params[2 * n : 3 * n], params[3 * n :]
+        if kept is None:  # through save_for_backward: one entry of three a node
+            kept = [list(saved[i : i + 3]) for i in range(4 * n, len(saved), 3)]
+        elif all(entry is None for entry in kept):  # a second backward: the first dropped them
+            kept = _stack_forward(_impl, wave, ws, gs, bs, cbs, strides, eps, fused0, lowest)[1]
+        else:
+            ctx.kept = [None] * len(kept)
+        del saved
+        need_wave, *need_params = _input_needs(ctx, n)
+        d_wave, *d_params = _stack_backward(
+            _impl, grad_out.transpose(1, 2), wave, ws, gs, bs, cbs, strides, eps, fused0, kept, lowest,
+            (need_wave, need_params[0][0] or need_params[3][0]),
+        )  # fmt: skip
+        grads = [g if need else None for group, flags in zip(d_params, need_params) for g, need in zip(group, flags)]
+        return None, None, None, d_wave if need_wave else None, *grads
+
+
+_stack_apply = direct_apply(ConvFeatureExtractorFunction)
+
+
 def run_conv_then_triton_norm(wave, conv_weights, ln_weights, ln_biases, *, strides, conv_biases=None, eps=1e-5):
     """The ``triton`` backend of the op (its arguments, already validated)."""
     n = len(conv_weights)
@@ -414,7 +588,12 @@ def run_conv_then_triton_norm(wave, conv_weights, ln_weights, ln_biases, *, stri
     if torch.is_autocast_enabled(wave.device.type):
         return _run_per_layer(wave[:, None], conv_weights, ln_weights, ln_biases, strides, conv_biases, eps)
     w0, lw0, lb0, cb0 = conv_weights[0], ln_weights[0], ln_biases[0], conv_biases[0]
-    if _conv0_fusable(wave, w0, cb0, lw0, lb0):
+    fused0 = _conv0_fusable(wave, w0, cb0, lw0, lb0)
+    parameters = (*conv_weights, *ln_weights, *ln_biases, *conv_biases)
+    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (wave, *parameters))
+    if training and runs_eagerly((wave, *parameters)):
+        return _stack_apply(tuple(strides), eps, fused0, wave, *parameters)
+    if fused0:
         if n == 1:
             return _conv0_call(wave, w0, cb0, lw0, lb0, strides[0], eps)[0].transpose(1, 2)
         w1, cb1 = conv_weights[1], conv_biases[1]
@@ -422,20 +601,37 @@ def run_conv_then_triton_norm(wave, conv_weights, ln_weights, ln_biases, *, stri
     else:
         z, first = _conv_output(wave[:, None], w0, cb0, strides[0]), 0
     # z is layer `first`'s conv output: each node normalises one layer and runs the next conv.
-    parameters = (*conv_weights, *ln_weights, *ln_biases, *conv_biases)
-    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (wave, *parameters)):
-        if runs_eagerly((z, *parameters)):  # inference: no nodes, no statistics stored
-            for i in range(first, n):
-                g, b = ln_weights[i], ln_biases[i]
-                z = _layer_norm_gelu_kernels.layer_norm_gelu_inference_launch(z, g, b, 1, "none")(z, g, b, eps, None)[0]
-                if i < n - 1:
-                    z = _conv_output(z, conv_weights[i + 1], conv_biases[i + 1], strides[i + 1])
-            return z.transpose(1, 2)
+    if not training and runs_eagerly((z, *parameters)):  # inference: no nodes, no statistics stored
+        for i in range(first, n):
+            g, b = ln_weights[i], ln_biases[i]
+            z = _layer_norm_gelu_kernels.layer_norm_gelu_inference_launch(z, g, b, 1, "none")(z, g, b, eps, None)[0]
+            if i < n - 1:
+                z = _conv_output(z, conv_weights[i + 1], conv_biases[i + 1], strides[i + 1])
+        return z.transpose(1, 2)
+    # traced (torch.compile, export, a tensor subclass): a custom op a node
     for i in range(first, n - 1):
         z = _norm_conv_call(
             z, ln_weights[i], ln_biases[i], conv_weights[i + 1], conv_biases[i + 1], strides[i + 1], eps
         )[0]
     return layer_norm_gelu_triton(z, ln_weights[-1], ln_biases[-1], eps=eps, channels_dim=1).transpose(1, 2)
+
+
+def triton_training_plan(wave, conv_weights, ln_weights, ln_biases, *, strides, conv_biases=None, eps=1e-5):
+    """:func:`run_conv_then_triton_norm` for eager training (autograd records, no autocast, real
+    tensors) on inputs of this layout, decided once (whether layer 0 is one kernel). Returns
+    ``run(wave, conv_weights, ln_weights, ln_biases, conv_biases)``, the same values and graph:
+    one :class:`ConvFeatureExtractorFunction` node."""
+    n = len(conv_weights)
+    strides, eps = tuple(int(s) for s in strides), float(eps)
+    no_biases = (None,) * n
+    cb0 = conv_biases[0] if conv_biases is not None else None
+    fused0 = _conv0_fusable(wave, conv_weights[0], cb0, ln_weights[0], ln_biases[0])
+
+    def run(wave, conv_weights, ln_weights, ln_biases, conv_biases):
+        biases = conv_biases if conv_biases is not None else no_biases
+        return _stack_apply(strides, eps, fused0, wave, *conv_weights, *ln_weights, *ln_biases, *biases)
+
+    return run
 
 
 def triton_inference_plan(wave, conv_weights, ln_weights, ln_biases, *, strides, conv_biases=None, eps=1e-5):
@@ -449,7 +645,9 @@ def triton_inference_plan(wave, conv_weights, ln_weights, ln_biases, *, strides,
     cb0 = conv_biases[0] if conv_biases is not None else None
     conv0 = None
     if _conv0_fusable(wave, conv_weights[0], cb0, ln_weights[0], ln_biases[0]):
-        conv0 = _conv0_kernels.Conv0InferenceLaunch(wave, conv_weights[0], cb0, ln_weights[0], ln_biases[0], strides[0])
+        conv0 = _conv0_kernels.Conv0Launch(
+            wave, conv_weights[0], cb0, ln_weights[0], ln_biases[0], strides[0], keep_stats=False
+        )
     first = 1 if conv0 is not None else 0
     # (launch, the conv output strides it was made for) per layer; a conv output of other strides
     # (a conv backend that returned another layout) looks its launch up.
@@ -459,7 +657,7 @@ def triton_inference_plan(wave, conv_weights, ln_weights, ln_biases, *, strides,
     def run(wave, conv_weights, ln_weights, ln_biases, conv_biases):
         conv_biases = conv_biases if conv_biases is not None else no_biases
         if conv0 is not None:
-            z = conv0(wave, conv_weights[0], conv_biases[0], ln_weights[0], ln_biases[0], eps)
+            z = conv0(wave, conv_weights[0], conv_biases[0], ln_weights[0], ln_biases[0], eps)[0]
             if n == 1:
                 return z.transpose(1, 2)
             z = _conv_output(z, conv_weights[1], conv_biases[1], strides[1])
@@ -487,62 +685,26 @@ def triton_nodes_backward(grad_out, wave, conv_weights, ln_weights, ln_biases, c
 
     The CUDA extension's backward: its forward saves nothing but the inputs. ``ln_weights`` and
     ``ln_biases`` are tensors (the extension fills None affines); ``conv_biases`` is [] or one per
-    layer. Layers below the lowest one with a parameter that needs a gradient are not walked
-    unless the waveform needs one. :func:`_triton_nodes_reasons` must be empty for these inputs.
+    layer. Nodes below the lowest one with a gradient to give are not walked.
+    :func:`_triton_nodes_reasons` must be empty for these inputs.
     """
     need_wave, need_w, need_lw, need_lb, need_cb = needs
     n = len(conv_weights)
     has_bias = bool(conv_biases)
-    cbs, gs, bs, ss = list(conv_biases) if has_bias else [None] * n, ln_weights, ln_biases, strides
-    layer_needs = [need_w[i] or need_lw[i] or need_lb[i] or (has_bias and need_cb[i]) for i in range(n)]
-    lowest = 0 if need_wave else next((i for i in range(n) if layer_needs[i]), n)
-    run = lambda op, impl: pick(op, impl, (wave, *conv_weights))
-    d_w, d_lw, d_lb, d_cb = [None] * n, [None] * n, [None] * n, [None] * n
-    dy = grad_out.transpose(1, 2)  # (B, C, T), as the last layer's LayerNorm + GELU gave it
-    d_wave = None
-    if n == 1 and _conv0_fusable(wave, conv_weights[0], cbs[0], gs[0], bs[0]):
-        _, mean, rstd = run(_conv0_fwd, _conv0_fwd_impl)(wave, conv_weights[0], cbs[0], gs[0], bs[0], ss[0], eps)
-        d_wave, d_w[0], d_cb[0], d_lw[0], d_lb[0] = run(_conv0_bwd, _conv0_bwd_impl)(
-            dy, wave, conv_weights[0], cbs[0], gs[0], bs[0], mean, rstd, ss[0], eps, need_wave
-        )
-    else:
-        # Forward: zs[i] is layer i's conv output (B, C, T) channels-last, stats[i] its (mean, rstd).
-        layer0_node = n > 1 and _conv0_fusable(wave, conv_weights[0], cbs[0], gs[0], bs[0])
-        if layer0_node:
-            z, mean0, rstd0 = run(_conv0_conv_fwd, _conv0_conv_fwd_impl)(
-                wave, conv_weights[0], cbs[0], gs[0], bs[0], conv_weights[1], cbs[1], ss[0], ss[1], eps
-            )
-            first = 1
-        else:
-            z, first = _conv_output(wave[:, None], conv_weights[0], cbs[0], ss[0]), 0
-        zs, stats = {first: z}, {}
-        for i in range(first, n - 1):
-            z, *stats[i] = run(_norm_conv_fwd, _norm_conv_fwd_impl)(
-                zs[i], gs[i], bs[i], conv_weights[i + 1], cbs[i + 1], ss[i + 1], eps
-            )
-            zs[i + 1] = z
-        del z
-        _, mean, rstd = run(layer_norm_gelu_fwd_op, layer_norm_gelu_fwd_impl)(zs[n - 1], gs[-1], bs[-1], eps, 1, "none")
-        # Backward: each node's gradients, its conv output dropped once used.
-        dz, d_lw[-1], d_lb[-1] = run(layer_norm_gelu_bwd_op, layer_norm_gelu_bwd_impl)(
-            dy, zs.pop(n - 1), gs[-1], bs[-1], mean, rstd, 1, "none"
-        )
-        del dy
-        for i in reversed(range(max(first, lowest - 1), n - 1)):
-            dz, d_lw[i], d_lb[i], d_w[i + 1], d_cb[i + 1] = run(_norm_conv_bwd, _norm_conv_bwd_impl)(
-                dz, zs.pop(i), gs[i], bs[i], conv_weights[i + 1], cbs[i + 1], *stats.pop(i), ss[i + 1], eps
-            )
-        if layer0_node and lowest <= 1:
-            d_wave, d_w[0], d_cb[0], d_lw[0], d_lb[0], d_w[1], d_cb[1] = run(_conv0_conv_bwd, _conv0_conv_bwd_impl)(
-                dz, wave, conv_weights[0], cbs[0], gs[0], bs[0], conv_weights[1], cbs[1], mean0, rstd0,
-                ss[0], ss[1], eps, need_wave,
-            )  # fmt: skip
-        elif not layer0_node and lowest == 0:
-            d_wave, d_w[0], d_cb[0] = _conv_backward(
-                wave[:, None], conv_weights[0], cbs[0], dz, ss[0], input_grad=need_wave
-            )
-            d_wave = d_wave[:, 0] if need_wave else None
+    cbs = list(conv_biases) if has_bias else [None] * n
+    need_cb = need_cb if has_bias else [False] * n
+    lowest = _lowest_node(need_wave, need_w, need_lw, need_lb, need_cb)
     keep = lambda grads, flags: [g if flag else None for g, flag in zip(grads, flags)]
+    if lowest == n:
+        return None, [None] * n, [None] * n, [None] * n, [None] * n if has_bias else []
+    call = lambda op, impl: pick(op, impl, (wave, *conv_weights))
+    args = (wave, conv_weights, ln_weights, ln_biases, cbs, strides, eps)
+    fused0 = _conv0_fusable(wave, conv_weights[0], cbs[0], ln_weights[0], ln_biases[0])
+    _, kept = _stack_forward(call, *args, fused0, lowest)
+    need_conv0 = (need_wave, need_w[0] or need_cb[0])
+    d_wave, d_w, d_lw, d_lb, d_cb = _stack_backward(
+        call, grad_out.transpose(1, 2), *args, fused0, kept, lowest, need_conv0
+    )
     return (
         d_wave if need_wave else None,
         keep(d_w, need_w),

@@ -18,7 +18,9 @@ is written once; then per layer cuDNN's strided conv and the Triton row-norm Lay
 activation (B, C, T) in channels-last strides, so cuDNN runs without transposes. For the backward it
 keeps one tensor a layer, the conv output (the LayerNorm's input), and recomputes each activation
 where a conv's weight gradient needs it (an elementwise pass; for layer 0 a read of the waveform);
-layer 0's backward is one kernel, which recomputes its conv output in registers.
+layer 0's backward is one kernel, which recomputes its conv output in registers. Eager training
+records the stack as one autograd node (one Function apply and one Python backward a step);
+traced calls one custom op a layer.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from d2v_kernels.ops._conv_feature_extractor_triton import (
     triton_composite_reasons,
     triton_inference_plan,
     triton_nodes_backward,
+    triton_training_plan,
 )
 from d2v_kernels.ops._eager import runs_eagerly
 from d2v_kernels.ops._plan import layout_key, lookup, needs_grad, plan_cache, plans_enabled, recorder, store
@@ -367,13 +370,9 @@ def _plan(wave, conv_weights, ln_weights, ln_biases, strides, conv_biases, eps):
         return implementation(wave, list(conv_weights), ln_weights, ln_biases, conv_biases=conv_biases, **options)
 
     tensors = (wave, *conv_weights, *ln_weights, *ln_biases, *(conv_biases or ()))
-    if (
-        implementation is run_conv_then_triton_norm
-        and not needs_grad(*tensors)
-        and not _autocast(wave.device.type)
-        and runs_eagerly(tensors)
-    ):
-        run = triton_inference_plan(wave, conv_weights, ln_weights, ln_biases, conv_biases=conv_biases, **options)
+    if implementation is run_conv_then_triton_norm and not _autocast(wave.device.type) and runs_eagerly(tensors):
+        make = triton_training_plan if needs_grad(*tensors) else triton_inference_plan
+        run = make(wave, conv_weights, ln_weights, ln_biases, conv_biases=conv_biases, **options)
     record = recorder()
 
     def plan(wave, conv_weights, ln_weights, ln_biases, conv_biases):
