@@ -265,3 +265,17 @@ def build_pair(class_name: str, **config_overrides):
     randomize_(reference)
     fused = d2v_kernels.optimize(copy.deepcopy(reference), attn_implementation="d2v_kernels")
     return reference, fused, config
+
+
+def graph_node_names(output: torch.Tensor) -> list[str]:
+    """The class names of every node of ``output``'s autograd graph, each node once (e.g.
+    ``"PostLnLayerFunctionBackward"``): what a test counts to see which nodes a forward recorded."""
+    seen, stack, names = set(), [output.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names

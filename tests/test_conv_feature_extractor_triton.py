@@ -8,7 +8,7 @@ import torch
 
 import d2v_kernels
 from d2v_kernels import dispatch, ops
-from d2v_kernels.testing import assert_close_to_reference
+from d2v_kernels.testing import assert_close_to_reference, graph_node_names
 
 # d2v_kernels.ops re-exports the function under the module's name: fetch the module itself.
 cfe = importlib.import_module("d2v_kernels.ops.conv_feature_extractor_op")
@@ -512,18 +512,6 @@ def _stack_run(leaves, layers):
     return triton_path.run_conv_then_triton_norm(wave, ws, gs, bs, strides=STACK_STRIDES[:layers], conv_biases=cbs)
 
 
-def _nodes(output):
-    seen, stack, names = set(), [output.grad_fn], []
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.append(type(node).__name__)
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return names
-
-
 def _flat(leaves):
     wave, *groups = leaves
     return [wave] + [t for group in groups if group is not None for t in group]
@@ -537,11 +525,11 @@ def test_eager_training_is_one_node_for_the_stack():
     with d2v_kernels.use_backend(conv_feature_extractor="triton"), d2v_kernels.record_dispatch() as calls:
         for _ in range(2):  # the second call takes the plan
             out = ops.conv_feature_extractor(wave, ws, gs, bs, strides=list(STACK_STRIDES), conv_biases=cbs)
-            assert sorted(set(_nodes(out))) == ["AccumulateGrad", STACK_NODE]
-            assert _nodes(out).count(STACK_NODE) == 1
+            assert sorted(set(graph_node_names(out))) == ["AccumulateGrad", STACK_NODE]
+            assert graph_node_names(out).count(STACK_NODE) == 1
     assert calls == {("conv_feature_extractor", "triton"): 2}
     out = _stack_run(leaves, 3)
-    assert _nodes(out).count(STACK_NODE) == 1
+    assert graph_node_names(out).count(STACK_NODE) == 1
     out.mul_(2).sum().backward()  # no view made inside the Function: autograd takes it in place
     assert all(t.grad is not None for t in _flat(leaves)[1:])
 
@@ -568,7 +556,7 @@ def test_one_node_gradients_equal_the_per_layer_nodes(case, monkeypatch):
         monkeypatch.setattr(triton_path, "_conv0_fusable", lambda *args: False)
     leaves = _stack_leaves(layers, conv_bias, trains)
     out = _stack_run(leaves, layers)
-    assert _nodes(out).count(STACK_NODE) == 1
+    assert graph_node_names(out).count(STACK_NODE) == 1
     grad_out = torch.randn_like(out)
     out.backward(grad_out, retain_graph=True)
     got = [t.grad for t in _flat(leaves)]
@@ -581,7 +569,7 @@ def test_one_node_gradients_equal_the_per_layer_nodes(case, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(triton_path, "runs_eagerly", lambda inputs: False)  # the per-layer path
         per_layer = _stack_run(leaves, layers)
-        assert STACK_NODE not in _nodes(per_layer)
+        assert STACK_NODE not in graph_node_names(per_layer)
         per_layer.backward(grad_out)
     torch.testing.assert_close(out, per_layer, rtol=0, atol=0)
     for i, (leaf, g, g2) in enumerate(zip(_flat(leaves), got, again)):

@@ -11,21 +11,9 @@ import torch
 import torch.nn.functional as F
 
 import d2v_kernels
-from d2v_kernels.testing import build_pair, inputs_for
+from d2v_kernels.testing import build_pair, graph_node_names, inputs_for
 
 NODE = "PostLnLayerFunctionBackward"
-
-
-def _nodes(output: torch.Tensor) -> list[str]:
-    seen, stack, names = set(), [output.grad_fn], []
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.append(type(node).__name__)
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return names
 
 
 @pytest.mark.parametrize("class_name", ["Data2VecTextForSequenceClassification", "Data2VecAudioForCTC"])
@@ -36,7 +24,7 @@ def test_training_forward_is_one_node_a_layer_where_triton_runs(class_name):
     inputs = inputs_for(class_name, config)
     with d2v_kernels.use_backend("triton"):
         fused.train()
-        assert _nodes(fused(**inputs).loss).count(NODE) == config.num_hidden_layers
+        assert graph_node_names(fused(**inputs).loss).count(NODE) == config.num_hidden_layers
 
 
 def _modules(layer):

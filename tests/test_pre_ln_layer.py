@@ -14,23 +14,11 @@ import torch.nn.functional as F
 import d2v_kernels
 from d2v_kernels.models import vision
 from d2v_kernels.ops.pre_ln_layer_op import pre_ln_layer_training
-from d2v_kernels.testing import assert_close_to_reference, build_pair, inputs_for
+from d2v_kernels.testing import assert_close_to_reference, build_pair, graph_node_names, inputs_for
 
 NODE = "PreLnLayerFunctionBackward"
 # Tiny: 3 x 3 patches of 8 pixels + CLS = 10 tokens, 2 heads of 16.
 TINY = dict(hidden_size=32, num_attention_heads=2, intermediate_size=40, image_size=24)
-
-
-def _nodes(output: torch.Tensor) -> list[str]:
-    seen, stack, names = set(), [output.grad_fn], []
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.append(type(node).__name__)
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return names
 
 
 def _op_by_op(monkeypatch):
@@ -68,13 +56,13 @@ def test_vision_training_forward_is_one_node_a_layer_where_triton_runs(bias, att
         with d2v_kernels.record_dispatch() as calls:
             loss = fused(**inputs).loss
         assert calls[("attention", attention)] == config.num_hidden_layers
-        assert _nodes(loss).count(NODE) == config.num_hidden_layers
+        assert graph_node_names(loss).count(NODE) == config.num_hidden_layers
         params = [p for _, p in fused.named_parameters()]
         grads = torch.autograd.grad(loss, params)
         with monkeypatch.context() as patch:
             _op_by_op(patch)
             with d2v_kernels.record_dispatch() as op_by_op_calls:
-                assert NODE not in _nodes(fused(**inputs).loss)
+                assert NODE not in graph_node_names(fused(**inputs).loss)
     assert calls == op_by_op_calls
     torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5)
     ref_grads = torch.autograd.grad(ref_loss, list(reference.parameters()))
@@ -210,7 +198,7 @@ def test_declines_where_the_layer_runs_op_by_op(case):
                 out = fused(x, **kwargs)[0]
         else:
             out = fused(x, **kwargs)[0]
-    assert NODE not in _nodes(out)
+    assert NODE not in graph_node_names(out)
     assert calls[("attention", backend)] == 1
 
 

@@ -19,7 +19,7 @@ from torch.nn.modules import module as torch_module
 from transformers.utils import output_capturing
 
 from d2v_kernels import ops
-from d2v_kernels.models._common import qkv_projection
+from d2v_kernels.models._common import gelu_approximation, qkv_projection
 from d2v_kernels.models.hf_attention import IMPLEMENTATION_NAME, mask_arguments
 
 # Keyword arguments the fused layers' attention (d2v_kernels_attention_forward) reads or ignores
@@ -167,3 +167,24 @@ def lean_attention(module, hidden_states, linears, head_dim, attention_mask, *, 
         q, k, v, **mask_arguments(attention_mask, q, k, is_causal), dropout_p=float(dropout), scale=scale
     )
     return context.flatten(-2)
+
+
+def training_node_options(drop: nn.Dropout, output_drop: nn.Dropout, activation) -> tuple[float, str] | None:
+    """(the hidden dropout probability in force, the GELU's approximation) of a layer whose training
+    forward may run as one autograd node (``ops.post_ln_layer_op``, ``ops.pre_ln_layer_op``), or
+    None where it may not: its two hidden dropouts differ, or its activation is not a GELU."""
+    hidden_dropout = drop.p if drop.training else 0.0
+    if hidden_dropout != (output_drop.p if output_drop.training else 0.0):
+        return None
+    approximate = gelu_approximation(activation)
+    return None if approximate is None else (float(hidden_dropout), approximate)
+
+
+def weights_and_biases(*modules: nn.Module) -> list:
+    """[weight, bias, weight, bias, ...] of ``modules`` (linears, LayerNorms), read without module
+    attribute lookups."""
+    params = []
+    for module in modules:
+        parameters = module._parameters
+        params += (parameters["weight"], parameters["bias"])
+    return params

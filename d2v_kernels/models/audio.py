@@ -19,7 +19,9 @@ from d2v_kernels.models._lean import (
     lean_attention,
     linear,
     registry_lean_modules,
+    training_node_options,
     unobserved,
+    weights_and_biases,
 )
 from d2v_kernels.ops.post_ln_layer_op import post_ln_layer_training
 
@@ -227,35 +229,19 @@ class FusedData2VecAudioEncoderLayer(hf.Data2VecAudioEncoderLayer):
         """The layer as one autograd node (``ops.post_ln_layer_op``), or None where that does not
         apply: a 4-D mask, a causal layer, two hidden dropouts that differ, an activation other
         than GELU, or what the op itself declines."""
-        (
-            a,
-            out_proj,
-            drop,
-            norm,
-            _,
-            intermediate_dense,
-            activation,
-            intermediate_drop,
-            output_dense,
-            output_drop,
-            final_norm,
-        ) = modules
-        if a.is_causal or (attention_mask is not None and attention_mask.dim() != 2):
+        (a, out_proj, drop, norm, _, intermediate_dense, activation, intermediate_drop, output_dense, output_drop,
+         final_norm) = modules  # fmt: skip
+        options = training_node_options(drop, output_drop, activation)
+        if options is None or a.is_causal or (attention_mask is not None and attention_mask.dim() != 2):
             return None
-        hidden_dropout = drop.p if drop.training else 0.0
-        if hidden_dropout != (output_drop.p if output_drop.training else 0.0):
-            return None
-        approximate = gelu_approximation(activation)
-        if approximate is None:
-            return None
+        hidden_dropout, approximate = options
         key_padding_mask = None if attention_mask is None else attention_mask[:, -hidden_states.shape[1] :]
-        params = []
-        for module in (a.q_proj, a.k_proj, a.v_proj, out_proj, norm, intermediate_dense, output_dense, final_norm):
-            parameters = module._parameters
-            params += (parameters["weight"], parameters["bias"])
+        params = weights_and_biases(
+            a.q_proj, a.k_proj, a.v_proj, out_proj, norm, intermediate_dense, output_dense, final_norm
+        )
         return post_ln_layer_training(
             hidden_states, key_padding_mask, params, heads=a.num_heads,
-            attention_dropout=float(a.dropout) if a.training else 0.0, hidden_dropout=float(hidden_dropout),
+            attention_dropout=float(a.dropout) if a.training else 0.0, hidden_dropout=hidden_dropout,
             activation_dropout=float(intermediate_drop.p) if intermediate_drop.training else 0.0,
             scale=float(a.scaling), eps=(norm.eps, final_norm.eps), approximate=approximate,
         )  # fmt: skip

@@ -11,7 +11,7 @@ from transformers.models.data2vec import modeling_data2vec_text as hf
 from transformers.utils.deprecation import deprecate_kwarg
 
 from d2v_kernels import ops
-from d2v_kernels.models._common import gelu_approximation, qkv_projection, registry_attention
+from d2v_kernels.models._common import qkv_projection, registry_attention
 from d2v_kernels.models._lean import (
     activation_call,
     add_layer_norm,
@@ -19,7 +19,9 @@ from d2v_kernels.models._lean import (
     lean_attention,
     linear,
     registry_lean_modules,
+    training_node_options,
     unobserved,
+    weights_and_biases,
 )
 from d2v_kernels.ops.post_ln_layer_op import post_ln_layer_training
 
@@ -138,22 +140,15 @@ class FusedData2VecTextLayer(hf.Data2VecTextLayer):
         _, s, _, dense, drop, norm, _, intermediate_dense, activation, _, output_dense, output_drop, output_norm = (
             modules
         )
-        if s.is_causal or (attention_mask is not None and attention_mask.dim() != 2):
+        options = training_node_options(drop, output_drop, activation)
+        if options is None or s.is_causal or (attention_mask is not None and attention_mask.dim() != 2):
             return None
-        hidden_dropout = drop.p if drop.training else 0.0
-        if hidden_dropout != (output_drop.p if output_drop.training else 0.0):
-            return None
-        approximate = gelu_approximation(activation)
-        if approximate is None:
-            return None
+        hidden_dropout, approximate = options
         key_padding_mask = None if attention_mask is None else attention_mask[:, -hidden_states.shape[1] :]
-        params = []
-        for module in (s.query, s.key, s.value, dense, norm, intermediate_dense, output_dense, output_norm):
-            parameters = module._parameters
-            params += (parameters["weight"], parameters["bias"])
+        params = weights_and_biases(s.query, s.key, s.value, dense, norm, intermediate_dense, output_dense, output_norm)
         return post_ln_layer_training(
             hidden_states, key_padding_mask, params, heads=s.num_attention_heads,
-            attention_dropout=float(s.dropout.p) if s.training else 0.0, hidden_dropout=float(hidden_dropout),
+            attention_dropout=float(s.dropout.p) if s.training else 0.0, hidden_dropout=hidden_dropout,
             scale=float(s.scaling), eps=(norm.eps, output_norm.eps), approximate=approximate,
         )  # fmt: skip
 

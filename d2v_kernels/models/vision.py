@@ -14,8 +14,17 @@ from torch import nn
 from transformers.models.data2vec import modeling_data2vec_vision as hf
 
 from d2v_kernels import dispatch, ops
-from d2v_kernels.models._common import gelu_approximation, qkv_projection, swap_class
-from d2v_kernels.models._lean import activation_call, add_layer_norm, dropout, lean_modules, linear, unobserved
+from d2v_kernels.models._common import qkv_projection, swap_class
+from d2v_kernels.models._lean import (
+    activation_call,
+    add_layer_norm,
+    dropout,
+    lean_modules,
+    linear,
+    training_node_options,
+    unobserved,
+    weights_and_biases,
+)
 from d2v_kernels.ops.attention_op import gather_relative_bias
 from d2v_kernels.ops.pre_ln_layer_op import pre_ln_layer_training
 
@@ -267,24 +276,19 @@ class FusedData2VecVisionLayer(hf.Data2VecVisionLayer):
         table_bias, dense_bias = biases
         if dense_bias is not None:
             return None
-        hidden_dropout = drop.p if drop.training else 0.0
-        if hidden_dropout != (output_drop.p if output_drop.training else 0.0):
+        options = training_node_options(drop, output_drop, activation)
+        if options is None:
             return None
-        approximate = gelu_approximation(activation)
-        if approximate is None:
-            return None
+        hidden_dropout, approximate = options
         active = type(drop_path) is not nn.Identity and drop_path.training
-        params = []
-        for module in (norm, s.query, s.key, s.value, dense, norm_after, intermediate_dense, output_dense):
-            parameters = module._parameters
-            params += (parameters["weight"], parameters["bias"])
+        params = weights_and_biases(norm, s.query, s.key, s.value, dense, norm_after, intermediate_dense, output_dense)
         parameters = self._parameters
         params += (parameters.get("lambda_1"), parameters.get("lambda_2"))
         return pre_ln_layer_training(
             hidden_states, None if table_bias is None else table_bias.table,
             None if table_bias is None else table_bias.index, params, heads=s.num_attention_heads,
             attention_dropout=float(s.config.attention_probs_dropout_prob) if s.training else 0.0,
-            hidden_dropout=float(hidden_dropout), drop_path=float(drop_path.drop_prob) if active else 0.0,
+            hidden_dropout=hidden_dropout, drop_path=float(drop_path.drop_prob) if active else 0.0,
             scale=1.0 / math.sqrt(s.attention_head_size), eps=(norm.eps, norm_after.eps), approximate=approximate,
         )  # fmt: skip
 
