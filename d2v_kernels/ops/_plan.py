@@ -25,7 +25,9 @@ try:
 except ImportError:  # triton absent: no tiles, no overrides
     _on_tiles_change = None
 
-__all__ = ["MAX_PLANS", "layout_key", "lookup", "needs_grad", "plan_cache", "plans_enabled", "recorder", "store"]
+__all__ = [
+    "MAX_PLANS", "launch_rows", "layout_key", "lookup", "needs_grad", "plan_cache", "plans_enabled", "recorder", "store",
+]  # fmt: skip
 
 PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 # Each new input length makes a plan; past this many an op starts afresh.
@@ -102,3 +104,12 @@ def store(cache: dict, key, plan, device: torch.device):
         except TypeError:
             pass
     return plan
+
+
+def launch_rows(grad: torch.Tensor, rows: int, channels: int) -> torch.Tensor:
+    """``grad`` as (rows, channels), contiguous and 16-byte aligned: the layout a plan's backward
+    launches were made for (a copy only where an incoming gradient has another)."""
+    grad = grad.reshape(rows, channels)
+    if not grad.is_contiguous() or grad.data_ptr() & 15:
+        grad = grad.clone(memory_format=torch.contiguous_format)
+    return grad

@@ -17,7 +17,7 @@ from torch.autograd.function import once_differentiable
 
 from d2v_kernels import dispatch
 from d2v_kernels.ops._checks import KERNEL_DTYPES, check_eps, check_param_list, check_same_device, check_tensor
-from d2v_kernels.ops._eager import direct_apply, runs_eagerly, without_zero_grads
+from d2v_kernels.ops._eager import direct_apply, pick, runs_eagerly, without_zero_grads
 from d2v_kernels.ops._plan import layout_key, lookup, needs_grad, plan_cache, plans_enabled, recorder, store
 
 
@@ -214,9 +214,8 @@ def _pos_conv_backward(ctx, grad_out, _grad_pre_norm):
     num_layers = len(weights)
     if pre_norm.shape[0] != num_layers:
         raise RuntimeError("d2v_kernels::pos_conv ran with save_pre_norm=False; it has no backward")
-    grad_x, grad_weights, grad_biases = torch.ops.d2v_kernels.pos_conv_backward(
-        grad_out, x, pre_norm, weights, ctx.groups, ctx.eps
-    )
+    backward = pick(torch.ops.d2v_kernels.pos_conv_backward, pos_conv_backward_impl, (grad_out, x, pre_norm, *weights))
+    grad_x, grad_weights, grad_biases = backward(grad_out, x, pre_norm, weights, ctx.groups, ctx.eps)
     grad_weights = _in_dtypes(grad_weights, [w.dtype for w in weights])
     return grad_x, grad_weights, _in_dtypes(grad_biases, ctx.bias_dtypes), None, None, None
 
@@ -234,19 +233,19 @@ class PosConvFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, groups, eps, num_layers, x, *params):
-        weights, biases = list(params[:num_layers]), list(params[num_layers:])
-        out, pre_norm = pos_conv_forward_impl(x, weights, biases, groups, eps, True)
-        ctx.save_for_backward(x, pre_norm, *weights)
-        ctx.groups, ctx.eps, ctx.bias_dtypes = groups, eps, [b.dtype for b in biases]
-        return out
+        inputs = (x, list(params[:num_layers]), list(params[num_layers:]), groups, eps, True)
+        output = pos_conv_forward_impl(*inputs)
+        _pos_conv_setup_context(ctx, inputs, output)
+        return output[0]
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x, pre_norm, *weights = ctx.saved_tensors
-        grad_x, grad_weights, grad_biases = pos_conv_backward_impl(grad_out, x, pre_norm, weights, ctx.groups, ctx.eps)
-        grad_weights = _in_dtypes(grad_weights, [w.dtype for w in weights])
-        return None, None, None, grad_x, *grad_weights, *_in_dtypes(grad_biases, ctx.bias_dtypes)
+        grad_x, grad_weights, grad_biases, *_ = _pos_conv_backward(ctx, grad_out, None)
+        num_layers = len(ctx.bias_dtypes)
+        grad_weights = [None] * num_layers if grad_weights is None else grad_weights
+        grad_biases = [None] * num_layers if grad_biases is None else grad_biases
+        return None, None, None, grad_x, *grad_weights, *grad_biases
 
 
 _apply_pos_conv = direct_apply(PosConvFunction)

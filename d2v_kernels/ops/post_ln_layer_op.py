@@ -40,7 +40,7 @@ from d2v_kernels.ops import _nested_attention as nested_attention
 from d2v_kernels.ops import add_layer_norm_op, attention_op
 from d2v_kernels.ops._checks import check_eps, check_tensor
 from d2v_kernels.ops._eager import direct_apply, runs_eagerly
-from d2v_kernels.ops._plan import layout_key, lookup, plan_cache, plans_enabled, recorder, store
+from d2v_kernels.ops._plan import launch_rows, layout_key, lookup, plan_cache, plans_enabled, recorder, store
 
 __all__ = ["post_ln_layer_training"]
 
@@ -57,7 +57,6 @@ class PostLnLayerFunction(torch.autograd.Function):
         x2 = x.view(b * n, c)
         wqkv, bqkv = torch.cat((wq, wk, wv)), torch.cat((bq, bk, bv))
         qkv = torch.addmm(bqkv, x2, wqkv.t())
-        q, k, v = qkv.view(b, n, 3, plan.heads, c // plan.heads).unbind(2)
         # The Philox seeds of the attention's dropout, of the two hidden dropouts (fused into the
         # add + LayerNorms) and of the activation dropout (fused with the GELU), in that order, one
         # draw: their masks are drawn again in the backward, never stored.
@@ -67,21 +66,14 @@ class PostLnLayerFunction(torch.autograd.Function):
             seed = next(seeds) if plan.attention_seed else None
             seed1, seed2 = (next(seeds), next(seeds)) if plan.hidden_dropout > 0.0 else (None, None)
             seed3 = next(seeds) if plan.gelu_dropout is not None else None
-        if plan.sdpa:
-            out = nested_attention.attention_forward(
-                ctx,
-                attention_op.attention_sdpa,
-                qkv,
-                b,
-                plan.heads,
-                mask=mask,
-                dropout_p=plan.attention_dropout,
-                scale=plan.scale,
-            )
-            lse = None
-            q, k, v = q.detach(), None, None  # the attention's graph keeps what its backward needs
-        else:
+        if plan.nested is None:
+            q, k, v = qkv.view(b, n, 3, plan.heads, c // plan.heads).unbind(2)
             out, lse = plan.attention(q, k, v, None, None, None, mask, seed, plan.scale, plan.attention_dropout)
+        else:  # the attention's graph keeps what its backward needs
+            q = k = v = lse = None
+            out = nested_attention.attention_forward(
+                ctx, plan.nested, qkv, b, plan.heads, mask=mask, dropout_p=plan.attention_dropout, scale=plan.scale
+            )
         context = out.view(b * n, c)
         a = torch.addmm(bd, context, wd.t())
         p = plan.hidden_dropout
@@ -107,11 +99,9 @@ class PostLnLayerFunction(torch.autograd.Function):
          seed2, w2, b2, mean2, rstd2) = ctx.saved_tensors  # fmt: skip
         plan = ctx.plan
         p = plan.hidden_dropout
-        b, n, heads, d = q.shape
+        b, n, heads, d = out.shape
         c = heads * d
-        dy = dy.reshape(b * n, c)
-        if not dy.is_contiguous() or dy.data_ptr() & 15:  # the layout the plan's launches were made for
-            dy = dy.clone(memory_format=torch.contiguous_format)
+        dy = launch_rows(dy, b * n, c)
         launches = plan.backward_launches
         if launches is None:
             launches = plan.backward_launches = _BackwardLaunches(dy, x2, a, w1, b1, y1, o, w2, b2, h, plan)
@@ -130,7 +120,7 @@ class PostLnLayerFunction(torch.autograd.Function):
                                                     None, None, seed=seed1, dropout_p=p)  # fmt: skip
         dwd, dbd = da.t().mm(out.view(b * n, c)), da.sum(0)
         dcontext = da.mm(wd).view(b, n, heads, d)
-        if plan.sdpa:
+        if plan.nested is not None:
             dqkv, _ = nested_attention.attention_backward(ctx, dcontext)
         else:
             attention_backward = launches.attention(torch.are_deterministic_algorithms_enabled(), dcontext, q, k, v,
@@ -183,12 +173,12 @@ class _Plan:
 
     __slots__ = (
         "activation_dropout", "approximate", "attention", "attention_dropout", "attention_seed", "backward_launches",
-        "eps1", "eps2", "gelu_dropout", "heads", "hidden_dropout", "norm1", "norm2", "scale", "sdpa", "seeds",
+        "eps1", "eps2", "gelu_dropout", "heads", "hidden_dropout", "nested", "norm1", "norm2", "scale", "seeds",
     )  # fmt: skip
 
     def __init__(
         self, x, mask, params, heads, attention_dropout, hidden_dropout, activation_dropout, scale, eps, approximate,
-        sdpa,
+        nested,
     ):  # fmt: skip
         from d2v_kernels.kernels import add_layer_norm as norm_kernels
         from d2v_kernels.kernels.attention import forward_launch
@@ -197,9 +187,13 @@ class _Plan:
         b, n, c = x.shape
         q = x.new_empty((b, n, 3, heads, c // heads)).unbind(2)[0]  # the layout of the QKV GEMM's views
         rows = x.view(b * n, c)
-        # sdpa draws its dropout from torch's generator itself; the Triton kernel from a seed.
-        self.sdpa, self.attention_seed = sdpa, attention_dropout > 0.0 and not sdpa
-        self.attention = None if sdpa else forward_launch(q, q, q, None, None, None, mask, False, self.attention_seed)
+        # nested: another attention backend's function, its graph recorded inside the node
+        # (``_nested_attention``; it draws its dropout from torch's generator itself), or None for
+        # the Triton kernels' launches (their dropout from a seed).
+        self.nested, self.attention_seed = nested, attention_dropout > 0.0 and nested is None
+        self.attention = None
+        if nested is None:
+            self.attention = forward_launch(q, q, q, None, None, None, mask, False, self.attention_seed)
         dropout = hidden_dropout > 0.0
         self.norm1 = norm_kernels.add_layer_norm_training_launch(
             rows, rows, params[8], params[9], False, dropout=dropout
@@ -310,9 +304,9 @@ def _make_plan(x, mask, params, heads, attention_dropout, hidden_dropout, activa
         )
     if not taken:
         return _not_taken
-    sdpa = attention.run is attention_op.attention_sdpa
+    nested = None if attention.run is attention_op.attention_triton else attention.run
     plan = _Plan(
-        x, mask, params, heads, attention_dropout, hidden_dropout, activation_dropout, scale, eps, approximate, sdpa
+        x, mask, params, heads, attention_dropout, hidden_dropout, activation_dropout, scale, eps, approximate, nested
     )
     apply, record, attention_backend = direct_apply(PostLnLayerFunction), recorder(), attention.backend
 

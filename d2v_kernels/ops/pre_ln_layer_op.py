@@ -39,7 +39,7 @@ from d2v_kernels.ops import _nested_attention as nested_attention
 from d2v_kernels.ops import add_layer_norm_op, attention_op
 from d2v_kernels.ops._checks import check_eps, check_tensor
 from d2v_kernels.ops._eager import direct_apply, runs_eagerly
-from d2v_kernels.ops._plan import layout_key, lookup, plan_cache, plans_enabled, recorder, store
+from d2v_kernels.ops._plan import launch_rows, layout_key, lookup, plan_cache, plans_enabled, recorder, store
 
 __all__ = ["pre_ln_layer_training"]
 
@@ -60,11 +60,13 @@ class PreLnLayerFunction(torch.autograd.Function):
         normed, mean0, rstd0 = torch.native_layer_norm(x2, (c,), w0, b0, plan.eps0)
         wqkv, bqkv = torch.cat((wq, wk, wv)), torch.cat((bq, plan.zero_bias if bk is None else bk, bv))
         qkv = torch.addmm(bqkv, normed, wqkv.t())
-        q, k, v = qkv.view(b, n, 3, plan.heads, c // plan.heads).unbind(2)
-        seed = attention_op._draw_seed(q) if plan.attention_dropout > 0.0 and plan.nested is None else None
+        seed = None
         if plan.nested is None:
+            q, k, v = qkv.view(b, n, 3, plan.heads, c // plan.heads).unbind(2)
+            seed = attention_op._draw_seed(q) if plan.attention_dropout > 0.0 else None
             out, lse = plan.attention(q, k, v, table, index, None, None, seed, plan.scale, plan.attention_dropout)
-        else:
+        else:  # the attention's graph keeps what its backward needs
+            q = k = v = lse = None
             out = nested_attention.attention_forward(
                 ctx,
                 plan.nested,
@@ -76,7 +78,6 @@ class PreLnLayerFunction(torch.autograd.Function):
                 dropout_p=plan.attention_dropout,
                 scale=plan.scale,
             )
-            q, k, v, lse = q.detach(), None, None, None  # the attention's graph keeps what its backward needs
         a = torch.addmm(bd, out.view(b * n, c), wd.t())
         mask1 = mask2 = keep1 = keep2 = None
         if plan.hidden_dropout > 0.0:
@@ -107,11 +108,9 @@ class PreLnLayerFunction(torch.autograd.Function):
         (x2, mean0, rstd0, w0, b0, normed, wqkv, q, k, v, out, lse, table, index, seed, wd, mask1, keep1, a, w1,
          b1, mean1, rstd1, l1, y, wi, pre, g, wo, mask2, keep2, o, l2) = ctx.saved_tensors  # fmt: skip
         plan = ctx.plan
-        b, n, heads, d = q.shape
+        b, n, heads, d = out.shape
         c = heads * d
-        dy = dy.reshape(b * n, c)
-        if not dy.is_contiguous() or dy.data_ptr() & 15:  # the layout the plan's launches were made for
-            dy = dy.clone(memory_format=torch.contiguous_format)
+        dy = launch_rows(dy, b * n, c)
         launches = plan.backward_launches
         if launches is None:
             launches = plan.backward_launches = _BackwardLaunches(dy, x2, a, w1, b1, l1)
