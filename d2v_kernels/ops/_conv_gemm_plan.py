@@ -1,0 +1,162 @@
+"""The GEMMs that the CUDA extension runs for a strided Conv1d, written in PyTorch.
+
+The extension (``csrc/conv_gemm.cu``, launched from ``csrc/binding.cpp``) computes each conv layer
+of the feature encoder and its gradients as plain GEMMs over strided views of channels-last
+tensors, never materialising an im2col matrix. This module is the same decomposition in torch (views
+made with ``torch.as_strided``, products with ``@``): the CPU proof, tested against ``F.conv1d`` and
+its autograd in float64 (``tests/test_conv_gemm_plan.py``), of what the kernels compute. The
+launchers use the same views, strides and offsets as the functions here, one to one.
+
+Notation: x (B, T_in, C_in) contiguous, weight (C_out, C_in, k), stride s <= k, and
+T_out = (T_in - k) // s + 1.
+
+- Forward: z[b] = A_b @ W' with A_b = x[b] seen as (T_out, k * C_in) with row stride s * C_in and
+  unit column stride: row t is the k frames x[b, s t : s t + k] back to back. Rows overlap when
+  k > s (the leading dimension s * C_in is below K = k * C_in). W'[j * C_in + c, o] = weight[o, c, j].
+  One GEMM batched over b (batch stride T_in * C_in).
+- Weight gradient: dW' = sum_b A_b^T @ dz[b], K = T_out. One batched GEMM with an fp32 partial per
+  batch row, summed over b in order (deterministic, no atomics).
+- Input gradient: dx[b, s q + r] = sum_m dz[b, q - m] @ W_{r + s m}^T for each residue r < s of the
+  output frame (W_j = weight[:, :, j], (C_out, C_in)). Per residue, one GEMM: A row q is the
+  M_r = ceil((k - r) / s) frames dz[q - M_r + 1 .. q] back to back, an overlapping view (leading
+  dimension C_out, K = M_r * C_out) of dz padded with P = ceil(k / s) - 1 zero frames at both ends;
+  B stacks W_j^T for j = r + s (M_r - 1), ..., r + s, r; the Q_r = T_out + M_r - 1 output rows go to
+  frames r, r + s, r + 2 s, ... of dx (leading dimension s * C_in). With s <= k every frame up to
+  s (T_out - 1) + k - 1 belongs to exactly one residue's rows; the frames after it (the input's tail
+  that no output frame reads) are zero. When k == s no row overlaps: one GEMM writes dx seen as
+  (T_out, k * C_in) with B = weight permuted to (C_out, k * C_in), and no padding is needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+__all__ = [
+    "ResidueGemm",
+    "conv_rows",
+    "dgrad_gemms",
+    "dgrad_pad",
+    "gemm_conv_backward_input",
+    "gemm_conv_backward_weight",
+    "gemm_conv_forward",
+    "output_frames",
+    "stride_reasons",
+    "weight_matrix",
+]
+
+
+def output_frames(t_in: int, kernel: int, stride: int) -> int:
+    """T_out of a valid (unpadded) strided conv."""
+    return (t_in - kernel) // stride + 1
+
+
+def stride_reasons(layer: int, kernel: int, stride: int) -> list[str]:
+    """Why the GEMM decomposition of the input gradient does not hold for this layer ([] when it
+    does): with s > k some input frames are read by no output frame, and the residues above k have
+    no tap."""
+    if stride > kernel:
+        return [f"layer {layer}: stride {stride} is above its kernel size {kernel}; the GEMM kernels need s <= k"]
+    return []
+
+
+def conv_rows(x: Tensor, kernel: int, stride: int) -> Tensor:
+    """x (B, T_in, C) contiguous -> the GEMM's A operand (B, T_out, k * C), overlapping rows:
+    element (b, t, j * C + c) is x[b, s t + j, c]. A view: row stride s * C, batch stride T_in * C."""
+    if not x.is_contiguous():
+        raise ValueError("x must be contiguous (B, T_in, C)")
+    batch, t_in, channels = x.shape
+    frames = output_frames(t_in, kernel, stride)
+    return x.as_strided((batch, frames, kernel * channels), (t_in * channels, stride * channels, 1))
+
+
+def weight_matrix(weight: Tensor) -> Tensor:
+    """weight (C_out, C_in, k) -> W' (k * C_in, C_out), W'[j * C_in + c, o] = weight[o, c, j]."""
+    c_out, c_in, kernel = weight.shape
+    return weight.permute(2, 1, 0).reshape(kernel * c_in, c_out)
+
+
+def gemm_conv_forward(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int) -> Tensor:
+    """Conv output (B, T_out, C_out) = A_b @ W' (+ bias): the forward GEMM."""
+    z = conv_rows(x, weight.shape[2], stride) @ weight_matrix(weight)
+    return z if bias is None else z + bias
+
+
+def gemm_conv_backward_weight(x: Tensor, dz: Tensor, kernel: int, stride: int) -> Tensor:
+    """dW (C_out, C_in, k) from x (B, T_in, C_in) and dz (B, T_out, C_out): one partial A_b^T @ dz[b]
+    per batch row (fp32 in the kernels), summed over b in order."""
+    partials = conv_rows(x, kernel, stride).transpose(1, 2) @ dz  # (B, k * C_in, C_out)
+    total = partials[0].clone()
+    for b in range(1, partials.shape[0]):
+        total += partials[b]
+    c_in, c_out = x.shape[2], dz.shape[2]
+    return total.view(kernel, c_in, c_out).permute(2, 1, 0)
+
+
+@dataclass(frozen=True)
+class ResidueGemm:
+    """One GEMM of the input gradient: output frames s q + residue for q < rows.
+
+    A is the padded dz (B, P + T_out + P, C_out) seen as (rows, taps * C_out) from frame
+    ``first_row`` with row stride C_out; B stacks weight[:, :, j]^T for j in ``kernel_taps``
+    (first block first); D is dx from frame ``residue`` with row stride s * C_in."""
+
+    residue: int
+    kernel_taps: tuple[int, ...]
+    first_row: int
+    rows: int
+
+
+def dgrad_pad(kernel: int, stride: int) -> int:
+    """P: the zero frames on each side of dz that the residue GEMMs read (0 when k == s)."""
+    return -(-kernel // stride) - 1
+
+
+def dgrad_gemms(kernel: int, stride: int, t_out: int) -> list[ResidueGemm]:
+    """The input gradient's GEMMs for s < k (k == s is one GEMM, see the module docstring)."""
+    pad = dgrad_pad(kernel, stride)
+    gemms = []
+    for r in range(stride):
+        taps = -(-(kernel - r) // stride)  # M_r
+        gemms.append(
+            ResidueGemm(
+                residue=r,
+                kernel_taps=tuple(r + stride * (taps - 1 - m) for m in range(taps)),
+                first_row=pad - (taps - 1),
+                rows=t_out + taps - 1,
+            )
+        )
+    return gemms
+
+
+def gemm_conv_backward_input(dz: Tensor, weight: Tensor, t_in: int, stride: int) -> Tensor:
+    """dx (B, T_in, C_in) from dz (B, T_out, C_out) contiguous: the GEMMs of the module docstring,
+    written through strided views of dx as the kernels write it."""
+    batch, t_out, c_out = dz.shape
+    _, c_in, kernel = weight.shape
+    if stride > kernel:
+        raise ValueError(stride_reasons(0, kernel, stride)[0])
+    dx = dz.new_zeros(batch, t_in, c_in)
+    w_t = weight.permute(0, 2, 1).contiguous()  # (C_out, k, C_in): the forward's B, column-major
+    if kernel == stride:
+        out = dx.as_strided((batch, t_out, kernel * c_in), (t_in * c_in, kernel * c_in, 1))
+        out.copy_(dz @ w_t.view(c_out, kernel * c_in))
+        return dx
+    pad = dgrad_pad(kernel, stride)
+    padded = dz.new_zeros(batch, pad + t_out + pad, c_out)
+    padded[:, pad : pad + t_out] = dz
+    rows_total = padded.shape[1]
+    for g in dgrad_gemms(kernel, stride, t_out):
+        taps = len(g.kernel_taps)
+        a = padded.as_strided(
+            (batch, g.rows, taps * c_out), (rows_total * c_out, c_out, 1), storage_offset=g.first_row * c_out
+        )
+        b = w_t[:, list(g.kernel_taps), :].permute(1, 0, 2).reshape(taps * c_out, c_in)
+        out = dx.as_strided(
+            (batch, g.rows, c_in),
+            (t_in * c_in, stride * c_in, 1),
+            storage_offset=dx.storage_offset() + g.residue * c_in,
+        )
+        out.copy_(a @ b)
+    return dx
