@@ -536,3 +536,32 @@ def test_bad_input(change, error, message):
     q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
     with pytest.raises(error, match=message), d2v_kernels.use_backend(attention="triton"):
         ops.attention(q, k, v, **args)
+
+
+def test_packed_backward_writes_dq_dk_dv_into_one_tensor_bit_for_bit():
+    """``packed``: the backward's dQ, dK, dV in one (B, N, 3, H, d) tensor (the gradient of a fused
+    QKV projection's output), equal bit for bit to the three tensors it gives otherwise, with a
+    relative position table and with a padding mask."""
+    from d2v_kernels.kernels.attention import attention_forward, backward_launch
+
+    b, n, d = 2, 11, 16
+    qkv = torch.randn(b, n, 3, HEADS, d)
+    q, k, v = qkv.unbind(2)
+    table, index = relative_bias(n, n)
+    mask = padding_mask(b, n, (n, 7)).bool()
+    for bias_args in ((table, index, None, None), (None, None, None, mask)):
+        out, lse = attention_forward(q, k, v, *bias_args, None, False, 0.0, d**-0.5)
+        grad_out = torch.randn(b, n, HEADS, d)
+        table_grad = bias_args[0] is not None
+        args = (grad_out, q, k, v, out, lse, *bias_args, None, False, 0.0, d**-0.5, table_grad, False, True)
+        launches = [backward_launch(*args, packed=packed) for packed in (False, True)]
+        dq, dk, dv, dtable, _ = launches[0](grad_out, q, k, v, out, lse, *bias_args, None)
+        dqkv, none_k, none_v, dtable_packed, _ = launches[1](grad_out, q, k, v, out, lse, *bias_args, None)
+        assert dqkv.shape == (b, n, 3, HEADS, d) and none_k is None and none_v is None
+        for i, g in enumerate((dq, dk, dv)):
+            assert torch.equal(dqkv[:, :, i], g), i
+        if table_grad:
+            assert torch.equal(dtable_packed, dtable)
+    with pytest.raises(ValueError, match="one shape"):
+        backward_launch(grad_out, q, k[:, :5], v[:, :5], out, lse, None, None, None, None, None, False, 0.0, 1.0,
+                        False, False, True, packed=True)  # fmt: skip

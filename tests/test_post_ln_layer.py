@@ -90,9 +90,9 @@ def test_dropout_masks_agree_between_forward_and_backward(modality):
         out = layer(x, attention_mask=mask)
         out = out[0] if isinstance(out, tuple) else out
         assert type(out.grad_fn).__name__ == NODE
-        # save_for_backward's order in PostLnLayerFunction.forward
-        saved = out.grad_fn.saved_tensors
-        seed, seed1, seed3, seed2 = saved[2], saved[11], saved[20], saved[23]
+        # the order of the tensors PostLnLayerFunction.forward made (keep_for_backward)
+        made = out.grad_fn.made
+        seed, seed1, seed3, seed2 = made[0], made[8], made[14], made[16]
         assert (seed3 is None) == (modality == "text")  # text has no activation dropout
         drawn = [t for t in (seed, seed1, seed2, seed3) if t is not None]
         assert len({tuple(t.tolist()) for t in drawn}) == len(drawn)  # one draw each
@@ -208,3 +208,58 @@ def test_sdpa_attention_runs_inside_the_node_and_equals_the_op_by_op_path(modali
     for name, got, second, ref in zip(names, kept, again, want):
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
         torch.testing.assert_close(second, got, atol=0, rtol=0, msg=lambda m, n=name: f"{n} (second backward): {m}")
+
+
+def _text_layer_call():
+    """(the fused text layer in train mode with every dropout on, its input, a call returning the
+    layer's output under the Triton backend)."""
+    _, fused, _ = build_pair("Data2VecTextModel", hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.2)
+    layer = fused.encoder.layer[0]
+    layer.train()
+    c = layer.output.LayerNorm.normalized_shape[0]
+    x = torch.randn(2, 5, c, generator=torch.Generator().manual_seed(3), requires_grad=True)
+
+    def call():
+        with d2v_kernels.use_backend("triton"):
+            out = layer(x, attention_mask=torch.ones(2, 5, dtype=torch.long))
+        out = out[0] if isinstance(out, tuple) else out
+        assert type(out.grad_fn).__name__ == NODE
+        return out
+
+    return layer, x, call
+
+
+def test_the_node_lets_its_tensors_go_after_a_backward_and_keeps_them_for_retain_graph():
+    """The tensors the forward made are kept on the context, not as SavedVariables: a backward
+    drops them as autograd drops its saved tensors, one with retain_graph keeps them for the next
+    (same gradients), and a second backward through a freed graph raises autograd's error."""
+    _, x, call = _text_layer_call()
+    out = call()
+    first = torch.autograd.grad(out.sum(), x, retain_graph=True)[0]
+    assert out.grad_fn.made is not None
+    again = torch.autograd.grad(out.sum(), x)[0]
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    assert out.grad_fn.made is None
+    with pytest.raises(RuntimeError, match="second time"):
+        torch.autograd.grad(out.sum(), x)
+
+
+def test_the_node_reports_an_input_modified_in_place_and_gives_saved_tensor_hooks_every_tensor():
+    """The layer's inputs and parameters still go through save_for_backward (autograd's in-place
+    check holds), and under saved-tensor hooks the tensors the forward made go through them too."""
+    layer, x, call = _text_layer_call()
+    out = call()
+    with torch.no_grad():
+        layer.output.dense.weight.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        out = call()
+    # 9 inputs (x, mask, 7 weights) and the 19 tensors made (None for an absent dropout or
+    # activation-dropout seed is not packed)
+    assert isinstance(out.grad_fn.made, int)
+    assert len(packed) >= 9 + 15, len(packed)
+    grads = torch.autograd.grad(out.sum(), x)[0]
+    assert torch.isfinite(grads).all()

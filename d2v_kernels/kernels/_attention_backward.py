@@ -114,6 +114,7 @@ def attention_bwd_dkdv_kernel(
     stride_bj,
     stride_mb,
     stride_mj,
+    stride_gn,
     n_heads,
     n_q,
     n_k,
@@ -220,10 +221,8 @@ def attention_bwd_dkdv_kernel(
     if HAS_DROPOUT:
         dv *= 1.0 / (1.0 - dropout_p)
     dk *= scale
-    # dK, dV are (B, Nk, H, d) contiguous.
-    out_offs = (
-        off_b * n_k * n_heads * head_dim + off_h * head_dim + offs_n[:, None] * n_heads * head_dim + offs_d[None, :]
-    )
+    # dK, dV are (B, Nk, H, d) with rows stride_gn apart (H * d, or 3 * H * d packed with dQ).
+    out_offs = off_b * n_k * stride_gn + off_h * head_dim + offs_n[:, None] * stride_gn + offs_d[None, :]
     tl.store(DK + out_offs, dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -269,6 +268,7 @@ def attention_bwd_dq_kernel(
     stride_bj,
     stride_mb,
     stride_mj,
+    stride_gn,
     n_heads,
     n_q,
     n_k,
@@ -360,9 +360,7 @@ def attention_bwd_dq_kernel(
             else:
                 tl.atomic_add(ds_ptrs, ds, mask=ds_mask, sem="relaxed")
     dq *= scale
-    out_offs = (
-        off_b * n_q * n_heads * head_dim + off_h * head_dim + offs_m[:, None] * n_heads * head_dim + offs_d[None, :]
-    )
+    out_offs = off_b * n_q * stride_gn + off_h * head_dim + offs_m[:, None] * stride_gn + offs_d[None, :]
     tl.store(DQ + out_offs, dq.to(DQ.dtype.element_ty), mask=row_mask)
 
 
@@ -406,14 +404,21 @@ class BackwardLaunch:
     flags, scale, dropout probability): tiles, grids and integer arguments fixed, the compiled
     kernels launched directly. ``launch(grad_out, q, k, v, out, lse, bias_table, bias_index, bias,
     key_padding_mask, seed)`` -> :func:`attention_backward`'s result; ``config``: the tiles
-    (:func:`backward_tiles`)."""
+    (:func:`backward_tiles`). ``packed`` (self-attention, Nq = Nk): dQ, dK and dV written into one
+    (B, N, 3, H, d) tensor, returned first in place of dq, with None for dk and dv: the gradient of
+    a fused QKV projection's output, no concatenation."""
 
-    __slots__ = ("_bias_grad", "_dkdv", "_dq", "_ds", "_ds_mode", "_ds_shape", "_pre", "_shapes", "_table_grad")
+    __slots__ = (
+        "_bias_grad", "_dkdv", "_dq", "_ds", "_ds_mode", "_ds_shape", "_packed_shape", "_pre", "_shapes", "_table_grad",
+    )  # fmt: skip
 
     def __init__(self, grad_out, q, k, v, out, bias_table, bias_index, bias, key_padding_mask, causal, dropout_p,
-                 scale, table_grad, bias_grad, deterministic, config: dict):  # fmt: skip
+                 scale, table_grad, bias_grad, deterministic, config: dict, packed: bool = False):  # fmt: skip
         b, n_q, h, d = q.shape
         n_k = k.shape[1]
+        if packed and (n_k != n_q or k.shape != q.shape or v.shape != q.shape):
+            raise ValueError(f"packed gradients need q, k and v of one shape, got {q.shape}, {k.shape}, {v.shape}")
+        self._packed_shape = (b, n_q, 3, h, d) if packed else None
         block_d = head_dim_block(d)
         _, strides, flags = bias_args(q, k, bias_table, bias_index, bias, key_padding_mask)
         common = dict(
@@ -435,7 +440,7 @@ class BackwardLaunch:
         options = {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
         blocks = {"BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"]}
         io_strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
-        tail = (*io_strides, *strides, h, n_q, n_k, d, scale, scale * LOG2E, dropout_p)
+        tail = (*io_strides, *strides, (3 if packed else 1) * h * d, h, n_q, n_k, d, scale, scale * LOG2E, dropout_p)
         self._dkdv = (
             DirectLaunch(attention_bwd_dkdv_kernel, (cdiv(n_k, config["BLOCK_N"]), b * h), **options),
             fixed_tail(attention_bwd_dkdv_kernel, 13, tail, {**common, **blocks}),
@@ -476,7 +481,11 @@ class BackwardLaunch:
         delta = q.new_empty(stats_shape, dtype=torch.float32)
         launch, tail = self._pre
         launch(out, grad_out, delta, *tail)
-        dq, dk, dv = q.new_empty(q_shape), q.new_empty(kv_shape), q.new_empty(kv_shape)
+        if self._packed_shape is None:
+            dq, dk, dv = q.new_empty(q_shape), q.new_empty(kv_shape), q.new_empty(kv_shape)
+        else:
+            dqkv = q.new_empty(self._packed_shape)
+            dq, dk, dv = dqkv.unbind(2)
         launch, tail = self._dkdv
         launch(q, k, v, grad_out, lse, delta, dk, dv, table, index, dense, keep, seed, *tail)
         ds = q if self._ds_shape is None else torch.zeros(self._ds_shape, device=q.device, dtype=torch.float32)
@@ -490,6 +499,8 @@ class BackwardLaunch:
             dtable = relative_bias_table_grad(ds.sum(0) if ds.shape[0] > 1 else ds[0], bias_index, bias_table)
         if self._bias_grad:
             dbias = reduce_to_shape(ds, bias.shape).to(bias.dtype)
+        if self._packed_shape is not None:
+            return dqkv, None, None, dtable, dbias
         return dq, dk, dv, dtable, dbias
 
 
@@ -528,12 +539,12 @@ def attention_backward(
 
 def backward_launch(
     grad_out, q, k, v, out, lse, bias_table, bias_index, bias, key_padding_mask, seed, causal: bool,
-    dropout_p: float, scale: float, table_grad: bool, bias_grad: bool, deterministic: bool,
+    dropout_p: float, scale: float, table_grad: bool, bias_grad: bool, deterministic: bool, packed: bool = False,
 ) -> BackwardLaunch:  # fmt: skip
-    """The :class:`BackwardLaunch` for this input's layout (made once, then looked up)."""
+    """The :class:`BackwardLaunch` for this input's layout and ``packed`` (made once, then looked up)."""
     key = (
         tuple(operand_key(t) for t in (grad_out, q, k, v, out, lse, bias_table, bias_index, bias, key_padding_mask)),
-        q.device, causal, dropout_p, scale, table_grad, bias_grad, deterministic, dot_precision(q.dtype),
+        q.device, causal, dropout_p, scale, table_grad, bias_grad, deterministic, dot_precision(q.dtype), packed,
     )  # fmt: skip
     launch = _backward_launches.get(key)
     if launch is None:
@@ -543,6 +554,6 @@ def backward_launch(
                                 causal, dropout_p, scale, table_grad, bias_grad, deterministic)  # fmt: skip
         launch = _backward_launches[key] = BackwardLaunch(
             grad_out, q, k, v, out, bias_table, bias_index, bias, key_padding_mask, causal, dropout_p, scale,
-            table_grad, bias_grad, deterministic, config,
+            table_grad, bias_grad, deterministic, config, packed,
         )  # fmt: skip
     return launch

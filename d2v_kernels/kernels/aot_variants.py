@@ -243,7 +243,7 @@ _ATTENTION_POINTER_TYPES = {
 # strides), the other strides multiples of the 768-wide hidden size, head_dim 16 to 128.
 _ATTENTION_UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_dod", "stride_ij", "stride_bj", "stride_mj")
 _ATTENTION_DIVISIBLE_BY_16 = tuple(f"stride_{t}{a}" for t in ("q", "k", "v", "o", "do") for a in ("b", "n", "h"))
-_ATTENTION_DIVISIBLE_BY_16 += ("head_dim",)
+_ATTENTION_DIVISIBLE_BY_16 += ("head_dim", "stride_gn")
 
 
 def _attention_signature(fn, dtype: torch.dtype, constexprs: dict) -> dict:

@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from d2v_kernels.ops._checks import KERNEL_DTYPES, layer_norm_compute_dtype
-from d2v_kernels.ops._eager import direct_apply, pick, register_autograd, runs_eagerly
+from d2v_kernels.ops._eager import direct_apply, pick, register_autograd, runs_eagerly, saved_tensors_hooks_active
 from d2v_kernels.ops.layer_norm_gelu_op import (
     layer_norm_gelu_bwd_impl,
     layer_norm_gelu_bwd_op,
@@ -506,18 +506,6 @@ def _stack_backward(call, dy, wave, ws, gs, bs, cbs, ss, eps, fused0: bool, kept
     return d_wave, d_w, d_g, d_b, d_cb
 
 
-def _saved_tensors_hooks_active() -> bool:
-    """Whether tensors saved for a backward go through ``saved_tensors_hooks`` (checkpointing,
-    offloading, a test that counts them), which then own what the backward gets back."""
-    return _top_saved_tensors_hooks is None or _top_saved_tensors_hooks(False) is not None
-
-
-try:
-    _top_saved_tensors_hooks = torch._C._autograd._top_saved_tensors_default_hooks
-except AttributeError:  # pragma: no cover - a torch without it: always through save_for_backward
-    _top_saved_tensors_hooks = None
-
-
 def _input_needs(ctx, n: int):
     """(the waveform's, [conv weights'], [LayerNorm weights'], [LayerNorm biases'], [conv biases'])
     flags of :class:`ConvFeatureExtractorFunction`'s inputs that need a gradient."""
@@ -543,7 +531,7 @@ class ConvFeatureExtractorFunction(torch.autograd.Function):
         lowest = _lowest_node(*_input_needs(ctx, n))
         y, kept = _stack_forward(_impl, wave, ws, gs, bs, cbs, strides, eps, fused0, lowest)
         ctx.strides, ctx.eps, ctx.fused0, ctx.lowest = strides, eps, fused0, lowest
-        if _saved_tensors_hooks_active():
+        if saved_tensors_hooks_active():
             ctx.save_for_backward(wave, *params, *(t for entry in kept for t in entry))
             ctx.kept = None
         else:

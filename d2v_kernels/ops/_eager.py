@@ -153,3 +153,51 @@ except ImportError:  # pragma: no cover - a torch without it: always take the cu
 
     def current_dispatch_mode():
         return True
+
+
+try:
+    _top_saved_tensors_hooks = torch._C._autograd._top_saved_tensors_default_hooks
+except AttributeError:  # pragma: no cover - a torch without it: always through save_for_backward
+    _top_saved_tensors_hooks = None
+# Whether the backward running now keeps its graph (``retain_graph``); where this torch lacks it,
+# tensors are always saved through save_for_backward (:func:`keep_for_backward`).
+_keeps_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+
+
+def backward_keeps_graph() -> bool:
+    """Whether the backward running now keeps its graph (``retain_graph``); True where this torch
+    cannot tell."""
+    return True if _keeps_graph is None else _keeps_graph()
+
+
+def saved_tensors_hooks_active() -> bool:
+    """Whether tensors saved for a backward go through ``saved_tensors_hooks`` (checkpointing,
+    offloading, a test that counts them), which then own what the backward gets back."""
+    return _top_saved_tensors_hooks is None or _top_saved_tensors_hooks(False) is not None
+
+
+def keep_for_backward(ctx, inputs: tuple, made: tuple) -> None:
+    """Save a Function's tensors for its backward: ``inputs`` (its inputs and views of them) through
+    ``save_for_backward``, so that autograd still reports one modified in place before the
+    backward; ``made`` (tensors its forward made, which nothing else can reach) on the context, where
+    keeping them costs no SavedVariable each (about a microsecond apiece on the host). Where
+    saved-tensor hooks run, or this torch cannot tell whether a backward keeps its graph, all go
+    through ``save_for_backward``. :func:`kept_for_backward` returns them."""
+    if _keeps_graph is None or saved_tensors_hooks_active():
+        ctx.save_for_backward(*inputs, *made)
+        ctx.made = len(inputs)
+    else:
+        ctx.save_for_backward(*inputs)
+        ctx.made = made
+
+
+def kept_for_backward(ctx) -> tuple[tuple, tuple]:
+    """(inputs, made) as :func:`keep_for_backward` got them. The context lets the made tensors go
+    unless this backward keeps its graph (``retain_graph``), as autograd frees SavedVariables: a
+    second backward through a freed graph raises autograd's error from ``saved_tensors``."""
+    saved, made = ctx.saved_tensors, ctx.made
+    if type(made) is int:
+        return saved[:made], saved[made:]
+    if not _keeps_graph():
+        ctx.made = None
+    return saved, made

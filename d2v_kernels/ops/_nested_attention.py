@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["attention_forward", "attention_backward"]
+from d2v_kernels.ops._eager import backward_keeps_graph
 
-# Whether the backward running now keeps its graph (``retain_graph``); absent from a torch that
-# lacks it: then the attention's graph is kept as if it did.
-_keeps_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+__all__ = ["attention_forward", "attention_backward"]
 
 
 def attention_forward(ctx, run, qkv, batch, heads, *, table=None, index=None, mask=None, dropout_p=0.0, scale=None):
@@ -43,7 +41,7 @@ def attention_backward(ctx, dcontext):
     """(dqkv (B * N, 3C), the table's gradient or None) through the graph :func:`attention_forward`
     kept; the graph's saved tensors are released with it unless this backward keeps its graph."""
     attended, leaves = ctx.nested_attention
-    keep = True if _keeps_graph is None else _keeps_graph()
+    keep = backward_keeps_graph()
     grads = torch.autograd.grad(attended, leaves, dcontext, retain_graph=keep)
     if not keep:
         ctx.nested_attention = None

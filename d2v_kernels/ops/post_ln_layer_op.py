@@ -33,13 +33,14 @@ shape, strides, dtype, device, alignment and ``requires_grad``).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from d2v_kernels import dispatch
 from d2v_kernels.ops import _nested_attention as nested_attention
 from d2v_kernels.ops import add_layer_norm_op, attention_op
 from d2v_kernels.ops._checks import check_eps, check_tensor
-from d2v_kernels.ops._eager import direct_apply, runs_eagerly
+from d2v_kernels.ops._eager import direct_apply, keep_for_backward, kept_for_backward, runs_eagerly
 from d2v_kernels.ops._plan import launch_rows, layout_key, lookup, plan_cache, plans_enabled, recorder, store
 
 __all__ = ["post_ln_layer_training"]
@@ -56,7 +57,7 @@ class PostLnLayerFunction(torch.autograd.Function):
         b, n, c = x.shape
         x2 = x.view(b * n, c)
         wqkv, bqkv = torch.cat((wq, wk, wv)), torch.cat((bq, bk, bv))
-        qkv = torch.addmm(bqkv, x2, wqkv.t())
+        qkv = F.linear(x2, wqkv, bqkv)
         # The Philox seeds of the attention's dropout, of the two hidden dropouts (fused into the
         # add + LayerNorms) and of the activation dropout (fused with the GELU), in that order, one
         # draw: their masks are drawn again in the backward, never stored.
@@ -75,28 +76,29 @@ class PostLnLayerFunction(torch.autograd.Function):
                 ctx, plan.nested, qkv, b, plan.heads, mask=mask, dropout_p=plan.attention_dropout, scale=plan.scale
             )
         context = out.view(b * n, c)
-        a = torch.addmm(bd, context, wd.t())
+        a = F.linear(context, wd, bd)
         p = plan.hidden_dropout
         y1, _, mean1, rstd1 = plan.norm1(a, w1, b1, plan.eps1, x2, None, seed=seed1, dropout_p=p)
-        h = torch.addmm(bi, y1, wi.t())
+        h = F.linear(y1, wi, bi)
         if plan.gelu_dropout is None:
             g = torch._C._nn.gelu(h, approximate=plan.approximate)
         else:
             g = plan.gelu_dropout(h, seed3, plan.activation_dropout)
-        o = torch.addmm(bo, g, wo.t())
+        o = F.linear(g, wo, bo)
         y2, _, mean2, rstd2 = plan.norm2(o, w2, b2, plan.eps2, y1, None, seed=seed2, dropout_p=p)
-        ctx.save_for_backward(
-            x2, mask, seed, wqkv, q, k, v, out, lse, wd, a, seed1, w1, b1, mean1, rstd1, y1, wi, h, g, seed3, wo, o,
-            seed2, w2, b2, mean2, rstd2,
-        )  # fmt: skip
+        keep_for_backward(
+            ctx,
+            (x2, mask, wd, w1, b1, wi, wo, w2, b2),
+            (seed, wqkv, q, k, v, out, lse, a, seed1, mean1, rstd1, y1, h, g, seed3, o, seed2, mean2, rstd2),
+        )
         ctx.plan = plan
         return y2.view(b, n, c)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        (x2, mask, seed, wqkv, q, k, v, out, lse, wd, a, seed1, w1, b1, mean1, rstd1, y1, wi, h, g, seed3, wo, o,
-         seed2, w2, b2, mean2, rstd2) = ctx.saved_tensors  # fmt: skip
+        (x2, mask, wd, w1, b1, wi, wo, w2, b2), made = kept_for_backward(ctx)
+        seed, wqkv, q, k, v, out, lse, a, seed1, mean1, rstd1, y1, h, g, seed3, o, seed2, mean2, rstd2 = made
         plan = ctx.plan
         p = plan.hidden_dropout
         b, n, heads, d = out.shape
@@ -125,8 +127,7 @@ class PostLnLayerFunction(torch.autograd.Function):
         else:
             attention_backward = launches.attention(torch.are_deterministic_algorithms_enabled(), dcontext, q, k, v,
                                                     out, lse, mask, seed, plan)  # fmt: skip
-            dq, dk, dv, _, _ = attention_backward(dcontext, q, k, v, out, lse, None, None, None, mask, seed)
-            dqkv = torch.cat((dq.view(b * n, c), dk.view(b * n, c), dv.view(b * n, c)), 1)
+            dqkv = attention_backward(dcontext, q, k, v, out, lse, None, None, None, mask, seed)[0].view(b * n, 3 * c)
         dx = torch.addmm(dresidual, dqkv, wqkv).view(b, n, c)
         dwq, dwk, dwv = dqkv.t().mm(x2).view(3, c, c).unbind(0)
         dbq, dbk, dbv = dqkv.sum(0).view(3, c).unbind(0)
@@ -161,7 +162,7 @@ class _BackwardLaunches:
 
             launch = self._attention[deterministic] = backward_launch(
                 dcontext, q, k, v, out, lse, None, None, None, mask, seed, False, plan.attention_dropout, plan.scale,
-                False, False, deterministic,
+                False, False, deterministic, packed=True,
             )  # fmt: skip
         return launch
 

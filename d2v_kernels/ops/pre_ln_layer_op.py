@@ -32,13 +32,14 @@ alignment and ``requires_grad``, and the bias index's version: its range is chec
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from d2v_kernels import dispatch
 from d2v_kernels.ops import _nested_attention as nested_attention
 from d2v_kernels.ops import add_layer_norm_op, attention_op
 from d2v_kernels.ops._checks import check_eps, check_tensor
-from d2v_kernels.ops._eager import direct_apply, runs_eagerly
+from d2v_kernels.ops._eager import direct_apply, keep_for_backward, kept_for_backward, runs_eagerly
 from d2v_kernels.ops._plan import launch_rows, layout_key, lookup, plan_cache, plans_enabled, recorder, store
 
 __all__ = ["pre_ln_layer_training"]
@@ -59,7 +60,7 @@ class PreLnLayerFunction(torch.autograd.Function):
         x2 = x.view(b * n, c)
         normed, mean0, rstd0 = torch.native_layer_norm(x2, (c,), w0, b0, plan.eps0)
         wqkv, bqkv = torch.cat((wq, wk, wv)), torch.cat((bq, plan.zero_bias if bk is None else bk, bv))
-        qkv = torch.addmm(bqkv, normed, wqkv.t())
+        qkv = F.linear(normed, wqkv, bqkv)
         seed = None
         if plan.nested is None:
             q, k, v = qkv.view(b, n, 3, plan.heads, c // plan.heads).unbind(2)
@@ -78,7 +79,7 @@ class PreLnLayerFunction(torch.autograd.Function):
                 dropout_p=plan.attention_dropout,
                 scale=plan.scale,
             )
-        a = torch.addmm(bd, out.view(b * n, c), wd.t())
+        a = F.linear(out.view(b * n, c), wd, bd)
         mask1 = mask2 = keep1 = keep2 = None
         if plan.hidden_dropout > 0.0:
             a, mask1 = torch.native_dropout(a, plan.hidden_dropout, True)
@@ -86,18 +87,20 @@ class PreLnLayerFunction(torch.autograd.Function):
             keep1 = plan.sample_scale(x)
             a = (a.view(b, n, c) * keep1).view(b * n, c)
         y, h, mean1, rstd1 = plan.norm(a, w1, b1, plan.eps1, x2, l1)
-        pre = torch.addmm(bi, y, wi.t())
+        pre = F.linear(y, wi, bi)
         g = torch._C._nn.gelu(pre, approximate=plan.approximate)
-        o = torch.addmm(bo, g, wo.t())
+        o = F.linear(g, wo, bo)
         if plan.hidden_dropout > 0.0:
             o, mask2 = torch.native_dropout(o, plan.hidden_dropout, True)
         if plan.drop_path > 0.0:
             keep2 = plan.sample_scale(x)
             o = (o.view(b, n, c) * keep2).view(b * n, c)
         output = h + o if l2 is None else torch.addcmul(h, l2, o)
-        ctx.save_for_backward(
-            x2, mean0, rstd0, w0, b0, normed, wqkv, q, k, v, out, lse, table, index, seed, wd, mask1, keep1, a, w1,
-            b1, mean1, rstd1, l1, y, wi, pre, g, wo, mask2, keep2, o, l2,
+        keep_for_backward(
+            ctx,
+            (x2, w0, b0, table, index, wd, w1, b1, l1, wi, wo, l2),
+            (mean0, rstd0, normed, wqkv, q, k, v, out, lse, seed, mask1, keep1, a, mean1, rstd1, y, pre, g, mask2, keep2,
+             o),
         )  # fmt: skip
         ctx.plan = plan
         return output.view(b, n, c)
@@ -105,8 +108,9 @@ class PreLnLayerFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        (x2, mean0, rstd0, w0, b0, normed, wqkv, q, k, v, out, lse, table, index, seed, wd, mask1, keep1, a, w1,
-         b1, mean1, rstd1, l1, y, wi, pre, g, wo, mask2, keep2, o, l2) = ctx.saved_tensors  # fmt: skip
+        (x2, w0, b0, table, index, wd, w1, b1, l1, wi, wo, l2), made = kept_for_backward(ctx)
+        (mean0, rstd0, normed, wqkv, q, k, v, out, lse, seed, mask1, keep1, a, mean1, rstd1, y, pre, g, mask2, keep2,
+         o) = made  # fmt: skip
         plan = ctx.plan
         b, n, heads, d = out.shape
         c = heads * d
@@ -140,8 +144,8 @@ class PreLnLayerFunction(torch.autograd.Function):
         if plan.nested is None:
             attention_backward = launches.attention(torch.are_deterministic_algorithms_enabled(), dcontext, q, k, v,
                                                     out, lse, table, index, seed, plan)  # fmt: skip
-            dq, dk, dv, dtable, _ = attention_backward(dcontext, q, k, v, out, lse, table, index, None, None, seed)
-            dqkv = torch.cat((dq.view(b * n, c), dk.view(b * n, c), dv.view(b * n, c)), 1)
+            dqkv, _, _, dtable, _ = attention_backward(dcontext, q, k, v, out, lse, table, index, None, None, seed)
+            dqkv = dqkv.view(b * n, 3 * c)
         else:
             dqkv, dtable = nested_attention.attention_backward(ctx, dcontext)
         dwq, dwk, dwv = dqkv.t().mm(normed).view(3, c, c).unbind(0)
@@ -178,7 +182,7 @@ class _BackwardLaunches:
 
             launch = self._attention[deterministic] = backward_launch(
                 dcontext, q, k, v, out, lse, table, index, None, None, seed, False, plan.attention_dropout, plan.scale,
-                plan.table_grad, False, deterministic,
+                plan.table_grad, False, deterministic, packed=True,
             )  # fmt: skip
         return launch
 
