@@ -1,6 +1,8 @@
-"""Builds the optional CUDA extension ``d2v_kernels._C`` when a CUDA build of torch and nvcc
-are present (or ``D2V_KERNELS_FORCE_CUDA_BUILD=1``); otherwise installs the pure Python/Triton
-package, which works without it (the missing extension is a dispatch reason at run time)."""
+"""Builds the optional CUDA extension ``d2v_kernels._C`` when a CUDA build of torch, nvcc and
+CUTLASS's headers (``pip install nvidia-cutlass``, or ``CUTLASS_PATH``) are present (or
+``D2V_KERNELS_FORCE_CUDA_BUILD=1``); otherwise installs the pure Python/Triton package, which works
+without it (the missing extension is a dispatch reason at run time). CUTLASS is needed to build the
+extension only: it is neither a build requirement of the package nor a runtime dependency."""
 
 import os
 import shutil
@@ -10,6 +12,18 @@ from setuptools import setup
 
 HERE = Path(__file__).parent
 CSRC = HERE / "csrc"
+
+
+def _extension_helpers():
+    """d2v_kernels/_extension.py loaded alone (not the package, which setup.py cannot import
+    before it is installed): the nvcc flags and where CUTLASS's headers are, as the JIT build
+    uses them."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_d2v_extension", HERE / "d2v_kernels" / "_extension.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _cuda_build_reason() -> str | None:
@@ -28,6 +42,9 @@ def _cuda_build_reason() -> str | None:
         return "torch is a CPU build"
     if CUDA_HOME is None and shutil.which("nvcc") is None:
         return "nvcc not found"
+    helpers = _extension_helpers()
+    if helpers.cutlass_include() is None:
+        return helpers.CUTLASS_MISSING
     return None
 
 
@@ -39,8 +56,7 @@ def _extensions():
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    # No -std flag: torch adds the C++ standard its headers need (C++20 for torch 2.14, C++17 before).
-    nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo"]
+    nvcc_flags = _extension_helpers().nvcc_flags()
     if not archs:
         nvcc_flags += ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
     sources = sorted(str(p.relative_to(HERE)) for p in CSRC.glob("*.cu")) + sorted(

@@ -1,5 +1,5 @@
-"""Benchmark the audio feature encoder: d2v_kernels' fused CUDA extension vs transformers'
-``Data2VecAudioFeatureEncoder`` (cuDNN convs, eager LayerNorm + GELU) and torch.compile of it.
+"""Benchmark the audio feature encoder: d2v_kernels' CUDA extension (CUTLASS GEMMs) and Triton path
+vs transformers' ``Data2VecAudioFeatureEncoder`` (cuDNN convs, eager LayerNorm + GELU) and torch.compile of it.
 
 Cases: B=8 x 10 s and B=1 x 30 s of 16 kHz audio, the base config (7 layers, 512 channels),
 fp16 and bf16, forward and forward+backward (gradients for the waveform and every weight).
@@ -64,7 +64,8 @@ def encoder_fn(encoder, impl: str):
         )
         strides = [layer.conv.stride[0] for layer in layers]
 
-        # cuda: the fused CUDA kernels; triton: Triton layer 0, then cuDNN conv +
+        # cuda: the CUDA extension (layer 0's direct kernel, then CUTLASS GEMMs and LayerNorm +
+        # GELU row kernels, forward and backward); triton: Triton layer 0, then cuDNN conv +
         # Triton LayerNorm + GELU per layer.
         backend = "cuda" if impl == "d2v_cuda" else "triton"
 

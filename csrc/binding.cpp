@@ -1,9 +1,11 @@
-// The only file of the extension that includes torch: checks tensors and calls the kernels of
-// conv_feature_extractor.h on the current stream.
+// The only file of the extension that includes torch: checks tensors, makes the strided views the
+// GEMMs read and write (those of d2v_kernels/ops/_conv_gemm_plan.py), allocates every buffer through
+// torch's allocator, and calls the kernels of conv_feature_extractor.h on the current stream.
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include <array>
 #include <vector>
 
 #include "conv_feature_extractor.h"
@@ -31,31 +33,32 @@ void check_param(const at::Tensor& p, const at::Tensor& wave, int64_t channels, 
               p.sizes());
 }
 
-void check_launch(cudaError_t err, size_t layer) {
-  TORCH_CHECK(err == cudaSuccess, "conv_feature_extractor: layer ", layer, " kernel failed: ", cudaGetErrorString(err));
+void check_launch(cudaError_t err, const char* what, size_t layer) {
+  TORCH_CHECK(err == cudaSuccess, "conv_feature_extractor: layer ", layer, " ", what, " failed: ",
+              cudaGetErrorString(err));
 }
 
-// Runs every layer; returns every layer's (B, T_i, C_i) output when keep_all, else the last.
-std::vector<at::Tensor> forward(const at::Tensor& wave, const std::vector<at::Tensor>& conv_weights,
+// One conv layer's parameters, checked.
+struct Layer {
+  at::Tensor weight, gamma, beta, bias;  // bias undefined without conv biases
+  int64_t kernel, stride, c_in, c_out;
+};
+
+std::vector<Layer> check_layers(const at::Tensor& wave, const std::vector<at::Tensor>& conv_weights,
                                 const std::vector<at::Tensor>& ln_weights, const std::vector<at::Tensor>& ln_biases,
-                                const std::vector<at::Tensor>& conv_biases, const std::vector<int64_t>& strides,
-                                double eps, bool keep_all) {
+                                const std::vector<at::Tensor>& conv_biases, const std::vector<int64_t>& strides) {
   TORCH_CHECK(wave.is_cuda() && wave.dim() == 2, "wave must be a (B, S) CUDA tensor, got ", wave.sizes(), " on ",
               wave.device());
-  const d2v::DType dtype = kernel_dtype(wave);
+  kernel_dtype(wave);
   const size_t layers = conv_weights.size();
   TORCH_CHECK(layers >= 1, "conv_weights must not be empty");
   TORCH_CHECK(ln_weights.size() == layers && ln_biases.size() == layers && strides.size() == layers,
               "ln_weights, ln_biases and strides need one entry per layer (", layers, ")");
   TORCH_CHECK(conv_biases.empty() || conv_biases.size() == layers, "conv_biases must be empty or have ", layers,
               " entries");
-  const int64_t batch = wave.size(0);
-  TORCH_CHECK(batch <= d2v::kMaxBatch, "batch must be at most ", d2v::kMaxBatch, ", got ", batch);
-
-  const c10::cuda::CUDAGuard device_guard(wave.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(wave.get_device()).stream();
-  std::vector<at::Tensor> outputs;
-  at::Tensor h = wave.contiguous();
+  TORCH_CHECK(wave.size(0) <= d2v::kMaxBatch, "batch must be at most ", d2v::kMaxBatch, ", got ", wave.size(0));
+  const bool tensor_cores = wave.scalar_type() != at::kFloat;
+  std::vector<Layer> out;
   int64_t length = wave.size(1);
   int64_t c_in = 1;
   for (size_t i = 0; i < layers; ++i) {
@@ -64,62 +67,296 @@ std::vector<at::Tensor> forward(const at::Tensor& wave, const std::vector<at::Te
                     w.size(1) == c_in,
                 "conv_weights[", i, "] must be a (C_out, ", c_in, ", k) tensor of wave's dtype and device, got ",
                 w.sizes(), " ", w.scalar_type(), " on ", w.device());
-    const int64_t c_out = w.size(0);
-    const int64_t kernel = w.size(2);
-    const int64_t stride = strides[i];
-    TORCH_CHECK(c_out >= 1 && c_out <= d2v::kMaxChannels, "conv_weights[", i, "]: at most ", d2v::kMaxChannels,
-                " output channels, got ", c_out);
-    TORCH_CHECK(kernel >= 1 && stride >= 1, "conv layer ", i, ": kernel and stride must be positive");
-    TORCH_CHECK(length >= kernel, "conv layer ", i, ": input length ", length, " is shorter than the kernel ", kernel);
-    const int64_t frames = (length - kernel) / stride + 1;
-    check_param(ln_weights[i], wave, c_out, "ln_weights", i);
-    check_param(ln_biases[i], wave, c_out, "ln_biases", i);
-    at::Tensor conv_bias;
-    if (!conv_biases.empty()) {
-      check_param(conv_biases[i], wave, c_out, "conv_biases", i);
-      conv_bias = conv_biases[i].contiguous();
-    }
-    const at::Tensor gamma = ln_weights[i].contiguous();
-    const at::Tensor beta = ln_biases[i].contiguous();
-    const void* bias_ptr = conv_bias.defined() ? conv_bias.data_ptr() : nullptr;
-    at::Tensor out = at::empty({batch, frames, c_out}, wave.options());
-    cudaError_t err;
+    Layer layer{w.contiguous(), {}, {}, {}, w.size(2), strides[i], c_in, w.size(0)};
+    TORCH_CHECK(layer.c_out >= 1 && layer.c_out <= d2v::kMaxChannels, "conv_weights[", i, "]: at most ",
+                d2v::kMaxChannels, " output channels, got ", layer.c_out);
+    TORCH_CHECK(layer.kernel >= 1 && layer.stride >= 1, "strides[", i, "] and the kernel size must be positive");
+    TORCH_CHECK(length >= layer.kernel, "conv layer ", i, ": input length ", length, " is shorter than the kernel ",
+                layer.kernel);
     if (i == 0) {
-      TORCH_CHECK(kernel <= d2v::kMaxLayer0Kernel && stride <= d2v::kMaxLayer0Stride, "conv layer 0: kernel (",
-                  kernel, ") and stride (", stride, ") must be at most ", d2v::kMaxLayer0Kernel, " and ",
-                  d2v::kMaxLayer0Stride);
-      const at::Tensor w0 = w.contiguous();
-      err = d2v::launch_conv0_ln_gelu(dtype, h.data_ptr(), w0.data_ptr(), bias_ptr, gamma.data_ptr(), beta.data_ptr(),
-                                      out.data_ptr(), batch, length, frames, static_cast<int>(c_out),
-                                      static_cast<int>(kernel), static_cast<int>(stride), static_cast<float>(eps),
-                                      stream);
+      TORCH_CHECK(layer.kernel <= d2v::kMaxLayer0Kernel && layer.stride <= d2v::kMaxLayer0Stride,
+                  "conv layer 0: kernel (", layer.kernel, ") and stride (", layer.stride, ") must be at most ",
+                  d2v::kMaxLayer0Kernel, " and ", d2v::kMaxLayer0Stride);
     } else {
-      // (C_out, C_in, k) -> (C_out, k, C_in): K index j * C_in + c follows the channels-last input.
-      const at::Tensor w_t = w.permute({0, 2, 1}).contiguous();
-      err = d2v::launch_conv_ln_gelu(dtype, h.data_ptr(), w_t.data_ptr(), bias_ptr, gamma.data_ptr(), beta.data_ptr(),
-                                     out.data_ptr(), batch, length, frames, static_cast<int>(c_in),
-                                     static_cast<int>(c_out), static_cast<int>(kernel), static_cast<int>(stride),
-                                     static_cast<float>(eps), stream);
+      TORCH_CHECK(layer.stride <= layer.kernel, "strides[", i, "] (", layer.stride, ") must be at most its kernel size ",
+                  layer.kernel, " (the input gradient's GEMMs)");
     }
-    check_launch(err, i);
-    if (keep_all) outputs.push_back(out);
-    h = out;
-    length = frames;
-    c_in = c_out;
+    // Layer i's output channels are the N of its GEMMs and the next layer's K: 16-byte accesses.
+    TORCH_CHECK(!tensor_cores || layer.c_out % d2v::kGemmAlignment == 0, "conv_weights[", i,
+                "]: the float16/bfloat16 GEMMs need output channel counts that are multiples of ",
+                d2v::kGemmAlignment, ", got ", layer.c_out);
+    check_param(ln_weights[i], wave, layer.c_out, "ln_weights", i);
+    check_param(ln_biases[i], wave, layer.c_out, "ln_biases", i);
+    layer.gamma = ln_weights[i].contiguous();
+    layer.beta = ln_biases[i].contiguous();
+    if (!conv_biases.empty()) {
+      check_param(conv_biases[i], wave, layer.c_out, "conv_biases", i);
+      layer.bias = conv_biases[i].contiguous();
+    }
+    out.push_back(layer);
+    length = (length - layer.kernel) / layer.stride + 1;
+    c_in = layer.c_out;
   }
-  if (!keep_all) outputs.push_back(h);
+  return out;
+}
+
+const void* optional_ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+// d = a @ b (+ bias on every row) on strided views: a (batch, m, k), b (k, n) shared by the batch or
+// (batch, k, n), d (batch, m, n) row-major. The views are those of d2v_kernels/ops/_conv_gemm_plan.py;
+// their strides give the GEMM's leading dimensions and the layouts `which` expects.
+void conv_gemm(d2v::ConvGemm which, const at::Tensor& a, const at::Tensor& b, const at::Tensor& d,
+               const at::Tensor& bias, cudaStream_t stream, size_t layer) {
+  const bool a_row = which != d2v::ConvGemm::kWeightGrad;
+  const bool b_row = which != d2v::ConvGemm::kForward;
+  const int64_t b_batch_stride = b.dim() == 3 ? b.stride(0) : 0;
+  const int64_t b_rows = b.stride(b.dim() - 2), b_cols = b.stride(b.dim() - 1);
+  TORCH_CHECK(a.dim() == 3 && (a_row ? a.stride(2) == 1 : a.stride(1) == 1) && (b_row ? b_cols == 1 : b_rows == 1) &&
+                  d.dim() == 3 && d.stride(2) == 1 && d.size(0) == a.size(0) && d.size(1) == a.size(1) &&
+                  b.size(b.dim() - 2) == a.size(2) && b.size(b.dim() - 1) == d.size(2),
+              "conv_feature_extractor: layer ", layer, ": GEMM views of unexpected layout (an internal error)");
+  d2v::GemmArgs args{};
+  args.batch = static_cast<int>(a.size(0));
+  args.m = static_cast<int>(a.size(1));
+  args.k = static_cast<int>(a.size(2));
+  args.n = static_cast<int>(d.size(2));
+  args.a = a.data_ptr();
+  args.lda = a_row ? a.stride(1) : a.stride(2);
+  args.batch_stride_a = a.stride(0);
+  args.b = b.data_ptr();
+  args.ldb = b_row ? b_rows : b_cols;
+  args.batch_stride_b = b_batch_stride;
+  args.bias = optional_ptr(bias);
+  args.d = d.data_ptr();
+  args.ldd = d.stride(1);
+  args.batch_stride_d = d.stride(0);
+  check_launch(d2v::launch_conv_gemm(kernel_dtype(a), which, args, stream), "GEMM", layer);
+}
+
+// x (B, T_in, C) contiguous seen as the forward GEMM's A: (B, T_out, k * C), row t = frames
+// s t .. s t + k - 1 back to back (_conv_gemm_plan.conv_rows).
+at::Tensor conv_rows(const at::Tensor& x, int64_t kernel, int64_t stride, int64_t t_out) {
+  const int64_t t_in = x.size(1), c = x.size(2);
+  return x.as_strided({x.size(0), t_out, kernel * c}, {t_in * c, stride * c, 1}, x.storage_offset());
+}
+
+// Layer 0's conv (pre_norm) or its activation, recomputed from the waveform.
+at::Tensor layer0(const at::Tensor& wave, const Layer& l, int64_t frames, double eps, bool pre_norm,
+                  cudaStream_t stream) {
+  at::Tensor out = at::empty({wave.size(0), frames, l.c_out}, wave.options());
+  check_launch(d2v::launch_conv0_ln_gelu(kernel_dtype(wave), wave.data_ptr(), l.weight.data_ptr(), optional_ptr(l.bias),
+                                         l.gamma.data_ptr(), l.beta.data_ptr(), out.data_ptr(), wave.size(0),
+                                         wave.size(1), frames, static_cast<int>(l.c_out), static_cast<int>(l.kernel),
+                                         static_cast<int>(l.stride), static_cast<float>(eps), pre_norm, stream),
+               "conv", 0);
+  return out;
+}
+
+// GELU(LN(z)) over the rows of z (B, T, C); into `out` (may be z).
+void ln_gelu(const at::Tensor& z, const Layer& l, const at::Tensor& out, double eps, cudaStream_t stream, size_t layer) {
+  check_launch(d2v::launch_ln_gelu_rows(kernel_dtype(z), z.data_ptr(), l.gamma.data_ptr(), l.beta.data_ptr(),
+                                        out.data_ptr(), z.size(0) * z.size(1), static_cast<int>(l.c_out),
+                                        static_cast<float>(eps), stream),
+               "LayerNorm + GELU", layer);
+}
+
+// Forward GEMM of layer i >= 1: z = conv_rows(x) @ W' (+ bias), W' the weight as (k * C_in, C_out)
+// column-major over its (C_out, k, C_in) copy (_conv_gemm_plan.weight_matrix).
+at::Tensor conv_forward(const at::Tensor& x, const Layer& l, int64_t t_out, cudaStream_t stream, size_t layer) {
+  at::Tensor z = at::empty({x.size(0), t_out, l.c_out}, x.options());
+  const at::Tensor w_t = l.weight.permute({0, 2, 1}).contiguous();
+  conv_gemm(d2v::ConvGemm::kForward, conv_rows(x, l.kernel, l.stride, t_out), w_t.view({l.c_out, -1}).t(), z, l.bias,
+            stream, layer);
+  return z;
+}
+
+// Input gradient of layer i >= 1 (_conv_gemm_plan.gemm_conv_backward_input): dx (B, T_in, C_in)
+// from dz (B, T_out, C_out); one GEMM when k == s, else one per residue of the frame index over
+// an overlapping view of dz padded with P zero frames at both ends.
+at::Tensor conv_input_grad(const at::Tensor& dz, const Layer& l, int64_t t_in, cudaStream_t stream, size_t layer) {
+  const int64_t batch = dz.size(0), t_out = dz.size(1), k = l.kernel, s = l.stride, c_in = l.c_in, c_out = l.c_out;
+  at::Tensor dx = at::empty({batch, t_in, c_in}, dz.options());
+  const int64_t read = s * (t_out - 1) + k;  // frames past it feed no output frame
+  if (read < t_in) dx.narrow(1, read, t_in - read).zero_();
+  const at::Tensor w_t = l.weight.permute({0, 2, 1}).contiguous();  // (C_out, k, C_in)
+  if (k == s) {
+    const at::Tensor d = dx.as_strided({batch, t_out, k * c_in}, {t_in * c_in, k * c_in, 1}, dx.storage_offset());
+    conv_gemm(d2v::ConvGemm::kInputGrad, dz, w_t.view({c_out, k * c_in}), d, {}, stream, layer);
+    return dx;
+  }
+  const int64_t pad = (k + s - 1) / s - 1;
+  const int64_t frames = pad + t_out + pad;
+  at::Tensor padded = at::empty({batch, frames, c_out}, dz.options());
+  padded.narrow(1, 0, pad).zero_();
+  padded.narrow(1, pad + t_out, pad).zero_();
+  padded.narrow(1, pad, t_out).copy_(dz);
+  for (int64_t r = 0; r < s; ++r) {
+    const int64_t taps = (k - r + s - 1) / s;
+    const int64_t first_row = pad - (taps - 1), rows = t_out + taps - 1;
+    std::vector<at::Tensor> blocks;  // W_j^T for j = r + s (taps - 1), ..., r + s, r
+    for (int64_t m = 0; m < taps; ++m) blocks.push_back(w_t.select(1, r + s * (taps - 1 - m)));
+    const at::Tensor b = at::cat(blocks, 0);  // (taps * C_out, C_in)
+    const at::Tensor a = padded.as_strided({batch, rows, taps * c_out}, {frames * c_out, c_out, 1},
+                                           padded.storage_offset() + first_row * c_out);
+    const at::Tensor d = dx.as_strided({batch, rows, c_in}, {t_in * c_in, s * c_in, 1}, dx.storage_offset() + r * c_in);
+    conv_gemm(d2v::ConvGemm::kInputGrad, a, b, d, {}, stream, layer);
+  }
+  return dx;
+}
+
+// Weight gradient (_conv_gemm_plan.gemm_conv_backward_weight): one fp32 partial conv_rows(x)^T @ dz
+// per batch row, summed over the batch in order; returned as (C_out, C_in, k) in x's dtype.
+at::Tensor conv_weight_grad(const at::Tensor& x, const at::Tensor& dz, const Layer& l, cudaStream_t stream,
+                            size_t layer) {
+  const int64_t batch = x.size(0), t_out = dz.size(1), c_in = x.size(2);
+  const at::Tensor rows = conv_rows(x, l.kernel, l.stride, t_out);
+  at::Tensor partials = at::empty({batch, l.kernel * c_in, l.c_out}, x.options().dtype(at::kFloat));
+  conv_gemm(d2v::ConvGemm::kWeightGrad, rows.transpose(1, 2), dz, partials, {}, stream, layer);
+  return partials.sum(0).view({l.kernel, c_in, l.c_out}).permute({2, 1, 0}).to(x.scalar_type()).contiguous();
+}
+
+// LayerNorm + GELU backward over the rows of z: dz into `dz` (may be dy); (dgamma, dbeta, dbias).
+std::array<at::Tensor, 3> ln_gelu_backward(const at::Tensor& z, const at::Tensor& dy, const at::Tensor& dz,
+                                           const Layer& l, double eps, cudaStream_t stream, size_t layer) {
+  const int64_t rows = z.size(0) * z.size(1);
+  at::Tensor partials =
+      at::empty({d2v::ln_gelu_backward_blocks(rows), 3, l.c_out}, z.options().dtype(at::kFloat));
+  check_launch(d2v::launch_ln_gelu_rows_backward(kernel_dtype(z), z.data_ptr(), l.gamma.data_ptr(), l.beta.data_ptr(),
+                                                 dy.data_ptr(), dz.data_ptr(), partials.data_ptr<float>(), rows,
+                                                 static_cast<int>(l.c_out), static_cast<float>(eps), stream),
+               "LayerNorm + GELU backward", layer);
+  const at::Tensor sums = partials.sum(0).to(z.scalar_type());
+  return {sums[0].clone(), sums[1].clone(), sums[2].clone()};  // custom op outputs may not alias
+}
+
+std::vector<int64_t> frame_counts(int64_t samples, const std::vector<Layer>& layers) {
+  std::vector<int64_t> frames;
+  for (const Layer& l : layers) {
+    samples = (samples - l.kernel) / l.stride + 1;
+    frames.push_back(samples);
+  }
+  return frames;
+}
+
+// Runs every layer. Returns {output} or, with keep_conv_outputs, {output, z_1, ..., z_{n-1}}: the
+// conv outputs of layers 1.. (before their LayerNorm), what the backward needs besides the inputs.
+std::vector<at::Tensor> forward(const at::Tensor& wave, const std::vector<at::Tensor>& conv_weights,
+                                const std::vector<at::Tensor>& ln_weights, const std::vector<at::Tensor>& ln_biases,
+                                const std::vector<at::Tensor>& conv_biases, const std::vector<int64_t>& strides,
+                                double eps, bool keep_conv_outputs) {
+  const std::vector<Layer> layers = check_layers(wave, conv_weights, ln_weights, ln_biases, conv_biases, strides);
+  const c10::cuda::CUDAGuard device_guard(wave.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(wave.get_device()).stream();
+  const std::vector<int64_t> frames = frame_counts(wave.size(1), layers);
+  const at::Tensor w = wave.contiguous();
+  std::vector<at::Tensor> outputs{layer0(w, layers[0], frames[0], eps, false, stream)};
+  for (size_t i = 1; i < layers.size(); ++i) {
+    const at::Tensor z = conv_forward(outputs[0], layers[i], frames[i], stream, i);
+    const at::Tensor h = keep_conv_outputs ? at::empty_like(z) : z;
+    ln_gelu(z, layers[i], h, eps, stream, i);
+    outputs[0] = h;
+    if (keep_conv_outputs) outputs.push_back(z);
+  }
   return outputs;
+}
+
+// Gradients of the stack from grad_out (B, T, C_last) and the forward's conv outputs z_1..z_{n-1}.
+// Layers below `lowest` are not walked. Returns {d_wave, dW_0.., dgamma_0.., dbeta_0.., dbias_0..}
+// (dbias only with conv biases), an empty tensor for each one not computed: d_wave unless
+// wave_grad, every gradient of the layers below lowest.
+std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& wave,
+                                 const std::vector<at::Tensor>& conv_weights, const std::vector<at::Tensor>& ln_weights,
+                                 const std::vector<at::Tensor>& ln_biases, const std::vector<at::Tensor>& conv_biases,
+                                 const std::vector<at::Tensor>& conv_outputs, const std::vector<int64_t>& strides,
+                                 double eps, int64_t lowest, bool wave_grad) {
+  const std::vector<Layer> layers = check_layers(wave, conv_weights, ln_weights, ln_biases, conv_biases, strides);
+  const size_t n = layers.size();
+  const std::vector<int64_t> frames = frame_counts(wave.size(1), layers);
+  const int64_t batch = wave.size(0);
+  TORCH_CHECK(lowest >= 0 && lowest < static_cast<int64_t>(n), "lowest must be in [0, ", n, "), got ", lowest);
+  TORCH_CHECK(!wave_grad || lowest == 0, "wave_grad needs lowest == 0");
+  TORCH_CHECK(grad_out.device() == wave.device() && grad_out.scalar_type() == wave.scalar_type() &&
+                  grad_out.sizes() == at::IntArrayRef({batch, frames[n - 1], layers[n - 1].c_out}),
+              "grad_out must be a (", batch, ", ", frames[n - 1], ", ", layers[n - 1].c_out,
+              ") tensor of wave's dtype and device, got ", grad_out.sizes());
+  TORCH_CHECK(conv_outputs.size() == n - 1, "conv_outputs must hold the conv outputs of layers 1..", n - 1);
+  for (size_t i = 1; i < n; ++i) {
+    const at::Tensor& z = conv_outputs[i - 1];
+    TORCH_CHECK(z.device() == wave.device() && z.scalar_type() == wave.scalar_type() && z.is_contiguous() &&
+                    z.sizes() == at::IntArrayRef({batch, frames[i], layers[i].c_out}),
+                "conv_outputs[", i - 1, "] must be a contiguous (", batch, ", ", frames[i], ", ", layers[i].c_out,
+                ") tensor of wave's dtype and device, got ", z.sizes());
+  }
+  const c10::cuda::CUDAGuard device_guard(wave.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(wave.get_device()).stream();
+  const at::Tensor w = wave.contiguous();
+  const bool has_bias = !conv_biases.empty();
+  std::vector<at::Tensor> d_w(n), d_gamma(n), d_beta(n), d_bias(has_bias ? n : 0);
+  // g: the gradient of layer i's output; a tensor of ours after the first step, so the LayerNorm
+  // backward writes its dz over it.
+  at::Tensor g = grad_out.contiguous();
+  bool g_owned = false;
+  for (int64_t i = static_cast<int64_t>(n) - 1; i >= lowest; --i) {
+    const Layer& l = layers[i];
+    const at::Tensor z = i == 0 ? layer0(w, l, frames[0], eps, true, stream) : conv_outputs[i - 1];
+    const at::Tensor dz = g_owned ? g : at::empty_like(z);
+    auto sums = ln_gelu_backward(z, g, dz, l, eps, stream, i);
+    d_gamma[i] = sums[0];
+    d_beta[i] = sums[1];
+    if (has_bias) d_bias[i] = sums[2];
+    if (i == 0) {
+      // One input channel: the weight gradient's A (k x T_0, leading dimension s) fits no 16-byte
+      // access, so its frame rows are copied into k_pad >= k zero-padded columns first (a small
+      // (B, T_0, k_pad) buffer); the input gradient, asked for only when the waveform is trained,
+      // is a torch GEMM and an overlap-add in fp32.
+      const int64_t k_pad = (l.kernel + d2v::kGemmAlignment - 1) / d2v::kGemmAlignment * d2v::kGemmAlignment;
+      at::Tensor cols = at::zeros({batch, frames[0], k_pad}, w.options());
+      cols.narrow(2, 0, l.kernel).copy_(conv_rows(w.unsqueeze(2), l.kernel, l.stride, frames[0]));
+      at::Tensor partials = at::empty({batch, k_pad, l.c_out}, w.options().dtype(at::kFloat));
+      conv_gemm(d2v::ConvGemm::kWeightGrad, cols.transpose(1, 2), dz, partials, {}, stream, 0);
+      d_w[0] = partials.sum(0).narrow(0, 0, l.kernel).t().unsqueeze(1).to(w.scalar_type()).contiguous();
+      if (wave_grad) {
+        const at::Tensor d_cols = at::matmul(dz, l.weight.view({l.c_out, l.kernel})).to(at::kFloat);
+        at::Tensor d_wave = at::zeros({batch, w.size(1)}, w.options().dtype(at::kFloat));
+        for (int64_t j = 0; j < l.kernel; ++j) {
+          d_wave.narrow(1, j, l.stride * (frames[0] - 1) + 1)
+              .slice(1, 0, c10::nullopt, l.stride)
+              .add_(d_cols.select(2, j));
+        }
+        g = d_wave.to(w.scalar_type());
+      }
+      break;
+    }
+    const at::Tensor x = i == 1 ? layer0(w, layers[0], frames[0], eps, false, stream) : at::empty_like(conv_outputs[i - 2]);
+    if (i > 1) ln_gelu(conv_outputs[i - 2], layers[i - 1], x, eps, stream, i - 1);
+    d_w[i] = conv_weight_grad(x, dz, l, stream, i);
+    if (i > lowest) {
+      g = conv_input_grad(dz, l, frames[i - 1], stream, i);
+      g_owned = true;
+    }
+  }
+  const at::Tensor none = at::empty({0}, wave.options());
+  auto filled = [&](const at::Tensor& t) { return t.defined() ? t : none.clone(); };
+  std::vector<at::Tensor> result{wave_grad ? g : none.clone()};
+  for (auto* list : {&d_w, &d_gamma, &d_beta, &d_bias}) {
+    for (const at::Tensor& t : *list) result.push_back(filled(t));
+  }
+  return result;
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "d2v-kernels CUDA extension: fused strided Conv1d + LayerNorm + GELU feature encoder";
-  m.def("forward", &forward, "Feature encoder forward: wave (B, S) -> [(B, T, C)] channels-last", py::arg("wave"),
-        py::arg("conv_weights"), py::arg("ln_weights"), py::arg("ln_biases"), py::arg("conv_biases"),
-        py::arg("strides"), py::arg("eps"), py::arg("keep_all"));
+  m.doc() = "d2v-kernels CUDA extension: strided Conv1d + LayerNorm + GELU feature encoder on CUTLASS GEMMs";
+  m.def("forward", &forward, "Feature encoder forward: wave (B, S) -> [(B, T, C)] channels-last (+ conv outputs)",
+        py::arg("wave"), py::arg("conv_weights"), py::arg("ln_weights"), py::arg("ln_biases"), py::arg("conv_biases"),
+        py::arg("strides"), py::arg("eps"), py::arg("keep_conv_outputs"));
+  m.def("backward", &backward, "Feature encoder backward from the forward's conv outputs", py::arg("grad_out"),
+        py::arg("wave"), py::arg("conv_weights"), py::arg("ln_weights"), py::arg("ln_biases"), py::arg("conv_biases"),
+        py::arg("conv_outputs"), py::arg("strides"), py::arg("eps"), py::arg("lowest"), py::arg("wave_grad"));
   m.attr("MAX_CHANNELS") = d2v::kMaxChannels;
   m.attr("MAX_LAYER0_KERNEL") = d2v::kMaxLayer0Kernel;
   m.attr("MAX_LAYER0_STRIDE") = d2v::kMaxLayer0Stride;
   m.attr("MAX_BATCH") = d2v::kMaxBatch;
+  m.attr("GEMM_ALIGNMENT") = d2v::kGemmAlignment;
 }

@@ -30,6 +30,7 @@ struct Conv0Params {
   int kernel;
   int stride;
   float eps;
+  bool pre_norm;
 };
 
 // Shared memory: weights [kernel][kMaxChannels] as fp32 (tap-major, zero past `channels`, so
@@ -104,8 +105,15 @@ __global__ void __launch_bounds__(kThreads) conv0_ln_gelu_kernel(Conv0Params p) 
     for (int f = 0; f < kFramesPerStep; ++f) {
       if (f0 + f < frames_here) {
         T* out_row = out + ((batch_index * p.frames) + first_frame + f0 + f) * p.channels;
-        layer_norm_gelu_store_row<kPerLane>(acc[f], lane, p.channels, p.eps, static_cast<const T*>(p.gamma),
-                                            static_cast<const T*>(p.beta), out_row);
+        if (p.pre_norm) {
+#pragma unroll
+          for (int i = 0; i < kPerLane; ++i) {
+            if (lane + 32 * i < p.channels) out_row[lane + 32 * i] = from_float<T>(acc[f][i]);
+          }
+        } else {
+          layer_norm_gelu_store_row<kPerLane>(acc[f], lane, p.channels, p.eps, static_cast<const T*>(p.gamma),
+                                              static_cast<const T*>(p.beta), out_row);
+        }
       }
     }
   }
@@ -127,14 +135,15 @@ cudaError_t launch_typed(const Conv0Params& p, int64_t batch, cudaStream_t strea
 
 cudaError_t launch_conv0_ln_gelu(DType dtype, const void* wave, const void* weight, const void* conv_bias,
                                  const void* gamma, const void* beta, void* out, int64_t batch, int64_t samples,
-                                 int64_t frames, int channels, int kernel, int stride, float eps,
+                                 int64_t frames, int channels, int kernel, int stride, float eps, bool pre_norm,
                                  cudaStream_t stream) {
   if (channels < 1 || channels > kMaxChannels || kernel < 1 || kernel > kMaxLayer0Kernel || stride < 1 ||
       stride > kMaxLayer0Stride || batch > kMaxBatch || frames < 1 || samples < (frames - 1) * stride + kernel) {
     return cudaErrorInvalidValue;
   }
   if (batch == 0) return cudaSuccess;
-  const Conv0Params p{wave, weight, conv_bias, gamma, beta, out, samples, frames, channels, kernel, stride, eps};
+  const Conv0Params p{wave, weight, conv_bias, gamma, beta, out, samples,
+                      frames, channels, kernel, stride, eps, pre_norm};
   switch (dtype) {
     case DType::kFloat16:
       return launch_typed<__half>(p, batch, stream);

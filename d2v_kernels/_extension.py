@@ -11,6 +11,7 @@ dispatch reason, never an ImportError.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import shutil
 import threading
@@ -23,7 +24,18 @@ ENV_NO_JIT = "D2V_KERNELS_NO_JIT"
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 JIT_NAME = "d2v_kernels_C"
 # No -std flag: torch adds the C++ standard its headers need (C++20 for torch 2.14, C++17 before).
-NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo"]
+# CUTLASS's headers want relaxed constexpr and the half / bfloat16 operators torch's build turns off.
+NVCC_FLAGS = [
+    "-O3",
+    "--use_fast_math",
+    "-lineinfo",
+    "--expt-relaxed-constexpr",
+    "-U__CUDA_NO_HALF_OPERATORS__",
+    "-U__CUDA_NO_HALF_CONVERSIONS__",
+    "-U__CUDA_NO_HALF2_OPERATORS__",
+    "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+]
+CUTLASS_MISSING = "CUTLASS headers not found (pip install nvidia-cutlass)"
 
 _lock = threading.Lock()
 _state: dict = {"resolved": False, "module": None, "source": None, "reasons": []}
@@ -35,6 +47,28 @@ def _nvcc() -> str | None:
     if CUDA_HOME is not None and (Path(CUDA_HOME) / "bin" / "nvcc").exists():
         return str(Path(CUDA_HOME) / "bin" / "nvcc")
     return shutil.which("nvcc")
+
+
+def cutlass_include() -> Path | None:
+    """CUTLASS's include directory, a build requirement of the extension only: ``$CUTLASS_PATH/include``
+    (a CUTLASS checkout), else the one the ``nvidia-cutlass`` wheel installs with its
+    ``cutlass_library`` package (``source/include``; found without importing the package)."""
+    candidates = []
+    if os.environ.get("CUTLASS_PATH"):
+        candidates.append(Path(os.environ["CUTLASS_PATH"]) / "include")
+    try:
+        spec = importlib.util.find_spec("cutlass_library")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        candidates += [Path(p) / "source" / "include" for p in spec.submodule_search_locations]
+    return next((c for c in candidates if (c / "cutlass" / "cutlass.h").is_file()), None)
+
+
+def nvcc_flags() -> list[str]:
+    """NVCC_FLAGS and CUTLASS's include directory as a system one (its headers' warnings are not ours)."""
+    include = cutlass_include()
+    return NVCC_FLAGS + (["-isystem", str(include)] if include is not None else [])
 
 
 def _jit_reasons() -> list[str]:
@@ -49,6 +83,8 @@ def _jit_reasons() -> list[str]:
         return ["not prebuilt and no CUDA device is visible to build it for"]
     if _nvcc() is None:
         return ["not prebuilt and nvcc was not found (set CUDA_HOME)"]
+    if cutlass_include() is None:
+        return [f"not prebuilt and {CUTLASS_MISSING}"]
     return []
 
 
@@ -60,7 +96,7 @@ def _jit_build() -> ModuleType:
         name=JIT_NAME,
         sources=sources,
         extra_cflags=["-O3"],
-        extra_cuda_cflags=NVCC_FLAGS,
+        extra_cuda_cflags=nvcc_flags(),
         verbose=os.environ.get("D2V_KERNELS_JIT_VERBOSE", "0") == "1",
     )
 
@@ -113,6 +149,7 @@ def build_info() -> dict:
         "torch_cuda": torch.version.cuda,
         "nvcc": _nvcc(),
         "arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST"),
+        "cutlass_include": str(cutlass_include() or ""),
         "reasons": reasons,
     }
     if mod is not None:

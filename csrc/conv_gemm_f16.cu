@@ -1,0 +1,7 @@
+// The conv GEMMs (conv_gemm.cuh) for DType::kFloat16: one translation unit per dtype, so the CUTLASS
+// instantiations compile in parallel.
+#include "conv_gemm.cuh"
+
+namespace d2v {
+template cudaError_t launch_conv_gemm_typed<DType::kFloat16>(ConvGemm which, const GemmArgs& args, cudaStream_t stream);
+}  // namespace d2v
