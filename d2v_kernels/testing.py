@@ -279,3 +279,21 @@ def graph_node_names(output: torch.Tensor) -> list[str]:
         names.append(type(node).__name__)
         stack.extend(next_node for next_node, _ in node.next_functions)
     return names
+
+
+def reentrant_checkpoint_runs(layer, x, call):
+    """([output, x's gradient, each of ``layer``'s parameters' gradients] of ``call(x)`` run plainly,
+    the same under a reentrant checkpoint (``torch.utils.checkpoint``, which supports only
+    ``backward``)), each under the Triton backend from seed 0."""
+    from d2v_kernels.dispatch import use_backend
+
+    runs = []
+    for checkpointed in (False, True):
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        with use_backend("triton"):
+            out = torch.utils.checkpoint.checkpoint(call, x, use_reentrant=True) if checkpointed else call(x)
+            out.sum().backward()
+        runs.append([out.detach(), x.grad, *(p.grad for p in layer.parameters())])
+    return runs

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import d2v_kernels
-from d2v_kernels.testing import build_pair, graph_node_names, inputs_for
+from d2v_kernels.testing import build_pair, graph_node_names, inputs_for, reentrant_checkpoint_runs
 
 NODE = "PostLnLayerFunctionBackward"
 
@@ -162,6 +162,20 @@ def test_gelu_dropout_mask_is_the_seeds_and_keeps_one_minus_p():
         assert fractions.std() > 0.3 * ((p * (1 - p) / count) ** 0.5)
 
 
+def _encoder_layer(modality, hidden, attention, activation=0.0):
+    """(the first encoder layer of a fused text or audio model with these dropout probabilities,
+    its width)."""
+    if modality == "text":
+        _, fused, _ = build_pair(
+            "Data2VecTextModel", hidden_dropout_prob=hidden, attention_probs_dropout_prob=attention
+        )
+        return fused.encoder.layer[0], fused.config.hidden_size
+    _, fused, _ = build_pair(
+        "Data2VecAudioModel", hidden_dropout=hidden, attention_dropout=attention, activation_dropout=activation
+    )
+    return fused.encoder.layers[0], fused.config.hidden_size
+
+
 @pytest.mark.parametrize("modality", ["text", "audio"])
 def test_sdpa_attention_runs_inside_the_node_and_equals_the_op_by_op_path(modality, monkeypatch):
     """Where the measured rule picks sdpa for the attention (half precision on CUDA; forced here)
@@ -169,15 +183,8 @@ def test_sdpa_attention_runs_inside_the_node_and_equals_the_op_by_op_path(modali
     and every gradient equal the op-by-op path on the same backends, attention dropout on (both
     draw it from torch's generator in the same order: the hidden dropouts are off), and the inner
     graph is released by a backward that does not keep its graph, kept by one that does."""
-    if modality == "text":
-        _, fused, _ = build_pair("Data2VecTextModel", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.3)
-        layer, c = fused.encoder.layer[0], fused.config.hidden_size
-    else:
-        _, fused, _ = build_pair(
-            "Data2VecAudioModel", hidden_dropout=0.0, attention_dropout=0.3, activation_dropout=0.0
-        )
-        layer, c = fused.encoder.layers[0], fused.config.hidden_size
-    fused.train()
+    layer, c = _encoder_layer(modality, hidden=0.0, attention=0.3)
+    layer.train()
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(2, 7, c, generator=gen, requires_grad=True)
     mask = torch.ones(2, 7, dtype=torch.long)
@@ -263,3 +270,24 @@ def test_the_node_reports_an_input_modified_in_place_and_gives_saved_tensor_hook
     assert len(packed) >= 9 + 15, len(packed)
     grads = torch.autograd.grad(out.sum(), x)[0]
     assert torch.isfinite(grads).all()
+
+
+@pytest.mark.parametrize("modality", ["text", "audio"])
+def test_a_reentrant_checkpoint_draws_the_dropouts_of_the_unchecked_layer(modality):
+    """A reentrant checkpoint runs the layer without autograd, then again with it in the backward,
+    the random state restored: both runs draw the same dropouts (the same forward, unrecorded the
+    first time), so output and gradients equal the unchecked layer's, as in transformers, not a
+    gradient of other masks than the output's."""
+    layer, c = _encoder_layer(modality, hidden=0.3, attention=0.2, activation=0.25)
+    layer.train()
+    x = torch.randn(2, 7, c, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+
+    def call(h):
+        out = layer(h, attention_mask=mask)
+        return out[0] if isinstance(out, tuple) else out
+
+    plain, checkpointed = reentrant_checkpoint_runs(layer, x, call)
+    for i, (got, want) in enumerate(zip(checkpointed, plain)):
+        assert torch.equal(got, want), i

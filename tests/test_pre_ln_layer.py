@@ -14,7 +14,13 @@ import torch.nn.functional as F
 import d2v_kernels
 from d2v_kernels.models import vision
 from d2v_kernels.ops.pre_ln_layer_op import pre_ln_layer_training
-from d2v_kernels.testing import assert_close_to_reference, build_pair, graph_node_names, inputs_for
+from d2v_kernels.testing import (
+    assert_close_to_reference,
+    build_pair,
+    graph_node_names,
+    inputs_for,
+    reentrant_checkpoint_runs,
+)
 
 NODE = "PreLnLayerFunctionBackward"
 # Tiny: 3 x 3 patches of 8 pixels + CLS = 10 tokens, 2 heads of 16.
@@ -215,3 +221,13 @@ def test_bad_arguments_name_themselves():
             pre_ln_layer_training(x, None, None, params, **{**args, name: value})
     with pytest.raises(ValueError, match="params"):
         pre_ln_layer_training(x, None, None, params[:-1], **args)
+
+
+def test_a_reentrant_checkpoint_draws_the_dropouts_and_drop_path_of_the_unchecked_layer():
+    """As tests/test_post_ln_layer.py's: the unrecorded first pass of a reentrant checkpoint draws
+    the dropouts and drop path's samples its recomputation draws; output and gradients equal the
+    unchecked layer's."""
+    _, fused, x, kwargs = _layer_pair(0.5, hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.2)
+    plain, checkpointed = reentrant_checkpoint_runs(fused, x, lambda h: fused(h, **kwargs)[0])
+    for i, (got, want) in enumerate(zip(checkpointed, plain)):
+        assert torch.equal(got, want), i

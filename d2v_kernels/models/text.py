@@ -115,7 +115,9 @@ class FusedData2VecTextLayer(hf.Data2VecTextLayer):
         _, s, _, dense, drop, norm, _, intermediate_dense, activation, _, output_dense, output_drop, output_norm = (
             modules
         )
-        if torch.is_grad_enabled():
+        # also unrecorded in training: a reentrant checkpoint's first pass draws the dropouts as its
+        # recomputation does
+        if torch.is_grad_enabled() or self.training:
             output = self._training_forward(hidden_states, attention_mask, modules)
             if output is not None:
                 return output

@@ -235,7 +235,9 @@ class FusedData2VecVisionLayer(hf.Data2VecVisionLayer):
             output_drop,
         ) = modules
         biases = self_attention._bias(*bias, hidden_states.shape[1])
-        if torch.is_grad_enabled():
+        # also unrecorded in training: a reentrant checkpoint's first pass draws the dropouts as its
+        # recomputation does
+        if torch.is_grad_enabled() or self.training:
             output = self._training_forward(hidden_states, biases, modules)
             if output is not None:
                 return output

@@ -201,3 +201,19 @@ def kept_for_backward(ctx) -> tuple[tuple, tuple]:
     if not _keeps_graph():
         ctx.made = None
     return saved, made
+
+
+class _Unrecorded:
+    """The context of a Function's forward run without autograd (no node): what it keeps for a
+    backward is dropped."""
+
+    __slots__ = ()
+
+    def save_for_backward(self, *tensors) -> None:
+        pass
+
+    def __setattr__(self, name, value) -> None:
+        pass
+
+
+UNRECORDED = _Unrecorded()

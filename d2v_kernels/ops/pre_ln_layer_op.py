@@ -39,7 +39,7 @@ from d2v_kernels import dispatch
 from d2v_kernels.ops import _nested_attention as nested_attention
 from d2v_kernels.ops import add_layer_norm_op, attention_op
 from d2v_kernels.ops._checks import check_eps, check_tensor
-from d2v_kernels.ops._eager import direct_apply, keep_for_backward, kept_for_backward, runs_eagerly
+from d2v_kernels.ops._eager import UNRECORDED, direct_apply, keep_for_backward, kept_for_backward, runs_eagerly
 from d2v_kernels.ops._plan import launch_rows, layout_key, lookup, plan_cache, plans_enabled, recorder, store
 
 __all__ = ["pre_ln_layer_training"]
@@ -251,8 +251,11 @@ def pre_ln_layer_training(
     weight, bias, attention output dense weight, bias, layernorm_after weight, bias, intermediate
     weight, bias, output weight, bias, lambda_1 or None, lambda_2 or None). eps: the two
     LayerNorms'. approximate: the GELU's (``"none"``, ``"tanh"``). attention_dropout,
-    hidden_dropout, drop_path: the probabilities in force (0 out of training)."""
-    if not torch.is_grad_enabled() or not plans_enabled():
+    hidden_dropout, drop_path: the probabilities in force (0 out of training).
+
+    Without autograd recording it runs the same forward where a probability is nonzero (no node):
+    a reentrant checkpoint's first pass then draws what its recomputation with autograd draws."""
+    if not (torch.is_grad_enabled() or attention_dropout or hidden_dropout or drop_path) or not plans_enabled():
         return None
     if torch.is_autocast_enabled(hidden_states.device.type):
         return None
@@ -340,6 +343,8 @@ def _make_plan(x, table, index, params, heads, attention_dropout, hidden_dropout
     def run(x, table, index, params):
         record("attention", attention_backend)
         record("add_layer_norm", "triton")
-        return apply(plan, x, table, index, *params)
+        if torch.is_grad_enabled():
+            return apply(plan, x, table, index, *params)
+        return PreLnLayerFunction.forward(UNRECORDED, plan, x, table, index, *params)
 
     return run
