@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 
 #include <array>
+#include <cstdint>
 #include <vector>
 
 #include "conv_feature_extractor.h"
@@ -92,6 +93,8 @@ std::vector<Layer> check_layers(const at::Tensor& wave, const std::vector<at::Te
     if (!conv_biases.empty()) {
       check_param(conv_biases[i], wave, layer.c_out, "conv_biases", i);
       layer.bias = conv_biases[i].contiguous();
+      // the forward GEMM's epilogue reads it 16 bytes at a time (a view into a larger tensor may not be aligned)
+      if (reinterpret_cast<uintptr_t>(layer.bias.data_ptr()) % 16 != 0) layer.bias = layer.bias.clone();
     }
     out.push_back(layer);
     length = (length - layer.kernel) / layer.stride + 1;

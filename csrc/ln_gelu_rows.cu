@@ -77,8 +77,9 @@ __device__ __forceinline__ void store_block_partial(const float (&acc)[kPerLane]
   __syncthreads();
 }
 
+// Two blocks an SM (at most 128 registers a thread) for more loads in flight.
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
     ln_gelu_rows_backward_kernel(const T* __restrict__ z, const T* __restrict__ gamma, const T* __restrict__ beta,
                                  const T* dy, T* dz, float* __restrict__ partials, int64_t rows, int channels,
                                  float eps) {
@@ -86,13 +87,6 @@ __global__ void __launch_bounds__(kThreads)
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const float inv_channels = 1.0f / static_cast<float>(channels);
-  float g[kPerLane], b[kPerLane];
-#pragma unroll
-  for (int i = 0; i < kPerLane; ++i) {
-    const int c = lane + 32 * i;
-    g[i] = c < channels ? to_float(gamma[c]) : 0.0f;
-    b[i] = c < channels ? to_float(beta[c]) : 0.0f;
-  }
   float d_gamma[kPerLane] = {}, d_beta[kPerLane] = {}, d_bias[kPerLane] = {};
   const int64_t step = static_cast<int64_t>(gridDim.x) * kWarps;
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + warp; row < rows; row += step) {
@@ -105,13 +99,17 @@ __global__ void __launch_bounds__(kThreads)
     float sum_dxhat = 0.0f, sum_dxhat_xhat = 0.0f;
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) {
-      const bool in = lane + 32 * i < channels;
+      const int c = lane + 32 * i;
+      const bool in = c < channels;
+      // gamma and beta are read again each row (L1 hits): held in registers they would cost the
+      // second block an SM (ptxas -v)
+      const float g = in ? to_float(gamma[c]) : 0.0f;
       const float xhat = in ? (x[i] - mean) * rstd : 0.0f;
-      const float da = d[i] * gelu_erf_grad(xhat * g[i] + b[i]);
+      const float da = in ? d[i] * gelu_erf_grad(xhat * g + to_float(beta[c])) : 0.0f;
       d_gamma[i] += da * xhat;
       d_beta[i] += da;
       x[i] = xhat;
-      d[i] = da * g[i];
+      d[i] = da * g;
       sum_dxhat += d[i];
       sum_dxhat_xhat += d[i] * xhat;
     }

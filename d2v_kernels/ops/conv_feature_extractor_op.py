@@ -202,11 +202,6 @@ def _extension_backward(grad_out, wave, conv_weights, ln_weights, ln_biases, con
     )
 
 
-def _extension_has_backward() -> bool:
-    """Whether the loaded extension has its own backward (a build before it had none)."""
-    return not extension_reasons() and hasattr(extension_module(), "backward")
-
-
 def _record_inputs(ctx, inputs) -> list[Tensor]:
     """Keeps on ctx what the backwards read besides tensors; returns the input tensors to save."""
     wave, conv_weights, ln_weights, ln_biases, conv_biases, strides, eps = inputs
@@ -249,11 +244,12 @@ def _triton_nodes_reasons(wave, conv_weights, ln_weights, ln_biases, conv_biases
 
 
 def _backward(ctx, grad_out):
-    """The forward that kept nothing: with the extension's backward, rerun the forward keeping the
-    conv outputs, then that backward; with an extension built without one, the Triton path's nodes
-    (their forwards rerun from the waveform, then their backwards)."""
+    """The forward that kept nothing: rerun the forward keeping the conv outputs, then the
+    extension's backward. Where the extension is not loaded (this formula called on CPU tensors, as
+    the Triton path's tests do under the interpreter), the same gradients by the Triton path's
+    nodes: their forwards rerun from the waveform, then their backwards."""
     wave, *args, _ = _saved_inputs(ctx)
-    if _extension_has_backward():
+    if not extension_reasons():
         conv_outputs = torch.ops.d2v_kernels.conv_feature_extractor_cuda_train(wave, *args, ctx.strides, ctx.eps)[1:]
         grads = _extension_backward(grad_out, wave, *args, conv_outputs, ctx.strides, ctx.eps, ctx.needs)
     else:
@@ -335,7 +331,7 @@ def _run_cuda(wave, conv_weights, ln_weights, ln_biases, *, strides, conv_biases
     else:
         conv_biases = [b if b is not None else wave.new_zeros(c) for b, c in zip(conv_biases, channels)]
     args = (wave, list(conv_weights), ln_weights, ln_biases, conv_biases, [int(s) for s in strides], float(eps))
-    if needs_grad(*_flat(args[:5])) and _extension_has_backward():
+    if needs_grad(*_flat(args[:5])):
         return torch.ops.d2v_kernels.conv_feature_extractor_cuda_train(*args)[0]
     return torch.ops.d2v_kernels.conv_feature_extractor_cuda(*args)
 
