@@ -20,6 +20,10 @@ triton_path = importlib.import_module("d2v_kernels.ops._conv_feature_extractor_t
 
 SMALL = dict(conv_dim=(32, 48, 48), conv_kernel=(10, 3, 2), conv_stride=(5, 2, 2))
 BASE = dict(conv_dim=(512,) * 7, conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_stride=(5, 2, 2, 2, 2, 2, 2))
+# Channel counts that are multiples of 8, kernel / stride pairs whose input gradient takes the
+# residue GEMMs with 3 and 2 taps (layer 1: 7, 3), 4 taps (4, 1) and the one GEMM of k == s (5, 5).
+RESIDUES = dict(conv_dim=(16, 24, 8, 16), conv_kernel=(7, 7, 4, 5), conv_stride=(3, 3, 1, 5))
+UNALIGNED = dict(conv_dim=(20, 36, 7), conv_kernel=(7, 3, 4), conv_stride=(3, 3, 1))
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
 
@@ -176,11 +180,15 @@ def test_forcing_cuda_backend_raises_with_the_reason():
     assert calls == {("conv_feature_extractor", "eager"): 1}
 
 
-def test_cuda_check_accepts_base_config_in_each_kernel_dtype():
-    for dtype in DTYPES:
-        params = make_params(**BASE, dtype=dtype, conv_bias=True)
-        args, kwargs = split(params)
-        assert cfe._cuda_check(torch.randn(2, 16001, dtype=dtype), *args, **kwargs) == []
+def test_cuda_check_accepts_the_gpu_tests_configs():
+    """The base config and RESIDUES in every dtype, UNALIGNED in fp32 (the SIMT GEMMs) only."""
+    for config, dtypes in ((BASE, DTYPES), (RESIDUES, DTYPES), (UNALIGNED, [torch.float32])):
+        for dtype in dtypes:
+            params = make_params(**config, dtype=dtype, conv_bias=True)
+            args, kwargs = split(params)
+            assert cfe._cuda_check(torch.randn(2, 16001, dtype=dtype), *args, **kwargs) == []
+    args, kwargs = split(make_params(**UNALIGNED, dtype=torch.float16))
+    assert "not a multiple of 8" in cfe._cuda_check(torch.randn(2, 16001, dtype=torch.float16), *args, **kwargs)[0]
 
 
 def test_cuda_check_lists_what_the_kernels_cannot_take():
@@ -423,12 +431,6 @@ def test_triton_path_training_peak_memory_is_at_most_half_of_eager(dtype):
     eager = _training_peak_bytes(wave, params, "eager")
     triton = _training_peak_bytes(wave, params, "triton")
     assert triton <= 0.5 * eager, f"peak {triton / 2**20:.0f} MiB, eager {eager / 2**20:.0f} MiB"
-
-
-# Channel counts that are multiples of 8, kernel / stride pairs whose input gradient takes the
-# residue GEMMs with 2 and 1 taps (7, 3), 4 taps (4, 1) and the one GEMM of k == s (5, 5).
-RESIDUES = dict(conv_dim=(16, 24, 8, 16), conv_kernel=(7, 7, 4, 5), conv_stride=(3, 3, 1, 5))
-UNALIGNED = dict(conv_dim=(20, 36, 7), conv_kernel=(7, 3, 4), conv_stride=(3, 3, 1))
 
 
 @pytest.mark.cuda
