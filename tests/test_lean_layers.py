@@ -239,3 +239,25 @@ def test_explicit_eager_attention_is_not_lean(lean_calls):
     fused.eval()
     _assert_same_model(reference, fused, inputs_for("Data2VecTextModel", config, labels=False))
     assert not lean_calls
+
+
+def test_the_attention_settings_are_read_as_the_config_reads_them():
+    """The lean path reads the config's attention implementation and output_attentions from its
+    dict only where its class's properties return those attributes: a change through the config's
+    setters is seen at once, and a config class with its own property is read through it."""
+    from d2v_kernels.models import _lean
+
+    _, fused, _ = build_pair("Data2VecTextModel")
+    config = fused.config
+    assert _lean._attention_settings(config) == ("d2v_kernels", False)
+    fused.set_attn_implementation("sdpa")
+    assert _lean._attention_settings(fused.config) == ("sdpa", False)
+
+    class OwnProperty(type(config)):
+        @property
+        def output_attentions(self):
+            return True
+
+    other = OwnProperty()
+    assert not _lean._reads_directly(OwnProperty)
+    assert _lean._attention_settings(other)[1] is True

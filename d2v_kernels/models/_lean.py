@@ -12,8 +12,11 @@ layer's submodules once and checks all of that on each call.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 from torch.nn.modules import module as torch_module
 from transformers.utils import output_capturing
@@ -45,11 +48,15 @@ def _capture_key(hook) -> str | None:
 
 
 def _observed(module: nn.Module) -> bool:
-    if module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
-        return True
-    hooks = module._forward_hooks
-    if not hooks:
-        return False
+    return bool(
+        module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or (module._forward_hooks and _forward_hooks_observe(module._forward_hooks))
+    )
+
+
+def _forward_hooks_observe(hooks) -> bool:
     # transformers installs its capturing hooks once, for good: one whose output this forward does
     # not collect returns at once, so not calling it changes nothing.
     for hook in hooks.values():
@@ -94,8 +101,10 @@ class LeanModules:
     def unobserved(self) -> bool:
         if any(_GLOBAL_HOOKS) or torch._C._get_tracing_state() is not None:
             return False
-        for module in self.observable:
-            if _observed(module):
+        for module in self.observable:  # _observed, inlined: a call a module is most of its cost
+            if module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
+                return False
+            if module._forward_hooks and _forward_hooks_observe(module._forward_hooks):
                 return False
         return True
 
@@ -120,10 +129,55 @@ def registry_lean_modules(layer: nn.Module, paths: tuple, attention: int, kwargs
     modules = lean_modules(layer, paths)
     if modules is None:
         return None
-    config = modules[attention].config
-    if config._attn_implementation != IMPLEMENTATION_NAME or config.output_attentions:
+    implementation, output_attentions = _attention_settings(modules[attention].config)
+    if implementation != IMPLEMENTATION_NAME or output_attentions:
         return None
     return modules
+
+
+# transformers' own properties for the two settings read on every layer call, and the instance
+# attributes they return (a config's ``__getattribute__`` chain costs microseconds a read).
+_SETTING_PROPERTIES = (
+    ("_attn_implementation", "_attn_implementation_internal"),
+    ("output_attentions", "_output_attentions"),
+)
+_DIRECT_CLASSES: dict[type, bool] = {}
+
+
+def _reads_directly(cls: type) -> bool:
+    """Whether ``cls``'s two settings are transformers' properties returning those attributes."""
+    direct = _DIRECT_CLASSES.get(cls)
+    if direct is None:
+        base = transformers.PretrainedConfig
+        direct = _DIRECT_CLASSES[cls] = all(
+            isinstance(getattr(base, name, None), property)
+            and getattr(cls, name, None) is getattr(base, name)
+            and f"return self.{attribute}\n" in _property_source(getattr(base, name))
+            for name, attribute in _SETTING_PROPERTIES
+        )
+    return direct
+
+
+def _property_source(prop: property) -> str:
+    try:
+        return inspect.getsource(prop.fget)
+    except (OSError, TypeError):
+        return ""
+
+
+def _attention_settings(config) -> tuple:
+    """(``config._attn_implementation``, ``config.output_attentions``): from the instance's dict
+    where its class reads them there (two lookups), else through the attributes."""
+    if _reads_directly(type(config)):
+        values = object.__getattribute__(config, "__dict__")
+        implementation = values.get("_attn_implementation_internal", _MISSING)
+        output_attentions = values.get("_output_attentions", _MISSING)
+        if implementation is not _MISSING and output_attentions is not _MISSING:
+            return implementation, output_attentions
+    return config._attn_implementation, config.output_attentions
+
+
+_MISSING = object()
 
 
 def unobserved(*modules: nn.Module) -> bool:
