@@ -79,8 +79,8 @@ std::vector<Layer> check_layers(const at::Tensor& wave, const std::vector<at::Te
                   "conv layer 0: kernel (", layer.kernel, ") and stride (", layer.stride, ") must be at most ",
                   d2v::kMaxLayer0Kernel, " and ", d2v::kMaxLayer0Stride);
     } else {
-      TORCH_CHECK(layer.stride <= layer.kernel, "strides[", i, "] (", layer.stride, ") must be at most its kernel size ",
-                  layer.kernel, " (the input gradient's GEMMs)");
+      TORCH_CHECK(layer.stride <= layer.kernel, "strides[", i, "] (", layer.stride,
+                  ") must be at most its kernel size ", layer.kernel, " (the input gradient's GEMMs)");
     }
     // Layer i's output channels are the N of its GEMMs and the next layer's K: 16-byte accesses.
     TORCH_CHECK(!tensor_cores || layer.c_out % d2v::kGemmAlignment == 0, "conv_weights[", i,
@@ -156,7 +156,8 @@ at::Tensor layer0(const at::Tensor& wave, const Layer& l, int64_t frames, double
 }
 
 // GELU(LN(z)) over the rows of z (B, T, C); into `out` (may be z).
-void ln_gelu(const at::Tensor& z, const Layer& l, const at::Tensor& out, double eps, cudaStream_t stream, size_t layer) {
+void ln_gelu(const at::Tensor& z, const Layer& l, const at::Tensor& out, double eps, cudaStream_t stream,
+             size_t layer) {
   check_launch(d2v::launch_ln_gelu_rows(kernel_dtype(z), z.data_ptr(), l.gamma.data_ptr(), l.beta.data_ptr(),
                                         out.data_ptr(), z.size(0) * z.size(1), static_cast<int>(l.c_out),
                                         static_cast<float>(eps), stream),
@@ -173,26 +174,29 @@ at::Tensor conv_forward(const at::Tensor& x, const Layer& l, int64_t t_out, cuda
   return z;
 }
 
+// The zero frames on each side of dz that the input gradient's residue GEMMs read
+// (_conv_gemm_plan.dgrad_pad; 0 when k == s).
+int64_t dgrad_pad(const Layer& l) { return (l.kernel + l.stride - 1) / l.stride - 1; }
+
 // Input gradient of layer i >= 1 (_conv_gemm_plan.gemm_conv_backward_input): dx (B, T_in, C_in)
-// from dz (B, T_out, C_out); one GEMM when k == s, else one per residue of the frame index over
-// an overlapping view of dz padded with P zero frames at both ends.
-at::Tensor conv_input_grad(const at::Tensor& dz, const Layer& l, int64_t t_in, cudaStream_t stream, size_t layer) {
-  const int64_t batch = dz.size(0), t_out = dz.size(1), k = l.kernel, s = l.stride, c_in = l.c_in, c_out = l.c_out;
-  at::Tensor dx = at::empty({batch, t_in, c_in}, dz.options());
+// from `padded`, dz (B, T_out, C_out) with dgrad_pad(l) zero frames on each side (written there by
+// the LayerNorm + GELU backward: no copy); one GEMM when k == s, else one per residue of the frame
+// index over an overlapping view of the padded dz.
+at::Tensor conv_input_grad(const at::Tensor& padded, const Layer& l, int64_t t_out, int64_t t_in, cudaStream_t stream,
+                           size_t layer) {
+  const int64_t batch = padded.size(0), frames = padded.size(1), k = l.kernel, s = l.stride, c_in = l.c_in,
+                c_out = l.c_out, pad = dgrad_pad(l);
+  TORCH_CHECK(padded.is_contiguous() && frames == pad + t_out + pad, "conv_feature_extractor: layer ", layer,
+              ": padded dz of unexpected shape (an internal error)");
+  at::Tensor dx = at::empty({batch, t_in, c_in}, padded.options());
   const int64_t read = s * (t_out - 1) + k;  // frames past it feed no output frame
   if (read < t_in) dx.narrow(1, read, t_in - read).zero_();
   const at::Tensor w_t = l.weight.permute({0, 2, 1}).contiguous();  // (C_out, k, C_in)
   if (k == s) {
     const at::Tensor d = dx.as_strided({batch, t_out, k * c_in}, {t_in * c_in, k * c_in, 1}, dx.storage_offset());
-    conv_gemm(d2v::ConvGemm::kInputGrad, dz, w_t.view({c_out, k * c_in}), d, {}, stream, layer);
+    conv_gemm(d2v::ConvGemm::kInputGrad, padded, w_t.view({c_out, k * c_in}), d, {}, stream, layer);
     return dx;
   }
-  const int64_t pad = (k + s - 1) / s - 1;
-  const int64_t frames = pad + t_out + pad;
-  at::Tensor padded = at::empty({batch, frames, c_out}, dz.options());
-  padded.narrow(1, 0, pad).zero_();
-  padded.narrow(1, pad + t_out, pad).zero_();
-  padded.narrow(1, pad, t_out).copy_(dz);
   for (int64_t r = 0; r < s; ++r) {
     const int64_t taps = (k - r + s - 1) / s;
     const int64_t first_row = pad - (taps - 1), rows = t_out + taps - 1;
@@ -218,15 +222,19 @@ at::Tensor conv_weight_grad(const at::Tensor& x, const at::Tensor& dz, const Lay
   return partials.sum(0).view({l.kernel, c_in, l.c_out}).permute({2, 1, 0}).to(x.scalar_type()).contiguous();
 }
 
-// LayerNorm + GELU backward over the rows of z: dz into `dz` (may be dy); (dgamma, dbeta, dbias).
+// LayerNorm + GELU backward over the rows of z (B, T, C): dz into `dz`, a (B, T, C) view with rows
+// of C contiguous values and any batch stride (dz may be dy); returns (dgamma, dbeta, dbias).
 std::array<at::Tensor, 3> ln_gelu_backward(const at::Tensor& z, const at::Tensor& dy, const at::Tensor& dz,
                                            const Layer& l, double eps, cudaStream_t stream, size_t layer) {
   const int64_t rows = z.size(0) * z.size(1);
+  TORCH_CHECK(dz.sizes() == z.sizes() && dz.stride(2) == 1 && dz.stride(1) == l.c_out, "conv_feature_extractor: layer ",
+              layer, ": dz of unexpected layout (an internal error)");
   at::Tensor partials =
       at::empty({d2v::ln_gelu_backward_blocks(rows), 3, l.c_out}, z.options().dtype(at::kFloat));
   check_launch(d2v::launch_ln_gelu_rows_backward(kernel_dtype(z), z.data_ptr(), l.gamma.data_ptr(), l.beta.data_ptr(),
-                                                 dy.data_ptr(), dz.data_ptr(), partials.data_ptr<float>(), rows,
-                                                 static_cast<int>(l.c_out), static_cast<float>(eps), stream),
+                                                 dy.data_ptr(), dz.data_ptr(), dz.stride(0), z.size(1),
+                                                 partials.data_ptr<float>(), rows, static_cast<int>(l.c_out),
+                                                 static_cast<float>(eps), stream),
                "LayerNorm + GELU backward", layer);
   const at::Tensor sums = partials.sum(0).to(z.scalar_type());
   return {sums[0].clone(), sums[1].clone(), sums[2].clone()};  // custom op outputs may not alias
@@ -302,7 +310,18 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& w
   for (int64_t i = static_cast<int64_t>(n) - 1; i >= lowest; --i) {
     const Layer& l = layers[i];
     const at::Tensor z = i == 0 ? layer0(w, l, frames[0], eps, true, stream) : conv_outputs[i - 1];
-    const at::Tensor dz = g_owned ? g : at::empty_like(z);
+    // dz lands in the middle of the zero-padded buffer the input gradient's GEMMs read, or over g
+    const bool input_grad = i > lowest && i > 0;
+    const int64_t pad = input_grad ? dgrad_pad(l) : 0;
+    at::Tensor dz_buffer;
+    if (pad == 0 && g_owned) {
+      dz_buffer = g;
+    } else {
+      dz_buffer = at::empty({batch, frames[i] + 2 * pad, l.c_out}, z.options());
+      dz_buffer.narrow(1, 0, pad).zero_();
+      dz_buffer.narrow(1, pad + frames[i], pad).zero_();
+    }
+    const at::Tensor dz = dz_buffer.narrow(1, pad, frames[i]);
     auto sums = ln_gelu_backward(z, g, dz, l, eps, stream, i);
     d_gamma[i] = sums[0];
     d_beta[i] = sums[1];
@@ -330,11 +349,13 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& w
       }
       break;
     }
-    const at::Tensor x = i == 1 ? layer0(w, layers[0], frames[0], eps, false, stream) : at::empty_like(conv_outputs[i - 2]);
+    // layer i's input, recomputed: layer 0's activation from the waveform, or GELU(LN(z_{i-1}))
+    const at::Tensor x =
+        i == 1 ? layer0(w, layers[0], frames[0], eps, false, stream) : at::empty_like(conv_outputs[i - 2]);
     if (i > 1) ln_gelu(conv_outputs[i - 2], layers[i - 1], x, eps, stream, i - 1);
     d_w[i] = conv_weight_grad(x, dz, l, stream, i);
-    if (i > lowest) {
-      g = conv_input_grad(dz, l, frames[i - 1], stream, i);
+    if (input_grad) {
+      g = conv_input_grad(dz_buffer, l, frames[i], frames[i - 1], stream, i);
       g_owned = true;
     }
   }

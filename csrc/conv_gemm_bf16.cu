@@ -3,5 +3,5 @@
 #include "conv_gemm.cuh"
 
 namespace d2v {
-template cudaError_t launch_conv_gemm_typed<DType::kBFloat16>(ConvGemm which, const GemmArgs& args, cudaStream_t stream);
+template cudaError_t launch_conv_gemm_typed<DType::kBFloat16>(ConvGemm, const GemmArgs&, cudaStream_t);
 }  // namespace d2v

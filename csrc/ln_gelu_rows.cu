@@ -4,7 +4,8 @@
 // One warp owns one row of up to kMaxChannels values, channel lane + 32 i in its i-th register, so
 // the statistics are warp shuffles (fp32, two passes from registers) and the accesses coalesce.
 // Both kernels read a whole row into registers before writing it, so out may be z (forward) and dz
-// may be dy (backward).
+// may be dy (backward). The backward writes dz batch by batch with its own batch stride, so that it
+// can land in the middle of the zero-padded buffer the input gradient's GEMMs read.
 #include "common.cuh"
 #include "conv_feature_extractor.h"
 
@@ -81,8 +82,8 @@ __device__ __forceinline__ void store_block_partial(const float (&acc)[kPerLane]
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2)
     ln_gelu_rows_backward_kernel(const T* __restrict__ z, const T* __restrict__ gamma, const T* __restrict__ beta,
-                                 const T* dy, T* dz, float* __restrict__ partials, int64_t rows, int channels,
-                                 float eps) {
+                                 const T* dy, T* dz, int64_t dz_batch_stride, int64_t rows_per_batch,
+                                 float* __restrict__ partials, int64_t rows, int channels, float eps) {
   __shared__ float scratch[kWarps][kMaxChannels];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -115,7 +116,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
     const float mean_dxhat = warp_sum(sum_dxhat) * inv_channels;
     const float mean_dxhat_xhat = warp_sum(sum_dxhat_xhat) * inv_channels;
-    T* dz_row = dz + row * channels;
+    const int64_t batch = row / rows_per_batch;
+    T* dz_row = dz + batch * dz_batch_stride + (row - batch * rows_per_batch) * channels;
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) {
       const int c = lane + 32 * i;
@@ -146,10 +148,11 @@ cudaError_t launch_forward_typed(const void* z, const void* gamma, const void* b
 
 template <typename T>
 cudaError_t launch_backward_typed(const void* z, const void* gamma, const void* beta, const void* dy, void* dz,
-                                  float* partials, int64_t rows, int channels, float eps, cudaStream_t stream) {
+                                  int64_t dz_batch_stride, int64_t rows_per_batch, float* partials, int64_t rows,
+                                  int channels, float eps, cudaStream_t stream) {
   ln_gelu_rows_backward_kernel<T><<<ln_gelu_backward_blocks(rows), kThreads, 0, stream>>>(
       static_cast<const T*>(z), static_cast<const T*>(gamma), static_cast<const T*>(beta), static_cast<const T*>(dy),
-      static_cast<T*>(dz), partials, rows, channels, eps);
+      static_cast<T*>(dz), dz_batch_stride, rows_per_batch, partials, rows, channels, eps);
   return cudaGetLastError();
 }
 
@@ -176,17 +179,23 @@ cudaError_t launch_ln_gelu_rows(DType dtype, const void* z, const void* gamma, c
 }
 
 cudaError_t launch_ln_gelu_rows_backward(DType dtype, const void* z, const void* gamma, const void* beta,
-                                         const void* dy, void* dz, float* partials, int64_t rows, int channels,
-                                         float eps, cudaStream_t stream) {
+                                         const void* dy, void* dz, int64_t dz_batch_stride, int64_t rows_per_batch,
+                                         float* partials, int64_t rows, int channels, float eps,
+                                         cudaStream_t stream) {
   // With no rows each block still writes its (zero) partials: the caller's sum stays defined.
-  if (!rows_ok(rows, channels)) return cudaErrorInvalidValue;
+  if (!rows_ok(rows, channels) || rows_per_batch < 1 || dz_batch_stride < rows_per_batch * channels) {
+    return cudaErrorInvalidValue;
+  }
   switch (dtype) {
     case DType::kFloat16:
-      return launch_backward_typed<__half>(z, gamma, beta, dy, dz, partials, rows, channels, eps, stream);
+      return launch_backward_typed<__half>(z, gamma, beta, dy, dz, dz_batch_stride, rows_per_batch, partials, rows,
+                                           channels, eps, stream);
     case DType::kBFloat16:
-      return launch_backward_typed<__nv_bfloat16>(z, gamma, beta, dy, dz, partials, rows, channels, eps, stream);
+      return launch_backward_typed<__nv_bfloat16>(z, gamma, beta, dy, dz, dz_batch_stride, rows_per_batch, partials,
+                                                  rows, channels, eps, stream);
     case DType::kFloat32:
-      return launch_backward_typed<float>(z, gamma, beta, dy, dz, partials, rows, channels, eps, stream);
+      return launch_backward_typed<float>(z, gamma, beta, dy, dz, dz_batch_stride, rows_per_batch, partials, rows,
+                                          channels, eps, stream);
   }
   return cudaErrorInvalidValue;
 }

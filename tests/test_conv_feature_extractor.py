@@ -164,6 +164,26 @@ def test_cuda_backend_unavailable_on_cpu_torch_with_reason():
         _extension.module()
 
 
+def test_cutlass_headers_are_found_from_cutlass_path_or_the_wheel_and_missing_is_a_reason(tmp_path, monkeypatch):
+    """CUTLASS is a requirement of the extension's build only: found under $CUTLASS_PATH/include or
+    the nvidia-cutlass wheel's cutlass_library/source/include; without it the JIT build is not tried."""
+    import importlib.util
+
+    (tmp_path / "include" / "cutlass").mkdir(parents=True)
+    (tmp_path / "include" / "cutlass" / "cutlass.h").write_text("")
+    monkeypatch.setenv("CUTLASS_PATH", str(tmp_path))
+    assert _extension.cutlass_include() == tmp_path / "include"
+    assert _extension.nvcc_flags()[-2:] == ["-isystem", str(tmp_path / "include")]
+    monkeypatch.delenv("CUTLASS_PATH")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # no nvidia-cutlass installed
+    assert _extension.cutlass_include() is None and _extension.nvcc_flags() == _extension.NVCC_FLAGS
+    # everything else a JIT build needs is there (a CUDA torch, a GPU, nvcc): the headers are the reason
+    monkeypatch.setattr(_extension.torch.version, "cuda", "13.0")
+    monkeypatch.setattr(_extension.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_extension, "_nvcc", lambda: "/usr/local/cuda/bin/nvcc")
+    assert _extension._jit_reasons() == ["not prebuilt and CUTLASS headers not found (pip install nvidia-cutlass)"]
+
+
 def test_forcing_cuda_backend_raises_with_the_reason():
     params = make_params(**SMALL)
     args, kwargs = split(params)

@@ -19,7 +19,8 @@ T_out = (T_in - k) // s + 1.
 - Input gradient: dx[b, s q + r] = sum_m dz[b, q - m] @ W_{r + s m}^T for each residue r < s of the
   output frame (W_j = weight[:, :, j], (C_out, C_in)). Per residue, one GEMM: A row q is the
   M_r = ceil((k - r) / s) frames dz[q - M_r + 1 .. q] back to back, an overlapping view (leading
-  dimension C_out, K = M_r * C_out) of dz padded with P = ceil(k / s) - 1 zero frames at both ends;
+  dimension C_out, K = M_r * C_out) of dz padded with P = ceil(k / s) - 1 zero frames at both ends
+  (the extension's LayerNorm + GELU backward writes dz straight into that padded buffer);
   B stacks W_j^T for j = r + s (M_r - 1), ..., r + s, r; the Q_r = T_out + M_r - 1 output rows go to
   frames r, r + s, r + 2 s, ... of dx (leading dimension s * C_in). With s <= k every frame up to
   s (T_out - 1) + k - 1 belongs to exactly one residue's rows; the frames after it (the input's tail
