@@ -342,6 +342,24 @@ def test_backward_gives_gradient_shapes_on_meta_tensors(op, monkeypatch):
     assert d_lw == [None] * 7 and d_lb == [None] * 7
 
 
+def test_autograd_through_the_registered_formulas_on_meta_tensors(monkeypatch):
+    """The custom ops' autograd registrations themselves (the training op's list output and its
+    non-differentiable conv outputs; the plain op's recompute), run by the autograd engine on meta
+    tensors: every leaf gets a gradient of its shape."""
+    monkeypatch.setattr(cfe, "extension_reasons", lambda: [])  # as if loaded: the fake impls run
+    params = make_params(**SMALL, dtype=torch.float16, conv_bias=True)
+    leaves = [t.to("meta").requires_grad_(True) for t in all_tensors(torch.randn(2, 1601), params)]
+    n = len(SMALL["conv_dim"])
+    wave, groups = leaves[0], [leaves[1 + k * n : 1 + (k + 1) * n] for k in range(4)]
+    out = cfe._run_cuda(wave, *groups[:3], strides=params["strides"], conv_biases=groups[3])
+    outputs = torch.ops.d2v_kernels.conv_feature_extractor_cuda_train(wave, *groups, params["strides"], 1e-5)
+    assert not any(t.requires_grad for t in outputs[1:])
+    plain = torch.ops.d2v_kernels.conv_feature_extractor_cuda(wave, *groups, params["strides"], 1e-5)
+    for result in (out, outputs[0], plain):
+        grads = torch.autograd.grad(result, leaves, torch.empty_like(result))
+        assert [g.shape for g in grads] == [t.shape for t in leaves]
+
+
 def test_lowest_layer_is_the_first_with_a_gradient_to_give():
     n = 3
     frozen = [False] * n
