@@ -515,6 +515,25 @@ def test_cuda_frozen_layers_get_no_gradient_and_the_others_match_float64(dtype):
 
 
 @pytest.mark.cuda
+def test_cuda_backward_is_deterministic():
+    """No atomics: dgamma, dbeta and the conv bias gradient are per-block partials and the weight
+    gradients per-batch-row partials, each summed in a fixed order; two runs agree bit for bit."""
+    params = make_params(**BASE, device="cuda", dtype=torch.bfloat16, conv_bias=True)
+    wave = torch.randn(3, 16001, device="cuda", dtype=torch.bfloat16)
+    runs = []
+    for _ in range(2):
+        leaves = [t.detach().requires_grad_(True) for t in all_tensors(wave, params)]
+        n = len(params["conv_weights"])
+        groups = [leaves[1 + k * n : 1 + (k + 1) * n] for k in range(4)]
+        with d2v_kernels.use_backend(conv_feature_extractor="cuda"):
+            out = ops.conv_feature_extractor(leaves[0], *groups[:3], strides=params["strides"], conv_biases=groups[3])
+        torch.manual_seed(2)
+        runs.append(torch.autograd.grad(out, leaves, torch.randn_like(out)))
+    for i, (a, b) in enumerate(zip(*runs)):
+        assert torch.equal(a, b), f"gradient {i} differs between two runs"
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_cuda_training_peak_memory_is_at_most_half_of_eager(dtype):
     """#24's memory target at B=8 x 10 s: the training forward keeps each later layer's conv output
