@@ -36,7 +36,8 @@ CPU tensors stand in for CUDA ones (only their data_ptr and strides reach the la
 our kernels output is computed (outputs are uninitialised). The convs (cuDNN's on a GPU, whose
 host time is not ours to cut; on a CPU they would compute) are, in both models, a stub that
 returns the output cuDNN returns (channels-last for a channels-last input), so the feature
-extractor's op row is our host time plus one ``new_empty`` a conv. The rest of transformers' model
+extractor's op row is our host time plus one ``new_empty`` a conv. So is aten's GELU and its backward
+(:func:`shape_only_gelu`): on a CPU its exact-erf kernel costs 10 to 26 us a call at any size. The rest of transformers' model
 (and the aten ops left in ours) computes on the CPU, on one thread: at these widths a small part of
 its step, which ``--half-input`` bounds (``hf_sdpa`` again on half the input: the length, or
 vision's batch); more in transformers' model than in ours (its feature encoder's norms, its CPU
@@ -227,6 +228,26 @@ def shape_only_convs() -> Iterator[None]:
     finally:
         F.conv1d = real_conv1d
         torch.ops.aten.convolution_backward = real_backward
+
+
+@contextlib.contextmanager
+def shape_only_gelu() -> Iterator[None]:
+    """aten's ``gelu`` and ``gelu_backward`` on CPU tensors allocate their results without computing
+    them, for the duration of the block: a CPU kernel override, so both models reach them through
+    the dispatcher as before (transformers' module and its autograd node, our layers' direct calls)
+    and pay one Python kernel call each, about a GPU launch's host time. The CPU's exact-erf GELU
+    costs 10 to 26 us a call at any size (fixed work, not host time), which a GPU does not pay."""
+    import warnings
+
+    library = torch.library.Library("aten", "IMPL")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Oo]verrid.*")
+        library.impl("gelu", lambda x, approximate="none": torch.empty_like(x), "CPU")
+        library.impl("gelu_backward", lambda grad, x, approximate="none": torch.empty_like(x), "CPU")
+    try:
+        yield
+    finally:
+        library._destroy()
 
 
 def per_call_us(fn: Callable[[], object], calls: int) -> float:
@@ -589,7 +610,7 @@ def model_main(args: argparse.Namespace) -> int:
     torch.set_flush_denormal(True)  # stubbed convs and kernels leave their outputs uninitialised
     env = {**common.environment(), "cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": 1}
     rows = []
-    with no_op_triton() as driver, shape_only_convs(), d2v_kernels.use_backend("triton"):
+    with no_op_triton() as driver, shape_only_convs(), shape_only_gelu(), d2v_kernels.use_backend("triton"):
         for name in args.model:
             if args.profile is not None:
                 steps, _ = build_steps(name, args.train, dtype, half_input=False)

@@ -64,3 +64,20 @@ def test_whole_models_print_a_ratio_and_launch_counts(mode, tmp_path, triton_cac
             assert row["launches_triton"] == 0 and row["vs_hf_sdpa"] == 1.0
         else:
             assert row["launches_triton"] >= 12 * 2  # attention and a LayerNorm a layer
+
+
+def test_shape_only_gelu_stubs_aten_gelu_for_both_paths_and_restores_it():
+    """Inside the block aten's GELU and its backward (reached by transformers' module, its autograd
+    node and our layers' direct calls alike) return results of the right shape without computing
+    them; after it, GELU computes again."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.randn(3, 5, requires_grad=True)
+    with host_overhead.shape_only_gelu():
+        y = F.gelu(x)
+        assert y.shape == x.shape
+        y.sum().backward()
+        assert x.grad.shape == x.shape
+        assert torch.ops.aten.gelu_backward.default(y, x, approximate="none").shape == x.shape
+    torch.testing.assert_close(F.gelu(torch.ones(2)), torch.full((2,), 0.841345), rtol=1e-5, atol=1e-6)

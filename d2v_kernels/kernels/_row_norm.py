@@ -612,24 +612,26 @@ class _BackwardLaunch:
         dx = torch.empty_like(x) if out is None else out
         dres = torch.empty_like(x) if self._split_dres else dx
         n_programs, n_channels = self._n_programs, self._n_channels
-        partials = [
-            None if p is None else x.new_empty((n_programs, n_channels), dtype=torch.float32)
-            for p in (weight, bias, x_scale)
-        ]
+        # (comprehensions cost a call each: written out, on the hot path)
+        shape, f32 = (n_programs, n_channels), torch.float32
+        dw_partial = mean if weight is None else x.new_empty(shape, dtype=f32)
+        db_partial = mean if bias is None else x.new_empty(shape, dtype=f32)
+        dxs_partial = mean if x_scale is None else x.new_empty(shape, dtype=f32)
         self._launch(
             x, x if residual is None else residual, x if weight is None else weight, x if bias is None else bias,
-            x if x_scale is None else x_scale, dy, dy if dsum is None else dsum, mean, rstd, dx, dres,
-            *(mean if p is None else p for p in partials), mean if seed is None else seed, *self._ints, dropout_p,
-            *self._constexprs,
+            x if x_scale is None else x_scale, dy, dy if dsum is None else dsum, mean, rstd, dx, dres, dw_partial,
+            db_partial, dxs_partial, mean if seed is None else seed, *self._ints, dropout_p, *self._constexprs,
         )  # fmt: skip
-        grads = [None if p is None else p.new_empty(n_channels) for p in (weight, bias, x_scale)]
+        dweight = None if weight is None else weight.new_empty(n_channels)
+        dbias = None if bias is None else bias.new_empty(n_channels)
+        dx_scale = None if x_scale is None else x_scale.new_empty(n_channels)
         if self._reduce is not None:
             self._reduce(
-                *(mean if p is None else p for p in partials), *(mean if g is None else g for g in grads),
-                n_programs, n_channels, weight is not None, bias is not None, PARAM_GRAD_BLOCK_R,
-                PARAM_GRAD_BLOCK_C, x_scale is not None,
+                dw_partial, db_partial, dxs_partial, mean if dweight is None else dweight,
+                mean if dbias is None else dbias, mean if dx_scale is None else dx_scale, n_programs, n_channels,
+                weight is not None, bias is not None, PARAM_GRAD_BLOCK_R, PARAM_GRAD_BLOCK_C, x_scale is not None,
             )  # fmt: skip
-        return dx, *grads, dres
+        return dx, dweight, dbias, dx_scale, dres
 
 
 def _vector_strides(*vectors) -> tuple[int, ...]:

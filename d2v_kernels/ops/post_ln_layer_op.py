@@ -45,6 +45,9 @@ from d2v_kernels.ops._plan import launch_rows, layout_key, lookup, plan_cache, p
 
 __all__ = ["post_ln_layer_training"]
 
+# The overloads themselves: an OpOverloadPacket call resolves one on every call.
+_gelu_backward = torch.ops.aten.gelu_backward.default
+
 _NOT_TAKEN = object()  # a plan for a layout this path does not take
 
 
@@ -114,7 +117,7 @@ class PostLnLayerFunction(torch.autograd.Function):
         dwo, dbo = do.t().mm(g), do.sum(0)
         dg = do.mm(wo)
         if launches.gelu_dropout is None:
-            dh = torch.ops.aten.gelu_backward(dg, h, approximate=plan.approximate)
+            dh = _gelu_backward(dg, h, approximate=plan.approximate)
         else:  # written over dg
             dh = launches.gelu_dropout(dg, h, seed3, plan.activation_dropout)
         dwi, dbi = dh.t().mm(y1), dh.sum(0)

@@ -44,6 +44,11 @@ from d2v_kernels.ops._plan import launch_rows, layout_key, lookup, plan_cache, p
 
 __all__ = ["pre_ln_layer_training"]
 
+# The overloads themselves: an OpOverloadPacket call resolves one on every call.
+_gelu_backward = torch.ops.aten.gelu_backward.default
+_native_dropout_backward = torch.ops.aten.native_dropout_backward.default
+_native_layer_norm_backward = torch.ops.aten.native_layer_norm_backward.default
+
 # The attention backends the node runs: Triton's launches, or another's graph recorded inside it.
 _ATTENTION_BACKENDS = frozenset(("triton", "sdpa", "eager"))
 # Positions in ``params`` that may be None: the key's bias, lambda_1, lambda_2.
@@ -128,9 +133,9 @@ class PreLnLayerFunction(torch.autograd.Function):
         if keep2 is not None:
             do = (do.view(b, n, c) * keep2).view(b * n, c)
         if mask2 is not None:
-            do = torch.ops.aten.native_dropout_backward(do, mask2, plan.dropout_scale)
+            do = _native_dropout_backward(do, mask2, plan.dropout_scale)
         dwo, dbo = do.t().mm(g), do.sum(0)
-        dpre = torch.ops.aten.gelu_backward(do.mm(wo), pre, approximate=plan.approximate)
+        dpre = _gelu_backward(do.mm(wo), pre, approximate=plan.approximate)
         dwi, dbi = dpre.t().mm(y), dpre.sum(0)
         # LN1's backward: the gradient of its scaled input a (lambda_1 * the sum's gradient), its
         # parameters', lambda_1's (reduced in the kernel), and the sum's (dy added in).
@@ -138,7 +143,7 @@ class PreLnLayerFunction(torch.autograd.Function):
         if keep1 is not None:
             da = (da.view(b, n, c) * keep1).view(b * n, c)
         if mask1 is not None:
-            da = torch.ops.aten.native_dropout_backward(da, mask1, plan.dropout_scale)
+            da = _native_dropout_backward(da, mask1, plan.dropout_scale)
         dwd, dbd = da.t().mm(out.view(b * n, c)), da.sum(0)
         dcontext = da.mm(wd).view(b, n, heads, d)
         if plan.nested is None:
@@ -150,9 +155,7 @@ class PreLnLayerFunction(torch.autograd.Function):
             dqkv, dtable = nested_attention.attention_backward(ctx, dcontext)
         dwq, dwk, dwv = dqkv.t().mm(normed).view(3, c, c).unbind(0)
         dbq, dbk, dbv = dqkv.sum(0).view(3, c).unbind(0)
-        dx, dw0, db0 = torch.ops.aten.native_layer_norm_backward(
-            dqkv.mm(wqkv), x2, (c,), mean0, rstd0, w0, b0, (True, True, True)
-        )
+        dx, dw0, db0 = _native_layer_norm_backward(dqkv.mm(wqkv), x2, (c,), mean0, rstd0, w0, b0, (True, True, True))
         dx = dx.add_(dh).view(b, n, c)
         dbk = None if plan.zero_bias is not None else dbk
         return (
