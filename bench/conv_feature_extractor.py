@@ -10,12 +10,13 @@ for fwd+bwd), and peak memory (torch.cuda.max_memory_allocated above what was al
 the call). Writes ``bench/results/<gpu>/<date>-conv_feature_extractor.json``.
 
     python -m bench.conv_feature_extractor [--quick] [--cases b8x10s,b1x30s] [--dtypes fp16,bf16]
-                                           [--modes fwd,fwd+bwd] [--impls d2v_cuda,d2v_triton,hf_eager,hf_compile]
+                                           [--modes fwd,fwd+bwd] [--impls d2v,d2v_cuda,d2v_triton,hf_eager,hf_compile]
     python -m bench.conv_feature_extractor --check-only --tiny --device cpu   # the checks on a CPU
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import sys
@@ -31,7 +32,7 @@ QUICK_CASES = ("b8x10s",)
 # d2v_triton runs through the interpreter when TRITON_INTERPRET=1).
 TINY_CASES = {"tiny": (2, 4_000, 32)}
 SHAPES = {**CASES, **TINY_CASES}
-IMPLS = ("d2v_cuda", "d2v_triton", "hf_eager", "hf_compile")
+IMPLS = ("d2v", "d2v_cuda", "d2v_triton", "hf_eager", "hf_compile")
 
 
 def build_encoder(case: str, dtype: torch.dtype, device: str = "cuda", seed: int = 0):
@@ -53,7 +54,7 @@ def build_encoder(case: str, dtype: torch.dtype, device: str = "cuda", seed: int
 def encoder_fn(encoder, impl: str):
     """wave (B, S) -> (B, T, C) for one implementation."""
     layers = list(encoder.conv_layers)
-    if impl in ("d2v_cuda", "d2v_triton"):
+    if impl in ("d2v", "d2v_cuda", "d2v_triton"):
         import d2v_kernels
         from d2v_kernels import ops
 
@@ -64,13 +65,16 @@ def encoder_fn(encoder, impl: str):
         )
         strides = [layer.conv.stride[0] for layer in layers]
 
-        # cuda: the CUDA extension (layer 0's direct kernel, then CUTLASS GEMMs and LayerNorm +
-        # GELU row kernels, forward and backward); triton: Triton layer 0, then cuDNN conv +
-        # Triton LayerNorm + GELU per layer.
-        backend = "cuda" if impl == "d2v_cuda" else "triton"
+        # d2v: default dispatch (what a user gets); cuda: the CUDA extension (layer 0's direct
+        # kernel, then CUTLASS GEMMs and LayerNorm + GELU row kernels, forward and backward);
+        # triton: Triton layer 0, then cuDNN conv + Triton LayerNorm + GELU per layer.
+        backend = {"d2v": None, "d2v_cuda": "cuda", "d2v_triton": "triton"}[impl]
 
         def run(wave):
-            with d2v_kernels.use_backend(conv_feature_extractor=backend):
+            forced = (
+                contextlib.nullcontext() if backend is None else d2v_kernels.use_backend(conv_feature_extractor=backend)
+            )
+            with forced:
                 return ops.conv_feature_extractor(wave, **params, strides=strides, eps=layers[0].layer_norm.eps)
 
         return run
