@@ -250,7 +250,8 @@ std::vector<int64_t> frame_counts(int64_t samples, const std::vector<Layer>& lay
 }
 
 // Runs every layer. Returns {output} or, with keep_conv_outputs, {output, z_1, ..., z_{n-1}}: the
-// conv outputs of layers 1.. (before their LayerNorm), what the backward needs besides the inputs.
+// conv outputs of layers 1.. (before their LayerNorm), what the backward needs besides the inputs
+// (_conv_gemm_plan.gemm_stack_forward).
 std::vector<at::Tensor> forward(const at::Tensor& wave, const std::vector<at::Tensor>& conv_weights,
                                 const std::vector<at::Tensor>& ln_weights, const std::vector<at::Tensor>& ln_biases,
                                 const std::vector<at::Tensor>& conv_biases, const std::vector<int64_t>& strides,
@@ -271,7 +272,8 @@ std::vector<at::Tensor> forward(const at::Tensor& wave, const std::vector<at::Te
   return outputs;
 }
 
-// Gradients of the stack from grad_out (B, T, C_last) and the forward's conv outputs z_1..z_{n-1}.
+// Gradients of the stack from grad_out (B, T, C_last) and the forward's conv outputs z_1..z_{n-1},
+// step by step as _conv_gemm_plan.gemm_stack_backward (tested against autograd on the CPU).
 // Layers below `lowest` are not walked. Returns {d_wave, dW_0.., dgamma_0.., dbeta_0.., dbias_0..}
 // (dbias only with conv biases), an empty tensor for each one not computed: d_wave unless
 // wave_grad, every gradient of the layers below lowest.

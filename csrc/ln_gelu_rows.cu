@@ -1,5 +1,6 @@
 // LayerNorm(C) + exact GELU over channels-last rows, forward and backward: the step between the
 // conv GEMMs of layers 1..n-1 (the GEMM writes the conv output z, these normalise and activate it).
+// Their formulas, step by step: d2v_kernels/ops/_conv_gemm_plan.py (ln_gelu_rows, ln_gelu_rows_backward).
 //
 // One warp owns one row of up to kMaxChannels values, channel lane + 32 i in its i-th register, so
 // the statistics are warp shuffles (fp32, two passes from registers) and the accesses coalesce.

@@ -88,3 +88,63 @@ def test_stride_above_kernel_is_a_reason_and_an_error():
         plan.gemm_conv_backward_input(torch.zeros(1, 2, 4), torch.zeros(4, 3, 2), 6, 3)
     with pytest.raises(ValueError, match="x must be contiguous"):
         plan.conv_rows(torch.zeros(1, 4, 9).transpose(1, 2), 2, 2)
+
+
+# The stack as the binding runs it, against autograd through F.conv1d, F.layer_norm and F.gelu.
+STACK = dict(dims=(16, 24, 24, 8), kernels=(10, 3, 2, 3), strides=(5, 2, 2, 1))
+
+
+def _stack_params(conv_bias, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    rand = lambda *shape, scale=1.0, shift=0.0: (
+        torch.randn(*shape, dtype=torch.float64, generator=generator) * scale + shift
+    )
+    conv_weights, c_in = [], 1
+    for c, k in zip(STACK["dims"], STACK["kernels"]):
+        conv_weights.append(rand(c, c_in, k, scale=(c_in * k) ** -0.5))
+        c_in = c
+    ln_weights = [rand(c, scale=0.2, shift=1.0) for c in STACK["dims"]]
+    ln_biases = [rand(c, scale=0.2) for c in STACK["dims"]]
+    conv_biases = [rand(c, scale=0.2) for c in STACK["dims"]] if conv_bias else []
+    return conv_weights, ln_weights, ln_biases, conv_biases
+
+
+def _autograd_stack(wave, params):
+    h = wave[:, None]
+    conv_weights, ln_weights, ln_biases, conv_biases = params
+    for i, (w, g, b) in enumerate(zip(conv_weights, ln_weights, ln_biases)):
+        h = F.conv1d(h, w, conv_biases[i] if conv_biases else None, stride=STACK["strides"][i])
+        h = F.gelu(F.layer_norm(h.transpose(1, 2), (w.shape[0],), g, b, 1e-5)).transpose(1, 2)
+    return h.transpose(1, 2)
+
+
+@pytest.mark.parametrize("conv_bias", [False, True], ids=["no-conv-bias", "conv-bias"])
+@pytest.mark.parametrize("lowest, wave_grad", [(0, True), (0, False), (2, False)], ids=["wave", "layer-0", "from-2"])
+def test_stack_forward_and_backward_equal_autograd(conv_bias, lowest, wave_grad):
+    params = _stack_params(conv_bias)
+    leaves = [p for group in params for p in group]
+    for t in leaves:
+        t.requires_grad_(True)
+    wave = torch.randn(3, 1601, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    expected = _autograd_stack(wave, params)
+    grad_out = torch.randn_like(expected)
+    want = torch.autograd.grad(expected, [wave, *leaves], grad_out)
+    with torch.no_grad():
+        out, conv_outputs = plan.gemm_stack_forward(wave, *params, list(STACK["strides"]), 1e-5)
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+        assert [z.shape[1] for z in conv_outputs] == [159, 79, 77]
+        got = plan.gemm_stack_backward(
+            grad_out, wave, *params, conv_outputs, list(STACK["strides"]), 1e-5, lowest, wave_grad
+        )
+    d_wave, groups = got[0], got[1:]
+    assert (d_wave is not None) == wave_grad
+    if wave_grad:
+        torch.testing.assert_close(d_wave, want[0], rtol=1e-10, atol=1e-12)
+    n = len(STACK["dims"])
+    for k, group in enumerate(groups):
+        assert len(group) == (n if params[k] else 0)
+        for i, got_grad in enumerate(group):
+            if i < lowest:
+                assert got_grad is None
+            else:
+                torch.testing.assert_close(got_grad, want[1 + k * n + i], rtol=1e-10, atol=1e-12)

@@ -26,12 +26,17 @@ T_out = (T_in - k) // s + 1.
   s (T_out - 1) + k - 1 belongs to exactly one residue's rows; the frames after it (the input's tail
   that no output frame reads) are zero. When k == s no row overlaps: one GEMM writes dx seen as
   (T_out, k * C_in) with B = weight permuted to (C_out, k * C_in), and no padding is needed.
+
+:func:`gemm_stack_forward` and :func:`gemm_stack_backward` chain these with the LayerNorm + GELU
+row steps (:func:`ln_gelu_rows`, :func:`ln_gelu_rows_backward`, the row kernels' formulas) in the
+order the binding runs them: what the training forward keeps, what the backward recomputes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 __all__ = [
@@ -42,6 +47,10 @@ __all__ = [
     "gemm_conv_backward_input",
     "gemm_conv_backward_weight",
     "gemm_conv_forward",
+    "gemm_stack_backward",
+    "gemm_stack_forward",
+    "ln_gelu_rows",
+    "ln_gelu_rows_backward",
     "output_frames",
     "stride_reasons",
     "weight_matrix",
@@ -161,3 +170,96 @@ def gemm_conv_backward_input(dz: Tensor, weight: Tensor, t_in: int, stride: int)
         )
         out.copy_(a @ b)
     return dx
+
+
+# --- The whole stack, step by step as csrc/binding.cpp runs it ------------------------------------
+# Layer 0 (one input channel) is a direct kernel in the extension, not a GEMM; its conv is written
+# here with the same row view (C = 1), which is what its weight gradient uses.
+
+
+def ln_gelu_rows(z: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> Tensor:
+    """GELU(LayerNorm(z)) over the last dimension (the row kernel's forward)."""
+    mean = z.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(((z - mean) ** 2).mean(-1, keepdim=True) + eps)
+    a = (z - mean) * rstd * gamma + beta
+    return 0.5 * a * (1.0 + torch.erf(a * 0.5**0.5))
+
+
+def ln_gelu_rows_backward(z: Tensor, gamma: Tensor, beta: Tensor, dy: Tensor, eps: float):
+    """(dz, dgamma, dbeta, dbias) of :func:`ln_gelu_rows` for dy, in the row kernel's steps: xhat,
+    da = dy * GELU'(a), dxhat = da * gamma, dz = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat));
+    dgamma = sum da xhat, dbeta = sum da, the conv bias gradient sum dz, over every row."""
+    mean = z.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(((z - mean) ** 2).mean(-1, keepdim=True) + eps)
+    xhat = (z - mean) * rstd
+    a = xhat * gamma + beta
+    gelu_grad = 0.5 * (1.0 + torch.erf(a * 0.5**0.5)) + a * torch.exp(-0.5 * a * a) * (2.0 * torch.pi) ** -0.5
+    da = dy * gelu_grad
+    dxhat = da * gamma
+    dz = rstd * (dxhat - dxhat.mean(-1, keepdim=True) - xhat * (dxhat * xhat).mean(-1, keepdim=True))
+    rows = tuple(range(z.dim() - 1))
+    return dz, (da * xhat).sum(rows), da.sum(rows), dz.sum(rows)
+
+
+def gemm_stack_forward(wave, conv_weights, ln_weights, ln_biases, conv_biases, strides, eps):
+    """(output (B, T, C_last), [z_1, ..., z_{n-1}]): the training forward, keeping each later
+    layer's conv output. ``conv_biases`` is [] or one per layer."""
+    biases = conv_biases or [None] * len(conv_weights)
+    h = ln_gelu_rows(gemm_conv_forward(wave[:, :, None], conv_weights[0], biases[0], strides[0]),
+                     ln_weights[0], ln_biases[0], eps)  # fmt: skip
+    conv_outputs = []
+    for w, g, b, cb, s in zip(conv_weights[1:], ln_weights[1:], ln_biases[1:], biases[1:], strides[1:]):
+        z = gemm_conv_forward(h, w, cb, s)
+        conv_outputs.append(z)
+        h = ln_gelu_rows(z, g, b, eps)
+    return h, conv_outputs
+
+
+def gemm_stack_backward(grad_out, wave, conv_weights, ln_weights, ln_biases, conv_biases, conv_outputs, strides, eps,
+                        lowest: int, wave_grad: bool):  # fmt: skip
+    """The extension's backward: (d_wave or None, [dW], [dgamma], [dbeta], [dbias]) with None for the
+    layers below ``lowest`` (and [] for dbias without conv biases). From the last layer down: the
+    row backward from the kept conv output; the layer's input recomputed (layer 0's activation from
+    the waveform, else the row forward of the previous conv output); the weight gradient; the input
+    gradient while a lower layer needs it. Layer 0's weight gradient reads its frames copied into
+    k_pad >= k zero-padded columns (the GEMM's 16-byte accesses); the waveform's gradient is a GEMM
+    against the (C, k) weight and an overlap-add."""
+    n = len(conv_weights)
+    has_bias = bool(conv_biases)
+    d_w, d_gamma, d_beta = [None] * n, [None] * n, [None] * n
+    d_bias = [None] * n if has_bias else []
+    batch = wave.shape[0]
+    lengths = [wave.shape[1]]
+    for w, s in zip(conv_weights, strides):
+        lengths.append(output_frames(lengths[-1], w.shape[2], s))
+    g, d_wave = grad_out, None
+    for i in reversed(range(lowest, n)):
+        w, s = conv_weights[i], strides[i]
+        kernel = w.shape[2]
+        if i == 0:
+            z = gemm_conv_forward(wave[:, :, None], w, conv_biases[0] if has_bias else None, s)
+        else:
+            z = conv_outputs[i - 1]
+        dz, d_gamma[i], d_beta[i], dbias = ln_gelu_rows_backward(z, ln_weights[i], ln_biases[i], g, eps)
+        if has_bias:
+            d_bias[i] = dbias
+        if i == 0:
+            k_pad = -(-kernel // 8) * 8
+            cols = wave.new_zeros(batch, lengths[1], k_pad)
+            cols[:, :, :kernel] = conv_rows(wave[:, :, None].contiguous(), kernel, s)
+            d_w[0] = (cols.transpose(1, 2) @ dz).sum(0)[:kernel].t()[:, None]
+            if wave_grad:
+                d_cols = dz @ w.view(w.shape[0], kernel)  # (B, T_0, k)
+                d_wave = wave.new_zeros(wave.shape)
+                for j in range(kernel):
+                    d_wave[:, j : j + s * (lengths[1] - 1) + 1 : s] += d_cols[:, :, j]
+            break
+        if i == 1:
+            x = ln_gelu_rows(gemm_conv_forward(wave[:, :, None], conv_weights[0], conv_biases[0] if has_bias else None,
+                                               strides[0]), ln_weights[0], ln_biases[0], eps)  # fmt: skip
+        else:
+            x = ln_gelu_rows(conv_outputs[i - 2], ln_weights[i - 1], ln_biases[i - 1], eps)
+        d_w[i] = gemm_conv_backward_weight(x, dz, kernel, s)
+        if i > lowest:
+            g = gemm_conv_backward_input(dz, w, lengths[i], s)
+    return d_wave, d_w, d_gamma, d_beta, d_bias
