@@ -223,21 +223,25 @@ at::Tensor conv_weight_grad(const at::Tensor& x, const at::Tensor& dz, const Lay
 }
 
 // LayerNorm + GELU backward over the rows of z (B, T, C): dz into `dz`, a (B, T, C) view with rows
-// of C contiguous values and any batch stride (dz may be dy); returns (dgamma, dbeta, dbias).
+// of C contiguous values and any batch stride (dz may be dy); returns (dgamma, dbeta, and the conv
+// bias gradient, sum of dz, when the layer has a bias).
 std::array<at::Tensor, 3> ln_gelu_backward(const at::Tensor& z, const at::Tensor& dy, const at::Tensor& dz,
                                            const Layer& l, double eps, cudaStream_t stream, size_t layer) {
   const int64_t rows = z.size(0) * z.size(1);
   TORCH_CHECK(dz.sizes() == z.sizes() && dz.stride(2) == 1 && dz.stride(1) == l.c_out, "conv_feature_extractor: layer ",
               layer, ": dz of unexpected layout (an internal error)");
   at::Tensor partials =
-      at::empty({d2v::ln_gelu_backward_blocks(rows), 3, l.c_out}, z.options().dtype(at::kFloat));
+      at::empty({d2v::ln_gelu_backward_blocks(rows), 2, l.c_out}, z.options().dtype(at::kFloat));
   check_launch(d2v::launch_ln_gelu_rows_backward(kernel_dtype(z), z.data_ptr(), l.gamma.data_ptr(), l.beta.data_ptr(),
                                                  dy.data_ptr(), dz.data_ptr(), dz.stride(0), z.size(1),
                                                  partials.data_ptr<float>(), rows, static_cast<int>(l.c_out),
                                                  static_cast<float>(eps), stream),
                "LayerNorm + GELU backward", layer);
   const at::Tensor sums = partials.sum(0).to(z.scalar_type());
-  return {sums[0].clone(), sums[1].clone(), sums[2].clone()};  // custom op outputs may not alias
+  // a torch reduction (deterministic) over dz: rare (Data2Vec's convs have no bias), and a third
+  // accumulator in the row kernel would cost it registers it does not have
+  const at::Tensor d_bias = l.bias.defined() ? dz.sum({0, 1}, false, at::kFloat).to(z.scalar_type()) : at::Tensor();
+  return {sums[0].clone(), sums[1].clone(), d_bias};  // clones: custom op outputs may not alias
 }
 
 std::vector<int64_t> frame_counts(int64_t samples, const std::vector<Layer>& layers) {

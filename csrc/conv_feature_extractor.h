@@ -73,9 +73,8 @@ cudaError_t launch_ln_gelu_rows(DType dtype, const void* z, const void* gamma, c
 // Backward of the rows from the conv output z and dy = d out (both contiguous (B, T, C), rows =
 // B * T): dz, row t of batch b at dz + b * dz_batch_stride + t * C (rows_per_batch = T; dz may be dy
 // when dz_batch_stride = T * C), and per block fp32 partial sums partials[block][q][c] for q = 0:
-// dgamma (da * xhat), 1: dbeta (da), 2: the conv bias gradient (dz), where a = LN(z) and
-// da = dy * GELU'(a). The caller sums the ln_gelu_backward_blocks(rows) partials in order
-// (deterministic: no atomics).
+// dgamma (da * xhat), 1: dbeta (da), where a = LN(z) and da = dy * GELU'(a). The caller sums the
+// ln_gelu_backward_blocks(rows) partials in order (deterministic: no atomics).
 int ln_gelu_backward_blocks(int64_t rows);
 cudaError_t launch_ln_gelu_rows_backward(DType dtype, const void* z, const void* gamma, const void* beta,
                                          const void* dy, void* dz, int64_t dz_batch_stride, int64_t rows_per_batch,

@@ -516,7 +516,7 @@ def test_cuda_frozen_layers_get_no_gradient_and_the_others_match_float64(dtype):
 
 @pytest.mark.cuda
 def test_cuda_backward_is_deterministic():
-    """No atomics: dgamma, dbeta and the conv bias gradient are per-block partials and the weight
+    """No atomics: dgamma and dbeta are per-block partials, the conv bias gradient a torch sum, the weight
     gradients per-batch-row partials, each summed in a fixed order; two runs agree bit for bit."""
     params = make_params(**BASE, device="cuda", dtype=torch.bfloat16, conv_bias=True)
     wave = torch.randn(3, 16001, device="cuda", dtype=torch.bfloat16)

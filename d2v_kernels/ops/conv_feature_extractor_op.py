@@ -9,7 +9,7 @@ to end: layer 0 (one input channel, not a GEMM) is one direct kernel with its La
 each later conv, forward and backward, is a CUTLASS GEMM over strided views of the (B, T, C)
 activations (``ops/_conv_gemm_plan.py`` holds that decomposition in torch, tested against
 ``F.conv1d``), followed by a LayerNorm + GELU row kernel (forward, or backward with deterministic
-dgamma / dbeta / conv bias partial sums). Training keeps one tensor a layer for the backward, each
+dgamma / dbeta partial sums). Training keeps one tensor a layer for the backward, each
 later layer's conv output (``conv_feature_extractor_cuda_train``), and recomputes the activations
 the weight gradients read. The op called without keeping them reruns the forward in its backward.
 fp16 and bf16 run tensor cores and need channel counts that are multiples of 8; fp32 runs a SIMT
