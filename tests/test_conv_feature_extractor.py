@@ -515,6 +515,28 @@ def test_cuda_frozen_layers_get_no_gradient_and_the_others_match_float64(dtype):
 
 
 @pytest.mark.cuda
+def test_cuda_misaligned_parameter_views_take_the_element_wise_row_kernels():
+    """LayerNorm affines and conv biases that are views one element into a larger tensor: the row
+    kernels move single elements instead of 16-byte packs, the GEMM epilogue reads a copy of the bias;
+    the results match those of the aligned parameters."""
+    params = make_params(**SMALL, device="cuda", dtype=torch.float16, conv_bias=True)
+    args, kwargs = split(params)
+    shifted = lambda ts: [torch.cat([t.new_zeros(1), t])[1:] for t in ts]
+    assert all(t.data_ptr() % 16 for t in shifted(params["ln_weights"]))
+    wave = torch.randn(2, 1601, device="cuda", dtype=torch.float16)
+    with d2v_kernels.use_backend(conv_feature_extractor="cuda"):
+        aligned = ops.conv_feature_extractor(wave, *args, **kwargs)
+        views = ops.conv_feature_extractor(
+            wave,
+            args[0],
+            shifted(args[1]),
+            shifted(args[2]),
+            **{**kwargs, "conv_biases": shifted(kwargs["conv_biases"])},
+        )
+    torch.testing.assert_close(views, aligned)  # the lanes sum other channels: rounding may differ
+
+
+@pytest.mark.cuda
 def test_cuda_backward_is_deterministic():
     """No atomics: dgamma and dbeta are per-block partials, the conv bias gradient a torch sum, the weight
     gradients per-batch-row partials, each summed in a fixed order; two runs agree bit for bit."""
