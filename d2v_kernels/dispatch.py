@@ -368,6 +368,12 @@ def triton_interpreter_enabled() -> bool:
     return _environment().interpreter
 
 
+# Backends whose ops are this package's custom ops and autograd.Functions (eager and sdpa are aten).
+_CUSTOM_OP_BACKENDS = ("triton", "cuda")
+# Whether a torch.func transform is active now.
+functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
 def device_reasons(impl: Implementation, device: torch.device, forced: bool) -> list[str]:
     """Why ``impl`` cannot run on ``device`` at all, whatever the input (empty when it can).
 
@@ -377,6 +383,11 @@ def device_reasons(impl: Implementation, device: torch.device, forced: bool) -> 
         return [
             f"the {impl.backend} {impl.op} kernel is opt-in: slower than the default where both run "
             f"(use_backend({impl.op}={impl.backend!r}) or {ENV_ENABLE_OPT_IN}=1)"
+        ]
+    if impl.backend in _CUSTOM_OP_BACKENDS and functorch_active():
+        return [
+            "a torch.func transform (grad, vmap, jvp, ...) is active: the kernels' autograd, torch.library "
+            "custom ops and autograd.Functions without setup_context, does not run under functorch"
         ]
     if impl.backend == "eager" or device.type in impl.devices:
         return list(impl.available())

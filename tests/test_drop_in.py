@@ -293,3 +293,39 @@ def test_forward_reads_nothing_back_to_the_host(class_name):
     read_back = {"_local_scalar_dense", "is_nonzero", "item", "equal", "nonzero"} & calls.names.keys()
     assert not read_back, calls.names
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-5)
+
+
+def test_torch_func_grad_runs_aten_backends_and_equals_transformers():
+    """Under a torch.func transform the kernels' autograd (custom ops, Functions without
+    setup_context) cannot run: dispatch gives the Triton and CUDA backends that reason, so
+    torch.func.grad of an optimized model takes aten's and equals transformers'; forced, the
+    Triton backend raises it."""
+    from d2v_kernels import dispatch
+    from d2v_kernels.dispatch import BackendUnavailableError
+
+    cls = "Data2VecTextForSequenceClassification"
+    reference, fused, config = build_pair(cls)
+    inputs = inputs_for(cls, config)
+
+    def grads(model):
+        params = {name: p.detach() for name, p in model.named_parameters()}
+        return torch.func.grad(lambda p: torch.func.functional_call(model, p, (), inputs).loss)(params)
+
+    want = grads(reference)
+    with d2v_kernels.record_dispatch() as calls:
+        got = grads(fused)
+    assert calls and all(backend in ("eager", "sdpa") for _, backend in calls)
+    for name, g in want.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-4, atol=1e-5, msg=name)
+    triton = next(i for i in dispatch.implementations("attention") if i.backend == "triton")
+    reasons = []
+
+    def recorded(x):
+        reasons.extend(dispatch.device_reasons(triton, torch.device("cuda"), False))
+        return x.sum()
+
+    torch.func.grad(recorded)(torch.ones(2))
+    assert any("torch.func" in r for r in reasons), reasons
+    assert not any("torch.func" in r for r in dispatch.device_reasons(triton, torch.device("cuda"), False))
+    with d2v_kernels.use_backend("triton"), pytest.raises(BackendUnavailableError, match=r"torch\.func transform"):
+        grads(fused)

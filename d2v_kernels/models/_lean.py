@@ -167,8 +167,9 @@ def _property_source(prop: property) -> str:
 
 def _attention_settings(config) -> tuple:
     """(``config._attn_implementation``, ``config.output_attentions``): from the instance's dict
-    where its class reads them there (two lookups), else through the attributes."""
-    if _reads_directly(type(config)):
+    where its class reads them there (two lookups), else (and when traced: dynamo does not follow
+    ``object.__getattribute__``) through the attributes."""
+    if not torch.compiler.is_compiling() and _reads_directly(type(config)):
         values = object.__getattribute__(config, "__dict__")
         implementation = values.get("_attn_implementation_internal", _MISSING)
         output_attentions = values.get("_output_attentions", _MISSING)

@@ -37,6 +37,7 @@ if _on_tiles_change is not None:
     _on_tiles_change(dispatch.clear_plans)
 
 _is_compiling = torch.compiler.is_compiling
+_functorch_active = dispatch.functorch_active
 
 
 def plan_cache() -> dict:
@@ -45,8 +46,9 @@ def plan_cache() -> dict:
 
 
 def plans_enabled() -> bool:
-    """Whether this call may take the fast path: eager, no dispatch mode (fake tensors, tracing)."""
-    return not _is_compiling() and current_dispatch_mode() is None
+    """Whether this call may take the fast path: eager, no dispatch mode (fake tensors, tracing), no
+    torch.func transform (under which dispatch picks aten backends: :func:`dispatch.device_reasons`)."""
+    return not _is_compiling() and current_dispatch_mode() is None and not _functorch_active()
 
 
 def layout_key(*tensors) -> tuple | None:
