@@ -360,6 +360,24 @@ def test_autograd_through_the_registered_formulas_on_meta_tensors(monkeypatch):
         assert [g.shape for g in grads] == [t.shape for t in leaves]
 
 
+def test_cuda_ops_pass_opcheck_on_meta_tensors(monkeypatch):
+    """Schemas, fake impls, autograd registrations and their traced forms (opcheck's
+    test_aot_dispatch_dynamic) of the three custom ops, on meta tensors (the fake impls run)."""
+    monkeypatch.setattr(cfe, "extension_reasons", lambda: [])
+    params = make_params(**SMALL, dtype=torch.float16, conv_bias=True)
+    leaves = [t.to("meta").requires_grad_(True) for t in all_tensors(torch.randn(2, 1601), params)]
+    n = len(SMALL["conv_dim"])
+    groups = [leaves[1 + k * n : 1 + (k + 1) * n] for k in range(4)]
+    op_args = (leaves[0], *groups, params["strides"], 1e-5)
+    torch.library.opcheck(torch.ops.d2v_kernels.conv_feature_extractor_cuda.default, op_args)
+    torch.library.opcheck(torch.ops.d2v_kernels.conv_feature_extractor_cuda_train.default, op_args)
+    with torch.no_grad():
+        out, *conv_outputs = torch.ops.d2v_kernels.conv_feature_extractor_cuda_train(*op_args)
+    detached = [[t.detach() for t in group] for group in groups]
+    bwd_args = (torch.empty_like(out), leaves[0].detach(), *detached, conv_outputs, params["strides"], 1e-5, 0, True)
+    torch.library.opcheck(torch.ops.d2v_kernels.conv_feature_extractor_cuda_bwd.default, bwd_args)
+
+
 def test_lowest_layer_is_the_first_with_a_gradient_to_give():
     n = 3
     frozen = [False] * n
@@ -498,7 +516,7 @@ def test_cuda_frozen_layers_get_no_gradient_and_the_others_match_float64(dtype):
     wave = torch.randn(2, 16001, device="cuda")
     results = []
     for backend, run_dtype in (("cuda", dtype), ("eager", torch.float64), ("eager", dtype)):
-        p = {k: [t.detach().to(run_dtype) for t in v] if k != "strides" else v for k, v in params.items()}
+        p = {k: v if k == "strides" or v is None else [t.detach().to(run_dtype) for t in v] for k, v in params.items()}
         leaves = []
         for name in ("conv_weights", "ln_weights", "ln_biases"):
             for i, t in enumerate(p[name]):
@@ -618,9 +636,8 @@ def test_cuda_dispatch_opcheck_compile_and_limits(monkeypatch):
     torch.library.opcheck(torch.ops.d2v_kernels.conv_feature_extractor_cuda_train.default, op_args)
     with torch.no_grad():
         out, *conv_outputs = torch.ops.d2v_kernels.conv_feature_extractor_cuda_train(*op_args)
-    detached = [[t.detach() for t in a] if isinstance(a, list) else a for a in op_args]
-    detached[0] = detached[0].detach()
-    bwd_args = (torch.randn_like(out), *detached[:5], conv_outputs, params["strides"], 1e-5, 0, True)
+    detached = [[t.detach() for t in group] for group in op_args[1:5]]
+    bwd_args = (torch.randn_like(out), op_args[0].detach(), *detached, conv_outputs, params["strides"], 1e-5, 0, True)
     torch.library.opcheck(torch.ops.d2v_kernels.conv_feature_extractor_cuda_bwd.default, bwd_args)
 
     compiled = torch.compile(lambda w: ops.conv_feature_extractor(w, *args, **kwargs), fullgraph=True)
