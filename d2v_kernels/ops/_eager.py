@@ -18,6 +18,8 @@ from collections.abc import Callable
 import torch
 from torch.autograd.function import once_differentiable
 
+from d2v_kernels.dispatch import functorch_active
+
 
 def autograd_function(name: str, forward: Callable, setup_context: Callable, backward: Callable) -> type:
     """A torch.autograd.Function running ``forward(*inputs)`` (a custom op's implementation) with
@@ -46,7 +48,6 @@ def autograd_function(name: str, forward: Callable, setup_context: Callable, bac
 
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
-_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
 # A functorch wrapper (inside torch.func.grad / vmap, or one left over from a finished transform)
 # is a plain torch.Tensor by type: the custom op takes it, through functorch's own rules.
 _functorch_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", lambda t: False)
@@ -61,15 +62,15 @@ def direct_apply(function: type) -> Callable:
     all, several microseconds) before the C++ ``apply`` its ``super()`` holds; with no functorch
     transform active and no wrapper among the arguments that is the identity, so this calls the
     C++ ``apply`` itself, and ``Function.apply`` whenever a transform is active. Found by structure:
-    where this torch has neither, ``function.apply``."""
+    where this torch has no C++ ``apply``, ``function.apply``."""
     python_apply = function.apply
     c_apply = getattr(super(torch.autograd.Function, function), "apply", None)
     defines_setup_context = "setup_context" in vars(function)
-    if _functorch_active is None or c_apply is None or defines_setup_context:
+    if c_apply is None or defines_setup_context:
         return python_apply
 
     def apply(*args):
-        if _functorch_active():
+        if functorch_active():
             return python_apply(*args)
         return c_apply(*args)
 
