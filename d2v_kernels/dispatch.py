@@ -305,9 +305,11 @@ except AttributeError:  # pragma: no cover - another Python's os.environ
 _ENV_KEYS = tuple(_encode_key(name) for name in _ENV_NAMES)
 
 
+_env_get = _ENV_DATA.get
+
+
 def _raw_environment() -> tuple:
-    data = _ENV_DATA
-    return tuple(data.get(key) for key in _ENV_KEYS)
+    return tuple(map(_env_get, _ENV_KEYS))
 
 
 _env = _read_environment(_raw_environment())

@@ -26,7 +26,7 @@ from d2v_kernels.kernels._attention_common import (
     tuning_bucket,
     upcast_dot,
 )
-from d2v_kernels.kernels._launch import DirectLaunch, fixed_tail, operand_key
+from d2v_kernels.kernels._launch import DirectLaunch, empty_template, fixed_tail, operand_key
 from d2v_kernels.kernels._tiles import cdiv
 from d2v_kernels.kernels._tiles import on_change as on_tiles_change
 from d2v_kernels.kernels.autotune import launch_config
@@ -409,7 +409,8 @@ class BackwardLaunch:
     a fused QKV projection's output, no concatenation."""
 
     __slots__ = (
-        "_bias_grad", "_dkdv", "_dq", "_ds", "_ds_mode", "_ds_shape", "_packed_shape", "_pre", "_shapes", "_table_grad",
+        "_bias_grad", "_delta", "_dkdv", "_dkv_out", "_dq", "_dq_out", "_dqkv_out", "_ds", "_ds_mode", "_ds_shape", "_pre",
+        "_table_grad",
     )  # fmt: skip
 
     def __init__(self, grad_out, q, k, v, out, bias_table, bias_index, bias, key_padding_mask, causal, dropout_p,
@@ -418,14 +419,16 @@ class BackwardLaunch:
         n_k = k.shape[1]
         if packed and (n_k != n_q or k.shape != q.shape or v.shape != q.shape):
             raise ValueError(f"packed gradients need q, k and v of one shape, got {q.shape}, {k.shape}, {v.shape}")
-        self._packed_shape = (b, n_q, 3, h, d) if packed else None
+        self._dqkv_out = empty_template((b, n_q, 3, h, d), q.dtype, q.device) if packed else None
         block_d = head_dim_block(d)
         _, strides, flags = bias_args(q, k, bias_table, bias_index, bias, key_padding_mask)
         common = dict(
             BLOCK_D=block_d, IS_CAUSAL=causal, HAS_DROPOUT=dropout_p > 0.0, PRECISION=dot_precision(q.dtype),
             UPCAST=upcast_dot(q), **flags,
         )  # fmt: skip
-        self._shapes = ((b, h, n_q), (b, n_q, h, d), (b, n_k, h, d))
+        self._delta = empty_template((b, h, n_q), torch.float32, q.device)
+        self._dq_out = empty_template((b, n_q, h, d), q.dtype, q.device)
+        self._dkv_out = empty_template((b, n_k, h, d), q.dtype, q.device)
         pre_block_m = 64
         pre_tail = fixed_tail(
             attention_bwd_preprocess_kernel, 3, (*out.stride()[:3], *grad_out.stride(), h, n_q, d),
@@ -473,18 +476,18 @@ class BackwardLaunch:
         self._table_grad, self._bias_grad = table_grad, bias_grad
 
     def __call__(self, grad_out, q, k, v, out, lse, bias_table, bias_index, bias, key_padding_mask, seed):
-        stats_shape, q_shape, kv_shape = self._shapes
         table, index = (q, q) if bias_table is None else (bias_table, bias_index)
         dense = q if bias is None else bias
         keep = q if key_padding_mask is None else key_padding_mask
         seed = q if seed is None else seed
-        delta = q.new_empty(stats_shape, dtype=torch.float32)
+        delta = torch.empty_like(self._delta)
         launch, tail = self._pre
         launch(out, grad_out, delta, *tail)
-        if self._packed_shape is None:
-            dq, dk, dv = q.new_empty(q_shape), q.new_empty(kv_shape), q.new_empty(kv_shape)
+        if self._dqkv_out is None:
+            dq = torch.empty_like(self._dq_out)
+            dk, dv = torch.empty_like(self._dkv_out), torch.empty_like(self._dkv_out)
         else:
-            dqkv = q.new_empty(self._packed_shape)
+            dqkv = torch.empty_like(self._dqkv_out)
             dq, dk, dv = dqkv.unbind(2)
         launch, tail = self._dkdv
         launch(q, k, v, grad_out, lse, delta, dk, dv, table, index, dense, keep, seed, *tail)
@@ -499,7 +502,7 @@ class BackwardLaunch:
             dtable = relative_bias_table_grad(ds.sum(0) if ds.shape[0] > 1 else ds[0], bias_index, bias_table)
         if self._bias_grad:
             dbias = reduce_to_shape(ds, bias.shape).to(bias.dtype)
-        if self._packed_shape is not None:
+        if self._dqkv_out is not None:
             return dqkv, None, None, dtable, dbias
         return dq, dk, dv, dtable, dbias
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from triton.runtime import driver as _driver
 
 try:
@@ -29,7 +30,7 @@ try:
 except ImportError:  # pragma: no cover - a Triton without knobs: always the full path
     _RUNTIME = None
 
-__all__ = ["DirectLaunch", "LaunchCache", "fixed_tail", "operand_key"]
+__all__ = ["DirectLaunch", "LaunchCache", "empty_template", "fixed_tail", "operand_key"]
 
 
 def _hook_set(chain) -> bool:
@@ -88,6 +89,14 @@ class DirectLaunch:
         if self._compiled is None and _launchable(compiled):
             self._compiled = compiled
             self._device = _driver.active.get_current_device()
+
+
+def empty_template(shape, dtype, device) -> torch.Tensor:
+    """A one-element tensor expanded to ``shape``: ``torch.empty_like`` of it is a new contiguous
+    tensor of that shape, dtype and device. A launch keeps one per output it allocates: an
+    ``empty_like`` has no size list to parse, and costs a fraction of ``new_empty(shape, dtype=...)``
+    on the host."""
+    return torch.empty((1,) * len(shape), dtype=dtype, device=device).expand(shape)
 
 
 def operand_key(t) -> tuple | None:

@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 
 from d2v_kernels.kernels._attention_common import dropout_keep, philox_key
-from d2v_kernels.kernels._launch import DirectLaunch, operand_key
+from d2v_kernels.kernels._launch import DirectLaunch, empty_template, operand_key
 from d2v_kernels.kernels._tiles import cdiv, next_power_of_2, tiles
 from d2v_kernels.kernels._tiles import on_change as on_tiles_change
 
@@ -524,7 +524,7 @@ class _ForwardLaunch:
     directly. y (and the sum) are ``empty_like(x)``, whose strides follow from x's layout.
     ``dropout``: the kernel drops x out (HAS_DROPOUT); each call then passes its seed and p."""
 
-    __slots__ = ("_constexprs", "_ints", "_launch", "_stats_shape", "_store_stats", "_store_sum")
+    __slots__ = ("_constexprs", "_ints", "_launch", "_stats", "_store_sum")
 
     def __init__(
         self, x, channels_dim, weight, bias, activation, residual, store_sum, store_stats, x_scale=None, dropout=False
@@ -535,8 +535,9 @@ class _ForwardLaunch:
         n_batch, n_channels, n_pos, stride_args, (block_p, block_c, num_warps), wide = plan
         config = tiles("row_norm_fwd", {"BLOCK_P": block_p, "num_warps": num_warps})
         tiles_per_batch = cdiv(n_pos, config["BLOCK_P"])
-        self._stats_shape = x.shape[:channels_dim] + x.shape[channels_dim + 1 :]
-        self._store_sum, self._store_stats = store_sum, store_stats
+        stats_shape = x.shape[:channels_dim] + x.shape[channels_dim + 1 :]
+        self._stats = empty_template(stats_shape, torch.float32, x.device) if store_stats else None
+        self._store_sum = store_sum
         self._ints = (n_pos, n_channels, tiles_per_batch, *stride_args, *_vector_strides(weight, bias, x_scale))
         self._constexprs = (
             residual is not None, store_sum, weight is not None, bias is not None, ACTIVATIONS[activation],
@@ -548,9 +549,8 @@ class _ForwardLaunch:
         y = torch.empty_like(x)
         total = torch.empty_like(x) if self._store_sum else None
         mean = rstd = None
-        if self._store_stats:
-            mean = x.new_empty(self._stats_shape, dtype=torch.float32)
-            rstd = x.new_empty(self._stats_shape, dtype=torch.float32)
+        if self._stats is not None:
+            mean, rstd = torch.empty_like(self._stats), torch.empty_like(self._stats)
         self._launch(
             x, x if residual is None else residual, x if weight is None else weight, x if bias is None else bias,
             x if x_scale is None else x_scale, y, y if total is None else total, y if mean is None else mean,
@@ -566,7 +566,8 @@ class _BackwardLaunch:
     residual's gradient is then written apart from x's, as with x_scale."""
 
     __slots__ = (
-        "_constexprs", "_contiguous_grads", "_ints", "_launch", "_n_channels", "_n_programs", "_reduce", "_split_dres",
+        "_constexprs", "_contiguous_grads", "_ints", "_launch", "_n_channels", "_n_programs", "_partial", "_reduce",
+        "_split_dres",
     )  # fmt: skip
 
     def __init__(self, dy, x, channels_dim, weight, bias, activation, residual, dsum, out, x_scale=None, dropout=False):
@@ -587,6 +588,7 @@ class _BackwardLaunch:
         n_tiles = n_batch * tiles_per_batch
         n_programs = backward_programs(x.device, n_tiles, config["programs_per_sm"])
         self._n_programs, self._n_channels = n_programs, n_channels
+        self._partial = empty_template((n_programs, n_channels), torch.float32, x.device)
         self._ints = (
             n_pos,
             n_channels,
@@ -611,20 +613,20 @@ class _BackwardLaunch:
             dy, dsum = dy.contiguous(), None if dsum is None else dsum.contiguous()
         dx = torch.empty_like(x) if out is None else out
         dres = torch.empty_like(x) if self._split_dres else dx
-        n_programs, n_channels = self._n_programs, self._n_channels
+        n_programs, n_channels, partial = self._n_programs, self._n_channels, self._partial
         # (comprehensions cost a call each: written out, on the hot path)
-        shape, f32 = (n_programs, n_channels), torch.float32
-        dw_partial = mean if weight is None else x.new_empty(shape, dtype=f32)
-        db_partial = mean if bias is None else x.new_empty(shape, dtype=f32)
-        dxs_partial = mean if x_scale is None else x.new_empty(shape, dtype=f32)
+        dw_partial = mean if weight is None else torch.empty_like(partial)
+        db_partial = mean if bias is None else torch.empty_like(partial)
+        dxs_partial = mean if x_scale is None else torch.empty_like(partial)
         self._launch(
             x, x if residual is None else residual, x if weight is None else weight, x if bias is None else bias,
             x if x_scale is None else x_scale, dy, dy if dsum is None else dsum, mean, rstd, dx, dres, dw_partial,
             db_partial, dxs_partial, mean if seed is None else seed, *self._ints, dropout_p, *self._constexprs,
         )  # fmt: skip
-        dweight = None if weight is None else weight.new_empty(n_channels)
-        dbias = None if bias is None else bias.new_empty(n_channels)
-        dx_scale = None if x_scale is None else x_scale.new_empty(n_channels)
+        # (a 1-D parameter is dense: empty_like gives it contiguous)
+        dweight = None if weight is None else torch.empty_like(weight)
+        dbias = None if bias is None else torch.empty_like(bias)
+        dx_scale = None if x_scale is None else torch.empty_like(x_scale)
         if self._reduce is not None:
             self._reduce(
                 dw_partial, db_partial, dxs_partial, mean if dweight is None else dweight,

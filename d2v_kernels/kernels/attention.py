@@ -53,7 +53,7 @@ from d2v_kernels.kernels._attention_common import (
     tuning_bucket,
     upcast_dot,
 )
-from d2v_kernels.kernels._launch import DirectLaunch, operand_key
+from d2v_kernels.kernels._launch import DirectLaunch, empty_template, operand_key
 from d2v_kernels.kernels._tiles import cdiv
 from d2v_kernels.kernels._tiles import on_change as on_tiles_change
 from d2v_kernels.kernels.autotune import launch_config
@@ -364,7 +364,7 @@ class ForwardLaunch:
     :func:`forward_tiles`'s.
     """
 
-    __slots__ = ("_constexprs", "_ints", "_launch", "_lse_shape", "_out_shape")
+    __slots__ = ("_constexprs", "_ints", "_launch", "_lse", "_out")
 
     def __init__(
         self, q, k, v, bias_table, bias_index, bias, key_padding_mask, causal: bool, dropout: bool, store_lse: bool,
@@ -376,22 +376,22 @@ class ForwardLaunch:
         block_d = head_dim_block(d)
         if config is None:
             config = forward_tiles(q, k, v, bias_table, bias_index, bias, key_padding_mask, causal, dropout, store_lse)
-        self._out_shape, self._lse_shape = (b, n_q, h, d), (b, h, n_q)
+        self._out = empty_template((b, n_q, h, d), q.dtype, q.device)
+        self._lse = empty_template((b, h, n_q), torch.float32, q.device) if store_lse else None
         out_strides = (n_q * h * d, h * d, d)
         self._ints = (*q.stride(), *k.stride(), *v.stride(), *out_strides, *strides, h, n_q, n_k, d)
         self._constexprs = (
             config["BLOCK_M"], config["BLOCK_N"], block_d, flags["HAS_TABLE"], flags["HAS_BIAS"], flags["HAS_MASK"],
             causal, dropout, dot_precision(q.dtype), upcast_dot(q), store_lse,
         )  # fmt: skip
-        self._lse_shape = self._lse_shape if store_lse else None
         grid = (cdiv(n_q, config["BLOCK_M"]), b * h)
         self._launch = DirectLaunch(
             attention_fwd_kernel, grid, num_warps=config["num_warps"], num_stages=config["num_stages"]
         )
 
     def __call__(self, q, k, v, bias_table, bias_index, bias, key_padding_mask, seed, scale, dropout_p):
-        out = q.new_empty(self._out_shape)
-        lse = None if self._lse_shape is None else q.new_empty(self._lse_shape, dtype=torch.float32)
+        out = torch.empty_like(self._out)
+        lse = None if self._lse is None else torch.empty_like(self._lse)
         self._launch(
             q, k, v, out, out if lse is None else lse, q if bias_table is None else bias_table, q if bias_index is None else bias_index,
             q if bias is None else bias, q if key_padding_mask is None else key_padding_mask,

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from d2v_kernels.kernels._launch import DirectLaunch, LaunchCache, fixed_tail, operand_key
+from d2v_kernels.kernels._launch import DirectLaunch, LaunchCache, empty_template, fixed_tail, operand_key
 from d2v_kernels.kernels._row_norm import (
     activation_grad,
     apply_activation,
@@ -246,7 +246,7 @@ class Conv0Launch:
     -> (y (B, C, T) with channels-last strides, mean, rstd). Without ``keep_stats`` (inference:
     nothing reads them) one scratch buffer takes both statistics and is returned as each."""
 
-    __slots__ = ("_constexprs", "_contiguous", "_ints", "_launch", "_stats_shape", "_y_shape")
+    __slots__ = ("_constexprs", "_contiguous", "_ints", "_launch", "_shared_stats", "_stats", "_y")
 
     def __init__(
         self, wave, weight, conv_bias, ln_weight, ln_bias, stride: int, *, pre_norm_only=False, keep_stats=True
@@ -254,11 +254,13 @@ class Conv0Launch:
         batch, samples = wave.shape
         channels, _, kernel_size = weight.shape
         frames = output_frames(samples, kernel_size, stride)
-        self._y_shape = (batch, frames, channels)
-        self._stats_shape = (0,) if pre_norm_only else (batch, frames) if keep_stats else None
+        self._y = empty_template((batch, frames, channels), wave.dtype, wave.device)
+        stats_shape = (0,) if pre_norm_only else (batch, frames)
+        self._stats = empty_template(stats_shape, torch.float32, wave.device)
+        self._shared_stats = not pre_norm_only and not keep_stats
         # (B, C, T) with channels-last strides: each frame's C values contiguous, the layout the next
         # layer's cuDNN conv runs in without transposing, and whole rows for the LayerNorm.
-        y = wave.new_empty(self._y_shape).transpose(1, 2)
+        y = torch.empty_like(self._y).transpose(1, 2)
         config = launch_tiles(channels)
         tiles_per_batch = cdiv(frames, config["BLOCK_T"])
         self._contiguous = any(t is not None and not t.is_contiguous() for t in (conv_bias, ln_weight, ln_bias))
@@ -279,12 +281,11 @@ class Conv0Launch:
             conv_bias, ln_weight, ln_bias = (
                 None if t is None else t.contiguous() for t in (conv_bias, ln_weight, ln_bias)
             )
-        y = wave.new_empty(self._y_shape).transpose(1, 2)
-        if self._stats_shape is None:
-            mean = rstd = wave.new_empty(self._y_shape[:2], dtype=torch.float32)
+        y = torch.empty_like(self._y).transpose(1, 2)
+        if self._shared_stats:
+            mean = rstd = torch.empty_like(self._stats)
         else:
-            mean = wave.new_empty(self._stats_shape, dtype=torch.float32)
-            rstd = wave.new_empty(self._stats_shape, dtype=torch.float32)
+            mean, rstd = torch.empty_like(self._stats), torch.empty_like(self._stats)
         self._launch(
             wave, weight, conv_bias if conv_bias is not None else weight, ln_weight, ln_bias, y, mean, rstd,
             *self._ints, eps, *self._constexprs,
