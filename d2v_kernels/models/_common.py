@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import activations
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from d2v_kernels.ops.dropout_seeds import one_draw_per_forward
 
 # Module level, not in the functions: they run inside compiled forwards, and torch 2.11's dynamo
 # breaks the graph on an import of a transformers module (a _LazyModule).
@@ -28,6 +32,22 @@ def gelu_approximation(activation: nn.Module) -> str | None:
     if getattr(activation, "act", None) is F.gelu:
         return "none"
     return None
+
+
+def seeds_drawn_once(encoder_forward, layers: str):
+    """An encoder class's ``forward``: ``encoder_forward`` (transformers' own), in training within
+    :func:`d2v_kernels.ops.dropout_seeds.one_draw_per_forward` for the encoder's ModuleList
+    attribute ``layers``, so that its layer nodes draw their dropout seeds in one launch, not one a
+    layer. Its signature is transformers' (``functools.wraps``)."""
+
+    @functools.wraps(encoder_forward)
+    def forward(self, *args, **kwargs):
+        if not self.training or torch.compiler.is_compiling():
+            return encoder_forward(self, *args, **kwargs)
+        with one_draw_per_forward(len(getattr(self, layers))):
+            return encoder_forward(self, *args, **kwargs)
+
+    return forward
 
 
 def swap_class(module: nn.Module, new_cls: type) -> nn.Module:

@@ -5,13 +5,15 @@ Attention runs through transformers' AttentionInterface, by default its ``d2v_ke
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.models.data2vec import modeling_data2vec_audio as hf
 
 from d2v_kernels import ops
-from d2v_kernels.models._common import gelu_approximation, qkv_projection, registry_attention
+from d2v_kernels.models._common import gelu_approximation, qkv_projection, registry_attention, seeds_drawn_once
 from d2v_kernels.models._lean import (
     activation_call,
     add_layer_norm,
@@ -249,7 +251,54 @@ class FusedData2VecAudioEncoderLayer(hf.Data2VecAudioEncoderLayer):
         )  # fmt: skip
 
 
+def _encoder_forward(self, hidden_states, attention_mask=None, **kwargs):
+    """transformers' ``Data2VecAudioEncoder.forward``, but for one line: padded frames are zeroed
+    in place by ``masked_fill_`` where the mask is boolean (the model's own is), not by indexing
+    with the mask, which reads the number of padded frames back to the host: a device sync a
+    forward."""
+    if attention_mask is not None:
+        # make sure padded tokens output 0
+        if attention_mask.dtype == torch.bool:
+            hidden_states.masked_fill_(~attention_mask.unsqueeze(-1), 0)
+        else:
+            expand_attention_mask = attention_mask.unsqueeze(-1).repeat(1, 1, hidden_states.shape[2])
+            hidden_states[~expand_attention_mask] = 0
+
+    attention_mask = hf.create_bidirectional_mask(
+        config=self.config,
+        inputs_embeds=hidden_states,
+        attention_mask=attention_mask,
+    )
+
+    position_embeddings = self.pos_conv_embed(hidden_states)
+    hidden_states = hidden_states + position_embeddings.to(hidden_states.device)
+    hidden_states = self.layer_norm(hidden_states)
+    hidden_states = self.dropout(hidden_states)
+
+    synced_gpus = hf.is_deepspeed_zero3_enabled() or hf.is_fsdp_managed_module(self)
+
+    for layer in self.layers:
+        # add LayerDrop (see https://huggingface.co/papers/1909.11556 for description)
+        skip_the_layer = False
+        if self.training and self.config.layerdrop > 0.0:
+            dropout_probability = torch.rand([])
+            skip_the_layer = dropout_probability < self.config.layerdrop
+        if not skip_the_layer or synced_gpus:
+            # under fsdp or deepspeed zero3 all gpus must run in sync
+            hidden_states = layer(hidden_states, attention_mask=attention_mask, **kwargs)
+
+    return hf.BaseModelOutput(last_hidden_state=hidden_states)
+
+
+class FusedData2VecAudioEncoder(hf.Data2VecAudioEncoder):
+    """transformers' encoder without its device sync on a padding mask (:func:`_encoder_forward`);
+    in training its layer nodes' dropout seeds are drawn once a forward."""
+
+    forward = seeds_drawn_once(functools.wraps(hf.Data2VecAudioEncoder.forward)(_encoder_forward), "layers")
+
+
 REPLACEMENTS = {
+    hf.Data2VecAudioEncoder: FusedData2VecAudioEncoder,
     hf.Data2VecAudioConvLayer: FusedData2VecAudioConvLayer,
     hf.Data2VecAudioFeatureEncoder: FusedData2VecAudioFeatureEncoder,
     hf.Data2VecAudioPositionalConvEmbedding: FusedData2VecAudioPositionalConvEmbedding,

@@ -11,7 +11,7 @@ from transformers.models.data2vec import modeling_data2vec_text as hf
 from transformers.utils.deprecation import deprecate_kwarg
 
 from d2v_kernels import ops
-from d2v_kernels.models._common import qkv_projection, registry_attention
+from d2v_kernels.models._common import qkv_projection, registry_attention, seeds_drawn_once
 from d2v_kernels.models._lean import (
     activation_call,
     add_layer_norm,
@@ -155,7 +155,14 @@ class FusedData2VecTextLayer(hf.Data2VecTextLayer):
         )  # fmt: skip
 
 
+class FusedData2VecTextEncoder(hf.Data2VecTextEncoder):
+    """transformers' encoder; in training its layer nodes' dropout seeds are drawn once a forward."""
+
+    forward = seeds_drawn_once(hf.Data2VecTextEncoder.forward, "layer")
+
+
 REPLACEMENTS = {
+    hf.Data2VecTextEncoder: FusedData2VecTextEncoder,
     hf.Data2VecTextLayer: FusedData2VecTextLayer,
     hf.Data2VecTextSelfOutput: FusedData2VecTextSelfOutput,
     hf.Data2VecTextOutput: FusedData2VecTextOutput,

@@ -14,7 +14,7 @@ from torch import nn
 from transformers.models.data2vec import modeling_data2vec_vision as hf
 
 from d2v_kernels import dispatch, ops
-from d2v_kernels.models._common import qkv_projection, swap_class
+from d2v_kernels.models._common import qkv_projection, seeds_drawn_once, swap_class
 from d2v_kernels.models._lean import (
     activation_call,
     add_layer_norm,
@@ -304,7 +304,10 @@ class FusedData2VecVisionRelativePositionBias(hf.Data2VecVisionRelativePositionB
 
 
 class FusedData2VecVisionEncoder(hf.Data2VecVisionEncoder):
-    """transformers' encoder, passing its shared relative position bias down as (table, index)."""
+    """transformers' encoder, passing its shared relative position bias down as (table, index); in
+    training its layer nodes' attention dropout seeds are drawn once a forward."""
+
+    forward = seeds_drawn_once(hf.Data2VecVisionEncoder.forward, "layer")
 
     def _d2v_setup(self):
         bias = self._modules.get("relative_position_bias")

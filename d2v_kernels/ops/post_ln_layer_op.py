@@ -42,6 +42,7 @@ from d2v_kernels.ops import add_layer_norm_op, attention_op
 from d2v_kernels.ops._checks import check_eps, check_tensor
 from d2v_kernels.ops._eager import UNRECORDED, direct_apply, keep_for_backward, kept_for_backward, runs_eagerly
 from d2v_kernels.ops._plan import launch_rows, layout_key, lookup, plan_cache, plans_enabled, recorder, store
+from d2v_kernels.ops.dropout_seeds import layer_seeds
 
 __all__ = ["post_ln_layer_training"]
 
@@ -63,10 +64,11 @@ class PostLnLayerFunction(torch.autograd.Function):
         qkv = F.linear(x2, wqkv, bqkv)
         # The Philox seeds of the attention's dropout, of the two hidden dropouts (fused into the
         # add + LayerNorms) and of the activation dropout (fused with the GELU), in that order, one
-        # draw: their masks are drawn again in the backward, never stored.
+        # row of the forward's block (dropout_seeds): their masks are drawn again in the backward,
+        # never stored.
         seed = seed1 = seed2 = seed3 = None
         if plan.seeds:
-            seeds = iter(torch.randint(0, 2**31 - 1, (plan.seeds, 2), device=x.device, dtype=torch.int64).unbind(0))
+            seeds = iter(layer_seeds(plan.seeds, x.device, ctx is not UNRECORDED).unbind(0))
             seed = next(seeds) if plan.attention_seed else None
             seed1, seed2 = (next(seeds), next(seeds)) if plan.hidden_dropout > 0.0 else (None, None)
             seed3 = next(seeds) if plan.gelu_dropout is not None else None

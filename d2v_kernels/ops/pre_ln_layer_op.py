@@ -41,6 +41,7 @@ from d2v_kernels.ops import add_layer_norm_op, attention_op
 from d2v_kernels.ops._checks import check_eps, check_tensor
 from d2v_kernels.ops._eager import UNRECORDED, direct_apply, keep_for_backward, kept_for_backward, runs_eagerly
 from d2v_kernels.ops._plan import launch_rows, layout_key, lookup, plan_cache, plans_enabled, recorder, store
+from d2v_kernels.ops.dropout_seeds import layer_seeds
 
 __all__ = ["pre_ln_layer_training"]
 
@@ -69,7 +70,8 @@ class PreLnLayerFunction(torch.autograd.Function):
         seed = None
         if plan.nested is None:
             q, k, v = qkv.view(b, n, 3, plan.heads, c // plan.heads).unbind(2)
-            seed = attention_op._draw_seed(q) if plan.attention_dropout > 0.0 else None
+            if plan.attention_dropout > 0.0:
+                seed = layer_seeds(1, q.device, ctx is not UNRECORDED)[0]
             out, lse = plan.attention(q, k, v, table, index, None, None, seed, plan.scale, plan.attention_dropout)
         else:  # the attention's graph keeps what its backward needs
             q = k = v = lse = None
