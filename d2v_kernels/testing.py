@@ -267,18 +267,23 @@ def build_pair(class_name: str, **config_overrides):
     return reference, fused, config
 
 
-def graph_node_names(output: torch.Tensor) -> list[str]:
-    """The class names of every node of ``output``'s autograd graph, each node once (e.g.
-    ``"PostLnLayerFunctionBackward"``): what a test counts to see which nodes a forward recorded."""
-    seen, stack, names = set(), [output.grad_fn], []
+def graph_nodes(output: torch.Tensor) -> list:
+    """Every node of ``output``'s autograd graph, each once."""
+    seen, stack, nodes = set(), [output.grad_fn], []
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        names.append(type(node).__name__)
+        nodes.append(node)
         stack.extend(next_node for next_node, _ in node.next_functions)
-    return names
+    return nodes
+
+
+def graph_node_names(output: torch.Tensor) -> list[str]:
+    """The class names of every node of ``output``'s autograd graph, each node once (e.g.
+    ``"PostLnLayerFunctionBackward"``): what a test counts to see which nodes a forward recorded."""
+    return [type(node).__name__ for node in graph_nodes(output)]
 
 
 def reentrant_checkpoint_runs(layer, x, call):

@@ -12,7 +12,7 @@ import torch
 import d2v_kernels
 from d2v_kernels.models import _common
 from d2v_kernels.ops import dropout_seeds
-from d2v_kernels.testing import build_pair, inputs_for
+from d2v_kernels.testing import build_pair, graph_nodes, inputs_for
 
 CASES = [
     ("Data2VecTextModel", {"hidden_dropout_prob": 0.3, "attention_probs_dropout_prob": 0.2}, 0),
@@ -27,16 +27,7 @@ NODES = ("PostLnLayerFunctionBackward", "PreLnLayerFunctionBackward")
 
 
 def _layer_nodes(output: torch.Tensor) -> list:
-    seen, stack, nodes = set(), [output.grad_fn], []
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if type(node).__name__ in NODES:
-            nodes.append(node)
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return nodes
+    return [node for node in graph_nodes(output) if type(node).__name__ in NODES]
 
 
 class _CountedRandint:
