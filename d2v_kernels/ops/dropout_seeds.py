@@ -1,11 +1,11 @@
 """The Philox seeds of the layer nodes' dropouts: one draw per encoder forward, not one per layer.
 
 A layer node (``post_ln_layer_op``, ``pre_ln_layer_op``) in training draws the seeds of its
-attention, hidden and activation dropouts (a (4, 2) int64 tensor at most; their masks are drawn
-again from them in the backward). Drawn per layer, that is one ``randint`` launch a layer. Inside
-:func:`one_draw_per_forward` (an encoder's training forward) the first layer node that needs seeds
-draws a block for every layer of the encoder, and each layer node takes the next row: one launch a
-forward. ``torch.manual_seed`` still repeats a run.
+attention, hidden and activation dropouts (at most four (2,) int64 Philox seeds; their masks are
+drawn again from them in the backward). Drawn per layer, that is one ``randint`` launch a layer.
+Inside :func:`one_draw_per_forward` (an encoder's training forward) the first layer node that needs
+seeds draws a block for every layer of the encoder, and each layer node takes the next row: one
+launch a forward. ``torch.manual_seed`` still repeats a run.
 
 A node whose forward is run again for its backward takes seeds of its own, drawn as before, so that
 the rerun draws the same ones (checkpointing restores the generator's state before the rerun, not
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -37,10 +37,11 @@ _graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
 
 class _Forward(threading.local):
     """The current encoder forward of this thread: its layer count (0: none), its block of seeds
-    and how many rows of it were taken."""
+    as (2,) views, :data:`MAX_SEEDS_PER_LAYER` a layer (made once: a view costs a microsecond or
+    two on the host), and how many of them were taken."""
 
     layers = 0
-    block: torch.Tensor | None = None
+    block: tuple[torch.Tensor, ...] = ()
     taken = 0
 
 
@@ -59,16 +60,16 @@ def one_draw_per_forward(layers: int) -> Iterator[None]:
     (another encoder) has its own block, the outer one's is kept."""
     state = _forward
     outer = state.layers, state.block, state.taken
-    state.layers, state.block, state.taken = max(1, int(layers)), None, 0
+    state.layers, state.block, state.taken = max(1, int(layers)), (), 0
     try:
         yield
     finally:
         state.layers, state.block, state.taken = outer
 
 
-def layer_seeds(count: int, device: torch.device, recorded: bool) -> torch.Tensor:
-    """At least ``count`` (at most :data:`MAX_SEEDS_PER_LAYER`) rows of int64 seeds for one layer
-    node's forward on ``device``: a row of the forward's block inside :func:`one_draw_per_forward`
+def layer_seeds(count: int, device: torch.device, recorded: bool) -> Sequence[torch.Tensor]:
+    """``count`` (at most :data:`MAX_SEEDS_PER_LAYER`) or more (2,) int64 seeds for one layer node's
+    forward on ``device``: the next row of the forward's block inside :func:`one_draw_per_forward`
     for a node ``recorded`` by autograd now that no backward reruns (see the module docstring);
     else a draw of its own."""
     state = _forward
@@ -79,13 +80,11 @@ def layer_seeds(count: int, device: torch.device, recorded: bool) -> torch.Tenso
         and _graph_task_id() == -1
         and not saved_tensors_hooks_active()
     ):
-        block = state.block
-        if block is None or state.taken == block.shape[0] or block.device != device:
-            block = state.block = torch.randint(
-                0, _HIGH, (state.layers, MAX_SEEDS_PER_LAYER, 2), device=device, dtype=torch.int64
-            )
-            state.taken = 0
-        row = block[state.taken]
-        state.taken += 1
-        return row
-    return draw_seeds(count, device)
+        block, taken = state.block, state.taken
+        if taken == len(block) or block[0].device != device:
+            drawn = torch.randint(0, _HIGH, (state.layers * MAX_SEEDS_PER_LAYER, 2), device=device, dtype=torch.int64)
+            block = state.block = drawn.unbind(0)
+            taken = 0
+        state.taken = taken + MAX_SEEDS_PER_LAYER
+        return block[taken : taken + MAX_SEEDS_PER_LAYER]
+    return draw_seeds(count, device).unbind(0)

@@ -68,7 +68,7 @@ class PostLnLayerFunction(torch.autograd.Function):
         # never stored.
         seed = seed1 = seed2 = seed3 = None
         if plan.seeds:
-            seeds = iter(layer_seeds(plan.seeds, x.device, ctx is not UNRECORDED).unbind(0))
+            seeds = iter(layer_seeds(plan.seeds, x.device, ctx is not UNRECORDED))
             seed = next(seeds) if plan.attention_seed else None
             seed1, seed2 = (next(seeds), next(seeds)) if plan.hidden_dropout > 0.0 else (None, None)
             seed3 = next(seeds) if plan.gelu_dropout is not None else None
