@@ -302,6 +302,25 @@ def test_forward_reads_nothing_back_to_the_host(class_name):
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-5)
 
 
+def test_audio_encoder_runs_transformers_own_forward_less_its_sync():
+    """FusedData2VecAudioEncoder's forward is the installed transformers' forward, compiled again
+    from its source with the indexing line replaced; a forward without that line is kept as it is."""
+    import transformers.models.data2vec.modeling_data2vec_audio as hf_audio
+
+    from d2v_kernels.models.audio import FusedData2VecAudioEncoder, sync_free_encoder_forward
+
+    rebuilt = FusedData2VecAudioEncoder.forward.__wrapped__
+    assert rebuilt.__wrapped__ is hf_audio.Data2VecAudioEncoder.forward
+    assert "without its sync" in rebuilt.__code__.co_filename
+    assert rebuilt.__globals__ is hf_audio.Data2VecAudioEncoder.forward.__globals__
+
+    def forward(self, hidden_states, attention_mask=None):
+        return hidden_states
+
+    assert sync_free_encoder_forward(forward) is forward
+    assert sync_free_encoder_forward(len) is len  # no Python source
+
+
 def test_torch_func_grad_runs_aten_backends_and_equals_transformers():
     """Under a torch.func transform the kernels' autograd (custom ops, Functions without
     setup_context) cannot run: dispatch gives the Triton and CUDA backends that reason, so

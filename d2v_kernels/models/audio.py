@@ -6,6 +6,8 @@ Attention runs through transformers' AttentionInterface, by default its ``d2v_ke
 from __future__ import annotations
 
 import functools
+import inspect
+import textwrap
 
 import torch
 from torch import nn
@@ -251,50 +253,50 @@ class FusedData2VecAudioEncoderLayer(hf.Data2VecAudioEncoderLayer):
         )  # fmt: skip
 
 
-def _encoder_forward(self, hidden_states, attention_mask=None, **kwargs):
-    """transformers' ``Data2VecAudioEncoder.forward``, but for one line: padded frames are zeroed
-    in place by ``masked_fill_`` where the mask is boolean (the model's own is), not by indexing
-    with the mask, which reads the number of padded frames back to the host: a device sync a
-    forward."""
-    if attention_mask is not None:
-        # make sure padded tokens output 0
-        if attention_mask.dtype == torch.bool:
-            hidden_states.masked_fill_(~attention_mask.unsqueeze(-1), 0)
-        else:
-            expand_attention_mask = attention_mask.unsqueeze(-1).repeat(1, 1, hidden_states.shape[2])
-            hidden_states[~expand_attention_mask] = 0
+# transformers' encoder zeroes padded frames by indexing with the mask, which counts the mask's
+# True elements inside the kernel: a device sync in every padded forward. The same zeros written by
+# masked_fill_ where the mask is boolean (the model's own is); any other mask keeps the indexing.
+_SYNCING_LINES = (
+    "expand_attention_mask = attention_mask.unsqueeze(-1).repeat(1, 1, hidden_states.shape[2])",
+    "hidden_states[~expand_attention_mask] = 0",
+)
+_SYNC_FREE_LINES = (
+    "if attention_mask.dtype == torch.bool:",
+    "    hidden_states.masked_fill_(~attention_mask.unsqueeze(-1), 0)",
+    "else:",
+    *(f"    {line}" for line in _SYNCING_LINES),
+)
 
-    attention_mask = hf.create_bidirectional_mask(
-        config=self.config,
-        inputs_embeds=hidden_states,
-        attention_mask=attention_mask,
-    )
 
-    position_embeddings = self.pos_conv_embed(hidden_states)
-    hidden_states = hidden_states + position_embeddings.to(hidden_states.device)
-    hidden_states = self.layer_norm(hidden_states)
-    hidden_states = self.dropout(hidden_states)
-
-    synced_gpus = hf.is_deepspeed_zero3_enabled() or hf.is_fsdp_managed_module(self)
-
-    for layer in self.layers:
-        # add LayerDrop (see https://huggingface.co/papers/1909.11556 for description)
-        skip_the_layer = False
-        if self.training and self.config.layerdrop > 0.0:
-            dropout_probability = torch.rand([])
-            skip_the_layer = dropout_probability < self.config.layerdrop
-        if not skip_the_layer or synced_gpus:
-            # under fsdp or deepspeed zero3 all gpus must run in sync
-            hidden_states = layer(hidden_states, attention_mask=attention_mask, **kwargs)
-
-    return hf.BaseModelOutput(last_hidden_state=hidden_states)
+def sync_free_encoder_forward(forward):
+    """transformers' ``Data2VecAudioEncoder.forward`` compiled again from its own source (in its
+    module's namespace) with :data:`_SYNCING_LINES` replaced, so the installed transformers' forward
+    runs, whatever its version, less the sync; ``forward`` itself (the sync kept) where its source
+    cannot be read or does not hold those lines."""
+    try:
+        source = textwrap.dedent(inspect.getsource(forward))
+    except (OSError, TypeError):
+        return forward
+    lines = source.splitlines()
+    for i in range(len(lines) - 1):
+        if tuple(line.strip() for line in lines[i : i + 2]) == _SYNCING_LINES:
+            indent = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
+            lines[i : i + 2] = [indent + line for line in _SYNC_FREE_LINES]
+            break
+    else:
+        return forward
+    namespace: dict = {}
+    filename = f"<d2v_kernels: {forward.__qualname__} of {inspect.getsourcefile(forward)}, without its sync>"
+    exec(compile("\n".join(lines) + "\n", filename, "exec"), forward.__globals__, namespace)
+    return functools.wraps(forward)(namespace[forward.__name__])
 
 
 class FusedData2VecAudioEncoder(hf.Data2VecAudioEncoder):
-    """transformers' encoder without its device sync on a padding mask (:func:`_encoder_forward`);
-    in training its layer nodes' dropout seeds are drawn once a forward."""
+    """transformers' encoder without its device sync on a padding mask
+    (:func:`sync_free_encoder_forward`); in training its layer nodes' dropout seeds are drawn once
+    a forward."""
 
-    forward = seeds_drawn_once(functools.wraps(hf.Data2VecAudioEncoder.forward)(_encoder_forward), "layers")
+    forward = seeds_drawn_once(sync_free_encoder_forward(hf.Data2VecAudioEncoder.forward), "layers")
 
 
 REPLACEMENTS = {
