@@ -36,12 +36,12 @@ CPU tensors stand in for CUDA ones (only their data_ptr and strides reach the la
 our kernels output is computed (outputs are uninitialised). The convs (cuDNN's on a GPU, whose
 host time is not ours to cut; on a CPU they would compute) are, in both models, a stub that
 returns the output cuDNN returns (channels-last for a channels-last input), so the feature
-extractor's op row is our host time plus one ``new_empty`` a conv. So is aten's GELU and its backward
-(:func:`shape_only_gelu`): on a CPU its exact-erf kernel costs 10 to 26 us a call at any size. The rest of transformers' model
-(and the aten ops left in ours) computes on the CPU, on one thread: at these widths a small part of
-its step, which ``--half-input`` bounds (``hf_sdpa`` again on half the input: the length, or
-vision's batch); more in transformers' model than in ours (its feature encoder's norms, its CPU
-sdpa), so the ratio errs in our favour (bench/NOTES.md).
+extractor's op row is our host time plus one ``new_empty`` a conv. So is aten's GELU and its
+backward (:func:`shape_only_gelu`): on a CPU its exact-erf kernel costs 10 to 26 us a call at any
+size. The rest of transformers' model (and the aten ops left in ours) computes on the CPU, on one
+thread: at these widths a small part of its step, which ``--half-input`` bounds (``hf_sdpa`` again
+on half the input: the length, or vision's batch); more in transformers' model than in ours (its
+feature encoder's norms, its CPU sdpa), so the ratio errs in our favour (bench/NOTES.md).
 Run it in a process of its own: the kernels it compiles stay cached for the no-op driver's target.
 """
 

@@ -409,8 +409,8 @@ class BackwardLaunch:
     a fused QKV projection's output, no concatenation."""
 
     __slots__ = (
-        "_bias_grad", "_delta", "_dkdv", "_dkv_out", "_dq", "_dq_out", "_dqkv_out", "_ds", "_ds_mode", "_ds_shape", "_pre",
-        "_table_grad",
+        "_bias_grad", "_delta", "_dkdv", "_dkv_out", "_dq", "_dq_out", "_dqkv_out", "_ds", "_ds_mode", "_ds_shape",
+        "_pre", "_table_grad",
     )  # fmt: skip
 
     def __init__(self, grad_out, q, k, v, out, bias_table, bias_index, bias, key_padding_mask, causal, dropout_p,

@@ -623,7 +623,7 @@ class _BackwardLaunch:
             x if x_scale is None else x_scale, dy, dy if dsum is None else dsum, mean, rstd, dx, dres, dw_partial,
             db_partial, dxs_partial, mean if seed is None else seed, *self._ints, dropout_p, *self._constexprs,
         )  # fmt: skip
-        # (a 1-D parameter is dense: empty_like gives it contiguous)
+        # (empty_like of a 1-D tensor is contiguous: a dense one keeps stride 1, any other gets it)
         dweight = None if weight is None else torch.empty_like(weight)
         dbias = None if bias is None else torch.empty_like(bias)
         dx_scale = None if x_scale is None else torch.empty_like(x_scale)

@@ -674,7 +674,8 @@ def triton_nodes_backward(grad_out, wave, conv_weights, ln_weights, ln_biases, c
     The cuda backend's inference op's backward formula where the extension is not loaded (its tests
     call it on CPU tensors under the interpreter; with the extension its own backward runs). Its
     forward saves nothing but the inputs. ``ln_weights`` and ``ln_biases`` are tensors (the cuda
-    backend fills None affines); ``conv_biases`` is [] or one per layer. Nodes below the lowest one with a gradient to give are not walked.
+    backend fills None affines); ``conv_biases`` is [] or one per layer. Nodes below the lowest one
+    with a gradient to give are not walked.
     :func:`_triton_nodes_reasons` must be empty for these inputs.
     """
     need_wave, need_w, need_lw, need_lb, need_cb = needs

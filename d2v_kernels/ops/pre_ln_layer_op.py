@@ -106,8 +106,8 @@ class PreLnLayerFunction(torch.autograd.Function):
         keep_for_backward(
             ctx,
             (x2, w0, b0, table, index, wd, w1, b1, l1, wi, wo, l2),
-            (mean0, rstd0, normed, wqkv, q, k, v, out, lse, seed, mask1, keep1, a, mean1, rstd1, y, pre, g, mask2, keep2,
-             o),
+            (mean0, rstd0, normed, wqkv, q, k, v, out, lse, seed, mask1, keep1, a, mean1, rstd1, y, pre, g, mask2,
+             keep2, o),
         )  # fmt: skip
         ctx.plan = plan
         return output.view(b, n, c)
@@ -116,8 +116,8 @@ class PreLnLayerFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):
         (x2, w0, b0, table, index, wd, w1, b1, l1, wi, wo, l2), made = kept_for_backward(ctx)
-        (mean0, rstd0, normed, wqkv, q, k, v, out, lse, seed, mask1, keep1, a, mean1, rstd1, y, pre, g, mask2, keep2,
-         o) = made  # fmt: skip
+        (mean0, rstd0, normed, wqkv, q, k, v, out, lse, seed, mask1, keep1, a, mean1, rstd1, y, pre, g, mask2,
+         keep2, o) = made  # fmt: skip
         plan = ctx.plan
         b, n, heads, d = out.shape
         c = heads * d
