@@ -15,7 +15,7 @@ from d2v_kernels.kernels.add_layer_norm import (
     add_layer_norm_dropout_keep,
     add_layer_norm_training_launch,
 )
-from d2v_kernels.ops.attention_op import _draw_seed
+from d2v_kernels.ops.dropout_seeds import draw_seeds
 from d2v_kernels.testing import assert_close_to_reference
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -49,9 +49,9 @@ def _run(fn, x, residual, weight, bias, grad_outs, return_sum, x_scale=None):
 
 def _next_keep(x, dropout_p):
     """The keep mask the next ``ops.add_layer_norm(x, ..., dropout_p=dropout_p)`` on the Triton path
-    draws: its seed is the next ``_draw_seed``, taken here and the generator put back."""
+    draws: its seed is the next ``draw_seeds``, taken here and the generator put back."""
     state = torch.get_rng_state()
-    seed = _draw_seed(x)
+    seed = draw_seeds(x.device)
     torch.set_rng_state(state)
     return add_layer_norm_dropout_keep(seed, x.shape, dropout_p)
 

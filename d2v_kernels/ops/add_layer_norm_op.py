@@ -23,7 +23,7 @@ from d2v_kernels.ops._checks import (
 )
 from d2v_kernels.ops._eager import direct_apply, pick, register_traced_autograd, runs_eagerly
 from d2v_kernels.ops._plan import layout_key, lookup, needs_grad, plan_cache, plans_enabled, recorder, store
-from d2v_kernels.ops.attention_op import _draw_seed
+from d2v_kernels.ops.dropout_seeds import draw_seeds
 
 try:
     from d2v_kernels.kernels import add_layer_norm as _kernels
@@ -170,7 +170,7 @@ class AddLayerNormLaunched(torch.autograd.Function):
 
 
 def _add_layer_norm_triton(x, residual, weight, bias, *, eps=1e-5, return_sum=False, x_scale=None, dropout_p=0.0):
-    seed = _draw_seed(x) if dropout_p > 0.0 else None
+    seed = draw_seeds(x.device) if dropout_p > 0.0 else None
     y, total, _, _ = _add_layer_norm_call(x, residual, weight, bias, x_scale, eps, return_sum, seed, dropout_p)
     return (y, total) if return_sum else y
 
@@ -274,7 +274,7 @@ def _plan(x, residual, weight, bias, eps, return_sum, x_scale, dropout_p):
             if dropout:
 
                 def run(x, residual, weight, bias, x_scale):
-                    y, total, _, _ = launch(x, weight, bias, eps, residual, x_scale, _draw_seed(x), dropout_p)
+                    y, total, _, _ = launch(x, weight, bias, eps, residual, x_scale, draw_seeds(x.device), dropout_p)
                     return (y, total) if return_sum else y
 
             else:
@@ -292,7 +292,7 @@ def _plan(x, residual, weight, bias, eps, return_sum, x_scale, dropout_p):
             if dropout:
 
                 def run(x, residual, weight, bias, x_scale):
-                    seed = _draw_seed(x)
+                    seed = draw_seeds(x.device)
                     return apply(launch, x, residual, weight, bias, x_scale, eps, return_sum, seed, dropout_p)
 
             else:

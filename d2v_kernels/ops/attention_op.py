@@ -24,6 +24,7 @@ from d2v_kernels import dispatch
 from d2v_kernels.ops._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from d2v_kernels.ops._eager import direct_apply, pick, register_traced_autograd, runs_eagerly
 from d2v_kernels.ops._plan import layout_key, plan_cache, plans_enabled, recorder, store
+from d2v_kernels.ops.dropout_seeds import draw_seeds
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 MASK_DTYPES = (torch.bool, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -207,12 +208,6 @@ class AttentionLaunched(torch.autograd.Function):
         return (None, *_attention_backward(ctx, grad_out, None, first_input=1))
 
 
-def _draw_seed(q: torch.Tensor) -> torch.Tensor:
-    """The dropout's (2,) int64 Philox seed, drawn from torch's generator of q's device, so
-    torch.manual_seed repeats a run."""
-    return torch.randint(0, 2**31 - 1, (2,), device=q.device, dtype=torch.int64)
-
-
 def attention_triton(
     q,
     k,
@@ -228,7 +223,7 @@ def attention_triton(
 ):
     """The Triton path of :func:`attention` (arguments already validated)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    seed = _draw_seed(q) if dropout_p > 0.0 else None
+    seed = draw_seeds(q.device) if dropout_p > 0.0 else None
     out, _ = _attention_call(q, k, v, bias_table, bias_index, bias, key_padding_mask, seed, causal, dropout_p, scale)
     return out
 
@@ -554,7 +549,7 @@ def _plan(device, q, k, v, bias_table, bias_index, bias, key_padding_mask, causa
 
         def run_autograd(q, k, v, table, index, bias, mask):
             record("attention", backend)
-            seed = _draw_seed(q) if dropout_p > 0.0 else None
+            seed = draw_seeds(q.device) if dropout_p > 0.0 else None
             return apply(launch, q, k, v, table, index, bias, mask, seed, causal, dropout_p, scale_value)
 
         return run_autograd
@@ -564,7 +559,7 @@ def _plan(device, q, k, v, bias_table, bias_index, bias, key_padding_mask, causa
 
     def run_kernel(q, k, v, table, index, bias, mask):
         record("attention", backend)
-        seed = _draw_seed(q) if dropout_p > 0.0 else None
+        seed = draw_seeds(q.device) if dropout_p > 0.0 else None
         return launch(q, k, v, table, index, bias, mask, seed, scale_value, dropout_p)[0]
 
     return run_kernel

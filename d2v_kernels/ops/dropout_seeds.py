@@ -48,9 +48,10 @@ class _Forward(threading.local):
 _forward = _Forward()
 
 
-def draw_seeds(count: int, device: torch.device) -> torch.Tensor:
-    """(count, 2) int64 Philox seeds from torch's generator of ``device``."""
-    return torch.randint(0, _HIGH, (count, 2), device=device, dtype=torch.int64)
+def draw_seeds(device: torch.device, *count: int) -> torch.Tensor:
+    """Dropout seeds: (*count, 2) int64 Philox keys (a (2,) one without ``count``) from torch's
+    generator of ``device``, so ``torch.manual_seed`` repeats a run."""
+    return torch.randint(0, _HIGH, (*count, 2), device=device, dtype=torch.int64)
 
 
 @contextlib.contextmanager
@@ -82,9 +83,8 @@ def layer_seeds(count: int, device: torch.device, recorded: bool) -> Sequence[to
     ):
         block, taken = state.block, state.taken
         if taken == len(block) or block[0].device != device:
-            drawn = torch.randint(0, _HIGH, (state.layers * MAX_SEEDS_PER_LAYER, 2), device=device, dtype=torch.int64)
-            block = state.block = drawn.unbind(0)
+            block = state.block = draw_seeds(device, state.layers * MAX_SEEDS_PER_LAYER).unbind(0)
             taken = 0
         state.taken = taken + MAX_SEEDS_PER_LAYER
         return block[taken : taken + MAX_SEEDS_PER_LAYER]
-    return draw_seeds(count, device).unbind(0)
+    return draw_seeds(device, count).unbind(0)
