@@ -408,3 +408,105 @@ def test_cuda_dropout_matches_float64(dtype):
     _check_against_float64(x, residual, weight, bias, dropout_p=0.1)
     keep = add_layer_norm_dropout_keep(torch.tensor([1, 2], device="cuda"), (8, 128, 768), 0.1)
     assert abs(keep.float().mean().item() - 0.9) < 0.005
+
+
+# --------------------------------------------------------------------------------------------
+# dx's column sums reduced in the backward (``sum_dx``: a dense layer's bias gradient)
+# --------------------------------------------------------------------------------------------
+
+
+def _sum_dx_launches(x, residual, weight, bias, x_scale, dropout_p, return_sum, grad_outs):
+    """The kernels' backward with ``sum_dx`` (its six outputs) and without (five), on the training
+    forward's statistics, for upstream gradients ``grad_outs`` (dy, and the sum's with ``return_sum``)."""
+    from d2v_kernels.kernels import _row_norm
+    from d2v_kernels.kernels.add_layer_norm import add_layer_norm_forward
+
+    seed = torch.tensor([31, 7], dtype=torch.int64) if dropout_p > 0.0 else None
+    _, _, mean, rstd = add_layer_norm_forward(x, residual, weight, bias, 1e-5, return_sum, x_scale, seed, dropout_p)
+    dy, dsum = grad_outs[0].to(x.dtype), grad_outs[1].to(x.dtype) if return_sum else None
+    runs = []
+    for sum_dx in (True, False):
+        launch = _row_norm.backward_launch(
+            dy, x, -1, weight, bias, None, residual, dsum, None, x_scale, dropout_p > 0.0, sum_dx=sum_dx
+        )
+        runs.append(launch(dy, x, weight, bias, mean, rstd, residual, dsum, None, x_scale, seed, dropout_p))
+    return seed, *runs
+
+
+def _check_sum_dx_against_float64(x, residual, weight, bias, x_scale=None, dropout_p=0.0, return_sum=False):
+    """dx's column sums from the kernel against float64 (dx's gradient summed over the rows),
+    within twice eager PyTorch's error (``dx.sum(0)`` in x's dtype); the other outputs bit-equal to
+    those of the launch without the sums."""
+    grad_outs = [torch.randn(x.shape) for _ in range(2 if return_sum else 1)]
+    seed, summed, plain = _sum_dx_launches(x, residual, weight, bias, x_scale, dropout_p, return_sum, grad_outs)
+    assert len(summed) == 6 and len(plain) == 5
+    for name, got, want in zip(("dx", "dweight", "dbias", "dx_scale", "dresidual"), summed, plain):
+        assert (got is None) == (want is None) and (got is None or torch.equal(got, want)), name
+    reference = ops.add_layer_norm_reference
+    if dropout_p > 0.0:
+        reference = _dropped_out(add_layer_norm_dropout_keep(seed, x.shape, dropout_p), dropout_p)
+    as64 = [t.double() if t is not None else None for t in (x, residual, weight, bias, x_scale)]
+    outputs = len(grad_outs)
+    dx64 = _run(reference, *as64[:4], [g.double() for g in grad_outs], return_sum, as64[4])[outputs]
+    dx_eager = _run(reference, x, residual, weight, bias, grad_outs, return_sum, x_scale)[outputs]
+    rows = (-1, x.shape[-1])
+    dx_sum = summed[5]
+    assert dx_sum.dtype == x.dtype and dx_sum.shape == (x.shape[-1],)
+    assert_close_to_reference(dx_sum, dx64.reshape(rows).sum(0), dx_eager.reshape(rows).sum(0), name="dx_sum")
+
+
+# 5 x 61 = 305 rows of 37 channels: 10 tiles of 32 rows over the interpreter's 4 programs, a
+# partial last tile, and channels masked off in each 64-wide row.
+SUM_DX_SHAPE = (5, 61, 37)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("case", ["post-ln", "post-ln-dropout", "vision-x-scale"])
+def test_sum_dx_matches_float64(case, dtype):
+    """The layers' uses: a post-LN layer's LayerNorm(dropout(x) + residual), with p > 0 and 0; the
+    vision layer's LayerNorm(x_scale * x + residual), the sum returned and its gradient added in."""
+    x, residual, weight, bias = _inputs(SUM_DX_SHAPE, dtype)
+    if case == "vision-x-scale":
+        x_scale = (0.1 + 0.05 * torch.randn(SUM_DX_SHAPE[-1])).to(dtype)
+        _check_sum_dx_against_float64(x, residual, weight, bias, x_scale=x_scale, return_sum=True)
+    else:
+        _check_sum_dx_against_float64(x, residual, weight, bias, dropout_p=0.3 if case.endswith("dropout") else 0.0)
+
+
+def test_sum_dx_alone_and_with_every_option():
+    """Without affine (the sums alone make the reduction launch), and with x_scale, dropout and the
+    sum's gradient at once; a single row."""
+    x, residual, _, _ = _inputs((2, 9, 24), torch.float32)
+    _check_sum_dx_against_float64(x, residual, None, None)
+    x, residual, weight, bias = _inputs((3, 7, 40), torch.bfloat16)
+    x_scale = (0.5 + torch.rand(40)).to(torch.bfloat16)
+    _check_sum_dx_against_float64(x, residual, weight, bias, x_scale=x_scale, dropout_p=0.2, return_sum=True)
+    _check_sum_dx_against_float64(*_inputs((1, 1, 24), torch.float16))
+
+
+def test_sum_dx_is_deterministic():
+    """dx's column sums reduced like dweight: per-program partial rows in a fixed order, then one
+    fixed-order sum (no atomics: see the test above); two runs bit-equal."""
+    x, residual, weight, bias = _inputs(SUM_DX_SHAPE, torch.float16)
+    x_scale = torch.rand(SUM_DX_SHAPE[-1]).to(torch.float16)
+    grad_outs = [torch.randn(x.shape), torch.randn(x.shape)]
+    for args in ((None, 0.3, False), (x_scale, 0.0, True)):
+        first, second = (_sum_dx_launches(x, residual, weight, bias, *args, grad_outs)[1] for _ in range(2))
+        for a, b in zip(first, second):
+            assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_sum_dx_launch_as_a_post_ln_layer_calls_it():
+    """``add_layer_norm_backward_launch(..., sum_dx=True)``: a sixth output, dx's column sums in
+    x's dtype, from the same kernels as dweight and dbias (their launches, no torch reduction)."""
+    x, residual, weight, bias = _inputs((11, 40), torch.float32)
+    seed, p = torch.tensor([3, 4], dtype=torch.int64), 0.25
+    forward = add_layer_norm_training_launch(x, residual, weight, bias, False, dropout=True)
+    _, _, mean, rstd = forward(x, weight, bias, 1e-5, residual, None, seed, p)
+    dy = torch.randn_like(x)
+    backward = add_layer_norm_backward_launch(dy, x, residual, weight, bias, dropout=True, sum_dx=True)
+    assert backward is not add_layer_norm_backward_launch(dy, x, residual, weight, bias, dropout=True)
+    with torch.profiler.profile() as profile:
+        dx, _, _, _, _, dx_sum = backward(dy, x, weight, bias, mean, rstd, residual, None, None, None, seed, p)
+    assert not [e.name for e in profile.events() if e.name.startswith("aten::sum")]
+    torch.testing.assert_close(dx_sum, dx.sum(0), atol=1e-5, rtol=1e-5)

@@ -291,3 +291,27 @@ def test_a_reentrant_checkpoint_draws_the_dropouts_of_the_unchecked_layer(modali
     plain, checkpointed = reentrant_checkpoint_runs(layer, x, call)
     for i, (got, want) in enumerate(zip(checkpointed, plain)):
         assert torch.equal(got, want), i
+
+
+def _torch_sums(loss, inputs) -> int:
+    """How many ``aten::sum`` calls the backward of ``loss`` runs (each a launch on a GPU)."""
+    with torch.profiler.profile() as profile:
+        torch.autograd.grad(loss, inputs)
+    return sum(e.name == "aten::sum" for e in profile.events())
+
+
+@pytest.mark.parametrize("modality", ["text", "audio"])
+@pytest.mark.parametrize("hidden", [0.0, 0.3], ids=["no-dropout", "dropout"])
+def test_dense_bias_gradients_come_out_of_the_add_layer_norm_kernels(modality, hidden):
+    """The attention output dense's and the output dense's bias gradients are the column sums of
+    the add + LayerNorm backward kernels' x gradient, reduced in those kernels: the backward sums
+    only the intermediate dense's and the QKV's gradients with torch. (Their values are checked
+    against transformers' in tests/test_models.py, and on dropout masks above.)"""
+    layer, c = _encoder_layer(modality, hidden=hidden, attention=0.0)
+    layer.train()
+    x = torch.randn(2, 7, c, generator=torch.Generator().manual_seed(6), requires_grad=True)
+    with d2v_kernels.use_backend("triton"):
+        out = layer(x, attention_mask=torch.ones(2, 7, dtype=torch.long))
+        out = out[0] if isinstance(out, tuple) else out
+        assert type(out.grad_fn).__name__ == NODE
+        assert _torch_sums((out * out).sum(), [x, *layer.parameters()]) == 2

@@ -18,12 +18,14 @@ batch and all C channels (the whole row sits in registers). Constexpr flags sele
                   from a (2,) int64 seed tensor and the element's (row, channel), never stored;
                   the backward redraws it from the same seed, writes the residual's gradient
                   (the sum's) apart and x's as that times keep / (1 - p)
+    SUM_DX        the backward also reduces the column sums of dx (x's gradient as written, before
+                  its rounding), the bias gradient of a linear layer whose output x is
 
 Statistics (mean, rstd) are fp32, one per row, saved for the backward; the normalised tensor is
 not saved (the backward recomputes it from x). The backward reduces dweight, dbias (and
-dx_scale) in two deterministic stages: each of a fixed number of programs walks its rows in a
-fixed order into an fp32 partial row, then one small kernel sums the partials in a fixed order and
-casts them to the parameters' dtypes (no atomics, no torch reduction or cast launches).
+dx_scale, dx's column sums) in two deterministic stages: each of a fixed number of programs walks
+its rows in a fixed order into an fp32 partial row, then one small kernel sums the partials in a
+fixed order and casts them to the outputs' dtypes (no atomics, no torch reduction or cast launches).
 
 Bytes per call, in activations of x's size T (E bytes an element, N rows of C): the forward reads
 x (and residual) once and writes y (and the sum): 2T, 3T with a residual, +T with the sum, plus
@@ -195,7 +197,7 @@ def row_norm_fwd_kernel(
 
 @triton.jit
 def row_norm_bwd_kernel(
-    X, RES, W, B, XS, DY, DSUM, MEAN, RSTD, DX, DRES, DW_PARTIAL, DB_PARTIAL, DXS_PARTIAL, SEED,
+    X, RES, W, B, XS, DY, DSUM, MEAN, RSTD, DX, DRES, DW_PARTIAL, DB_PARTIAL, DXS_PARTIAL, DXSUM_PARTIAL, SEED,
     n_pos, n_channels, tiles_per_batch, n_tiles,
     stride_x_b, stride_x_c, stride_x_p,
     stride_res_b, stride_res_c, stride_res_p,
@@ -206,12 +208,12 @@ def row_norm_bwd_kernel(
     stride_w, stride_bias, stride_xs, dropout_p,
     HAS_RESIDUAL: tl.constexpr, HAS_DSUM: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
-    HAS_X_SCALE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_X_SCALE: tl.constexpr, HAS_DROPOUT: tl.constexpr, SUM_DX: tl.constexpr,
 ):  # fmt: skip
     """Bytes: reads x [+ residual], dy [+ the sum's gradient] and 8 a row of statistics, writes dx
     [+ the residual's gradient with x_scale or dropout], once each (dx in one pass); and a partial
-    row per program and parameter gradient. With HAS_DROPOUT the keep mask is redrawn from SEED
-    (the forward's), not read."""
+    row per program and parameter gradient (and dx's column sums with SUM_DX). With HAS_DROPOUT
+    the keep mask is redrawn from SEED (the forward's), not read."""
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
     ch = tl.arange(0, BLOCK_C)
@@ -229,6 +231,7 @@ def row_norm_bwd_kernel(
     dw_acc = tl.zeros([BLOCK_C], tl.float32)
     db_acc = tl.zeros([BLOCK_C], tl.float32)
     dxs_acc = tl.zeros([BLOCK_C], tl.float32)
+    dxsum_acc = tl.zeros([BLOCK_C], tl.float32)
 
     # Program pid takes tiles pid, pid + n_programs, ...: a fixed order, so the partial sums (and
     # dweight, dbias) are the same bits on every run with the same grid.
@@ -280,6 +283,8 @@ def row_norm_bwd_kernel(
             dx = dx * xs[None, :]
         if HAS_DROPOUT:
             dx = tl.where(keep, dx * (1.0 / (1.0 - dropout_p)), 0.0)
+        if SUM_DX:  # rows past n_pos hold 0 (rstd, dsum loaded as 0); channels past C are not stored
+            dxsum_acc += tl.sum(dx, axis=0)
         dx_ptrs = tile_ptrs(DX, batch, pos, ch, stride_dx_b, stride_dx_c, stride_dx_p, WIDE_OFFSETS)
         tl.store(dx_ptrs, to_output(dx, DX.dtype.element_ty), mask=mask)
 
@@ -289,6 +294,8 @@ def row_norm_bwd_kernel(
         tl.store(DB_PARTIAL + pid * n_channels + ch, db_acc, mask=ch_mask)
     if HAS_X_SCALE:
         tl.store(DXS_PARTIAL + pid * n_channels + ch, dxs_acc, mask=ch_mask)
+    if SUM_DX:
+        tl.store(DXSUM_PARTIAL + pid * n_channels + ch, dxsum_acc, mask=ch_mask)
 
 
 # The partial sums' reduction: a program per block of channels, rows summed in a fixed order.
@@ -298,17 +305,19 @@ PARAM_GRAD_BLOCK_C = 128
 
 @triton.jit
 def row_norm_param_grad_kernel(
-    DW_PARTIAL, DB_PARTIAL, DXS_PARTIAL, DW, DB, DXS, n_rows, n_channels,
+    DW_PARTIAL, DB_PARTIAL, DXS_PARTIAL, DXSUM_PARTIAL, DW, DB, DXS, DXSUM, n_rows, n_channels,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-    HAS_X_SCALE: tl.constexpr,
+    HAS_X_SCALE: tl.constexpr, SUM_DX: tl.constexpr,
 ):  # fmt: skip
-    """dweight, dbias, dx_scale (in the parameters' dtypes) = the column sums of the fp32
-    (n_rows, C) partials. Bytes: reads 4 x n_rows x C a gradient, writes C values a gradient."""
+    """dweight, dbias, dx_scale (in the parameters' dtypes) and dx's column sums (in dx's) = the
+    column sums of the fp32 (n_rows, C) partials. Bytes: reads 4 x n_rows x C a gradient, writes C
+    values a gradient."""
     ch = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     ch_mask = ch < n_channels
     dw = tl.zeros([BLOCK_C], tl.float32)
     db = tl.zeros([BLOCK_C], tl.float32)
     dxs = tl.zeros([BLOCK_C], tl.float32)
+    dxsum = tl.zeros([BLOCK_C], tl.float32)
     for start in range(0, n_rows, BLOCK_R):
         rows = start + tl.arange(0, BLOCK_R)
         mask = (rows[:, None] < n_rows) & ch_mask[None, :]
@@ -319,12 +328,16 @@ def row_norm_param_grad_kernel(
             db += tl.sum(tl.load(DB_PARTIAL + offsets, mask=mask, other=0.0), axis=0)
         if HAS_X_SCALE:
             dxs += tl.sum(tl.load(DXS_PARTIAL + offsets, mask=mask, other=0.0), axis=0)
+        if SUM_DX:
+            dxsum += tl.sum(tl.load(DXSUM_PARTIAL + offsets, mask=mask, other=0.0), axis=0)
     if HAS_WEIGHT:
         tl.store(DW + ch, dw.to(DW.dtype.element_ty), mask=ch_mask)
     if HAS_BIAS:
         tl.store(DB + ch, db.to(DB.dtype.element_ty), mask=ch_mask)
     if HAS_X_SCALE:
         tl.store(DXS + ch, dxs.to(DXS.dtype.element_ty), mask=ch_mask)
+    if SUM_DX:
+        tl.store(DXSUM + ch, to_output(dxsum, DXSUM.dtype.element_ty), mask=ch_mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -463,8 +476,9 @@ def _backward_launch_config(n_channels: int, x_strides: tuple[int, int, int], n_
     return backward_tile_config(n_channels, contiguous)
 
 
-# Persistent programs of the backward per SM: all resident at once (each holds at most 8 warps
-# of at most 110 registers), so no program waits for another to finish its whole loop.
+# Persistent programs of the backward per SM: all resident at once where each holds at most 8
+# warps of at most 128 registers (two fill the 64K registers), so no program waits for another to
+# finish its whole loop. The AOT check lists the registers: vision's x_scale variant needs more.
 _BWD_PROGRAMS_PER_SM = 2
 
 
@@ -563,14 +577,18 @@ class _BackwardLaunch:
     """The backward's launches for one layout: the row kernel, then one kernel that sums the
     per-program dweight/dbias partials in a fixed order and casts them (no torch sum or cast).
     ``dropout``: the forward dropped x out (each call passes the forward's seed and p); the
-    residual's gradient is then written apart from x's, as with x_scale."""
+    residual's gradient is then written apart from x's, as with x_scale. ``sum_dx``: dx's column
+    sums (in dx's dtype) are reduced with the parameters' and returned last, a sixth output."""
 
     __slots__ = (
-        "_constexprs", "_contiguous_grads", "_ints", "_launch", "_n_channels", "_n_programs", "_partial", "_reduce",
-        "_split_dres",
+        "_constexprs", "_contiguous_grads", "_dx_sum", "_ints", "_launch", "_n_channels", "_n_programs", "_partial",
+        "_reduce", "_split_dres",
     )  # fmt: skip
 
-    def __init__(self, dy, x, channels_dim, weight, bias, activation, residual, dsum, out, x_scale=None, dropout=False):
+    def __init__(
+        self, dy, x, channels_dim, weight, bias, activation, residual, dsum, out, x_scale=None, dropout=False,
+        sum_dx=False,
+    ):  # fmt: skip
         dx = torch.empty_like(x) if out is None else out
         self._split_dres = x_scale is not None or dropout
         dres = torch.empty_like(x) if self._split_dres else None
@@ -589,6 +607,7 @@ class _BackwardLaunch:
         n_programs = backward_programs(x.device, n_tiles, config["programs_per_sm"])
         self._n_programs, self._n_channels = n_programs, n_channels
         self._partial = empty_template((n_programs, n_channels), torch.float32, x.device)
+        self._dx_sum = empty_template((n_channels,), dx.dtype, x.device) if sum_dx else None
         self._ints = (
             n_pos,
             n_channels,
@@ -599,11 +618,11 @@ class _BackwardLaunch:
         )
         self._constexprs = (
             residual is not None, dsum is not None, weight is not None, bias is not None, ACTIVATIONS[activation],
-            config["BLOCK_P"], block_c, wide, x_scale is not None, dropout,
+            config["BLOCK_P"], block_c, wide, x_scale is not None, dropout, sum_dx,
         )  # fmt: skip
         self._launch = DirectLaunch(row_norm_bwd_kernel, (n_programs,), num_warps=config["num_warps"])
         self._reduce = None
-        if weight is not None or bias is not None or x_scale is not None:
+        if weight is not None or bias is not None or x_scale is not None or sum_dx:
             self._reduce = DirectLaunch(
                 row_norm_param_grad_kernel, (cdiv(n_channels, PARAM_GRAD_BLOCK_C),), num_warps=4
             )
@@ -618,10 +637,13 @@ class _BackwardLaunch:
         dw_partial = mean if weight is None else torch.empty_like(partial)
         db_partial = mean if bias is None else torch.empty_like(partial)
         dxs_partial = mean if x_scale is None else torch.empty_like(partial)
+        dx_sum = None if self._dx_sum is None else torch.empty_like(self._dx_sum)
+        dxsum_partial = mean if dx_sum is None else torch.empty_like(partial)
         self._launch(
             x, x if residual is None else residual, x if weight is None else weight, x if bias is None else bias,
             x if x_scale is None else x_scale, dy, dy if dsum is None else dsum, mean, rstd, dx, dres, dw_partial,
-            db_partial, dxs_partial, mean if seed is None else seed, *self._ints, dropout_p, *self._constexprs,
+            db_partial, dxs_partial, dxsum_partial, mean if seed is None else seed, *self._ints, dropout_p,
+            *self._constexprs,
         )  # fmt: skip
         # (empty_like of a 1-D tensor is contiguous: a dense one keeps stride 1, any other gets it)
         dweight = None if weight is None else torch.empty_like(weight)
@@ -629,11 +651,14 @@ class _BackwardLaunch:
         dx_scale = None if x_scale is None else torch.empty_like(x_scale)
         if self._reduce is not None:
             self._reduce(
-                dw_partial, db_partial, dxs_partial, mean if dweight is None else dweight,
-                mean if dbias is None else dbias, mean if dx_scale is None else dx_scale, n_programs, n_channels,
-                weight is not None, bias is not None, PARAM_GRAD_BLOCK_R, PARAM_GRAD_BLOCK_C, x_scale is not None,
+                dw_partial, db_partial, dxs_partial, dxsum_partial, mean if dweight is None else dweight,
+                mean if dbias is None else dbias, mean if dx_scale is None else dx_scale,
+                mean if dx_sum is None else dx_sum, n_programs, n_channels, weight is not None, bias is not None,
+                PARAM_GRAD_BLOCK_R, PARAM_GRAD_BLOCK_C, x_scale is not None, dx_sum is not None,
             )  # fmt: skip
-        return dx, dweight, dbias, dx_scale, dres
+        if dx_sum is None:
+            return dx, dweight, dbias, dx_scale, dres
+        return dx, dweight, dbias, dx_scale, dres, dx_sum
 
 
 def _vector_strides(*vectors) -> tuple[int, ...]:
@@ -738,19 +763,24 @@ def row_norm_backward(
 
 
 def backward_launch(
-    dy, x, channels_dim, weight, bias, activation, residual=None, dsum=None, out=None, x_scale=None, dropout=False
-) -> _BackwardLaunch:
+    dy, x, channels_dim, weight, bias, activation, residual=None, dsum=None, out=None, x_scale=None, dropout=False,
+    sum_dx=False,
+) -> _BackwardLaunch:  # fmt: skip
     """The backward's launch for this input's layout (made once, then looked up):
     ``launch(dy, x, weight, bias, mean, rstd, residual, dsum, out, x_scale, seed=None, dropout_p=0.0)``
     -> :func:`row_norm_backward`'s result. With ``dropout`` every call passes the forward's seed
-    and p."""
+    and p. With ``sum_dx`` the result has a sixth tensor: dx summed over every index but the
+    channel's, (C,) in dx's dtype (the bias gradient of a linear layer whose output x is), reduced
+    in fp32 from per-program partials in a fixed order, as dweight is."""
     channels_dim %= x.dim()
     key = (
         "bwd", channels_dim, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15, operand_key(residual),
         operand_key(weight), operand_key(bias), activation, operand_key(dy), operand_key(dsum),
-        operand_key(out), operand_key(x_scale), dropout,
+        operand_key(out), operand_key(x_scale), dropout, sum_dx,
     )  # fmt: skip
     return _cached(
         key,
-        lambda: _BackwardLaunch(dy, x, channels_dim, weight, bias, activation, residual, dsum, out, x_scale, dropout),
+        lambda: _BackwardLaunch(
+            dy, x, channels_dim, weight, bias, activation, residual, dsum, out, x_scale, dropout, sum_dx
+        ),
     )

@@ -107,14 +107,16 @@ def add_layer_norm_backward(
     return dx, dresidual, dweight, dbias, dx_scale
 
 
-def add_layer_norm_backward_launch(dy, x, residual, weight, bias, *, dropout=False):
+def add_layer_norm_backward_launch(dy, x, residual, weight, bias, *, dropout=False, sum_dx=False):
     """:func:`add_layer_norm_backward` (no ``dsum``, no ``x_scale``) for inputs of this layout, as
     one launch object: ``launch(dy, x, weight, bias, mean, rstd, residual, None, None, None, seed=None,
     dropout_p=0.0)`` -> (dx, dweight or None, dbias or None, None, dresidual). Without ``dropout``
     dresidual is dx itself; with it (every call passes the forward's seed and p) it is the sum's
     gradient, written apart, and dx is ``dresidual * keep / (1 - p)``: x's gradient through the
-    dropout, in the same kernel."""
-    return backward_launch(dy, x, -1, weight, bias, None, residual, dropout=dropout)
+    dropout, in the same kernel. ``sum_dx`` adds a sixth output: dx summed over its rows (every dim
+    but the last), (C,) in dx's dtype, reduced in the kernels with dweight and dbias (fp32, a fixed
+    order): the bias gradient of the linear layer whose output x is, with no launch of its own."""
+    return backward_launch(dy, x, -1, weight, bias, None, residual, dropout=dropout, sum_dx=sum_dx)
 
 
 def add_layer_norm_dropout_keep(

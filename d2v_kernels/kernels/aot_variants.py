@@ -43,7 +43,7 @@ _ROW_NORM_FWD_INTS = (
     + ("stride_w", "stride_bias", "stride_xs")
 )
 _ROW_NORM_BWD_POINTERS = ("X", "RES", "W", "B", "XS", "DY", "DSUM", "MEAN", "RSTD", "DX", "DRES")
-_ROW_NORM_PARTIALS = ("DW_PARTIAL", "DB_PARTIAL", "DXS_PARTIAL")
+_ROW_NORM_PARTIALS = ("DW_PARTIAL", "DB_PARTIAL", "DXS_PARTIAL", "DXSUM_PARTIAL")
 _ROW_NORM_BWD_INTS = (
     ("n_pos", "n_channels", "tiles_per_batch", "n_tiles")
     + tuple(f"stride_{t}_{a}" for t in ("x", "res", "dy", "dsum", "dx", "dres") for a in "bcp")
@@ -94,6 +94,7 @@ def _row_norm_variant(
     store_stats: bool = True,
     x_scale: bool = False,
     dropout: bool = False,
+    sum_dx: bool = False,
 ) -> AotVariant:
     block_p, block_c, num_warps = tile
     x_type = "*" + TRITON_TYPES[dtype]
@@ -105,6 +106,7 @@ def _row_norm_variant(
     name += "" if store_stats else "_inference"
     name += "_x_scale" if x_scale else ""
     name += "_dropout" if dropout else ""
+    name += "_sum_dx" if sum_dx else ""
     blocks = {"BLOCK_P": block_p, "BLOCK_C": block_c, "WIDE_OFFSETS": wide}
     vectors = {"W": param_type, "B": param_type, "XS": param_type}
     if direction == "fwd":
@@ -118,7 +120,7 @@ def _row_norm_variant(
     else:
         constexprs = {k: flags[k] for k in ("HAS_RESIDUAL", "HAS_WEIGHT", "HAS_BIAS", "ACTIVATION")}
         constexprs = {"HAS_DSUM": flags["STORE_SUM"], **constexprs} | blocks
-        constexprs |= {"HAS_X_SCALE": x_scale, "HAS_DROPOUT": dropout}
+        constexprs |= {"HAS_X_SCALE": x_scale, "HAS_DROPOUT": dropout, "SUM_DX": sum_dx}
         types = dict.fromkeys(_ROW_NORM_BWD_POINTERS, x_type) | vectors
         types |= dict.fromkeys(("MEAN", "RSTD", *_ROW_NORM_PARTIALS), "*fp32")
         types |= dict.fromkeys(_ROW_NORM_BWD_INTS, "i32")
@@ -126,8 +128,9 @@ def _row_norm_variant(
         types |= {"dropout_p": "fp32", "SEED": "*i64" if dropout else "*fp32"}
         kernel = _row_norm.row_norm_bwd_kernel
     # ptxas (Triton's flags, sm_90) keeps add_layer_norm's backward of 1024-wide rows (768 channels:
-    # text and vision) at 80 registers and spills 4 bytes.
-    spills = 8 if (prefix, direction, tile) == ("add_layer_norm", "bwd", (2, 1024, 8)) else 0
+    # text and vision) at 80 registers and spills 4 bytes. Those that also sum dx's columns (the
+    # layers') must not spill.
+    spills = 8 if (prefix, direction, tile) == ("add_layer_norm", "bwd", (2, 1024, 8)) and not sum_dx else 0
     return AotVariant(
         f"{prefix}_{direction}_{name}",
         kernel,
@@ -144,27 +147,31 @@ def row_norm_param_grad_variants() -> list[AotVariant]:
     parameters in every dtype, each alone in fp16 (an absent parameter's pointers are fp32
     buffers), and all three in fp16 (vision's layer scale)."""
     kernel = _row_norm.row_norm_param_grad_kernel
-    combos = [(dtype, True, True, False) for dtype in _row_norm.KERNEL_DTYPES]
+    combos = [(dtype, True, True, False, False) for dtype in _row_norm.KERNEL_DTYPES]
     combos += [
-        (torch.float16, True, False, False),
-        (torch.float16, False, True, False),
-        (torch.float16, True, True, True),
+        (torch.float16, True, False, False, False),
+        (torch.float16, False, True, False, False),
+        (torch.float16, True, True, True, False),
+        (torch.float16, True, True, False, True),  # the post-LN layers' (dx's column sums)
+        (torch.bfloat16, True, True, True, True),  # the vision layer's
     ]
     variants = []
-    for dtype, weight, bias, x_scale in combos:
+    for dtype, weight, bias, x_scale, sum_dx in combos:
         param = "*" + TRITON_TYPES[dtype]
         types = dict.fromkeys(_ROW_NORM_PARTIALS, "*fp32") | dict.fromkeys(("n_rows", "n_channels"), "i32")
         types |= {"DW": param if weight else "*fp32", "DB": param if bias else "*fp32"}
-        types |= {"DXS": param if x_scale else "*fp32"}
+        types |= {"DXS": param if x_scale else "*fp32", "DXSUM": param if sum_dx else "*fp32"}
         constexprs = {
             "HAS_WEIGHT": weight,
             "HAS_BIAS": bias,
             "BLOCK_R": _row_norm.PARAM_GRAD_BLOCK_R,
             "BLOCK_C": _row_norm.PARAM_GRAD_BLOCK_C,
             "HAS_X_SCALE": x_scale,
+            "SUM_DX": sum_dx,
         }
         name = f"param_grad_{TRITON_TYPES[dtype]}_has_weight={int(weight)}_has_bias={int(bias)}"
         name += "_has_x_scale=1" if x_scale else ""
+        name += "_sum_dx=1" if sum_dx else ""
         variant = AotVariant(name, kernel, _signature(kernel, types, constexprs), constexprs, 4, 3)
         variants.append(as_run(variant, divisible_by_16=("n_channels",)))
     return variants
@@ -199,7 +206,9 @@ def add_layer_norm_variants() -> list[AotVariant]:
     sum with bias only; vision's layer with its layer scale (x_scale, affine, the sum) at its
     768-channel tile, fp16: training's forward and backward, inference's forward; and text's
     post-LN layer with its hidden dropout in the kernels (affine, no sum) at the same tile, fp16:
-    training's forward and backward (the dropout flag is one constexpr branch: no other axis)."""
+    training's forward and backward (the dropout flag is one constexpr branch: no other axis); and
+    the layer nodes' backwards with dx's column sums (text's with dropout, vision's with x_scale)
+    at that tile in fp16 and bf16."""
     plain = _row_norm.ACTIVATIONS[None]
     feature_sets = [
         _row_norm_features(True, False, True, True, plain),
@@ -227,7 +236,17 @@ def add_layer_norm_variants() -> list[AotVariant]:
             "add_layer_norm", "bwd", torch.float16, text, _row_norm.backward_tile_config(768, False), dropout=True
         ),
     ]
-    return row_norm_variants("add_layer_norm", feature_sets) + scaled + dropout
+    # The layer nodes' backwards, which also sum dx's columns (a dense layer's bias gradient): the
+    # post-LN layers' with dropout, the vision layer's with x_scale, in both half dtypes. 768 and
+    # 1024 channels (base and large models) share this tile and compile to the same program.
+    layer_tile = _row_norm.backward_tile_config(768, False)
+    assert layer_tile == _row_norm.backward_tile_config(1024, False)
+    summed = [
+        _row_norm_variant("add_layer_norm", "bwd", dtype, features, layer_tile, sum_dx=True, **flag)
+        for dtype in (torch.float16, torch.bfloat16)
+        for features, flag in ((text, {"dropout": True}), (vision, {"x_scale": True}))
+    ]
+    return row_norm_variants("add_layer_norm", feature_sets) + scaled + dropout + summed
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,14 +11,16 @@ The same computation as the layer op by op (``F.linear``, ``ops.attention``, ``F
 layer, three of them Python ``autograd.Function``s (each costs its ``apply`` and a Python backward
 call, tens of microseconds of host time). Here one Function runs the GEMMs, the attention and the
 two add + LayerNorms with autograd off, and its backward computes every gradient itself: each
-linear's input, weight and bias gradients with ``mm`` / ``addmm`` / ``sum``, the activation's
-backward, the Triton backwards of the add + LayerNorms and of the attention. The hidden dropouts
-run inside the add + LayerNorm kernels and the attention's inside its kernel, and audio's
-activation dropout with its GELU in one Triton kernel each way (``kernels/gelu_dropout``), each
-from a Philox seed (the four drawn at once a call) and redrawn in the backward, so no mask is
-kept. Without an activation dropout (text; audio with p = 0) the GELU and its backward are aten's
-``gelu`` / ``gelu_backward``. The dropped elements differ from transformers' for the same
-``torch.manual_seed``, as with the ops alone; the distribution is the same.
+linear's input, weight and bias gradients with ``mm`` / ``addmm`` / ``sum`` (the bias gradients
+of the two dense layers that feed an add + LayerNorm come out of its backward kernels, reduced with
+the LayerNorm's own), the activation's backward, the Triton backwards of the add + LayerNorms and
+of the attention. The hidden dropouts run inside the add + LayerNorm kernels and the attention's
+inside its kernel, and audio's activation dropout with its GELU in one Triton kernel each way
+(``kernels/gelu_dropout``), each from a Philox seed (the four drawn at once a call) and redrawn in
+the backward, so no mask is kept. Without an activation dropout (text; audio with p = 0) the GELU
+and its backward are aten's ``gelu`` / ``gelu_backward``. The dropped elements differ from
+transformers' for the same ``torch.manual_seed``, as with the ops alone; the distribution is the
+same.
 
 Only where the layer would run those same kernels: dispatch picks the Triton backend for the add +
 LayerNorm, and for the attention Triton or sdpa (the measured rule's pick in half precision on
@@ -112,20 +114,21 @@ class PostLnLayerFunction(torch.autograd.Function):
         launches = plan.backward_launches
         if launches is None:
             launches = plan.backward_launches = _BackwardLaunches(dy, x2, a, w1, b1, y1, o, w2, b2, h, plan)
-        # Each add + LayerNorm backward gives x's gradient through its dropout, and the sum's (the
-        # residual's): one tensor when there is no dropout.
-        do, dw2, db2, _, dresidual = launches.norm2(dy, o, w2, b2, mean2, rstd2, y1, None, None, None, seed=seed2,
-                                                    dropout_p=p)  # fmt: skip
-        dwo, dbo = do.t().mm(g), do.sum(0)
+        # Each add + LayerNorm backward gives x's gradient through its dropout, the sum's (the
+        # residual's: one tensor when there is no dropout) and the column sums of x's (the bias
+        # gradient of the dense layer whose output x is).
+        do, dw2, db2, _, dresidual, dbo = launches.norm2(dy, o, w2, b2, mean2, rstd2, y1, None, None, None,
+                                                         seed=seed2, dropout_p=p)  # fmt: skip
+        dwo = do.t().mm(g)
         dg = do.mm(wo)
         if launches.gelu_dropout is None:
             dh = _gelu_backward(dg, h, approximate=plan.approximate)
         else:  # written over dg
             dh = launches.gelu_dropout(dg, h, seed3, plan.activation_dropout)
         dwi, dbi = dh.t().mm(y1), dh.sum(0)
-        da, dw1, db1, _, dresidual = launches.norm1(torch.addmm(dresidual, dh, wi), a, w1, b1, mean1, rstd1, x2, None,
-                                                    None, None, seed=seed1, dropout_p=p)  # fmt: skip
-        dwd, dbd = da.t().mm(out.view(b * n, c)), da.sum(0)
+        da, dw1, db1, _, dresidual, dbd = launches.norm1(torch.addmm(dresidual, dh, wi), a, w1, b1, mean1, rstd1, x2,
+                                                         None, None, None, seed=seed1, dropout_p=p)  # fmt: skip
+        dwd = da.t().mm(out.view(b * n, c))
         dcontext = da.mm(wd).view(b, n, heads, d)
         if plan.nested is not None:
             dqkv, _ = nested_attention.attention_backward(ctx, dcontext)
@@ -151,8 +154,8 @@ class _BackwardLaunches:
 
         # dy stands in for each gradient: all are contiguous and aligned, of the output's shape.
         dropout = plan.hidden_dropout > 0.0
-        self.norm2 = add_layer_norm_backward_launch(dy, o, y1, w2, b2, dropout=dropout)
-        self.norm1 = add_layer_norm_backward_launch(dy, a, x2, w1, b1, dropout=dropout)
+        self.norm2 = add_layer_norm_backward_launch(dy, o, y1, w2, b2, dropout=dropout, sum_dx=True)
+        self.norm1 = add_layer_norm_backward_launch(dy, a, x2, w1, b1, dropout=dropout, sum_dx=True)
         # h stands in for the GELU's gradient (an mm's output of h's shape), which dh overwrites.
         self.gelu_dropout = None
         if plan.gelu_dropout is not None:

@@ -18,7 +18,9 @@ it over ``keep``; the two draws of a layer are made where transformers makes the
 attention's output dropout, after the feed-forward's), so a seeded run draws the same masks. The
 per-sample scale of the first branch multiplies the attention output before the add + LayerNorm
 kernel (whose ``x_scale`` is ``lambda_1``); the second's, the feed-forward output before the
-residual ``addcmul`` with ``lambda_2``.
+residual ``addcmul`` with ``lambda_2``. Without either (drop path 0, hidden dropout 0), the
+attention output dense's bias gradient is the column sum of the add + LayerNorm backward's x
+gradient, reduced in that kernel; with them, a ``sum`` of the scaled gradient.
 
 Only where the layer would run those same kernels: dispatch picks the Triton backend for the add +
 LayerNorm, and for the attention Triton, or sdpa or eager (the measured rule's pick for the
@@ -124,7 +126,7 @@ class PreLnLayerFunction(torch.autograd.Function):
         dy = launch_rows(dy, b * n, c)
         launches = plan.backward_launches
         if launches is None:
-            launches = plan.backward_launches = _BackwardLaunches(dy, x2, a, w1, b1, l1)
+            launches = plan.backward_launches = _BackwardLaunches(dy, x2, a, w1, b1, l1, plan)
         # out = h + lambda_2 * o (o after dropout and drop path): dy reaches h directly (the sum
         # LN1 returned, its gradient added in that kernel's backward) and o through lambda_2.
         dl2 = None
@@ -140,13 +142,16 @@ class PreLnLayerFunction(torch.autograd.Function):
         dpre = _gelu_backward(do.mm(wo), pre, approximate=plan.approximate)
         dwi, dbi = dpre.t().mm(y), dpre.sum(0)
         # LN1's backward: the gradient of its scaled input a (lambda_1 * the sum's gradient), its
-        # parameters', lambda_1's (reduced in the kernel), and the sum's (dy added in).
-        da, dw1, db1, dl1, dh = launches.norm(dpre.mm(wi), a, w1, b1, mean1, rstd1, x2, dy, None, l1)
+        # parameters', lambda_1's (reduced in the kernel), the sum's (dy added in) and, where a is
+        # the dense layer's output unscaled (no drop path, no dropout), a's column sums: bd's gradient.
+        norm1 = launches.norm(dpre.mm(wi), a, w1, b1, mean1, rstd1, x2, dy, None, l1)
+        da, dw1, db1, dl1, dh = norm1[:5]
         if keep1 is not None:
             da = (da.view(b, n, c) * keep1).view(b * n, c)
         if mask1 is not None:
             da = _native_dropout_backward(da, mask1, plan.dropout_scale)
-        dwd, dbd = da.t().mm(out.view(b * n, c)), da.sum(0)
+        dwd = da.t().mm(out.view(b * n, c))
+        dbd = da.sum(0) if len(norm1) == 5 else norm1[5]
         dcontext = da.mm(wd).view(b, n, heads, d)
         if plan.nested is None:
             attention_backward = launches.attention(torch.are_deterministic_algorithms_enabled(), dcontext, q, k, v,
@@ -172,11 +177,14 @@ class _BackwardLaunches:
 
     __slots__ = ("_attention", "norm")
 
-    def __init__(self, dy, x2, a, w1, b1, l1):
+    def __init__(self, dy, x2, a, w1, b1, l1, plan):
         from d2v_kernels.kernels._row_norm import backward_launch
 
         # dy stands in for each gradient: all are contiguous and aligned, of the output's shape.
-        self.norm = backward_launch(dy, a, -1, w1, b1, None, x2, dy, None, l1)
+        # Without drop path and dropout, the kernel's da is the dense layer's output gradient: the
+        # kernel also sums its columns (bd's gradient). With them, da is scaled after the kernel.
+        sum_dx = plan.drop_path == 0.0 and plan.hidden_dropout == 0.0
+        self.norm = backward_launch(dy, a, -1, w1, b1, None, x2, dy, None, l1, sum_dx=sum_dx)
         self._attention = {}
 
     def attention(self, deterministic: bool, dcontext, q, k, v, out, lse, table, index, seed, plan):
