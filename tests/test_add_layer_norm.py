@@ -421,7 +421,7 @@ def _sum_dx_launches(x, residual, weight, bias, x_scale, dropout_p, return_sum, 
     from d2v_kernels.kernels import _row_norm
     from d2v_kernels.kernels.add_layer_norm import add_layer_norm_forward
 
-    seed = torch.tensor([31, 7], dtype=torch.int64) if dropout_p > 0.0 else None
+    seed = torch.tensor([31, 7], dtype=torch.int64, device=x.device) if dropout_p > 0.0 else None
     _, _, mean, rstd = add_layer_norm_forward(x, residual, weight, bias, 1e-5, return_sum, x_scale, seed, dropout_p)
     dy, dsum = grad_outs[0].to(x.dtype), grad_outs[1].to(x.dtype) if return_sum else None
     runs = []
@@ -437,7 +437,7 @@ def _check_sum_dx_against_float64(x, residual, weight, bias, x_scale=None, dropo
     """dx's column sums from the kernel against float64 (dx's gradient summed over the rows),
     within twice eager PyTorch's error (``dx.sum(0)`` in x's dtype); the other outputs bit-equal to
     those of the launch without the sums."""
-    grad_outs = [torch.randn(x.shape) for _ in range(2 if return_sum else 1)]
+    grad_outs = [torch.randn(x.shape, device=x.device) for _ in range(2 if return_sum else 1)]
     seed, summed, plain = _sum_dx_launches(x, residual, weight, bias, x_scale, dropout_p, return_sum, grad_outs)
     assert len(summed) == 6 and len(plain) == 5
     for name, got, want in zip(("dx", "dweight", "dbias", "dx_scale", "dresidual"), summed, plain):
@@ -510,3 +510,18 @@ def test_sum_dx_launch_as_a_post_ln_layer_calls_it():
         dx, _, _, _, _, dx_sum = backward(dy, x, weight, bias, mean, rstd, residual, None, None, None, seed, p)
     assert not [e.name for e in profile.events() if e.name.startswith("aten::sum")]
     torch.testing.assert_close(dx_sum, dx.sum(0), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_dtype_id)
+def test_cuda_sum_dx_matches_float64_and_is_deterministic(dtype):
+    """The layers' configurations at a base model's width (one compiled program for 768 and 1024
+    channels): text's with dropout, vision's with x_scale and the sum; three runs bit-equal."""
+    x, residual, weight, bias = (t.cuda() for t in _inputs((8, 197, 768), dtype))
+    x_scale = (0.1 + 0.05 * torch.randn(768, device="cuda")).to(dtype)
+    _check_sum_dx_against_float64(x, residual, weight, bias, dropout_p=0.1)
+    _check_sum_dx_against_float64(x, residual, weight, bias, x_scale=x_scale, return_sum=True)
+    grad_outs = [torch.randn(x.shape, device="cuda"), torch.randn(x.shape, device="cuda")]
+    runs = [_sum_dx_launches(x, residual, weight, bias, x_scale, 0.1, True, grad_outs)[1] for _ in range(3)]
+    for run in runs[1:]:
+        assert all(a is None or torch.equal(a, b) for a, b in zip(run, runs[0]))
