@@ -70,5 +70,7 @@ def test_compiled_model_runs_the_triton_kernels(class_name, triton_launches):
         got = _loss_and_grads(compiled, inputs, params)
     # The graph holds our custom ops (fake impls while tracing): the launches are its runtime's.
     assert triton_launches == uncompiled_launches
-    _assert_close(got, uncompiled, 1e-6, "compiled against uncompiled")
+    # Not bit-equal: uncompiled, the layer nodes take dense biases' gradients from the add +
+    # LayerNorm backward kernels (fp32 partial sums), the compiled graph sums them with torch.
+    _assert_close(got, uncompiled, 1e-5, "compiled against uncompiled")
     _assert_close(got, want, 1e-4, "compiled against transformers")
