@@ -56,9 +56,12 @@ def _extensions():
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    nvcc_flags = _extension_helpers().nvcc_flags()
+    helpers = _extension_helpers()
+    nvcc_flags = helpers.nvcc_flags() + helpers.hopper_conv_flags(archs or "8.0;9.0a")
     if not archs:
-        nvcc_flags += ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+        # sm_90a, not sm_90: the Hopper conv kernels (wgmma, TMA) exist only for the architecture-specific
+        # target; every other kernel runs there as on sm_90. Other 8.x devices run the sm_80 cubin.
+        nvcc_flags += ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"]
     sources = sorted(str(p.relative_to(HERE)) for p in CSRC.glob("*.cu")) + sorted(
         str(p.relative_to(HERE)) for p in CSRC.glob("*.cpp")
     )

@@ -1,5 +1,13 @@
-"""Benchmark the audio feature encoder: d2v_kernels' CUDA extension (CUTLASS GEMMs) and Triton path
-vs transformers' ``Data2VecAudioFeatureEncoder`` (cuDNN convs, eager LayerNorm + GELU) and torch.compile of it.
+"""Benchmark the audio feature encoder: d2v_kernels' CUDA extension (CUTLASS) and Triton path vs
+transformers' ``Data2VecAudioFeatureEncoder`` (cuDNN convs, eager LayerNorm + GELU), torch.compile of it
+and cuDNN's channels-last convs.
+
+Impls: ``d2v`` (default dispatch), ``d2v_cuda`` (the extension forced: on an H100 its forward convs
+are CUTLASS 3's Hopper conv, ``ops.conv_feature_extractor_op.cuda_forward_conv``), ``d2v_cuda_sm80``
+(the extension with the Hopper conv off: the Sm80 GEMMs every other GPU runs), ``d2v_triton``,
+``hf_eager``, ``hf_compile`` (default mode), ``hf_compile_max`` (``mode="max-autotune"``: minutes of
+compile a case), ``cudnn_channels_last`` (transformers' layers with the activations and weights in
+channels-last strides, so cuDNN runs no transposes; eager LayerNorm + GELU).
 
 Cases: B=8 x 10 s and B=1 x 30 s of 16 kHz audio, the base config (7 layers, 512 channels),
 fp16 and bf16, forward and forward+backward (gradients for the waveform and every weight).
@@ -10,7 +18,7 @@ for fwd+bwd), and peak memory (torch.cuda.max_memory_allocated above what was al
 the call). Writes ``bench/results/<gpu>/<date>-conv_feature_extractor.json``.
 
     python -m bench.conv_feature_extractor [--quick] [--cases b8x10s,b1x30s] [--dtypes fp16,bf16]
-                                           [--modes fwd,fwd+bwd] [--impls d2v,d2v_cuda,d2v_triton,hf_eager,hf_compile]
+                                           [--modes fwd,fwd+bwd] [--impls d2v,d2v_cuda,d2v_triton,...]
     python -m bench.conv_feature_extractor --check-only --tiny --device cpu   # the checks on a CPU
 """
 
@@ -22,6 +30,7 @@ import functools
 import sys
 
 import torch
+import torch.nn.functional as F
 
 from bench import common, op_benchmark
 
@@ -32,7 +41,16 @@ QUICK_CASES = ("b8x10s",)
 # d2v_triton runs through the interpreter when TRITON_INTERPRET=1).
 TINY_CASES = {"tiny": (2, 4_000, 32)}
 SHAPES = {**CASES, **TINY_CASES}
-IMPLS = ("d2v", "d2v_cuda", "d2v_triton", "hf_eager", "hf_compile")
+IMPLS = (
+    "d2v",
+    "d2v_cuda",
+    "d2v_cuda_sm80",
+    "d2v_triton",
+    "hf_eager",
+    "hf_compile",
+    "hf_compile_max",
+    "cudnn_channels_last",
+)
 
 
 def build_encoder(case: str, dtype: torch.dtype, device: str = "cuda", seed: int = 0):
@@ -54,7 +72,7 @@ def build_encoder(case: str, dtype: torch.dtype, device: str = "cuda", seed: int
 def encoder_fn(encoder, impl: str):
     """wave (B, S) -> (B, T, C) for one implementation."""
     layers = list(encoder.conv_layers)
-    if impl in ("d2v", "d2v_cuda", "d2v_triton"):
+    if impl in ("d2v", "d2v_cuda", "d2v_cuda_sm80", "d2v_triton"):
         import d2v_kernels
         from d2v_kernels import ops
 
@@ -68,22 +86,58 @@ def encoder_fn(encoder, impl: str):
         # d2v: default dispatch (what a user gets); cuda: the CUDA extension (layer 0's direct
         # kernel, then CUTLASS GEMMs and LayerNorm + GELU row kernels, forward and backward);
         # triton: Triton layer 0, then cuDNN conv + Triton LayerNorm + GELU per layer.
-        backend = {"d2v": None, "d2v_cuda": "cuda", "d2v_triton": "triton"}[impl]
+        backend = {"d2v": None, "d2v_cuda": "cuda", "d2v_cuda_sm80": "cuda", "d2v_triton": "triton"}[impl]
+        hopper = impl != "d2v_cuda_sm80"
 
         def run(wave):
             forced = (
                 contextlib.nullcontext() if backend is None else d2v_kernels.use_backend(conv_feature_extractor=backend)
             )
-            with forced:
+            with forced, _hopper_conv(wave.device.type == "cuda" and backend == "cuda", hopper):
                 return ops.conv_feature_extractor(wave, **params, strides=strides, eps=layers[0].layer_norm.eps)
 
         return run
+    if impl == "cudnn_channels_last":
+        return functools.partial(_channels_last_encoder, layers)
     if impl == "hf_eager":
         return lambda wave: encoder(wave).transpose(1, 2)
-    if impl == "hf_compile":
-        compiled = torch.compile(encoder, dynamic=False)  # a graph per shape, as each case is timed
+    if impl in ("hf_compile", "hf_compile_max"):
+        mode = "max-autotune" if impl == "hf_compile_max" else None
+        compiled = torch.compile(encoder, dynamic=False, mode=mode)  # a graph per shape, as each case is timed
         return lambda wave: compiled(wave).transpose(1, 2)
     raise ValueError(f"unknown impl {impl!r}; choose from {IMPLS}")
+
+
+@contextlib.contextmanager
+def _hopper_conv(applies: bool, enabled: bool):
+    """The cuda backend's Hopper conv on or off for a call (restored after)."""
+    if not applies:
+        yield
+        return
+    from d2v_kernels._extension import module
+
+    ext = module()
+    before = ext.sm90_conv_enabled()
+    ext.set_sm90_conv(enabled)
+    try:
+        yield
+    finally:
+        ext.set_sm90_conv(before)
+
+
+def _channels_last_encoder(layers, wave):
+    """transformers' conv layers (conv, LayerNorm over channels, GELU) with every activation (B, C, T)
+    in channels-last strides and each weight copied to them, so cuDNN picks its NHWC kernels and
+    nothing transposes; (B, T, C) out."""
+    x = wave[:, None, :]
+    for layer in layers:
+        conv = layer.conv
+        weight = conv.weight.transpose(1, 2).contiguous().transpose(1, 2)
+        z = F.conv1d(x, weight, conv.bias, stride=conv.stride).transpose(1, 2)  # (B, T, C), contiguous
+        norm = layer.layer_norm
+        x = F.gelu(F.layer_norm(z.contiguous(), norm.normalized_shape, norm.weight, norm.bias, norm.eps))
+        x = x.transpose(1, 2)
+    return x.transpose(1, 2)
 
 
 def frames(samples: int, encoder) -> int:

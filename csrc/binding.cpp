@@ -1,12 +1,14 @@
 // The only file of the extension that includes torch: checks tensors, makes the strided views the
 // GEMMs read and write (those of d2v_kernels/ops/_conv_gemm_plan.py), allocates every buffer through
 // torch's allocator, and calls the kernels of conv_feature_extractor.h on the current stream.
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
 #include <array>
+#include <atomic>
 #include <cstdint>
+#include <mutex>
 #include <vector>
 
 #include "conv_feature_extractor.h"
@@ -164,11 +166,80 @@ void ln_gelu(const at::Tensor& z, const Layer& l, const at::Tensor& out, double 
                "LayerNorm + GELU", layer);
 }
 
+// Whether layers 1.. run their forward conv on Hopper (conv_fprop_sm90.cuh) where they can; the
+// Sm80 GEMMs when off (set_sm90_conv: benchmarks compare the two in one process).
+std::atomic<bool> sm90_conv_enabled{true};
+
+// Per device: -1 not asked yet, 0 / 1 what launch_sm90a_probe answered.
+std::mutex sm90a_mutex;
+std::array<int, 64> sm90a_answers = [] {
+  std::array<int, 64> a{};
+  a.fill(-1);
+  return a;
+}();
+
+// Whether `like`'s device runs this build's sm_90a cubins: compute capability 9.0 and a build for
+// sm_90a, asked of the device once (a one-int kernel and a read back). Not asked during a CUDA graph
+// capture (the read back would break it): false there until an eager call has asked.
+bool sm90a_present(const at::Tensor& like) {
+  const int device = like.get_device();
+  if (device < 0 || device >= static_cast<int>(sm90a_answers.size())) return false;
+  const std::lock_guard<std::mutex> lock(sm90a_mutex);
+  if (sm90a_answers[device] >= 0) return sm90a_answers[device] == 1;
+  int major = 0, minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  if (major != 9 || minor != 0) {
+    sm90a_answers[device] = 0;
+    return false;
+  }
+  const c10::cuda::CUDAGuard device_guard(like.device());
+  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device);
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream.stream(), &capture));
+  if (capture != cudaStreamCaptureStatusNone) return false;
+  at::Tensor flag = at::empty({1}, like.options().dtype(at::kInt));
+  C10_CUDA_CHECK(d2v::launch_sm90a_probe(flag.data_ptr<int>(), stream.stream()));
+  sm90a_answers[device] = flag.item<int>() == 1 ? 1 : 0;
+  return sm90a_answers[device] == 1;
+}
+
+// Layer i >= 1's forward conv on Hopper; false (nothing launched) where CUTLASS cannot implement it.
+bool conv_forward_sm90(const at::Tensor& x, const at::Tensor& w_t, const at::Tensor& z, const Layer& l,
+                       cudaStream_t stream, size_t layer) {
+  d2v::ConvFpropArgs args{x.data_ptr(),
+                          w_t.data_ptr(),
+                          z.data_ptr(),
+                          static_cast<int>(x.size(0)),
+                          static_cast<int>(x.size(1)),
+                          static_cast<int>(l.c_in),
+                          static_cast<int>(l.c_out),
+                          static_cast<int>(l.kernel),
+                          static_cast<int>(l.stride)};
+  size_t bytes = 0;
+  const d2v::DType dtype = kernel_dtype(x);
+  const cudaError_t err = d2v::conv_fprop_sm90_workspace(dtype, args, &bytes);
+  if (err == cudaErrorNotSupported) return false;
+  check_launch(err, "Hopper conv", layer);
+  const at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));
+  check_launch(d2v::launch_conv_fprop_sm90(dtype, args, bytes > 0 ? workspace.data_ptr() : nullptr, bytes, stream),
+               "Hopper conv", layer);
+  return true;
+}
+
+// Whether layer i >= 1's forward runs on Hopper: enabled, fp16 or bf16, no conv bias, a device
+// running the sm_90a cubins. The Python op asks the same (sm90_conv_path) to report the path.
+bool sm90_conv_applies(const at::Tensor& x, const Layer& l) {
+  return sm90_conv_enabled.load() && !l.bias.defined() && x.scalar_type() != at::kFloat && sm90a_present(x);
+}
+
 // Forward GEMM of layer i >= 1: z = conv_rows(x) @ W' (+ bias), W' the weight as (k * C_in, C_out)
-// column-major over its (C_out, k, C_in) copy (_conv_gemm_plan.weight_matrix).
+// column-major over its (C_out, k, C_in) copy (_conv_gemm_plan.weight_matrix); on Hopper the same
+// copy is the filter of CUTLASS's implicit-GEMM conv.
 at::Tensor conv_forward(const at::Tensor& x, const Layer& l, int64_t t_out, cudaStream_t stream, size_t layer) {
   at::Tensor z = at::empty({x.size(0), t_out, l.c_out}, x.options());
   const at::Tensor w_t = l.weight.permute({0, 2, 1}).contiguous();
+  if (sm90_conv_applies(x, l) && conv_forward_sm90(x, w_t, z, l, stream, layer)) return z;
   conv_gemm(d2v::ConvGemm::kForward, conv_rows(x, l.kernel, l.stride, t_out), w_t.view({l.c_out, -1}).t(), z, l.bias,
             stream, layer);
   return z;
@@ -384,6 +455,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &backward, "Feature encoder backward from the forward's conv outputs", py::arg("grad_out"),
         py::arg("wave"), py::arg("conv_weights"), py::arg("ln_weights"), py::arg("ln_biases"), py::arg("conv_biases"),
         py::arg("conv_outputs"), py::arg("strides"), py::arg("eps"), py::arg("lowest"), py::arg("wave_grad"));
+  m.def(
+      "set_sm90_conv", [](bool enabled) { sm90_conv_enabled.store(enabled); },
+      "Run layers 1..'s forward conv on Hopper where it applies (default) or always on the Sm80 GEMMs",
+      py::arg("enabled"));
+  m.def(
+      "sm90_conv_enabled", []() { return sm90_conv_enabled.load(); }, "Whether set_sm90_conv is on");
+  m.def("sm90a_present", &sm90a_present,
+        "Whether the tensor's device runs this build's sm_90a kernels (asked of the device once)", py::arg("like"));
   m.attr("MAX_CHANNELS") = d2v::kMaxChannels;
   m.attr("MAX_LAYER0_KERNEL") = d2v::kMaxLayer0Kernel;
   m.attr("MAX_LAYER0_STRIDE") = d2v::kMaxLayer0Stride;

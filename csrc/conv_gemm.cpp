@@ -1,5 +1,6 @@
-// launch_conv_gemm: the dtype dispatch of the conv GEMMs, host code only. Their CUTLASS
-// instantiations live in conv_gemm_{f16,bf16,f32}.cu (conv_gemm.cuh); this file includes no
+// launch_conv_gemm and launch_conv_fprop_sm90: the dtype dispatch of the conv GEMMs and of the Hopper
+// conv forward, host code only. Their CUTLASS instantiations live in conv_gemm_{f16,bf16,f32}.cu
+// (conv_gemm.cuh) and conv_fprop_sm90_{f16,bf16}.cu (conv_fprop_sm90.cuh); this file includes no
 // CUTLASS header (and no torch one).
 #include "conv_feature_extractor.h"
 
@@ -12,6 +13,17 @@ extern template cudaError_t launch_conv_gemm_typed<DType::kFloat16>(ConvGemm, co
 extern template cudaError_t launch_conv_gemm_typed<DType::kBFloat16>(ConvGemm, const GemmArgs&, cudaStream_t);
 extern template cudaError_t launch_conv_gemm_typed<DType::kFloat32>(ConvGemm, const GemmArgs&, cudaStream_t);
 
+template <DType kDType>
+cudaError_t conv_fprop_sm90_workspace_typed(const ConvFpropArgs& args, size_t* workspace_bytes);
+template <DType kDType>
+cudaError_t conv_fprop_sm90_typed(const ConvFpropArgs& args, void* workspace, size_t workspace_bytes,
+                                  cudaStream_t stream);
+
+extern template cudaError_t conv_fprop_sm90_workspace_typed<DType::kFloat16>(const ConvFpropArgs&, size_t*);
+extern template cudaError_t conv_fprop_sm90_workspace_typed<DType::kBFloat16>(const ConvFpropArgs&, size_t*);
+extern template cudaError_t conv_fprop_sm90_typed<DType::kFloat16>(const ConvFpropArgs&, void*, size_t, cudaStream_t);
+extern template cudaError_t conv_fprop_sm90_typed<DType::kBFloat16>(const ConvFpropArgs&, void*, size_t, cudaStream_t);
+
 cudaError_t launch_conv_gemm(DType dtype, ConvGemm which, const GemmArgs& args, cudaStream_t stream) {
   switch (dtype) {
     case DType::kFloat16:
@@ -20,6 +32,31 @@ cudaError_t launch_conv_gemm(DType dtype, ConvGemm which, const GemmArgs& args, 
       return launch_conv_gemm_typed<DType::kBFloat16>(which, args, stream);
     case DType::kFloat32:
       return launch_conv_gemm_typed<DType::kFloat32>(which, args, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t conv_fprop_sm90_workspace(DType dtype, const ConvFpropArgs& args, size_t* workspace_bytes) {
+  switch (dtype) {
+    case DType::kFloat16:
+      return conv_fprop_sm90_workspace_typed<DType::kFloat16>(args, workspace_bytes);
+    case DType::kBFloat16:
+      return conv_fprop_sm90_workspace_typed<DType::kBFloat16>(args, workspace_bytes);
+    case DType::kFloat32:
+      return cudaErrorNotSupported;
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_conv_fprop_sm90(DType dtype, const ConvFpropArgs& args, void* workspace, size_t workspace_bytes,
+                                   cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat16:
+      return conv_fprop_sm90_typed<DType::kFloat16>(args, workspace, workspace_bytes, stream);
+    case DType::kBFloat16:
+      return conv_fprop_sm90_typed<DType::kBFloat16>(args, workspace, workspace_bytes, stream);
+    case DType::kFloat32:
+      return cudaErrorNotSupported;
   }
   return cudaErrorInvalidValue;
 }

@@ -6,31 +6,15 @@
 // d2v_kernels/ops/_conv_gemm_plan.py, made by csrc/binding.cpp.
 #pragma once
 
-#include <cutlass/bfloat16.h>
 #include <cutlass/cutlass.h>
 #include <cutlass/epilogue/thread/linear_combination.h>
 #include <cutlass/gemm/device/gemm_universal.h>
-#include <cutlass/half.h>
 #include <cutlass/layout/matrix.h>
 
 #include "conv_feature_extractor.h"
+#include "cutlass_element.cuh"
 
 namespace d2v {
-
-template <DType kDType>
-struct CutlassElement;
-template <>
-struct CutlassElement<DType::kFloat16> {
-  using type = cutlass::half_t;
-};
-template <>
-struct CutlassElement<DType::kBFloat16> {
-  using type = cutlass::bfloat16_t;
-};
-template <>
-struct CutlassElement<DType::kFloat32> {
-  using type = float;
-};
 
 // Tensor-op tiles (fp16, bf16): 128 x 128 x 32 per block, 4 warps of 64 x 64, mma.sync 16x8x16,
 // 4 pipeline stages (64 KB of shared memory). N is 512 in Data2Vec (4 tiles); M is the frames.

@@ -25,8 +25,10 @@ CSRC = Path(__file__).resolve().parent.parent / "csrc"
 JIT_NAME = "d2v_kernels_C"
 # No -std flag: torch adds the C++ standard its headers need (C++20 for torch 2.14, C++17 before).
 # CUTLASS's headers want relaxed constexpr and the half / bfloat16 operators torch's build turns off.
+# NDEBUG: CUTLASS's device asserts are calls that serialize the Hopper kernels' wgmma pipeline.
 NVCC_FLAGS = [
     "-O3",
+    "-DNDEBUG",
     "--use_fast_math",
     "-lineinfo",
     "--expt-relaxed-constexpr",
@@ -52,7 +54,9 @@ def _nvcc() -> str | None:
 def cutlass_include() -> Path | None:
     """CUTLASS's include directory, a build requirement of the extension only: ``$CUTLASS_PATH/include``
     (a CUTLASS checkout), else the one the ``nvidia-cutlass`` wheel installs with its
-    ``cutlass_library`` package (``source/include``; found without importing the package)."""
+    ``cutlass_library`` package (``source/include``; found without importing the package). Only a
+    directory next to CUTLASS's utility headers (:func:`cutlass_util_include`), which its conv
+    kernels include, counts."""
     candidates = []
     if os.environ.get("CUTLASS_PATH"):
         candidates.append(Path(os.environ["CUTLASS_PATH"]) / "include")
@@ -62,13 +66,48 @@ def cutlass_include() -> Path | None:
         spec = None
     if spec is not None and spec.submodule_search_locations:
         candidates += [Path(p) / "source" / "include" for p in spec.submodule_search_locations]
-    return next((c for c in candidates if (c / "cutlass" / "cutlass.h").is_file()), None)
+    return next(
+        (
+            c
+            for c in candidates
+            if (c / "cutlass" / "cutlass.h").is_file()
+            and (cutlass_util_include(c) / "cutlass" / "util" / "packed_stride.hpp").is_file()
+        ),
+        None,
+    )
+
+
+def cutlass_util_include(include: Path) -> Path:
+    """The utility headers' directory (``tools/util/include``) beside CUTLASS's ``include``, in a
+    checkout and in the wheel alike."""
+    return include.parent / "tools" / "util" / "include"
 
 
 def nvcc_flags() -> list[str]:
-    """NVCC_FLAGS and CUTLASS's include directory as a system one (its headers' warnings are not ours)."""
+    """NVCC_FLAGS and CUTLASS's include directories as system ones (its headers' warnings are not ours)."""
     include = cutlass_include()
-    return NVCC_FLAGS + (["-isystem", str(include)] if include is not None else [])
+    if include is None:
+        return list(NVCC_FLAGS)
+    return NVCC_FLAGS + ["-isystem", str(include), "-isystem", str(cutlass_util_include(include))]
+
+
+def hopper_conv_flags(arch_list: str) -> list[str]:
+    """The define that compiles the Hopper conv (csrc/conv_fprop_sm90.cuh) when ``arch_list`` (a
+    ``TORCH_CUDA_ARCH_LIST`` value) targets sm_90a; without it the unit is a stub that says the
+    kernels are absent, and no build spends minutes on CUTLASS instantiations it cannot run."""
+    archs = arch_list.replace(",", ";").replace(" ", ";").split(";")
+    hopper = any(a.strip().lower().removesuffix("+ptx") in ("9.0a", "90a") for a in archs)
+    return ["-DD2V_SM90A_CONV"] if hopper else []
+
+
+def jit_arch_list() -> str | None:
+    """``TORCH_CUDA_ARCH_LIST`` for the JIT build when the user set none: the visible devices'
+    compute capabilities, 9.0 as ``9.0a`` (the Hopper conv kernels use wgmma and TMA, which only
+    the architecture-specific target has; torch would build plain sm_90). None when it is set."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return None
+    capabilities = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    return ";".join(f"{major}.{minor}" + ("a" if (major, minor) == (9, 0) else "") for major, minor in capabilities)
 
 
 def _jit_reasons() -> list[str]:
@@ -92,13 +131,21 @@ def _jit_build() -> ModuleType:
     from torch.utils.cpp_extension import load
 
     sources = sorted(str(p) for p in CSRC.glob("*.cu")) + sorted(str(p) for p in CSRC.glob("*.cpp"))
-    return load(
-        name=JIT_NAME,
-        sources=sources,
-        extra_cflags=["-O3"],
-        extra_cuda_cflags=nvcc_flags(),
-        verbose=os.environ.get("D2V_KERNELS_JIT_VERBOSE", "0") == "1",
-    )
+    archs = jit_arch_list()
+    # torch reads the architectures from the environment only; set for this build, then restored.
+    if archs is not None:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    try:
+        return load(
+            name=JIT_NAME,
+            sources=sources,
+            extra_cflags=["-O3"],
+            extra_cuda_cflags=nvcc_flags() + hopper_conv_flags(os.environ["TORCH_CUDA_ARCH_LIST"]),
+            verbose=os.environ.get("D2V_KERNELS_JIT_VERBOSE", "0") == "1",
+        )
+    finally:
+        if archs is not None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
 
 
 def _resolve() -> None:

@@ -2,6 +2,7 @@
 fake impl and backward math (CPU), and the CUDA kernels against float64 (GPU only)."""
 
 import importlib
+import os
 import warnings
 
 import pytest
@@ -172,8 +173,12 @@ def test_cutlass_headers_are_found_from_cutlass_path_or_the_wheel_and_missing_is
     (tmp_path / "include" / "cutlass").mkdir(parents=True)
     (tmp_path / "include" / "cutlass" / "cutlass.h").write_text("")
     monkeypatch.setenv("CUTLASS_PATH", str(tmp_path))
+    util = tmp_path / "tools" / "util" / "include"
+    assert _extension.cutlass_include() is None  # the conv kernels need the utility headers too
+    (util / "cutlass" / "util").mkdir(parents=True)
+    (util / "cutlass" / "util" / "packed_stride.hpp").write_text("")
     assert _extension.cutlass_include() == tmp_path / "include"
-    assert _extension.nvcc_flags()[-2:] == ["-isystem", str(tmp_path / "include")]
+    assert _extension.nvcc_flags()[-4:] == ["-isystem", str(tmp_path / "include"), "-isystem", str(util)]
     monkeypatch.delenv("CUTLASS_PATH")
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # no nvidia-cutlass installed
     assert _extension.cutlass_include() is None and _extension.nvcc_flags() == _extension.NVCC_FLAGS
@@ -182,6 +187,25 @@ def test_cutlass_headers_are_found_from_cutlass_path_or_the_wheel_and_missing_is
     monkeypatch.setattr(_extension.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(_extension, "_nvcc", lambda: "/usr/local/cuda/bin/nvcc")
     assert _extension._jit_reasons() == ["not prebuilt and CUTLASS headers not found (pip install nvidia-cutlass)"]
+
+
+def test_jit_build_targets_sm90a_on_hopper_and_keeps_the_users_arch_list(monkeypatch):
+    """The JIT build compiles the Hopper conv kernels (wgmma, TMA) only for sm_90a, which torch never
+    picks by itself: an H100 gets 9.0a, other devices their own capability, a set
+    TORCH_CUDA_ARCH_LIST is left alone."""
+    capabilities = {0: (9, 0), 1: (8, 0), 2: (9, 0)}
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(_extension.torch.cuda, "device_count", lambda: 3)
+    monkeypatch.setattr(_extension.torch.cuda, "get_device_capability", lambda i: capabilities[i])
+    assert _extension.jit_arch_list() == "8.0;9.0a"
+    capabilities.update({0: (8, 6), 2: (8, 6)})
+    assert _extension.jit_arch_list() == "8.0;8.6"
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    assert _extension.jit_arch_list() is None
+    # the Hopper conv is compiled only where sm_90a is a target
+    assert _extension.hopper_conv_flags("8.0;9.0a") == _extension.hopper_conv_flags("9.0a") == ["-DD2V_SM90A_CONV"]
+    assert _extension.hopper_conv_flags("8.0 9.0a+PTX") == ["-DD2V_SM90A_CONV"]
+    assert _extension.hopper_conv_flags("8.0;9.0") == _extension.hopper_conv_flags("") == []
 
 
 def test_forcing_cuda_backend_raises_with_the_reason():
@@ -430,6 +454,35 @@ def test_cuda_forward_and_gradients_match_float64(dtype, samples):
     names = ["wave"] + [f"{n}[{i}]" for n in ("conv_weights", "ln_weights", "ln_biases") for i in range(7)]
     for name, a, b, c in zip(names, g, g64, g_eager):
         assert_close_to_reference(a, b, c, name=f"grad {name}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("samples", [16001, 160000])
+def test_cuda_hopper_conv_and_sm80_gemms_both_match_float64(dtype, samples):
+    """On an H100 the extension's forward convs of layers 1.. are CUTLASS 3's sm_90a conv (where the
+    build has sm_90a: the wheel, a JIT build there); elsewhere, and with set_hopper_conv(False), the
+    Sm80 GEMMs. Both forwards, and the backward after each, against float64."""
+    from d2v_kernels.ops import conv_feature_extractor_op as cfe
+
+    params = make_params(**BASE, device="cuda")
+    wave = torch.randn(2, samples, device="cuda").to(dtype)
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    hopper_build = archs is None or "9.0a" in archs
+    expected = "sm90a_conv" if torch.cuda.get_device_capability() == (9, 0) and hopper_build else "sm80_gemm"
+    assert cfe.cuda_forward_conv(wave) == expected
+    assert cfe.cuda_forward_conv(wave.float()) == "sm80_gemm"
+    assert cfe.cuda_forward_conv(wave, [torch.zeros(512, device="cuda", dtype=dtype)] * 7) == "sm80_gemm"
+    try:
+        for hopper in (True, False):
+            cfe.set_hopper_conv(hopper)
+            assert cfe.cuda_forward_conv(wave) == (expected if hopper else "sm80_gemm")
+            (out, g), (ref, g64), (eager, g_eager) = _run_cuda_and_reference(wave, params, grads=True)
+            assert_close_to_reference(out, ref, eager, name=f"out (hopper conv {hopper})")
+            for i, (a, b, c) in enumerate(zip(g, g64, g_eager)):
+                assert_close_to_reference(a, b, c, name=f"grad {i} (hopper conv {hopper})")
+    finally:
+        cfe.set_hopper_conv(True)
 
 
 @pytest.mark.cuda

@@ -13,7 +13,11 @@ dgamma / dbeta partial sums). Training keeps one tensor a layer for the backward
 later layer's conv output (``conv_feature_extractor_cuda_train``), and recomputes the activations
 the weight gradients read. The op called without keeping them reruns the forward in its backward.
 fp16 and bf16 run tensor cores and need channel counts that are multiples of 8; fp32 runs a SIMT
-GEMM.
+GEMM. On a device that runs the build's sm_90a cubins (an H100 with a wheel from setup.py, or a JIT
+build there), fp16 and bf16 layers without a conv bias run their forward conv as CUTLASS 3's Hopper
+implicit-GEMM convolution instead (TMA im2col loads, wgmma): :func:`cuda_forward_conv` says which,
+:func:`set_hopper_conv` (or ``D2V_KERNELS_HOPPER_CONV=0``) turns it off. The backward's GEMMs are
+the Sm80 ones everywhere.
 
 The ``triton`` backend (the default on CUDA meanwhile; ``ops/_conv_feature_extractor_triton.py``)
 runs layer 0 (conv on the waveform, LayerNorm, GELU) as one Triton kernel, so the largest activation
@@ -27,6 +31,8 @@ traced calls one custom op a layer.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +59,13 @@ from d2v_kernels.ops._conv_gemm_plan import stride_reasons
 from d2v_kernels.ops._eager import runs_eagerly
 from d2v_kernels.ops._plan import layout_key, lookup, needs_grad, plan_cache, plans_enabled, recorder, store
 
-__all__ = ["conv_feature_extractor", "conv_feature_extractor_reference", "output_length"]
+__all__ = [
+    "conv_feature_extractor",
+    "conv_feature_extractor_reference",
+    "cuda_forward_conv",
+    "output_length",
+    "set_hopper_conv",
+]
 
 # Limits of the CUDA kernels; they mirror csrc/conv_feature_extractor.h (a GPU test compares).
 MAX_CHANNELS = 512
@@ -87,6 +99,39 @@ def output_length(length: int, kernels, strides) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+ENV_HOPPER_CONV = "D2V_KERNELS_HOPPER_CONV"
+_hopper_conv = {"env_read": False}
+
+
+def _extension():
+    """The extension, with ``D2V_KERNELS_HOPPER_CONV`` applied at its first use."""
+    ext = extension_module()
+    if not _hopper_conv["env_read"]:
+        _hopper_conv["env_read"] = True
+        if os.environ.get(ENV_HOPPER_CONV, "1") == "0":
+            ext.set_sm90_conv(False)
+    return ext
+
+
+def set_hopper_conv(enabled: bool) -> None:
+    """Whether the ``cuda`` backend runs layers 1..'s forward conv as CUTLASS 3's Hopper conv where
+    the device runs it (the default) or always as the Sm80 GEMMs (``False``: what other GPUs run;
+    for comparisons). Process-wide; raises RuntimeError without the extension."""
+    _extension().set_sm90_conv(bool(enabled))
+
+
+def cuda_forward_conv(wave: Tensor, conv_biases: list[Tensor | None] | None = None) -> str:
+    """Which forward conv the ``cuda`` backend runs for layers 1.. on this input: ``"sm90a_conv"``
+    (CUTLASS 3's Hopper implicit-GEMM conv) or ``"sm80_gemm"`` (the batched GEMMs over strided views),
+    as the extension decides (csrc/binding.cpp, sm90_conv_applies): Hopper for fp16 / bf16 without
+    conv biases on a device running the sm_90a cubins, while :func:`set_hopper_conv` allows it. The
+    first call on a device asks the device (a one-int kernel and a read back)."""
+    ext = _extension()
+    has_bias = conv_biases is not None and any(b is not None for b in conv_biases)
+    hopper = ext.sm90_conv_enabled() and not has_bias and wave.dtype != torch.float32 and ext.sm90a_present(wave)
+    return "sm90a_conv" if hopper else "sm80_gemm"
+
+
 @torch.library.custom_op("d2v_kernels::conv_feature_extractor_cuda", mutates_args=(), device_types="cuda")
 def _conv_feature_extractor_cuda(
     wave: Tensor,
@@ -99,7 +144,7 @@ def _conv_feature_extractor_cuda(
 ) -> Tensor:
     """Fused forward: wave (B, S) -> (B, T, C_last). ``conv_biases`` is [] for bias-free convs.
     Keeps nothing: its backward reruns the forward keeping the conv outputs."""
-    ext = extension_module()
+    ext = _extension()
     return ext.forward(wave, conv_weights, ln_weights, ln_biases, conv_biases, strides, eps, False)[0]
 
 
@@ -122,7 +167,7 @@ def _conv_feature_extractor_cuda_train(
     """The training forward: [output (B, T, C_last), z_1, ..., z_{n-1}], z_i (B, T_i, C_i) layer i's
     conv output before its LayerNorm (layer 0's is recomputed from the waveform): the one tensor a
     layer that the backward keeps."""
-    ext = extension_module()
+    ext = _extension()
     return list(ext.forward(wave, conv_weights, ln_weights, ln_biases, conv_biases, strides, eps, True))
 
 

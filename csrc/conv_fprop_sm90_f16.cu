@@ -1,0 +1,8 @@
+// The Hopper conv forward (conv_fprop_sm90.cuh) for DType::kFloat16: one translation unit per dtype, so
+// the CUTLASS instantiations compile in parallel.
+#include "conv_fprop_sm90.cuh"
+
+namespace d2v {
+template cudaError_t conv_fprop_sm90_workspace_typed<DType::kFloat16>(const ConvFpropArgs&, size_t*);
+template cudaError_t conv_fprop_sm90_typed<DType::kFloat16>(const ConvFpropArgs&, void*, size_t, cudaStream_t);
+}  // namespace d2v
