@@ -5,9 +5,10 @@ and cuDNN's channels-last convs.
 Impls: ``d2v`` (default dispatch), ``d2v_cuda`` (the extension forced: on an H100 its forward convs
 are CUTLASS 3's Hopper conv, ``ops.conv_feature_extractor_op.cuda_forward_conv``), ``d2v_cuda_sm80``
 (the extension with the Hopper conv off: the Sm80 GEMMs every other GPU runs), ``d2v_triton``,
-``hf_eager``, ``hf_compile`` (default mode), ``hf_compile_max`` (``mode="max-autotune"``: minutes of
-compile a case), ``cudnn_channels_last`` (transformers' layers with the activations and weights in
-channels-last strides, so cuDNN runs no transposes; eager LayerNorm + GELU).
+``hf_eager``, ``hf_compile`` (default mode), ``hf_compile_max_autotune`` (``mode="max-autotune"``:
+minutes of compile a case, so only when named in ``--impls``), ``cudnn_channels_last``
+(transformers' layers with the activations and weights in channels-last strides, so cuDNN runs no
+transposes; eager LayerNorm + GELU).
 
 Cases: B=8 x 10 s and B=1 x 30 s of 16 kHz audio, the base config (7 layers, 512 channels),
 fp16 and bf16, forward and forward+backward (gradients for the waveform and every weight).
@@ -41,16 +42,8 @@ QUICK_CASES = ("b8x10s",)
 # d2v_triton runs through the interpreter when TRITON_INTERPRET=1).
 TINY_CASES = {"tiny": (2, 4_000, 32)}
 SHAPES = {**CASES, **TINY_CASES}
-IMPLS = (
-    "d2v",
-    "d2v_cuda",
-    "d2v_cuda_sm80",
-    "d2v_triton",
-    "hf_eager",
-    "hf_compile",
-    "hf_compile_max",
-    "cudnn_channels_last",
-)
+IMPLS = ("d2v", "d2v_cuda", "d2v_cuda_sm80", "d2v_triton", "hf_eager", "hf_compile", "cudnn_channels_last")
+EXTRA_IMPLS = ("hf_compile_max_autotune",)  # minutes of compile a case: only when named
 
 
 def build_encoder(case: str, dtype: torch.dtype, device: str = "cuda", seed: int = 0):
@@ -101,8 +94,8 @@ def encoder_fn(encoder, impl: str):
         return functools.partial(_channels_last_encoder, layers)
     if impl == "hf_eager":
         return lambda wave: encoder(wave).transpose(1, 2)
-    if impl in ("hf_compile", "hf_compile_max"):
-        mode = "max-autotune" if impl == "hf_compile_max" else None
+    if impl in ("hf_compile", "hf_compile_max_autotune"):
+        mode = "max-autotune" if impl == "hf_compile_max_autotune" else None
         compiled = torch.compile(encoder, dynamic=False, mode=mode)  # a graph per shape, as each case is timed
         return lambda wave: compiled(wave).transpose(1, 2)
     raise ValueError(f"unknown impl {impl!r}; choose from {IMPLS}")
@@ -188,7 +181,14 @@ def setup_case(case: str, dtype_name: str, mode: str, device: str = "cuda") -> o
 
 
 BENCHMARK = op_benchmark.OpBenchmark(
-    "conv_feature_extractor", __doc__, setup_case, tuple(CASES), QUICK_CASES, tuple(TINY_CASES), IMPLS
+    "conv_feature_extractor",
+    __doc__,
+    setup_case,
+    tuple(CASES),
+    QUICK_CASES,
+    tuple(TINY_CASES),
+    IMPLS,
+    extra_impls=EXTRA_IMPLS,
 )
 # main(argv) -> exit status
 main, parse_args = BENCHMARK.main, BENCHMARK.parse_args

@@ -141,6 +141,8 @@ class OpBenchmark:
     quick_dtypes: Sequence[str] = ("fp16",)
     # Memory-bound ops: measure the copy bandwidth once per timed run; rows get its share.
     copy_bandwidth: bool = False
+    # Impls run only when named in --impls (e.g. a minutes-long max-autotune compile), never by default.
+    extra_impls: Sequence[str] = ()
 
     def build_parser(self) -> argparse.ArgumentParser:
         parser = argparse.ArgumentParser(prog=f"python -m bench.{self.what}", description=self.doc.split("\n\n")[0])
@@ -154,7 +156,8 @@ class OpBenchmark:
             help=f"comma list of {list(common.DTYPES)} (default {list(self.dtypes)})",
         )
         parser.add_argument("--modes", "--mode", dest="modes", help=f"comma list of {list(self.modes)}")
-        parser.add_argument("--impls", help=f"comma list of {list(self.impls)}")
+        extra = f" (and on request {list(self.extra_impls)})" if self.extra_impls else ""
+        parser.add_argument("--impls", help=f"comma list of {list(self.impls)}{extra}")
         parser.add_argument("--no-check", action="store_true", help="skip the float64 output check (not recommended)")
         parser.add_argument("--check-only", action="store_true", help="check outputs, time nothing (runs on a CPU)")
         parser.add_argument(
@@ -176,7 +179,7 @@ class OpBenchmark:
                 self.quick_dtypes if args.quick else self.dtypes
             )
             args.modes = common.parse_list(args.modes, self.modes, "--modes") or list(self.modes)
-            args.impls = common.parse_list(args.impls, self.impls, "--impls") or list(self.impls)
+            args.impls = common.parse_list(args.impls, [*self.impls, *self.extra_impls], "--impls") or list(self.impls)
         except ValueError as e:
             parser.error(str(e))
         if args.check_only and args.no_check:

@@ -96,6 +96,11 @@ def test_pos_conv_and_feature_extractor_check_only_on_cpu(tmp_path, capsys):
     assert [r["impl"] for r in rows] == ["d2v_triton", "hf_eager", "cudnn_channels_last", *fe_impls.split(",")]
     for row in rows[3:5]:  # the extension runs on CUDA only
         assert row["skipped"].startswith("BackendUnavailableError: conv_feature_extractor"), row
+    # max-autotune compiles for minutes a case: run only when named
+    assert "hf_compile_max_autotune" not in conv_feature_extractor.parse_args(cpu).impls
+    assert conv_feature_extractor.parse_args([*cpu, "--impls", "hf_compile_max_autotune"]).impls == [
+        "hf_compile_max_autotune"
+    ]
     for row in rows:
         assert "error" not in row and ("skipped" in row or row["max_err"] <= row["bound"]), row
     assert not list(tmp_path.iterdir())  # --check-only writes no result file
