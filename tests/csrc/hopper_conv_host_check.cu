@@ -1,0 +1,46 @@
+// Host-side check of the Hopper conv (csrc/conv_fprop_sm90.cuh) at every layer shape of Data2Vec's
+// feature encoder, run on a machine without a GPU (tests/test_csrc_compile.py): CUTLASS's
+// can_implement takes each (so the extension does not fall back to the Sm80 GEMMs), the output
+// extent CUTLASS derives equals the op's (T_in - k) / s + 1, and the output's strides are the packed
+// (B, T_out, C_out) tensor the binding allocates. Exit status: the number of failed checks.
+#include <cstdio>
+
+#include "conv_fprop_sm90.cuh"
+
+namespace {
+
+template <d2v::DType kDType>
+int check(long batch, long samples) {
+  const int kernels[7] = {10, 3, 3, 3, 3, 2, 2}, strides[7] = {5, 2, 2, 2, 2, 2, 2};
+  alignas(16) static char buffer[64];  // only the alignment of the pointers is read
+  int failures = 0;
+  long t = (samples - kernels[0]) / strides[0] + 1;
+  for (int l = 1; l < 7 && t >= kernels[l]; ++l) {
+    const long t_out = (t - kernels[l]) / strides[l] + 1;
+    const d2v::ConvFpropArgs a{buffer, buffer, buffer, static_cast<int>(batch), static_cast<int>(t), 512, 512,
+                               kernels[l], strides[l]};
+    size_t workspace = 0;
+    const cudaError_t err = d2v::conv_fprop_sm90_workspace_typed<kDType>(a, &workspace);
+    const auto args = d2v::hopper_fprop_arguments<kDType>(a);
+    const auto& c = args.problem_shape.shape_C;  // (n, q, k)
+    const auto d = args.epilogue.dD;             // ((q, n), k, l) strides
+    const bool ok = err == cudaSuccess && c[0] == batch && c[1] == t_out && c[2] == 512 &&
+                    cute::get<0, 0>(d) == 512 && cute::get<0, 1>(d) == t_out * 512;
+    std::printf("%s B=%ld T_in=%ld layer %d: T_out %ld, CUTLASS (%d, %d, %d), %s, workspace %zu\n",
+                ok ? "ok  " : "FAIL", batch, t, l, t_out, c[0], c[1], c[2], cudaGetErrorName(err), workspace);
+    failures += !ok;
+    t = t_out;
+  }
+  return failures;
+}
+
+}  // namespace
+
+int main() {
+  int failures = 0;
+  for (const auto& c : {std::pair<long, long>{8, 160000}, {1, 480000}, {2, 400}, {2, 16001}, {3, 160000}}) {
+    failures += check<d2v::DType::kBFloat16>(c.first, c.second);
+    failures += check<d2v::DType::kFloat16>(c.first, c.second);
+  }
+  return failures;
+}
