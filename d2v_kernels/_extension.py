@@ -21,6 +21,8 @@ from types import ModuleType
 import torch
 
 ENV_NO_JIT = "D2V_KERNELS_NO_JIT"
+# "0": the feature extractor's forward convs stay on the Sm80 GEMMs on Hopper too (read at load).
+ENV_HOPPER_CONV = "D2V_KERNELS_HOPPER_CONV"
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 JIT_NAME = "d2v_kernels_C"
 # No -std flag: torch adds the C++ standard its headers need (C++20 for torch 2.14, C++17 before).
@@ -167,6 +169,8 @@ def _resolve() -> None:
                     reasons = [f"d2v_kernels._C not built: JIT build failed ({type(e).__name__}: {first_line})"]
         except ImportError as e:  # built, but for another torch / CUDA
             reasons = [f"d2v_kernels._C failed to import: {e}"]
+        if module is not None and os.environ.get(ENV_HOPPER_CONV, "1") == "0":
+            module.set_sm90_conv(False)
         _state.update(resolved=True, module=module, source=source, reasons=reasons)
 
 
@@ -201,4 +205,9 @@ def build_info() -> dict:
     }
     if mod is not None:
         info["max_channels"] = mod.MAX_CHANNELS
+        if torch.cuda.is_available():
+            # Asks the device which cubin it runs (once; a one-int kernel): whether the feature
+            # extractor's forward convs take the Hopper path here.
+            present = mod.sm90a_present(torch.empty(0, device="cuda"))
+            info["hopper_conv"] = present and mod.sm90_conv_enabled()
     return info

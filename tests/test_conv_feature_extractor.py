@@ -189,6 +189,27 @@ def test_cutlass_headers_are_found_from_cutlass_path_or_the_wheel_and_missing_is
     assert _extension._jit_reasons() == ["not prebuilt and CUTLASS headers not found (pip install nvidia-cutlass)"]
 
 
+@pytest.mark.parametrize("env", [None, "1", "0"])
+def test_hopper_conv_env_turns_it_off_when_the_extension_loads(env, monkeypatch):
+    """D2V_KERNELS_HOPPER_CONV=0 keeps the feature extractor's forward convs on the Sm80 GEMMs: the
+    extension's switch is set as it loads (a stand-in module here), and left alone otherwise."""
+    import types
+
+    calls = []
+    fake = types.SimpleNamespace(set_sm90_conv=calls.append, MAX_CHANNELS=512)
+    import_module = importlib.import_module
+    monkeypatch.setattr(_extension, "_state", {"resolved": False, "module": None, "source": None, "reasons": []})
+    monkeypatch.setattr(
+        _extension.importlib, "import_module", lambda name: fake if name == "d2v_kernels._C" else import_module(name)
+    )
+    if env is None:
+        monkeypatch.delenv(_extension.ENV_HOPPER_CONV, raising=False)
+    else:
+        monkeypatch.setenv(_extension.ENV_HOPPER_CONV, env)
+    assert _extension.module() is fake and _extension.build_info()["source"] == "prebuilt"
+    assert calls == ([False] if env == "0" else [])
+
+
 def test_jit_build_targets_sm90a_on_hopper_and_keeps_the_users_arch_list(monkeypatch):
     """The JIT build compiles the Hopper conv kernels (wgmma, TMA) only for sm_90a, which torch never
     picks by itself: an H100 gets 9.0a, other devices their own capability, a set

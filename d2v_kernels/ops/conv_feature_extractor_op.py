@@ -32,8 +32,6 @@ traced calls one custom op a layer.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -99,25 +97,12 @@ def output_length(length: int, kernels, strides) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-ENV_HOPPER_CONV = "D2V_KERNELS_HOPPER_CONV"
-_hopper_conv = {"env_read": False}
-
-
-def _extension():
-    """The extension, with ``D2V_KERNELS_HOPPER_CONV`` applied at its first use."""
-    ext = extension_module()
-    if not _hopper_conv["env_read"]:
-        _hopper_conv["env_read"] = True
-        if os.environ.get(ENV_HOPPER_CONV, "1") == "0":
-            ext.set_sm90_conv(False)
-    return ext
-
-
 def set_hopper_conv(enabled: bool) -> None:
     """Whether the ``cuda`` backend runs layers 1..'s forward conv as CUTLASS 3's Hopper conv where
     the device runs it (the default) or always as the Sm80 GEMMs (``False``: what other GPUs run;
-    for comparisons). Process-wide; raises RuntimeError without the extension."""
-    _extension().set_sm90_conv(bool(enabled))
+    for comparisons). Process-wide, as ``D2V_KERNELS_HOPPER_CONV=0`` at the extension's load; raises
+    RuntimeError without the extension."""
+    extension_module().set_sm90_conv(bool(enabled))
 
 
 def cuda_forward_conv(wave: Tensor, conv_biases: list[Tensor | None] | None = None) -> str:
@@ -126,7 +111,7 @@ def cuda_forward_conv(wave: Tensor, conv_biases: list[Tensor | None] | None = No
     as the extension decides (csrc/binding.cpp, sm90_conv_applies): Hopper for fp16 / bf16 without
     conv biases on a device running the sm_90a cubins, while :func:`set_hopper_conv` allows it. The
     first call on a device asks the device (a one-int kernel and a read back)."""
-    ext = _extension()
+    ext = extension_module()
     has_bias = conv_biases is not None and any(b is not None for b in conv_biases)
     hopper = ext.sm90_conv_enabled() and not has_bias and wave.dtype != torch.float32 and ext.sm90a_present(wave)
     return "sm90a_conv" if hopper else "sm80_gemm"
@@ -144,7 +129,7 @@ def _conv_feature_extractor_cuda(
 ) -> Tensor:
     """Fused forward: wave (B, S) -> (B, T, C_last). ``conv_biases`` is [] for bias-free convs.
     Keeps nothing: its backward reruns the forward keeping the conv outputs."""
-    ext = _extension()
+    ext = extension_module()
     return ext.forward(wave, conv_weights, ln_weights, ln_biases, conv_biases, strides, eps, False)[0]
 
 
@@ -167,7 +152,7 @@ def _conv_feature_extractor_cuda_train(
     """The training forward: [output (B, T, C_last), z_1, ..., z_{n-1}], z_i (B, T_i, C_i) layer i's
     conv output before its LayerNorm (layer 0's is recomputed from the waveform): the one tensor a
     layer that the backward keeps."""
-    ext = _extension()
+    ext = extension_module()
     return list(ext.forward(wave, conv_weights, ln_weights, ln_biases, conv_biases, strides, eps, True))
 
 
