@@ -111,7 +111,7 @@ const void* optional_ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr(
 // (batch, k, n), d (batch, m, n) row-major. The views are those of d2v_kernels/ops/_conv_gemm_plan.py;
 // their strides give the GEMM's leading dimensions and the layouts `which` expects.
 void conv_gemm(d2v::ConvGemm which, const at::Tensor& a, const at::Tensor& b, const at::Tensor& d,
-               const at::Tensor& bias, cudaStream_t stream, size_t layer) {
+               const at::Tensor& bias, cudaStream_t stream, size_t layer, bool hopper = false) {
   const bool a_row = which != d2v::ConvGemm::kWeightGrad;
   const bool b_row = which != d2v::ConvGemm::kForward;
   const int64_t b_batch_stride = b.dim() == 3 ? b.stride(0) : 0;
@@ -135,6 +135,13 @@ void conv_gemm(d2v::ConvGemm which, const at::Tensor& a, const at::Tensor& b, co
   args.d = d.data_ptr();
   args.ldd = d.stride(1);
   args.batch_stride_d = d.stride(0);
+  if (hopper) {
+    const cudaError_t err = d2v::launch_conv_gemm_sm90(kernel_dtype(a), which, args, stream);
+    if (err != cudaErrorNotSupported) {
+      check_launch(err, "Hopper GEMM", layer);
+      return;
+    }
+  }
   check_launch(d2v::launch_conv_gemm(kernel_dtype(a), which, args, stream), "GEMM", layer);
 }
 
@@ -227,11 +234,15 @@ bool conv_forward_sm90(const at::Tensor& x, const at::Tensor& w_t, const at::Ten
   return true;
 }
 
-// Whether layer i >= 1's forward runs on Hopper: enabled, fp16 or bf16, no conv bias, a device
-// running the sm_90a cubins. The Python op asks the same (sm90_conv_path) to report the path.
-bool sm90_conv_applies(const at::Tensor& x, const Layer& l) {
-  return sm90_conv_enabled.load() && !l.bias.defined() && x.scalar_type() != at::kFloat && sm90a_present(x);
+// Whether the backward GEMMs run on Hopper (conv_gemm_sm90.cuh): enabled, fp16 or bf16, a device
+// running the sm_90a cubins.
+bool sm90_gemm_applies(const at::Tensor& x) {
+  return sm90_conv_enabled.load() && x.scalar_type() != at::kFloat && sm90a_present(x);
 }
+
+// Whether layer i >= 1's forward runs on Hopper: as the GEMMs, and no conv bias. The Python op asks
+// the same (conv_feature_extractor_op.cuda_forward_conv) to report the path.
+bool sm90_conv_applies(const at::Tensor& x, const Layer& l) { return !l.bias.defined() && sm90_gemm_applies(x); }
 
 // Forward GEMM of layer i >= 1: z = conv_rows(x) @ W' (+ bias), W' the weight as (k * C_in, C_out)
 // column-major over its (C_out, k, C_in) copy (_conv_gemm_plan.weight_matrix); on Hopper the same
@@ -263,9 +274,10 @@ at::Tensor conv_input_grad(const at::Tensor& padded, const Layer& l, int64_t t_o
   const int64_t read = s * (t_out - 1) + k;  // frames past it feed no output frame
   if (read < t_in) dx.narrow(1, read, t_in - read).zero_();
   const at::Tensor w_t = l.weight.permute({0, 2, 1}).contiguous();  // (C_out, k, C_in)
+  const bool hopper = sm90_gemm_applies(padded);
   if (k == s) {
     const at::Tensor d = dx.as_strided({batch, t_out, k * c_in}, {t_in * c_in, k * c_in, 1}, dx.storage_offset());
-    conv_gemm(d2v::ConvGemm::kInputGrad, padded, w_t.view({c_out, k * c_in}), d, {}, stream, layer);
+    conv_gemm(d2v::ConvGemm::kInputGrad, padded, w_t.view({c_out, k * c_in}), d, {}, stream, layer, hopper);
     return dx;
   }
   for (int64_t r = 0; r < s; ++r) {
@@ -277,7 +289,7 @@ at::Tensor conv_input_grad(const at::Tensor& padded, const Layer& l, int64_t t_o
     const at::Tensor a = padded.as_strided({batch, rows, taps * c_out}, {frames * c_out, c_out, 1},
                                            padded.storage_offset() + first_row * c_out);
     const at::Tensor d = dx.as_strided({batch, rows, c_in}, {t_in * c_in, s * c_in, 1}, dx.storage_offset() + r * c_in);
-    conv_gemm(d2v::ConvGemm::kInputGrad, a, b, d, {}, stream, layer);
+    conv_gemm(d2v::ConvGemm::kInputGrad, a, b, d, {}, stream, layer, hopper);
   }
   return dx;
 }
@@ -289,7 +301,8 @@ at::Tensor conv_weight_grad(const at::Tensor& x, const at::Tensor& dz, const Lay
   const int64_t batch = x.size(0), t_out = dz.size(1), c_in = x.size(2);
   const at::Tensor rows = conv_rows(x, l.kernel, l.stride, t_out);
   at::Tensor partials = at::empty({batch, l.kernel * c_in, l.c_out}, x.options().dtype(at::kFloat));
-  conv_gemm(d2v::ConvGemm::kWeightGrad, rows.transpose(1, 2), dz, partials, {}, stream, layer);
+  conv_gemm(d2v::ConvGemm::kWeightGrad, rows.transpose(1, 2), dz, partials, {}, stream, layer,
+            sm90_gemm_applies(x));
   return partials.sum(0).view({l.kernel, c_in, l.c_out}).permute({2, 1, 0}).to(x.scalar_type()).contiguous();
 }
 

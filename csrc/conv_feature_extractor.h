@@ -65,6 +65,12 @@ enum class ConvGemm : int { kForward = 0, kInputGrad = 1, kWeightGrad = 2 };
 
 cudaError_t launch_conv_gemm(DType dtype, ConvGemm which, const GemmArgs& args, cudaStream_t stream);
 
+// The input-gradient and weight-gradient GEMMs on Hopper (conv_gemm_sm90.cuh: wgmma, cp.async
+// loads), the same arguments and results as launch_conv_gemm's; fp16 / bf16 only.
+// cudaErrorNotSupported for the forward, fp32, or a problem CUTLASS cannot implement (the caller
+// runs launch_conv_gemm). Launch only where launch_sm90a_probe says the sm_90a kernels are present.
+cudaError_t launch_conv_gemm_sm90(DType dtype, ConvGemm which, const GemmArgs& args, cudaStream_t stream);
+
 // The forward conv of layers 1..n-1 on Hopper (conv_fprop_sm90.cuh): out (B, T_out, C_out) = the
 // conv of x (B, T_in, C_in) with weight (C_out, k, C_in), all packed channels-last, no bias,
 // T_out = (T_in - k) / stride + 1. fp16 and bf16 only; C_in and C_out multiples of kGemmAlignment,

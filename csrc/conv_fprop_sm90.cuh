@@ -42,7 +42,7 @@ cudaError_t conv_fprop_sm90_typed(const ConvFpropArgs&, void*, size_t, cudaStrea
 #include <cutlass/conv/collective/collective_builder.hpp>
 #include <cutlass/epilogue/collective/collective_builder.hpp>
 
-#include "cutlass_element.cuh"
+#include "cutlass_common.cuh"
 
 namespace d2v {
 
@@ -111,14 +111,7 @@ cudaError_t conv_fprop_sm90_typed(const ConvFpropArgs& a, void* workspace, size_
   const cudaError_t err = conv_fprop_sm90_workspace_typed<kDType>(a, &needed);
   if (err != cudaSuccess) return err;
   if (workspace_bytes < needed) return cudaErrorInvalidValue;
-  Conv conv;
-  cutlass::Status status = conv.initialize(hopper_fprop_arguments<kDType>(a), workspace, stream);
-  if (status == cutlass::Status::kSuccess) status = conv.run(stream);
-  if (status != cutlass::Status::kSuccess) {
-    const cudaError_t last = cudaGetLastError();
-    return last != cudaSuccess ? last : cudaErrorLaunchFailure;
-  }
-  return cudaSuccess;
+  return initialize_and_run<Conv>(hopper_fprop_arguments<kDType>(a), workspace, stream);
 }
 
 }  // namespace d2v

@@ -12,7 +12,7 @@
 #include <cutlass/layout/matrix.h>
 
 #include "conv_feature_extractor.h"
-#include "cutlass_element.cuh"
+#include "cutlass_common.cuh"
 
 namespace d2v {
 
@@ -69,16 +69,9 @@ cudaError_t run_gemm(const GemmArgs& g, cudaStream_t stream) {
   typename Gemm::Arguments arguments(cutlass::gemm::GemmUniversalMode::kBatched, {g.m, g.n, g.k}, g.batch,
                                      {1.0f, beta}, g.a, g.b, g.bias, g.d, g.batch_stride_a, g.batch_stride_b, 0,
                                      g.batch_stride_d, g.lda, g.ldb, 0, g.ldd);
-  Gemm gemm;
-  if (gemm.can_implement(arguments) != cutlass::Status::kSuccess) return cudaErrorInvalidValue;
+  if (Gemm::can_implement(arguments) != cutlass::Status::kSuccess) return cudaErrorInvalidValue;
   // Batched mode needs no workspace (only the split-K modes do).
-  cutlass::Status status = gemm.initialize(arguments, nullptr, stream);
-  if (status == cutlass::Status::kSuccess) status = gemm.run(stream);
-  if (status != cutlass::Status::kSuccess) {
-    const cudaError_t err = cudaGetLastError();
-    return err != cudaSuccess ? err : cudaErrorLaunchFailure;
-  }
-  return cudaSuccess;
+  return initialize_and_run<Gemm>(arguments, nullptr, stream);
 }
 
 template <DType kDType>

@@ -481,9 +481,10 @@ def test_cuda_forward_and_gradients_match_float64(dtype, samples):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("samples", [16001, 160000])
 def test_cuda_hopper_conv_and_sm80_gemms_both_match_float64(dtype, samples):
-    """On an H100 the extension's forward convs of layers 1.. are CUTLASS 3's sm_90a conv (where the
-    build has sm_90a: the wheel, a JIT build there); elsewhere, and with set_hopper_conv(False), the
-    Sm80 GEMMs. Both forwards, and the backward after each, against float64."""
+    """On an H100 the extension's forward convs of layers 1.. are CUTLASS 3's sm_90a conv and its
+    backward GEMMs CUTLASS 3's sm_90a GEMMs (where the build has sm_90a: the wheel, a JIT build
+    there); elsewhere, and with set_hopper_conv(False), the Sm80 GEMMs. Both paths, forward and
+    backward, against float64."""
     from d2v_kernels.ops import conv_feature_extractor_op as cfe
 
     params = make_params(**BASE, device="cuda")

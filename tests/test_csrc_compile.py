@@ -5,8 +5,8 @@ The kernels include no torch header, so this runs where torch is a CPU build. Th
 (csrc/binding.cpp, the one file that includes torch, and the GEMMs' dtype dispatch) are compiled
 only by real builds (scripts/check_extension_build).
 
-The translation units that include CUTLASS (the conv GEMMs and the Hopper conv forward, one per
-dtype) take tens of seconds each and need its headers (``pip install nvidia-cutlass``): they are marked slow, out of the CI run
+The translation units that include CUTLASS (the conv GEMMs, the Hopper conv forward and backward
+GEMMs, one per dtype) take tens of seconds each and need its headers (``pip install nvidia-cutlass``): they are marked slow, out of the CI run
 (``-m "not slow"``). CUTLASS's include directory is a system one (``-isystem``), so its headers'
 warnings are not ours; ours stay errors.
 """
@@ -74,14 +74,16 @@ def _compile(source: Path, out_dir: Path, extra=()) -> subprocess.CompletedProce
 def test_there_are_cuda_sources():
     assert PLAIN_SOURCES, f"no .cu files in {CSRC}"
     assert (CSRC / "binding.cpp").exists()
-    # the conv GEMMs and the Hopper conv forward: one CUTLASS translation unit per dtype (conv_gemm.cpp,
-    # host code, dispatches)
+    # the conv GEMMs, the Hopper conv forward and backward GEMMs: one CUTLASS translation unit per dtype
+    # (conv_gemm.cpp, host code, dispatches)
     assert {p.name for p in CUTLASS_SOURCES} == {
         "conv_gemm_f16.cu",
         "conv_gemm_bf16.cu",
         "conv_gemm_f32.cu",
         "conv_fprop_sm90_f16.cu",
         "conv_fprop_sm90_bf16.cu",
+        "conv_gemm_sm90_f16.cu",
+        "conv_gemm_sm90_bf16.cu",
     }
 
 
@@ -134,19 +136,19 @@ def _check_compile(source: Path, result: subprocess.CompletedProcess) -> None:
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found (set CUDA_HOME)")
 def test_hopper_conv_takes_every_data2vec_layer_shape_on_the_host(tmp_path):
     """CUTLASS's host-side checks (can_implement: TMA alignment, im2col corners and offsets) accept the
-    Hopper conv at every layer of the base feature encoder, B=8 x 10 s, B=1 x 30 s and short odd
-    waves, so the extension takes it there instead of falling back to the Sm80 GEMMs; the output
-    extent and strides CUTLASS derives are the (B, T_out, C_out) tensor the binding allocates. Host
-    code only: it runs without a GPU (tests/csrc/hopper_conv_host_check.cu)."""
+    Hopper conv and the Hopper backward GEMMs at every layer of the base feature encoder, B=8 x 10 s,
+    B=1 x 30 s and short odd waves, so the extension takes them there instead of falling back to the
+    Sm80 GEMMs; the output extent and strides CUTLASS derives are the (B, T_out, C_out) tensor the
+    binding allocates. Host code only: it runs without a GPU (tests/csrc/hopper_*_host_check.cu)."""
     flags = _cutlass_flags()
     if flags is None:
         pytest.skip("CUTLASS headers not found (pip install nvidia-cutlass)")
-    source = Path(__file__).resolve().parent / "csrc" / "hopper_conv_host_check.cu"
-    binary = tmp_path / "hopper_conv_host_check"
+    sources = [Path(__file__).resolve().parent / "csrc" / f"hopper_{part}_host_check.cu" for part in ("conv", "gemm")]
+    binary = tmp_path / "hopper_host_check"
     cmd = [NVCC, "-std=c++17", "-O1", "-DNDEBUG", "--expt-relaxed-constexpr", *flags, f"-I{CSRC}"]
-    cmd += ["-gencode=arch=compute_90a,code=sm_90a", str(source), "-o", str(binary)]
+    cmd += ["-gencode=arch=compute_90a,code=sm_90a", *map(str, sources), "-o", str(binary)]
     built = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert built.returncode == 0, built.stdout + built.stderr
     run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=60)
     lines = run.stdout.splitlines()
-    assert run.returncode == 0 and len(lines) == 60 and all(line.startswith("ok") for line in lines), run.stdout
+    assert run.returncode == 0 and len(lines) == 120 and all(line.startswith("ok") for line in lines), run.stdout

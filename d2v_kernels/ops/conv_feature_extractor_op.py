@@ -14,10 +14,10 @@ later layer's conv output (``conv_feature_extractor_cuda_train``), and recompute
 the weight gradients read. The op called without keeping them reruns the forward in its backward.
 fp16 and bf16 run tensor cores and need channel counts that are multiples of 8; fp32 runs a SIMT
 GEMM. On a device that runs the build's sm_90a cubins (an H100 with a wheel from setup.py, or a JIT
-build there), fp16 and bf16 layers without a conv bias run their forward conv as CUTLASS 3's Hopper
-implicit-GEMM convolution instead (TMA im2col loads, wgmma): :func:`cuda_forward_conv` says which,
-:func:`set_hopper_conv` (or ``D2V_KERNELS_HOPPER_CONV=0``) turns it off. The backward's GEMMs are
-the Sm80 ones everywhere.
+build there), fp16 and bf16 run Hopper kernels instead: layers without a conv bias their forward conv
+as CUTLASS 3's implicit-GEMM convolution (TMA im2col loads, wgmma; :func:`cuda_forward_conv` says
+which), every layer its backward GEMMs as CUTLASS 3 wgmma GEMMs with cp.async loads (the same
+views). :func:`set_hopper_conv` (or ``D2V_KERNELS_HOPPER_CONV=0``) keeps the Sm80 GEMMs.
 
 The ``triton`` backend (the default on CUDA meanwhile; ``ops/_conv_feature_extractor_triton.py``)
 runs layer 0 (conv on the waveform, LayerNorm, GELU) as one Triton kernel, so the largest activation
@@ -98,9 +98,9 @@ def output_length(length: int, kernels, strides) -> int:
 
 
 def set_hopper_conv(enabled: bool) -> None:
-    """Whether the ``cuda`` backend runs layers 1..'s forward conv as CUTLASS 3's Hopper conv where
-    the device runs it (the default) or always as the Sm80 GEMMs (``False``: what other GPUs run;
-    for comparisons). Process-wide, as ``D2V_KERNELS_HOPPER_CONV=0`` at the extension's load; raises
+    """Whether the ``cuda`` backend runs layers 1..'s forward conv and backward GEMMs as CUTLASS 3's
+    Hopper kernels where the device runs them (the default) or always as the Sm80 GEMMs (``False``:
+    what other GPUs run; for comparisons). Process-wide, as ``D2V_KERNELS_HOPPER_CONV=0`` at the extension's load; raises
     RuntimeError without the extension."""
     extension_module().set_sm90_conv(bool(enabled))
 

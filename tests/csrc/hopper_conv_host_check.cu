@@ -1,11 +1,19 @@
-// Host-side check of the Hopper conv (csrc/conv_fprop_sm90.cuh) at every layer shape of Data2Vec's
-// feature encoder, run on a machine without a GPU (tests/test_csrc_compile.py): CUTLASS's
-// can_implement takes each (so the extension does not fall back to the Sm80 GEMMs), the output
-// extent CUTLASS derives equals the op's (T_in - k) / s + 1, and the output's strides are the packed
-// (B, T_out, C_out) tensor the binding allocates. Exit status: the number of failed checks.
+// Host-side check of the Hopper kernels (csrc/conv_fprop_sm90.cuh; csrc/conv_gemm_sm90.cuh through
+// hopper_gemm_host_check.cu, built into the same program) at every
+// layer shape of Data2Vec's feature encoder, run on a machine without a GPU (tests/test_csrc_compile.py,
+// scripts/check_extension_build): CUTLASS's can_implement takes the forward conv and the backward
+// GEMMs over the views csrc/binding.cpp makes (so the extension does not fall back to the Sm80
+// GEMMs), the output extent the conv derives equals the op's (T_in - k) / s + 1, and its output's
+// strides are the packed (B, T_out, C_out) tensor the binding allocates. Exit status: the number of
+// failed checks.
 #include <cstdio>
 
 #include "conv_fprop_sm90.cuh"
+
+// In hopper_gemm_host_check.cu: CUTLASS 3's conv and GEMM kernel headers cannot share a
+// translation unit (their GemmUniversal specializations collide), as in csrc/.
+template <d2v::DType kDType>
+int backward_gemms(long batch, long t_in, long t_out, int k, int s, const void* p);
 
 namespace {
 
@@ -29,6 +37,9 @@ int check(long batch, long samples) {
     std::printf("%s B=%ld T_in=%ld layer %d: T_out %ld, CUTLASS (%d, %d, %d), %s, workspace %zu\n",
                 ok ? "ok  " : "FAIL", batch, t, l, t_out, c[0], c[1], c[2], cudaGetErrorName(err), workspace);
     failures += !ok;
+    const int backward = backward_gemms<kDType>(batch, t, t_out, kernels[l], strides[l], buffer);
+    std::printf("%s B=%ld T_in=%ld layer %d: backward GEMMs\n", backward == 0 ? "ok  " : "FAIL", batch, t, l);
+    failures += backward != 0;
     t = t_out;
   }
   return failures;
