@@ -103,19 +103,17 @@ def encoder_fn(encoder, impl: str):
 
 @contextlib.contextmanager
 def _hopper_conv(applies: bool, enabled: bool):
-    """The cuda backend's Hopper conv on or off for a call (restored after)."""
+    """The cuda backend's Hopper kernels on or off for a call (restored after)."""
     if not applies:
         yield
         return
-    from d2v_kernels._extension import module
+    from d2v_kernels.ops.conv_feature_extractor_op import set_hopper_conv
 
-    ext = module()
-    before = ext.sm90_conv_enabled()
-    ext.set_sm90_conv(enabled)
+    before = set_hopper_conv(enabled)
     try:
         yield
     finally:
-        ext.set_sm90_conv(before)
+        set_hopper_conv(before)
 
 
 def _channels_last_encoder(layers, wave):

@@ -173,8 +173,9 @@ void ln_gelu(const at::Tensor& z, const Layer& l, const at::Tensor& out, double 
                "LayerNorm + GELU", layer);
 }
 
-// Whether layers 1.. run their forward conv on Hopper (conv_fprop_sm90.cuh) where they can; the
-// Sm80 GEMMs when off (set_sm90_conv: benchmarks compare the two in one process).
+// Whether layers 1.. run their forward conv and backward GEMMs on Hopper (conv_fprop_sm90.cuh,
+// conv_gemm_sm90.cuh) where they can; the Sm80 GEMMs when off (set_sm90_conv: benchmarks compare the
+// two in one process).
 std::atomic<bool> sm90_conv_enabled{true};
 
 // Per device: -1 not asked yet, 0 / 1 what launch_sm90a_probe answered.
@@ -223,14 +224,9 @@ bool conv_forward_sm90(const at::Tensor& x, const at::Tensor& w_t, const at::Ten
                           static_cast<int>(l.c_out),
                           static_cast<int>(l.kernel),
                           static_cast<int>(l.stride)};
-  size_t bytes = 0;
-  const d2v::DType dtype = kernel_dtype(x);
-  const cudaError_t err = d2v::conv_fprop_sm90_workspace(dtype, args, &bytes);
+  const cudaError_t err = d2v::launch_conv_fprop_sm90(kernel_dtype(x), args, stream);
   if (err == cudaErrorNotSupported) return false;
   check_launch(err, "Hopper conv", layer);
-  const at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));
-  check_launch(d2v::launch_conv_fprop_sm90(dtype, args, bytes > 0 ? workspace.data_ptr() : nullptr, bytes, stream),
-               "Hopper conv", layer);
   return true;
 }
 
@@ -240,8 +236,8 @@ bool sm90_gemm_applies(const at::Tensor& x) {
   return sm90_conv_enabled.load() && x.scalar_type() != at::kFloat && sm90a_present(x);
 }
 
-// Whether layer i >= 1's forward runs on Hopper: as the GEMMs, and no conv bias. The Python op asks
-// the same (conv_feature_extractor_op.cuda_forward_conv) to report the path.
+// Whether layer i >= 1's forward runs on Hopper: as the GEMMs, and no conv bias (the Python op's
+// cuda_forward_conv asks sm90_gemm_applies and the bias).
 bool sm90_conv_applies(const at::Tensor& x, const Layer& l) { return !l.bias.defined() && sm90_gemm_applies(x); }
 
 // Forward GEMM of layer i >= 1: z = conv_rows(x) @ W' (+ bias), W' the weight as (k * C_in, C_out)
@@ -469,13 +465,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("wave"), py::arg("conv_weights"), py::arg("ln_weights"), py::arg("ln_biases"), py::arg("conv_biases"),
         py::arg("conv_outputs"), py::arg("strides"), py::arg("eps"), py::arg("lowest"), py::arg("wave_grad"));
   m.def(
-      "set_sm90_conv", [](bool enabled) { sm90_conv_enabled.store(enabled); },
-      "Run layers 1..'s forward conv on Hopper where it applies (default) or always on the Sm80 GEMMs",
+      "set_sm90_conv", [](bool enabled) { return sm90_conv_enabled.exchange(enabled); },
+      "Run layers 1..'s forward conv and backward GEMMs on Hopper where they apply (default) or always on "
+      "the Sm80 GEMMs; returns the previous setting",
       py::arg("enabled"));
-  m.def(
-      "sm90_conv_enabled", []() { return sm90_conv_enabled.load(); }, "Whether set_sm90_conv is on");
-  m.def("sm90a_present", &sm90a_present,
-        "Whether the tensor's device runs this build's sm_90a kernels (asked of the device once)", py::arg("like"));
+  m.def("sm90_applies", &sm90_gemm_applies,
+        "Whether the Hopper kernels run for a tensor like this one: enabled, fp16 or bf16, a device running "
+        "this build's sm_90a cubins (asked of the device once)",
+        py::arg("like"));
   m.attr("MAX_CHANNELS") = d2v::kMaxChannels;
   m.attr("MAX_LAYER0_KERNEL") = d2v::kMaxLayer0Kernel;
   m.attr("MAX_LAYER0_STRIDE") = d2v::kMaxLayer0Stride;

@@ -74,9 +74,9 @@ cudaError_t launch_conv_gemm_sm90(DType dtype, ConvGemm which, const GemmArgs& a
 // The forward conv of layers 1..n-1 on Hopper (conv_fprop_sm90.cuh): out (B, T_out, C_out) = the
 // conv of x (B, T_in, C_in) with weight (C_out, k, C_in), all packed channels-last, no bias,
 // T_out = (T_in - k) / stride + 1. fp16 and bf16 only; C_in and C_out multiples of kGemmAlignment,
-// pointers 16-byte aligned. conv_fprop_sm90_workspace: cudaSuccess and the size of the workspace
-// the launch needs, or cudaErrorNotSupported where CUTLASS cannot implement the problem (the caller
-// runs the GEMM path). Launch only where launch_sm90a_probe says the sm_90a kernels are present.
+// pointers 16-byte aligned. cudaErrorNotSupported (nothing launched) where CUTLASS cannot implement
+// the problem: the caller runs the GEMM path. Launch only where launch_sm90a_probe says the sm_90a
+// kernels are present.
 struct ConvFpropArgs {
   const void* x;
   const void* weight;
@@ -84,9 +84,7 @@ struct ConvFpropArgs {
   int batch, t_in, c_in, c_out, kernel, stride;
 };
 
-cudaError_t conv_fprop_sm90_workspace(DType dtype, const ConvFpropArgs& args, size_t* workspace_bytes);
-cudaError_t launch_conv_fprop_sm90(DType dtype, const ConvFpropArgs& args, void* workspace, size_t workspace_bytes,
-                                   cudaStream_t stream);
+cudaError_t launch_conv_fprop_sm90(DType dtype, const ConvFpropArgs& args, cudaStream_t stream);
 
 // Writes 1 into *flag (device memory) when the device runs this extension's sm_90a cubins (the
 // wgmma / TMA kernels exist there), 0 when it runs another architecture's, where they are compiled

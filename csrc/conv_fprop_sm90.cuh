@@ -8,8 +8,8 @@
 // The kernel body exists only in an sm_90a cubin (CUTLASS compiles it out for other targets, leaving
 // a kernel that prints an error and writes nothing): the binding asks the device which cubin it runs
 // (arch_probe.cu) and takes this path only where it is sm_90a. A build without sm_90a among its
-// targets (no D2V_SM90A_CONV, which the build defines with it) compiles no CUTLASS here: the two
-// functions answer cudaErrorNotSupported.
+// targets (no D2V_SM90A_CONV, which the build defines with it) compiles no CUTLASS here: the
+// launcher answers cudaErrorNotSupported.
 #pragma once
 
 #include "conv_feature_extractor.h"
@@ -19,12 +19,7 @@
 namespace d2v {
 
 template <DType kDType>
-cudaError_t conv_fprop_sm90_workspace_typed(const ConvFpropArgs&, size_t*) {
-  return cudaErrorNotSupported;
-}
-
-template <DType kDType>
-cudaError_t conv_fprop_sm90_typed(const ConvFpropArgs&, void*, size_t, cudaStream_t) {
+cudaError_t conv_fprop_sm90_typed(const ConvFpropArgs&, cudaStream_t) {
   return cudaErrorNotSupported;
 }
 
@@ -87,9 +82,10 @@ typename HopperFprop<kDType>::Conv::Arguments hopper_fprop_arguments(const ConvF
           {{1.0f, 0.0f}, nullptr, stride_d, static_cast<Element*>(a.out), stride_d}};
 }
 
-// cudaSuccess and the workspace size of the launch, or why it cannot run this problem.
+// The launch, or why it cannot run this problem: cudaErrorNotSupported where CUTLASS cannot implement
+// it or it would need a workspace (this non-persistent kernel needs none).
 template <DType kDType>
-cudaError_t conv_fprop_sm90_workspace_typed(const ConvFpropArgs& a, size_t* workspace_bytes) {
+cudaError_t conv_fprop_sm90_typed(const ConvFpropArgs& a, cudaStream_t stream) {
   using Conv = typename HopperFprop<kDType>::Conv;
   constexpr int kAlign = HopperFprop<kDType>::kAlignment;
   if (a.batch <= 0 || a.t_in < a.kernel || a.kernel <= 0 || a.stride <= 0) return cudaErrorInvalidValue;
@@ -98,20 +94,10 @@ cudaError_t conv_fprop_sm90_workspace_typed(const ConvFpropArgs& a, size_t* work
     return cudaErrorMisalignedAddress;
   }
   const auto arguments = hopper_fprop_arguments<kDType>(a);
-  if (Conv::can_implement(arguments) != cutlass::Status::kSuccess) return cudaErrorNotSupported;
-  *workspace_bytes = Conv::get_workspace_size(arguments);
-  return cudaSuccess;
-}
-
-template <DType kDType>
-cudaError_t conv_fprop_sm90_typed(const ConvFpropArgs& a, void* workspace, size_t workspace_bytes,
-                                  cudaStream_t stream) {
-  using Conv = typename HopperFprop<kDType>::Conv;
-  size_t needed = 0;
-  const cudaError_t err = conv_fprop_sm90_workspace_typed<kDType>(a, &needed);
-  if (err != cudaSuccess) return err;
-  if (workspace_bytes < needed) return cudaErrorInvalidValue;
-  return initialize_and_run<Conv>(hopper_fprop_arguments<kDType>(a), workspace, stream);
+  if (Conv::can_implement(arguments) != cutlass::Status::kSuccess || Conv::get_workspace_size(arguments) != 0) {
+    return cudaErrorNotSupported;
+  }
+  return initialize_and_run<Conv>(arguments, nullptr, stream);
 }
 
 }  // namespace d2v

@@ -15,20 +15,15 @@ extern template cudaError_t launch_conv_gemm_typed<DType::kBFloat16>(ConvGemm, c
 extern template cudaError_t launch_conv_gemm_typed<DType::kFloat32>(ConvGemm, const GemmArgs&, cudaStream_t);
 
 template <DType kDType>
-cudaError_t conv_fprop_sm90_workspace_typed(const ConvFpropArgs& args, size_t* workspace_bytes);
-template <DType kDType>
-cudaError_t conv_fprop_sm90_typed(const ConvFpropArgs& args, void* workspace, size_t workspace_bytes,
-                                  cudaStream_t stream);
+cudaError_t conv_fprop_sm90_typed(const ConvFpropArgs& args, cudaStream_t stream);
 
 template <DType kDType>
 cudaError_t launch_conv_gemm_sm90_typed(ConvGemm which, const GemmArgs& args, cudaStream_t stream);
 
 extern template cudaError_t launch_conv_gemm_sm90_typed<DType::kFloat16>(ConvGemm, const GemmArgs&, cudaStream_t);
 extern template cudaError_t launch_conv_gemm_sm90_typed<DType::kBFloat16>(ConvGemm, const GemmArgs&, cudaStream_t);
-extern template cudaError_t conv_fprop_sm90_workspace_typed<DType::kFloat16>(const ConvFpropArgs&, size_t*);
-extern template cudaError_t conv_fprop_sm90_workspace_typed<DType::kBFloat16>(const ConvFpropArgs&, size_t*);
-extern template cudaError_t conv_fprop_sm90_typed<DType::kFloat16>(const ConvFpropArgs&, void*, size_t, cudaStream_t);
-extern template cudaError_t conv_fprop_sm90_typed<DType::kBFloat16>(const ConvFpropArgs&, void*, size_t, cudaStream_t);
+extern template cudaError_t conv_fprop_sm90_typed<DType::kFloat16>(const ConvFpropArgs&, cudaStream_t);
+extern template cudaError_t conv_fprop_sm90_typed<DType::kBFloat16>(const ConvFpropArgs&, cudaStream_t);
 
 cudaError_t launch_conv_gemm(DType dtype, ConvGemm which, const GemmArgs& args, cudaStream_t stream) {
   switch (dtype) {
@@ -54,25 +49,12 @@ cudaError_t launch_conv_gemm_sm90(DType dtype, ConvGemm which, const GemmArgs& a
   return cudaErrorInvalidValue;
 }
 
-cudaError_t conv_fprop_sm90_workspace(DType dtype, const ConvFpropArgs& args, size_t* workspace_bytes) {
+cudaError_t launch_conv_fprop_sm90(DType dtype, const ConvFpropArgs& args, cudaStream_t stream) {
   switch (dtype) {
     case DType::kFloat16:
-      return conv_fprop_sm90_workspace_typed<DType::kFloat16>(args, workspace_bytes);
+      return conv_fprop_sm90_typed<DType::kFloat16>(args, stream);
     case DType::kBFloat16:
-      return conv_fprop_sm90_workspace_typed<DType::kBFloat16>(args, workspace_bytes);
-    case DType::kFloat32:
-      return cudaErrorNotSupported;
-  }
-  return cudaErrorInvalidValue;
-}
-
-cudaError_t launch_conv_fprop_sm90(DType dtype, const ConvFpropArgs& args, void* workspace, size_t workspace_bytes,
-                                   cudaStream_t stream) {
-  switch (dtype) {
-    case DType::kFloat16:
-      return conv_fprop_sm90_typed<DType::kFloat16>(args, workspace, workspace_bytes, stream);
-    case DType::kBFloat16:
-      return conv_fprop_sm90_typed<DType::kBFloat16>(args, workspace, workspace_bytes, stream);
+      return conv_fprop_sm90_typed<DType::kBFloat16>(args, stream);
     case DType::kFloat32:
       return cudaErrorNotSupported;
   }

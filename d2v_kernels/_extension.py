@@ -21,7 +21,7 @@ from types import ModuleType
 import torch
 
 ENV_NO_JIT = "D2V_KERNELS_NO_JIT"
-# "0": the feature extractor's forward convs stay on the Sm80 GEMMs on Hopper too (read at load).
+# "0": the feature extractor's convs and GEMMs stay on the Sm80 GEMMs on Hopper too (read at load).
 ENV_HOPPER_CONV = "D2V_KERNELS_HOPPER_CONV"
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 JIT_NAME = "d2v_kernels_C"
@@ -94,9 +94,10 @@ def nvcc_flags() -> list[str]:
 
 
 def hopper_conv_flags(arch_list: str) -> list[str]:
-    """The define that compiles the Hopper conv (csrc/conv_fprop_sm90.cuh) when ``arch_list`` (a
-    ``TORCH_CUDA_ARCH_LIST`` value) targets sm_90a; without it the unit is a stub that says the
-    kernels are absent, and no build spends minutes on CUTLASS instantiations it cannot run."""
+    """The define that compiles the Hopper kernels (csrc/conv_fprop_sm90.cuh, csrc/conv_gemm_sm90.cuh)
+    when ``arch_list`` (a ``TORCH_CUDA_ARCH_LIST`` value) targets sm_90a; without it their units are
+    stubs that say the kernels are absent, and no build spends minutes on CUTLASS instantiations it
+    cannot run."""
     archs = arch_list.replace(",", ";").replace(" ", ";").split(";")
     hopper = any(a.strip().lower().removesuffix("+ptx") in ("9.0a", "90a") for a in archs)
     return ["-DD2V_SM90A_CONV"] if hopper else []
@@ -207,7 +208,6 @@ def build_info() -> dict:
         info["max_channels"] = mod.MAX_CHANNELS
         if torch.cuda.is_available():
             # Asks the device which cubin it runs (once; a one-int kernel): whether the feature
-            # extractor's forward convs take the Hopper path here.
-            present = mod.sm90a_present(torch.empty(0, device="cuda"))
-            info["hopper_conv"] = present and mod.sm90_conv_enabled()
+            # extractor's half-precision convs and GEMMs take the Hopper path here.
+            info["hopper_conv"] = mod.sm90_applies(torch.empty(0, device="cuda", dtype=torch.bfloat16))
     return info

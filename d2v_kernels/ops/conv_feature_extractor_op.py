@@ -97,12 +97,12 @@ def output_length(length: int, kernels, strides) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def set_hopper_conv(enabled: bool) -> None:
+def set_hopper_conv(enabled: bool) -> bool:
     """Whether the ``cuda`` backend runs layers 1..'s forward conv and backward GEMMs as CUTLASS 3's
     Hopper kernels where the device runs them (the default) or always as the Sm80 GEMMs (``False``:
-    what other GPUs run; for comparisons). Process-wide, as ``D2V_KERNELS_HOPPER_CONV=0`` at the extension's load; raises
-    RuntimeError without the extension."""
-    extension_module().set_sm90_conv(bool(enabled))
+    what other GPUs run; for comparisons). Process-wide, as ``D2V_KERNELS_HOPPER_CONV=0`` at the
+    extension's load. Returns the previous setting; raises RuntimeError without the extension."""
+    return extension_module().set_sm90_conv(bool(enabled))
 
 
 def cuda_forward_conv(wave: Tensor, conv_biases: list[Tensor | None] | None = None) -> str:
@@ -111,10 +111,8 @@ def cuda_forward_conv(wave: Tensor, conv_biases: list[Tensor | None] | None = No
     as the extension decides (csrc/binding.cpp, sm90_conv_applies): Hopper for fp16 / bf16 without
     conv biases on a device running the sm_90a cubins, while :func:`set_hopper_conv` allows it. The
     first call on a device asks the device (a one-int kernel and a read back)."""
-    ext = extension_module()
     has_bias = conv_biases is not None and any(b is not None for b in conv_biases)
-    hopper = ext.sm90_conv_enabled() and not has_bias and wave.dtype != torch.float32 and ext.sm90a_present(wave)
-    return "sm90a_conv" if hopper else "sm80_gemm"
+    return "sm90a_conv" if not has_bias and extension_module().sm90_applies(wave) else "sm80_gemm"
 
 
 @torch.library.custom_op("d2v_kernels::conv_feature_extractor_cuda", mutates_args=(), device_types="cuda")
