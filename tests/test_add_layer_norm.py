@@ -525,3 +525,27 @@ def test_cuda_sum_dx_matches_float64_and_is_deterministic(dtype):
     runs = [_sum_dx_launches(x, residual, weight, bias, x_scale, 0.1, True, grad_outs)[1] for _ in range(3)]
     for run in runs[1:]:
         assert all(a is None or torch.equal(a, b) for a, b in zip(run, runs[0]))
+
+
+@pytest.mark.cuda
+def test_cuda_backward_grid_holds_only_resident_programs():
+    """Each backward's persistent grid is what the SMs hold at once of its compiled kernel (vision's
+    x_scale variant needs more registers than two 8-warp programs an SM leave), and the gradients
+    match float64 with the fitted grid."""
+    from d2v_kernels.kernels import _row_norm
+    from d2v_kernels.kernels._launch import resident_programs
+    from d2v_kernels.kernels.add_layer_norm import add_layer_norm_forward
+
+    x, residual, weight, bias = (t.cuda() for t in _inputs((8, 197, 768), torch.bfloat16))
+    x_scale = (0.1 + 0.05 * torch.randn(768, device="cuda")).to(x.dtype)
+    _check_sum_dx_against_float64(x, residual, weight, bias, x_scale=x_scale, return_sum=True)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    dy = torch.randn_like(x)
+    for scale, dsum in ((x_scale, dy), (None, None)):
+        _, _, mean, rstd = add_layer_norm_forward(x, residual, weight, bias, 1e-5, dsum is not None, scale)
+        launch = _row_norm.backward_launch(dy, x, -1, weight, bias, None, residual, dsum, None, scale, sum_dx=True)
+        launch(dy, x, weight, bias, mean, rstd, residual, dsum, None, scale)
+        compiled = launch._launch._compiled
+        resident = resident_programs(compiled, compiled.metadata.num_warps, x.device)
+        assert resident is not None and resident >= 1
+        assert launch.n_programs == min(8 * 197 // 2, min(resident, 2) * sms)

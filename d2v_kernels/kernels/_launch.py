@@ -18,7 +18,8 @@ compiled kernel; ``launch_enter_hook`` on the runtime knobs), never by version.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 
 import torch
 from triton.runtime import driver as _driver
@@ -30,7 +31,7 @@ try:
 except ImportError:  # pragma: no cover - a Triton without knobs: always the full path
     _RUNTIME = None
 
-__all__ = ["DirectLaunch", "LaunchCache", "empty_template", "fixed_tail", "operand_key"]
+__all__ = ["DirectLaunch", "LaunchCache", "empty_template", "fixed_tail", "operand_key", "resident_programs"]
 
 
 def _hook_set(chain) -> bool:
@@ -58,17 +59,25 @@ class DirectLaunch:
     The caller guarantees that every call's arguments specialise as the first call's did (same
     dtypes, the same integers where Triton specialises them, pointers with the same 16-byte
     alignment); it keys one instance per such layout.
+
+    ``fit``: called once with the compiled kernel before its first launch, returns the grid to
+    launch with from then on (a persistent kernel sizes its grid to the programs its registers
+    let an SM hold at once). Only on a GPU: the interpreter has no compiled kernel.
     """
 
-    __slots__ = ("_compiled", "_device", "_grid3", "fn", "grid", "options")
+    __slots__ = ("_compiled", "_device", "_fit", "_grid3", "fn", "grid", "options")
 
-    def __init__(self, fn, grid: Sequence[int], **options):
+    def __init__(self, fn, grid: Sequence[int], fit: Callable[[object], Sequence[int]] | None = None, **options):
         self.fn = fn
-        self.grid = tuple(grid)
         self.options = options
-        self._grid3 = (*self.grid, 1, 1)[:3]
+        self._fit = fit
+        self._set_grid(grid)
         self._compiled = None
         self._device = None
+
+    def _set_grid(self, grid: Sequence[int]) -> None:
+        self.grid = tuple(grid)
+        self._grid3 = (*self.grid, 1, 1)[:3]
 
     def __call__(self, *args) -> None:
         compiled = self._compiled
@@ -85,10 +94,54 @@ class DirectLaunch:
         self._launch_full(args)
 
     def _launch_full(self, args) -> None:
+        if self._fit is not None:
+            fit, self._fit = self._fit, None
+            self._set_grid(fit(self.fn.run(*args, grid=self.grid, warmup=True, **self.options)))
         compiled = self.fn.run(*args, grid=self.grid, warmup=False, **self.options)
         if self._compiled is None and _launchable(compiled):
             self._compiled = compiled
             self._device = _driver.active.get_current_device()
+
+
+# Per SM, on every NVIDIA GPU since sm_80: at most 32 resident programs, registers given out per warp
+# in units of 256, 1 KB of shared memory reserved by the driver for each program.
+_MAX_PROGRAMS_PER_SM = 32
+_REGISTER_UNIT = 256
+_RESERVED_SHARED_PER_PROGRAM = 1024
+
+
+def resident_programs(compiled, num_warps: int, device: torch.device) -> int | None:
+    """How many programs of ``compiled`` (a Triton kernel of ``num_warps`` warps, loaded on
+    ``device``) one SM holds at once, from its registers and shared memory; None where Triton does
+    not report its registers. CUDA's occupancy rule, as its occupancy calculator applies it."""
+    if getattr(compiled, "n_regs", None) is None and hasattr(compiled, "_init_handles"):
+        compiled._init_handles()  # loads the module, as its first launch would: ptxas's count is known then
+    n_regs = getattr(compiled, "n_regs", None)
+    shared = getattr(getattr(compiled, "metadata", None), "shared", None)
+    if not isinstance(n_regs, int) or n_regs <= 0 or not isinstance(shared, int):
+        return None
+    return programs_per_sm(n_regs, shared, num_warps, *_sm_resources(device))
+
+
+def programs_per_sm(
+    n_regs: int, shared: int, num_warps: int, registers: int, threads: int, shared_per_sm: int, warp_size: int = 32
+) -> int:
+    """Programs of ``num_warps`` warps, ``n_regs`` registers a thread and ``shared`` bytes of shared
+    memory that fit at once on an SM with ``registers`` registers, ``threads`` threads and
+    ``shared_per_sm`` bytes of shared memory (at least 0)."""
+    per_warp = -(-n_regs * warp_size // _REGISTER_UNIT) * _REGISTER_UNIT
+    fits = min(_MAX_PROGRAMS_PER_SM, registers // (per_warp * num_warps), threads // (warp_size * num_warps))
+    if shared:
+        fits = min(fits, shared_per_sm // (shared + _RESERVED_SHARED_PER_PROGRAM))
+    return fits
+
+
+@functools.cache
+def _sm_resources(device: torch.device) -> tuple[int, int, int, int]:
+    props = torch.cuda.get_device_properties(device)
+    # (regs_per_multiprocessor is missing from older torch builds: 64K on every GPU since sm_80)
+    registers = getattr(props, "regs_per_multiprocessor", None) or 65536
+    return registers, props.max_threads_per_multi_processor, props.shared_memory_per_multiprocessor, props.warp_size
 
 
 def empty_template(shape, dtype, device) -> torch.Tensor:

@@ -56,7 +56,7 @@ import triton
 import triton.language as tl
 
 from d2v_kernels.kernels._attention_common import dropout_keep, philox_key
-from d2v_kernels.kernels._launch import DirectLaunch, empty_template, operand_key
+from d2v_kernels.kernels._launch import DirectLaunch, empty_template, operand_key, resident_programs
 from d2v_kernels.kernels._tiles import cdiv, next_power_of_2, tiles
 from d2v_kernels.kernels._tiles import on_change as on_tiles_change
 
@@ -331,11 +331,11 @@ def row_norm_param_grad_kernel(
         if SUM_DX:
             dxsum += tl.sum(tl.load(DXSUM_PARTIAL + offsets, mask=mask, other=0.0), axis=0)
     if HAS_WEIGHT:
-        tl.store(DW + ch, dw.to(DW.dtype.element_ty), mask=ch_mask)
+        tl.store(DW + ch, to_output(dw, DW.dtype.element_ty), mask=ch_mask)
     if HAS_BIAS:
-        tl.store(DB + ch, db.to(DB.dtype.element_ty), mask=ch_mask)
+        tl.store(DB + ch, to_output(db, DB.dtype.element_ty), mask=ch_mask)
     if HAS_X_SCALE:
-        tl.store(DXS + ch, dxs.to(DXS.dtype.element_ty), mask=ch_mask)
+        tl.store(DXS + ch, to_output(dxs, DXS.dtype.element_ty), mask=ch_mask)
     if SUM_DX:
         tl.store(DXSUM + ch, to_output(dxsum, DXSUM.dtype.element_ty), mask=ch_mask)
 
@@ -476,9 +476,9 @@ def _backward_launch_config(n_channels: int, x_strides: tuple[int, int, int], n_
     return backward_tile_config(n_channels, contiguous)
 
 
-# Persistent programs of the backward per SM: all resident at once where each holds at most 8
-# warps of at most 128 registers (two fill the 64K registers), so no program waits for another to
-# finish its whole loop. The AOT check lists the registers: vision's x_scale variant needs more.
+# Persistent programs of the backward per SM, at most: two of 8 warps fill the 64K registers at
+# 128 registers a thread. A variant that needs more (vision's x_scale) gets as many as fit at once
+# (fit_backward_programs): a program that waited for a slot would start its whole loop late.
 _BWD_PROGRAMS_PER_SM = 2
 
 
@@ -488,6 +488,16 @@ def backward_programs(device: torch.device, n_tiles: int, programs_per_sm: int) 
     if device.type == "cuda":
         return min(n_tiles, programs_per_sm * _multiprocessors(device))
     return min(n_tiles, 4)  # the interpreter
+
+
+def fit_backward_programs(compiled, num_warps: int, device: torch.device, n_programs: int) -> int:
+    """``n_programs`` (from :func:`backward_programs`), cut to what the SMs of ``device`` hold at
+    once of ``compiled``: every program resident from the start. Fixed per compiled kernel and
+    device, so dweight and dbias stay the same bits run to run."""
+    resident = resident_programs(compiled, num_warps, device)
+    if resident is None:
+        return n_programs
+    return max(1, min(n_programs, resident * _multiprocessors(device)))
 
 
 @functools.cache
@@ -620,19 +630,32 @@ class _BackwardLaunch:
             residual is not None, dsum is not None, weight is not None, bias is not None, ACTIVATIONS[activation],
             config["BLOCK_P"], block_c, wide, x_scale is not None, dropout, sum_dx,
         )  # fmt: skip
-        self._launch = DirectLaunch(row_norm_bwd_kernel, (n_programs,), num_warps=config["num_warps"])
+        fit = None
+        if x.device.type == "cuda":
+            fit = functools.partial(self._fit_programs, num_warps=config["num_warps"], device=x.device)
+        # (a persistent grid: the partials keep a row for every planned program, fit may use fewer)
+        self._launch = DirectLaunch(row_norm_bwd_kernel, (n_programs,), fit=fit, num_warps=config["num_warps"])
         self._reduce = None
         if weight is not None or bias is not None or x_scale is not None or sum_dx:
             self._reduce = DirectLaunch(
                 row_norm_param_grad_kernel, (cdiv(n_channels, PARAM_GRAD_BLOCK_C),), num_warps=4
             )
 
+    @property
+    def n_programs(self) -> int:
+        """The programs of the persistent row kernel (as fitted on a GPU, once it has run)."""
+        return self._n_programs
+
+    def _fit_programs(self, compiled, num_warps: int, device: torch.device) -> tuple[int]:
+        self._n_programs = fit_backward_programs(compiled, num_warps, device, self._n_programs)
+        return (self._n_programs,)
+
     def __call__(self, dy, x, weight, bias, mean, rstd, residual, dsum, out, x_scale=None, seed=None, dropout_p=0.0):
         if self._contiguous_grads:
             dy, dsum = dy.contiguous(), None if dsum is None else dsum.contiguous()
         dx = torch.empty_like(x) if out is None else out
         dres = torch.empty_like(x) if self._split_dres else dx
-        n_programs, n_channels, partial = self._n_programs, self._n_channels, self._partial
+        partial = self._partial
         # (comprehensions cost a call each: written out, on the hot path)
         dw_partial = mean if weight is None else torch.empty_like(partial)
         db_partial = mean if bias is None else torch.empty_like(partial)
@@ -649,11 +672,11 @@ class _BackwardLaunch:
         dweight = None if weight is None else torch.empty_like(weight)
         dbias = None if bias is None else torch.empty_like(bias)
         dx_scale = None if x_scale is None else torch.empty_like(x_scale)
-        if self._reduce is not None:
+        if self._reduce is not None:  # (the row launch fixed _n_programs on its first call)
             self._reduce(
                 dw_partial, db_partial, dxs_partial, dxsum_partial, mean if dweight is None else dweight,
                 mean if dbias is None else dbias, mean if dx_scale is None else dx_scale,
-                mean if dx_sum is None else dx_sum, n_programs, n_channels, weight is not None, bias is not None,
+                mean if dx_sum is None else dx_sum, self._n_programs, self._n_channels, weight is not None, bias is not None,
                 PARAM_GRAD_BLOCK_R, PARAM_GRAD_BLOCK_C, x_scale is not None, dx_sum is not None,
             )  # fmt: skip
         if dx_sum is None:
