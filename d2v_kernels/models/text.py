@@ -5,6 +5,9 @@ causal and cached generation included."""
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from torch import nn
 from transformers.models.data2vec import modeling_data2vec_text as hf
@@ -25,11 +28,35 @@ from d2v_kernels.models._lean import (
 )
 from d2v_kernels.ops.post_ln_layer_op import post_ln_layer_training
 
+# The name the installed transformers' layers take the key/value cache by: ``cache`` since its
+# rename (``past_key_values`` still accepted, with a deprecation warning), ``past_key_values`` before.
+CACHE_KWARG = "cache" if "cache" in inspect.signature(hf.Data2VecTextLayer.forward).parameters else "past_key_values"
+
+
+def takes_installed_cache_kwarg(forward):
+    """``forward`` (written with a ``cache`` parameter) taking the cache by :data:`CACHE_KWARG`, as
+    the transformers forward it overrides does: with the rename, ``past_key_values`` goes through
+    transformers' own deprecation; before it, ``past_key_values`` is the parameter, without a
+    warning, and the signature says so."""
+    if CACHE_KWARG == "cache":
+        return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
+
+    @functools.wraps(forward)
+    def renamed(self, *args, **kwargs):
+        if "past_key_values" in kwargs:
+            kwargs["cache"] = kwargs.pop("past_key_values")
+        return forward(self, *args, **kwargs)
+
+    signature = inspect.signature(forward)
+    params = [p.replace(name="past_key_values") if p.name == "cache" else p for p in signature.parameters.values()]
+    renamed.__signature__ = signature.replace(parameters=params)
+    return renamed
+
 
 class FusedData2VecTextSelfAttention(hf.Data2VecTextSelfAttention):
     """transformers' forward (pinned in tests/test_drop_in.py) with q, k and v projected by one GEMM."""
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @takes_installed_cache_kwarg
     def forward(self, hidden_states, attention_mask=None, cache=None, **kwargs):
         projections = (self.query, self.key, self.value)
         query_layer, key_layer, value_layer = (
@@ -93,7 +120,7 @@ class FusedData2VecTextLayer(hf.Data2VecTextLayer):
         ("output.LayerNorm", nn.LayerNorm),
     )
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @takes_installed_cache_kwarg
     def forward(
         self,
         hidden_states,
@@ -108,7 +135,12 @@ class FusedData2VecTextLayer(hf.Data2VecTextLayer):
             if modules is not None:
                 return self._lean_forward(hidden_states, attention_mask, modules)
         return super().forward(
-            hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, cache=cache, **kwargs
+            hidden_states,
+            attention_mask,
+            encoder_hidden_states,
+            encoder_attention_mask,
+            **{CACHE_KWARG: cache},
+            **kwargs,
         )
 
     def _lean_forward(self, hidden_states, attention_mask, modules):
