@@ -46,6 +46,13 @@ def _assert_close(got, want, tol, what):
             torch.testing.assert_close(grads[name], grad, atol=tol, rtol=tol, msg=lambda m, n=name: f"{what} {n}: {m}")
 
 
+def _compiles_whole(model, inputs) -> bool:
+    torch._dynamo.reset()
+    whole = torch._dynamo.explain(model)(**inputs).graph_break_count == 0
+    torch._dynamo.reset()
+    return whole
+
+
 @pytest.mark.parametrize("class_name", EXPECTED)
 def test_compiled_model_runs_the_triton_kernels(class_name, triton_launches):
     torch._dynamo.reset()
@@ -65,7 +72,10 @@ def test_compiled_model_runs_the_triton_kernels(class_name, triton_launches):
     uncompiled_launches = Counter(triton_launches)
     triton_launches.clear()
 
-    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    # transformers' audio encoder before 5.2x branches on a layerdrop draw in training: a break of
+    # its own (tests/test_training.py checks that the fused model adds none).
+    fullgraph = not class_name.startswith("Data2VecAudio") or _compiles_whole(reference, inputs)
+    compiled = torch.compile(fused, fullgraph=fullgraph, backend="aot_eager")
     with d2v_kernels.use_backend("triton"):
         got = _loss_and_grads(compiled, inputs, params)
     # The graph holds our custom ops (fake impls while tracing): the launches are its runtime's.

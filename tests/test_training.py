@@ -21,6 +21,7 @@ import transformers
 from conftest import small_inputs, small_pair
 
 import d2v_kernels.models
+from d2v_kernels.models import audio
 from d2v_kernels.testing import build_pair, inputs_for
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -144,10 +145,19 @@ def _graph_breaks(model, inputs, launches=None) -> tuple[int, list]:
         explanation = torch._dynamo.explain(model)(**inputs)
     ours = []
     for reason in explanation.break_reasons:
-        files = [frame.filename for frame in reason.user_stack]
-        if any("d2v_kernels" in f for f in files):
-            ours.append((str(reason.reason)[:300], files))
+        if _breaks_in_our_code(reason.user_stack[-1]):
+            ours.append((str(reason.reason)[:300], [frame.filename for frame in reason.user_stack]))
     return explanation.graph_break_count, ours
+
+
+def _breaks_in_our_code(frame) -> bool:
+    """Whether a graph break's innermost frame is ours: a line of the package, or in audio's
+    encoder forward rebuilt from transformers' source, one of the lines put in its place (the
+    rest is transformers' code: its layerdrop breaks in releases before 5.2x, in transformers'
+    own model too)."""
+    if frame.filename.startswith("<d2v_kernels:"):
+        return (frame.line or "").strip() in {line.strip() for line in audio._SYNC_FREE_LINES}
+    return "d2v_kernels" in frame.filename
 
 
 def _assert_no_graph_break_of_our_own(reference, fused, inputs, launches) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import linecache
 import textwrap
 
 import torch
@@ -287,7 +288,10 @@ def sync_free_encoder_forward(forward):
         return forward
     namespace: dict = {}
     filename = f"<d2v_kernels: {forward.__qualname__} of {inspect.getsourcefile(forward)}, without its sync>"
-    exec(compile("\n".join(lines) + "\n", filename, "exec"), forward.__globals__, namespace)
+    source = "\n".join(lines) + "\n"
+    # Tracebacks, debuggers and torch.compile's graph-break reports show the lines of the rebuilt forward.
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    exec(compile(source, filename, "exec"), forward.__globals__, namespace)
     return functools.wraps(forward)(namespace[forward.__name__])
 
 
