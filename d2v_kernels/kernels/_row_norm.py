@@ -449,17 +449,19 @@ def tile_config(n_channels: int, positions_contiguous: bool) -> tuple[int, int, 
     return block_p, block_c, num_warps
 
 
-def backward_tile_config(n_channels: int, positions_contiguous: bool) -> tuple[int, int, int]:
+def backward_tile_config(n_channels: int, positions_contiguous: bool, x_scale: bool = False) -> tuple[int, int, int]:
     """(BLOCK_P, BLOCK_C, num_warps) of the backward: the forward's tile, narrowed until each thread
-    holds at most 8 values at up to 8 warps. The backward keeps x, dy, x-hat and the activation's
-    derivative live per element; at 8 values a thread ptxas (sm_90) allocates 74 to 110
-    registers, so two or three programs share an SM. At 16 values it took 128 to 196, one program
-    an SM: 8 warps for a memory-bound loop, far too few loads in flight (bench/NOTES.md has the
-    profile that showed it)."""
+    holds at most 8 values at up to 8 warps (4 with ``x_scale``). The backward keeps x, dy, x-hat
+    and the activation's derivative live per element; at 8 values a thread ptxas (sm_90) allocates
+    74 to 116 registers, so two or three programs share an SM. At 16 values it took 128 to 196,
+    one program an SM: 8 warps for a memory-bound loop, far too few loads in flight (bench/NOTES.md
+    has the profile that showed it). With x_scale (vision's layer scale: two more per-channel
+    vectors, the residual's gradient written apart) 8 values took 145 to 147, 4 take 64."""
+    per_thread = _BWD_ELEMENTS_PER_THREAD // 2 if x_scale else _BWD_ELEMENTS_PER_THREAD
     block_p, block_c, _ = tile_config(n_channels, positions_contiguous)
-    while block_p > 1 and block_p * block_c > _BWD_ELEMENTS_PER_THREAD * 32 * 8:
+    while block_p > 1 and block_p * block_c > per_thread * 32 * 8:
         block_p //= 2
-    return block_p, block_c, min(8, max(4, block_p * block_c // (_BWD_ELEMENTS_PER_THREAD * 32)))
+    return block_p, block_c, min(8, max(4, block_p * block_c // (per_thread * 32)))
 
 
 _BWD_ELEMENTS_PER_THREAD = 8
@@ -470,16 +472,18 @@ def _launch_config(n_channels: int, x_strides: tuple[int, int, int], n_pos: int)
     return tile_config(n_channels, positions_contiguous=stride_p == 1 and stride_c != 1 and n_pos > 1)
 
 
-def _backward_launch_config(n_channels: int, x_strides: tuple[int, int, int], n_pos: int) -> tuple[int, int, int]:
+def _backward_launch_config(
+    n_channels: int, x_strides: tuple[int, int, int], n_pos: int, x_scale: bool = False
+) -> tuple[int, int, int]:
     _, stride_c, stride_p = x_strides
     contiguous = stride_p == 1 and stride_c != 1 and n_pos > 1
-    return backward_tile_config(n_channels, contiguous)
+    return backward_tile_config(n_channels, contiguous, x_scale)
 
 
 # Persistent programs of the backward per SM, at most: two of 8 warps fill the 64K registers at
 # 128 registers a thread. A variant that needs more (vision's x_scale) gets as many as fit at once
 # (fit_backward_programs): a program that waited for a slot would start its whole loop late.
-_BWD_PROGRAMS_PER_SM = 2
+BWD_PROGRAMS_PER_SM = 2
 
 
 def backward_programs(device: torch.device, n_tiles: int, programs_per_sm: int) -> int:
@@ -524,21 +528,26 @@ def wide_offsets(n_channels: int, n_pos: int, strides: Sequence[tuple[int, int, 
 
 
 _MAX_PLANS = 1024
-_TILE_CONFIGS = {"fwd": _launch_config, "bwd": _backward_launch_config}
 
 
-def _launch_plan(direction: str, tensors: Sequence[torch.Tensor | None], channels_dim: int) -> tuple | None:
+def _launch_plan(
+    direction: str, tensors: Sequence[torch.Tensor | None], channels_dim: int, x_scale: bool = False
+) -> tuple | None:
     """(n_batch, n_channels, n_pos, stride arguments, (BLOCK_P, BLOCK_C, num_warps), WIDE_OFFSETS) of
     the ``direction`` ("fwd" / "bwd") kernel reading ``tensors`` (in its argument order, x first,
     None for an absent one: its strides are passed as 0), or None when one strided view cannot read
-    them all. Default tiles; the caller applies any override."""
+    them all. Default tiles (the backward's narrower with ``x_scale``); the caller applies any
+    override."""
     view = strided_view([t for t in tensors if t is not None], channels_dim)
     if view is None:
         return None
     n_batch, n_channels, n_pos, strides = view
     present = iter(strides)
     args = tuple(itertools.chain.from_iterable(next(present) if t is not None else (0, 0, 0) for t in tensors))
-    tile = _TILE_CONFIGS[direction](n_channels, strides[0], n_pos)
+    if direction == "fwd":
+        tile = _launch_config(n_channels, strides[0], n_pos)
+    else:
+        tile = _backward_launch_config(n_channels, strides[0], n_pos, x_scale)
     return n_batch, n_channels, n_pos, args, tile, wide_offsets(n_channels, n_pos, strides)
 
 
@@ -603,14 +612,15 @@ class _BackwardLaunch:
         self._split_dres = x_scale is not None or dropout
         dres = torch.empty_like(x) if self._split_dres else None
         self._contiguous_grads = False
-        plan = _launch_plan("bwd", (x, residual, dy, dsum, dx, dres), channels_dim)
+        scaled = x_scale is not None
+        plan = _launch_plan("bwd", (x, residual, dy, dsum, dx, dres), channels_dim, scaled)
         if plan is None:
             self._contiguous_grads = True
             dy, dsum = dy.contiguous(), None if dsum is None else dsum.contiguous()
-            plan = _launch_plan("bwd", (x, residual, dy, dsum, dx, dres), channels_dim)
+            plan = _launch_plan("bwd", (x, residual, dy, dsum, dx, dres), channels_dim, scaled)
         assert plan is not None, "row_norm_backward: unreadable layout (unsupported_reasons was not checked)"
         n_batch, n_channels, n_pos, stride_args, (block_p, block_c, num_warps), wide = plan
-        default = {"BLOCK_P": block_p, "num_warps": num_warps, "programs_per_sm": _BWD_PROGRAMS_PER_SM}
+        default = {"BLOCK_P": block_p, "num_warps": num_warps, "programs_per_sm": BWD_PROGRAMS_PER_SM}
         config = tiles("row_norm_bwd", default)
         tiles_per_batch = cdiv(n_pos, config["BLOCK_P"])
         n_tiles = n_batch * tiles_per_batch

@@ -13,7 +13,9 @@ input of the tables (``aot_variants.SPACE_VARIANTS``; CI compiles the defaults a
 
 Each line reports the registers and spilled bytes from the ``ptxas -v`` report of Triton's own
 ptxas run (the flags the kernel runs with). ``--spills`` fails on a register spill the variant does
-not allow (``AotVariant.allowed_spill_bytes``, with its reason where the variant is listed). CI
+not allow (``AotVariant.allowed_spill_bytes``, with its reason where the variant is listed), and on
+a persistent kernel whose registers and shared memory leave an SM fewer programs than its grid
+assumes (``AotVariant.min_programs_per_sm``). CI
 checks sm_90, the H100 the tiles are chosen for; sm_80 only compiles (its mma.sync code needs more
 registers: a few configurations spill there). Compiles run in ``--jobs`` processes (default: one
 per CPU) and go through Triton's cache (``TRITON_CACHE_DIR``), which keeps each report beside its
@@ -63,6 +65,9 @@ class AotVariant:
     # as constexprs of value 1. Together they make the compiled program the one that runs: a
     # unit stride decides which axis a load is contiguous along, hence the layouts and registers.
     divisible_by_16: tuple[str, ...] = ()
+    # Programs of it an SM must hold at once (its registers and shared memory), checked with the
+    # spills: a persistent kernel's grid assumes them (0: no check).
+    min_programs_per_sm: int = 0
 
 
 def as_run(variant: AotVariant, unit_strides=(), divisible_by_16=(), *, pointers_divisible: bool = True) -> AotVariant:
@@ -149,7 +154,18 @@ def check(op: str, variant: AotVariant, arch: int, spills: bool) -> tuple[bool, 
     digest = hashlib.sha256(compiled.asm["ptx"].encode()).hexdigest()
     if spills and spilled > variant.allowed_spill_bytes:
         return False, f"FAIL {line}: spills more than the {variant.allowed_spill_bytes}B it allows", digest
+    if spills and variant.min_programs_per_sm:
+        from d2v_kernels.kernels._launch import programs_per_sm
+
+        resident = programs_per_sm(registers, compiled.metadata.shared, variant.num_warps, *_SM_RESOURCES[arch])
+        line += f" programs/SM={resident}"
+        if resident < variant.min_programs_per_sm:
+            return False, f"FAIL {line}: its grid assumes {variant.min_programs_per_sm} programs an SM", digest
     return True, f"ok   {line} {time.perf_counter() - t0:.1f}s", digest
+
+
+# Registers, threads and shared memory of an SM (A100, H100), for the occupancy check.
+_SM_RESOURCES = {80: (65536, 2048, 167936), 90: (65536, 2048, 233472)}
 
 
 _VARIANTS: list[tuple[str, AotVariant]] = []  # what the worker processes compile, by index

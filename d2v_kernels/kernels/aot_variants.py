@@ -131,6 +131,9 @@ def _row_norm_variant(
     # text and vision) at 80 registers and spills 4 bytes. Those that also sum dx's columns (the
     # layers') must not spill.
     spills = 8 if (prefix, direction, tile) == ("add_layer_norm", "bwd", (2, 1024, 8)) and not sum_dx else 0
+    # The backward's persistent grid launches this many programs an SM at most, all meant to be
+    # resident at once (the launch fits the grid to fewer where they are not).
+    resident = _row_norm.BWD_PROGRAMS_PER_SM if direction == "bwd" else 0
     return AotVariant(
         f"{prefix}_{direction}_{name}",
         kernel,
@@ -139,6 +142,7 @@ def _row_norm_variant(
         num_warps,
         1,
         spills,
+        min_programs_per_sm=resident,
     )
 
 
@@ -224,7 +228,8 @@ def add_layer_norm_variants() -> list[AotVariant]:
             x_scale=True,
         ),
         _row_norm_variant(
-            "add_layer_norm", "bwd", torch.float16, vision, _row_norm.backward_tile_config(768, False), x_scale=True
+            "add_layer_norm", "bwd", torch.float16, vision, _row_norm.backward_tile_config(768, False, True),
+            x_scale=True,
         ),
     ]  # fmt: skip
     text = feature_sets[0]
@@ -239,10 +244,10 @@ def add_layer_norm_variants() -> list[AotVariant]:
     # The layer nodes' backwards, which also sum dx's columns (a dense layer's bias gradient): the
     # post-LN layers' with dropout, the vision layer's with x_scale, in both half dtypes. 768 and
     # 1024 channels (base and large models) share this tile and compile to the same program.
-    layer_tile = _row_norm.backward_tile_config(768, False)
-    assert layer_tile == _row_norm.backward_tile_config(1024, False)
+    layer_tile = {x_scale: _row_norm.backward_tile_config(768, False, x_scale) for x_scale in (False, True)}
+    assert layer_tile == {x_scale: _row_norm.backward_tile_config(1024, False, x_scale) for x_scale in (False, True)}
     summed = [
-        _row_norm_variant("add_layer_norm", "bwd", dtype, features, layer_tile, sum_dx=True, **flag)
+        _row_norm_variant("add_layer_norm", "bwd", dtype, features, layer_tile["x_scale" in flag], sum_dx=True, **flag)
         for dtype in (torch.float16, torch.bfloat16)
         for features, flag in ((text, {"dropout": True}), (vision, {"x_scale": True}))
     ]
