@@ -481,8 +481,8 @@ def _backward_launch_config(
 
 
 # Persistent programs of the backward per SM, at most: two of 8 warps fill the 64K registers at
-# 128 registers a thread. A variant that needs more (vision's x_scale) gets as many as fit at once
-# (fit_backward_programs): a program that waited for a slot would start its whole loop late.
+# 128 registers a thread (the AOT check holds every variant to it on sm_90). Where a GPU or Triton
+# release allocates more, the grid is cut to what fits at once (fit_backward_programs).
 BWD_PROGRAMS_PER_SM = 2
 
 
