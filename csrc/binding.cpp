@@ -236,9 +236,11 @@ bool sm90_gemm_applies(const at::Tensor& x) {
   return sm90_conv_enabled.load() && x.scalar_type() != at::kFloat && sm90a_present(x);
 }
 
-// Whether layer i >= 1's forward runs on Hopper: as the GEMMs, and no conv bias (the Python op's
-// cuda_forward_conv asks sm90_gemm_applies and the bias).
-bool sm90_conv_applies(const at::Tensor& x, const Layer& l) { return !l.bias.defined() && sm90_gemm_applies(x); }
+// Whether layer i >= 1's forward runs on Hopper: as the GEMMs, no conv bias, a stride TMA encodes
+// (the Python op's cuda_forward_conv asks sm90_gemm_applies, the biases and the strides).
+bool sm90_conv_applies(const at::Tensor& x, const Layer& l) {
+  return !l.bias.defined() && l.stride <= d2v::kMaxHopperConvStride && sm90_gemm_applies(x);
+}
 
 // Forward GEMM of layer i >= 1: z = conv_rows(x) @ W' (+ bias), W' the weight as (k * C_in, C_out)
 // column-major over its (C_out, k, C_in) copy (_conv_gemm_plan.weight_matrix); on Hopper the same
@@ -478,4 +480,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("MAX_LAYER0_STRIDE") = d2v::kMaxLayer0Stride;
   m.attr("MAX_BATCH") = d2v::kMaxBatch;
   m.attr("GEMM_ALIGNMENT") = d2v::kGemmAlignment;
+  m.attr("MAX_HOPPER_CONV_STRIDE") = d2v::kMaxHopperConvStride;
 }

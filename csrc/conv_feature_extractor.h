@@ -77,6 +77,11 @@ cudaError_t launch_conv_gemm_sm90(DType dtype, ConvGemm which, const GemmArgs& a
 // pointers 16-byte aligned. cudaErrorNotSupported (nothing launched) where CUTLASS cannot implement
 // the problem: the caller runs the GEMM path. Launch only where launch_sm90a_probe says the sm_90a
 // kernels are present.
+// The largest conv stride the Hopper conv takes: TMA's im2col descriptor encodes element strides
+// up to 8 (cuTensorMapEncodeIm2col); CUTLASS's sm90 can_implement does not check it, and its
+// descriptor setup only asserts the encode's result (compiled out under NDEBUG).
+constexpr int kMaxHopperConvStride = 8;
+
 struct ConvFpropArgs {
   const void* x;
   const void* weight;

@@ -82,21 +82,30 @@ typename HopperFprop<kDType>::Conv::Arguments hopper_fprop_arguments(const ConvF
           {{1.0f, 0.0f}, nullptr, stride_d, static_cast<Element*>(a.out), stride_d}};
 }
 
-// The launch, or why it cannot run this problem: cudaErrorNotSupported where CUTLASS cannot implement
-// it or it would need a workspace (this non-persistent kernel needs none).
+// Whether the kernel runs `a` (with `arguments`, hopper_fprop_arguments of it): a stride TMA's im2col
+// mode encodes, CUTLASS implements it, and without a workspace (this non-persistent kernel needs
+// none). The launch asks this; so does the host check (tests/csrc/hopper_conv_host_check.cu).
+template <DType kDType>
+bool hopper_fprop_implementable(const ConvFpropArgs& a, const typename HopperFprop<kDType>::Conv::Arguments& arguments) {
+  using Conv = typename HopperFprop<kDType>::Conv;
+  return a.stride <= kMaxHopperConvStride && Conv::can_implement(arguments) == cutlass::Status::kSuccess &&
+         Conv::get_workspace_size(arguments) == 0;
+}
+
+// The launch, or why it cannot run this problem: cudaErrorNotSupported where
+// hopper_fprop_implementable says no (the caller runs the Sm80 GEMMs). An empty batch launches nothing.
 template <DType kDType>
 cudaError_t conv_fprop_sm90_typed(const ConvFpropArgs& a, cudaStream_t stream) {
   using Conv = typename HopperFprop<kDType>::Conv;
   constexpr int kAlign = HopperFprop<kDType>::kAlignment;
-  if (a.batch <= 0 || a.t_in < a.kernel || a.kernel <= 0 || a.stride <= 0) return cudaErrorInvalidValue;
+  if (a.batch < 0 || a.t_in < a.kernel || a.kernel <= 0 || a.stride <= 0) return cudaErrorInvalidValue;
+  if (a.batch == 0) return cudaSuccess;
   if (a.c_in % kAlign != 0 || a.c_out % kAlign != 0 || reinterpret_cast<uintptr_t>(a.x) % 16 != 0 ||
       reinterpret_cast<uintptr_t>(a.weight) % 16 != 0 || reinterpret_cast<uintptr_t>(a.out) % 16 != 0) {
     return cudaErrorMisalignedAddress;
   }
   const auto arguments = hopper_fprop_arguments<kDType>(a);
-  if (Conv::can_implement(arguments) != cutlass::Status::kSuccess || Conv::get_workspace_size(arguments) != 0) {
-    return cudaErrorNotSupported;
-  }
+  if (!hopper_fprop_implementable<kDType>(a, arguments)) return cudaErrorNotSupported;
   return initialize_and_run<Conv>(arguments, nullptr, stream);
 }
 

@@ -85,6 +85,7 @@ cudaError_t run_hopper_gemm(const GemmArgs& g, cudaStream_t stream) {
   using ElementD = typename Gemm::ElementD;
   if (g.m < 0 || g.n < 0 || g.k < 0 || g.batch < 0 || g.bias != nullptr) return cudaErrorInvalidValue;
   if (g.m == 0 || g.n == 0 || g.batch == 0) return cudaSuccess;
+  if (g.k == 0) return cudaErrorNotSupported;  // D = 0: no k-block would run; the Sm80 GEMM writes it
   constexpr int kAlignD = 128 / cutlass::sizeof_bits<ElementD>::value;
   const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
   const bool strides_ok = g.lda % kGemmAlignment == 0 && g.batch_stride_a % kGemmAlignment == 0 &&

@@ -26,8 +26,8 @@ struct CutlassElement<DType::kFloat32> {
 };
 
 // Initializes a CUTLASS device operator (a 2.x or 3.x adapter) with `arguments` and launches it on
-// `stream`: cudaSuccess, the launch's CUDA error, or cudaErrorLaunchFailure where CUTLASS reports a
-// failure without one.
+// `stream`: cudaSuccess, the launch's CUDA error, or cudaErrorUnknown where CUTLASS reports a failure
+// without one (CUTLASS 3's adapters read and so clear the CUDA error themselves; not a device fault).
 template <typename Operator>
 cudaError_t initialize_and_run(const typename Operator::Arguments& arguments, void* workspace, cudaStream_t stream) {
   Operator op;
@@ -35,7 +35,7 @@ cudaError_t initialize_and_run(const typename Operator::Arguments& arguments, vo
   if (status == cutlass::Status::kSuccess) status = op.run(stream);
   if (status != cutlass::Status::kSuccess) {
     const cudaError_t err = cudaGetLastError();
-    return err != cudaSuccess ? err : cudaErrorLaunchFailure;
+    return err != cudaSuccess ? err : cudaErrorUnknown;
   }
   return cudaSuccess;
 }

@@ -431,6 +431,7 @@ def test_cuda_hopper_conv_and_sm80_gemms_both_match_float64(dtype, samples):
     assert cfe.cuda_forward_conv(wave) == expected
     assert cfe.cuda_forward_conv(wave.float()) == "sm80_gemm"
     assert cfe.cuda_forward_conv(wave, [torch.zeros(512, device="cuda", dtype=dtype)] * 7) == "sm80_gemm"
+    assert cfe.cuda_forward_conv(wave, strides=list(BASE["conv_stride"])) == expected
     before = cfe.set_hopper_conv(True)
     try:
         for hopper in (True, False):
@@ -499,6 +500,23 @@ def test_triton_path_training_peak_memory_is_at_most_half_of_eager(dtype):
     eager = _training_peak_bytes(wave, params, "eager")
     triton = _training_peak_bytes(wave, params, "triton")
     assert triton <= 0.5 * eager, f"peak {triton / 2**20:.0f} MiB, eager {eager / 2**20:.0f} MiB"
+
+
+# A layer-1 stride TMA's im2col mode cannot encode (above the extension's MAX_HOPPER_CONV_STRIDE, 8):
+# that layer takes the Sm80 GEMMs on an H100, the next one the Hopper conv.
+WIDE_STRIDE = dict(conv_dim=(16, 16, 16), conv_kernel=(10, 9, 2), conv_stride=(5, 9, 2))
+
+
+@pytest.mark.cuda
+def test_cuda_stride_beyond_tma_im2col_runs_the_gemms_and_matches_float64():
+    params = make_params(**WIDE_STRIDE, device="cuda")
+    wave = torch.randn(2, 16001, device="cuda", dtype=torch.bfloat16)
+    assert cfe.extension_module().MAX_HOPPER_CONV_STRIDE == 8
+    assert cfe.cuda_forward_conv(wave, strides=list(WIDE_STRIDE["conv_stride"])) == "sm80_gemm"
+    (out, g), (ref, g64), (eager, g_eager) = _run_cuda_and_reference(wave, params, grads=True)
+    assert_close_to_reference(out, ref, eager, name="out")
+    for i, (a, b, c) in enumerate(zip(g, g64, g_eager)):
+        assert_close_to_reference(a, b, c, name=f"grad {i}")
 
 
 @pytest.mark.cuda

@@ -139,7 +139,8 @@ def test_hopper_conv_takes_every_data2vec_layer_shape_on_the_host(tmp_path):
     Hopper conv and the Hopper backward GEMMs at every layer of the base feature encoder, B=8 x 10 s,
     B=1 x 30 s and short odd waves, so the extension takes them there instead of falling back to the
     Sm80 GEMMs; the output extent and strides CUTLASS derives are the (B, T_out, C_out) tensor the
-    binding allocates. Host code only: it runs without a GPU (tests/csrc/hopper_*_host_check.cu)."""
+    binding allocates; a stride TMA's im2col mode cannot encode (9) is refused, 8 taken. Host code
+    only: it runs without a GPU (tests/csrc/hopper_*_host_check.cu)."""
     flags = _cutlass_flags()
     if flags is None:
         pytest.skip("CUTLASS headers not found (pip install nvidia-cutlass)")
@@ -151,4 +152,4 @@ def test_hopper_conv_takes_every_data2vec_layer_shape_on_the_host(tmp_path):
     assert built.returncode == 0, built.stdout + built.stderr
     run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=60)
     lines = run.stdout.splitlines()
-    assert run.returncode == 0 and len(lines) == 120 and all(line.startswith("ok") for line in lines), run.stdout
+    assert run.returncode == 0 and len(lines) == 124 and all(line.startswith("ok") for line in lines), run.stdout

@@ -105,14 +105,20 @@ def set_hopper_conv(enabled: bool) -> bool:
     return extension_module().set_sm90_conv(bool(enabled))
 
 
-def cuda_forward_conv(wave: Tensor, conv_biases: list[Tensor | None] | None = None) -> str:
+def cuda_forward_conv(
+    wave: Tensor, conv_biases: list[Tensor | None] | None = None, strides: list[int] | None = None
+) -> str:
     """Which forward conv the ``cuda`` backend runs for layers 1.. on this input: ``"sm90a_conv"``
     (CUTLASS 3's Hopper implicit-GEMM conv) or ``"sm80_gemm"`` (the batched GEMMs over strided views),
     as the extension decides (csrc/binding.cpp, sm90_conv_applies): Hopper for fp16 / bf16 without
-    conv biases on a device running the sm_90a cubins, while :func:`set_hopper_conv` allows it. The
-    first call on a device asks the device (a one-int kernel and a read back)."""
+    conv biases, every stride of layers 1.. (``strides[1:]``; Data2Vec's 2 when not given) at most
+    the extension's ``MAX_HOPPER_CONV_STRIDE``, on a device running the sm_90a cubins, while
+    :func:`set_hopper_conv` allows it. The first call on a device asks the device (a one-int kernel
+    and a read back)."""
+    ext = extension_module()
     has_bias = conv_biases is not None and any(b is not None for b in conv_biases)
-    return "sm90a_conv" if not has_bias and extension_module().sm90_applies(wave) else "sm80_gemm"
+    encodable = strides is None or all(s <= ext.MAX_HOPPER_CONV_STRIDE for s in strides[1:])
+    return "sm90a_conv" if not has_bias and encodable and ext.sm90_applies(wave) else "sm80_gemm"
 
 
 @torch.library.custom_op("d2v_kernels::conv_feature_extractor_cuda", mutates_args=(), device_types="cuda")
