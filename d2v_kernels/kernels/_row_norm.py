@@ -504,6 +504,11 @@ def fit_backward_programs(compiled, num_warps: int, device: torch.device, n_prog
     return max(1, min(n_programs, resident * _multiprocessors(device)))
 
 
+def _fit_backward_grid(compiled, num_warps: int, device: torch.device, n_programs: int) -> tuple[int]:
+    """The backward row launch's ``fit``: its grid from :func:`fit_backward_programs`."""
+    return (fit_backward_programs(compiled, num_warps, device, n_programs),)
+
+
 @functools.cache
 def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -600,7 +605,7 @@ class _BackwardLaunch:
     sums (in dx's dtype) are reduced with the parameters' and returned last, a sixth output."""
 
     __slots__ = (
-        "_constexprs", "_contiguous_grads", "_dx_sum", "_ints", "_launch", "_n_channels", "_n_programs", "_partial",
+        "_constexprs", "_contiguous_grads", "_dx_sum", "_ints", "_launch", "_n_channels", "_partial",
         "_reduce", "_split_dres",
     )  # fmt: skip
 
@@ -625,7 +630,7 @@ class _BackwardLaunch:
         tiles_per_batch = cdiv(n_pos, config["BLOCK_P"])
         n_tiles = n_batch * tiles_per_batch
         n_programs = backward_programs(x.device, n_tiles, config["programs_per_sm"])
-        self._n_programs, self._n_channels = n_programs, n_channels
+        self._n_channels = n_channels
         self._partial = empty_template((n_programs, n_channels), torch.float32, x.device)
         self._dx_sum = empty_template((n_channels,), dx.dtype, x.device) if sum_dx else None
         self._ints = (
@@ -642,7 +647,9 @@ class _BackwardLaunch:
         )  # fmt: skip
         fit = None
         if x.device.type == "cuda":
-            fit = functools.partial(self._fit_programs, num_warps=config["num_warps"], device=x.device)
+            fit = functools.partial(
+                _fit_backward_grid, num_warps=config["num_warps"], device=x.device, n_programs=n_programs
+            )
         # (a persistent grid: the partials keep a row for every planned program, fit may use fewer)
         self._launch = DirectLaunch(row_norm_bwd_kernel, (n_programs,), fit=fit, num_warps=config["num_warps"])
         self._reduce = None
@@ -654,11 +661,7 @@ class _BackwardLaunch:
     @property
     def n_programs(self) -> int:
         """The programs of the persistent row kernel (as fitted on a GPU, once it has run)."""
-        return self._n_programs
-
-    def _fit_programs(self, compiled, num_warps: int, device: torch.device) -> tuple[int]:
-        self._n_programs = fit_backward_programs(compiled, num_warps, device, self._n_programs)
-        return (self._n_programs,)
+        return self._launch.grid[0]
 
     def __call__(self, dy, x, weight, bias, mean, rstd, residual, dsum, out, x_scale=None, seed=None, dropout_p=0.0):
         if self._contiguous_grads:
@@ -682,11 +685,11 @@ class _BackwardLaunch:
         dweight = None if weight is None else torch.empty_like(weight)
         dbias = None if bias is None else torch.empty_like(bias)
         dx_scale = None if x_scale is None else torch.empty_like(x_scale)
-        if self._reduce is not None:  # (the row launch fixed _n_programs on its first call)
+        if self._reduce is not None:  # (the row launch fixed its grid on its first call)
             self._reduce(
                 dw_partial, db_partial, dxs_partial, dxsum_partial, mean if dweight is None else dweight,
                 mean if dbias is None else dbias, mean if dx_scale is None else dx_scale,
-                mean if dx_sum is None else dx_sum, self._n_programs, self._n_channels, weight is not None, bias is not None,
+                mean if dx_sum is None else dx_sum, self._launch.grid[0], self._n_channels, weight is not None, bias is not None,
                 PARAM_GRAD_BLOCK_R, PARAM_GRAD_BLOCK_C, x_scale is not None, dx_sum is not None,
             )  # fmt: skip
         if dx_sum is None:
