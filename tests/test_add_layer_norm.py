@@ -473,6 +473,76 @@ def test_sum_dx_matches_float64(case, dtype):
         _check_sum_dx_against_float64(x, residual, weight, bias, dropout_p=0.3 if case.endswith("dropout") else 0.0)
 
 
+def _row_scaled_launches(x, residual, weight, bias, x_scale, row_scale, dropout_p, grad_outs):
+    """The kernels' training forward (y, sum) and backward with ``sum_dx`` (dx, dresidual,
+    dweight, dbias, dx_scale, dx's column sums) with ``row_scale``; the seed of their dropout."""
+    from d2v_kernels.kernels import _row_norm
+    from d2v_kernels.kernels.add_layer_norm import add_layer_norm_forward
+
+    seed = torch.tensor([5, 9], dtype=torch.int64) if dropout_p > 0.0 else None
+    y, total, mean, rstd = add_layer_norm_forward(
+        x, residual, weight, bias, 1e-5, True, x_scale, seed, dropout_p, row_scale=row_scale
+    )
+    dy, dsum = (g.to(x.dtype) for g in grad_outs)
+    launch = _row_norm.backward_launch(
+        dy, x, -1, weight, bias, None, residual, dsum, None, x_scale, dropout_p > 0.0, sum_dx=True,
+        row_scale=row_scale,
+    )  # fmt: skip
+    dx, dweight, dbias, dx_scale, dres, dx_sum = launch(
+        dy, x, weight, bias, mean, rstd, residual, dsum, None, x_scale, seed, dropout_p, row_scale
+    )
+    assert dres is not dx  # x's gradient is scaled: the residual's is written apart
+    return seed, [y, total, dx, dres, dweight, dbias, dx_scale, dx_sum]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("case", ["vision-drop-path", "row-scale-and-dropout"])
+def test_row_scale_matches_float64(case, dtype):
+    """LayerNorm(x_scale * row_scale * dropout(x) + residual), the sum returned and its gradient
+    added in: drop path's per-sample factor (B, 1, 1) of a (B, N, C) input as the row scale, one
+    sample dropped (0) and the others scaled by 1 / keep; with vision's x_scale, or alone with the
+    kernels' dropout and no affine. Outputs, every gradient and dx's column sums against float64
+    within twice eager PyTorch's error; row tiles straddle the samples."""
+    x, residual, weight, bias = _inputs(SUM_DX_SHAPE, dtype, affine=case == "vision-drop-path")
+    b, _, c = SUM_DX_SHAPE
+    row_scale = torch.tensor([1.0 / 0.7, 0.0, 1.0 / 0.7, 1.0 / 0.7, 0.0][:b]).view(b, 1, 1).to(dtype)
+    x_scale = (0.1 + 0.05 * torch.randn(c)).to(dtype) if case == "vision-drop-path" else None
+    dropout_p = 0.0 if case == "vision-drop-path" else 0.3
+    grad_outs = [torch.randn(x.shape) for _ in range(2)]
+    seed, got = _row_scaled_launches(x, residual, weight, bias, x_scale, row_scale, dropout_p, grad_outs)
+    keep = add_layer_norm_dropout_keep(seed, x.shape, dropout_p) if seed is not None else None
+
+    def reference(x, residual, weight, bias, **kwargs):
+        scaled = x * row_scale.to(x.dtype)
+        if keep is not None:
+            scaled = scaled * keep.to(x.dtype) * (1.0 / (1.0 - dropout_p))
+        return ops.add_layer_norm_reference(scaled, residual, weight, bias, **kwargs)
+
+    as64 = [t.double() if t is not None else None for t in (x, residual, weight, bias, x_scale)]
+    ref64 = _run(reference, *as64[:4], [g.double() for g in grad_outs], True, as64[4])
+    eager = _run(reference, x, residual, weight, bias, grad_outs, True, x_scale)
+    rows = (-1, c)
+    ref64.append(ref64[2].reshape(rows).sum(0))
+    eager.append(eager[2].reshape(rows).sum(0))
+    names = ["y", "sum", "dx", "dresidual", "dweight", "dbias", "dx_scale", "dx_sum"]
+    for name, o, r, e in zip(names, got, ref64, eager, strict=True):
+        if r is None:
+            assert o is None, name
+            continue
+        assert o.dtype == e.dtype and o.shape == e.shape, name
+        assert_close_to_reference(o, r, e, name=name)
+    assert torch.all(got[2][1] == 0) and torch.all(got[2][4] == 0)  # the dropped samples' dx
+
+
+def test_row_scale_must_divide_the_rows():
+    from d2v_kernels.kernels.add_layer_norm import add_layer_norm_forward
+
+    x, residual, weight, bias = _inputs((3, 5, 8), torch.float32)
+    for row_scale in (torch.ones(2), torch.ones(6, 2)[:, 0], torch.ones(0)):
+        with pytest.raises(ValueError, match="row_scale"):
+            add_layer_norm_forward(x, residual, weight, bias, 1e-5, False, row_scale=row_scale)
+
+
 def test_sum_dx_alone_and_with_every_option():
     """Without affine (the sums alone make the reduction launch), and with x_scale, dropout and the
     sum's gradient at once; a single row."""

@@ -8,6 +8,9 @@ batch and all C channels (the whole row sits in registers). Constexpr flags sele
     HAS_RESIDUAL  s = x + residual (summed in fp32) is normalised instead of x
     HAS_X_SCALE   x is scaled per channel first, s = x_scale * x + residual (vision's layer scale);
                   the backward then writes x's and residual's gradients apart and reduces dx_scale
+    HAS_ROW_SCALE x is scaled per row group too, by row_scale[row // rows_per_scale] (drop path's
+                  per-sample factor: the rows of a sample are consecutive); the backward writes x's
+                  and residual's gradients apart, x's (and dx_scale's terms) scaled alike
     STORE_SUM     the forward also writes s (add_layer_norm's return_sum)
     HAS_WEIGHT, HAS_BIAS   optional affine
     ACTIVATION    0: none, 1: exact erf GELU, 2: tanh GELU, applied after the affine
@@ -140,20 +143,29 @@ def dropout_tile_keep(SEED, batch, pos, ch, n_pos, n_channels, dropout_p):
 
 
 @triton.jit
+def row_scale_of(RS, batch, pos, pos_mask, n_pos, rows_per_scale):
+    """The fp32 row scale of each row of a tile: RS[row // rows_per_scale], row = batch * n_pos +
+    pos its index among x.shape[:-1]'s rows (as in :func:`dropout_tile_keep`); 0 past n_pos."""
+    row = batch.to(tl.int64) * n_pos + pos
+    return tl.load(RS + row // rows_per_scale, mask=pos_mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def row_norm_fwd_kernel(
-    X, RES, W, B, XS, Y, SUM, MEAN, RSTD, SEED,
+    X, RES, W, B, XS, RS, Y, SUM, MEAN, RSTD, SEED,
     n_pos, n_channels, tiles_per_batch,
     stride_x_b, stride_x_c, stride_x_p,
     stride_res_b, stride_res_c, stride_res_p,
     stride_y_b, stride_y_c, stride_y_p,
     stride_sum_b, stride_sum_c, stride_sum_p,
-    stride_w, stride_bias, stride_xs, eps, dropout_p,
+    stride_w, stride_bias, stride_xs, rows_per_scale, eps, dropout_p,
     HAS_RESIDUAL: tl.constexpr, STORE_SUM: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
-    STORE_STATS: tl.constexpr, HAS_X_SCALE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    STORE_STATS: tl.constexpr, HAS_X_SCALE: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
 ):  # fmt: skip
     """Bytes: reads x [+ residual] [+ 16 of seed], writes y [+ sum] [+ 8 a row of statistics];
-    the parameters (C values each) stay in L2. SEED and dropout_p are read only with HAS_DROPOUT."""
+    the parameters (C values each) and the row scales stay in L2. SEED and dropout_p are read only
+    with HAS_DROPOUT, RS and rows_per_scale only with HAS_ROW_SCALE."""
     pid = tl.program_id(0)
     batch = pid // tiles_per_batch
     pos = (pid % tiles_per_batch) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -167,6 +179,8 @@ def row_norm_fwd_kernel(
     if HAS_DROPOUT:
         keep = dropout_tile_keep(SEED, batch, pos, ch, n_pos, n_channels, dropout_p)
         x = tl.where(keep, x * (1.0 / (1.0 - dropout_p)), 0.0)
+    if HAS_ROW_SCALE:
+        x *= row_scale_of(RS, batch, pos, pos_mask, n_pos, rows_per_scale)[:, None]
     if HAS_X_SCALE:
         x *= tl.load(XS + ch * stride_xs, mask=ch_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_RESIDUAL:
@@ -197,7 +211,7 @@ def row_norm_fwd_kernel(
 
 @triton.jit
 def row_norm_bwd_kernel(
-    X, RES, W, B, XS, DY, DSUM, MEAN, RSTD, DX, DRES, DW_PARTIAL, DB_PARTIAL, DXS_PARTIAL, DXSUM_PARTIAL, SEED,
+    X, RES, W, B, XS, RS, DY, DSUM, MEAN, RSTD, DX, DRES, DW_PARTIAL, DB_PARTIAL, DXS_PARTIAL, DXSUM_PARTIAL, SEED,
     n_pos, n_channels, tiles_per_batch, n_tiles,
     stride_x_b, stride_x_c, stride_x_p,
     stride_res_b, stride_res_c, stride_res_p,
@@ -205,13 +219,13 @@ def row_norm_bwd_kernel(
     stride_dsum_b, stride_dsum_c, stride_dsum_p,
     stride_dx_b, stride_dx_c, stride_dx_p,
     stride_dres_b, stride_dres_c, stride_dres_p,
-    stride_w, stride_bias, stride_xs, dropout_p,
+    stride_w, stride_bias, stride_xs, rows_per_scale, dropout_p,
     HAS_RESIDUAL: tl.constexpr, HAS_DSUM: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
-    HAS_X_SCALE: tl.constexpr, HAS_DROPOUT: tl.constexpr, SUM_DX: tl.constexpr,
+    HAS_X_SCALE: tl.constexpr, HAS_DROPOUT: tl.constexpr, SUM_DX: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
 ):  # fmt: skip
     """Bytes: reads x [+ residual], dy [+ the sum's gradient] and 8 a row of statistics, writes dx
-    [+ the residual's gradient with x_scale or dropout], once each (dx in one pass); and a partial
+    [+ the residual's gradient with x_scale, a row scale or dropout], once each (dx in one pass); and a partial
     row per program and parameter gradient (and dx's column sums with SUM_DX). With HAS_DROPOUT
     the keep mask is redrawn from SEED (the forward's), not read."""
     pid = tl.program_id(0)
@@ -248,6 +262,9 @@ def row_norm_bwd_kernel(
         if HAS_DROPOUT:  # x_in: dropout(x), what the forward summed
             keep = dropout_tile_keep(SEED, batch, pos, ch, n_pos, n_channels, dropout_p)
             x_in = tl.where(keep, x_in * (1.0 / (1.0 - dropout_p)), 0.0)
+        if HAS_ROW_SCALE:  # x_in: also scaled by its row's factor (dx_scale's term)
+            rs = row_scale_of(RS, batch, pos, pos_mask, n_pos, rows_per_scale)
+            x_in = x_in * rs[:, None]
         x = x_in
         if HAS_X_SCALE:
             x = x_in * xs[None, :]
@@ -275,7 +292,7 @@ def row_norm_bwd_kernel(
         if HAS_DSUM:
             dsum_ptrs = tile_ptrs(DSUM, batch, pos, ch, stride_dsum_b, stride_dsum_c, stride_dsum_p, WIDE_OFFSETS)
             dx += tl.load(dsum_ptrs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_X_SCALE or HAS_DROPOUT:  # dx is the sum's gradient: the residual's; x's is scaled
+        if HAS_X_SCALE or HAS_DROPOUT or HAS_ROW_SCALE:  # dx is the sum's gradient: the residual's; x's is scaled
             dres_ptrs = tile_ptrs(DRES, batch, pos, ch, stride_dres_b, stride_dres_c, stride_dres_p, WIDE_OFFSETS)
             tl.store(dres_ptrs, to_output(dx, DRES.dtype.element_ty), mask=mask)
         if HAS_X_SCALE:
@@ -283,6 +300,8 @@ def row_norm_bwd_kernel(
             dx = dx * xs[None, :]
         if HAS_DROPOUT:
             dx = tl.where(keep, dx * (1.0 / (1.0 - dropout_p)), 0.0)
+        if HAS_ROW_SCALE:
+            dx = dx * rs[:, None]
         if SUM_DX:  # rows past n_pos hold 0 (rstd, dsum loaded as 0); channels past C are not stored
             dxsum_acc += tl.sum(dx, axis=0)
         dx_ptrs = tile_ptrs(DX, batch, pos, ch, stride_dx_b, stride_dx_c, stride_dx_p, WIDE_OFFSETS)
@@ -560,13 +579,15 @@ class _ForwardLaunch:
     """The forward kernel's launch for one layout (x's and every operand's shape, strides, dtype,
     alignment; flags): view, tiles, grid and integer arguments fixed, the compiled kernel launched
     directly. y (and the sum) are ``empty_like(x)``, whose strides follow from x's layout.
-    ``dropout``: the kernel drops x out (HAS_DROPOUT); each call then passes its seed and p."""
+    ``dropout``: the kernel drops x out (HAS_DROPOUT); each call then passes its seed and p.
+    ``row_scale``: each call passes one of this layout (:func:`rows_per_scale`)."""
 
     __slots__ = ("_constexprs", "_ints", "_launch", "_stats", "_store_sum")
 
     def __init__(
-        self, x, channels_dim, weight, bias, activation, residual, store_sum, store_stats, x_scale=None, dropout=False
-    ):
+        self, x, channels_dim, weight, bias, activation, residual, store_sum, store_stats, x_scale=None, dropout=False,
+        row_scale=None,
+    ):  # fmt: skip
         y = torch.empty_like(x)
         plan = _launch_plan("fwd", (x, residual, y, y if store_sum else None), channels_dim)
         assert plan is not None, "row_norm_forward: unreadable layout (unsupported_reasons was not checked)"
@@ -576,14 +597,17 @@ class _ForwardLaunch:
         stats_shape = x.shape[:channels_dim] + x.shape[channels_dim + 1 :]
         self._stats = empty_template(stats_shape, torch.float32, x.device) if store_stats else None
         self._store_sum = store_sum
-        self._ints = (n_pos, n_channels, tiles_per_batch, *stride_args, *_vector_strides(weight, bias, x_scale))
+        self._ints = (
+            n_pos, n_channels, tiles_per_batch, *stride_args, *_vector_strides(weight, bias, x_scale),
+            rows_per_scale(n_batch * n_pos, row_scale),
+        )  # fmt: skip
         self._constexprs = (
             residual is not None, store_sum, weight is not None, bias is not None, ACTIVATIONS[activation],
-            config["BLOCK_P"], block_c, wide, store_stats, x_scale is not None, dropout,
+            config["BLOCK_P"], block_c, wide, store_stats, x_scale is not None, dropout, row_scale is not None,
         )  # fmt: skip
         self._launch = DirectLaunch(row_norm_fwd_kernel, (n_batch * tiles_per_batch,), num_warps=config["num_warps"])
 
-    def __call__(self, x, weight, bias, eps, residual, x_scale=None, seed=None, dropout_p=0.0):
+    def __call__(self, x, weight, bias, eps, residual, x_scale=None, seed=None, dropout_p=0.0, row_scale=None):
         y = torch.empty_like(x)
         total = torch.empty_like(x) if self._store_sum else None
         mean = rstd = None
@@ -591,8 +615,9 @@ class _ForwardLaunch:
             mean, rstd = torch.empty_like(self._stats), torch.empty_like(self._stats)
         self._launch(
             x, x if residual is None else residual, x if weight is None else weight, x if bias is None else bias,
-            x if x_scale is None else x_scale, y, y if total is None else total, y if mean is None else mean,
-            y if rstd is None else rstd, x if seed is None else seed, *self._ints, eps, dropout_p, *self._constexprs,
+            x if x_scale is None else x_scale, x if row_scale is None else row_scale, y, y if total is None else total,
+            y if mean is None else mean, y if rstd is None else rstd, x if seed is None else seed, *self._ints, eps,
+            dropout_p, *self._constexprs,
         )  # fmt: skip
         return y, total, mean, rstd
 
@@ -601,8 +626,9 @@ class _BackwardLaunch:
     """The backward's launches for one layout: the row kernel, then one kernel that sums the
     per-program dweight/dbias partials in a fixed order and casts them (no torch sum or cast).
     ``dropout``: the forward dropped x out (each call passes the forward's seed and p); the
-    residual's gradient is then written apart from x's, as with x_scale. ``sum_dx``: dx's column
-    sums (in dx's dtype) are reduced with the parameters' and returned last, a sixth output."""
+    residual's gradient is then written apart from x's, as with x_scale and ``row_scale`` (each call
+    passes one of this layout, :func:`rows_per_scale`). ``sum_dx``: dx's column sums (in dx's
+    dtype) are reduced with the parameters' and returned last, a sixth output."""
 
     __slots__ = (
         "_constexprs", "_contiguous_grads", "_dx_sum", "_ints", "_launch", "_n_channels", "_partial",
@@ -611,13 +637,13 @@ class _BackwardLaunch:
 
     def __init__(
         self, dy, x, channels_dim, weight, bias, activation, residual, dsum, out, x_scale=None, dropout=False,
-        sum_dx=False,
+        sum_dx=False, row_scale=None,
     ):  # fmt: skip
         dx = torch.empty_like(x) if out is None else out
-        self._split_dres = x_scale is not None or dropout
+        self._split_dres = x_scale is not None or dropout or row_scale is not None
         dres = torch.empty_like(x) if self._split_dres else None
         self._contiguous_grads = False
-        scaled = x_scale is not None
+        scaled = x_scale is not None or row_scale is not None
         plan = _launch_plan("bwd", (x, residual, dy, dsum, dx, dres), channels_dim, scaled)
         if plan is None:
             self._contiguous_grads = True
@@ -640,10 +666,11 @@ class _BackwardLaunch:
             n_tiles,
             *stride_args,
             *_vector_strides(weight, bias, x_scale),
+            rows_per_scale(n_batch * n_pos, row_scale),
         )
         self._constexprs = (
             residual is not None, dsum is not None, weight is not None, bias is not None, ACTIVATIONS[activation],
-            config["BLOCK_P"], block_c, wide, x_scale is not None, dropout, sum_dx,
+            config["BLOCK_P"], block_c, wide, x_scale is not None, dropout, sum_dx, row_scale is not None,
         )  # fmt: skip
         fit = None
         if x.device.type == "cuda":
@@ -663,7 +690,10 @@ class _BackwardLaunch:
         """The programs of the persistent row kernel (as fitted on a GPU, once it has run)."""
         return self._launch.grid[0]
 
-    def __call__(self, dy, x, weight, bias, mean, rstd, residual, dsum, out, x_scale=None, seed=None, dropout_p=0.0):
+    def __call__(
+        self, dy, x, weight, bias, mean, rstd, residual, dsum, out, x_scale=None, seed=None, dropout_p=0.0,
+        row_scale=None,
+    ):  # fmt: skip
         if self._contiguous_grads:
             dy, dsum = dy.contiguous(), None if dsum is None else dsum.contiguous()
         dx = torch.empty_like(x) if out is None else out
@@ -677,7 +707,8 @@ class _BackwardLaunch:
         dxsum_partial = mean if dx_sum is None else torch.empty_like(partial)
         self._launch(
             x, x if residual is None else residual, x if weight is None else weight, x if bias is None else bias,
-            x if x_scale is None else x_scale, dy, dy if dsum is None else dsum, mean, rstd, dx, dres, dw_partial,
+            x if x_scale is None else x_scale, x if row_scale is None else row_scale, dy, dy if dsum is None else dsum,
+            mean, rstd, dx, dres, dw_partial,
             db_partial, dxs_partial, dxsum_partial, mean if seed is None else seed, *self._ints, dropout_p,
             *self._constexprs,
         )  # fmt: skip
@@ -695,6 +726,20 @@ class _BackwardLaunch:
         if dx_sum is None:
             return dx, dweight, dbias, dx_scale, dres
         return dx, dweight, dbias, dx_scale, dres, dx_sum
+
+
+def rows_per_scale(n_rows: int, row_scale: torch.Tensor | None) -> int:
+    """Rows that share one value of ``row_scale`` (1 without one): row r of the input (its index
+    among the non-channel dims, in order) is scaled by ``row_scale.flatten()[r // rows_per_scale]``.
+    Raises ValueError unless ``row_scale`` is contiguous with a number of values dividing the rows."""
+    if row_scale is None:
+        return 1
+    if not row_scale.is_contiguous() or row_scale.numel() == 0 or n_rows % row_scale.numel():
+        raise ValueError(
+            f"row_scale must be contiguous with a number of values dividing the {n_rows} rows, got shape "
+            f"{tuple(row_scale.shape)} and strides {row_scale.stride()}"
+        )
+    return n_rows // row_scale.numel()
 
 
 def _vector_strides(*vectors) -> tuple[int, ...]:
@@ -718,21 +763,24 @@ def _cached(key: tuple, make):
 
 def forward_launch(
     x, channels_dim, weight, bias, activation, residual=None, store_sum=False, store_stats=True, x_scale=None,
-    dropout=False,
+    dropout=False, row_scale=None,
 ) -> _ForwardLaunch:  # fmt: skip
     """The forward's launch for this input's layout (made once, then looked up):
-    ``launch(x, weight, bias, eps, residual, x_scale=None, seed=None, dropout_p=0.0)`` ->
-    :func:`row_norm_forward`'s result (mean and rstd None without ``store_stats``: inference needs
-    no backward). With ``dropout`` every call passes a (2,) int64 ``seed`` and its ``dropout_p``."""
+    ``launch(x, weight, bias, eps, residual, x_scale=None, seed=None, dropout_p=0.0, row_scale=None)``
+    -> :func:`row_norm_forward`'s result (mean and rstd None without ``store_stats``: inference
+    needs no backward). With ``dropout`` every call passes a (2,) int64 ``seed`` and its
+    ``dropout_p``; with ``row_scale`` (a tensor of the layout every call's will have: its values
+    are not read here) every call passes its row scale."""
     channels_dim %= x.dim()
     key = (
         "fwd", channels_dim, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15, operand_key(residual),
         operand_key(weight), operand_key(bias), activation, store_sum, store_stats, operand_key(x_scale), dropout,
+        operand_key(row_scale),
     )  # fmt: skip
     return _cached(
         key,
         lambda: _ForwardLaunch(
-            x, channels_dim, weight, bias, activation, residual, store_sum, store_stats, x_scale, dropout
+            x, channels_dim, weight, bias, activation, residual, store_sum, store_stats, x_scale, dropout, row_scale
         ),
     )
 
@@ -749,18 +797,23 @@ def row_norm_forward(
     x_scale: torch.Tensor | None = None,
     seed: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    row_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """activation(LayerNorm([x_scale *] dropout(x) [+ residual])) over ``channels_dim``.
+    """activation(LayerNorm([x_scale *] [row_scale *] dropout(x) [+ residual])) over ``channels_dim``.
 
     Returns (y like x, the sum like x or None, mean, rstd); mean and rstd are fp32 of x's shape
     without the channel dim. Dropout when ``dropout_p`` > 0, its keep mask drawn from ``seed``
-    ((2,) int64). ``unsupported_reasons`` must be empty for these inputs.
+    ((2,) int64). ``row_scale``: a contiguous tensor of S values, S dividing the number of rows R
+    (x's elements over its channels, in order), row r scaled by value r // (R / S): drop path's
+    per-sample factor is a (B, 1, 1) row scale of a (B, N, C) input. ``unsupported_reasons`` must
+    be empty for these inputs.
     """
     dropout = dropout_p > 0.0
     launch = forward_launch(
-        x, channels_dim, weight, bias, activation, residual, store_sum, x_scale=x_scale, dropout=dropout
-    )
-    return launch(x, weight, bias, eps, residual, x_scale, seed if dropout else None, dropout_p)
+        x, channels_dim, weight, bias, activation, residual, store_sum, x_scale=x_scale, dropout=dropout,
+        row_scale=row_scale,
+    )  # fmt: skip
+    return launch(x, weight, bias, eps, residual, x_scale, seed if dropout else None, dropout_p, row_scale)
 
 
 def row_norm_backward(
@@ -778,14 +831,16 @@ def row_norm_backward(
     x_scale: torch.Tensor | None = None,
     seed: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    row_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """Gradients of :func:`row_norm_forward`: (dx like x, dweight or None, dbias or None, dx_scale
     or None, dresidual like x).
 
     dresidual is the sum's gradient (with ``dsum``, the gradient of the stored sum, added in); it
-    is dx itself (the same tensor) without ``x_scale`` and dropout, and x's gradient is
-    ``x_scale * dresidual`` with it, ``dresidual * keep / (1 - p)`` with dropout (the keep mask
-    redrawn from ``seed``, the forward's) and both with both.
+    is dx itself (the same tensor) without ``x_scale``, ``row_scale`` and dropout, and x's gradient
+    is ``x_scale * dresidual`` with it, ``dresidual * keep / (1 - p)`` with dropout (the keep mask
+    redrawn from ``seed``, the forward's), times each row's scale with ``row_scale`` (the forward's),
+    and all of them with all.
     Upstream gradients with a layout the kernel cannot read are made contiguous first. ``out``
     (x's shape and strides) receives dx; it may be dy or x (a program reads a tile's whole rows
     before writing them, no two programs share a row), never a buffer autograd keeps.
@@ -794,29 +849,34 @@ def row_norm_backward(
         got = f"got {tuple(out.shape)} and {out.stride()}"
         raise ValueError(f"row_norm_backward: out must have x's shape {tuple(x.shape)} and strides {x.stride()}, {got}")
     dropout = dropout_p > 0.0
-    launch = backward_launch(dy, x, channels_dim, weight, bias, activation, residual, dsum, out, x_scale, dropout)
-    return launch(dy, x, weight, bias, mean, rstd, residual, dsum, out, x_scale, seed if dropout else None, dropout_p)
+    launch = backward_launch(
+        dy, x, channels_dim, weight, bias, activation, residual, dsum, out, x_scale, dropout, row_scale=row_scale
+    )
+    return launch(
+        dy, x, weight, bias, mean, rstd, residual, dsum, out, x_scale, seed if dropout else None, dropout_p, row_scale
+    )
 
 
 def backward_launch(
     dy, x, channels_dim, weight, bias, activation, residual=None, dsum=None, out=None, x_scale=None, dropout=False,
-    sum_dx=False,
+    sum_dx=False, row_scale=None,
 ) -> _BackwardLaunch:  # fmt: skip
     """The backward's launch for this input's layout (made once, then looked up):
     ``launch(dy, x, weight, bias, mean, rstd, residual, dsum, out, x_scale, seed=None, dropout_p=0.0)``
     -> :func:`row_norm_backward`'s result. With ``dropout`` every call passes the forward's seed
-    and p. With ``sum_dx`` the result has a sixth tensor: dx summed over every index but the
+    and p; with ``row_scale`` (a tensor of the layout every call's will have) its row scale
+    (``launch(..., seed, dropout_p, row_scale)``). With ``sum_dx`` the result has a sixth tensor: dx summed over every index but the
     channel's, (C,) in dx's dtype (the bias gradient of a linear layer whose output x is), reduced
     in fp32 from per-program partials in a fixed order, as dweight is."""
     channels_dim %= x.dim()
     key = (
         "bwd", channels_dim, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15, operand_key(residual),
         operand_key(weight), operand_key(bias), activation, operand_key(dy), operand_key(dsum),
-        operand_key(out), operand_key(x_scale), dropout, sum_dx,
+        operand_key(out), operand_key(x_scale), dropout, sum_dx, operand_key(row_scale),
     )  # fmt: skip
     return _cached(
         key,
         lambda: _BackwardLaunch(
-            dy, x, channels_dim, weight, bias, activation, residual, dsum, out, x_scale, dropout, sum_dx
+            dy, x, channels_dim, weight, bias, activation, residual, dsum, out, x_scale, dropout, sum_dx, row_scale
         ),
     )

@@ -3,9 +3,10 @@ dropped out first (post-LN layers: ``LayerNorm(dropout(x) + residual)``).
 
 The kernels are the shared row-norm pair in :mod:`d2v_kernels.kernels._row_norm` (flags:
 HAS_RESIDUAL, STORE_SUM for ``return_sum``, HAS_X_SCALE for a per-channel scale of x,
-HAS_DROPOUT, no activation); this module names the launchers for this op. The sum
-``x_scale * dropout(x) + residual`` is taken in fp32 and normalised unrounded; the stored sum is
-rounded to x's dtype.
+HAS_DROPOUT, HAS_ROW_SCALE for a per-row-group scale of x, no activation); this module names the
+launchers for this op. The sum ``x_scale * row_scale * dropout(x) + residual`` is taken in fp32 and
+normalised unrounded; the stored sum is rounded to x's dtype. A row scale is drop path's
+per-sample factor: a (B, 1, 1) tensor for a (B, N, C) input (``_row_norm.rows_per_scale``).
 
 Dropout: the keep mask is drawn in the kernels by Philox from a (2,) int64 seed tensor and each
 element's (row, channel) (``_row_norm.dropout_tile_keep``), kept elements scaled by 1 / (1 - p);
@@ -56,22 +57,29 @@ def add_layer_norm_forward(
     x_scale: torch.Tensor | None = None,
     seed: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    row_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """LayerNorm([x_scale *] dropout(x) + residual) -> (y, the sum or None, mean, rstd), stats fp32
-    of shape x.shape[:-1]. Dropout when ``dropout_p`` > 0: keep mask from ``seed`` ((2,) int64,
-    see :func:`add_layer_norm_dropout_keep`)."""
+    """LayerNorm([x_scale *] [row_scale *] dropout(x) + residual) -> (y, the sum or None, mean,
+    rstd), stats fp32 of shape x.shape[:-1]. Dropout when ``dropout_p`` > 0: keep mask from ``seed``
+    ((2,) int64, see :func:`add_layer_norm_dropout_keep`). ``row_scale``: as in
+    :func:`~d2v_kernels.kernels._row_norm.row_norm_forward`."""
     return row_norm_forward(
         x, -1, weight, bias, eps, None, residual=residual, store_sum=store_sum, x_scale=x_scale, seed=seed,
-        dropout_p=dropout_p,
+        dropout_p=dropout_p, row_scale=row_scale,
     )  # fmt: skip
 
 
-def add_layer_norm_training_launch(x, residual, weight, bias, store_sum: bool, x_scale=None, *, dropout=False):
+def add_layer_norm_training_launch(
+    x, residual, weight, bias, store_sum: bool, x_scale=None, *, dropout=False, row_scale=None
+):
     """:func:`add_layer_norm_forward` for inputs of this layout, as one launch object:
-    ``launch(x, weight, bias, eps, residual, x_scale, seed=None, dropout_p=0.0)`` -> (y, sum or None,
-    mean, rstd). ``dropout=True`` makes the dropout variant: every call passes its (2,) int64
-    ``seed`` and ``dropout_p``; without it the two are not read."""
-    return forward_launch(x, -1, weight, bias, None, residual, store_sum, x_scale=x_scale, dropout=dropout)
+    ``launch(x, weight, bias, eps, residual, x_scale, seed=None, dropout_p=0.0, row_scale=None)`` ->
+    (y, sum or None, mean, rstd). ``dropout=True`` makes the dropout variant: every call passes its
+    (2,) int64 ``seed`` and ``dropout_p``; without it the two are not read. ``row_scale``, a tensor
+    of the layout every call's will have, makes the row-scaled variant: every call passes its own."""
+    return forward_launch(
+        x, -1, weight, bias, None, residual, store_sum, x_scale=x_scale, dropout=dropout, row_scale=row_scale
+    )
 
 
 def add_layer_norm_inference_launch(x, residual, weight, bias, store_sum: bool, x_scale=None, *, dropout=False):
@@ -95,14 +103,16 @@ def add_layer_norm_backward(
     x_scale: torch.Tensor | None = None,
     seed: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    row_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dx, dresidual, dweight or None, dbias or None, dx_scale or None). dresidual is the sum's
-    gradient, with ``dsum`` (the gradient of the returned sum) added in; without ``x_scale`` and
-    dropout it is dx itself (the same tensor), with them dx is ``dresidual [* x_scale]
-    [* keep / (1 - p)]``, the keep mask redrawn from ``seed`` (the forward's) when ``dropout_p`` > 0."""
+    gradient, with ``dsum`` (the gradient of the returned sum) added in; without ``x_scale``,
+    ``row_scale`` and dropout it is dx itself (the same tensor), with them dx is ``dresidual
+    [* x_scale] [* row_scale] [* keep / (1 - p)]``, the keep mask redrawn from ``seed`` (the
+    forward's) when ``dropout_p`` > 0."""
     dx, dweight, dbias, dx_scale, dresidual = row_norm_backward(
         dy, x, -1, weight, bias, mean, rstd, None, residual=residual, dsum=dsum, x_scale=x_scale, seed=seed,
-        dropout_p=dropout_p,
+        dropout_p=dropout_p, row_scale=row_scale,
     )  # fmt: skip
     return dx, dresidual, dweight, dbias, dx_scale
 

@@ -36,18 +36,18 @@ def _signature(fn, types: dict, constexprs: dict) -> dict:
 # Row norm (layer_norm_gelu, add_layer_norm)
 # --------------------------------------------------------------------------------------------
 
-_ROW_NORM_FWD_POINTERS = ("X", "RES", "W", "B", "XS", "Y", "SUM", "MEAN", "RSTD")
+_ROW_NORM_FWD_POINTERS = ("X", "RES", "W", "B", "XS", "RS", "Y", "SUM", "MEAN", "RSTD")
 _ROW_NORM_FWD_INTS = (
     ("n_pos", "n_channels", "tiles_per_batch")
     + tuple(f"stride_{t}_{a}" for t in ("x", "res", "y", "sum") for a in "bcp")
-    + ("stride_w", "stride_bias", "stride_xs")
+    + ("stride_w", "stride_bias", "stride_xs", "rows_per_scale")
 )
-_ROW_NORM_BWD_POINTERS = ("X", "RES", "W", "B", "XS", "DY", "DSUM", "MEAN", "RSTD", "DX", "DRES")
+_ROW_NORM_BWD_POINTERS = ("X", "RES", "W", "B", "XS", "RS", "DY", "DSUM", "MEAN", "RSTD", "DX", "DRES")
 _ROW_NORM_PARTIALS = ("DW_PARTIAL", "DB_PARTIAL", "DXS_PARTIAL", "DXSUM_PARTIAL")
 _ROW_NORM_BWD_INTS = (
     ("n_pos", "n_channels", "tiles_per_batch", "n_tiles")
     + tuple(f"stride_{t}_{a}" for t in ("x", "res", "dy", "dsum", "dx", "dres") for a in "bcp")
-    + ("stride_w", "stride_bias", "stride_xs")
+    + ("stride_w", "stride_bias", "stride_xs", "rows_per_scale")
 )
 
 
@@ -95,6 +95,7 @@ def _row_norm_variant(
     x_scale: bool = False,
     dropout: bool = False,
     sum_dx: bool = False,
+    row_scale: bool = False,
 ) -> AotVariant:
     block_p, block_c, num_warps = tile
     x_type = "*" + TRITON_TYPES[dtype]
@@ -107,11 +108,13 @@ def _row_norm_variant(
     name += "_x_scale" if x_scale else ""
     name += "_dropout" if dropout else ""
     name += "_sum_dx" if sum_dx else ""
+    name += "_row_scale" if row_scale else ""
     blocks = {"BLOCK_P": block_p, "BLOCK_C": block_c, "WIDE_OFFSETS": wide}
     vectors = {"W": param_type, "B": param_type, "XS": param_type}
     if direction == "fwd":
         constexprs = {k: flags[k] for k in ("HAS_RESIDUAL", "STORE_SUM", "HAS_WEIGHT", "HAS_BIAS", "ACTIVATION")}
         constexprs |= blocks | {"STORE_STATS": store_stats, "HAS_X_SCALE": x_scale, "HAS_DROPOUT": dropout}
+        constexprs |= {"HAS_ROW_SCALE": row_scale}
         types = dict.fromkeys(_ROW_NORM_FWD_POINTERS, x_type) | vectors
         types |= {"MEAN": "*fp32", "RSTD": "*fp32"} | dict.fromkeys(_ROW_NORM_FWD_INTS, "i32")
         # Without dropout the launcher passes x as the (unread) seed.
@@ -120,7 +123,7 @@ def _row_norm_variant(
     else:
         constexprs = {k: flags[k] for k in ("HAS_RESIDUAL", "HAS_WEIGHT", "HAS_BIAS", "ACTIVATION")}
         constexprs = {"HAS_DSUM": flags["STORE_SUM"], **constexprs} | blocks
-        constexprs |= {"HAS_X_SCALE": x_scale, "HAS_DROPOUT": dropout, "SUM_DX": sum_dx}
+        constexprs |= {"HAS_X_SCALE": x_scale, "HAS_DROPOUT": dropout, "SUM_DX": sum_dx, "HAS_ROW_SCALE": row_scale}
         types = dict.fromkeys(_ROW_NORM_BWD_POINTERS, x_type) | vectors
         types |= dict.fromkeys(("MEAN", "RSTD", *_ROW_NORM_PARTIALS), "*fp32")
         types |= dict.fromkeys(_ROW_NORM_BWD_INTS, "i32")
@@ -212,7 +215,8 @@ def add_layer_norm_variants() -> list[AotVariant]:
     post-LN layer with its hidden dropout in the kernels (affine, no sum) at the same tile, fp16:
     training's forward and backward (the dropout flag is one constexpr branch: no other axis); and
     the layer nodes' backwards with dx's column sums (text's with dropout, vision's with x_scale)
-    at that tile in fp16 and bf16."""
+    at that tile in fp16 and bf16, vision's also with drop path's row scale (its training forward
+    too)."""
     plain = _row_norm.ACTIVATIONS[None]
     feature_sets = [
         _row_norm_features(True, False, True, True, plain),
@@ -249,9 +253,17 @@ def add_layer_norm_variants() -> list[AotVariant]:
     summed = [
         _row_norm_variant("add_layer_norm", "bwd", dtype, features, layer_tile["x_scale" in flag], sum_dx=True, **flag)
         for dtype in (torch.float16, torch.bfloat16)
-        for features, flag in ((text, {"dropout": True}), (vision, {"x_scale": True}))
+        for features, flag in (
+            (text, {"dropout": True}), (vision, {"x_scale": True}), (vision, {"x_scale": True, "row_scale": True})
+        )
+    ]  # fmt: skip
+    drop_path = [
+        _row_norm_variant(
+            "add_layer_norm", "fwd", dtype, vision, _row_norm.tile_config(768, False), x_scale=True, row_scale=True
+        )
+        for dtype in (torch.float16, torch.bfloat16)
     ]
-    return row_norm_variants("add_layer_norm", feature_sets) + scaled + dropout + summed
+    return row_norm_variants("add_layer_norm", feature_sets) + scaled + dropout + summed + drop_path
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,11 +16,11 @@ Drop path (stochastic depth) is transformers' ``Data2VecVisionDropPath``: per sa
 ``floor(rand + keep)`` of shape (B, 1, 1) in x's dtype from torch's generator, the branch scaled by
 it over ``keep``; the two draws of a layer are made where transformers makes them (after the
 attention's output dropout, after the feed-forward's), so a seeded run draws the same masks. The
-per-sample scale of the first branch multiplies the attention output before the add + LayerNorm
-kernel (whose ``x_scale`` is ``lambda_1``); the second's, the feed-forward output before the
-residual ``addcmul`` with ``lambda_2``. Without either (drop path 0, hidden dropout 0), the
-attention output dense's bias gradient is the column sum of the add + LayerNorm backward's x
-gradient, reduced in that kernel; with them, a ``sum`` of the scaled gradient.
+per-sample scale of the first branch is the add + LayerNorm kernel's row scale (its ``x_scale`` is
+``lambda_1``), forward and backward; the second's joins ``lambda_2`` as the (B, 1, C) factor of
+the residual's ``addcmul``. Without hidden dropout, the attention output dense's bias gradient is
+the column sum of the add + LayerNorm backward's x gradient, reduced in that kernel; with it, a
+``sum`` of the gradient through dropout's backward.
 
 Only where the layer would run those same kernels: dispatch picks the Triton backend for the add +
 LayerNorm, and for the attention Triton, or sdpa or eager (the measured rule's pick for the
@@ -89,27 +89,30 @@ class PreLnLayerFunction(torch.autograd.Function):
                 scale=plan.scale,
             )
         a = F.linear(out.view(b * n, c), wd, bd)
-        mask1 = mask2 = keep1 = keep2 = None
+        mask1 = mask2 = keep1 = keep2 = scale2 = None
         if plan.hidden_dropout > 0.0:
             a, mask1 = torch.native_dropout(a, plan.hidden_dropout, True)
-        if plan.drop_path > 0.0:
+        if plan.drop_path > 0.0:  # a's per-sample factor, applied by the add + LayerNorm kernel
             keep1 = plan.sample_scale(x)
-            a = (a.view(b, n, c) * keep1).view(b * n, c)
-        y, h, mean1, rstd1 = plan.norm(a, w1, b1, plan.eps1, x2, l1)
+        y, h, mean1, rstd1 = plan.norm(a, w1, b1, plan.eps1, x2, l1, None, 0.0, keep1)
         pre = F.linear(y, wi, bi)
         g = torch._C._nn.gelu(pre, approximate=plan.approximate)
         o = F.linear(g, wo, bo)
         if plan.hidden_dropout > 0.0:
             o, mask2 = torch.native_dropout(o, plan.hidden_dropout, True)
         if plan.drop_path > 0.0:
+            # The branch's per-sample factor joins lambda_2 as a (B, 1, C) factor of the residual's
+            # addcmul: o (kept as it is, for the backward) is read once.
             keep2 = plan.sample_scale(x)
-            o = (o.view(b, n, c) * keep2).view(b * n, c)
-        output = h + o if l2 is None else torch.addcmul(h, l2, o)
+            scale2 = keep2 if l2 is None else l2 * keep2
+            output = torch.addcmul(h.view(b, n, c), scale2, o.view(b, n, c))
+        else:
+            output = h + o if l2 is None else torch.addcmul(h, l2, o)
         keep_for_backward(
             ctx,
             (x2, w0, b0, table, index, wd, w1, b1, l1, wi, wo, l2),
             (mean0, rstd0, normed, wqkv, q, k, v, out, lse, seed, mask1, keep1, a, mean1, rstd1, y, pre, g, mask2,
-             keep2, o),
+             keep2, o, scale2),
         )  # fmt: skip
         ctx.plan = plan
         return output.view(b, n, c)
@@ -119,7 +122,7 @@ class PreLnLayerFunction(torch.autograd.Function):
     def backward(ctx, dy):
         (x2, w0, b0, table, index, wd, w1, b1, l1, wi, wo, l2), made = kept_for_backward(ctx)
         (mean0, rstd0, normed, wqkv, q, k, v, out, lse, seed, mask1, keep1, a, mean1, rstd1, y, pre, g, mask2,
-         keep2, o) = made  # fmt: skip
+         keep2, o, scale2) = made  # fmt: skip
         plan = ctx.plan
         b, n, heads, d = out.shape
         c = heads * d
@@ -127,27 +130,30 @@ class PreLnLayerFunction(torch.autograd.Function):
         launches = plan.backward_launches
         if launches is None:
             launches = plan.backward_launches = _BackwardLaunches(dy, x2, a, w1, b1, l1, plan)
-        # out = h + lambda_2 * o (o after dropout and drop path): dy reaches h directly (the sum
-        # LN1 returned, its gradient added in that kernel's backward) and o through lambda_2.
+        # out = h + lambda_2 * keep2 * o (o after dropout, before drop path's per-sample keep2): dy
+        # reaches h directly (the sum LN1 returned, its gradient added in that kernel's backward)
+        # and o through lambda_2 * keep2.
         dl2 = None
         do = dy
-        if l2 is not None:
-            dl2 = (dy * o).sum(0)
-            do = dy * l2
-        if keep2 is not None:
-            do = (do.view(b, n, c) * keep2).view(b * n, c)
+        if keep2 is None:
+            if l2 is not None:
+                dl2 = (dy * o).sum(0)
+                do = dy * l2
+        else:
+            dy3 = dy.view(b, n, c)
+            if l2 is not None:  # each sample's sum, then their sum weighted by keep2 (one GEMV)
+                dl2 = keep2.view(1, b).mm((dy3 * o.view(b, n, c)).sum(1)).view(c)
+            do = (dy3 * scale2).view(b * n, c)
         if mask2 is not None:
             do = _native_dropout_backward(do, mask2, plan.dropout_scale)
         dwo, dbo = do.t().mm(g), do.sum(0)
         dpre = _gelu_backward(do.mm(wo), pre, approximate=plan.approximate)
         dwi, dbi = dpre.t().mm(y), dpre.sum(0)
-        # LN1's backward: the gradient of its scaled input a (lambda_1 * the sum's gradient), its
-        # parameters', lambda_1's (reduced in the kernel), the sum's (dy added in) and, where a is
-        # the dense layer's output unscaled (no drop path, no dropout), a's column sums: bd's gradient.
-        norm1 = launches.norm(dpre.mm(wi), a, w1, b1, mean1, rstd1, x2, dy, None, l1)
+        # LN1's backward: the gradient of its scaled input a (lambda_1 * keep1 * the sum's gradient),
+        # its parameters', lambda_1's (reduced in the kernel), the sum's (dy added in) and, where a
+        # is the dense layer's output (no dropout), a's column sums: bd's gradient.
+        norm1 = launches.norm(dpre.mm(wi), a, w1, b1, mean1, rstd1, x2, dy, None, l1, None, 0.0, keep1)
         da, dw1, db1, dl1, dh = norm1[:5]
-        if keep1 is not None:
-            da = (da.view(b, n, c) * keep1).view(b * n, c)
         if mask1 is not None:
             da = _native_dropout_backward(da, mask1, plan.dropout_scale)
         dwd = da.t().mm(out.view(b * n, c))
@@ -181,10 +187,13 @@ class _BackwardLaunches:
         from d2v_kernels.kernels._row_norm import backward_launch
 
         # dy stands in for each gradient: all are contiguous and aligned, of the output's shape.
-        # Without drop path and dropout, the kernel's da is the dense layer's output gradient: the
-        # kernel also sums its columns (bd's gradient). With them, da is scaled after the kernel.
-        sum_dx = plan.drop_path == 0.0 and plan.hidden_dropout == 0.0
-        self.norm = backward_launch(dy, a, -1, w1, b1, None, x2, dy, None, l1, sum_dx=sum_dx)
+        # Without dropout, the kernel's da (drop path's factor applied) is the dense layer's output
+        # gradient: the kernel also sums its columns (bd's gradient). With it, da goes through
+        # dropout's backward after the kernel.
+        sum_dx = plan.hidden_dropout == 0.0
+        self.norm = backward_launch(
+            dy, a, -1, w1, b1, None, x2, dy, None, l1, sum_dx=sum_dx, row_scale=plan.row_scale_template
+        )
         self._attention = {}
 
     def attention(self, deterministic: bool, dcontext, q, k, v, out, lse, table, index, seed, plan):
@@ -207,7 +216,8 @@ class _Plan:
 
     __slots__ = (
         "approximate", "attention", "attention_dropout", "backward_launches", "drop_path", "dropout_scale", "eps0",
-        "eps1", "heads", "hidden_dropout", "keep", "nested", "norm", "scale", "table_grad", "zero_bias",
+        "eps1", "heads", "hidden_dropout", "keep", "nested", "norm", "row_scale_template", "scale", "table_grad",
+        "zero_bias",
     )  # fmt: skip
 
     def __init__(self, x, table, index, params, heads, attention_dropout, hidden_dropout, drop_path, scale, eps,
@@ -224,7 +234,11 @@ class _Plan:
         self.attention = None
         if nested is None:
             self.attention = forward_launch(q, q, q, table, index, None, None, False, attention_dropout > 0.0)
-        self.norm = norm_kernels.add_layer_norm_training_launch(rows, rows, params[10], params[11], True, params[16])
+        # Drop path's per-sample factor (B, 1, 1) is the add + LayerNorm's row scale: its layout.
+        self.row_scale_template = x.new_empty((b, 1, 1)) if drop_path > 0.0 else None
+        self.norm = norm_kernels.add_layer_norm_training_launch(
+            rows, rows, params[10], params[11], True, params[16], row_scale=self.row_scale_template
+        )
         self.backward_launches = None
         self.zero_bias = x.new_zeros(c) if params[5] is None else None
         self.table_grad = table is not None and table.requires_grad
