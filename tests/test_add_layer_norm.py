@@ -479,7 +479,7 @@ def _row_scaled_launches(x, residual, weight, bias, x_scale, row_scale, dropout_
     from d2v_kernels.kernels import _row_norm
     from d2v_kernels.kernels.add_layer_norm import add_layer_norm_forward
 
-    seed = torch.tensor([5, 9], dtype=torch.int64) if dropout_p > 0.0 else None
+    seed = torch.tensor([5, 9], dtype=torch.int64, device=x.device) if dropout_p > 0.0 else None
     y, total, mean, rstd = add_layer_norm_forward(
         x, residual, weight, bias, 1e-5, True, x_scale, seed, dropout_p, row_scale=row_scale
     )
@@ -505,10 +505,19 @@ def test_row_scale_matches_float64(case, dtype):
     within twice eager PyTorch's error; row tiles straddle the samples."""
     x, residual, weight, bias = _inputs(SUM_DX_SHAPE, dtype, affine=case == "vision-drop-path")
     b, _, c = SUM_DX_SHAPE
-    row_scale = torch.tensor([1.0 / 0.7, 0.0, 1.0 / 0.7, 1.0 / 0.7, 0.0][:b]).view(b, 1, 1).to(dtype)
+    row_scale = torch.tensor([1.0 / 0.7, 0.0, 1.0 / 0.7, 1.0 / 0.7, 0.0]).view(b, 1, 1).to(dtype)
     x_scale = (0.1 + 0.05 * torch.randn(c)).to(dtype) if case == "vision-drop-path" else None
-    dropout_p = 0.0 if case == "vision-drop-path" else 0.3
-    grad_outs = [torch.randn(x.shape) for _ in range(2)]
+    got = _check_row_scale_against_float64(
+        x, residual, weight, bias, x_scale, row_scale, 0.3 * (case != "vision-drop-path")
+    )
+    assert torch.all(got[2][1] == 0) and torch.all(got[2][4] == 0)  # the dropped samples' dx
+
+
+def _check_row_scale_against_float64(x, residual, weight, bias, x_scale, row_scale, dropout_p):
+    """The kernels' outputs (:func:`_row_scaled_launches`) against float64, within twice eager
+    PyTorch's error; returns them."""
+    c = x.shape[-1]
+    grad_outs = [torch.randn(x.shape, device=x.device) for _ in range(2)]
     seed, got = _row_scaled_launches(x, residual, weight, bias, x_scale, row_scale, dropout_p, grad_outs)
     keep = add_layer_norm_dropout_keep(seed, x.shape, dropout_p) if seed is not None else None
 
@@ -531,7 +540,28 @@ def test_row_scale_matches_float64(case, dtype):
             continue
         assert o.dtype == e.dtype and o.shape == e.shape, name
         assert_close_to_reference(o, r, e, name=name)
-    assert torch.all(got[2][1] == 0) and torch.all(got[2][4] == 0)  # the dropped samples' dx
+    return got
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_dtype_id)
+def test_cuda_row_scale_matches_float64(dtype):
+    """Vision's drop-path configuration at the base model's width (x_scale, the sum, dx's column
+    sums, a (B, 1, 1) row scale with dropped samples) against float64 on the GPU, its backward's
+    grid two resident programs an SM."""
+    from d2v_kernels.kernels import _row_norm
+
+    x, residual, weight, bias = (t.cuda() for t in _inputs((8, 197, 768), dtype))
+    x_scale = (0.1 + 0.05 * torch.randn(768, device="cuda")).to(dtype)
+    keep = torch.tensor([1, 0, 1, 1, 1, 0, 1, 1], device="cuda") / 0.9
+    row_scale = keep.view(8, 1, 1).to(dtype)
+    _check_row_scale_against_float64(x, residual, weight, bias, x_scale, row_scale, 0.0)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    dy = torch.randn_like(x)
+    launch = _row_norm.backward_launch(
+        dy, x, -1, weight, bias, None, residual, dy, None, x_scale, sum_dx=True, row_scale=row_scale
+    )
+    assert launch.n_programs == min(8 * 197, _row_norm.BWD_PROGRAMS_PER_SM * sms)
 
 
 def test_row_scale_must_divide_the_rows():
