@@ -565,12 +565,15 @@ def test_cuda_row_scale_matches_float64(dtype):
 
 
 def test_row_scale_must_divide_the_rows():
+    from d2v_kernels.kernels import _row_norm
     from d2v_kernels.kernels.add_layer_norm import add_layer_norm_forward
 
     x, residual, weight, bias = _inputs((3, 5, 8), torch.float32)
     for row_scale in (torch.ones(2), torch.ones(6, 2)[:, 0], torch.ones(0)):
         with pytest.raises(ValueError, match="row_scale"):
             add_layer_norm_forward(x, residual, weight, bias, 1e-5, False, row_scale=row_scale)
+    with pytest.raises(ValueError, match="row_scale takes inputs of at most"):  # rows indexed in int32
+        _row_norm.rows_per_scale(2**31, torch.ones(2))
 
 
 def test_sum_dx_alone_and_with_every_option():
