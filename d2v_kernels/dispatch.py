@@ -169,7 +169,10 @@ def _ensure_ops_loaded() -> None:
 class _State(threading.local):
     # The use_backend() stack of this thread, innermost last: an immutable tuple of
     # (global backend or None, ((op, backend), ...)) entries, so it can key the ops' plan caches.
-    forced: tuple = ()
+    # An instance attribute set in each thread, not a class default: torch 2.11's dynamo reads a
+    # threading.local subclass's class default in place of the thread's value.
+    def __init__(self):
+        self.forced = ()
 
 
 _state = _State()
@@ -305,11 +308,9 @@ except AttributeError:  # pragma: no cover - another Python's os.environ
 _ENV_KEYS = tuple(_encode_key(name) for name in _ENV_NAMES)
 
 
-_env_get = _ENV_DATA.get
-
-
 def _raw_environment() -> tuple:
-    return tuple(map(_env_get, _ENV_KEYS))
+    # (a comprehension: torch 2.11's dynamo cannot trace map() over the dict's bound get)
+    return tuple([_ENV_DATA.get(key) for key in _ENV_KEYS])
 
 
 _env = _read_environment(_raw_environment())
