@@ -469,15 +469,18 @@ def tile_config(n_channels: int, positions_contiguous: bool) -> tuple[int, int, 
     return block_p, block_c, num_warps
 
 
-def backward_tile_config(n_channels: int, positions_contiguous: bool, x_scale: bool = False) -> tuple[int, int, int]:
+def backward_tile_config(n_channels: int, positions_contiguous: bool, narrow: bool = False) -> tuple[int, int, int]:
     """(BLOCK_P, BLOCK_C, num_warps) of the backward: the forward's tile, narrowed until each thread
-    holds at most 8 values at up to 8 warps (4 with ``x_scale``). The backward keeps x, dy, x-hat
+    holds at most 8 values at up to 8 warps (4 with ``narrow``). The backward keeps x, dy, x-hat
     and the activation's derivative live per element; at 8 values a thread ptxas (sm_90) allocates
     74 to 116 registers, so two or three programs share an SM. At 16 values it took 128 to 196,
     one program an SM: 8 warps for a memory-bound loop, far too few loads in flight (bench/NOTES.md
-    has the profile that showed it). With x_scale (vision's layer scale: two more per-channel
-    vectors, the residual's gradient written apart) 8 values took 145 to 147, 4 take 64."""
-    per_thread = _BWD_ELEMENTS_PER_THREAD // 2 if x_scale else _BWD_ELEMENTS_PER_THREAD
+    has the profile that showed it). ``narrow``: the variants that keep more a row, whose 8 values
+    a thread leave one program an SM: x_scale or a row scale (vision's layer scale and drop path:
+    two more per-channel vectors, the residual's gradient written apart; 145 to 147 registers at 8
+    values, 63 to 64 at 4) and dropout (the post-LN layers': the keep mask redrawn; with dx's column
+    sums 114 to 116 registers under triton 3.9 but 156 to 190 under 3.6, 64 and 74 to 77 at 4)."""
+    per_thread = _BWD_ELEMENTS_PER_THREAD // 2 if narrow else _BWD_ELEMENTS_PER_THREAD
     block_p, block_c, _ = tile_config(n_channels, positions_contiguous)
     while block_p > 1 and block_p * block_c > per_thread * 32 * 8:
         block_p //= 2
@@ -493,11 +496,11 @@ def _launch_config(n_channels: int, x_strides: tuple[int, int, int], n_pos: int)
 
 
 def _backward_launch_config(
-    n_channels: int, x_strides: tuple[int, int, int], n_pos: int, x_scale: bool = False
+    n_channels: int, x_strides: tuple[int, int, int], n_pos: int, narrow: bool = False
 ) -> tuple[int, int, int]:
     _, stride_c, stride_p = x_strides
     contiguous = stride_p == 1 and stride_c != 1 and n_pos > 1
-    return backward_tile_config(n_channels, contiguous, x_scale)
+    return backward_tile_config(n_channels, contiguous, narrow)
 
 
 # Persistent programs of the backward per SM, at most: two of 8 warps fill the 64K registers at
@@ -556,12 +559,12 @@ _MAX_PLANS = 1024
 
 
 def _launch_plan(
-    direction: str, tensors: Sequence[torch.Tensor | None], channels_dim: int, x_scale: bool = False
+    direction: str, tensors: Sequence[torch.Tensor | None], channels_dim: int, narrow: bool = False
 ) -> tuple | None:
     """(n_batch, n_channels, n_pos, stride arguments, (BLOCK_P, BLOCK_C, num_warps), WIDE_OFFSETS) of
     the ``direction`` ("fwd" / "bwd") kernel reading ``tensors`` (in its argument order, x first,
     None for an absent one: its strides are passed as 0), or None when one strided view cannot read
-    them all. Default tiles (the backward's narrower with ``x_scale``); the caller applies any
+    them all. Default tiles (the backward's narrower with ``narrow``); the caller applies any
     override."""
     view = strided_view([t for t in tensors if t is not None], channels_dim)
     if view is None:
@@ -572,7 +575,7 @@ def _launch_plan(
     if direction == "fwd":
         tile = _launch_config(n_channels, strides[0], n_pos)
     else:
-        tile = _backward_launch_config(n_channels, strides[0], n_pos, x_scale)
+        tile = _backward_launch_config(n_channels, strides[0], n_pos, narrow)
     return n_batch, n_channels, n_pos, args, tile, wide_offsets(n_channels, n_pos, strides)
 
 
@@ -644,12 +647,12 @@ class _BackwardLaunch:
         self._split_dres = x_scale is not None or dropout or row_scale is not None
         dres = torch.empty_like(x) if self._split_dres else None
         self._contiguous_grads = False
-        scaled = x_scale is not None or row_scale is not None
-        plan = _launch_plan("bwd", (x, residual, dy, dsum, dx, dres), channels_dim, scaled)
+        narrow = x_scale is not None or row_scale is not None or dropout
+        plan = _launch_plan("bwd", (x, residual, dy, dsum, dx, dres), channels_dim, narrow)
         if plan is None:
             self._contiguous_grads = True
             dy, dsum = dy.contiguous(), None if dsum is None else dsum.contiguous()
-            plan = _launch_plan("bwd", (x, residual, dy, dsum, dx, dres), channels_dim, scaled)
+            plan = _launch_plan("bwd", (x, residual, dy, dsum, dx, dres), channels_dim, narrow)
         assert plan is not None, "row_norm_backward: unreadable layout (unsupported_reasons was not checked)"
         n_batch, n_channels, n_pos, stride_args, (block_p, block_c, num_warps), wide = plan
         default = {"BLOCK_P": block_p, "num_warps": num_warps, "programs_per_sm": BWD_PROGRAMS_PER_SM}

@@ -242,16 +242,17 @@ def add_layer_norm_variants() -> list[AotVariant]:
             "add_layer_norm", "fwd", torch.float16, text, _row_norm.tile_config(768, False), dropout=True
         ),
         _row_norm_variant(
-            "add_layer_norm", "bwd", torch.float16, text, _row_norm.backward_tile_config(768, False), dropout=True
+            "add_layer_norm", "bwd", torch.float16, text, _row_norm.backward_tile_config(768, False, True), dropout=True
         ),
     ]
     # The layer nodes' backwards, which also sum dx's columns (a dense layer's bias gradient): the
     # post-LN layers' with dropout, the vision layer's with x_scale, in both half dtypes. 768 and
     # 1024 channels (base and large models) share this tile and compile to the same program.
-    layer_tile = {x_scale: _row_norm.backward_tile_config(768, False, x_scale) for x_scale in (False, True)}
-    assert layer_tile == {x_scale: _row_norm.backward_tile_config(1024, False, x_scale) for x_scale in (False, True)}
+    # (dropout, x_scale and the row scale all take the narrow tile)
+    layer_tile = _row_norm.backward_tile_config(768, False, narrow=True)
+    assert layer_tile == _row_norm.backward_tile_config(1024, False, narrow=True)
     summed = [
-        _row_norm_variant("add_layer_norm", "bwd", dtype, features, layer_tile["x_scale" in flag], sum_dx=True, **flag)
+        _row_norm_variant("add_layer_norm", "bwd", dtype, features, layer_tile, sum_dx=True, **flag)
         for dtype in (torch.float16, torch.bfloat16)
         for features, flag in (
             (text, {"dropout": True}), (vision, {"x_scale": True}), (vision, {"x_scale": True, "row_scale": True})
