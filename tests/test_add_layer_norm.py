@@ -507,9 +507,8 @@ def test_row_scale_matches_float64(case, dtype):
     b, _, c = SUM_DX_SHAPE
     row_scale = torch.tensor([1.0 / 0.7, 0.0, 1.0 / 0.7, 1.0 / 0.7, 0.0]).view(b, 1, 1).to(dtype)
     x_scale = (0.1 + 0.05 * torch.randn(c)).to(dtype) if case == "vision-drop-path" else None
-    got = _check_row_scale_against_float64(
-        x, residual, weight, bias, x_scale, row_scale, 0.3 * (case != "vision-drop-path")
-    )
+    dropout_p = 0.0 if case == "vision-drop-path" else 0.3
+    got = _check_row_scale_against_float64(x, residual, weight, bias, x_scale, row_scale, dropout_p)
     assert torch.all(got[2][1] == 0) and torch.all(got[2][4] == 0)  # the dropped samples' dx
 
 

@@ -226,9 +226,9 @@ def row_norm_bwd_kernel(
     HAS_X_SCALE: tl.constexpr, HAS_DROPOUT: tl.constexpr, SUM_DX: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
 ):  # fmt: skip
     """Bytes: reads x [+ residual], dy [+ the sum's gradient] and 8 a row of statistics, writes dx
-    [+ the residual's gradient with x_scale, a row scale or dropout], once each (dx in one pass); and a partial
-    row per program and parameter gradient (and dx's column sums with SUM_DX). With HAS_DROPOUT
-    the keep mask is redrawn from SEED (the forward's), not read."""
+    [+ the residual's gradient with x_scale, a row scale or dropout], once each (dx in one pass);
+    and a partial row per program and parameter gradient (and dx's column sums with SUM_DX). With
+    HAS_DROPOUT the keep mask is redrawn from SEED (the forward's), not read."""
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
     ch = tl.arange(0, BLOCK_C)
@@ -475,11 +475,11 @@ def backward_tile_config(n_channels: int, positions_contiguous: bool, narrow: bo
     and the activation's derivative live per element; at 8 values a thread ptxas (sm_90) allocates
     74 to 116 registers, so two or three programs share an SM. At 16 values it took 128 to 196,
     one program an SM: 8 warps for a memory-bound loop, far too few loads in flight (bench/NOTES.md
-    has the profile that showed it). ``narrow``: the variants that keep more a row, whose 8 values
-    a thread leave one program an SM: x_scale or a row scale (vision's layer scale and drop path:
-    two more per-channel vectors, the residual's gradient written apart; 145 to 147 registers at 8
-    values, 63 to 64 at 4) and dropout (the post-LN layers': the keep mask redrawn; with dx's column
-    sums 114 to 116 registers under triton 3.9 but 156 to 190 under 3.6, 64 and 74 to 77 at 4)."""
+    has the profile that showed it). ``narrow``: the variants that write the residual's gradient
+    apart and keep more a row, x_scale or a row scale (vision's layer scale and drop path) and
+    dropout (the post-LN layers': the keep mask redrawn), whose 8 values a thread left one program
+    an SM (x_scale's with every Triton release, dropout's with the GPU image's 3.6; bench/NOTES.md
+    has the ptxas counts); at 4 they take about 64 to 77 registers."""
     per_thread = _BWD_ELEMENTS_PER_THREAD // 2 if narrow else _BWD_ELEMENTS_PER_THREAD
     block_p, block_c, _ = tile_config(n_channels, positions_contiguous)
     while block_p > 1 and block_p * block_c > per_thread * 32 * 8:
@@ -644,15 +644,15 @@ class _BackwardLaunch:
         sum_dx=False, row_scale=None,
     ):  # fmt: skip
         dx = torch.empty_like(x) if out is None else out
+        # (the variants that write the residual's gradient apart are the ones with the narrow tile)
         self._split_dres = x_scale is not None or dropout or row_scale is not None
         dres = torch.empty_like(x) if self._split_dres else None
         self._contiguous_grads = False
-        narrow = x_scale is not None or row_scale is not None or dropout
-        plan = _launch_plan("bwd", (x, residual, dy, dsum, dx, dres), channels_dim, narrow)
+        plan = _launch_plan("bwd", (x, residual, dy, dsum, dx, dres), channels_dim, self._split_dres)
         if plan is None:
             self._contiguous_grads = True
             dy, dsum = dy.contiguous(), None if dsum is None else dsum.contiguous()
-            plan = _launch_plan("bwd", (x, residual, dy, dsum, dx, dres), channels_dim, narrow)
+            plan = _launch_plan("bwd", (x, residual, dy, dsum, dx, dres), channels_dim, self._split_dres)
         assert plan is not None, "row_norm_backward: unreadable layout (unsupported_reasons was not checked)"
         n_batch, n_channels, n_pos, stride_args, (block_p, block_c, num_warps), wide = plan
         default = {"BLOCK_P": block_p, "num_warps": num_warps, "programs_per_sm": BWD_PROGRAMS_PER_SM}
@@ -872,9 +872,10 @@ def backward_launch(
     ``launch(dy, x, weight, bias, mean, rstd, residual, dsum, out, x_scale, seed=None, dropout_p=0.0)``
     -> :func:`row_norm_backward`'s result. With ``dropout`` every call passes the forward's seed
     and p; with ``row_scale`` (a tensor of the layout every call's will have) its row scale
-    (``launch(..., seed, dropout_p, row_scale)``). With ``sum_dx`` the result has a sixth tensor: dx summed over every index but the
-    channel's, (C,) in dx's dtype (the bias gradient of a linear layer whose output x is), reduced
-    in fp32 from per-program partials in a fixed order, as dweight is."""
+    (``launch(..., seed, dropout_p, row_scale)``). With ``sum_dx`` the result has a sixth tensor:
+    dx summed over every index but the channel's, (C,) in dx's dtype (the bias gradient of a
+    linear layer whose output x is), reduced in fp32 from per-program partials in a fixed order,
+    as dweight is."""
     channels_dim %= x.dim()
     key = (
         "bwd", channels_dim, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15, operand_key(residual),
